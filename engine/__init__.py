@@ -1,0 +1,1 @@
+"""batchdeck's engine: the mechanism (requests, KV blocks, scheduler, model runner, telemetry)."""

@@ -1,0 +1,203 @@
+"""`AsyncEngine`: the engine's iterations in one worker thread, driven from an asyncio loop.
+
+Everything that touches engine state runs in the worker thread between iterations: requests,
+aborts, config changes and pause/resume are queued as commands and executed at the next
+boundary, so nothing is mutated mid-step. Output deltas come back to the loop once per iteration.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Mapping
+
+from engine.llm_engine import LLMEngine, RequestOutput
+from engine.request import RequestError, SamplingParams
+
+
+class RequestStream:
+    """Async iterator of a request's output deltas; ends after the finishing delta."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    def _put(self, out: RequestOutput) -> None:
+        self._queue.put_nowait(out)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished and self._queue.empty():
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        self.token_ids.extend(out.new_token_ids)
+        if out.finished:
+            self.finished = True
+            self.finish_reason = out.finish_reason
+        return out
+
+    async def collect(self) -> list[int]:
+        async for _ in self:
+            pass
+        return self.token_ids
+
+
+@dataclass
+class ConfigReply:
+    config: dict[str, Any]
+    applied_iteration: int
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.paused = False
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future | None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, RequestStream] = {}
+        self.error: BaseException | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._worker, name="batchdeck-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- commands (run in the worker thread between iterations) --------------------------------
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run `fn(engine)` in the worker thread at the next iteration boundary and return its result."""
+        fut = asyncio.get_running_loop().create_future()
+        self._commands.put((lambda: fn(self.engine), fut))
+        self._wake.set()
+        return await fut
+
+    async def add_request(self, request_id: str, prompt_token_ids: list[int],
+                          sampling: SamplingParams | None = None, **kwargs: Any) -> RequestStream:
+        """Queue a request; raises RequestError for bad input. Returns its output stream."""
+        if request_id in self._streams:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        stream = RequestStream(request_id)
+        self._streams[request_id] = stream
+        try:
+            await self.call(lambda e: e.add_request(request_id, prompt_token_ids, sampling, **kwargs))
+        except Exception:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+            raise
+        return stream
+
+    async def abort(self, request_id: str) -> bool:
+        aborted = await self.call(lambda e: e.abort(request_id) is not None)
+        if aborted:
+            self.deliver_abort(request_id)
+        return aborted
+
+    async def update_config(self, changes: Mapping[str, Any], source: str = "api") -> ConfigReply:
+        """Validate and apply at the next boundary; raises ConfigError and changes nothing if invalid."""
+        def apply(e: LLMEngine) -> ConfigReply:
+            new = e.update_config(changes, source)
+            e.apply_pending_config()
+            return ConfigReply(new.to_dict(), e.iteration)
+
+        return await self.call(apply)
+
+    async def pause(self, source: str = "api") -> int:
+        def do(e: LLMEngine) -> int:
+            if not self.paused:
+                self.paused = True
+                e.emit_event("pause", source=source)
+            return e.iteration
+
+        return await self.call(do)
+
+    async def resume(self, source: str = "api") -> int:
+        def do(e: LLMEngine) -> int:
+            if self.paused:
+                self.paused = False
+                e.emit_event("resume", source=source)
+            return e.iteration
+
+        return await self.call(do)
+
+    # -- the worker -----------------------------------------------------------------------------
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result, error = fn(), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                result, error = None, exc
+            if fut is not None:
+                self._loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    def _worker(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            self._run_commands()
+            if self.paused or not engine.has_unfinished:
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                result = engine.step()
+            except BaseException as exc:  # noqa: BLE001 - reported, engine stops stepping
+                self.error = exc
+                engine.emit_event("error", message=f"{type(exc).__name__}: {exc}")
+                self.paused = True
+                continue
+            if result is None:
+                wait = engine.scheduler.pending_static_wait(engine.clock())
+                self._wake.wait(min(wait if wait is not None else 0.01, 0.05) + 1e-4)
+                self._wake.clear()
+                continue
+            if result.outputs and self._loop is not None and not self._loop.is_closed():
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver, result.outputs)
+                except RuntimeError:
+                    pass  # loop closed under us: nobody is listening any more
+        self._run_commands()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream._put(out)
+                if out.finished:
+                    del self._streams[out.request_id]
+
+    def deliver_abort(self, request_id: str) -> None:
+        """Close a request's stream after an abort (called on the loop)."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream._put(RequestOutput(request_id, [], True, "abort"))
+
+
+def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

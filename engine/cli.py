@@ -1,0 +1,107 @@
+"""The `batchdeck` command: generate, engine, console, replay, compare."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.config import ConfigError, EngineConfig, LiveConfig
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Model and sizing flags shared by every command that starts an engine."""
+    p.add_argument("--model", default="synthetic:tiny", help="synthetic:<name> or a local HF model directory")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="running cap (live setting)")
+    p.add_argument("--max-batched-tokens", type=int, default=None, help="tokens per iteration (live setting)")
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk cap per request (live setting)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: from memory)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.85, help="KV pool share of free GPU memory")
+    p.add_argument("--policy", default=None, help="scheduling policy (live setting)")
+    p.add_argument("--batching", default=None, choices=["continuous", "static"], help="batching mode (live setting)")
+    p.add_argument("--mixing", default=None, help="prefill/decode mixing mode (live setting)")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and unseeded sampling")
+
+
+def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, LiveConfig]:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    live = LiveConfig()
+    overrides = {k: getattr(args, k) for k in ("max_num_seqs", "max_batched_tokens", "chunk_size", "policy",
+                                               "batching", "mixing") if getattr(args, k, None) is not None}
+    if "max_batched_tokens" in overrides and "chunk_size" not in overrides:
+        overrides["chunk_size"] = min(live.chunk_size, overrides["max_batched_tokens"])
+    live = LiveConfig(**{**live.to_dict(), **overrides})
+    cfg = EngineConfig(model=args.model, device=device, dtype=dtype, block_size=args.block_size,
+                       num_blocks=args.num_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
+                       max_num_seqs_limit=max(256, live.max_num_seqs),
+                       max_batched_tokens_limit=max(8192, live.max_batched_tokens),
+                       attention_backend=args.attention_backend, seed=args.seed)
+    return cfg, live
+
+
+def build_engine(args: argparse.Namespace, **kwargs):
+    from engine.llm_engine import LLMEngine
+
+    cfg, live = engine_configs(args)
+    return LLMEngine(cfg, live, **kwargs)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from engine.generate import run_generate
+
+    engine = build_engine(args)
+    return run_generate(engine, args.input, args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchdeck", description="A live-tuning console for LLM batching.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="serve a JSONL file of requests offline")
+    gen.add_argument("--input", required=True, help="JSONL of requests")
+    gen.add_argument("--output", required=True, help="JSONL of results, one line per request in input order")
+    add_engine_flags(gen)
+    gen.set_defaults(func=_cmd_generate)
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Commands that live in other modules (headless engine, console, replay, compare)."""
+    found = []
+    for module, attr in (("engine.headless", "register_cli"), ("console.cli", "register_cli"),
+                         ("presets.cli", "register_cli")):
+        try:
+            mod = __import__(module, fromlist=[attr])
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                continue
+            raise
+        found.append(getattr(mod, attr))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"batchdeck: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"batchdeck: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # ModelError, RequestError and friends speak to the operator
+        print(f"batchdeck: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

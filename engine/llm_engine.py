@@ -1,0 +1,304 @@
+"""The synchronous engine: one `step()` is one iteration (schedule, forward, sample, bookkeeping).
+
+Everything that changes engine state from outside (new requests, aborts, config changes) is
+either done between steps by the caller's thread or queued and applied at the next step's start;
+`AsyncEngine` (engine/async_engine.py) runs `step()` in a worker thread.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from engine.attention.backend import make_backend
+from engine.block_manager import BlockManager, blocks_needed
+from engine.config import ConfigBounds, EngineConfig, LiveConfig, validate_changes
+from engine.kv_cache import KVCache, bytes_per_block
+from engine.model_runner import ModelRunner
+from engine.models import LoadedModel, load_model
+from engine.request import SLO_CLASSES, FinishReason, Request, RequestError, RequestStatus, SamplingParams
+from engine.sampler import Sampler
+from engine.scheduler import Scheduler
+from engine.slo import DEFAULT_SLO_TARGETS, SLOTarget, slo_met
+from engine.telemetry import Event, IterationRecord, RequestRecord, SinkFn, null_sink
+from policies import make_policy, policy_names, validate_policy_params
+
+CPU_DEFAULT_KV_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class RequestOutput:
+    """What a step produced for one request: new tokens, and whether it is done."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+
+
+@dataclass
+class StepResult:
+    iteration: int
+    outputs: list[RequestOutput] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
+    record: IterationRecord | None = None
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    pos = (len(sorted_values) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, live: LiveConfig | None = None, *, sink: SinkFn = null_sink,
+                 clock: Callable[[], float] | None = None, loaded: LoadedModel | None = None,
+                 slo_targets: Mapping[str, SLOTarget] | None = None, check_invariants: bool = False):
+        config.validate()
+        self.config = config
+        self.sink = sink
+        self.check_invariants = check_invariants
+        self.slo_targets = dict(slo_targets or DEFAULT_SLO_TARGETS)
+        self._t0 = time.monotonic()
+        self.clock = clock or (lambda: time.monotonic() - self._t0)
+        self.device = torch.device(config.device)
+        self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.seed)
+        self.max_model_len = min(self.loaded.max_model_len, config.max_model_len or self.loaded.max_model_len)
+
+        lm = self.loaded
+        per_block = bytes_per_block(lm.num_layers, config.block_size, lm.num_kv_heads, lm.head_dim,
+                                    next(lm.model.parameters()).dtype)
+        num_blocks = config.num_blocks or self._default_num_blocks(per_block)
+        self.kv_cache = KVCache.allocate(lm.num_layers, num_blocks, config.block_size, lm.num_kv_heads,
+                                         lm.head_dim, next(lm.model.parameters()).dtype, self.device)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.backend = make_backend(config.attention_backend, self.device)
+        self.sampler = Sampler(self.device, config.seed)
+        self.runner = ModelRunner(lm.model, self.kv_cache, self.backend, self.sampler, self.device)
+
+        self.bounds = ConfigBounds(max_num_seqs=config.max_num_seqs_limit,
+                                   max_batched_tokens=config.max_batched_tokens_limit, policies=policy_names())
+        live = live or LiveConfig()
+        initial = {k: v for k, v in live.to_dict().items() if k != "version"}
+        self.live = validate_changes(LiveConfig(), initial, self.bounds, validate_policy_params)
+        self.live = LiveConfig(**{**self.live.to_dict(), "version": 0})
+        self._target = self.live
+        self._pending: list[tuple[dict[str, Any], LiveConfig, str]] = []
+        self.scheduler = Scheduler(self.blocks, make_policy(self.live.policy, self.live.policy_params), self.live)
+        self.requests: dict[str, Request] = {}
+        self.iteration = 0
+        self.num_requests_added = 0
+
+    def restart_clock(self) -> None:
+        """Make 'now' zero (an offline run starts its clock when it starts serving); only when idle."""
+        if self.has_unfinished:
+            raise RuntimeError("cannot restart the clock while requests are in flight")
+        self._t0 = time.monotonic()
+
+    # -- sizing ---------------------------------------------------------------------------------
+    def _default_num_blocks(self, per_block: int) -> int:
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = free * self.config.gpu_memory_fraction
+        else:
+            budget = CPU_DEFAULT_KV_BYTES
+        return max(16, int(budget // per_block))
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams | None = None,
+                    *, arrival_time: float | None = None, tenant: str = "default", priority: int = 0,
+                    slo_class: str = "interactive") -> Request:
+        """Validate and queue a request; raises RequestError (naming the field) and changes nothing."""
+        sampling = sampling or SamplingParams()
+        sampling.validate()
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise RequestError("prompt is empty: at least one token is needed")
+        vocab = self.loaded.config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise RequestError(f"prompt_token_ids must lie in [0, {vocab - 1}] (the model's vocabulary)")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestError(
+                f"prompt has {len(prompt_token_ids)} tokens; the model's context is {self.max_model_len}, "
+                "so at most {} prompt tokens leave room for one output token".format(self.max_model_len - 1)
+            )
+        if slo_class not in SLO_CLASSES:
+            raise RequestError(f"slo_class {slo_class!r} is not one of " + ", ".join(SLO_CLASSES))
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise RequestError(f"priority must be an integer, got {priority!r}")
+        longest = min(len(prompt_token_ids) + sampling.max_tokens, self.max_model_len)
+        need = blocks_needed(longest, self.blocks.block_size)
+        if need > self.blocks.num_blocks:
+            raise RequestError(
+                f"request needs up to {need} KV blocks ({longest} tokens) but the pool has "
+                f"{self.blocks.num_blocks}: lower max_tokens or start with more --num-blocks"
+            )
+        req = Request(request_id, list(prompt_token_ids), sampling,
+                      arrival_time=self.clock() if arrival_time is None else arrival_time,
+                      tenant=tenant or "default", priority=priority, slo_class=slo_class)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        self.num_requests_added += 1
+        return req
+
+    def abort(self, request_id: str) -> Request | None:
+        """Finish a request now with reason `abort`, freeing its blocks; None if unknown or done."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        self.scheduler.remove(req)
+        self._finish(req, FinishReason.ABORT, self.clock())
+        return req
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # -- live configuration ---------------------------------------------------------------------
+    def update_config(self, changes: Mapping[str, Any], source: str = "api") -> LiveConfig:
+        """Validate `changes` now (ConfigError names key, value and range); apply at the next step."""
+        new = validate_changes(self._target, changes, self.bounds, validate_policy_params)
+        self._target = new
+        self._pending.append((dict(changes), new, source))
+        return new
+
+    @property
+    def target_config(self) -> LiveConfig:
+        return self._target
+
+    def apply_pending_config(self, now: float | None = None) -> None:
+        """Apply queued config changes now (call only between iterations)."""
+        now = self.clock() if now is None else now
+        for changes, new, source in self._pending:
+            old = self.live
+            self.live = new
+            if (new.policy, dict(new.policy_params)) != (old.policy, dict(old.policy_params)):
+                self.scheduler.set_policy(make_policy(new.policy, new.policy_params))
+            self.scheduler.set_config(new)
+            self.emit_event("config_change", now, changes=changes, applied_iteration=self.iteration,
+                            source=source, version=new.version)
+        self._pending.clear()
+
+    def emit_event(self, kind: str, now: float | None = None, **data: Any) -> Event:
+        event = Event(kind, self.clock() if now is None else now, self.iteration, data)
+        self.sink("event", event)
+        return event
+
+    # -- the iteration --------------------------------------------------------------------------
+    def step(self) -> StepResult | None:
+        """Run one iteration; None when there was nothing to compute (idle or a static batch forming)."""
+        t_start = time.perf_counter()
+        now = self.clock()
+        if self._pending:
+            self.apply_pending_config(now)
+        plan = self.scheduler.schedule(now)
+        t_sched = time.perf_counter()
+        for victim in plan.preempted:
+            self.emit_event("preemption", now, request_id=victim.request_id, tenant=victim.tenant,
+                            num_preemptions=victim.num_preemptions, reason="kv_cache_full")
+        if plan.empty:
+            return None
+        sampled, timings = self.runner.execute(plan, self.blocks)
+        t_exec = time.perf_counter()
+        now = self.clock()
+        result = StepResult(self.iteration)
+        it = self.iteration
+        policy = self.scheduler.policy
+        for chunk in plan.chunks:
+            if chunk.padding:
+                continue
+            r = chunk.request
+            r.num_computed_tokens += chunk.num_tokens
+            prompt_part = max(0, min(chunk.start + chunk.num_tokens, r.num_prompt_tokens) - chunk.start)
+            policy.on_tokens_computed(r, prompt_part, 1 if chunk.samples else 0)
+        for chunk, token in sampled:
+            r = chunk.request
+            r.append_token(token, now)
+            if r.first_token_time is None:
+                r.first_token_time, r.first_token_iteration = now, it
+            reason = self._stop_reason(r, token)
+            if reason is not None:
+                self.scheduler.finish(r)
+                self._finish(r, reason, now)
+                result.finished.append(r)
+            result.outputs.append(RequestOutput(r.request_id, [token], reason is not None,
+                                                reason.value if reason else None))
+        if self.check_invariants:
+            self.blocks.check()
+        t_end = time.perf_counter()
+        record = IterationRecord(
+            iteration=it, time=now, step_time=t_end - t_start, schedule_time=t_sched - t_start,
+            prepare_time=timings.prepare, forward_time=timings.forward, sample_time=timings.sample,
+            num_prefill_tokens=plan.num_prefill_tokens,
+            num_decode_tokens=plan.num_decode_tokens - sum(1 for c in plan.chunks if c.padding),
+            num_prefill_chunks=plan.num_prefill_chunks,
+            num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting),
+            num_preemptions=len(plan.preempted), kv_blocks_used=self.blocks.num_used,
+            kv_blocks_total=self.blocks.num_blocks, kv_cache_usage=self.blocks.num_used / self.blocks.num_blocks,
+            config_version=self.live.version, num_padding_tokens=sum(1 for c in plan.chunks if c.padding),
+            num_finished=len(result.finished), num_generated_tokens=len(sampled),
+        )
+        del t_exec
+        result.record = record
+        self.sink("iteration", record)
+        self.iteration += 1
+        return result
+
+    def _stop_reason(self, r: Request, token: int) -> FinishReason | None:
+        s = r.sampling
+        if not s.ignore_eos and token in self.loaded.eos_token_ids:
+            return FinishReason.STOP
+        if token in s.stop_token_ids:
+            return FinishReason.STOP
+        if r.num_output_tokens >= s.max_tokens or r.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, r: Request, reason: FinishReason, now: float) -> None:
+        r.status = RequestStatus.FINISHED
+        r.finish_reason = reason
+        r.finish_time = now
+        r.finish_iteration = self.iteration
+        self.sampler.forget(r.request_id)
+        self.sink("request", self.request_record(r))
+
+    def request_record(self, r: Request) -> RequestRecord:
+        ttft = None if r.first_token_time is None else r.first_token_time - r.arrival_time
+        gaps = sorted(b - a for a, b in zip(r.token_times, r.token_times[1:]))
+        tpot = (r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) if len(r.token_times) > 1 else None
+        queued_until = r.first_scheduled_time if r.first_scheduled_time is not None else r.finish_time
+        return RequestRecord(
+            request_id=r.request_id, tenant=r.tenant, slo_class=r.slo_class, priority=r.priority,
+            prompt_tokens=r.num_prompt_tokens, output_tokens=r.num_output_tokens, arrival=r.arrival_time,
+            queue_time=max(0.0, (queued_until or r.arrival_time) - r.arrival_time), ttft=ttft, tpot=tpot,
+            itl_p50=_percentile(gaps, 0.5), itl_p99=_percentile(gaps, 0.99), itl_max=gaps[-1] if gaps else None,
+            e2e_latency=(r.finish_time or r.arrival_time) - r.arrival_time,
+            finish_reason=r.finish_reason.value if r.finish_reason else "abort",
+            num_preemptions=r.num_preemptions,
+            slo_met=r.finish_reason is not FinishReason.ABORT and slo_met(self.slo_targets, r.slo_class, ttft, tpot),
+            first_token_iteration=r.first_token_iteration, finish_iteration=r.finish_iteration,
+            finish=r.finish_time or 0.0,
+        )
+
+    def run_until_done(self, max_iterations: int | None = None) -> None:
+        """Step until every request finished (sleeping through static-batch waits)."""
+        n = 0
+        while self.has_unfinished:
+            if self.step() is None:
+                wait = self.scheduler.pending_static_wait(self.clock())
+                if wait is None:
+                    raise RuntimeError("engine has unfinished requests but scheduled nothing")
+                time.sleep(min(wait, 0.05) + 1e-4)
+            n += 1
+            if max_iterations is not None and n >= max_iterations:
+                break

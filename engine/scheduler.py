@@ -1,0 +1,252 @@
+"""The iteration scheduler: the mechanism of continuous and static batching with chunked prefill.
+
+Every iteration it builds a `StepPlan` under the live limits (`max_num_seqs`, `max_batched_tokens`,
+`chunk_size`), the mixing mode, and the KV blocks available. Ordering decisions (who is admitted
+first, who is preempted) are the policy's; everything else is here.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from engine.block_manager import BlockManager
+from engine.config import LiveConfig
+from engine.request import Request, RequestStatus
+from engine.step_plan import ScheduledChunk, StepPlan
+from policies.base import Policy
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, policy: Policy, config: LiveConfig):
+        self.blocks = blocks
+        self.policy = policy
+        self.config = config
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []  # admission order
+        self.static_batch: list[Request] | None = None  # members of the batch in flight (static mode)
+        self.padding: list[Request] = []  # finished static-batch members still holding their slot
+        self._last_step_alone = False  # selective mixing: the previous step ran a long prefill alone
+        self._next_seq = 0
+
+    # -- queues ---------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.admission_seq < 0:
+            request.admission_seq = self._next_seq
+            self._next_seq += 1
+        request.status = RequestStatus.WAITING
+        self.policy.on_arrival(request, self.waiting, self.running)
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Take a request out of every queue and free its blocks (abort)."""
+        for queue in (self.waiting, self.running, self.padding):
+            if request in queue:
+                queue.remove(request)
+        if self.static_batch is not None and request in self.static_batch:
+            self.static_batch.remove(request)
+        self.blocks.free(request.request_id)
+        self._end_static_batch_if_done()
+
+    def finish(self, request: Request) -> None:
+        """A request produced its last token: it leaves (continuous) or pads its slot (static)."""
+        self.running.remove(request)
+        if self.static_batch is not None and request in self.static_batch:
+            self.padding.append(request)
+        else:
+            self.blocks.free(request.request_id)
+        self._end_static_batch_if_done()
+
+    def set_policy(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def set_config(self, config: LiveConfig) -> None:
+        if config.batching == "continuous" and self.static_batch is not None:
+            self._end_static_batch()
+        elif config.batching == "static" and self.config.batching != "static" and self.running:
+            self.static_batch = list(self.running)  # what runs now is the batch; nobody joins it
+        self.config = config
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def effective_max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
+
+    # -- planning -------------------------------------------------------------------------------
+    def schedule(self, now: float) -> StepPlan:
+        plan = StepPlan()
+        cfg = self.config
+        if cfg.preemption == "recompute":
+            while len(self.running) > cfg.max_num_seqs:
+                self._preempt(self.policy.pick_victim(self.running, now), plan)
+        if cfg.batching == "static":
+            self._schedule_static(plan, now)
+        else:
+            self._schedule_continuous(plan, now)
+        return plan
+
+    def _schedule_continuous(self, plan: StepPlan, now: float) -> None:
+        cfg = self.config
+        budget = cfg.max_batched_tokens
+        self._priority_preemption(plan, now)
+        decoding = [r for r in self.running if not r.is_prefilling]
+        prefilling = [r for r in self.running if r.is_prefilling]
+
+        if cfg.mixing == "selective":
+            long = self._long_prefill_for_alone_turn(prefilling, now)
+            has_other = bool(decoding) or any(not self._is_long(r) for r in prefilling) or any(
+                not self._is_long(r) for r in self.waiting
+            )
+            if long is not None and (not self._last_step_alone or not has_other):
+                self._last_step_alone = True
+                if long.status is RequestStatus.WAITING:
+                    self._admit([long], plan, budget, now)
+                else:
+                    self._run([long], plan, budget, now)
+                return
+            self._last_step_alone = False
+            budget = self._run(decoding, plan, budget, now)
+            budget = self._run([r for r in prefilling if not self._is_long(r)], plan, budget, now)
+            self._admit([r for r in self.policy.order_waiting(self.waiting, now) if not self._is_long(r)],
+                        plan, budget, now)
+            return
+
+        if cfg.mixing == "prefill-first":
+            budget = self._run(prefilling, plan, budget, now)
+            budget = self._admit(self.policy.order_waiting(self.waiting, now), plan, budget, now)
+            if plan.num_prefill_chunks == 0:
+                self._run(decoding, plan, budget, now)
+            return
+
+        # stall-free: running decodes first, then prefill chunks fill the rest of the budget.
+        budget = self._run(decoding, plan, budget, now)
+        budget = self._run(prefilling, plan, budget, now)
+        self._admit(self.policy.order_waiting(self.waiting, now), plan, budget, now)
+
+    def _schedule_static(self, plan: StepPlan, now: float) -> None:
+        cfg = self.config
+        if self.static_batch is not None and not self.running:
+            self._end_static_batch()
+        if self.static_batch is None:
+            if not self.waiting:
+                return
+            oldest = min(r.arrival_time for r in self.waiting)
+            if len(self.waiting) < cfg.max_num_seqs and now - oldest < cfg.static_timeout:
+                return
+            self.static_batch = []
+            self._admit(self.policy.order_waiting(self.waiting, now), plan, cfg.max_batched_tokens, now)
+            if not self.static_batch:
+                self.static_batch = None
+            return
+        budget = cfg.max_batched_tokens
+        budget = self._run([r for r in self.running if not r.is_prefilling], plan, budget, now)
+        budget = self._run([r for r in self.running if r.is_prefilling], plan, budget, now)
+        for r in self.padding:
+            if budget <= 0:
+                break
+            plan.chunks.append(ScheduledChunk(r, r.num_computed_tokens - 1, 1, samples=False,
+                                              is_decode=True, padding=True))
+            budget -= 1
+
+    def pending_static_wait(self, now: float) -> float | None:
+        """Seconds until a static batch would form by timeout, if the engine is waiting for one."""
+        if self.config.batching != "static" or self.static_batch is not None or not self.waiting:
+            return None
+        return max(0.0, min(r.arrival_time for r in self.waiting) + self.config.static_timeout - now)
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _run(self, requests: list[Request], plan: StepPlan, budget: int, now: float) -> int:
+        """Schedule running requests' next chunks, preempting victims when blocks run out."""
+        scheduled = {id(c.request) for c in plan.chunks}
+        for r in requests:
+            if budget <= 0:
+                break
+            if r.status is not RequestStatus.RUNNING or id(r) in scheduled:
+                continue
+            n = min(r.num_pending_tokens, self.config.chunk_size, budget)
+            while not self.blocks.grow(r.request_id, r.num_computed_tokens + n):
+                candidates = [x for x in self.running if id(x) not in scheduled]
+                victim = self.policy.pick_victim(candidates, now)
+                self._preempt(victim, plan)
+                if victim is r:
+                    break
+            if r.status is not RequestStatus.RUNNING:
+                continue
+            self._append(plan, r, n)
+            scheduled.add(id(r))
+            budget -= n
+        return budget
+
+    def _admit(self, ordered: list[Request], plan: StepPlan, budget: int, now: float) -> int:
+        """Admit waiting requests in policy order while seats, tokens and KV blocks last."""
+        for r in ordered:
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            n = min(r.num_pending_tokens, self.config.chunk_size, budget)
+            if not self.blocks.grow(r.request_id, r.num_computed_tokens + n):
+                break  # no skipping ahead: the policy's order is respected
+            self.waiting.remove(r)
+            r.status = RequestStatus.RUNNING
+            if r.first_scheduled_time is None:
+                r.first_scheduled_time = now
+            self.running.append(r)
+            if self.static_batch is not None:
+                self.static_batch.append(r)
+            self._append(plan, r, n)
+            budget -= n
+        return budget
+
+    def _priority_preemption(self, plan: StepPlan, now: float) -> None:
+        """Let the policy evict running requests for the best waiting one when blocks are short."""
+        if not self.waiting:
+            return
+        head = self.policy.order_waiting(self.waiting, now)[0]
+        n = min(head.num_pending_tokens, self.config.chunk_size, self.config.max_batched_tokens)
+        while not self.blocks.can_hold(head.request_id, n) or len(self.running) >= self.config.max_num_seqs:
+            victim = self.policy.should_preempt(head, self.running, now)
+            if victim is None:
+                return
+            self._preempt(victim, plan)
+
+    def _append(self, plan: StepPlan, r: Request, n: int) -> None:
+        samples = r.num_computed_tokens + n == r.num_tokens
+        is_decode = n == 1 and r.num_pending_tokens == 1 and r.num_output_tokens > 0
+        plan.chunks.append(ScheduledChunk(r, r.num_computed_tokens, n, samples, is_decode))
+
+    def _preempt(self, victim: Request, plan: StepPlan) -> None:
+        self.running.remove(victim)
+        if self.static_batch is not None and victim in self.static_batch:
+            self.static_batch.remove(victim)
+        self.blocks.free(victim.request_id)
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        victim.status = RequestStatus.WAITING
+        self.waiting.append(victim)
+        plan.preempted.append(victim)
+        self._end_static_batch_if_done()
+
+    def _end_static_batch_if_done(self) -> None:
+        if self.static_batch is not None and not self.running:
+            self._end_static_batch()
+
+    def _end_static_batch(self) -> None:
+        for r in self.padding:
+            self.blocks.free(r.request_id)
+        self.padding.clear()
+        self.static_batch = None
+
+    def _is_long(self, r: Request) -> bool:
+        return r.num_prompt_tokens >= self.config.selective_threshold
+
+    def _long_prefill_for_alone_turn(self, prefilling: list[Request], now: float) -> Request | None:
+        for r in prefilling:
+            if self._is_long(r):
+                return r
+        if len(self.running) >= self.config.max_num_seqs:
+            return None
+        for r in self.policy.order_waiting(self.waiting, now):
+            if self._is_long(r):
+                n = min(r.num_pending_tokens, self.config.chunk_size, self.config.max_batched_tokens)
+                return r if self.blocks.can_hold(r.request_id, n) else None
+        return None

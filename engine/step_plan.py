@@ -1,0 +1,42 @@
+"""What one iteration computes: a list of (request, first position, number of new tokens)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.request import Request
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request: Request
+    start: int  # first position computed in this step (num_computed_tokens when scheduled)
+    num_tokens: int
+    samples: bool  # the step brings the request level with its token list: sample one token after it
+    is_decode: bool  # one new token of a request that already has output
+    padding: bool = False  # static batching: a finished request's slot, computed and discarded
+
+
+@dataclass
+class StepPlan:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks if c.is_decode or c.padding)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks if not (c.is_decode or c.padding))
+
+    @property
+    def num_prefill_chunks(self) -> int:
+        return sum(1 for c in self.chunks if not (c.is_decode or c.padding))

@@ -1,0 +1,109 @@
+"""Telemetry records the engine emits: one per iteration, one per finished request, and events.
+
+Field names are a contract (the console, MQTT topics, recordings and reports read them).
+Records are plain dataclasses; `to_dict()` gives the JSON form.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+
+@dataclass(slots=True)
+class IterationRecord:
+    iteration: int
+    time: float  # seconds since engine start, at the end of the step
+    step_time: float  # seconds, schedule + prepare + forward + sample (+ bookkeeping)
+    schedule_time: float
+    prepare_time: float
+    forward_time: float
+    sample_time: float
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_prefill_chunks: int
+    num_requests_running: int
+    num_requests_waiting: int
+    num_preemptions: int  # this iteration
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_cache_usage: float  # 0..1
+    config_version: int
+    num_padding_tokens: int = 0  # static batching: finished slots computed as padding
+    num_finished: int = 0  # requests that finished in this iteration
+    num_generated_tokens: int = 0  # tokens sampled in this iteration
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    tenant: str
+    slo_class: str
+    priority: int
+    prompt_tokens: int
+    output_tokens: int
+    arrival: float  # seconds since engine start
+    queue_time: float  # arrival -> first scheduled
+    ttft: float | None
+    tpot: float | None  # mean time per output token after the first
+    itl_p50: float | None  # inter-token gaps summary
+    itl_p99: float | None
+    itl_max: float | None
+    e2e_latency: float
+    finish_reason: str
+    num_preemptions: int
+    slo_met: bool
+    first_token_iteration: int | None
+    finish_iteration: int | None
+    finish: float = 0.0
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(slots=True)
+class Event:
+    """`kind` is one of config_change, preemption, request_rejected, error, pause, resume."""
+
+    kind: str
+    time: float
+    iteration: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "time": self.time, "iteration": self.iteration, **self.data}
+
+
+Record = IterationRecord | RequestRecord | Event
+
+
+class TelemetrySink(Protocol):
+    """Where the engine hands its records; must never block (see engine/bus.py)."""
+
+    def __call__(self, topic: str, record: Record) -> None: ...
+
+
+def null_sink(topic: str, record: Record) -> None:
+    return None
+
+
+@dataclass
+class ListSink:
+    """Keeps everything in lists; for tests and headless reports."""
+
+    iterations: list[IterationRecord] = field(default_factory=list)
+    requests: list[RequestRecord] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+    def __call__(self, topic: str, record: Record) -> None:
+        {"iteration": self.iterations, "request": self.requests, "event": self.events}.get(topic, []).append(record)
+
+
+SinkFn = Callable[[str, Record], None]

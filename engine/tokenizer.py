@@ -1,0 +1,49 @@
+"""Tokenizers: a byte-level one for synthetic models (and directories without a tokenizer), and a
+thin wrapper over a local Hugging Face tokenizer.
+
+Byte-level ids: 0..255 are bytes, 256 is BOS, 257 is EOS. Ids beyond (a synthetic model with a
+real vocabulary samples them) decode to a printable ASCII character, so text out always works.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+BYTE_BOS, BYTE_EOS = 256, 257
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    eos_token_id: int | None = BYTE_EOS
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        out = bytearray()
+        for i in ids:
+            if i < 256:
+                out.append(i)
+            elif i not in (BYTE_BOS, BYTE_EOS):
+                out.append(33 + i % 94)
+        return out.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.eos_token_id = self._tok.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=True))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,239 @@
+"""Workload generation: turn a preset's stream specs into timed requests.
+
+Open-loop streams (poisson, gamma, burst, trace) are generated up front by `generate_open_loop`;
+closed-loop streams issue their next request when one finishes, through `ClosedLoopStream`.
+Everything is deterministic from the preset seed and the stream's index: each stream draws
+arrivals, lengths and token ids from its own `random.Random`, so changing one stream's lengths
+leaves every arrival time (and every other stream) unchanged.
+
+Prompt token ids are drawn in [0, 255], valid for any vocabulary of 256 tokens or more; callers
+should submit these requests with `ignore_eos=True` so that outputs run to `max_tokens`.
+Lengths are clamped so that prompt + output <= max_model_len (the prompt keeps up to
+max_model_len - 1 tokens, the output gets what is left); `WorkloadItem.clamped` records it.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from engine.traces import load_trace
+
+if TYPE_CHECKING:  # the spec dataclasses live in presets.schema; only their attributes are used here
+    from presets.schema import ClosedLoopSpec, LengthDist, StreamSpec
+
+TOKEN_ID_RANGE = 256  # prompt token ids are in [0, TOKEN_ID_RANGE)
+OPEN_LOOP_KINDS = ("poisson", "gamma", "burst", "trace")
+
+
+@dataclass(frozen=True)
+class WorkloadItem:
+    """One request to submit at `arrival` seconds after the run starts."""
+
+    arrival: float
+    prompt_token_ids: list[int]
+    max_tokens: int
+    tenant: str = "default"
+    slo_class: str = "interactive"
+    priority: int = 0
+    stream_index: int = 0
+    clamped: bool = False
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+def stream_rng(seed: int, stream_index: int, purpose: str) -> random.Random:
+    """The generator for one purpose (arrivals, lengths, tokens) of one stream; string seeds are stable."""
+    return random.Random(f"batchdeck:{seed}:{stream_index}:{purpose}")
+
+
+def lognormal_mu(mean: float, sigma: float) -> float:
+    """The `mu` of a lognormal whose mean is `mean` (mean = exp(mu + sigma^2 / 2))."""
+    return math.log(mean) - sigma * sigma / 2.0
+
+
+def sample_length(dist: int | "LengthDist", rng: random.Random) -> int:
+    """Draw one token count (an int >= 1) from an int or a LengthDist."""
+    if isinstance(dist, int):
+        return max(1, dist)
+    kind = dist.dist
+    if kind == "constant":
+        value = float(dist.value)
+    elif kind == "uniform":
+        value = float(rng.randint(int(dist.min), int(dist.max)))
+    elif kind == "lognormal":
+        value = rng.lognormvariate(lognormal_mu(dist.mean, dist.sigma), dist.sigma)
+    elif kind == "normal":
+        value = rng.gauss(dist.mean, dist.std)
+    else:
+        raise ValueError(f"unknown length distribution {kind!r}")
+    n = round(value)
+    if dist.min is not None:
+        n = max(n, int(dist.min))
+    if dist.max is not None:
+        n = min(n, int(dist.max))
+    return max(1, n)
+
+
+def clamp_lengths(prompt_len: int, output_len: int, max_model_len: int) -> tuple[int, int, bool]:
+    """Fit prompt + output into `max_model_len`: (prompt, output, whether anything was cut)."""
+    if max_model_len < 2:
+        raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+    prompt = max(1, min(prompt_len, max_model_len - 1))
+    output = max(1, min(output_len, max_model_len - prompt))
+    return prompt, output, (prompt, output) != (prompt_len, output_len)
+
+
+def make_item(
+    arrival: float,
+    prompt_len: int,
+    output_len: int,
+    spec: "StreamSpec",
+    stream_index: int,
+    token_rng: random.Random,
+    max_model_len: int,
+) -> WorkloadItem:
+    """A WorkloadItem with random prompt ids, lengths clamped to the model's context."""
+    prompt_len, output_len, clamped = clamp_lengths(prompt_len, output_len, max_model_len)
+    return WorkloadItem(
+        arrival=float(arrival),
+        prompt_token_ids=list(token_rng.randbytes(prompt_len)),
+        max_tokens=output_len,
+        tenant=spec.tenant,
+        slo_class=spec.slo_class,
+        priority=spec.priority,
+        stream_index=stream_index,
+        clamped=clamped,
+    )
+
+
+def _renewal_arrivals(spec: Any, rng: random.Random) -> list[float]:
+    """Arrival times of a poisson or gamma renewal process, up to `duration` or `count` requests."""
+    if spec.kind == "gamma":
+        shape = 1.0 / (spec.cv * spec.cv)
+        scale = 1.0 / (spec.rate * shape)
+
+        def gap() -> float:
+            return rng.gammavariate(shape, scale)
+    else:
+
+        def gap() -> float:
+            return rng.expovariate(spec.rate)
+
+    times: list[float] = []
+    t = 0.0
+    while True:
+        t += gap()
+        if spec.count is not None and len(times) >= spec.count:
+            break
+        if spec.duration is not None and t >= spec.duration:
+            break
+        times.append(t)
+    return times
+
+
+def _stream_items(
+    spec: Any, stream_index: int, seed: int, max_model_len: int, base_dir: Path | None
+) -> list[WorkloadItem]:
+    tokens = stream_rng(seed, stream_index, "tokens")
+    if spec.kind == "trace":
+        path = Path(spec.path)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        rows = load_trace(
+            path, spec.columns, spec.time_unit, spec.time_scale, spec.length_scale, spec.start, spec.limit
+        )
+        return [make_item(t, n_in, n_out, spec, stream_index, tokens, max_model_len) for t, n_in, n_out in rows]
+    if spec.kind == "burst":
+        arrivals = [float(spec.at)] * spec.count
+    elif spec.kind in ("poisson", "gamma"):
+        arrivals = _renewal_arrivals(spec, stream_rng(seed, stream_index, "arrivals"))
+    else:
+        raise ValueError(f"stream {stream_index}: kind {spec.kind!r} is not open-loop ({', '.join(OPEN_LOOP_KINDS)})")
+    lengths = stream_rng(seed, stream_index, "lengths")
+    items = []
+    for t in arrivals:
+        n_in = sample_length(spec.input_tokens, lengths)
+        n_out = sample_length(spec.output_tokens, lengths)
+        items.append(make_item(t, n_in, n_out, spec, stream_index, tokens, max_model_len))
+    return items
+
+
+def generate_open_loop(
+    streams: Sequence["StreamSpec"], seed: int, max_model_len: int, base_dir: str | Path | None = None
+) -> list[WorkloadItem]:
+    """All requests of the open-loop streams (closed-loop ones are skipped), sorted by arrival.
+
+    `stream_index` is the stream's position in `streams` (pass the preset's whole workload list).
+    Relative trace paths are resolved against `base_dir` (schema-loaded presets hold absolute ones).
+    """
+    base = Path(base_dir) if base_dir is not None else None
+    items: list[WorkloadItem] = []
+    for index, spec in enumerate(streams):
+        if spec.kind in OPEN_LOOP_KINDS:
+            items.extend(_stream_items(spec, index, seed, max_model_len, base))
+    items.sort(key=lambda item: (item.arrival, item.stream_index))
+    return items
+
+
+class ClosedLoopStream:
+    """`concurrency` clients that each send a new request as soon as their previous one finishes.
+
+    The stream stops issuing once `duration` seconds have passed (a finish at or after it issues
+    nothing) or `count` requests have been issued in total (the initial ones included).
+    """
+
+    def __init__(self, spec: "ClosedLoopSpec", stream_index: int, seed: int, max_model_len: int):
+        self.spec = spec
+        self.stream_index = stream_index
+        self.max_model_len = max_model_len
+        self.issued = 0
+        self._lengths = stream_rng(seed, stream_index, "lengths")
+        self._tokens = stream_rng(seed, stream_index, "tokens")
+
+    def _next(self, now: float) -> WorkloadItem:
+        self.issued += 1
+        n_in = sample_length(self.spec.input_tokens, self._lengths)
+        n_out = sample_length(self.spec.output_tokens, self._lengths)
+        return make_item(now, n_in, n_out, self.spec, self.stream_index, self._tokens, self.max_model_len)
+
+    def _can_issue(self, now: float) -> bool:
+        if self.spec.count is not None and self.issued >= self.spec.count:
+            return False
+        return self.spec.duration is None or now < self.spec.duration
+
+    @property
+    def exhausted(self) -> bool:
+        """True once `count` requests have been issued (a duration-bound stream only knows at finish time)."""
+        return self.spec.count is not None and self.issued >= self.spec.count
+
+    def initial(self) -> list[WorkloadItem]:
+        """The first request of every client, all at t = 0 (fewer if `count` is smaller)."""
+        items = []
+        for _ in range(self.spec.concurrency):
+            if not self._can_issue(0.0):
+                break
+            items.append(self._next(0.0))
+        return items
+
+    def on_finished(self, now: float) -> WorkloadItem | None:
+        """The finishing client's next request, arriving at `now`, or None once the stream is done."""
+        return self._next(now) if self._can_issue(now) else None
+
+
+def closed_loop_streams(streams: Sequence["StreamSpec"], seed: int, max_model_len: int) -> list[ClosedLoopStream]:
+    """A ClosedLoopStream for every closed-loop spec in `streams` (indices are positions in `streams`)."""
+    return [
+        ClosedLoopStream(spec, index, seed, max_model_len)
+        for index, spec in enumerate(streams)
+        if spec.kind == "closed-loop"
+    ]
+
+
+def count_clamped(items: Sequence[WorkloadItem]) -> int:
+    """How many items had their lengths cut to fit the model's context."""
+    return sum(1 for item in items if item.clamped)

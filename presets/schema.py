@@ -1,0 +1,519 @@
+"""The preset file format: a workload plus a timeline of live config changes, checked on load.
+
+`load_preset(path)` / `parse_preset(text, source_name)` return a `Preset` or raise a `PresetError`
+whose message names the file, the key path (e.g. `workload[1].rate`), the YAML line, and what is
+allowed. Line numbers come from the composed YAML node tree, walked once into a path -> line index.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from engine.config import ConfigBounds, ConfigError, EngineConfig, LiveConfig, validate_changes
+from engine.request import SLO_CLASSES
+from engine.traces import COLUMN_ROLES, TIME_UNITS, TraceError, trace_columns
+
+TOP_KEYS = ("name", "description", "model", "engine", "config", "workload", "timeline", "seed")
+STREAM_KINDS = ("poisson", "gamma", "burst", "closed-loop", "trace")
+LENGTH_DISTS = ("constant", "uniform", "lognormal", "normal")
+COMMON_STREAM_KEYS = ("kind", "tenant", "slo_class", "priority")
+STREAM_KEYS: dict[str, tuple[str, ...]] = {
+    "poisson": ("rate", "duration", "count", "input_tokens", "output_tokens"),
+    "gamma": ("rate", "cv", "duration", "count", "input_tokens", "output_tokens"),
+    "burst": ("at", "count", "input_tokens", "output_tokens"),
+    "closed-loop": ("concurrency", "duration", "count", "input_tokens", "output_tokens"),
+    "trace": ("path", "columns", "time_unit", "time_scale", "length_scale", "start", "limit"),
+}
+DIST_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # dist -> (required, optional)
+    "constant": (("value",), ()),
+    "uniform": (("min", "max"), ()),
+    "lognormal": (("mean", "sigma"), ("min", "max")),
+    "normal": (("mean", "std"), ("min", "max")),
+}
+TIMELINE_KEYS = ("at", "at_iteration", "set", "pause", "resume")
+ENGINE_TYPES = {f.name: str(f.type) for f in dataclasses.fields(EngineConfig) if f.name not in ("model", "seed")}
+ENGINE_KEYS = tuple(ENGINE_TYPES)
+DEFAULT_BOUNDS = ConfigBounds(
+    max_num_seqs=256, max_batched_tokens=65536, policies=("fcfs", "sjf", "slo", "fair", "priority")
+)
+
+KeyPath = tuple[str | int, ...]
+
+
+class PresetError(ValueError):
+    """An invalid preset: `str()` reads `FILE, line N: KEY.PATH: problem (what is allowed)`."""
+
+    def __init__(self, source: str, key: str, line: int | None, problem: str):
+        self.source, self.key, self.line, self.problem = source, key, line, problem
+        where = f"{source}, line {line}" if line is not None else source
+        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    """A token-count distribution; `dist` is constant | uniform | lognormal | normal.
+
+    lognormal's `mean` is the mean of the distribution itself (not of its log).
+    """
+
+    dist: str
+    value: int | None = None
+    min: int | None = None
+    max: int | None = None
+    mean: float | None = None
+    sigma: float | None = None
+    std: float | None = None
+
+
+Length = int | LengthDist
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamSpec:
+    """Fields every stream has; see the per-kind subclasses."""
+
+    kind: str
+    tenant: str = "default"
+    slo_class: str = "interactive"
+    priority: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoissonSpec(StreamSpec):
+    kind: str = "poisson"
+    rate: float
+    input_tokens: Length
+    output_tokens: Length
+    duration: float | None = None
+    count: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GammaSpec(StreamSpec):
+    kind: str = "gamma"
+    rate: float
+    input_tokens: Length
+    output_tokens: Length
+    cv: float = 1.0
+    duration: float | None = None
+    count: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BurstSpec(StreamSpec):
+    kind: str = "burst"
+    count: int
+    input_tokens: Length
+    output_tokens: Length
+    at: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClosedLoopSpec(StreamSpec):
+    kind: str = "closed-loop"
+    concurrency: int
+    input_tokens: Length
+    output_tokens: Length
+    duration: float | None = None
+    count: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceSpec(StreamSpec):
+    kind: str = "trace"
+    path: Path  # resolved against the preset file's directory
+    columns: Mapping[str, str]
+    time_unit: str = "s"
+    time_scale: float = 1.0
+    length_scale: float = 1.0
+    start: float = 0.0
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    """One scripted action: at `at` seconds or iteration `at_iteration`, `set` live keys, `pause` or `resume`."""
+
+    at: float | None = None
+    at_iteration: int | None = None
+    set: dict[str, Any] | None = None
+    pause: float | None = None
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    model: str
+    engine: dict[str, Any]
+    config: dict[str, Any]
+    workload: list[StreamSpec]
+    timeline: list[TimelineEntry]
+    seed: int
+    path: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML -> (data, path -> line index)
+
+
+def _index_lines(node: yaml.Node, path: KeyPath, out: dict[KeyPath, int]) -> None:
+    """Record the 1-based line of every mapping key and sequence item under `node`."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+            child = path + (key,)
+            out.setdefault(child, key_node.start_mark.line + 1)
+            _index_lines(value_node, child, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.setdefault(path + (i,), item.start_mark.line + 1)
+            _index_lines(item, path + (i,), out)
+
+
+def _compose(text: str, source: str) -> tuple[Any, dict[KeyPath, int]]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {(): 1}
+        lines: dict[KeyPath, int] = {(): node.start_mark.line + 1}
+        _index_lines(node, (), lines)
+        return loader.construct_document(node), lines
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise PresetError(source, "", line, f"invalid YAML: {e.problem or e}") from None
+    except yaml.YAMLError as e:
+        raise PresetError(source, "", None, f"invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def format_key(path: KeyPath) -> str:
+    """('workload', 1, 'rate') -> 'workload[1].rate'."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking helpers, bound to one file
+
+
+@dataclass(frozen=True)
+class _Checker:
+    source: str
+    lines: dict[KeyPath, int]
+
+    def line(self, path: KeyPath) -> int | None:
+        while path not in self.lines and path:
+            path = path[:-1]
+        return self.lines.get(path)
+
+    def error(self, path: KeyPath, problem: str) -> PresetError:
+        return PresetError(self.source, format_key(path), self.line(path), problem)
+
+    def mapping(self, value: Any, path: KeyPath, what: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.error(path, f"must be a mapping of {what}, got {_describe(value)}")
+        return value
+
+    def known_keys(self, m: Mapping[str, Any], path: KeyPath, allowed: tuple[str, ...], what: str) -> None:
+        for key in m:
+            if key not in allowed:
+                raise self.error(path + (key,), f"unknown {what} key {key!r}; allowed: {', '.join(allowed)}")
+
+    def require(self, m: Mapping[str, Any], path: KeyPath, key: str, what: str) -> Any:
+        if key not in m:
+            raise self.error(path, f"missing required key {key!r} ({what})")
+        return m[key]
+
+    def number(self, value: Any, path: KeyPath, *, minimum: float = -math.inf, exclusive: bool = False) -> float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok:
+            ok = value > minimum if exclusive else value >= minimum
+        if not ok:
+            bound = f"> {minimum:g}" if exclusive else (f">= {minimum:g}" if minimum > -math.inf else "finite")
+            raise self.error(path, f"must be a number {bound}, got {_describe(value)}")
+        return float(value)
+
+    def integer(self, value: Any, path: KeyPath, *, minimum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            bound = f" >= {minimum}" if minimum is not None else ""
+            raise self.error(path, f"must be an integer{bound}, got {_describe(value)}")
+        return value
+
+    def string(self, value: Any, path: KeyPath, *, nonempty: bool = False) -> str:
+        if not isinstance(value, str) or (nonempty and not value.strip()):
+            raise self.error(path, f"must be a {'non-empty ' if nonempty else ''}string, got {_describe(value)}")
+        return value
+
+    def choice(self, value: Any, path: KeyPath, allowed: tuple[str, ...], what: str) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            raise self.error(path, f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+        return value
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return f"{value!r} ({type(value).__name__})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def _length(c: _Checker, value: Any, path: KeyPath) -> Length:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return c.integer(value, path, minimum=1)
+    if not isinstance(value, dict):
+        raise c.error(
+            path, f"must be an integer >= 1 or a mapping with dist: {', '.join(LENGTH_DISTS)}; got {_describe(value)}"
+        )
+    dist = c.choice(c.require(value, path, "dist", "one of " + ", ".join(LENGTH_DISTS)), path + ("dist",),
+                    LENGTH_DISTS, "dist")
+    required, optional = DIST_KEYS[dist]
+    c.known_keys(value, path, ("dist",) + required + optional, f"{dist} dist")
+    for key in required:
+        c.require(value, path, key, f"{dist} takes {', '.join(required + optional)}")
+    kw: dict[str, Any] = {}
+    for key in ("value", "min", "max"):
+        if key in value:
+            kw[key] = c.integer(value[key], path + (key,), minimum=1)
+    if "mean" in value:
+        kw["mean"] = c.number(value["mean"], path + ("mean",), minimum=0, exclusive=True)
+    for key in ("sigma", "std"):
+        if key in value:
+            kw[key] = c.number(value[key], path + (key,), minimum=0)
+    if "min" in kw and "max" in kw and kw["min"] > kw["max"]:
+        raise c.error(path + ("max",), f"must be >= min ({kw['min']}), got {kw['max']}")
+    return LengthDist(dist=dist, **kw)
+
+
+def _duration_or_count(c: _Checker, s: Mapping[str, Any], path: KeyPath) -> dict[str, Any]:
+    has_d, has_c = "duration" in s, "count" in s
+    if has_d == has_c:
+        problem = "has both 'duration' and 'count'" if has_d else "needs 'duration' (seconds) or 'count' (requests)"
+        raise c.error(path + (("count",) if has_d else ()), f"{problem}; give exactly one")
+    if has_d:
+        return {"duration": c.number(s["duration"], path + ("duration",), minimum=0, exclusive=True)}
+    return {"count": c.integer(s["count"], path + ("count",), minimum=1)}
+
+
+def _trace_path(c: _Checker, value: Any, path: KeyPath, base_dir: Path) -> Path:
+    rel = Path(c.string(value, path, nonempty=True))
+    full = rel if rel.is_absolute() else base_dir / rel
+    if not full.is_file():
+        raise c.error(path, f"trace file not found: {full} (paths are relative to the preset file)")
+    if full.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
+        raise c.error(path, f"trace file must be .csv or .jsonl, got {full.name}")
+    return full
+
+
+def _stream(c: _Checker, raw: Any, path: KeyPath, base_dir: Path) -> StreamSpec:
+    s = c.mapping(raw, path, "stream settings")
+    kind = c.choice(c.require(s, path, "kind", "one of " + ", ".join(STREAM_KINDS)), path + ("kind",),
+                    STREAM_KINDS, "stream kind")
+    c.known_keys(s, path, COMMON_STREAM_KEYS + STREAM_KEYS[kind], f"{kind} stream")
+    kw: dict[str, Any] = {}
+    if "tenant" in s:
+        kw["tenant"] = c.string(s["tenant"], path + ("tenant",), nonempty=True)
+    if "slo_class" in s:
+        kw["slo_class"] = c.choice(s["slo_class"], path + ("slo_class",), SLO_CLASSES, "slo_class")
+    if "priority" in s:
+        kw["priority"] = c.integer(s["priority"], path + ("priority",))
+
+    if kind != "trace":
+        for key in ("input_tokens", "output_tokens"):
+            kw[key] = _length(c, c.require(s, path, key, "an integer or a length dist"), path + (key,))
+    if kind in ("poisson", "gamma"):
+        kw["rate"] = c.number(c.require(s, path, "rate", "requests per second"), path + ("rate",),
+                              minimum=0, exclusive=True)
+        if kind == "gamma" and "cv" in s:
+            kw["cv"] = c.number(s["cv"], path + ("cv",), minimum=0, exclusive=True)
+        kw.update(_duration_or_count(c, s, path))
+        return (PoissonSpec if kind == "poisson" else GammaSpec)(**kw)
+    if kind == "burst":
+        kw["count"] = c.integer(c.require(s, path, "count", "requests sent at once"), path + ("count",), minimum=1)
+        if "at" in s:
+            kw["at"] = c.number(s["at"], path + ("at",), minimum=0)
+        return BurstSpec(**kw)
+    if kind == "closed-loop":
+        kw["concurrency"] = c.integer(c.require(s, path, "concurrency", "number of clients"),
+                                      path + ("concurrency",), minimum=1)
+        kw.update(_duration_or_count(c, s, path))
+        return ClosedLoopSpec(**kw)
+
+    # trace
+    kw["path"] = _trace_path(c, c.require(s, path, "path", "a CSV or JSONL file"), path + ("path",), base_dir)
+    cols = c.mapping(c.require(s, path, "columns", "time, input, output column names"), path + ("columns",),
+                     "column names (time, input, output)")
+    c.known_keys(cols, path + ("columns",), COLUMN_ROLES, "columns")
+    for role in COLUMN_ROLES:
+        c.string(c.require(cols, path + ("columns",), role, "the file's column name"), path + ("columns", role),
+                 nonempty=True)
+    try:
+        have = trace_columns(kw["path"])
+    except (TraceError, OSError, UnicodeDecodeError) as e:
+        raise c.error(path + ("path",), f"cannot read trace: {e}") from None
+    for role in COLUMN_ROLES:
+        if cols[role] not in have:
+            raise c.error(path + ("columns", role),
+                          f"column {cols[role]!r} not in {kw['path'].name}; it has: {', '.join(map(str, have))}")
+    kw["columns"] = dict(cols)
+    if "time_unit" in s:
+        kw["time_unit"] = c.choice(s["time_unit"], path + ("time_unit",), TIME_UNITS, "time_unit")
+    for key in ("time_scale", "length_scale"):
+        if key in s:
+            kw[key] = c.number(s[key], path + (key,), minimum=0, exclusive=True)
+    if "start" in s:
+        kw["start"] = c.number(s["start"], path + ("start",), minimum=0)
+    if "limit" in s:
+        kw["limit"] = c.integer(s["limit"], path + ("limit",), minimum=1)
+    return TraceSpec(**kw)
+
+
+def _engine(c: _Checker, raw: Any) -> dict[str, Any]:
+    path: KeyPath = ("engine",)
+    e = c.mapping(raw if raw is not None else {}, path, "EngineConfig fields")
+    for key in e:
+        if key in ("model", "seed"):
+            raise c.error(path + (key,), f"set {key!r} at the top level of the preset, not under engine")
+    c.known_keys(e, path, ENGINE_KEYS, "engine")
+    for key, value in e.items():
+        _check_field_type(c, ENGINE_TYPES[key], value, path + (key,))
+    try:
+        EngineConfig(**e).validate()
+    except ConfigError as err:
+        raise c.error(path + (err.key,), str(err)) from None
+    for key in ("max_model_len", "max_num_seqs_limit", "max_batched_tokens_limit"):
+        if e.get(key) is not None:
+            c.integer(e[key], path + (key,), minimum=2 if key == "max_model_len" else 1)
+    return dict(e)
+
+
+def _check_field_type(c: _Checker, annotation: str, value: Any, path: KeyPath) -> None:
+    """Check `value` against an EngineConfig field annotation such as 'int | None' or 'str'."""
+    parts = [p.strip() for p in annotation.split("|")]
+    if value is None and "None" in parts:
+        return
+    ok = any(
+        (p == "str" and isinstance(value, str))
+        or (p == "int" and isinstance(value, int) and not isinstance(value, bool))
+        or (p == "float" and isinstance(value, (int, float)) and not isinstance(value, bool))
+        for p in parts
+    )
+    if not ok:
+        wanted = " or ".join("null" if p == "None" else {"str": "a string", "int": "an integer",
+                                                          "float": "a number"}.get(p, p) for p in parts)
+        raise c.error(path, f"must be {wanted}, got {_describe(value)}")
+
+
+def _config_error(c: _Checker, path: KeyPath, changes: Mapping[str, Any], err: ConfigError) -> PresetError:
+    key_path = path + (err.key,) if err.key in changes else path
+    return c.error(key_path, str(err))
+
+
+def _timeline_entry(c: _Checker, raw: Any, path: KeyPath, live: LiveConfig, bounds: ConfigBounds
+                    ) -> tuple[TimelineEntry, LiveConfig]:
+    t = c.mapping(raw, path, "a timeline action")
+    c.known_keys(t, path, TIMELINE_KEYS, "timeline")
+    if ("at" in t) == ("at_iteration" in t):
+        problem = "has both 'at' and 'at_iteration'" if "at" in t else "needs 'at' (seconds) or 'at_iteration'"
+        raise c.error(path + (("at_iteration",) if "at" in t else ()), f"{problem}; give exactly one")
+    at = c.number(t["at"], path + ("at",), minimum=0) if "at" in t else None
+    at_it = c.integer(t["at_iteration"], path + ("at_iteration",), minimum=0) if "at_iteration" in t else None
+    actions = [k for k in ("set", "pause", "resume") if k in t]
+    if len(actions) != 1:
+        problem = f"has {', '.join(repr(a) for a in actions)}" if actions else "has no action"
+        raise c.error(path + ((actions[-1],) if actions else ()),
+                      f"{problem}; give exactly one of set: {{...}}, pause: SECONDS, resume: true")
+    entry_kw: dict[str, Any] = {"at": at, "at_iteration": at_it}
+    if "set" in t:
+        changes = c.mapping(t["set"], path + ("set",), "live settings")
+        try:
+            live = validate_changes(live, changes, bounds)
+        except ConfigError as err:
+            raise _config_error(c, path + ("set",), changes, err) from None
+        entry_kw["set"] = dict(changes)
+    elif "pause" in t:
+        entry_kw["pause"] = c.number(t["pause"], path + ("pause",), minimum=0, exclusive=True)
+    else:
+        if t["resume"] is not True:
+            raise c.error(path + ("resume",), f"must be true, got {_describe(t['resume'])}")
+        entry_kw["resume"] = True
+    return TimelineEntry(**entry_kw), live
+
+
+def bounds_for(engine: Mapping[str, Any]) -> ConfigBounds:
+    """The live-config bounds a preset is checked against (the engine's own limits when it sets them)."""
+    return dataclasses.replace(
+        DEFAULT_BOUNDS,
+        max_num_seqs=engine.get("max_num_seqs_limit") or DEFAULT_BOUNDS.max_num_seqs,
+        max_batched_tokens=engine.get("max_batched_tokens_limit") or DEFAULT_BOUNDS.max_batched_tokens,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def parse_preset(text: str, source_name: str = "<preset>", base_dir: str | Path | None = None) -> Preset:
+    """Parse and check preset YAML. Trace paths resolve against `base_dir` (default: the source's directory)."""
+    data, lines = _compose(text, source_name)
+    c = _Checker(source_name, lines)
+    top = c.mapping(data, (), "preset settings (" + ", ".join(TOP_KEYS) + ")")
+    c.known_keys(top, (), TOP_KEYS, "top-level")
+    base = Path(base_dir) if base_dir is not None else Path(source_name).resolve().parent
+
+    name = c.string(c.require(top, (), "name", "the preset's name"), ("name",), nonempty=True)
+    description = c.string(top.get("description", "") or "", ("description",))
+    model = c.string(top.get("model", "synthetic:tiny"), ("model",), nonempty=True)
+    seed = c.integer(top.get("seed", 0), ("seed",))
+    engine = _engine(c, top.get("engine"))
+    bounds = bounds_for(engine)
+
+    config = c.mapping(top.get("config") if top.get("config") is not None else {}, ("config",),
+                       "live settings (LiveConfig keys)")
+    live = LiveConfig()
+    if config:
+        try:
+            live = validate_changes(live, config, bounds)
+        except ConfigError as err:
+            raise _config_error(c, ("config",), config, err) from None
+
+    raw_workload = c.require(top, (), "workload", "a list of streams")
+    if not isinstance(raw_workload, list) or not raw_workload:
+        raise c.error(("workload",), f"must be a non-empty list of streams, got {_describe(raw_workload)}")
+    workload = [_stream(c, s, ("workload", i), base) for i, s in enumerate(raw_workload)]
+
+    raw_timeline = top.get("timeline") or []
+    if not isinstance(raw_timeline, list):
+        raise c.error(("timeline",), f"must be a list of actions, got {_describe(raw_timeline)}")
+    timeline = []
+    for i, raw in enumerate(raw_timeline):  # `set`s are checked in file order, each on top of the last
+        entry, live = _timeline_entry(c, raw, ("timeline", i), live, bounds)
+        timeline.append(entry)
+
+    path = Path(source_name) if Path(source_name).is_file() else None
+    return Preset(name=name, description=description, model=model, engine=engine, config=dict(config),
+                  workload=workload, timeline=timeline, seed=seed, path=path)
+
+
+def load_preset(path: str | Path) -> Preset:
+    """Read and check a preset file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PresetError(str(p), "", None, f"cannot read preset: {e.strerror or e}") from None
+    return dataclasses.replace(parse_preset(text, str(p), p.resolve().parent), path=p)

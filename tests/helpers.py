@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny HF models saved to disk, and transformers' generate() as the oracle."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from engine.config import EngineConfig, LiveConfig
+from engine.llm_engine import LLMEngine
+from engine.models import load_model
+from engine.request import SamplingParams
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=300, max_position_embeddings=512,
+            tie_word_embeddings=False, initializer_range=0.2, bos_token_id=256, eos_token_id=257)
+
+
+def save_tiny_model(model_type: str, path: str, seed: int = 0) -> str:
+    """A random-weight model of `model_type` saved with save_pretrained (no tokenizer: byte-level)."""
+    if not os.path.exists(os.path.join(path, "config.json")):
+        cfg = AutoConfig.for_model(model_type, **TINY)
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def oracle_model(path: str):
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    m.generation_config.eos_token_id = None  # the engine side runs with ignore_eos
+    return m.eval()
+
+
+@functools.lru_cache(maxsize=4096)
+def reference_tokens(path: str, prompt: tuple[int, ...], max_tokens: int) -> tuple[int, ...]:
+    """Greedy tokens from transformers' own generate() for this prompt alone."""
+    model = oracle_model(path)
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=0)
+    return tuple(out[0, len(prompt):].tolist())
+
+
+@functools.lru_cache(maxsize=8)
+def loaded(path: str):
+    return load_model(path)
+
+
+def make_engine(path: str, *, num_blocks: int = 256, block_size: int = 16, sink=None, **live) -> LLMEngine:
+    kwargs = {"sink": sink} if sink is not None else {}
+    return LLMEngine(EngineConfig(model=path, num_blocks=num_blocks, block_size=block_size),
+                     LiveConfig(**live), loaded=loaded(path), check_invariants=True, **kwargs)
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True)

@@ -1,0 +1,71 @@
+import asyncio
+
+import pytest
+
+from engine.async_engine import AsyncEngine
+from engine.config import ConfigError
+from engine.request import RequestError
+from engine.telemetry import ListSink
+from tests.helpers import greedy, make_engine, reference_tokens
+
+
+async def test_streams_deltas_and_matches_reference(model_dirs):
+    path = model_dirs["llama"]
+    eng = AsyncEngine(make_engine(path, max_num_seqs=4, chunk_size=8))
+    await eng.start()
+    try:
+        streams = [await eng.add_request(str(i), [i + 1] * (i + 2), greedy(6)) for i in range(5)]
+        results = await asyncio.gather(*(s.collect() for s in streams))
+        for i, toks in enumerate(results):
+            assert tuple(toks) == reference_tokens(path, tuple([i + 1] * (i + 2)), 6)
+        assert all(s.finish_reason == "length" for s in streams)
+    finally:
+        await eng.stop()
+
+
+async def test_live_config_applied_between_iterations_and_bad_input_refused(model_dirs):
+    sink = ListSink()
+    eng = AsyncEngine(make_engine(model_dirs["qwen3"], sink=sink, max_num_seqs=2))
+    await eng.start()
+    try:
+        stream = await eng.add_request("a", [1, 2, 3], greedy(40))
+        reply = await eng.update_config({"max_num_seqs": 3, "chunk_size": 32}, source="test")
+        assert reply.config["max_num_seqs"] == 3 and reply.config["version"] == 1
+        with pytest.raises(ConfigError, match="max_num_seqs"):
+            await eng.update_config({"max_num_seqs": 0})
+        with pytest.raises(ConfigError, match="bogus"):
+            await eng.update_config({"bogus": 1})
+        with pytest.raises(RequestError, match="already in use"):
+            await eng.add_request("a", [1], greedy(1))
+        await stream.collect()
+        assert eng.engine.live.max_num_seqs == 3 and eng.engine.live.version == 1
+        changes = [e for e in sink.events if e.kind == "config_change"]
+        assert len(changes) == 1 and changes[0].data["applied_iteration"] == reply.applied_iteration
+        later = [r for r in sink.iterations if r.iteration >= reply.applied_iteration]
+        assert later and all(r.config_version == 1 for r in later)
+    finally:
+        await eng.stop()
+
+
+async def test_abort_pause_resume(model_dirs):
+    sink = ListSink()
+    eng = AsyncEngine(make_engine(model_dirs["qwen3"], sink=sink))
+    await eng.start()
+    try:
+        await eng.pause()
+        stream = await eng.add_request("a", [1, 2, 3], greedy(500))
+        await asyncio.sleep(0.05)
+        assert eng.engine.iteration == 0  # paused: nothing ran
+        await eng.resume()
+        async for out in stream:
+            if len(stream.token_ids) >= 3:
+                break
+        assert await eng.abort("a")
+        await stream.collect()
+        assert stream.finish_reason == "abort"
+        assert eng.engine.blocks.num_free == eng.engine.blocks.num_blocks
+        kinds = [e.kind for e in sink.events]
+        assert kinds.index("pause") < kinds.index("resume")
+        assert sink.requests[-1].finish_reason == "abort"
+    finally:
+        await eng.stop()

@@ -1,0 +1,52 @@
+import torch
+
+from engine.request import SamplingParams
+from engine.sampler import Sampler
+from tests.helpers import make_engine
+
+
+def test_seeded_sampling_reproducible_across_batch_compositions(model_dirs):
+    path = model_dirs["qwen3"]
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+
+    def run(extra_requests, max_num_seqs):
+        e = make_engine(path, max_num_seqs=max_num_seqs, max_batched_tokens=32, chunk_size=8)
+        for i in range(extra_requests):
+            e.add_request(f"x{i}", [5 + i] * (3 + i), SamplingParams(max_tokens=7, temperature=0.7, ignore_eos=True))
+        e.add_request("target", [1, 2, 3, 4, 5], params)
+        e.run_until_done()
+        return e.requests["target"].output_token_ids
+
+    alone = run(0, 1)
+    assert run(3, 4) == alone
+    assert run(5, 2) == alone
+
+
+def test_unseeded_sampling_varies_and_greedy_rows_stay_greedy():
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.randn(2, 50)
+    p_greedy = SamplingParams(temperature=0.0)
+    p_hot = SamplingParams(temperature=5.0)
+    draws = {tuple(sampler.sample(logits, ["g", "h"], [p_greedy, p_hot])) for _ in range(30)}
+    assert {d[0] for d in draws} == {int(logits[0].argmax())}
+    assert len({d[1] for d in draws}) > 3
+
+
+def test_top_k_one_is_greedy_and_top_p_restricts():
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])
+    for _ in range(20):
+        assert sampler.sample(logits, ["a"], [SamplingParams(temperature=1.0, top_k=1)]) == [1]
+        assert sampler.sample(logits, ["a"], [SamplingParams(temperature=1.0, top_p=0.5)]) == [1]
+    seen = {sampler.sample(logits, ["a"], [SamplingParams(temperature=1.0, top_k=2)])[0] for _ in range(60)}
+    assert seen == {1, 2}
+
+
+def test_eos_and_stop_tokens_stop(model_dirs):
+    e = make_engine(model_dirs["llama"])
+    first = e.add_request("probe", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
+    e.run_until_done()
+    tok = first.output_token_ids[1]
+    r = e.add_request("stop", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=(tok,), ignore_eos=True))
+    e.run_until_done()
+    assert r.output_token_ids == first.output_token_ids[:2] and r.finish_reason.value == "stop"

@@ -1,0 +1,133 @@
+"""The scheduling mechanism without a model: budgets, caps, KV admission, static batches, drains."""
+from engine.block_manager import BlockManager
+from engine.config import LiveConfig
+from engine.request import Request, SamplingParams
+from engine.scheduler import Scheduler
+from policies import make_policy
+
+
+def req(rid, n_prompt, max_tokens=4, arrival=0.0):
+    return Request(rid, list(range(n_prompt)), SamplingParams(max_tokens=max_tokens), arrival_time=arrival)
+
+
+def sched(num_blocks=64, block_size=4, **live):
+    return Scheduler(BlockManager(num_blocks, block_size), make_policy("fcfs"), LiveConfig(**live))
+
+
+def advance(plan, token=1):
+    """Pretend the model ran the plan: computed tokens advance, sampling chunks append a token."""
+    for c in plan.chunks:
+        if c.padding:
+            continue
+        c.request.num_computed_tokens += c.num_tokens
+        if c.samples:
+            c.request.append_token(token, 0.0)
+
+
+def test_chunked_prefill_respects_budget_and_chunk_cap():
+    s = sched(max_num_seqs=4, max_batched_tokens=10, chunk_size=6)
+    for i in range(3):
+        s.add(req(str(i), 20))
+    plan = s.schedule(0.0)
+    assert [c.num_tokens for c in plan.chunks] == [6, 4]
+    assert plan.num_tokens <= 10
+
+
+def test_stall_free_puts_decodes_first():
+    s = sched(max_num_seqs=4, max_batched_tokens=8, chunk_size=8)
+    a = req("a", 3)
+    s.add(a)
+    advance(s.schedule(0.0))  # a prefilled, has a token, now decodes
+    s.add(req("b", 30))
+    plan = s.schedule(0.0)
+    assert plan.chunks[0].request is a and plan.chunks[0].is_decode
+    assert plan.chunks[1].num_tokens == 7
+
+
+def test_prefill_first_skips_decodes_while_prefill_pending():
+    s = sched(max_num_seqs=4, max_batched_tokens=8, chunk_size=8, mixing="prefill-first")
+    a = req("a", 3)
+    s.add(a)
+    advance(s.schedule(0.0))
+    s.add(req("b", 30))
+    plan = s.schedule(0.0)
+    assert all(not c.is_decode for c in plan.chunks)
+
+
+def test_running_cap_and_kv_admission():
+    s = sched(num_blocks=4, block_size=4, max_num_seqs=2, max_batched_tokens=100, chunk_size=100)
+    for i in range(3):
+        s.add(req(str(i), 6))
+    plan = s.schedule(0.0)
+    assert len(plan.chunks) == 2  # cap of 2, and 2 blocks each fit exactly
+    assert s.blocks.num_free == 0
+
+
+def test_preemption_when_pool_runs_dry():
+    s = sched(num_blocks=4, block_size=4, max_num_seqs=2, max_batched_tokens=100, chunk_size=100)
+    a, b = req("a", 8), req("b", 8)
+    s.add(a), s.add(b)
+    advance(s.schedule(0.0))  # both hold 2 blocks, each wants a 3rd to decode
+    plan = s.schedule(0.0)
+    assert plan.preempted == [b] and b.num_computed_tokens == 0 and b in s.waiting
+    assert [c.request for c in plan.chunks] == [a]
+    s.blocks.check()
+
+
+def test_drain_keeps_running_but_admits_none_over_cap():
+    s = sched(max_num_seqs=4, max_batched_tokens=100, chunk_size=100, preemption="drain")
+    rs = [req(str(i), 4, max_tokens=10) for i in range(5)]
+    for r in rs:
+        s.add(r)
+    advance(s.schedule(0.0))
+    s.set_config(LiveConfig(max_num_seqs=2, max_batched_tokens=100, chunk_size=100, preemption="drain"))
+    plan = s.schedule(0.0)
+    assert len(s.running) == 4 and not plan.preempted and all(c.is_decode for c in plan.chunks)
+
+
+def test_recompute_mode_preempts_down_to_cap():
+    s = sched(max_num_seqs=4, max_batched_tokens=100, chunk_size=100)
+    for i in range(4):
+        s.add(req(str(i), 4, max_tokens=10))
+    advance(s.schedule(0.0))
+    s.set_config(LiveConfig(max_num_seqs=2, max_batched_tokens=100, chunk_size=100))
+    plan = s.schedule(0.0)
+    assert len(s.running) == 2 and len(plan.preempted) == 2
+
+
+def test_static_batch_waits_then_no_joins_and_pads():
+    s = sched(max_num_seqs=2, max_batched_tokens=100, chunk_size=100, batching="static", static_timeout=5.0)
+    a = req("a", 4, max_tokens=1)
+    s.add(a)
+    assert s.schedule(0.0).empty  # waiting for a full batch or the timeout
+    b = req("b", 4, max_tokens=3)
+    s.add(b)
+    plan = s.schedule(0.1)
+    assert {c.request.request_id for c in plan.chunks} == {"a", "b"}
+    advance(plan)
+    s.finish(a)  # a is done after one token: it stays as padding
+    s.add(req("c", 4))
+    plan = s.schedule(0.2)
+    ids = [(c.request.request_id, c.padding) for c in plan.chunks]
+    assert ("a", True) in ids and ("b", False) in ids and all(r != "c" for r, _ in ids)
+    assert s.blocks.table("a"), "padding keeps its blocks until the batch ends"
+    advance(plan)
+    b.append_token(1, 0.0)
+    s.finish(b)
+    assert s.static_batch is None and not s.blocks.table("a")
+    plan = s.schedule(10.0)  # c's timeout has passed: a new batch forms with c
+    assert [c.request.request_id for c in plan.chunks] == ["c"]
+
+
+def test_selective_runs_long_prefill_alone_then_interleaves():
+    s = sched(max_num_seqs=4, max_batched_tokens=64, chunk_size=16, mixing="selective", selective_threshold=32)
+    short = req("s", 4, max_tokens=20)
+    s.add(short)
+    advance(s.schedule(0.0))
+    s.add(req("long", 64))
+    kinds = []
+    for _ in range(4):
+        plan = s.schedule(0.0)
+        kinds.append(sorted(c.request.request_id for c in plan.chunks))
+        advance(plan)
+    assert kinds[0] == ["long"] and kinds[1] == ["s"] and kinds[2] == ["long"]

@@ -1,0 +1,72 @@
+"""The engine's greedy output equals transformers' generate() for each prompt alone, whatever the
+batching knobs, pool size (preemption included) and batching mode."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import greedy, make_engine, reference_tokens
+
+
+def run_and_compare(path, prompts, max_tokens, **knobs):
+    engine = make_engine(path, **knobs)
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        engine.add_request(str(i), p, greedy(n))
+    engine.run_until_done()
+    assert engine.blocks.num_free == engine.blocks.num_blocks, "blocks leaked after the run"
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        got = tuple(engine.requests[str(i)].output_token_ids)
+        assert got == reference_tokens(path, tuple(p), n), f"request {i} differs (knobs {knobs})"
+    return engine
+
+
+def random_prompts(seed, count, max_len=48):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(256) for _ in range(rng.randrange(1, max_len))] for _ in range(count)]
+    return prompts, [rng.randrange(1, 12) for _ in range(count)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_fixed_case_each_architecture(model_dirs, arch):
+    prompts, max_tokens = random_prompts(1, 6)
+    run_and_compare(model_dirs[arch], prompts, max_tokens, max_num_seqs=3, max_batched_tokens=20, chunk_size=7,
+                    block_size=4, num_blocks=64)
+
+
+def test_preemption_forced_and_exact(model_dirs):
+    prompts, max_tokens = random_prompts(2, 8)
+    engine = run_and_compare(model_dirs["qwen3"], prompts, max_tokens, max_num_seqs=8, max_batched_tokens=64,
+                             chunk_size=16, block_size=4, num_blocks=16)
+    assert sum(r.num_preemptions for r in engine.requests.values()) > 0, "pool was meant to force preemption"
+
+
+def test_static_batching_exact_and_pads(model_dirs):
+    prompts, max_tokens = random_prompts(3, 7)
+    engine = run_and_compare(model_dirs["llama"], prompts, max_tokens, max_num_seqs=3, max_batched_tokens=64,
+                             chunk_size=64, batching="static", static_timeout=0.0)
+    assert engine.iteration > 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    arch=st.sampled_from(["llama", "qwen2", "qwen3"]),
+    seed=st.integers(0, 10_000),
+    count=st.integers(1, 7),
+    max_num_seqs=st.integers(1, 6),
+    max_batched_tokens=st.integers(1, 80),
+    chunk_size=st.integers(1, 80),
+    block_size=st.sampled_from([1, 2, 4, 8, 16]),
+    pool_tokens=st.integers(64, 512),
+    batching=st.sampled_from(["continuous", "static"]),
+)
+def test_token_exact_over_knobs(model_dirs, arch, seed, count, max_num_seqs, max_batched_tokens, chunk_size,
+                                block_size, pool_tokens, batching):
+    prompts, max_tokens = random_prompts(seed, count, max_len=40)
+    chunk_size = min(chunk_size, max_batched_tokens)
+    num_blocks = max(-(-pool_tokens // block_size), -(-52 // block_size))  # always room for one request
+    run_and_compare(model_dirs[arch], prompts, max_tokens, max_num_seqs=max_num_seqs,
+                    max_batched_tokens=max_batched_tokens, chunk_size=chunk_size, block_size=block_size,
+                    num_blocks=num_blocks, batching=batching, static_timeout=0.0)
