@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Mapping
 
@@ -55,8 +56,10 @@ class ConfigReply:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, snapshot_interval: float = 0.25):
         self.engine = engine
+        self.snapshot_interval = snapshot_interval  # how often a `requests` table snapshot is emitted
+        self._last_snapshot = float("-inf")
         self.paused = False
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future | None]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -172,6 +175,11 @@ class AsyncEngine:
                 self._wake.wait(min(wait if wait is not None else 0.01, 0.05) + 1e-4)
                 self._wake.clear()
                 continue
+            now = time.monotonic()
+            if now - self._last_snapshot >= self.snapshot_interval:
+                self._last_snapshot = now
+                engine.sink("requests", {"time": engine.clock(), "iteration": engine.iteration,
+                                         "requests": engine.requests_snapshot()})
             if result.outputs and self._loop is not None and not self._loop.is_closed():
                 try:
                     self._loop.call_soon_threadsafe(self._deliver, result.outputs)

@@ -113,7 +113,19 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams | None = None,
                     *, arrival_time: float | None = None, tenant: str = "default", priority: int = 0,
                     slo_class: str = "interactive") -> Request:
-        """Validate and queue a request; raises RequestError (naming the field) and changes nothing."""
+        """Validate and queue a request; raises RequestError (naming the field) and changes nothing.
+
+        A rejection is also reported as a `request_rejected` event.
+        """
+        try:
+            return self._add_request(request_id, prompt_token_ids, sampling, arrival_time=arrival_time,
+                                     tenant=tenant, priority=priority, slo_class=slo_class)
+        except RequestError as exc:
+            self.emit_event("request_rejected", request_id=request_id, error=str(exc))
+            raise
+
+    def _add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams | None,
+                     *, arrival_time: float | None, tenant: str, priority: int, slo_class: str) -> Request:
         sampling = sampling or SamplingParams()
         sampling.validate()
         if request_id in self.requests:
@@ -214,11 +226,14 @@ class LLMEngine:
         result = StepResult(self.iteration)
         it = self.iteration
         policy = self.scheduler.policy
+        tenant_tokens: dict[str, int] = {}
+        ttfts: list[float] = []
         for chunk in plan.chunks:
             if chunk.padding:
                 continue
             r = chunk.request
             r.num_computed_tokens += chunk.num_tokens
+            tenant_tokens[r.tenant] = tenant_tokens.get(r.tenant, 0) + chunk.num_tokens
             prompt_part = max(0, min(chunk.start + chunk.num_tokens, r.num_prompt_tokens) - chunk.start)
             policy.on_tokens_computed(r, prompt_part, 1 if chunk.samples else 0)
         for chunk, token in sampled:
@@ -226,6 +241,7 @@ class LLMEngine:
             r.append_token(token, now)
             if r.first_token_time is None:
                 r.first_token_time, r.first_token_iteration = now, it
+                ttfts.append(now - r.arrival_time)
             reason = self._stop_reason(r, token)
             if reason is not None:
                 self.scheduler.finish(r)
@@ -246,13 +262,37 @@ class LLMEngine:
             num_preemptions=len(plan.preempted), kv_blocks_used=self.blocks.num_used,
             kv_blocks_total=self.blocks.num_blocks, kv_cache_usage=self.blocks.num_used / self.blocks.num_blocks,
             config_version=self.live.version, num_padding_tokens=sum(1 for c in plan.chunks if c.padding),
-            num_finished=len(result.finished), num_generated_tokens=len(sampled),
+            num_finished=len(result.finished), num_generated_tokens=len(sampled), ttfts=ttfts,
+            tenant_tokens=tenant_tokens,
         )
         del t_exec
         result.record = record
         self.sink("iteration", record)
         self.iteration += 1
         return result
+
+    def requests_snapshot(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Running then waiting requests (at most `limit`), for request tables."""
+        rows = []
+        for state, queue in (("running", self.scheduler.running), ("waiting", self.scheduler.waiting)):
+            for r in queue[: max(0, limit - len(rows))]:
+                state_name = "prefill" if state == "running" and r.is_prefilling else (
+                    "decode" if state == "running" else ("preempted" if r.num_preemptions else "waiting"))
+                rows.append({
+                    "request_id": r.request_id, "tenant": r.tenant, "slo_class": r.slo_class,
+                    "priority": r.priority, "state": state_name, "prompt_tokens": r.num_prompt_tokens,
+                    "output_tokens": r.num_output_tokens, "max_tokens": r.sampling.max_tokens,
+                    "ttft": None if r.first_token_time is None else r.first_token_time - r.arrival_time,
+                    "arrival": r.arrival_time, "num_preemptions": r.num_preemptions,
+                })
+        return rows
+
+    def config_snapshot(self) -> dict[str, Any]:
+        """The live config, its bounds and version (what MQTT retains on PREFIX/config)."""
+        return {"config": self._target.to_dict(), "bounds": self.bounds.to_dict(), "version": self._target.version,
+                "engine": {"model": self.config.model, "device": self.config.device, "dtype": self.config.dtype,
+                           "block_size": self.config.block_size, "num_blocks": self.blocks.num_blocks,
+                           "kv_pool_bytes": self.kv_cache.num_bytes}}
 
     def _stop_reason(self, r: Request, token: int) -> FinishReason | None:
         s = r.sampling

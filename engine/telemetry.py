@@ -34,6 +34,8 @@ class IterationRecord:
     num_generated_tokens: int = 0  # tokens sampled in this iteration
     spec_proposed: int = 0
     spec_accepted: int = 0
+    ttfts: list[float] = field(default_factory=list)  # TTFT of each request whose first token came now
+    tenant_tokens: dict[str, int] = field(default_factory=dict)  # tokens computed per tenant this iteration
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,7 +80,7 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "time": self.time, "iteration": self.iteration, **self.data}
+        return {**self.data, "kind": self.kind, "time": self.time, "iteration": self.iteration}
 
 
 Record = IterationRecord | RequestRecord | Event
@@ -101,9 +103,14 @@ class ListSink:
     iterations: list[IterationRecord] = field(default_factory=list)
     requests: list[RequestRecord] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    other: list[tuple[str, Any]] = field(default_factory=list)  # gpu samples, request snapshots
 
     def __call__(self, topic: str, record: Record) -> None:
-        {"iteration": self.iterations, "request": self.requests, "event": self.events}.get(topic, []).append(record)
+        target = {"iteration": self.iterations, "request": self.requests, "event": self.events}.get(topic)
+        if target is None:
+            self.other.append((topic, record))
+        else:
+            target.append(record)
 
 
 SinkFn = Callable[[str, Record], None]
