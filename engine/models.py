@@ -142,8 +142,11 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", seed: int
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
             raise ModelError(f"model directory {spec!r} has no readable config.json: {exc}") from exc
         _check_architecture(config, spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, attn_implementation=attn,
-                                                     local_files_only=True).to(dev)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, attn_implementation=attn,
+                                                         local_files_only=True).to(dev)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model directory {spec!r} could not be loaded: {exc}") from exc
         has_tokenizer = any(os.path.exists(os.path.join(spec, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
         tokenizer = HFTokenizer(spec) if has_tokenizer else ByteTokenizer()
         max_len = getattr(config, "max_position_embeddings", 4096)

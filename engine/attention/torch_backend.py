@@ -55,9 +55,9 @@ class TorchReferenceBackend:
             allowed = _allowed(seq_len - 1, kv_pos, seq_len, sliding_window)
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
             out[:nd] = torch.einsum("rhgl,rlhd->rhgd", probs, v).reshape(nd, num_heads, -1).to(out.dtype)
-        starts = meta.query_start_loc.tolist() if meta.num_rows > nd else ()
+        s = nd  # decode rows come first, one query each; host lengths avoid a device sync
         for row in range(nd, meta.num_rows):
-            s, e = starts[row], starts[row + 1]
+            e = s + meta.query_lens_host[row]
             seq_len = meta.seq_lens_host[row]
             k = gather_kv(k_cache, meta.block_tables[row:row + 1], seq_len)[0].float()  # [L, KVH, D]
             v = gather_kv(v_cache, meta.block_tables[row:row + 1], seq_len)[0].float()
@@ -68,4 +68,5 @@ class TorchReferenceBackend:
             allowed = _allowed(q_pos, kv_pos, torch.tensor(seq_len, device=query.device), sliding_window)
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
             out[s:e] = torch.einsum("hgql,lhd->qhgd", probs, v).reshape(e - s, num_heads, -1).to(out.dtype)
+            s = e
         return out
