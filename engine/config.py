@@ -38,6 +38,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     attention_backend: str = "auto"  # auto | torch | triton
     seed: int = 0
+    # CUDA only: capture the forward in CUDA graphs at start, for decode batches up to
+    # max_num_seqs_limit rows and mixed iterations up to max_batched_tokens_limit tokens (so the
+    # live-config bounds are exactly the captured maxima); an iteration that fits no graph runs eagerly.
+    cuda_graphs: bool = True
 
     def validate(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -126,8 +130,9 @@ def validate_changes(
     """Return `current` with `changes` applied, or raise ConfigError; never a partial result.
 
     `validate_policy_params(policy_name, params) -> dict` checks a policy's own parameters
-    (the policy registry provides it); when `policy` changes without `policy_params`, the new
-    policy starts from its defaults.
+    (the policy registry provides it); a change naming `policy` starts that policy from its
+    defaults plus any `policy_params` given, while `policy_params` alone are merged over the
+    current policy's parameters.
     """
     if not isinstance(changes, Mapping) or not changes:
         raise ConfigError("changes", changes, "a non-empty object of live settings: " + ", ".join(LIVE_KEYS))
@@ -166,6 +171,9 @@ def validate_changes(
             "chunk_size", merged.chunk_size, f"an integer in [1, max_batched_tokens={merged.max_batched_tokens}]"
         )
     if validate_policy_params is not None and ("policy" in changes or "policy_params" in changes):
-        params = new.get("policy_params", {} if "policy" in changes else merged.policy_params)
+        if "policy" in changes:  # a (re)chosen policy starts from its defaults plus what is given
+            params = new.get("policy_params", {})
+        else:  # parameters alone are merged over the current ones: tuning one leaves the others be
+            params = {**current.policy_params, **new["policy_params"]}
         merged = dataclasses.replace(merged, policy_params=validate_policy_params(merged.policy, params))
     return dataclasses.replace(merged, version=current.version + 1)

@@ -72,8 +72,9 @@ def output_line(r: Request, text: str) -> dict:
     }
 
 
-def run_generate(engine: LLMEngine, input_path: str, output_path: str, errors: TextIO = sys.stderr,
+def run_generate(engine: LLMEngine, input_path: str, output_path: str, errors: TextIO | None = None,
                  progress: bool | None = None) -> int:
+    errors = errors or sys.stderr
     lines, rejected = read_requests(input_path, engine, errors)
     pending = sorted(lines, key=lambda ln: (ln.spec.arrival_time or 0.0, ln.line_no))
     served: list[tuple[InputLine, Request]] = []

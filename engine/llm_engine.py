@@ -79,7 +79,9 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.backend = make_backend(config.attention_backend, self.device)
         self.sampler = Sampler(self.device, config.seed)
-        self.runner = ModelRunner(lm.model, self.kv_cache, self.backend, self.sampler, self.device)
+        self.runner = ModelRunner(lm.model, self.kv_cache, self.backend, self.sampler, self.device,
+                                  max_rows=config.max_num_seqs_limit, max_tokens=config.max_batched_tokens_limit,
+                                  max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs)
 
         self.bounds = ConfigBounds(max_num_seqs=config.max_num_seqs_limit,
                                    max_batched_tokens=config.max_batched_tokens_limit, policies=policy_names())

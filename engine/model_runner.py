@@ -3,16 +3,24 @@
 Inputs are built with tensor ops from per-request slices (no per-token Python loops):
 input_ids [1, T], position_ids [1, T], the attention metadata, and `logits_to_keep` = the last
 position of every chunk that samples, so the LM head runs only there.
+
+On CUDA (when the runner is given its limits) the inputs go into the static buffers of
+`engine/cuda_graphs.py` instead: one pinned host mirror filled with numpy, two uploads, and the
+forward is a CUDA-graph replay of the smallest captured bucket that fits (eager on exact-size views
+of the same buffers otherwise). The only host sync per iteration is reading the sampled ids.
+`build_inputs` stays the CPU path and the reference for `fill_step`.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 
+import numpy as np
 import torch
 
 from engine.attention.metadata import AttentionMetadata, StepContext
+from engine.cuda_graphs import CudaGraphRunner, StepBuffers
 from engine.block_manager import BlockManager
 from engine.kv_cache import KVCache
 from engine.sampler import Sampler
@@ -33,6 +41,8 @@ class StepTimings:
     prepare: float = 0.0
     forward: float = 0.0
     sample: float = 0.0
+    graph: bool = False  # the forward was a CUDA-graph replay
+    gpu_ms: float | None = None  # device time from the forward's start to the sampled ids (profile_gpu)
 
 
 def order_rows(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
@@ -86,22 +96,218 @@ def build_inputs(chunks: list[ScheduledChunk], blocks: BlockManager, device: tor
     )
 
 
+class HostTables:
+    """Keeps the host block-table mirror up to date row by row, writing only what changed.
+
+    In steady decoding every row holds the same request as in the previous iteration and its table
+    grew by at most one block, so a row costs a few comparisons instead of a full copy. A row is
+    rewritten whole when its request, the table list object, or the table's last known entry changed
+    (preemption or rollback).
+    """
+
+    def __init__(self, width: int, max_rows: int):
+        self.width = width
+        self.rid: list[str | None] = [None] * max_rows
+        self.obj: list[list[int] | None] = [None] * max_rows
+        self.n = [0] * max_rows
+
+    def reset(self) -> None:
+        """Forget what the mirror holds (something else wrote it, e.g. graph capture)."""
+        self.rid = [None] * len(self.rid)
+        self.obj = [None] * len(self.obj)
+
+    def fill(self, bt: np.ndarray, rows: list[ScheduledChunk], blocks: BlockManager) -> list[str]:
+        tables = blocks.tables
+        rid_at, obj_at, n_at = self.rid, self.obj, self.n
+        row_ids = []
+        for i, c in enumerate(rows):
+            rid = c.request.request_id
+            row_ids.append(rid)
+            tab = tables.get(rid)
+            if tab is None:
+                rid_at[i] = None
+                continue
+            n, m = len(tab), n_at[i]
+            if rid_at[i] == rid and obj_at[i] is tab and m <= n and (m == 0 or bt[i, m - 1] == tab[m - 1]):
+                if n > m:
+                    bt[i, m:n] = tab[m:n]
+            else:
+                bt[i, :n] = tab
+                rid_at[i] = rid
+                obj_at[i] = tab
+            n_at[i] = n
+        return row_ids
+
+
+@dataclass
+class PreparedStep:
+    num_tokens: int
+    num_rows: int
+    decode_only: bool
+    sampling_chunks: list[ScheduledChunk]
+    query_lens: list[int]
+    seq_lens: list[int]
+    num_decodes: int
+    row_ids: list[str] = field(default_factory=list)
+
+
+def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManager, tables: HostTables) -> PreparedStep:
+    """Write one iteration's inputs into the host mirror `buf` (rows [0, R), tokens [0, T)).
+
+    Same values as `build_inputs`; rows without a sample get sample index 0.
+    """
+    rows = order_rows(chunks)
+    r = len(rows)
+    lens = [c.num_tokens for c in rows]
+    starts = [c.start for c in rows]
+    t = sum(lens)
+    decode_only = t == r
+    if decode_only:
+        buf.ids[:t] = [c.request.token_ids[c.start] for c in rows]
+    else:
+        buf.ids[:t] = list(chain.from_iterable(c.request.token_ids[c.start:c.start + c.num_tokens] for c in rows))
+    starts_np = np.asarray(starts, dtype=np.int64)
+    lens_np = np.asarray(lens, dtype=np.int64)
+    cu = np.zeros(r + 1, dtype=np.int64)
+    np.cumsum(lens_np, out=cu[1:])
+    if decode_only:
+        row_of_token = np.arange(r)
+        positions = starts_np
+    else:
+        row_of_token = np.repeat(np.arange(r), lens_np)
+        positions = np.arange(t) - (cu[:-1] - starts_np)[row_of_token]
+    bt = buf.bt
+    row_ids = tables.fill(bt, rows, blocks)
+    bs = blocks.block_size
+    buf.pos[:t] = positions
+    buf.slots[:t] = bt[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+    seq = starts_np + lens_np
+    buf.qsl[:r + 1] = cu
+    buf.seq[:r] = seq
+    buf.ctx[:r] = starts_np
+    sampling = [i for i, c in enumerate(rows) if c.samples]
+    s = len(sampling)
+    buf.sample[:s] = cu[1:][sampling] - 1
+    buf.sample[s:r] = 0
+    return PreparedStep(t, r, decode_only, [rows[i] for i in sampling], lens, seq.tolist(),
+                        sum(1 for n in lens if n == 1), row_ids)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, backend, sampler: Sampler,
-                 device: torch.device):
+                 device: torch.device, *, max_rows: int | None = None, max_tokens: int | None = None,
+                 max_model_len: int | None = None, cuda_graphs: bool = False, profile_gpu: bool = False):
+        """On CUDA, `max_rows`/`max_tokens`/`max_model_len` size the static step buffers (the live-config
+        bounds); with `cuda_graphs` (and a graph-safe backend) every bucket is captured here, at start."""
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
         self.sampler = sampler
         self.device = device
+        self.profile_gpu = profile_gpu
+        self._events: tuple | None = None
+        self.buffers: StepBuffers | None = None
+        self.graphs: CudaGraphRunner | None = None
+        self.tables: HostTables | None = None
+        self.fused: dict[str, int] = {}
+        if device.type == "cuda" and getattr(backend, "graph_safe", False):
+            from engine.triton_fused import fuse_model
+
+            self.fused = fuse_model(model)  # fewer kernels per layer (BATCHDECK_FUSED=0: stock modules)
+        if device.type == "cuda" and max_rows and max_tokens and max_model_len:
+            width = -(-max_model_len // kv_cache.block_size)
+            self.buffers = StepBuffers(max_tokens, max_rows, width, device)
+            self.tables = HostTables(width, max_rows)
+            self.max_model_len = max_model_len
+            if cuda_graphs and getattr(backend, "graph_safe", False):
+                self.graphs = CudaGraphRunner(self._graph_forward, self.buffers, kv_cache.block_size,
+                                              max_model_len, max_rows, max_tokens)
+                try:
+                    self.graphs.capture()
+                    self.tables.reset()
+                except Exception as exc:  # noqa: BLE001 - a fused kernel that fails to build: stock modules
+                    if not any(self.fused.values()):
+                        raise
+                    from engine.triton_fused import unfuse_model
+
+                    unfuse_model(model)
+                    self.fused = {"failed": repr(exc)[:500]}
+                    self.graphs = CudaGraphRunner(self._graph_forward, self.buffers, kv_cache.block_size,
+                                                  max_model_len, max_rows, max_tokens)
+                    self.graphs.capture()
+                    self.tables.reset()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    # -- CUDA: static buffers, graphs -----------------------------------------------------------
+    def _model_logits(self, ids, pos, meta, keep) -> torch.Tensor:
+        step = StepContext(meta, self.kv_cache, self.backend)
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, batchdeck_step=step)
+        return out.logits[0]
+
+    def _graph_forward(self, t: int, r: int, max_query_len: int) -> torch.Tensor:
+        """The captured function: a bucket of t tokens and r rows, logits for every row."""
+        ids, pos, meta, sample = self.buffers.views(
+            t, r, num_decodes=r if max_query_len == 1 else 0, max_query_len=max_query_len,
+            max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size,
+            query_lens_host=[1] * r, seq_lens_host=[1] * r)
+        return self._model_logits(ids, pos, meta, sample)
+
+    def _execute_buffers(self, plan: StepPlan, blocks: BlockManager):
+        timings = StepTimings()
+        t0 = time.perf_counter()
+        buf = self.buffers
+        buf.wait_host_free()
+        step = fill_step(buf, plan.chunks, blocks, self.tables)
+        t, r = step.num_tokens, step.num_rows
+        s = len(step.sampling_chunks)
+        hit = self.graphs.lookup(t, r, step.decode_only) if self.graphs is not None else None
+        rows_up = r
+        if hit is not None:
+            graph, logits_all, tb, rb = hit
+            buf.pad(t, r, tb, rb)
+            rows_up = rb
+        buf.upload(rows_up)
+        t1 = time.perf_counter()
+        timings.prepare = t1 - t0
+        if self.profile_gpu:
+            if self._events is None:
+                self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev0, ev1 = self._events
+            ev0.record()
+        if hit is not None:
+            graph.replay()
+            logits = logits_all[:s]
+            timings.graph = True
+            self.graphs.stats.replays += 1
+        else:
+            ids, pos, meta, sample = buf.views(
+                t, r, num_decodes=step.num_decodes, max_query_len=max(step.query_lens),
+                max_seq_len=max(step.seq_lens), block_size=blocks.block_size,
+                query_lens_host=step.query_lens, seq_lens_host=step.seq_lens)
+            logits = self._model_logits(ids, pos, meta, sample[:max(s, 1)])[:s]
+            if self.graphs is not None:
+                self.graphs.stats.eager += 1
+        t2 = time.perf_counter()
+        timings.forward = t2 - t1
+        chunks = step.sampling_chunks
+        ids_out = self.sampler.sample(logits, [c.request.request_id for c in chunks],
+                                      [c.request.sampling for c in chunks])
+        if self.profile_gpu:
+            ev1.record()
+            ev1.synchronize()
+            timings.gpu_ms = ev0.elapsed_time(ev1)
+        timings.sample = time.perf_counter() - t2
+        return list(zip(chunks, ids_out)), timings
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan, blocks: BlockManager) -> tuple[list[tuple[ScheduledChunk, int]], StepTimings]:
         """Run the plan; return (chunk, sampled token id) for every chunk that samples."""
+        buf = self.buffers
+        if buf is not None and plan.num_tokens <= buf.max_tokens and len(plan.chunks) <= buf.max_rows:
+            return self._execute_buffers(plan, blocks)
         timings = StepTimings()
         t0 = time.perf_counter()
         inputs = build_inputs(plan.chunks, blocks, self.device)

@@ -2,13 +2,22 @@
 
 Sampling uses the exponential-race form of the Gumbel trick: token = argmax(p / E), E ~ Exp(1).
 A seeded request draws its noise from its own generator, so its tokens do not depend on which
-other requests share the batch. The only host sync is reading the sampled ids.
+other requests share the batch. The only host sync is reading the sampled ids: per-row parameters
+reach the device through pinned, non-blocking copies, and an all-greedy batch is one argmax on the
+logits as they come (bf16 -> float32 is exact, so argmax is the same without the upcast).
 """
 from __future__ import annotations
 
 import torch
 
 from engine.request import SamplingParams
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-row tensor on `device` without a blocking copy (pinned + non_blocking on CUDA)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 class Sampler:
@@ -33,34 +42,34 @@ class Sampler:
         """One token id per row of `logits` [S, V]."""
         if not params:
             return []
+        if all(p.greedy for p in params):
+            return logits.argmax(dim=-1).tolist()
         logits = logits.float()
         greedy_ids = logits.argmax(dim=-1)
-        if all(p.greedy for p in params):
-            return greedy_ids.tolist()
         probs = self._filtered_probs(logits, params)
         noise = torch.empty_like(probs).exponential_(generator=self._generator)
         for row, (rid, p) in enumerate(zip(request_ids, params)):
             if p.seed is not None and not p.greedy:
                 noise[row].exponential_(generator=self._generator_for(rid, p.seed))
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        is_greedy = _to_device([p.greedy for p in params], torch.bool, logits.device)
         return torch.where(is_greedy, greedy_ids, sampled).tolist()
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         dev = logits.device
         vocab = logits.shape[-1]
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        temps = _to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
         logits = logits / temps.unsqueeze(1)
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
         if min(top_k) < vocab or min(top_p) < 1.0:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=dev).unsqueeze(0)
-            drop = ranks >= torch.tensor(top_k, device=dev).unsqueeze(1)
+            drop = ranks >= _to_device(top_k, torch.int64, dev).unsqueeze(1)
             sorted_probs = sorted_logits.softmax(dim=-1)
             before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
-            drop |= before >= torch.tensor(top_p, device=dev).unsqueeze(1)
+            drop |= before >= _to_device(top_p, torch.float32, dev).unsqueeze(1)
             drop[:, 0] = False
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

@@ -26,6 +26,9 @@ class Scheduler:
         self.padding: list[Request] = []  # finished static-batch members still holding their slot
         self._last_step_alone = False  # selective mixing: the previous step ran a long prefill alone
         self._next_seq = 0
+        self._order: list[Request] | None = None  # the policy's order of `waiting`, memoized per schedule()
+        self._in_plan: set[int] = set()  # id() of the requests the plan being built already has a chunk for
+        self._policy_preempts = _overrides_should_preempt(policy)
 
     # -- queues ---------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -35,12 +38,14 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.policy.on_arrival(request, self.waiting, self.running)
         self.waiting.append(request)
+        self._order = None
 
     def remove(self, request: Request) -> None:
         """Take a request out of every queue and free its blocks (abort)."""
         for queue in (self.waiting, self.running, self.padding):
             if request in queue:
                 queue.remove(request)
+        self._order = None
         if self.static_batch is not None and request in self.static_batch:
             self.static_batch.remove(request)
         self.blocks.free(request.request_id)
@@ -56,7 +61,11 @@ class Scheduler:
         self._end_static_batch_if_done()
 
     def set_policy(self, policy: Policy) -> None:
+        """Swap the policy live: the new one takes the queues as they are (nothing is dropped or restarted)."""
+        policy.take_over(self.policy, self.waiting, self.running)
         self.policy = policy
+        self._policy_preempts = _overrides_should_preempt(policy)
+        self._order = None
 
     def set_config(self, config: LiveConfig) -> None:
         if config.batching == "continuous" and self.static_batch is not None:
@@ -77,6 +86,8 @@ class Scheduler:
     def schedule(self, now: float) -> StepPlan:
         plan = StepPlan()
         cfg = self.config
+        self._order = None
+        self._in_plan = set()
         if cfg.preemption == "recompute":
             while len(self.running) > cfg.max_num_seqs:
                 self._preempt(self.policy.pick_victim(self.running, now), plan)
@@ -89,9 +100,12 @@ class Scheduler:
     def _schedule_continuous(self, plan: StepPlan, now: float) -> None:
         cfg = self.config
         budget = cfg.max_batched_tokens
-        self._priority_preemption(plan, now)
-        decoding = [r for r in self.running if not r.is_prefilling]
-        prefilling = [r for r in self.running if r.is_prefilling]
+        if self._policy_preempts:
+            self._priority_preemption(plan, now)
+        decoding: list[Request] = []
+        prefilling: list[Request] = []
+        for r in self.running:  # r.is_prefilling, inlined (this loop runs over every running request)
+            (prefilling if len(r.token_ids) - r.num_computed_tokens > 1 else decoding).append(r)
 
         if cfg.mixing == "selective":
             long = self._long_prefill_for_alone_turn(prefilling, now)
@@ -108,13 +122,12 @@ class Scheduler:
             self._last_step_alone = False
             budget = self._run(decoding, plan, budget, now)
             budget = self._run([r for r in prefilling if not self._is_long(r)], plan, budget, now)
-            self._admit([r for r in self.policy.order_waiting(self.waiting, now) if not self._is_long(r)],
-                        plan, budget, now)
+            self._admit_waiting(plan, budget, now, skip_long=True)
             return
 
         if cfg.mixing == "prefill-first":
             budget = self._run(prefilling, plan, budget, now)
-            budget = self._admit(self.policy.order_waiting(self.waiting, now), plan, budget, now)
+            budget = self._admit_waiting(plan, budget, now)
             if plan.num_prefill_chunks == 0:
                 self._run(decoding, plan, budget, now)
             return
@@ -122,7 +135,7 @@ class Scheduler:
         # stall-free: running decodes first, then prefill chunks fill the rest of the budget.
         budget = self._run(decoding, plan, budget, now)
         budget = self._run(prefilling, plan, budget, now)
-        self._admit(self.policy.order_waiting(self.waiting, now), plan, budget, now)
+        self._admit_waiting(plan, budget, now)
 
     def _schedule_static(self, plan: StepPlan, now: float) -> None:
         cfg = self.config
@@ -135,7 +148,7 @@ class Scheduler:
             if len(self.waiting) < cfg.max_num_seqs and now - oldest < cfg.static_timeout:
                 return
             self.static_batch = []
-            self._admit(self.policy.order_waiting(self.waiting, now), plan, cfg.max_batched_tokens, now)
+            self._admit_waiting(plan, cfg.max_batched_tokens, now)
             if not self.static_batch:
                 self.static_batch = None
             return
@@ -158,25 +171,53 @@ class Scheduler:
     # -- pieces ---------------------------------------------------------------------------------
     def _run(self, requests: list[Request], plan: StepPlan, budget: int, now: float) -> int:
         """Schedule running requests' next chunks, preempting victims when blocks run out."""
-        scheduled = {id(c.request) for c in plan.chunks}
+        # The hot loop of every iteration (once per running request): properties and _append are inlined.
+        scheduled = self._in_plan
+        chunk_size = self.config.chunk_size
+        blocks = self.blocks
+        tables, block_size = blocks.tables, blocks.block_size
+        chunks = plan.chunks
+        running_status = RequestStatus.RUNNING
         for r in requests:
             if budget <= 0:
                 break
-            if r.status is not RequestStatus.RUNNING or id(r) in scheduled:
+            if r.status is not running_status or id(r) in scheduled:
                 continue
-            n = min(r.num_pending_tokens, self.config.chunk_size, budget)
-            while not self.blocks.grow(r.request_id, r.num_computed_tokens + n):
-                candidates = [x for x in self.running if id(x) not in scheduled]
-                victim = self.policy.pick_victim(candidates, now)
-                self._preempt(victim, plan)
-                if victim is r:
-                    break
-            if r.status is not RequestStatus.RUNNING:
-                continue
-            self._append(plan, r, n)
+            computed = r.num_computed_tokens
+            pending = len(r.token_ids) - computed  # r.num_pending_tokens
+            n = pending if pending < chunk_size else chunk_size
+            if n > budget:
+                n = budget
+            table = tables.get(r.request_id)
+            if table is None or len(table) * block_size < computed + n:  # else its blocks already suffice
+                while not blocks.grow(r.request_id, computed + n):
+                    candidates = [x for x in self.running if id(x) not in scheduled]
+                    victim = self.policy.pick_victim(candidates, now)
+                    self._preempt(victim, plan)
+                    if victim is r:
+                        break
+                if r.status is not running_status:
+                    continue
+            chunks.append(ScheduledChunk(r, computed, n, n == pending,
+                                         n == 1 and pending == 1 and len(r.output_token_ids) > 0))
             scheduled.add(id(r))
             budget -= n
         return budget
+
+    def _ordered_waiting(self, now: float) -> list[Request]:
+        """The policy's admission order; asked once per schedule() unless `waiting` changed since."""
+        if self._order is None:
+            self._order = self.policy.order_waiting(self.waiting, now)
+        return self._order
+
+    def _admit_waiting(self, plan: StepPlan, budget: int, now: float, skip_long: bool = False) -> int:
+        """Admit in policy order; the order is not even computed when nothing could be admitted."""
+        if budget <= 0 or not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            return budget
+        ordered = self._ordered_waiting(now)
+        if skip_long:
+            ordered = [r for r in ordered if not self._is_long(r)]
+        return self._admit(ordered, plan, budget, now)
 
     def _admit(self, ordered: list[Request], plan: StepPlan, budget: int, now: float) -> int:
         """Admit waiting requests in policy order while seats, tokens and KV blocks last."""
@@ -187,6 +228,7 @@ class Scheduler:
             if not self.blocks.grow(r.request_id, r.num_computed_tokens + n):
                 break  # no skipping ahead: the policy's order is respected
             self.waiting.remove(r)
+            self._order = None
             r.status = RequestStatus.RUNNING
             if r.first_scheduled_time is None:
                 r.first_scheduled_time = now
@@ -199,20 +241,24 @@ class Scheduler:
 
     def _priority_preemption(self, plan: StepPlan, now: float) -> None:
         """Let the policy evict running requests for the best waiting one when blocks are short."""
-        if not self.waiting:
-            return
-        head = self.policy.order_waiting(self.waiting, now)[0]
+        cap = self.config.max_num_seqs
+        if not self.waiting or len(self.running) > cap:
+            return  # over the cap only while draining (preemption=drain): nobody is admitted, so none evicted
+        head = self._ordered_waiting(now)[0]
         n = min(head.num_pending_tokens, self.config.chunk_size, self.config.max_batched_tokens)
-        while not self.blocks.can_hold(head.request_id, n) or len(self.running) >= self.config.max_num_seqs:
+        while not self.blocks.can_hold(head.request_id, n) or len(self.running) >= cap:
             victim = self.policy.should_preempt(head, self.running, now)
             if victim is None:
                 return
             self._preempt(victim, plan)
 
     def _append(self, plan: StepPlan, r: Request, n: int) -> None:
-        samples = r.num_computed_tokens + n == r.num_tokens
-        is_decode = n == 1 and r.num_pending_tokens == 1 and r.num_output_tokens > 0
-        plan.chunks.append(ScheduledChunk(r, r.num_computed_tokens, n, samples, is_decode))
+        computed = r.num_computed_tokens
+        pending = len(r.token_ids) - computed
+        samples = n == pending  # the chunk brings r level with its token list
+        is_decode = n == 1 and pending == 1 and len(r.output_token_ids) > 0
+        plan.chunks.append(ScheduledChunk(r, computed, n, samples, is_decode))
+        self._in_plan.add(id(r))
 
     def _preempt(self, victim: Request, plan: StepPlan) -> None:
         self.running.remove(victim)
@@ -223,6 +269,7 @@ class Scheduler:
         victim.num_preemptions += 1
         victim.status = RequestStatus.WAITING
         self.waiting.append(victim)
+        self._order = None
         plan.preempted.append(victim)
         self._end_static_batch_if_done()
 
@@ -245,8 +292,13 @@ class Scheduler:
                 return r
         if len(self.running) >= self.config.max_num_seqs:
             return None
-        for r in self.policy.order_waiting(self.waiting, now):
+        for r in self._ordered_waiting(now):
             if self._is_long(r):
                 n = min(r.num_pending_tokens, self.config.chunk_size, self.config.max_batched_tokens)
                 return r if self.blocks.can_hold(r.request_id, n) else None
         return None
+
+
+def _overrides_should_preempt(policy: Policy) -> bool:
+    """Whether the policy may evict running requests for a waiting one (the base class never does)."""
+    return type(policy).should_preempt is not Policy.should_preempt

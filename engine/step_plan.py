@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from engine.request import Request
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScheduledChunk:
     request: Request
     start: int  # first position computed in this step (num_computed_tokens when scheduled)

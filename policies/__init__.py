@@ -1,13 +1,20 @@
 """Scheduling policies, registered by name (a contract): fcfs, sjf, slo, fair, priority."""
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping
 
 from engine.config import ConfigError
 from policies.base import ParamSpec, Policy
+from policies.fair import FairPolicy
 from policies.fcfs import FCFSPolicy
+from policies.priority import PriorityPolicy
+from policies.sjf import SJFPolicy
+from policies.slo import SLOPolicy
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (FCFSPolicy,)}
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (FCFSPolicy, SJFPolicy, SLOPolicy, FairPolicy, PriorityPolicy)
+}
 
 
 def policy_names() -> tuple[str, ...]:
@@ -15,7 +22,10 @@ def policy_names() -> tuple[str, ...]:
 
 
 def validate_policy_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Check `params` against the policy's ParamSpecs; return them with defaults filled in."""
+    """Check `params` against the policy's ParamSpecs; return them with defaults filled in.
+
+    Raises ConfigError naming the key (`policy_params.NAME`), the value and what is allowed.
+    """
     if name not in POLICIES:
         raise ConfigError("policy", name, "one of " + ", ".join(POLICIES))
     specs = POLICIES[name].PARAMS
@@ -28,8 +38,23 @@ def validate_policy_params(name: str, params: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+def describe_policies() -> dict[str, dict[str, Any]]:
+    """Each policy's docstring summary and parameters (default, kind, range, help), for UIs and docs."""
+    out = {}
+    for name, cls in POLICIES.items():
+        doc = sys.modules[cls.__module__].__doc__ or ""
+        out[name] = {
+            "summary": doc.strip().splitlines()[0] if doc.strip() else "",
+            "params": {k: {"default": s.default, "kind": s.kind.__name__, "low": s.low, "high": s.high,
+                           "choices": list(s.choices) if s.choices is not None else None, "help": s.help}
+                       for k, s in cls.PARAMS.items()},
+        }
+    return out
+
+
 def make_policy(name: str, params: Mapping[str, Any] | None = None) -> Policy:
     return POLICIES[name](**validate_policy_params(name, params or {}))
 
 
-__all__ = ["POLICIES", "ParamSpec", "Policy", "make_policy", "policy_names", "validate_policy_params"]
+__all__ = ["POLICIES", "ParamSpec", "Policy", "describe_policies", "make_policy", "policy_names",
+           "validate_policy_params"]

@@ -1,0 +1,115 @@
+"""Triton paged-attention kernel sweep: achieved HBM bandwidth of the decode mode and throughput of
+the prefill (tiles) mode on benchmark-shaped inputs, for several tile configurations.
+
+    PYTHONPATH=. python benchmarks/gpu_attention_bench.py --out benchmarks/results/gpu_attention.json
+
+Decode: one layer of Qwen3-0.6B (16 heads, 8 KV heads, head dim 128), 256 rows, context lengths
+uniform in [228, 1280] (prompts of 100..1024 plus up to 256 outputs), block size 16, bf16. Bytes =
+every row's K and V read once (+ q and out), over the median time (triton.testing.do_bench).
+Prints the best decode config as `BEST_DECODE=BLOCK_N,warps,stages` (and prefill likewise).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from engine.attention.triton_backend import TritonBackend
+
+
+def make_pool(lens, kvh, d, bs, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    nblocks = [-(-n // bs) for n in lens]
+    total = sum(nblocks)
+    perm = torch.randperm(total, device="cuda", generator=gen).to(torch.int32)
+    width = max(nblocks)
+    bt = torch.zeros(len(lens), width, dtype=torch.int32, device="cuda")
+    at = 0
+    for i, n in enumerate(nblocks):
+        bt[i, :n] = perm[at:at + n]
+        at += n
+    k = torch.randn(total, bs, kvh, d, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(total, bs, kvh, d, device="cuda", dtype=dtype, generator=gen)
+    return k, v, bt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    h, kvh, d, bs, dtype = 16, 8, 128, 16, torch.bfloat16
+    results = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
+               "decode": [], "prefill": []}
+
+    # -- decode -------------------------------------------------------------------------------
+    lens = [rng.randint(100, 1024) + rng.randint(128, 256) for _ in range(args.rows)]
+    k, v, bt = make_pool(lens, kvh, d, bs, dtype)
+    r = len(lens)
+    q = torch.randn(r, h, d, device="cuda", dtype=dtype)
+    out = torch.empty_like(q)
+    qsl = torch.arange(r + 1, dtype=torch.int32, device="cuda")
+    seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    kv_bytes = sum(lens) * kvh * d * 2 * q.element_size() + 2 * q.numel() * q.element_size()
+    be = TritonBackend()
+    for cfg in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 2, 3),
+                (32, 2, 4)]:
+        be.decode_cfg = cfg
+        try:
+            ms = do_bench(lambda: be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, True), warmup=25, rep=100,
+                          return_mode="median")
+        except Exception as exc:  # noqa: BLE001 - a config may not fit shared memory
+            results["decode"].append({"cfg": cfg, "error": repr(exc)[:300]})
+            continue
+        results["decode"].append({"cfg": cfg, "ms": ms, "GB_s": kv_bytes / ms / 1e6})
+        print(f"decode cfg {cfg}: {ms * 1e3:.1f} us, {kv_bytes / ms / 1e6:.0f} GB/s", flush=True)
+
+    # -- prefill tiles: 8 rows of 1024 new tokens (4 with 512 tokens of prior context) ---------
+    plens = [1024] * 8
+    ctxs = [0, 512] * 4
+    seqs = [c + n for c, n in zip(ctxs, plens)]
+    k, v, bt = make_pool(seqs, kvh, d, bs, dtype, seed=1)
+    t = sum(plens)
+    q = torch.randn(t, h, d, device="cuda", dtype=dtype)
+    out = torch.empty_like(q)
+    cu = [0]
+    for n in plens:
+        cu.append(cu[-1] + n)
+    qsl = torch.tensor(cu, dtype=torch.int32, device="cuda")
+    seq = torch.tensor(seqs, dtype=torch.int32, device="cuda")
+    flops = sum(4 * h * d * (n * c + n * (n + 1) / 2) for c, n in zip(ctxs, plens))
+    for cfg in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2),
+                (128, 128, 8, 2)]:
+        be.prefill_cfg = cfg
+        try:
+            ms = do_bench(lambda: be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, False), warmup=25, rep=100,
+                          return_mode="median")
+        except Exception as exc:  # noqa: BLE001
+            results["prefill"].append({"cfg": cfg, "error": repr(exc)[:300]})
+            continue
+        results["prefill"].append({"cfg": cfg, "ms": ms, "TFLOP_s": flops / ms / 1e9})
+        print(f"prefill cfg {cfg}: {ms * 1e3:.1f} us, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
+
+    ok_d = [x for x in results["decode"] if "ms" in x]
+    ok_p = [x for x in results["prefill"] if "ms" in x]
+    if ok_d:
+        best = min(ok_d, key=lambda x: x["ms"])
+        results["best_decode"] = best["cfg"]
+        print("BEST_DECODE=" + ",".join(map(str, best["cfg"])))
+    if ok_p:
+        best = min(ok_p, key=lambda x: x["ms"])
+        results["best_prefill"] = best["cfg"]
+        print("BEST_PREFILL=" + ",".join(map(str, best["cfg"])))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,486 @@
+"""The console: one dashboard screen that watches and steers the engine through a `Client`.
+
+Data flow (memray's TUI pattern): the engine thread publishes on the bus / the MQTT client's task
+queues messages; this app pulls them on a timer (`refresh_hz`, at most 10 Hz), feeds the ring
+buffers in `DashboardState` and repaints inside `batch_update()`. Nothing the engine does waits
+for the UI; a slow UI only means coarser frames (and, past the buffers, counted drops).
+
+Steering goes through `request_changes()` (palette, config panel, tests): validated locally against
+the bounds exactly as the engine validates, then sent; the reply's applied iteration is logged and
+shown. Every operator input is recorded when `--record` is on.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Awaitable, Callable, Iterable, Mapping
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Footer, Sparkline, Static
+
+from console import format as fmt
+from console.client import Client, CommandResult, ConnectionState, make_burst
+from console.commands import SettingsProvider, validate
+from console.recorder import Recorder
+from console.screens.config_screen import ConfigScreen
+from console.state import DashboardState, format_changes
+from console.widgets.batch_chart import BatchChart
+from console.widgets.event_log import EventLog
+from console.widgets.panels import GpuPanel, KvGauge, ServicePanel, SettingsPanel, StatTile, StatusBar
+from console.widgets.request_table import RequestTable
+from console.widgets.throughput_plot import ThroughputPlot
+
+Driver = Callable[[], Awaitable[Any]]
+LINK_STYLE = {ConnectionState.CONNECTED: "bold green", ConnectionState.IN_PROCESS: "bold green",
+              ConnectionState.RECONNECTING: "bold yellow", ConnectionState.CONNECTING: "bold yellow",
+              ConnectionState.OFFLINE: "bold red", ConnectionState.REPLAY: "bold cyan",
+              ConnectionState.STOPPED: "dim"}
+
+
+class ConsoleApp(App):
+    CSS_PATH = "console.tcss"
+    TITLE = "batchdeck"
+    COMMANDS = App.COMMANDS | {SettingsProvider}
+    ENABLE_COMMAND_PALETTE = True
+    BINDINGS = [
+        Binding("c", "config", "Config"),
+        Binding("p", "toggle_pause", "Pause/Resume"),
+        Binding("b", "burst", "Burst"),
+        Binding("x", "abort_selected", "Abort req"),
+        Binding("f", "freeze", "Freeze"),
+        Binding("z", "zoom", "Zoom"),
+        Binding("space", "replay_toggle", "Play/Pause"),
+        Binding("plus,equals_sign", "replay_speed(1)", "Faster"),
+        Binding("minus", "replay_speed(-1)", "Slower"),
+        Binding("comma", "replay_seek(-5)", "-5s"),
+        Binding("full_stop", "replay_seek(5)", "+5s"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, client: Client, *, recorder: Recorder | None = None, drivers: Iterable[Driver] = (),
+                 refresh_hz: float = 10.0, plot_hz: float = 1.0, burst_size: int = 8, burst_prompt: int = 256,
+                 burst_max_tokens: int = 64, window_s: float = 10.0, max_drain: int = 50_000, chart_span_s: float = 20.0,
+                 history: int = 8192, table_hz: float = 2.0,
+                 title: str | None = None) -> None:
+        super().__init__()
+        if refresh_hz > 10.0:
+            raise ValueError(f"refresh_hz must be <= 10 (the console repaints at most 10 times a second), got {refresh_hz}")
+        self.client = client
+        self.recorder = recorder
+        self.drivers = list(drivers)
+        self.refresh_hz = refresh_hz
+        # plotext takes tens of ms per frame: at most plot_hz frames/s (every tick in manual mode)
+        self.plot_interval = 1.0 / plot_hz if plot_hz > 0 and refresh_hz > 0 else 0.0
+        self.burst_size, self.burst_prompt, self.burst_max_tokens = burst_size, burst_prompt, burst_max_tokens
+        self.max_drain = max_drain
+        self.state = DashboardState(window_s=window_s, history=history)
+        self.state.apply_snapshot(client.config_snapshot)
+        self.frozen = False
+        self.per_iteration = False  # batch chart: one column per iteration, or the last chart_span_s averaged
+        self.chart_span_s = chart_span_s
+        self.ticks = 0
+        self.paints = 0
+        self.last_result: CommandResult | None = None
+        self._last_plot = float("-inf")
+        self._last_table = float("-inf")
+        # the request table re-renders every visible row on any cell change: at most table_hz times a second
+        self.table_interval = 1.0 / table_hz if table_hz > 0 and refresh_hz > 0 else 0.0
+        self._requests_seq = -1
+        self._started = asyncio.Event()
+        self._shut_down = False
+        self._dash: Any = None  # the dashboard screen (set on mount)
+        self._widgets: dict[str, Any] = {}
+        if title:
+            self.title = title
+        self.sub_title = client.description
+
+    # -- layout ---------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        with Horizontal(id="tiles"):
+            for tid, title, spark in (("tput", "Throughput", True), ("reqs", "Requests", True),
+                                      ("step", "Step time", True), ("kv", "KV cache", True)):
+                with Vertical(classes="tile", id=f"tile-{tid}") as box:
+                    box.border_title = title
+                    if tid == "kv":
+                        yield KvGauge(id="kv-gauge")
+                    else:
+                        yield StatTile(id=f"{tid}-text")
+                    if spark:
+                        yield Sparkline([], id=f"{tid}-spark")
+            yield StatTile(title="Latency  p50    p99  ↑tail", id="latency", classes="tile")
+        with Horizontal(id="charts"):
+            with Vertical(id="batch-box", classes="box") as box:
+                box.border_title = ("Tokens/iteration [#4fc36b]█[/]decode [#5b9cf5]█[/]prefill [#8a8a8a]█[/]pad"
+                                    " [#f2c744]│[/]change")
+                yield BatchChart(id="batch-chart")
+            with Vertical(id="tput-box", classes="box") as box:
+                box.border_title = "tok/s [#4fc36b]⣿[/]gen [#5b9cf5]⣿[/]prompt [#f2c744]│[/]change"
+                yield ThroughputPlot(id="tput-plot")
+            with Vertical(id="side"):
+                yield GpuPanel(title="GPU", id="gpu", classes="box")
+                yield ServicePanel(title="SLO · tenants (window)", id="service", classes="box")
+        with Horizontal(id="bottom"):
+            with Vertical(id="requests-box", classes="box") as box:
+                box.border_title = "Requests"
+                yield RequestTable(id="requests")
+            with Vertical(id="right"):
+                yield SettingsPanel(title="Live settings", id="settings", classes="box")
+                with Vertical(id="events-box", classes="box") as box:
+                    box.border_title = "Events"
+                    yield EventLog(id="events")
+        yield Footer()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def on_mount(self) -> None:
+        self._dash = self.screen
+        self._w("#requests").focus()
+        self._start_client()
+        if self.refresh_hz > 0:
+            self.set_interval(1.0 / self.refresh_hz, self.tick, name="telemetry")
+        self.repaint()
+
+    @work(exclusive=False, group="client", exit_on_error=False)
+    async def _start_client(self) -> None:
+        try:
+            await self.client.start()
+        except Exception as exc:
+            self.state.note("error", f"client failed to start: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            self._started.set()
+        self.state.apply_snapshot(self.client.config_snapshot)
+        if self.recorder is not None and self.client.config_snapshot:
+            self.recorder.config(self.client.config_snapshot, self.client.now())
+        for driver in self.drivers:
+            self.run_worker(driver(), group="drivers", exit_on_error=False)
+
+    async def shutdown(self) -> None:
+        """Stop the drivers and the client, close the recording (idempotent)."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self.workers.cancel_group(self, "drivers")
+        try:
+            self._record_leftovers()
+            await self.client.stop()
+        finally:
+            if self.recorder is not None:
+                self._record_leftovers()
+                self.recorder.close()
+
+    def _record_leftovers(self) -> None:
+        """What is still buffered goes into the recording (the screen no longer matters)."""
+        if self.recorder is not None:
+            msgs = self.client.drain()
+            if msgs:
+                self.recorder.write_messages(msgs)
+
+    async def action_quit(self) -> None:
+        await self.shutdown()
+        self.exit()
+
+    # -- the timer ----------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Drain telemetry into the ring buffers; repaint unless frozen."""
+        if self._dash is None or self._shut_down or not self._dash.is_attached:
+            return  # not mounted yet, or closing
+        self.ticks += 1
+        msgs = self.client.drain(self.max_drain)
+        if msgs:
+            if self.recorder is not None:
+                self.recorder.write_messages(msgs)
+            reset = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].topic == "reset"), None)
+            if reset is not None:  # a replay seeked backwards: start the picture again
+                self._reset_view()
+                msgs = msgs[reset + 1:]
+            self.state.ingest(msgs)
+        if not self.frozen:
+            self.repaint()
+
+    def _reset_view(self) -> None:
+        snap = self.client.config_snapshot
+        self.state = DashboardState(window_s=self.state.window_s, history=self.state.iterations.maxlen or 8192)
+        self.state.apply_snapshot(snap)
+        table = self._w("#requests")
+        table.clear()
+        table._rows.clear()
+        self._w("#events").clear()
+        self._requests_seq = -1
+        self._last_plot = float("-inf")
+
+    def _now(self) -> float | None:
+        now = self.client.now()
+        return now if now is not None else self.state.last_time
+
+    def repaint(self) -> None:
+        self.paints += 1
+        st = self.state
+        now = self._now()
+        snap = st.snapshot(now)
+        latest = st.latest
+        cfg = st.config or {}
+        with self.batch_update():
+            self._paint_status(now)
+            # tiles
+            self._w("#tput-text").show(
+                f"gen {fmt.rate(snap['generation_throughput'])} tok/s",
+                f"prompt {fmt.rate(snap['prompt_throughput'])} tok/s")
+            preempted = st.num_preempted_waiting()
+            self._w("#reqs-text").show(
+                f"{snap['num_requests_running']} run · {snap['num_requests_waiting']} wait",
+                f"{preempted} preempted · {snap['num_preemptions']}/{st.window_s:g}s")
+            step = snap["step_time"]
+            self._w("#step-text").show(f"p50 {fmt.ms(step['p50'])}", f"p99 {fmt.ms(step['p99'])}")
+            self._set_title("#tile-step", f"Step · {snap['iterations_per_s']:.0f} it/s")
+            its = list(st.iterations)[-120:]
+            self._w("#step-spark").data = [r.step_time for r in its] or [0.0]
+            self._w("#reqs-spark").data = [r.num_requests_waiting for r in its] or [0.0]
+            times, prompt_series, gen_series = st.throughput_series(now)
+            self._w("#tput-spark").data = gen_series[-60:] or [0.0]
+            info = st.engine_info
+            self._w("#kv-gauge").show(
+                latest.kv_blocks_used if latest else None, latest.kv_blocks_total if latest else info.get("num_blocks"),
+                info.get("block_size"), snap["kv_cache_usage_peak"] if latest else None)
+            self._w("#kv-spark").data = [r.kv_cache_usage for r in its] or [0.0]
+            ttft, itl, e2e = snap["time_to_first_token"], snap["inter_token_latency"], snap["e2e_request_latency"]
+            tail = snap["inter_token_latency_tail"]["p99"]
+            self._w("#latency").show(
+                f"TTFT {fmt.ms(ttft['p50']):>6} {fmt.ms(ttft['p99']):>6}",
+                f"ITL  {fmt.ms(itl['p50']):>6} {fmt.ms(itl['p99']):>6} ↑{fmt.ms(tail)}\n"
+                f"E2E  {fmt.ms(e2e['p50']):>6} {fmt.ms(e2e['p99']):>6}", style="bold")
+            # charts
+            marks = list(st.marks)
+            chart = self._w("#batch-chart")
+            chart.set_data(st.iterations, marks, cfg.get("max_batched_tokens"),
+                           None if self.per_iteration else self.chart_span_s)
+            self._set_subtitle("#batch-box", "z: one column per iteration" if not self.per_iteration
+                               else f"z: the last {self.chart_span_s:g}s, averaged to fit")
+            mono = time.monotonic()
+            if mono - self._last_plot >= self.plot_interval:
+                if self._w("#tput-plot").set_data(times[-120:], prompt_series[-120:],
+                                                                          gen_series[-120:], marks):
+                    self._last_plot = mono
+            # side panels
+            self._w("#gpu").show(st.gpu, info.get("kv_pool_bytes"), info.get("device"))
+            self._w("#service").show(snap["slo_attainment"], snap["service_per_tenant"],
+                                                          snap["goodput"])
+            self._w("#settings").show(st.config, st.bounds, st.version, st.paused)
+            if st.requests_seq != self._requests_seq and mono - self._last_table >= self.table_interval:
+                self._requests_seq = st.requests_seq
+                self._last_table = mono
+                self._w("#requests").sync(st.requests)
+                self._w("#requests-box").border_title = f"Requests ({len(st.requests)} live · " \
+                                                               f"{st.finished_total} finished)"
+            new_lines = st.take_new_log()
+            if new_lines:
+                self._w("#events").append(new_lines)
+
+    def _w(self, selector: str) -> Any:
+        """A dashboard widget (looked up on the dashboard screen, whatever screen is on top)."""
+        widget = self._widgets.get(selector)
+        if widget is None:
+            widget = self._widgets[selector] = self._dash.query_one(selector)
+        return widget
+
+    def _set_subtitle(self, selector: str, subtitle: str) -> None:
+        widget = self._w(selector)
+        if widget.border_subtitle != subtitle:
+            widget.border_subtitle = subtitle
+
+    def _set_title(self, selector: str, title: str) -> None:
+        widget = self._w(selector)
+        if widget.border_title != title:
+            widget.border_title = title
+
+    def _paint_status(self, now: float | None) -> None:
+        st = self.state
+        client = self.client
+        parts: list[tuple[str, str]] = [("batchdeck", "bold"), (client.description, "dim")]
+        link = client.state
+        parts.append((f"● {link}", LINK_STYLE.get(link, "bold")))
+        status_text = getattr(client, "status_text", None)
+        if status_text is not None:
+            parts.append((status_text(), "bold cyan"))
+        it = st.latest.iteration if st.latest else None
+        parts.append((f"iteration {fmt.count(it)}", "bold"))
+        if now is not None:
+            parts.append((f"t={now:.1f}s", "dim"))
+        if st.version is not None:
+            parts.append((f"config v{st.version}", "dim"))
+        if st.paused:
+            parts.append(("ENGINE PAUSED", "bold magenta"))
+        if self.frozen:
+            parts.append(("DISPLAY FROZEN (f)", "bold reverse yellow"))
+        if client.dropped:
+            parts.append((f"{client.dropped} records dropped", "yellow"))
+        if self.recorder is not None:
+            parts.append((f"● REC {self.recorder.path.name}", "bold red"))
+        self._w("#status").show(parts)
+
+    # -- steering -------------------------------------------------------------------------------------
+    def palette_context(self) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
+        return self.state.config, self.state.bounds
+
+    def _record(self, op: str, origin: str, result: CommandResult | None, **fields: Any) -> None:
+        if self.recorder is None:
+            return
+        extra: dict[str, Any] = {"origin": origin, **fields}
+        if result is not None:
+            extra["ok"] = result.ok
+            if result.error:
+                extra["error"] = result.error
+            if result.applied_iteration is not None:
+                extra["applied_iteration"] = result.applied_iteration
+        self.recorder.action(op, self.client.now(), **extra)
+
+    def refuse(self, message: str, origin: str = "palette", op: str = "set", **fields: Any) -> None:
+        """An operator input refused before anything was sent: say why, apply nothing."""
+        self.notify(message, title="Refused — nothing applied", severity="error", timeout=8)
+        self.state.note("refused", f"refused: {message}")
+        self._record(op, origin, CommandResult(False, op, error=message), **fields)
+        if self.frozen:
+            return
+        self.repaint()
+
+    def request_changes(self, changes: Mapping[str, Any], origin: str = "palette") -> None:
+        """Validate `changes` against the live config's bounds, then send them (in a worker)."""
+        changes = dict(changes)
+        if self.client.read_only:
+            self.refuse("this is a replay: there is no engine to steer", origin, changes=changes)
+            return
+        error = validate(changes, self.state.config, self.state.bounds) if self.state.config else None
+        if error is not None:
+            self.refuse(error, origin, changes=changes)
+            return
+        self._send_changes(changes, origin)
+
+    @work(group="steer", exit_on_error=False)
+    async def _send_changes(self, changes: dict[str, Any], origin: str) -> CommandResult:
+        result = await self.client.set(changes)
+        self.last_result = result
+        self._record("set", origin, result, changes=changes)
+        if result.ok:
+            if result.config:
+                self.state.apply_config(result.config)
+            self.notify(f"{format_changes(changes)} → took effect at iteration {result.applied_iteration}",
+                        title="Applied", timeout=5)
+        else:
+            self.notify(result.error or "refused", title="Refused by the engine — nothing applied", severity="error",
+                        timeout=8)
+            self.state.note("refused", f"engine refused {format_changes(changes)}: {result.error}")
+        return result
+
+    async def run_command(self, op: str, origin: str = "key", **fields: Any) -> CommandResult:
+        """pause / resume / abort / submit through the client, recorded and reported."""
+        client = self.client
+        if op == "pause":
+            result = await client.pause()
+        elif op == "resume":
+            result = await client.resume()
+        elif op == "abort":
+            result = await client.abort(fields["request_id"])
+        elif op == "submit":
+            result = await client.submit(fields.pop("requests"))
+            fields["count"] = len(result.data or []) if result.ok else fields.get("count")
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        self.last_result = result
+        self._record(op, origin, result, **fields)
+        if result.ok:
+            if op in ("pause", "resume"):
+                self.state.paused = op == "pause"
+            msg = {"pause": "engine paused", "resume": "engine resumed",
+                   "abort": f"aborted {fields.get('request_id')}",
+                   "submit": f"submitted {len(result.data or [])} request(s)"}[op]
+            self.notify(msg, timeout=3)
+            if op in ("abort", "submit"):
+                self.state.note("action", f"operator: {msg}")
+        else:
+            self.notify(result.error or "refused", title=f"{op} refused", severity="error", timeout=8)
+            self.state.note("refused", f"{op} refused: {result.error}")
+        return result
+
+    @work(group="steer", exit_on_error=False)
+    async def _run_command(self, op: str, origin: str, fields: dict[str, Any]) -> CommandResult:
+        return await self.run_command(op, origin, **fields)
+
+    # -- actions (keys, palette) -----------------------------------------------------------------------
+    REPLAY_ACTIONS = frozenset({"replay_toggle", "replay_speed", "replay_seek"})
+    STEERING_ACTIONS = frozenset({"config", "toggle_pause", "burst", "abort_selected", "pause", "resume"})
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Replay keys only in a replay, steering keys only with an engine behind the client."""
+        if action in self.REPLAY_ACTIONS:
+            return self.client.read_only
+        if action in self.STEERING_ACTIONS:
+            return not self.client.read_only
+        return True
+
+    def action_config(self) -> None:
+        if not self.state.config:
+            self.refuse("no config from the engine yet", "panel", op="config")
+            return
+
+        def done(changes: dict[str, Any] | None) -> None:
+            if changes:
+                self.request_changes(changes, origin="panel")
+
+        self.push_screen(ConfigScreen(self.state.config, self.state.bounds), done)
+
+    def action_toggle_pause(self) -> None:
+        self._run_command("resume" if self.state.paused else "pause", "key", {})
+
+    def action_pause(self) -> None:
+        self._run_command("pause", "palette", {})
+
+    def action_resume(self) -> None:
+        self._run_command("resume", "palette", {})
+
+    def action_burst(self) -> None:
+        burst = make_burst(self.burst_size, self.burst_prompt, self.burst_max_tokens)
+        self._run_command("submit", "key", {"requests": burst, "count": len(burst)})
+
+    def action_abort_selected(self) -> None:
+        rid = self._w("#requests").selected_request_id
+        if rid is None:
+            self.refuse("no request selected: move the cursor onto a row of the request table", "key", op="abort")
+            return
+        self._run_command("abort", "key", {"request_id": rid})
+
+    def action_freeze(self) -> None:
+        self.frozen = not self.frozen
+        self._record("freeze" if self.frozen else "unfreeze", "key", None)
+        if not self.frozen:
+            self.repaint()
+        else:
+            self._paint_status(self._now())
+        self.notify("display frozen: telemetry is still collected; f to thaw" if self.frozen else "display live",
+                    timeout=3)
+
+    def action_zoom(self) -> None:
+        self.per_iteration = not self.per_iteration
+        if not self.frozen:
+            self.repaint()
+
+    # replay controls (a no-op on a live engine)
+    def action_replay_toggle(self) -> None:
+        toggle = getattr(self.client, "toggle", None)
+        if toggle is not None:
+            toggle()
+            self._paint_status(self._now())
+
+    def action_replay_speed(self, step: int) -> None:
+        faster = getattr(self.client, "faster", None)
+        if faster is not None:
+            faster(step > 0)
+            self._paint_status(self._now())
+
+    def action_replay_seek(self, seconds: float) -> None:
+        seek = getattr(self.client, "seek", None)
+        if seek is not None:
+            seek(self.client.position + seconds)
+            self.tick()

@@ -1,0 +1,187 @@
+"""`batchdeck console`: open the live-tuning console.
+
+    batchdeck console [--model M] [--preset P] [--attach mqtt://HOST:PORT/ENGINE_ID]
+                      [--record FILE] [--replay FILE] [--speed X] [engine sizing flags]
+
+Default: an in-process engine on the embedded default (`synthetic:tiny` on CPU,
+`synthetic:qwen3-0.6b` when CUDA is present) under the quickstart preset's workload, looping.
+`--preset` plays that preset (workload + timeline) instead; `--attach` watches and steers a headless
+`batchdeck engine` over MQTT; `--replay` plays a recording back with no engine.
+
+`run_console(...)` is the same thing for other commands (`batchdeck replay PRESET` without
+`--headless` opens the console with the preset driving it).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from engine.cli import add_engine_flags
+
+TINY_MODEL = "synthetic:tiny"
+CUDA_MODEL = "synthetic:qwen3-0.6b"
+INPROCESS_HZ = 5.0  # the engine thread shares the GIL with the UI: repaint less often
+ENGINE_OVERRIDES = ("model", "device", "dtype", "num_blocks", "max_num_seqs", "max_batched_tokens", "chunk_size",
+                    "policy", "batching", "mixing")
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser("console", help="open the live-tuning console (Textual TUI)",
+                              description="Watch and steer the engine live: throughput, latency, batch "
+                                          "composition, KV cache, GPU memory; change policy and limits "
+                                          "from the command palette (ctrl+p) or the config panel (c).")
+    add_engine_flags(p)
+    p.set_defaults(model=None)  # None: the embedded default for this machine (see default_model)
+    p.add_argument("--preset", default=None, help="play a preset's workload and timeline (name or YAML file)")
+    p.add_argument("--attach", default=None, metavar="mqtt://HOST:PORT/ENGINE_ID",
+                   help="watch and steer a headless engine over MQTT instead of starting one")
+    p.add_argument("--record", default=None, metavar="FILE", help="write everything received and done as JSONL")
+    p.add_argument("--replay", default=None, metavar="FILE",
+                   help="play a recording back (console --record or replay --record), no engine")
+    p.add_argument("--speed", type=float, default=1.0, help="preset / replay speed (default 1)")
+    p.add_argument("--refresh-hz", type=float, default=None,
+                   help="repaints per second, at most 10 (default: 5 with an in-process engine, which shares "
+                        "the interpreter with the UI; 10 attached or replaying)")
+    p.set_defaults(func=_cmd_console)
+
+
+def default_model(device: str | None) -> str:
+    """synthetic:tiny on CPU; a real model's shape when CUDA is there (and not turned away)."""
+    if device is not None and not device.startswith("cuda"):
+        return TINY_MODEL
+    try:
+        import torch
+
+        return CUDA_MODEL if torch.cuda.is_available() else TINY_MODEL
+    except Exception:
+        return TINY_MODEL
+
+
+def _check(args: argparse.Namespace) -> None:
+    modes = [f for f in ("attach", "replay") if getattr(args, f, None)]
+    if len(modes) > 1:
+        raise ValueError("--attach and --replay exclude each other: a replay has no engine to attach to")
+    if modes and getattr(args, "preset", None):
+        raise ValueError(f"--preset needs an in-process engine; it cannot be combined with --{modes[0]}")
+    if args.refresh_hz is not None and not 10.0 >= args.refresh_hz > 0:
+        raise ValueError(f"--refresh-hz must be in (0, 10], got {args.refresh_hz}")
+    if not args.speed > 0:
+        raise ValueError(f"--speed must be > 0, got {args.speed}")
+
+
+def _cmd_console(args: argparse.Namespace) -> int:
+    _check(args)
+    return run_console(args.preset, args=args, attach=args.attach, record=args.record, replay=args.replay,
+                       speed=args.speed, refresh_hz=args.refresh_hz)
+
+
+def _overrides(args: argparse.Namespace | None) -> dict[str, Any]:
+    if args is None:
+        return {}
+    out = {k: getattr(args, k, None) for k in ENGINE_OVERRIDES}
+    if getattr(args, "attention_backend", "auto") != "auto":
+        out["attention_backend"] = args.attention_backend
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, overrides: Mapping[str, Any] | None = None,
+              attach: str | None = None, record: str | Path | None = None, replay: str | Path | None = None,
+              speed: float = 1.0, duration_scale: float = 1.0, refresh_hz: float | None = None, loaded: Any = None,
+              log=None):
+    """The ConsoleApp for a mode (in-process default / preset, attach, replay), not yet running."""
+    from console.app import ConsoleApp
+    from console.recorder import Recorder
+
+    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    drivers: list = []
+    title = None
+    if replay is not None:
+        from console.player import ReplayClient
+
+        client = ReplayClient(replay, speed=speed)
+    elif attach is not None:
+        from console.mqtt_client import MqttClient
+
+        client = MqttClient(attach)
+    else:
+        client, drivers, title = _inprocess(preset, args, overrides, speed, duration_scale, loaded, say)
+    if refresh_hz is None:
+        refresh_hz = INPROCESS_HZ if client.kind == "in-process" else 10.0
+    recorder = Recorder(record) if record is not None else None
+    return ConsoleApp(client, recorder=recorder, drivers=drivers, refresh_hz=refresh_hz, title=title)
+
+
+def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[str, Any] | None, speed: float,
+               duration_scale: float, loaded: Any, say):
+    from engine.async_engine import AsyncEngine
+    from engine.bus import Bus
+    from engine.preset_driver import build_engine_for_preset
+    from presets import load_preset, resolve_preset
+    from presets.schema import Preset
+
+    from console.inprocess_client import InProcessClient
+    from console.workload import SteadyWorkload
+
+    kw = {**_overrides(args), **(overrides or {})}
+    bus = Bus()
+    extra = {"loaded": loaded} if loaded is not None else {}
+    if preset is not None:
+        preset = preset if isinstance(preset, Preset) else load_preset(resolve_preset(preset))
+        say(f"batchdeck console: loading {kw.get('model', preset.model)} for preset {preset.name} …")
+        llm = build_engine_for_preset(preset, kw, sink=bus, **extra)
+        engine = AsyncEngine(llm)
+
+        async def play() -> None:
+            from presets.replay import run_preset_async
+
+            await run_preset_async(preset, engine=engine, speed=speed, duration_scale=duration_scale, source="preset")
+
+        return InProcessClient(engine, bus), [play], f"batchdeck · {preset.name}"
+    quick = load_preset(resolve_preset("quickstart"))
+    device = kw.get("device")
+    kw.setdefault("model", default_model(device))
+    if not str(kw["model"]).startswith("synthetic:tiny") and device is None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                kw["device"] = "cuda"
+                kw.setdefault("dtype", "bfloat16")
+        except Exception:
+            pass
+    keep = ("block_size", "num_blocks") if kw["model"] == TINY_MODEL else ("block_size",)
+    quick_for_engine = dataclasses.replace(quick, engine={k: v for k, v in quick.engine.items() if k in keep})
+    say(f"batchdeck console: loading {kw['model']} …")
+    llm = build_engine_for_preset(quick_for_engine, kw, sink=bus, **extra)
+    engine = AsyncEngine(llm)
+    steady = SteadyWorkload(engine, quick, loop=True, speed=speed)
+    return InProcessClient(engine, bus), [steady.run], None
+
+
+def run_console(preset: Any = None, *, args: argparse.Namespace | None = None,
+                overrides: Mapping[str, Any] | None = None, attach: str | None = None,
+                record: str | Path | None = None, replay: str | Path | None = None, speed: float = 1.0,
+                duration_scale: float = 1.0, refresh_hz: float | None = None, loaded: Any = None) -> int:
+    """Open the console and block until the operator quits; returns the exit status.
+
+    preset: a Preset, a shipped preset's name or a YAML path (its workload and timeline drive an
+      in-process engine; operator changes are recorded as events with "source": "console").
+    args: parsed `add_engine_flags` flags (model/device/dtype/sizing/live overrides); overrides:
+      the same as a dict (EngineConfig fields and live keys), winning over args.
+    attach / replay: the other two modes (no in-process engine). record: a JSONL file.
+    """
+    app = build_app(preset, args=args, overrides=overrides, attach=attach, record=record, replay=replay,
+                    speed=speed, duration_scale=duration_scale, refresh_hz=refresh_hz, loaded=loaded)
+
+    async def main() -> None:
+        try:
+            await app.run_async()
+        finally:
+            await app.shutdown()
+
+    asyncio.run(main())
+    return int(app.return_code or 0)

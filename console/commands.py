@@ -1,0 +1,181 @@
+"""Command-palette commands: every live setting as `key value`, plus the console's actions.
+
+`candidates(query, config, bounds)` is pure: it parses what was typed (`policy sjf`,
+`max_num_seqs 16`, `chunk-size 256`, `preemption drain`), validates a typed value against the
+engine's bounds exactly as the engine will (engine.config.validate_changes), and returns what the
+palette offers. A value that does not validate is offered as a refusal that says why; choosing it
+shows that reason and applies nothing. `SettingsProvider` turns candidates into palette hits.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+from engine.config import BATCHING_MODES, MIXING_MODES, PREEMPTION_MODES, ConfigError, LiveConfig, validate_changes
+
+from console.client import bounds_from_dict
+
+SETTINGS = ("policy", "mixing", "batching", "max_num_seqs", "max_batched_tokens", "chunk_size", "preemption",
+            "selective_threshold", "static_timeout")
+INT_SETTINGS = ("max_num_seqs", "max_batched_tokens", "chunk_size", "selective_threshold")
+FLOAT_SETTINGS = ("static_timeout",)
+_LIVE_FIELDS = frozenset(f.name for f in dataclasses.fields(LiveConfig))
+
+# name, action (an App action), help
+ACTIONS: tuple[tuple[str, str, str], ...] = (
+    ("pause engine", "pause", "stop iterating; requests stay queued (the log shows the iteration)"),
+    ("resume engine", "resume", "continue iterating"),
+    ("submit burst", "burst", "submit a burst of requests (tenant 'console')"),
+    ("abort selected request", "abort_selected", "abort the request under the cursor in the request table"),
+    ("freeze display", "freeze", "stop repainting so you can read; telemetry is still collected"),
+    ("config panel", "config", "open the config panel: every live setting with its bounds"),
+)
+
+
+def normalize_key(word: str) -> str:
+    return word.strip().lower().replace("-", "_")
+
+
+def choices(key: str, bounds: Mapping[str, Any] | None) -> tuple[str, ...] | None:
+    """The allowed values of a choice setting, None for a numeric one."""
+    if key == "policy":
+        return tuple((bounds or {}).get("policy") or ("fcfs", "sjf", "slo", "fair", "priority"))
+    return {"mixing": MIXING_MODES, "batching": BATCHING_MODES, "preemption": PREEMPTION_MODES}.get(key)
+
+
+def describe_bounds(key: str, config: Mapping[str, Any] | None, bounds: Mapping[str, Any] | None) -> str:
+    """What a setting allows, for the palette's help and the config panel."""
+    opts = choices(key, bounds)
+    if opts is not None:
+        return " | ".join(opts)
+    b = (bounds or {}).get(key)
+    if key == "chunk_size":
+        hi = (config or {}).get("max_batched_tokens", "max_batched_tokens")
+        return f"1..{hi}"
+    if key == "static_timeout":
+        return "0..3600 s"
+    if isinstance(b, (list, tuple)) and len(b) == 2:
+        return f"{b[0]}..{b[1]}"
+    return "an integer ≥ 1"
+
+
+def live_config(config: Mapping[str, Any] | None) -> LiveConfig:
+    return LiveConfig(**{k: v for k, v in (config or {}).items() if k in _LIVE_FIELDS})
+
+
+def parse_value(key: str, text: str) -> Any:
+    """The typed value for `key` from what was typed; raises ConfigError saying what is expected."""
+    if key in INT_SETTINGS:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(key, text, "an integer") from None
+    if key in FLOAT_SETTINGS:
+        try:
+            return float(text.rstrip("s"))
+        except ValueError:
+            raise ConfigError(key, text, "a number of seconds") from None
+    return text
+
+
+def validate(changes: Mapping[str, Any], config: Mapping[str, Any] | None, bounds: Mapping[str, Any] | None) -> str | None:
+    """None if the engine would accept `changes` on top of `config`, else why not (as the engine says it)."""
+    try:
+        validate_changes(live_config(config), changes, bounds_from_dict(bounds or {}))
+    except ConfigError as exc:
+        return str(exc)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str  # what the palette shows and matches against
+    help: str
+    changes: dict[str, Any] | None = None  # a validated live change
+    error: str | None = None  # a refusal: why the typed value cannot be applied
+    action: str | None = None  # an App action name
+    exact: bool = False  # the query named this command completely
+
+
+def candidates(query: str, config: Mapping[str, Any] | None, bounds: Mapping[str, Any] | None) -> list[Candidate]:
+    """What the palette offers for `query` (see the module docstring)."""
+    words = query.split()
+    out: list[Candidate] = []
+    if words and normalize_key(words[0]) in SETTINGS and len(words) >= 2:
+        key = normalize_key(words[0])
+        raw = " ".join(words[1:])
+        now = (config or {}).get(key)
+        opts = choices(key, bounds)
+        if opts is not None and raw not in opts:
+            partial = [o for o in opts if o.startswith(raw)]
+            if partial:  # still typing: offer the matching values
+                return [_setting(key, o, now, bounds, config) for o in partial]
+            return [Candidate(f"{key} {raw}", f"refused: {key}={raw!r} is not allowed: one of " + ", ".join(opts),
+                              error=f"{key}={raw!r} is not allowed: one of " + ", ".join(opts), exact=True)]
+        try:
+            value = parse_value(key, raw)
+        except ConfigError as exc:
+            return [Candidate(f"{key} {raw}", f"refused: {exc}", error=str(exc), exact=True)]
+        error = validate({key: value}, config, bounds)
+        if error is not None:
+            return [Candidate(f"{key} {raw}", f"refused: {error}", error=error, exact=True)]
+        return [dataclasses.replace(_setting(key, value, now, bounds, config), exact=True)]
+    for key in SETTINGS:
+        opts = choices(key, bounds)
+        now = (config or {}).get(key)
+        if opts is not None:
+            out.extend(_setting(key, o, now, bounds, config) for o in opts)
+        else:
+            out.append(Candidate(f"{key} <{describe_bounds(key, config, bounds)}>",
+                                 f"type `{key} N` to set it (now {now}); allowed {describe_bounds(key, config, bounds)}"))
+    out.extend(Candidate(name, help, action=action) for name, action, help in ACTIONS)
+    return out
+
+
+def _setting(key: str, value: Any, now: Any, bounds: Mapping[str, Any] | None, config: Mapping[str, Any] | None) -> Candidate:
+    current = " (current)" if value == now else ""
+    return Candidate(f"{key} {value}", f"set {key} to {value} at the next iteration{current}; now {now}; "
+                                       f"allowed {describe_bounds(key, config, bounds)}", changes={key: value})
+
+
+class SettingsProvider(Provider):
+    """The console's palette commands. The app supplies `palette_context()` (config, bounds),
+    `request_changes(changes, origin)` and `refuse(message)`."""
+
+    def _context(self) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
+        ctx = getattr(self.app, "palette_context", None)
+        return ctx() if ctx is not None else (None, None)
+
+    def _callback(self, c: Candidate):
+        app = self.app
+        if c.error is not None:
+            return lambda: app.refuse(c.error, origin="palette")
+        if c.changes is not None:
+            return lambda: app.request_changes(c.changes, origin="palette")
+        if c.action is not None:
+            return lambda: app.run_action(c.action)
+        return lambda: app.notify(c.help, title=c.text, timeout=6)
+
+    async def discover(self) -> Hits:
+        config, bounds = self._context()
+        for c in candidates("", config, bounds):
+            if c.action is not None or c.text.startswith(("policy ", "max_num_seqs", "chunk_size", "batching ")):
+                yield DiscoveryHit(c.text, self._callback(c), help=c.help)
+
+    async def search(self, query: str) -> Hits:
+        config, bounds = self._context()
+        matcher = self.matcher(query)
+        for c in candidates(query, config, bounds):
+            if c.exact:
+                score = 1.0
+            else:
+                score = matcher.match(c.text)
+                if score <= 0:
+                    continue
+            yield Hit(score, matcher.highlight(c.text) if not c.exact else c.text, self._callback(c),
+                      text=c.text, help=c.help)

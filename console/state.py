@@ -1,0 +1,241 @@
+"""What the dashboard shows, kept apart from the widgets: ring buffers fed with telemetry messages.
+
+`DashboardState.ingest()` is called with each batch the UI drains; it only appends to bounded
+deques and updates a few fields (O(1) per record), so a burst of telemetry costs little. Whatever
+is derived (window metrics, plots) is computed when the UI repaints, at most a few times a second.
+Pure: no clock, no Textual; `now` comes from the caller.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from engine.gpu_monitor import GpuSample
+from engine.metrics import MetricsWindow
+from engine.telemetry import Event, IterationRecord, RequestRecord
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Where a config change took effect (drawn on the plots)."""
+
+    iteration: int
+    time: float
+    label: str
+
+
+@dataclass(frozen=True)
+class LogLine:
+    time: float | None
+    kind: str  # config_change, preemption, request_rejected, error, pause, resume, action, notice, refused
+    text: str
+
+
+def format_changes(changes: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in changes.items())
+
+
+def format_event(event: Event) -> LogLine:
+    """One log line for an engine event."""
+    d = event.data
+    src = f" ({d['source']})" if d.get("source") else ""
+    if event.kind == "config_change":
+        it = d.get("applied_iteration", event.iteration)
+        ver = f" v{d['version']}" if d.get("version") is not None else ""
+        text = f"config{ver} {format_changes(d.get('changes') or {})} → it {it}{src}"
+    elif event.kind == "preemption":
+        text = f"preempt {d.get('request_id', '?')} {d.get('tenant', '-')} ×{d.get('num_preemptions', 1)}" \
+               f" it {event.iteration}"
+    elif event.kind == "request_rejected":
+        text = f"rejected {d.get('request_id', '?')}: {d.get('error', '')}"
+    elif event.kind == "error":
+        text = f"ERROR {d.get('message', '')}"
+    elif event.kind in ("pause", "resume"):
+        text = f"{'paused' if event.kind == 'pause' else 'resumed'} at it {event.iteration}{src}"
+    else:
+        extra = " ".join(f"{k}={v}" for k, v in d.items())
+        text = f"{event.kind} @ it {event.iteration} {extra}".rstrip()
+    return LogLine(event.time, event.kind, text)
+
+
+def format_action(action: Mapping[str, Any]) -> LogLine:
+    """A recorded action (shown when a recording is replayed): the operator's, or a preset's step."""
+    op = action.get("op", "?")
+    who = "operator" if action.get("source") in (None, "console") and action.get("origin") != "preset" else \
+        str(action.get("source"))
+    if op == "replay":
+        return LogLine(action.get("time"), "notice", f"preset {action.get('preset', '?')} starts")
+    if op == "set":
+        what = f"set {format_changes(action.get('changes') or {})}"
+    elif op == "abort":
+        what = f"abort {action.get('request_id', '?')}"
+    elif op == "submit":
+        what = f"submit {action.get('count', 1)} request(s)"
+    elif op == "pause" and action.get("pause") is not None:
+        what = f"pause {action['pause']:g}s"
+    else:
+        what = str(op)
+    if "ok" not in action:
+        return LogLine(action.get("time"), "notice", f"{who}: {what}")
+    result = "ok" if action.get("ok") else f"refused: {action.get('error', '')}"
+    if action.get("ok") and action.get("applied_iteration") is not None:
+        result = f"it {action['applied_iteration']}"
+    return LogLine(action.get("time"), "action" if action.get("ok") else "refused", f"{who}: {what} → {result}")
+
+
+class DashboardState:
+    def __init__(self, window_s: float = 10.0, history: int = 600, bin_s: float = 0.5, bins: int = 240,
+                 max_log: int = 2000, max_marks: int = 64) -> None:
+        self.window_s = window_s
+        self.metrics = MetricsWindow(window_s)
+        self.iterations: deque[IterationRecord] = deque(maxlen=history)
+        self.latest: IterationRecord | None = None
+        self.bin_s = bin_s
+        self.bins: deque[list[float]] = deque(maxlen=bins)  # [bin index, prompt tokens, generated tokens]
+        self.marks: deque[Mark] = deque(maxlen=max_marks)
+        self.log: deque[LogLine] = deque(maxlen=max_log)
+        self._new_log: list[LogLine] = []
+        self.config: dict[str, Any] | None = None
+        self.bounds: dict[str, Any] | None = None
+        self.engine_info: dict[str, Any] = {}
+        self.version: int | None = None
+        self.requests: dict[str, dict[str, Any]] = {}
+        self.requests_seq = 0  # bumps with every request-table snapshot
+        self.gpu: GpuSample | None = None
+        self.paused = False
+        self.last_time: float | None = None  # the newest engine time seen in any record
+        self.counts: dict[str, int] = {}
+        self.preemptions_total = 0
+        self.finished_total = 0
+        self.seq = 0  # bumps with every ingested batch that changed something
+
+    # -- input ----------------------------------------------------------------------------------
+    def apply_snapshot(self, snapshot: Mapping[str, Any] | None) -> None:
+        """A config snapshot ({"config", "bounds", "version", "engine"}) from the client."""
+        if not snapshot:
+            return
+        if snapshot.get("config") is not None:
+            self.config = dict(snapshot["config"])
+            self.version = snapshot.get("version", self.config.get("version"))
+        if snapshot.get("bounds") is not None:
+            self.bounds = dict(snapshot["bounds"])
+        if snapshot.get("engine") is not None:
+            self.engine_info = dict(snapshot["engine"])
+        if isinstance(snapshot.get("paused"), bool):
+            self.paused = snapshot["paused"]
+        self.seq += 1
+
+    def apply_config(self, config: Mapping[str, Any]) -> None:
+        """The whole live config after a change (a `set` reply)."""
+        self.config = dict(config)
+        self.version = self.config.get("version", self.version)
+        self.seq += 1
+
+    def ingest(self, messages: Iterable[tuple[str, Any]]) -> int:
+        n = 0
+        for topic, record in messages:
+            self.ingest_one(topic, record)
+            n += 1
+        if n:
+            self.seq += 1
+        return n
+
+    def _saw_time(self, t: Any) -> None:
+        if isinstance(t, (int, float)) and (self.last_time is None or t > self.last_time):
+            self.last_time = float(t)
+
+    def ingest_one(self, topic: str, record: Any) -> None:
+        self.counts[topic] = self.counts.get(topic, 0) + 1
+        if topic == "iteration":
+            self._iteration(record)
+        elif topic == "request":
+            self.metrics.add_request(record)
+            self.finished_total += 1
+            self._saw_time(record.finish or record.arrival + record.e2e_latency)
+        elif topic == "event":
+            self._event(record)
+        elif topic == "requests":
+            rows = record.get("requests") or []
+            self.requests = {str(r.get("request_id")): r for r in rows if isinstance(r, Mapping)}
+            self.requests_seq += 1
+            self._saw_time(record.get("time"))
+        elif topic == "gpu":
+            self.gpu = record
+        elif topic == "action":
+            self._add_log(format_action(record))
+        elif topic == "config":  # a retained config snapshot (attach mode)
+            self.apply_snapshot(record)
+
+    def _iteration(self, rec: IterationRecord) -> None:
+        self.iterations.append(rec)
+        self.metrics.add_iteration(rec)
+        if self.latest is None or rec.iteration >= self.latest.iteration:
+            self.latest = rec
+        self.preemptions_total += rec.num_preemptions
+        self._saw_time(rec.time)
+        idx = int(rec.time // self.bin_s)
+        bins = self.bins
+        if bins and bins[-1][0] == idx:
+            b = bins[-1]
+        elif not bins or idx > bins[-1][0]:
+            if bins:  # keep idle stretches visible as zeros (a bounded gap)
+                for gap in range(int(bins[-1][0]) + 1, min(idx, int(bins[-1][0]) + 1 + (bins.maxlen or 0))):
+                    bins.append([gap, 0.0, 0.0])
+            b = [idx, 0.0, 0.0]
+            bins.append(b)
+        else:
+            return  # out of order and older than the newest bin: the window metrics have it
+        b[1] += rec.num_prefill_tokens
+        b[2] += rec.num_generated_tokens
+
+    def _event(self, event: Event) -> None:
+        self._saw_time(event.time)
+        if event.kind == "config_change":
+            d = event.data
+            it = int(d.get("applied_iteration", event.iteration))
+            self.marks.append(Mark(it, event.time, format_changes(d.get("changes") or {})))
+            if self.config is not None and isinstance(d.get("changes"), Mapping):
+                self.config.update(d["changes"])
+            if d.get("version") is not None:
+                self.version = d["version"]
+                if self.config is not None:
+                    self.config["version"] = d["version"]
+        elif event.kind == "pause":
+            self.paused = True
+        elif event.kind == "resume":
+            self.paused = False
+        self._add_log(format_event(event))
+
+    def note(self, kind: str, text: str, time: float | None = None) -> None:
+        """A console-side line in the event log (a refusal, an operator action)."""
+        self._add_log(LogLine(self.last_time if time is None else time, kind, text))
+        self.seq += 1
+
+    def _add_log(self, line: LogLine) -> None:
+        self.log.append(line)
+        self._new_log.append(line)
+        if len(self._new_log) > (self.log.maxlen or 2000):
+            del self._new_log[: len(self._new_log) - (self.log.maxlen or 2000)]
+
+    def take_new_log(self) -> list[LogLine]:
+        out, self._new_log = self._new_log, []
+        return out
+
+    # -- derived ----------------------------------------------------------------------------------
+    def snapshot(self, now: float | None) -> dict[str, Any]:
+        """Window metrics at `now` (engine time; default: the newest record's time)."""
+        if now is None:
+            now = self.last_time or 0.0
+        return self.metrics.snapshot(now)
+
+    def throughput_series(self, now: float | None = None) -> tuple[list[float], list[float], list[float]]:
+        """(times, prompt tok/s, generation tok/s) per completed bin, oldest first."""
+        bins = list(self.bins)
+        if bins and now is not None and (bins[-1][0] + 1) * self.bin_s > now:
+            bins = bins[:-1]  # the newest bin is still filling
+        times = [(b[0] + 1) * self.bin_s for b in bins]
+        return times, [b[1] / self.bin_s for b in bins], [b[2] / self.bin_s for b in bins]
+
+    def num_preempted_waiting(self) -> int:
+        return sum(1 for r in self.requests.values() if r.get("state") == "preempted")

@@ -1,0 +1,112 @@
+"""The CUDA attention backend: Triton kernels for the K/V write and paged attention.
+
+`forward` launches depend only on tensor shapes (tokens T, rows R, block-table width) and on
+whether the iteration is decode-only (`meta.max_query_len == 1`), never on host lists, so the
+launches can be captured in CUDA graphs and replayed for any iteration that fits the buffers
+(see engine/attention/triton_kernels.py for the padding conventions).
+
+A decode-only iteration is one launch of the DECODE mode (one program per row and KV head). A
+mixed iteration is two launches: DECODE for its one-token rows and TILES for its prefill chunks.
+Tile sizes can be overridden for tuning with BATCHDECK_ATTN_DECODE="BLOCK_N,warps,stages" and
+BATCHDECK_ATTN_PREFILL="BLOCK_M,BLOCK_N,warps,stages".
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+from engine.attention.triton_kernels import paged_attention_kernel, write_kv_kernel
+
+LOG2E = 1.4426950408889634
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _env_ints(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    vals = tuple(int(x) for x in raw.split(","))
+    if len(vals) != len(default):
+        raise ValueError(f"{name}={raw!r}: expected {len(default)} comma-separated integers")
+    return vals
+
+
+class TritonBackend:
+    name = "triton"
+    graph_safe = True  # launches depend on shapes only: CUDA graphs may capture them
+
+    def __init__(self) -> None:
+        self.decode_cfg = _env_ints("BATCHDECK_ATTN_DECODE", (64, 4, 2))  # BLOCK_N, warps, stages
+        self.prefill_cfg = _env_ints("BATCHDECK_ATTN_PREFILL", (64, 64, 4, 3))  # BLOCK_M, BLOCK_N, warps, stages
+        self.shrink_fp32_tiles = True  # float32 tiles are twice the bytes: keep shared memory in bounds
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        t, kvh, d = key.shape
+        if t == 0:
+            return
+        if key.stride(-1) != 1:
+            key = key.contiguous()
+        if value.stride(-1) != 1:
+            value = value.contiguous()
+        # The pool is [num_blocks, block_size, KVH, D], contiguous: slot stride = KVH * D.
+        write_kv_kernel[(t,)](
+            key, value, k_cache, v_cache, slot_mapping,
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1), k_cache.stride(1), k_cache.stride(2),
+            KVH=kvh, D=d, BLOCK_H=_pow2(kvh), BLOCK_D=_pow2(max(d, 16)),
+        )
+
+    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scaling: float,
+                sliding_window: int | None) -> torch.Tensor:
+        if query.stride(-1) != 1:
+            query = query.contiguous()
+        self.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        self.attend(query, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                    scaling, sliding_window, decode_only=meta.max_query_len == 1)
+        return out
+
+    def attend(self, query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scaling: float,
+               sliding_window: int | None, decode_only: bool) -> None:
+        t, num_heads, d = query.shape
+        rows = block_tables.shape[0]
+        if t == 0 or rows == 0:
+            return
+        kvh = k_cache.shape[2]
+        group = num_heads // kvh
+        gp = _pow2(group)
+        block_d = _pow2(max(d, 16))
+        ieee = query.dtype == torch.float32
+        use_window = sliding_window is not None and sliding_window > 0
+        common = dict(
+            G=group, GP=gp, D=d, BLOCK_D=block_d, BS=k_cache.shape[1], USE_WINDOW=use_window, IEEE=ieee,
+        )
+        args = (query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+                float(scaling) * LOG2E, int(sliding_window or 0), rows,
+                query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
+        # Decode rows (and one-token chunks): one program per (row, kv head).
+        block_n, warps, stages = self.decode_cfg
+        if ieee and self.shrink_fp32_tiles:
+            block_n, stages = min(block_n, 32), min(stages, 2)
+        paged_attention_kernel[(rows, kvh)](
+            *args, BLOCK_Q=1, BLOCK_M=max(16, gp), BLOCK_N=block_n, ROWS_P2=1, DECODE=True,
+            num_warps=warps, num_stages=stages, **common,
+        )
+        if decode_only:
+            return
+        block_m, block_n, warps, stages = self.prefill_cfg
+        if ieee and self.shrink_fp32_tiles:
+            block_m, block_n, stages = min(block_m, 32), min(block_n, 32), min(stages, 2)
+        block_m = max(block_m, gp, 16)
+        block_q = block_m // gp
+        grid = (t // block_q + rows, kvh)
+        paged_attention_kernel[grid](
+            *args, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, ROWS_P2=_pow2(rows), DECODE=False,
+            num_warps=warps, num_stages=stages, **common,
+        )

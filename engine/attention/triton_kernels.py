@@ -1,0 +1,141 @@
+"""Triton kernels for the paged KV cache: the K/V write at the slot mapping, and paged attention.
+
+Graph-safe by construction: every launch depends only on tensor shapes (the token and row counts
+of the padded buffers) and reads lengths from device buffers, so a captured launch serves any
+iteration that fits its buffers. Padding conventions (what `engine/cuda_graphs.py` writes):
+
+- padded tokens have slot -1 (the write skips them) and belong to no row;
+- padded rows have zero query tokens (`query_start_loc` stays flat) and seq_len 0.
+
+Attention is one kernel with two modes:
+
+- DECODE (one program per (row, kv head)): rows whose query length is 1 (decodes, and one-token
+  prefill chunks, which are the same computation); other rows exit at once.
+- TILES (one program per (query tile of a row, kv head)): rows with more than one query token.
+  Tile t of the flattened iteration belongs to the largest row i with
+  `query_start_loc[i] // BLOCK_Q + i <= t` (that map is strictly increasing, so tiles of
+  different rows never collide and `T // BLOCK_Q + R` programs cover every tile).
+
+Each program packs BLOCK_Q query tokens x the G query heads sharing one KV head into the M rows of
+its tiles (GQA: K/V are read once per group), walks the keys up to the tile's last causal position
+in BLOCK_N steps through the block table, and keeps an online softmax in float32.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def write_kv_kernel(key, value, k_cache, v_cache, slot_mapping,
+                    stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+                    KVH: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_mapping + t).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < KVH) & (d < D) & (slot >= 0)
+    t64 = t.to(tl.int64)
+    k = tl.load(key + t64 * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(value + t64 * stride_vt + h * stride_vh + d, mask=mask)
+    dst = slot * stride_cs + h * stride_ch + d
+    tl.store(k_cache + dst, k.to(k_cache.dtype.element_ty), mask=mask)
+    tl.store(v_cache + dst, v.to(v_cache.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def paged_attention_kernel(
+    Q, K, V, O, block_tables, query_start_loc, seq_lens,
+    scale_log2,  # softmax scale * log2(e)
+    sliding_window,  # keys with position <= q_pos - sliding_window are masked (only if USE_WINDOW)
+    num_rows,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch,  # cache strides: block, slot within block, kv head (K and V alike)
+    stride_bt,  # block table row stride
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_P2: tl.constexpr,
+    DECODE: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    if DECODE:
+        row = pid
+        local = 0
+    else:
+        offs_r = tl.arange(0, ROWS_P2)
+        starts = tl.load(query_start_loc + offs_r, mask=offs_r < num_rows, other=0)
+        first_tile = starts // BLOCK_Q + offs_r
+        hit = (first_tile <= pid) & (offs_r < num_rows)
+        row = tl.sum(hit.to(tl.int32), axis=0) - 1
+        local = pid - (tl.load(query_start_loc + row) // BLOCK_Q + row)
+    q_start = tl.load(query_start_loc + row)
+    qlen = tl.load(query_start_loc + row + 1) - q_start
+    if DECODE:
+        if qlen != 1:
+            return
+    else:
+        if qlen <= 1:
+            return
+        if local * BLOCK_Q >= qlen:
+            return
+    seq_len = tl.load(seq_lens + row)
+    ctx = seq_len - qlen
+
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = offs_m // GP
+    hg = offs_m % GP
+    q_idx = local * BLOCK_Q + tok
+    m_valid = (tok < BLOCK_Q) & (hg < G) & (q_idx < qlen)
+    head = kvh * G + hg
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    q_rows = (q_start + q_idx).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    q_pos = ctx + q_idx
+
+    tile_last = ctx + local * BLOCK_Q + BLOCK_Q  # one past the last causal key any query here may see
+    kv_end = tl.minimum(seq_len, tile_last)
+    kv_start = 0
+    if USE_WINDOW:
+        first_q = ctx + local * BLOCK_Q
+        kv_start = tl.maximum(first_q - sliding_window + 1, 0)
+        kv_start = (kv_start // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bt_row = block_tables + row.to(tl.int64) * stride_bt
+    k_head = K + kvh * stride_ch
+    v_head = V + kvh * stride_ch
+    for start_n in range(kv_start, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < kv_end
+        blk = tl.load(bt_row + offs_n // BS, mask=n_valid, other=0).to(tl.int64)
+        slot_off = blk * stride_cb + (offs_n % BS) * stride_cs
+        k = tl.load(k_head + slot_off[None, :] + offs_d[:, None],
+                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * scale_log2
+        allowed = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_head + slot_off[:, None] + offs_d[None, :],
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])

@@ -1,0 +1,202 @@
+"""Static step buffers and CUDA-graph capture/replay of the whole model forward.
+
+Every CUDA iteration writes its inputs (token ids, positions, slot mapping, sample rows, query
+start locations, sequence lengths, block tables) into one pinned host mirror, copies it to static
+device buffers in two transfers, and runs the model on views of those buffers. The views a
+captured graph reads are prefixes of the same buffers, so replaying a graph serves any iteration
+that fits its bucket once the unused tail is padded (padded tokens: slot -1, id 0, position 0;
+padded rows: no query tokens, seq_len 0; see engine/attention/triton_kernels.py).
+
+Buckets, captured once at engine start within the live-config bounds:
+- decode-only iterations (every row one token): row counts 1, 2, 4, 8, 16, 32, ... up to max_rows;
+- mixed iterations (prefill chunks, with or without decodes): token counts 32, 64, ... up to
+  max_tokens (steps of about x1.5), each with room for min(max_rows, tokens) rows.
+An iteration that fits no bucket runs eagerly on exact-size views of the same buffers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.attention.metadata import AttentionMetadata, StepContext
+
+
+def decode_buckets(max_rows: int) -> list[int]:
+    sizes = {n for n in (1, 2, 4, 8) if n <= max_rows}
+    sizes.update(range(16, max_rows + 1, 16))
+    sizes.add(max_rows)
+    return sorted(sizes)
+
+
+def token_buckets(max_tokens: int, smallest: int = 32) -> list[int]:
+    sizes, n = set(), smallest
+    while n < max_tokens:
+        sizes.add(n)
+        if n >= 512:
+            sizes.add(min(max_tokens, n * 3 // 2))
+        n *= 2
+    sizes.add(max_tokens)
+    return sorted(s for s in sizes if s <= max_tokens)
+
+
+def pick(buckets: list[int], n: int) -> int | None:
+    for b in buckets:
+        if b >= n:
+            return b
+    return None
+
+
+class StepBuffers:
+    """Host (pinned) and device buffers for one iteration's inputs, sized for the largest one.
+
+    int64 section: input_ids [T] | positions [T] | slot_mapping [T] | sample_rows [R]
+    int32 section: query_start_loc [R + 1] | seq_lens [R] | context_lens [R] | block_tables [R, MB]
+    """
+
+    def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, device: torch.device):
+        self.max_tokens, self.max_rows, self.max_blocks = max_tokens, max_rows, max_blocks
+        self.device = device
+        t, r, mb = max_tokens, max_rows, max_blocks
+        self.n64 = 3 * t + r
+        self.off32_bt = 3 * r + 1
+        self.n32 = self.off32_bt + r * mb
+        pin = device.type == "cuda"
+        self.host64 = torch.zeros(self.n64, dtype=torch.int64, pin_memory=pin)
+        self.host32 = torch.zeros(self.n32, dtype=torch.int32, pin_memory=pin)
+        h64, h32 = self.host64.numpy(), self.host32.numpy()
+        self.ids, self.pos, self.slots = h64[:t], h64[t:2 * t], h64[2 * t:3 * t]
+        self.sample = h64[3 * t:]
+        self.qsl, self.seq, self.ctx = h32[:r + 1], h32[r + 1:2 * r + 1], h32[2 * r + 1:3 * r + 1]
+        self.bt = h32[self.off32_bt:].reshape(r, mb)
+        self.dev64 = torch.zeros(self.n64, dtype=torch.int64, device=device)
+        self.dev32 = torch.zeros(self.n32, dtype=torch.int32, device=device)
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
+
+    def wait_host_free(self) -> None:
+        """The previous upload read the pinned mirror asynchronously: wait until it is done."""
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def upload(self, rows: int) -> None:
+        self.dev64.copy_(self.host64, non_blocking=True)
+        n32 = self.off32_bt + rows * self.max_blocks
+        self.dev32[:n32].copy_(self.host32[:n32], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+    def pad(self, t: int, r: int, tb: int, rb: int) -> None:
+        """Make tokens [t, tb) and rows [r, rb) inert (see the module docstring)."""
+        if tb > t:
+            self.ids[t:tb] = 0
+            self.pos[t:tb] = 0
+            self.slots[t:tb] = -1
+        if rb > r:
+            self.qsl[r + 1:rb + 1] = self.qsl[r]
+            self.seq[r:rb] = 0
+            self.ctx[r:rb] = 0
+            self.sample[r:rb] = 0
+
+    def views(self, t: int, r: int, *, num_decodes: int, max_query_len: int, max_seq_len: int, block_size: int,
+              query_lens_host: list[int], seq_lens_host: list[int]):
+        """(input_ids [1, t], positions [1, t], metadata over r rows, sample_rows [r]) on the device."""
+        T, R = self.max_tokens, self.max_rows
+        d64, d32 = self.dev64, self.dev32
+        meta = AttentionMetadata(
+            slot_mapping=d64[2 * T:2 * T + t],
+            block_tables=d32[self.off32_bt:].view(R, self.max_blocks)[:r],
+            query_start_loc=d32[:r + 1],
+            seq_lens=d32[R + 1:R + 1 + r],
+            context_lens=d32[2 * R + 1:2 * R + 1 + r],
+            num_decodes=num_decodes, max_query_len=max_query_len, max_seq_len=max_seq_len,
+            block_size=block_size, query_lens_host=query_lens_host, seq_lens_host=seq_lens_host,
+        )
+        return d64[:t].view(1, t), d64[T:T + t].view(1, t), meta, d64[3 * T:3 * T + r]
+
+
+@dataclass
+class GraphStats:
+    captured: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, tokens, rows)
+    capture_seconds: float = 0.0
+    replays: int = 0
+    eager: int = 0
+
+
+class CudaGraphRunner:
+    """Captures `forward(t, r, max_query_len) -> logits [r, V]` per bucket and replays it."""
+
+    def __init__(self, forward, buffers: StepBuffers, block_size: int, max_model_len: int,
+                 max_rows: int, max_tokens: int):
+        self.forward = forward
+        self.buffers = buffers
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.decode_sizes = decode_buckets(min(max_rows, max_tokens))
+        self.token_sizes = token_buckets(max_tokens)
+        self.max_rows = max_rows
+        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, int]] = {}
+        self.stats = GraphStats()
+
+    def rows_for(self, tokens: int) -> int:
+        return min(self.max_rows, tokens)
+
+    def lookup(self, t: int, r: int, decode_only: bool):
+        """(graph, logits [rb, V], tb, rb) of the smallest bucket that fits, or None."""
+        if decode_only:
+            b = pick(self.decode_sizes, r)
+            if b is not None and ("decode", b) in self.graphs:
+                g, logits, _ = self.graphs[("decode", b)]
+                return g, logits, b, b
+        for tb in self.token_sizes:
+            if tb >= t and self.rows_for(tb) >= r and ("mixed", tb) in self.graphs:
+                g, logits, rb = self.graphs[("mixed", tb)]
+                return g, logits, tb, rb
+        return None
+
+    def _dummy(self, tb: int, rb: int, decode: bool) -> bool:
+        """Fill the host mirror with a valid iteration of tb tokens over rb rows (no K/V writes)."""
+        buf = self.buffers
+        qlens = np.full(rb, tb // rb, dtype=np.int64)
+        qlens[: tb % rb] += 1
+        if qlens.max() > self.max_model_len:
+            return False
+        buf.qsl[0] = 0
+        buf.qsl[1:rb + 1] = np.cumsum(qlens)
+        buf.seq[:rb] = qlens
+        buf.ctx[:rb] = 0
+        buf.bt[:rb] = 0
+        buf.ids[:tb] = 0
+        buf.pos[:tb] = 0
+        buf.slots[:tb] = -1
+        buf.sample[:rb] = np.cumsum(qlens) - 1
+        buf.upload(rb)
+        return True
+
+    @torch.inference_mode()
+    def capture(self, log=None) -> None:
+        t0 = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        plans = [("mixed", tb, self.rows_for(tb)) for tb in self.token_sizes]
+        plans += [("decode", b, b) for b in self.decode_sizes]
+        plans.sort(key=lambda p: (-p[1], p[0]))  # largest first: later graphs reuse the pool
+        stream = torch.cuda.Stream()
+        for kind, tb, rb in plans:
+            decode = kind == "decode"
+            if not self._dummy(tb, rb, decode):
+                continue
+            mql = 1 if decode else tb
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.forward(tb, rb, mql)  # compiles kernels, warms allocator and cuBLAS
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                logits = self.forward(tb, rb, mql)
+            self.graphs[(kind, tb)] = (graph, logits, rb)
+            self.stats.captured.append((kind, tb, rb))
+        torch.cuda.synchronize()
+        self.stats.capture_seconds = time.perf_counter() - t0
+        if log is not None:
+            log(f"captured {len(self.graphs)} CUDA graphs in {self.stats.capture_seconds:.1f}s")

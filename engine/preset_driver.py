@@ -1,0 +1,384 @@
+"""Drive an `AsyncEngine` with a preset: its workload at the right times and its timeline of live changes.
+
+`PresetDriver(engine, preset).run()` submits the open-loop requests (poisson, gamma, burst, trace)
+at their arrival times, runs the closed-loop clients (each sends again when answered), applies the
+timeline (`set` through `AsyncEngine.update_config(changes, source)`, `pause: S` / `resume` through
+pause/resume) and returns once every request has finished. It is used by `batchdeck replay`, the
+console and the headless `batchdeck engine` command.
+
+Time: the workload's clock is `(engine clock - t0) * speed`, where t0 is the engine time when
+`run()` starts (0 with `restart_clock=True`, the default, which restarts the engine's clock while it
+is idle); an arrival at `t` is submitted at engine time `t0 + t / speed` and carries that arrival
+time, so a late submission (the engine thread was busy) shows up as queue
+time, not as a shifted arrival. Timeline `at` is on the same clock; `at_iteration: N` fires once
+the engine's iteration counter reaches N (the change then applies at the next iteration boundary,
+so `applied_iteration >= N`; the exact value is what `applied` and the engine's events report).
+
+Timeline entries are applied in file order: an entry never goes before the one above it (two
+entries that are due together are applied in order, each on top of the last, as the schema checks
+them). `pause: S` pauses the engine and resumes it S / speed seconds later (arrivals keep coming
+and queue meanwhile). Entries not yet due when the last request finishes are reported as skipped.
+
+Requests: greedy, `ignore_eos=True`, `max_tokens` from the workload; ids are
+`f"{stream_index}-{n}"` (n counts the stream's requests from 0 in issue order, so an id always names
+the same prompt and lengths: the workload is drawn from the preset seed alone).
+
+`duration_scale` shortens a preset (for CI and quick looks): see `scale_preset`.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from engine.async_engine import AsyncEngine, RequestStream
+from engine.config import EngineConfig, LiveConfig
+from engine.request import RequestError, SamplingParams
+from engine.workload import (
+    ClosedLoopStream,
+    WorkloadItem,
+    closed_loop_streams,
+    count_clamped,
+    generate_open_loop,
+)
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
+    from presets.schema import Preset, TimelineEntry
+
+POLL_S = 0.002  # how often `at_iteration` entries look at the engine's iteration counter
+ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
+LIVE_FIELDS = {f.name for f in dataclasses.fields(LiveConfig)} - {"version"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building an engine for a preset
+
+
+def preset_configs(preset: "Preset", overrides: Mapping[str, Any] | None = None) -> tuple[EngineConfig, LiveConfig]:
+    """EngineConfig (preset.engine + model + seed) and LiveConfig (preset.config) for a preset.
+
+    `overrides` may hold EngineConfig fields (model, device, dtype, num_blocks, ...) and live keys
+    (policy, max_num_seqs, ...); None values are ignored. The live-config limits are raised to fit
+    every value the preset's config and timeline ask for.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - ENGINE_FIELDS - LIVE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown override(s) {', '.join(unknown)}: allowed engine settings "
+                         f"{', '.join(sorted(ENGINE_FIELDS))} and live settings {', '.join(sorted(LIVE_FIELDS))}")
+    engine_kw: dict[str, Any] = {"model": preset.model, "seed": preset.seed, **preset.engine}
+    engine_kw.update({k: v for k, v in overrides.items() if k in ENGINE_FIELDS})
+    live_kw = {**preset.config, **{k: v for k, v in overrides.items() if k in LIVE_FIELDS}}
+    if "max_batched_tokens" in live_kw and "chunk_size" not in live_kw:
+        live_kw["chunk_size"] = min(LiveConfig().chunk_size, live_kw["max_batched_tokens"])
+    wanted_seqs = [live_kw.get("max_num_seqs", LiveConfig().max_num_seqs)]
+    wanted_tokens = [live_kw.get("max_batched_tokens", LiveConfig().max_batched_tokens)]
+    for entry in preset.timeline:
+        if entry.set:
+            wanted_seqs.append(entry.set.get("max_num_seqs", 0))
+            wanted_tokens.append(entry.set.get("max_batched_tokens", 0))
+    defaults = EngineConfig()
+    engine_kw.setdefault("max_num_seqs_limit", max(defaults.max_num_seqs_limit, *wanted_seqs))
+    engine_kw.setdefault("max_batched_tokens_limit", max(defaults.max_batched_tokens_limit, *wanted_tokens))
+    cfg = EngineConfig(**engine_kw)
+    live = LiveConfig(**{**LiveConfig().to_dict(), **live_kw, "version": 0})
+    return cfg, live
+
+
+def build_engine_for_preset(preset: "Preset", overrides: Mapping[str, Any] | None = None, **engine_kwargs: Any
+                            ) -> "LLMEngine":
+    """An LLMEngine for the preset (see `preset_configs`); `engine_kwargs` go to LLMEngine (sink, ...)."""
+    from engine.llm_engine import LLMEngine
+
+    cfg, live = preset_configs(preset, overrides)
+    return LLMEngine(cfg, live, **engine_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shortening a preset
+
+
+def _scaled_count(n: int | None, factor: float) -> int | None:
+    return None if n is None else max(1, math.ceil(n * factor))
+
+
+def scale_preset(preset: "Preset", factor: float) -> "Preset":
+    """The preset shortened (factor < 1) or stretched in time, keeping its rates and lengths.
+
+    Multiplies by `factor`: stream durations and counts (burst counts too, so a burst keeps its
+    share of the work), burst times, a trace's `limit` (the trace's first part is kept; without a
+    limit, the trace is cut at `factor` of the file's rows), timeline `at`, `at_iteration` and
+    pause lengths. Counts are rounded up and stay >= 1. factor == 1 returns the preset unchanged.
+    """
+    if not factor > 0:
+        raise ValueError(f"duration scale must be > 0, got {factor!r}")
+    if factor == 1:
+        return preset
+    streams = []
+    for spec in preset.workload:
+        kw: dict[str, Any] = {}
+        if getattr(spec, "duration", None) is not None:
+            kw["duration"] = spec.duration * factor
+        if spec.kind != "trace" and getattr(spec, "count", None) is not None:
+            kw["count"] = _scaled_count(spec.count, factor)
+        if spec.kind == "burst":
+            kw["at"] = spec.at * factor
+        if spec.kind == "trace":
+            limit = spec.limit
+            if limit is None:
+                from engine.traces import load_trace
+
+                limit = len(load_trace(spec.path, spec.columns, spec.time_unit, spec.time_scale,
+                                       spec.length_scale, spec.start, None))
+            kw["limit"] = _scaled_count(limit, factor)
+        streams.append(dataclasses.replace(spec, **kw))
+    timeline = []
+    for entry in preset.timeline:
+        kw = {}
+        if entry.at is not None:
+            kw["at"] = entry.at * factor
+        if entry.at_iteration is not None:
+            kw["at_iteration"] = int(round(entry.at_iteration * factor))
+        if entry.pause is not None:
+            kw["pause"] = entry.pause * factor
+        timeline.append(dataclasses.replace(entry, **kw))
+    return dataclasses.replace(preset, workload=streams, timeline=timeline)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class AppliedAction:
+    """What happened to one timeline entry."""
+
+    index: int  # position in preset.timeline
+    action: str  # set | pause | resume
+    changes: dict[str, Any] | None = None  # for set
+    pause: float | None = None  # for pause: seconds (workload time)
+    at: float | None = None  # the entry's trigger, as scheduled (workload seconds) ...
+    at_iteration: int | None = None  # ... or iteration
+    time: float | None = None  # engine time when it was sent
+    applied_iteration: int | None = None  # the first iteration that ran with it
+    status: str = "pending"  # pending | applied | error | skipped
+    error: str | None = None
+    config: dict[str, Any] | None = None  # the live config after a set
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SubmittedRequest:
+    request_id: str
+    item: WorkloadItem
+    arrival: float  # engine time the request carries
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None  # rejected at submission
+
+
+class PresetDriver:
+    def __init__(self, engine: AsyncEngine, preset: "Preset", *, speed: float = 1.0,
+                 max_model_len: int | None = None, duration_scale: float = 1.0, source: str = "preset",
+                 apply_initial_config: bool = False, restart_clock: bool = True,
+                 on_action: Callable[[AppliedAction], None] | None = None):
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0, got {speed!r}")
+        self.engine = engine
+        self.preset = scale_preset(preset, duration_scale)
+        self.speed = float(speed)
+        self.source = source
+        self.apply_initial_config = apply_initial_config
+        self.restart_clock = restart_clock
+        self.on_action = on_action
+        self.max_model_len = max_model_len if max_model_len is not None else engine.engine.max_model_len
+        base = preset.path.resolve().parent if preset.path is not None else None
+        self.open_items: list[WorkloadItem] = generate_open_loop(self.preset.workload, self.preset.seed,
+                                                                 self.max_model_len, base)
+        self.closed: list[ClosedLoopStream] = closed_loop_streams(self.preset.workload, self.preset.seed,
+                                                                  self.max_model_len)
+        self.applied: list[AppliedAction] = [self._action_for(i, e) for i, e in enumerate(self.preset.timeline)]
+        self.requests: dict[str, SubmittedRequest] = {}
+        self.submitted = 0
+        self.finished = 0
+        self.rejected = 0
+        self.error: BaseException | None = None
+        self.done = False
+        self._counters: dict[int, int] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._resume_tasks: list[asyncio.Task] = []
+        self.t0 = 0.0  # engine time of workload time 0 (set by run)
+
+    # -- progress ---------------------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        """Requests expected in all: open-loop ones plus closed-loop ones issued or still to come
+        (a duration-bound closed-loop stream counts what it issued, plus its clients, until it stops)."""
+        n = len(self.open_items)
+        for stream in self.closed:
+            if stream.spec.count is not None:
+                n += stream.spec.count
+            else:
+                n += stream.issued + (0 if self.done else stream.spec.concurrency)
+        return max(n, self.submitted)
+
+    @property
+    def clamped(self) -> int:
+        return count_clamped([r.item for r in self.requests.values()])
+
+    def progress(self) -> dict[str, Any]:
+        return {"submitted": self.submitted, "finished": self.finished, "rejected": self.rejected,
+                "total": self.total, "done": self.done}
+
+    def workload_time(self) -> float:
+        """The workload clock now: (engine time - t0) * speed."""
+        return (self.engine.engine.clock() - self.t0) * self.speed
+
+    # -- run ----------------------------------------------------------------------------------------
+    async def run(self) -> "PresetDriver":
+        """Play the whole preset; returns self once every request finished (or the engine failed).
+
+        Starts the AsyncEngine if it is not running. Raises the engine's error if it failed.
+        """
+        if not self.engine.running:
+            await self.engine.start()
+
+        def start_clock(e: "LLMEngine") -> float:
+            if self.restart_clock and not e.has_unfinished:
+                e.restart_clock()
+                return 0.0
+            return e.clock()
+
+        self.t0 = await self.engine.call(start_clock)
+        if self.apply_initial_config and self.preset.config:
+            await self.engine.update_config(self.preset.config, source=self.source)
+        workers = [asyncio.create_task(self._open_loop())]
+        for stream in self.closed:
+            for item in stream.initial():
+                workers.append(asyncio.create_task(self._client(stream, item)))
+        timeline = asyncio.create_task(self._timeline())
+        watchdog = asyncio.create_task(self._watch_engine())
+        try:
+            done, _ = await asyncio.wait([asyncio.gather(*workers), watchdog], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
+            if self.engine.error is not None:
+                raise self.engine.error
+        finally:
+            self.done = True
+            for t in [timeline, watchdog, *workers, *self._resume_tasks, *self._tasks]:
+                t.cancel()
+            await asyncio.gather(timeline, watchdog, *workers, *self._resume_tasks, *self._tasks,
+                                 return_exceptions=True)
+            for a in self.applied:
+                if a.status == "pending":
+                    a.status = "skipped"
+                    self._notify(a)
+        return self
+
+    async def _watch_engine(self) -> None:
+        while self.engine.error is None:
+            await asyncio.sleep(0.05)
+        self.error = self.engine.error
+
+    def _next_id(self, stream_index: int) -> str:
+        n = self._counters.get(stream_index, 0)
+        self._counters[stream_index] = n + 1
+        return f"{stream_index}-{n}"
+
+    async def _sleep_until(self, workload_t: float) -> None:
+        delay = self.t0 + workload_t / self.speed - self.engine.engine.clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _submit(self, item: WorkloadItem) -> SubmittedRequest:
+        """Add one request and wait for it to finish (or be rejected)."""
+        rid = self._next_id(item.stream_index)
+        sub = SubmittedRequest(rid, item, self.t0 + item.arrival / self.speed)
+        self.requests[rid] = sub
+        self.submitted += 1
+        try:
+            stream: RequestStream = await self.engine.add_request(
+                rid, item.prompt_token_ids, SamplingParams(max_tokens=item.max_tokens, ignore_eos=True),
+                arrival_time=sub.arrival, tenant=item.tenant, priority=item.priority, slo_class=item.slo_class)
+        except RequestError as exc:
+            sub.error = str(exc)
+            self.rejected += 1
+            self.finished += 1
+            return sub
+        sub.token_ids = await stream.collect()
+        sub.finish_reason = stream.finish_reason
+        self.finished += 1
+        return sub
+
+    async def _open_loop(self) -> None:
+        items = self.open_items
+        i = 0
+        while i < len(items):
+            await self._sleep_until(items[i].arrival)
+            now = self.workload_time()
+            while i < len(items) and items[i].arrival <= now:  # everything due: one boundary, in order
+                task = asyncio.create_task(self._submit(items[i]))
+                self._tasks.add(task)
+                i += 1
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+
+    async def _client(self, stream: ClosedLoopStream, first: WorkloadItem) -> None:
+        item: WorkloadItem | None = first
+        while item is not None:
+            await self._submit(item)
+            item = stream.on_finished(self.workload_time())
+
+    # -- timeline -------------------------------------------------------------------------------
+    @staticmethod
+    def _action_for(index: int, entry: "TimelineEntry") -> AppliedAction:
+        action = "set" if entry.set is not None else ("pause" if entry.pause is not None else "resume")
+        return AppliedAction(index=index, action=action, changes=dict(entry.set) if entry.set else None,
+                             pause=entry.pause, at=entry.at, at_iteration=entry.at_iteration)
+
+    def _notify(self, action: AppliedAction) -> None:
+        if self.on_action is not None:
+            self.on_action(action)
+
+    async def _timeline(self) -> None:
+        for entry, action in zip(self.preset.timeline, self.applied):
+            if entry.at is not None:
+                await self._sleep_until(entry.at)
+            else:
+                while self.engine.engine.iteration < entry.at_iteration:
+                    await asyncio.sleep(POLL_S)
+            await self._apply(entry, action)
+
+    async def _apply(self, entry: "TimelineEntry", action: AppliedAction) -> None:
+        action.time = self.engine.engine.clock()
+        try:
+            if entry.set is not None:
+                reply = await self.engine.update_config(entry.set, source=self.source)
+                action.applied_iteration, action.config = reply.applied_iteration, reply.config
+            elif entry.pause is not None:
+                action.applied_iteration = await self.engine.pause(source=self.source)
+                self._resume_tasks.append(asyncio.create_task(self._resume_after(entry.pause / self.speed)))
+            else:
+                action.applied_iteration = await self.engine.resume(source=self.source)
+            action.status = "applied"
+        except Exception as exc:  # noqa: BLE001 - a bad change is reported, the run goes on
+            action.status, action.error = "error", f"{type(exc).__name__}: {exc}"
+            message = f"timeline[{action.index}] {action.action} failed: {action.error}"
+            await self.engine.call(lambda e: e.emit_event("error", message=message, source=self.source,
+                                                          timeline_index=action.index))
+        self._notify(action)
+
+    async def _resume_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await self.engine.resume(source=self.source)
+
+
+async def run_preset(engine: AsyncEngine, preset: "Preset", **kwargs: Any) -> PresetDriver:
+    """`PresetDriver(engine, preset, **kwargs).run()`."""
+    return await PresetDriver(engine, preset, **kwargs).run()

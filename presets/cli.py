@@ -1,0 +1,216 @@
+"""`batchdeck replay` and `batchdeck compare` (registered by engine/cli.py through `register_cli`).
+
+    batchdeck replay PRESET [--headless] [--report out.json] [--html out.html] [--record run.jsonl]
+                            [--speed X] [--duration-scale F] [--set KEY=VALUE ...] [--no-timeline]
+                            [--model M] [--device D] [--dtype T] [--num-blocks N]
+    batchdeck compare a.json b.json ... [--phases]
+
+PRESET is a shipped preset's name (`batchdeck replay --list`) or a YAML file. Headless, the preset
+runs to its end with a progress bar on stderr, a summary is printed, and the report is written
+(`--report`, default `PRESET-report.json`; `--html` for the page with plots). Without --headless
+the console opens with the preset's timeline driving it (`run_console(preset=...)` from console.app or
+console.cli, which plays it through `presets.replay.run_preset_async(preset, engine=...)`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. chunk_size=256), got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+REPLAY_HELP = """\
+Play a preset: its workload (requests submitted at their arrival times, greedy, seeded) and its
+timeline of live config changes. PRESET is a shipped preset's name (--list) or a YAML file.
+
+With --headless it runs to the end with a progress bar, prints a summary (the whole run and each
+phase between config changes) and writes the JSON report (--report, default PRESET-report.json),
+the HTML page with plots (--html) and the JSONL recording (--record). Without --headless the
+console opens with the timeline driving it; your own changes are recorded with source "console".
+
+examples:
+  batchdeck replay static-vs-continuous --headless --html report.html
+  batchdeck replay chunked-prefill --headless --duration-scale 0.2      # a short look
+  batchdeck replay chunked-prefill --headless --no-timeline --report whole.json
+  batchdeck replay chunked-prefill --headless --no-timeline --set chunk_size=256 --report chunked.json
+  batchdeck compare whole.json chunked.json
+"""
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    rp = sub.add_parser("replay", help="play a preset (workload + timeline) headless to a report, or in the console",
+                        description=REPLAY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("preset", nargs="?", help="a shipped preset's name or a preset YAML file")
+    rp.add_argument("--list", action="store_true", help="list the shipped presets and exit")
+    rp.add_argument("--headless", action="store_true", help="no console: run to the end and write the report")
+    rp.add_argument("--report", metavar="OUT.json", help="JSON report (headless default: PRESET-report.json)")
+    rp.add_argument("--html", metavar="OUT.html", help="self-contained HTML report with plots")
+    rp.add_argument("--record", metavar="RUN.jsonl", help="record all telemetry and actions as JSONL")
+    rp.add_argument("--speed", type=_positive, default=1.0, help="workload time runs X times faster (default 1)")
+    rp.add_argument("--duration-scale", type=_positive, default=1.0, metavar="F",
+                    help="shorten (<1) the preset: durations, counts, trace limits and timeline times times F")
+    rp.add_argument("--set", dest="set_", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                    help="override the preset's initial live config (repeatable), e.g. --set batching=continuous")
+    rp.add_argument("--no-timeline", action="store_true",
+                    help="drop the preset's timeline: run one config throughout (for A/B runs with --set)")
+    rp.add_argument("--model", default=None, help="override the preset's model")
+    rp.add_argument("--device", default=None, help="override the preset's device (cpu, cuda)")
+    rp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override the dtype")
+    rp.add_argument("--num-blocks", type=int, default=None, help="override the KV pool size")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    rp.set_defaults(func=cmd_replay)
+
+    cp = sub.add_parser("compare", help="side-by-side table of replay reports",
+                        description="Print the summaries of replay reports side by side (with --phases, each "
+                                    "phase of each report as a column).")
+    cp.add_argument("reports", nargs="+", metavar="REPORT.json")
+    cp.add_argument("--phases", action="store_true", help="one column per phase of each report")
+    cp.set_defaults(func=cmd_compare)
+
+
+def prepare_preset(args: argparse.Namespace):
+    """The preset with --set / --no-timeline applied (checked like the file itself)."""
+    from engine.config import ConfigError, LiveConfig, validate_changes
+    from presets import load_preset, resolve_preset
+    from presets.schema import bounds_for
+
+    preset = load_preset(resolve_preset(args.preset))
+    changes = dict(getattr(args, "set_", []) or [])
+    if changes:
+        from policies import validate_policy_params
+
+        try:
+            start = validate_changes(LiveConfig(), preset.config, bounds_for(preset.engine)) if preset.config \
+                else LiveConfig()
+            validate_changes(start, changes, bounds_for(preset.engine), validate_policy_params)
+        except ConfigError as exc:
+            raise ValueError(f"--set: {exc}") from None
+        preset = dataclasses.replace(preset, config={**preset.config, **changes})
+    if getattr(args, "no_timeline", False):
+        preset = dataclasses.replace(preset, timeline=[])
+    return preset
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in (("model", args.model), ("device", args.device), ("dtype", args.dtype),
+                              ("num_blocks", args.num_blocks)) if v is not None}
+
+
+def write_outputs(result, report_path: str | None, html_path: str | None, out=None) -> dict[str, Any]:
+    out = out if out is not None else sys.stderr
+    report = result.report()
+    if report_path:
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(report_path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, default=str)
+        out.write(f"report: {report_path}\n")
+    if html_path:
+        from presets.html_report import write_html
+
+        Path(html_path).parent.mkdir(parents=True, exist_ok=True)
+        write_html(report, html_path)
+        out.write(f"html report: {html_path}\n")
+    return report
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    from presets.compare import metric_rows, render_table
+
+    cols = [("whole run", report["summary"])]
+    phases = report.get("phases") or []
+    if len(phases) > 1:
+        for ph in phases:
+            change = ", ".join(f"{k}={v}" for k, v in (ph.get("changes") or {}).items()) or "start"
+            cols.append((f"[{ph['index']}] {change}", ph))
+    rows = [[label, *cells] for label, _, cells in metric_rows([c for _, c in cols])]
+    return render_table(["metric", *(c for c, _ in cols)], rows)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    if args.list:
+        from presets import load_preset, shipped_presets
+
+        for name, path in shipped_presets().items():
+            desc = " ".join(load_preset(path).description.split())
+            print(f"{name:24} {desc[:100]}{'...' if len(desc) > 100 else ''}")
+        return 0
+    if not args.preset:
+        raise ValueError("replay: give a preset (a shipped name or a YAML file); `batchdeck replay --list` lists them")
+    preset = prepare_preset(args)
+    overrides = overrides_from(args)
+    if not args.headless:
+        return _replay_in_console(args, preset, overrides)
+
+    from presets.replay import progress_printer, run_preset
+
+    progress = None if args.quiet else progress_printer()
+    result = run_preset(preset, overrides=overrides, speed=args.speed, duration_scale=args.duration_scale,
+                        record=args.record, progress=progress)
+    report = write_outputs(result, args.report or f"{preset.name}-report.json", args.html)
+    if args.record:
+        sys.stderr.write(f"recording: {args.record}\n")
+    if not args.quiet:
+        print(summary_text(report))
+    if result.error:
+        sys.stderr.write(f"batchdeck: the engine failed during the replay: {result.error}\n")
+        return 1
+    return 0
+
+
+def _replay_in_console(args: argparse.Namespace, preset, overrides: dict[str, Any]) -> int:
+    run_console = None
+    problems = []
+    for module in ("console.app", "console.cli"):
+        try:
+            run_console = getattr(__import__(module, fromlist=["run_console"]), "run_console", None)
+        except ImportError as exc:
+            problems.append(str(exc))
+        if run_console is not None:
+            break
+    if run_console is None:
+        why = "; ".join(problems) or "console.app.run_console is missing"
+        raise ValueError(f"replay: the console is not available ({why}); "
+                         "run with --headless to replay to a report")
+    offered = {"preset": preset, "speed": args.speed, "duration_scale": args.duration_scale, "record": args.record,
+               "overrides": overrides, "report": args.report, "html": args.html}
+    params = inspect.signature(run_console).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in offered.items() if takes_any or k in params}
+    wanted = [f"--{k}" for k in ("report", "html") if offered[k] and k not in kwargs]
+    if wanted:
+        raise ValueError(f"replay: {' and '.join(wanted)} are written by headless replays: add --headless "
+                         "(in the console, --record keeps the whole session)")
+    result = run_console(**kwargs)
+    return result if isinstance(result, int) else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from presets.compare import main_compare
+
+    return main_compare(args.reports, phases=args.phases)

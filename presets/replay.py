@@ -1,0 +1,294 @@
+"""Replaying a preset: build (or borrow) an engine, drive it with `PresetDriver`, keep its telemetry.
+
+`run_preset_async(preset, ...)` is what `batchdeck replay --headless` runs and what the console
+calls to let a preset's timeline drive it (pass the console's `AsyncEngine` as `engine=`: the
+telemetry is teed off its sink for the duration and the sink is restored afterwards).
+`ReplayResult.report()` gives the JSON report (presets/report.py).
+
+Recording (`record=`): one JSON object per line, `{"type": TOPIC, ...record}` with TOPIC one of
+`iteration`, `request`, `gpu`, `event` (flattened as `Event.to_dict()`: `{"type": "event", "kind":
+"config_change", "changes": {...}, "applied_iteration": N, "source": "preset", "time": ..., ...}`),
+`requests` (the request-table snapshot) and `action`, like the console's own `--record` (so
+`batchdeck console --replay` plays either). The first line is `{"type": "config", ...}` (the
+engine's config snapshot, as the console records it), the second
+`{"type": "action", "op": "replay", "preset": NAME, ...}`, then one action per timeline entry when it is
+applied (`op`: set | pause | resume, with `changes`, `applied_iteration`, `ok`, `error`,
+`config`, `source`, `timeline_index`, `time`, `iteration`).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Callable, Mapping
+
+from engine.async_engine import AsyncEngine
+from engine.preset_driver import AppliedAction, PresetDriver, build_engine_for_preset, scale_preset
+from engine.telemetry import ListSink
+from presets import Preset, load_preset, resolve_preset
+from presets.report import build_report, preset_info, prompt_hash
+
+
+def as_preset(preset: Preset | str | Path) -> Preset:
+    """A Preset from a Preset, a shipped preset's name, or a path."""
+    if isinstance(preset, Preset):
+        return preset
+    return load_preset(resolve_preset(preset))
+
+
+def record_dict(topic: str, record: Any) -> dict[str, Any]:
+    """`{"type": topic, ...}` for any telemetry record (dataclass with to_dict, or a mapping)."""
+    if isinstance(record, Mapping):
+        body = dict(record)
+    elif hasattr(record, "to_dict"):
+        body = record.to_dict()
+    else:
+        import dataclasses
+
+        body = dataclasses.asdict(record)
+    return {"type": topic, **{k: _finite(v) for k, v in body.items() if k != "type"}}
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf are not JSON: written as null (as the console's recorder does)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class JsonlRecorder:
+    """A telemetry sink that writes every record as one JSON line; thread-safe (the engine's worker
+    thread and the event loop both write). `close()` flushes and closes a file it opened."""
+
+    def __init__(self, target: str | Path | IO[str]):
+        if isinstance(target, (str, Path)):
+            self._file: IO[str] = open(target, "w", encoding="utf-8")
+            self._owned = True
+        else:
+            self._file, self._owned = target, False
+        self._lock = threading.Lock()
+        self.lines = 0
+
+    def __call__(self, topic: str, record: Any) -> None:
+        line = json.dumps(record_dict(topic, record), default=str)
+        with self._lock:
+            self._file.write(line + "\n")
+            self.lines += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.flush()
+            if self._owned:
+                self._file.close()
+
+
+class Tee:
+    """Call several sinks in order; a failing one never stops the others (nor the engine)."""
+
+    def __init__(self, *sinks: Callable[[str, Any], None] | None):
+        self.sinks = [s for s in sinks if s is not None]
+        self.errors = 0
+
+    def __call__(self, topic: str, record: Any) -> None:
+        for sink in self.sinks:
+            try:
+                sink(topic, record)
+            except Exception:  # noqa: BLE001 - telemetry must never break the engine
+                self.errors += 1
+
+
+def action_record(action: AppliedAction, source: str) -> dict[str, Any]:
+    """The `action` line for a timeline entry."""
+    return {"op": action.action, "changes": action.changes, "pause": action.pause, "source": source,
+            "timeline_index": action.index, "at": action.at, "at_iteration": action.at_iteration,
+            "time": action.time, "iteration": action.applied_iteration,
+            "applied_iteration": action.applied_iteration, "ok": action.status == "applied",
+            "status": action.status, "error": action.error, "config": action.config}
+
+
+@dataclass
+class ReplayResult:
+    """A finished (or failed) replay: the preset as run, the driver, and all telemetry."""
+
+    preset: Preset  # after duration scaling
+    driver: PresetDriver
+    telemetry: ListSink
+    initial_config: dict[str, Any]
+    engine_info: dict[str, Any]
+    speed: float
+    duration_scale: float
+    wall_time_s: float
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def request_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for rid, sub in self.driver.requests.items():
+            item = sub.item
+            rows.append({
+                "request_id": rid, "stream_index": item.stream_index, "scheduled_arrival": item.arrival,
+                "max_tokens": item.max_tokens, "clamped": item.clamped, "tenant": item.tenant,
+                "slo_class": item.slo_class, "priority": item.priority, "prompt_tokens": item.num_prompt_tokens,
+                "prompt_hash": prompt_hash(item.prompt_token_ids), "output_token_ids": list(sub.token_ids),
+                "error": sub.error, **({"finish_reason": "rejected"} if sub.error else {}),
+            })
+        return rows
+
+    def report(self) -> dict[str, Any]:
+        t = self.telemetry
+        return build_report(
+            preset=preset_info(self.preset), iterations=t.iterations, requests=t.requests, events=t.events,
+            initial_config=self.initial_config, request_rows=self.request_rows(),
+            timeline=[a.to_dict() for a in self.driver.applied], num_clamped=self.driver.clamped,
+            run={"speed": self.speed, "duration_scale": self.duration_scale, "wall_time_s": self.wall_time_s,
+                 "error": self.error, "engine": self.engine_info, **self.extra},
+        )
+
+
+async def run_preset_async(
+    preset: Preset | str | Path,
+    *,
+    engine: AsyncEngine | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    speed: float = 1.0,
+    duration_scale: float = 1.0,
+    record: str | Path | IO[str] | None = None,
+    sink: Callable[[str, Any], None] | None = None,
+    source: str = "preset",
+    on_start: Callable[[PresetDriver], None] | None = None,
+    progress: Callable[[PresetDriver], None] | None = None,
+    progress_interval: float = 0.2,
+    gpu_monitor: bool | None = None,
+    loaded: Any = None,
+) -> ReplayResult:
+    """Play `preset` to the end and return its telemetry.
+
+    engine: an AsyncEngine to drive (the console's); None builds one from the preset
+      (`build_engine_for_preset(preset, overrides)`), runs it and stops it at the end.
+    speed: workload time runs `speed` times faster than the engine clock.
+    duration_scale: shorten (< 1) the preset (see `engine.preset_driver.scale_preset`).
+    record: a path or text stream for the JSONL recording.
+    sink: another telemetry sink to feed too (e.g. a bus).
+    on_start(driver): called once the driver exists, before anything is submitted.
+    progress(driver): called every `progress_interval` seconds while it runs.
+    gpu_monitor: sample the GPU with NVML into the telemetry ("gpu" records); default: on CUDA.
+    loaded: a LoadedModel to reuse (tests), passed to LLMEngine.
+
+    The engine's failure (an exception in a step) ends the run: the result carries `error` and the
+    telemetry up to then. Other exceptions propagate.
+    """
+    preset = as_preset(preset)
+    telemetry = ListSink()
+    recorder = JsonlRecorder(record) if record is not None else None
+    tee = Tee(telemetry, recorder, sink)
+    own_engine = engine is None
+    if own_engine:
+        kwargs = {"loaded": loaded} if loaded is not None else {}
+        engine = AsyncEngine(build_engine_for_preset(preset, overrides, sink=tee, **kwargs))
+        previous_sink = None
+    else:
+        previous_sink = engine.engine.sink
+        await _set_sink(engine, Tee(previous_sink, tee))
+    llm = engine.engine
+    initial_config = llm.target_config.to_dict()
+    engine_info = llm.config_snapshot()["engine"] | {"max_model_len": llm.max_model_len}
+    if recorder is not None:
+        recorder("config", llm.config_snapshot())
+        recorder("action", {"op": "replay", "preset": preset.name, "description": preset.description,
+                            "speed": speed, "duration_scale": duration_scale, "source": source, "time": 0.0,
+                            "iteration": llm.iteration, "ok": True, "config": initial_config})
+
+    def on_action(action: AppliedAction) -> None:
+        if recorder is not None and action.status != "skipped":
+            recorder("action", action_record(action, source))
+
+    driver = PresetDriver(engine, preset, speed=speed, duration_scale=duration_scale, source=source,
+                          restart_clock=own_engine, on_action=on_action)
+    if on_start is not None:
+        on_start(driver)
+    monitor = None
+    if gpu_monitor or (gpu_monitor is None and llm.device.type == "cuda"):
+        from engine.gpu_monitor import GpuMonitor
+
+        monitor = GpuMonitor(device_index=llm.device.index or 0, kv_pool_bytes=llm.kv_cache.num_bytes,
+                             clock=llm.clock)
+        monitor.start(tee)
+
+    async def report_progress() -> None:
+        while True:
+            progress(driver)
+            await asyncio.sleep(progress_interval)
+
+    ticker = asyncio.create_task(report_progress()) if progress is not None else None
+    error = None
+    t0 = time.perf_counter()
+    try:
+        await driver.run()
+    except Exception as exc:  # noqa: BLE001 - the engine's own failure ends the run with a report
+        if engine.error is None or exc is not engine.error:
+            raise
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        wall = time.perf_counter() - t0
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            progress(driver)
+        if monitor is not None:
+            monitor.stop()
+        if own_engine:
+            await engine.stop()
+        else:
+            await _set_sink(engine, previous_sink)
+        if recorder is not None:
+            recorder.close()
+    return ReplayResult(preset=driver.preset, driver=driver, telemetry=telemetry, initial_config=initial_config,
+                        engine_info=engine_info, speed=speed, duration_scale=duration_scale, wall_time_s=wall,
+                        error=error)
+
+
+async def _set_sink(engine: AsyncEngine, sink: Callable[[str, Any], None]) -> None:
+    """Swap the engine's sink between iterations (directly when its worker is not running)."""
+    if engine.running:
+        await engine.call(lambda e: setattr(e, "sink", sink))
+    else:
+        engine.engine.sink = sink
+
+
+def run_preset(preset: Preset | str | Path, **kwargs: Any) -> ReplayResult:
+    """`run_preset_async` from synchronous code (its own event loop)."""
+    return asyncio.run(run_preset_async(preset, **kwargs))
+
+
+def progress_printer(stream: IO[str] | None = None, enabled: bool | None = None) -> Callable[[PresetDriver], None]:
+    """A `progress` callback drawing engine/progress.py's bar: finished/total, time and iteration."""
+    from engine.progress import ProgressBar
+
+    bar: ProgressBar | None = None
+    closed = False
+
+    def update(driver: PresetDriver) -> None:
+        nonlocal bar, closed
+        if closed:
+            return
+        if bar is None:
+            bar = ProgressBar(driver.total, f"replay {driver.preset.name}", stream or sys.stderr, enabled)
+        bar.total = max(1, driver.total)
+        llm = driver.engine.engine
+        bar.update(driver.finished, f"t={llm.clock():.1f}s it={llm.iteration}", force=driver.done)
+        if driver.done:
+            bar.close()
+            closed = True
+
+    return update
+
+
+__all__ = ["JsonlRecorder", "ReplayResult", "Tee", "as_preset", "progress_printer", "record_dict",
+           "run_preset", "run_preset_async", "scale_preset"]

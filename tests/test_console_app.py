@@ -1,0 +1,285 @@
+"""Pilot tests of the console against a deterministic fake client: every steering path, valid and
+invalid, through the palette, the config panel and the keys; freeze; replay read-only.
+
+`palette()`, `wait_for()` and `set_in_panel()` are shared with the in-process and attached tests."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+import pytest
+from textual.command import CommandInput, CommandList, CommandPalette
+from textual.widgets import Input, Select
+
+from console.app import ConsoleApp
+from console.client import FakeClient
+from console.demo import synthetic_session
+from console.screens.config_screen import ConfigScreen
+
+SIZE = (120, 40)
+
+
+@pytest.fixture
+def busy_process_pilot(monkeypatch):
+    """Pilot waits after each key for the *process* to go idle (up to 1 s); with a real engine thread
+    computing in the same process it never does. The tests wait for what they need themselves."""
+    import textual.app
+    import textual.pilot
+
+    async def brief_idle(min_sleep: float = 0.0, max_sleep: float = 1.0) -> None:
+        await asyncio.sleep(0.01)
+
+    monkeypatch.setattr(textual.app, "wait_for_idle", brief_idle)
+    monkeypatch.setattr(textual.pilot, "wait_for_idle", brief_idle)
+
+
+async def wait_for(pilot, predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await pilot.pause(0.02)
+
+
+async def palette(pilot, text: str, *, choose: bool = True) -> list[str]:
+    """Open the command palette, type `text`, wait for the hits, choose the first; returns the hits."""
+    app = pilot.app
+    await pilot.press("ctrl+p")
+    await wait_for(pilot, lambda: isinstance(app.screen, CommandPalette), what="the palette")
+    app.screen.query_one(CommandInput).value = text
+    commands = app.screen.query_one(CommandList)
+    def answered() -> bool:  # the hits for this query (not the discovery list shown before it)
+        return commands.option_count > 0 and str(commands.get_option_at_index(0).prompt).split("\n")[0] == text
+
+    await wait_for(pilot, answered, what=f"palette hits for {text!r}")
+    hits = [str(commands.get_option_at_index(i).prompt) for i in range(commands.option_count)]
+    await pilot.press("enter" if choose else "escape")
+    await wait_for(pilot, lambda: not isinstance(app.screen, CommandPalette), what="the palette to close")
+    await pilot.pause()
+    return hits
+
+
+async def set_in_panel(pilot, values: dict[str, Any], *, apply: bool = True) -> ConfigScreen:
+    """Open the config panel (c), set widgets, press Apply; returns the screen."""
+    app = pilot.app
+    await pilot.press("c")
+    screen = await wait_for(pilot, lambda: isinstance(app.screen, ConfigScreen) and app.screen, what="config panel")
+    for key, value in values.items():
+        widget = screen.query_one(f"#cfg-{key}")
+        if isinstance(widget, Select):
+            widget.value = value
+        else:
+            assert isinstance(widget, Input)
+            widget.value = str(value)
+    await pilot.pause()
+    if apply:
+        await pilot.click("#config-apply")
+        await pilot.pause()
+    return screen
+
+
+def notes(app) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+def log_texts(app) -> list[str]:
+    return [line.text for line in app.state.log]
+
+
+def fake_app(**kw) -> tuple[ConsoleApp, FakeClient]:
+    client = FakeClient()
+    client.feed(synthetic_session(200, change_at=None))
+    return ConsoleApp(client, refresh_hz=0, **kw), client
+
+
+async def test_palette_applies_a_valid_setting_and_logs_its_iteration():
+    app, client = fake_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.tick()
+        hits = await palette(pilot, "policy sjf")
+        assert hits[0].startswith("policy sjf")
+        await wait_for(pilot, lambda: ("set", {"policy": "sjf"}) in client.calls, what="the set call")
+        app.tick()
+        assert app.state.config["policy"] == "sjf"
+        assert any("policy=sjf → it 200" in t for t in log_texts(app)), log_texts(app)
+        assert any("took effect at iteration 200" in n for n in notes(app))
+        for text, change in [("max_num_seqs 16", {"max_num_seqs": 16}), ("batching static", {"batching": "static"})]:
+            await palette(pilot, text)  # the other settings parse the same way (tests/test_console_units.py)
+            await wait_for(pilot, lambda: ("set", change) in client.calls, what=f"set {change}")
+        app.tick()
+        assert app.state.config["max_num_seqs"] == 16 and app.state.config["batching"] == "static"
+
+
+async def test_palette_refuses_invalid_values_and_applies_nothing():
+    app, client = fake_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.tick()
+        for text, why in [("max_num_seqs 9999", "an integer in [1, 256]"), ("policy lifo", "one of fcfs, sjf"),
+                          ("chunk_size 4096", "max_batched_tokens=512")]:
+            hits = await palette(pilot, text)
+            assert len(hits) == 1 and "refused" in hits[0]
+            assert any(why in n for n in notes(app)), (text, notes(app))
+        assert not [c for c in client.calls if c[0] == "set"]
+        assert sum("refused:" in t for t in log_texts(app)) == 3
+        assert app.state.config["max_num_seqs"] == 8
+
+
+async def test_palette_actions_pause_resume_burst_freeze():
+    app, client = fake_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.tick()
+        await palette(pilot, "pause engine")
+        await wait_for(pilot, lambda: ("pause", None) in client.calls, what="pause")
+        await palette(pilot, "resume engine")
+        await wait_for(pilot, lambda: ("resume", None) in client.calls, what="resume")
+        await palette(pilot, "submit burst")
+        await wait_for(pilot, lambda: any(c[0] == "submit" for c in client.calls), what="submit")
+        await palette(pilot, "freeze display")
+        assert app.frozen
+
+
+async def test_config_panel_shows_bounds_applies_valid_and_refuses_invalid():
+    app, client = fake_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.tick()
+        screen = await set_in_panel(pilot, {}, apply=False)
+        bounds = [str(label.render()) for label in screen.query(".config-bounds")]
+        assert "1..256" in bounds and "1..512" in bounds and "fcfs | sjf | slo | fair | priority" in bounds
+        await pilot.press("escape")
+        await pilot.pause()
+        # invalid: chunk_size above the token budget -> refused in the panel, nothing sent
+        screen = await set_in_panel(pilot, {"chunk_size": 600})
+        assert isinstance(app.screen, ConfigScreen)
+        assert "chunk_size=600 is not allowed" in str(screen.query_one("#config-error").render())
+        screen.query_one("#cfg-max_num_seqs", Input).value = ""
+        await pilot.press("ctrl+s")  # Apply's key (the button ignores a second click within 0.2 s)
+        await pilot.pause()
+        assert "max_num_seqs='' is not allowed: a value in 1..256" in str(screen.query_one("#config-error").render())
+        assert not [c for c in client.calls if c[0] == "set"]
+        await pilot.press("escape")
+        await pilot.pause()
+        # valid: several settings at once, one change
+        await set_in_panel(pilot, {"policy": "fair", "max_num_seqs": 4, "max_batched_tokens": 1024, "chunk_size": 600})
+        await wait_for(pilot, lambda: [c for c in client.calls if c[0] == "set"], what="set")
+        (call,) = [c for c in client.calls if c[0] == "set"]
+        assert call[1] == {"policy": "fair", "max_num_seqs": 4, "max_batched_tokens": 1024, "chunk_size": 600}
+        assert not isinstance(app.screen, ConfigScreen)
+
+
+async def test_keys_pause_burst_abort_freeze_zoom():
+    app, client = fake_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.tick()
+        await pilot.press("p")
+        await wait_for(pilot, lambda: ("pause", None) in client.calls, what="pause")
+        app.tick()
+        assert app.state.paused
+        await pilot.press("p")
+        await wait_for(pilot, lambda: ("resume", None) in client.calls, what="resume")
+        await pilot.press("b")
+        await wait_for(pilot, lambda: any(c[0] == "submit" for c in client.calls), what="burst")
+        (burst,) = [c[1] for c in client.calls if c[0] == "submit"]
+        assert len(burst) == app.burst_size and all(r["tenant"] == "console" for r in burst)
+        table = app.query_one("#requests")
+        assert table.row_count > 0
+        table.move_cursor(row=1)
+        selected = table.selected_request_id
+        await pilot.press("x")
+        await wait_for(pilot, lambda: ("abort", selected) in client.calls, what="abort")
+        assert any(f"aborted {selected}" in t for t in log_texts(app))
+        # freeze: telemetry is still taken in, the screen does not change
+        await pilot.press("f")
+        assert app.frozen
+        painted = app.paints
+        client.feed(synthetic_session(260, change_at=None)[-50:])
+        app.tick()
+        assert app.paints == painted and app.state.counts["iteration"] > 200
+        await pilot.press("f")
+        assert not app.frozen and app.paints > painted
+        await pilot.press("z")
+        assert app.per_iteration
+
+
+async def test_abort_without_a_selection_is_refused():
+    client = FakeClient()
+    app = ConsoleApp(client, refresh_hz=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("x")
+        await pilot.pause()
+        assert not client.calls and any("no request selected" in n for n in notes(app))
+
+
+async def test_engine_refusal_is_reported(monkeypatch):
+    """A change that passes local checks but the engine refuses (e.g. a newer bound) is reported."""
+    from console.client import CommandResult
+
+    app, client = fake_app()
+
+    async def refuse(changes):
+        client.calls.append(("set", dict(changes)))
+        return CommandResult(False, "set", error="max_num_seqs=200 is not allowed: an integer in [1, 64]")
+
+    monkeypatch.setattr(client, "set", refuse)
+    async with app.run_test(size=SIZE) as pilot:
+        app.tick()
+        await palette(pilot, "max_num_seqs 200")
+        await wait_for(pilot, lambda: any("[1, 64]" in n for n in notes(app)), what="the refusal")
+        assert any("engine refused max_num_seqs=200" in t for t in log_texts(app))
+        assert app.state.config["max_num_seqs"] == 8
+
+
+async def test_records_actions(tmp_path):
+    from console.recorder import Recorder
+    import json
+
+    path = tmp_path / "rec.jsonl"
+    app, client = fake_app(recorder=Recorder(path))
+    async with app.run_test(size=SIZE) as pilot:
+        app.tick()
+        await palette(pilot, "policy slo")
+        await wait_for(pilot, lambda: ("set", {"policy": "slo"}) in client.calls, what="set")
+        await palette(pilot, "max_num_seqs 0")
+        await pilot.press("f")
+        await app.shutdown()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    actions = [line for line in lines if line["type"] == "action"]
+    assert [(a["op"], a.get("ok")) for a in actions] == [("set", True), ("set", False), ("freeze", None)]
+    assert actions[0]["applied_iteration"] == 200 and actions[0]["changes"] == {"policy": "slo"}
+    assert "[1, 256]" in actions[1]["error"] and actions[0]["origin"] == "palette"
+    assert sum(line["type"] == "iteration" for line in lines) == 200
+    change = [line for line in lines if line["type"] == "event" and line["kind"] == "config_change"]
+    assert change and change[0]["applied_iteration"] == 200 and change[0]["source"] == "console"
+
+
+async def test_replay_plays_and_refuses_steering(tmp_path):
+    from console.player import ReplayClient
+    from console.recorder import Recorder
+
+    path = tmp_path / "rec.jsonl"
+    rec = Recorder(path)
+    rec.write_messages(synthetic_session(300))
+    rec.close()
+    client = ReplayClient(path, autoplay=False)
+    app = ConsoleApp(client, refresh_hz=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app.tick()
+        await pilot.press("full_stop")  # seek +5 s
+        assert app.state.latest is not None and app.state.latest.time <= client.start_time + 5.0
+        seen = app.state.latest.iteration
+        await pilot.press("comma")  # back 5 s: the dashboard restarts and fast-forwards
+        app.tick()
+        assert app.state.latest is None or app.state.latest.iteration < seen
+        await pilot.press("space")
+        assert client.playing
+        await pilot.press("plus")
+        assert client.speed == 2.0
+        await palette(pilot, "policy sjf")
+        assert any("no engine to steer" in n for n in notes(app))
+        await pilot.press("p")  # steering keys do nothing in a replay
+        await pilot.pause()
+        assert not any("pause refused" in n for n in notes(app))

@@ -1,0 +1,134 @@
+"""The Triton paged-attention backend against the torch reference (the oracle), on random shapes.
+
+Runs on a CUDA machine; skipped without one. Each case draws a fresh random iteration: decode rows
+and prefill chunks with prior cached context, random block tables over a shuffled pool, GQA
+ratios, head dims 64/128 (and small ones), block sizes 1..32. The K/V write must match exactly,
+attention within bf16 tolerance (float32: tight). The padded variant (extra tokens with slot -1,
+extra rows with no tokens, as CUDA graphs replay them) must give the same results.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.attention.metadata import AttentionMetadata
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+HEADS = [(8, 8), (16, 8), (32, 8), (14, 2), (12, 4), (4, 1)]
+
+
+def make_case(seed: int, device, dtype, num_heads: int, kvh: int, d: int, bs: int, *, max_ctx: int = 300,
+              max_chunk: int = 160, pad_tokens: int = 0, pad_rows: int = 0, sliding_window: int | None = None):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n_dec, n_pre = rng.randint(0, 6), rng.randint(0, 4)
+    if n_dec + n_pre == 0:
+        n_dec = 1
+    rows = [(rng.randint(0, max_ctx), 1) for _ in range(n_dec)]
+    rows += [(rng.choice([0, rng.randint(1, max_ctx)]), rng.randint(2, max_chunk)) for _ in range(n_pre)]
+    seqs = [c + q for c, q in rows]
+    nblocks = [-(-s // bs) for s in seqs]
+    num_blocks = sum(nblocks) + 7
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, at = [], 0
+    for n in nblocks:
+        tables.append(perm[at:at + n])
+        at += n
+    width = max(nblocks) + rng.randint(0, 3)
+    bt = torch.zeros(len(rows) + pad_rows, width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        bt[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+    slots = []
+    for (c, q), t in zip(rows, tables):
+        slots += [t[p // bs] * bs + p % bs for p in range(c, c + q)]
+    t_real = len(slots)
+    slots += [-1] * pad_tokens
+    qlens = [q for _, q in rows]
+    cu = [0]
+    for q in qlens:
+        cu.append(cu[-1] + q)
+    cu += [cu[-1]] * pad_rows
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    t_all = t_real + pad_tokens
+    cache_shape = (num_blocks, bs, kvh, d)
+    case = dict(
+        query=rand(t_all, num_heads, d), key=rand(t_all, kvh, d), value=rand(t_all, kvh, d),
+        k_cache=rand(*cache_shape), v_cache=rand(*cache_shape),
+    )
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=bt.to(device),
+        query_start_loc=torch.tensor(cu, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seqs + [0] * pad_rows, dtype=torch.int32, device=device),
+        context_lens=torch.tensor([c for c, _ in rows] + [0] * pad_rows, dtype=torch.int32, device=device),
+        num_decodes=n_dec, max_query_len=max(qlens), max_seq_len=max(seqs), block_size=bs,
+        query_lens_host=qlens + [0] * pad_rows, seq_lens_host=seqs + [0] * pad_rows,
+    )
+    ref_meta = AttentionMetadata(
+        slot_mapping=meta.slot_mapping[:t_real], block_tables=meta.block_tables[:len(rows)],
+        query_start_loc=meta.query_start_loc[:len(rows) + 1], seq_lens=meta.seq_lens[:len(rows)],
+        context_lens=meta.context_lens[:len(rows)], num_decodes=n_dec, max_query_len=max(qlens),
+        max_seq_len=max(seqs), block_size=bs, query_lens_host=qlens, seq_lens_host=seqs,
+    )
+    return case, meta, ref_meta, t_real, sliding_window
+
+
+def run_case(case, meta, ref_meta, t_real, sliding_window, scaling):
+    from engine.attention.torch_backend import TorchReferenceBackend
+    from engine.attention.triton_backend import TritonBackend
+
+    kc_ref, vc_ref = case["k_cache"].clone(), case["v_cache"].clone()
+    ref = TorchReferenceBackend().forward(case["query"][:t_real], case["key"][:t_real], case["value"][:t_real],
+                                          kc_ref, vc_ref, ref_meta, scaling, sliding_window)
+    kc, vc = case["k_cache"].clone(), case["v_cache"].clone()
+    out = TritonBackend().forward(case["query"], case["key"], case["value"], kc, vc, meta, scaling, sliding_window)
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), "K/V write differs from the reference"
+    got, want = out[:t_real].double(), ref.double()
+    assert torch.isfinite(got).all(), "non-finite attention output"
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def _check(seed, dtype, heads, d, bs, tol, **kw):
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    case = make_case(seed, device, dtype, heads[0], heads[1], d, bs, **kw)
+    err = run_case(*case, scaling=d ** -0.5)
+    assert err < tol, f"relative error {err:.2e} >= {tol} (seed {seed}, {dtype}, heads {heads}, d {d}, bs {bs}, {kw})"
+    return err
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_bf16_random_shapes(seed):
+    rng = random.Random(1000 + seed)
+    _check(seed, torch.bfloat16, rng.choice(HEADS), rng.choice([64, 128]), rng.choice([1, 4, 8, 16, 32]), 2e-2)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_float32_tight(seed):
+    rng = random.Random(2000 + seed)
+    _check(seed, torch.float32, rng.choice(HEADS), rng.choice([16, 32, 64, 128]), rng.choice([2, 16]), 1e-5)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_padded_rows_and_tokens_as_graphs_replay_them(seed):
+    rng = random.Random(3000 + seed)
+    _check(seed, torch.bfloat16, rng.choice(HEADS), 128, 16, 2e-2, pad_tokens=rng.randint(1, 40),
+           pad_rows=rng.randint(1, 9))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sliding_window(seed):
+    rng = random.Random(4000 + seed)
+    _check(seed, torch.bfloat16, rng.choice(HEADS), 64, 16, 2e-2, sliding_window=rng.randint(1, 100))
+
+
+def test_long_context_decode_batch():
+    """Many decode rows over long contexts (the shape of benchmark decode iterations)."""
+    _check(7, torch.bfloat16, (16, 8), 128, 16, 2e-2, max_ctx=3000, max_chunk=2)
