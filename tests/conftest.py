@@ -1,4 +1,8 @@
 import pytest
+import torch
+
+# Tiny models: one intra-op thread is faster and steadier than several on a small machine.
+torch.set_num_threads(1)
 
 from tests.helpers import save_tiny_model
 

@@ -50,3 +50,12 @@ def test_eos_and_stop_tokens_stop(model_dirs):
     r = e.add_request("stop", [1, 2, 3], SamplingParams(max_tokens=10, stop_token_ids=(tok,), ignore_eos=True))
     e.run_until_done()
     assert r.output_token_ids == first.output_token_ids[:2] and r.finish_reason.value == "stop"
+
+
+def test_out_of_range_seed_is_refused_up_front():
+    import pytest
+
+    from engine.request import RequestError
+
+    with pytest.raises(RequestError, match="seed must be an integer"):
+        SamplingParams(temperature=1.0, seed=2**64).validate()

@@ -1,0 +1,351 @@
+"""`batchdeck engine`: the engine without a UI, serving a preset and/or requests over MQTT.
+
+    batchdeck engine --model M [--preset P] [--mqtt HOST[:PORT]] [--engine-id ID] [--device ...]
+                     [sizing flags as in generate] [--read-only] [--mqtt-username U --mqtt-password P]
+                     [--mqtt-tls --mqtt-ca FILE ...] [--status-interval S]
+
+- With `--preset`, its workload is served (open-loop requests at their arrival times on the engine
+  clock, closed-loop clients re-issuing on finish) and its timeline applied (`set` with source
+  "preset", pause/resume), through `engine.preset_driver.PresetDriver`. Sizing and live settings
+  come from the preset; flags given on the command line override them.
+- With `--mqtt`, telemetry is published and control obeyed (engine/mqtt_bridge.py) until SIGINT or
+  SIGTERM; the preset (if any) runs meanwhile. Without `--mqtt` the preset runs to its end and the
+  command exits.
+- Every `--status-interval` seconds a vLLM-style status line goes to stderr.
+- On SIGINT/SIGTERM: stop admitting (preset and MQTT submits), give in-flight requests up to
+  `--drain-timeout` seconds (default 0) to finish, abort the rest (listed on stderr; each also
+  produces a RequestRecord with finish_reason "abort"), flush telemetry, publish the retained
+  "offline", exit 0. A second signal exits at once (status 130).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from typing import Any, TextIO
+
+from engine.cli import add_engine_flags
+
+ENGINE_FLAG_DESTS = ("model", "device", "dtype", "max_num_seqs", "max_batched_tokens", "chunk_size", "block_size",
+                     "num_blocks", "gpu_memory_fraction", "policy", "batching", "mixing", "attention_backend", "seed")
+PROG = "batchdeck engine"
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "engine", help="run the engine headless: a preset's workload and/or MQTT telemetry and control",
+        description="Run the engine without a UI. Serves a preset's workload (--preset) and requests submitted "
+                    "over MQTT (--mqtt), publishes telemetry, obeys control commands, prints a periodic "
+                    "status line; SIGINT/SIGTERM aborts in-flight requests, publishes offline and exits 0.")
+    add_engine_flags(p)
+    # Engine flags default to None here so a preset's settings apply unless the flag is given.
+    p.set_defaults(**{dest: None for dest in ENGINE_FLAG_DESTS})
+    p.add_argument("--preset", default=None, help="a shipped preset's name or a preset YAML file")
+    p.add_argument("--speed", type=float, default=1.0, help="play the preset this many times faster")
+    p.add_argument("--duration-scale", type=float, default=1.0, help="shorten (<1) or stretch the preset")
+    p.add_argument("--mqtt", default=None, metavar="HOST[:PORT]", help="MQTT broker (default port 1883)")
+    p.add_argument("--engine-id", default=None, help="topic prefix batchdeck/<ID> (default: the host name)")
+    p.add_argument("--read-only", action="store_true", help="refuse every control command that changes anything")
+    p.add_argument("--mqtt-username", default=None)
+    p.add_argument("--mqtt-password", default=None,
+                   help="broker password (default: $BATCHDECK_MQTT_PASSWORD)")
+    p.add_argument("--mqtt-tls", action="store_true", help="connect with TLS (system CAs unless --mqtt-ca)")
+    p.add_argument("--mqtt-ca", default=None, metavar="FILE", help="CA certificate(s) to trust (implies TLS)")
+    p.add_argument("--mqtt-cert", default=None, metavar="FILE", help="client certificate (implies TLS)")
+    p.add_argument("--mqtt-key", default=None, metavar="FILE", help="client certificate's key")
+    p.add_argument("--mqtt-tls-insecure", action="store_true", help="do not check the broker's host name")
+    p.add_argument("--status-interval", type=float, default=5.0, help="seconds between status lines (0: none)")
+    p.add_argument("--gpu-interval", type=float, default=1.0, help="seconds between GPU samples over MQTT (0: none)")
+    p.add_argument("--drain-timeout", type=float, default=0.0,
+                   help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before aborting them")
+    p.set_defaults(func=_cmd_engine)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _default_engine_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.:-]", "-", socket.gethostname() or "engine")[:100]
+    return host or "engine"
+
+
+def _flag_defaults() -> dict[str, Any]:
+    p = argparse.ArgumentParser()
+    add_engine_flags(p)
+    return {a.dest: a.default for a in p._actions if a.dest in ENGINE_FLAG_DESTS}
+
+
+def engine_setup(args: argparse.Namespace):
+    """(EngineConfig, LiveConfig, Preset | None): the preset's settings under the flags given."""
+    import torch
+
+    from engine.cli import engine_configs
+
+    explicit = {d: getattr(args, d, None) for d in ENGINE_FLAG_DESTS if getattr(args, d, None) is not None}
+    preset = None
+    if args.preset is not None:
+        from engine.preset_driver import preset_configs
+        from presets import load_preset, resolve_preset
+
+        preset = load_preset(resolve_preset(args.preset))
+        overrides = dict(explicit)
+        if "device" not in explicit and "device" not in preset.engine:
+            overrides["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        device = overrides.get("device", preset.engine.get("device", "cpu"))
+        if "dtype" not in explicit and "dtype" not in preset.engine:
+            overrides["dtype"] = "bfloat16" if str(device).startswith("cuda") else "float32"
+        cfg, live = preset_configs(preset, overrides)
+        return cfg, live, preset
+    filled = argparse.Namespace(**{**vars(args), **{d: v for d, v in _flag_defaults().items() if d not in explicit}})
+    cfg, live = engine_configs(filled)
+    return cfg, live, None
+
+
+def mqtt_settings(args: argparse.Namespace):
+    from engine.mqtt_bridge import MqttSettings, parse_broker
+
+    host, port = parse_broker(args.mqtt)
+    password = args.mqtt_password if args.mqtt_password is not None else os.environ.get("BATCHDECK_MQTT_PASSWORD")
+    tls = bool(args.mqtt_tls or args.mqtt_ca or args.mqtt_cert)
+    for flag, path in (("--mqtt-ca", args.mqtt_ca), ("--mqtt-cert", args.mqtt_cert), ("--mqtt-key", args.mqtt_key)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    return MqttSettings(host=host, port=port, username=args.mqtt_username, password=password, tls=tls,
+                        ca_certs=args.mqtt_ca, certfile=args.mqtt_cert, keyfile=args.mqtt_key,
+                        tls_insecure=args.mqtt_tls_insecure)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from engine.mqtt_bridge import check_engine_id
+
+    if args.preset is None and args.mqtt is None:
+        raise ValueError("nothing to serve: give --preset P (runs it and exits) and/or --mqtt HOST:PORT "
+                         "(serves control and telemetry until SIGINT/SIGTERM)")
+    for name in ("status_interval", "gpu_interval", "drain_timeout"):
+        value = getattr(args, name)
+        if not value >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 seconds, got {value!r}")
+    for name in ("speed", "duration_scale"):
+        value = getattr(args, name)
+        if not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value!r}")
+    if args.engine_id is not None:
+        check_engine_id(args.engine_id)
+    if args.read_only and args.mqtt is None:
+        raise ValueError("--read-only applies to MQTT control; give --mqtt HOST:PORT too")
+
+
+def _cmd_engine(args: argparse.Namespace) -> int:
+    _check_args(args)
+    settings = mqtt_settings(args) if args.mqtt is not None else None
+    cfg, live, preset = engine_setup(args)
+
+    from engine.bus import Bus
+    from engine.llm_engine import LLMEngine
+
+    bus = Bus()
+    t0 = time.monotonic()
+    engine = LLMEngine(cfg, live, sink=bus)
+    _say(f"model {cfg.model} on {cfg.device} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
+         f"{engine.blocks.num_blocks} KV blocks of {cfg.block_size} tokens; "
+         + (f"preset {preset.name}" if preset else "no preset")
+         + (f"; MQTT {settings.host}:{settings.port}" if settings else ""))
+    runner = HeadlessRunner(engine, bus, preset=preset, settings=settings,
+                            engine_id=args.engine_id or _default_engine_id(), read_only=args.read_only,
+                            status_interval=args.status_interval, gpu_interval=args.gpu_interval,
+                            drain_timeout=args.drain_timeout, speed=args.speed, duration_scale=args.duration_scale)
+    return asyncio.run(runner.run())
+
+
+def _say(line: str, out: TextIO | None = None) -> None:
+    print(f"{PROG}: {line}", file=out or sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class HeadlessRunner:
+    """Owns one headless run: AsyncEngine, optional PresetDriver and MqttBridge, status lines, shutdown."""
+
+    def __init__(self, engine: Any, bus: Any, *, preset: Any = None, settings: Any = None, engine_id: str = "engine",
+                 read_only: bool = False, status_interval: float = 5.0, gpu_interval: float = 1.0,
+                 drain_timeout: float = 0.0, speed: float = 1.0, duration_scale: float = 1.0,
+                 out: TextIO | None = None, install_signals: bool = True):
+        from engine.async_engine import AsyncEngine
+
+        self.llm = engine
+        self.bus = bus
+        self.engine = AsyncEngine(engine)
+        self.preset = preset
+        self.settings = settings
+        self.engine_id = engine_id
+        self.read_only = read_only
+        self.status_interval = status_interval
+        self.gpu_interval = gpu_interval
+        self.drain_timeout = drain_timeout
+        self.speed = speed
+        self.duration_scale = duration_scale
+        self.out = out or sys.stderr
+        self.install_signals = install_signals
+        self.stop_event: asyncio.Event | None = None
+        self.signal_name: str | None = None
+        self.driver: Any = None
+        self.bridge: Any = None
+        self.aborted: list[str] = []
+
+    def say(self, line: str) -> None:
+        _say(line, self.out)
+
+    def request_stop(self, why: str = "stop") -> None:
+        if self.stop_event is None:
+            return
+        if self.stop_event.is_set():
+            self.say(f"{why} again: exiting now")
+            os._exit(130)
+        self.signal_name = why
+        self.stop_event.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        if self.install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.request_stop, sig.name)
+        await self.engine.start()
+        await self.engine.call(lambda e: e.restart_clock())
+        background: list[asyncio.Task] = []
+        status_sub = self.bus.subscribe({"iteration", "request"}, maxsize=8192, name="status-line")
+        if self.status_interval > 0:
+            background.append(asyncio.create_task(self._status_loop(status_sub)))
+        if self.settings is not None:
+            from engine.mqtt_bridge import MqttBridge
+
+            self.bridge = MqttBridge(self.engine, self.bus, self.engine_id, self.settings, read_only=self.read_only,
+                                     log=self.say)
+            await self.bridge.start()
+            if self.gpu_interval > 0:
+                from engine.gpu_monitor import GpuMonitor
+
+                monitor = GpuMonitor(interval_s=self.gpu_interval, kv_pool_bytes=self.llm.kv_cache.num_bytes,
+                                     clock=self.llm.clock)
+                background.append(asyncio.create_task(monitor.run(self.bus.publish)))
+        driver_task = None
+        if self.preset is not None:
+            from engine.preset_driver import PresetDriver
+
+            self.driver = PresetDriver(self.engine, self.preset, speed=self.speed, duration_scale=self.duration_scale,
+                                       restart_clock=False)
+            driver_task = asyncio.create_task(self.driver.run())
+        rc = 0
+        try:
+            rc = await self._wait(driver_task)
+        finally:
+            await self._shutdown(driver_task, background, status_sub)
+        return rc
+
+    async def _wait(self, driver_task: asyncio.Task | None) -> int:
+        assert self.stop_event is not None
+        stopper = asyncio.create_task(self.stop_event.wait())
+        try:
+            if driver_task is not None:
+                await asyncio.wait([driver_task, stopper], return_when=asyncio.FIRST_COMPLETED)
+                if driver_task.done():
+                    exc = driver_task.exception()
+                    if exc is not None:
+                        self.say(f"the preset run failed: {type(exc).__name__}: {exc}")
+                        return 1
+                    p = self.driver.progress()
+                    self.say(f"preset {self.preset.name} finished: {p['finished']} request(s) "
+                             f"({p['rejected']} rejected)"
+                             + ("; serving MQTT until SIGINT/SIGTERM" if self.bridge is not None else ""))
+                    if self.bridge is None:
+                        return 0
+            await stopper
+            return 0
+        finally:
+            stopper.cancel()
+
+    async def _shutdown(self, driver_task: asyncio.Task | None, background: list[asyncio.Task],
+                        status_sub: Any) -> None:
+        why = self.signal_name or "done"
+        if self.bridge is not None:
+            self.bridge.control.stop_admitting()
+        if driver_task is not None and not driver_task.done():
+            driver_task.cancel()
+            await asyncio.gather(driver_task, return_exceptions=True)
+        if self.drain_timeout > 0 and self.llm.has_unfinished:
+            deadline = time.monotonic() + self.drain_timeout
+            while self.llm.has_unfinished and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        if self.engine.running:
+            self.aborted = await self.engine.call(_abort_all)
+            for rid in self.aborted:
+                self.engine.deliver_abort(rid)
+        if self.aborted:
+            more = len(self.aborted) - 20
+            shown = ", ".join(self.aborted[:20]) + (f", ... ({more} more)" if more > 0 else "")
+            self.say(f"{why}: aborted {len(self.aborted)} in-flight request(s): {shown}")
+        elif why != "done":
+            self.say(f"{why}: no request was in flight")
+        for t in background:
+            t.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        self._print_status(status_sub, final=True)
+        if self.bridge is not None:
+            await self.bridge.close()
+            stats = self.bridge.stats()
+            ending = ("offline published" if self.bridge.offline_published else
+                      "never connected" if not stats["connects"] else "offline not published (broker away)")
+            self.say(f"mqtt: published {stats['published']} message(s), dropped {stats['dropped']}; {ending}")
+        status_sub.close()
+        await self.engine.stop()
+        if self.engine.error is not None:
+            self.say(f"the engine failed: {type(self.engine.error).__name__}: {self.engine.error}")
+
+    # -- status line ----------------------------------------------------------------------------
+    def _feed(self, sub: Any) -> int:
+        msgs = sub.drain()
+        for m in msgs:
+            self._window.add(m.topic, m.record)
+        return len(msgs)
+
+    def _print_status(self, sub: Any, final: bool = False) -> None:
+        from engine.metrics import status_line
+
+        if not hasattr(self, "_window"):
+            return
+        self._feed(sub)
+        line = status_line(self._window.snapshot(self.llm.clock()))
+        print(f"{PROG}: {'final: ' if final else ''}{line}", file=self.out, flush=True)
+
+    async def _status_loop(self, sub: Any) -> None:
+        from engine.metrics import MetricsWindow
+
+        self._window = MetricsWindow(window_s=max(self.status_interval, 1.0), start=0.0)
+        next_at = time.monotonic() + self.status_interval
+        fresh = 0
+        idle_printed = False
+        while True:
+            await asyncio.sleep(min(0.25, max(0.0, next_at - time.monotonic())))
+            fresh += self._feed(sub)
+            if time.monotonic() < next_at:
+                continue
+            next_at += self.status_interval
+            if fresh or not idle_printed:  # an idle engine prints one line, not one every interval
+                self._print_status(sub)
+                idle_printed = not fresh
+            fresh = 0
+
+
+def _abort_all(e: Any) -> list[str]:
+    """(In the worker thread.) Abort every unfinished request; their ids, in arrival order."""
+    ids = [r.request_id for r in sorted((r for r in e.requests.values() if not r.is_finished),
+                                        key=lambda r: (r.arrival_time, r.request_id))]
+    return [rid for rid in ids if e.abort(rid) is not None]

@@ -1,0 +1,438 @@
+"""The MQTT bridge: telemetry out, control in, for a console or recorder on another host.
+
+Topic contract (`PREFIX` = `batchdeck/<engine_id>`; the names are fixed):
+
+    PREFIX/status                  retained "online" / "offline"; the Last Will sets "offline"
+    PREFIX/config                  retained JSON: {"config", "bounds", "version", "engine", "paused"}
+                                   (LLMEngine.config_snapshot() plus the pause state), republished
+                                   after every applied change, pause/resume and reconnect
+    PREFIX/telemetry/iteration     QoS 0; one IterationRecord or a JSON list of them (batched: at
+                                   most one message per `flush_interval`)
+    PREFIX/telemetry/request       one RequestRecord per finished request
+    PREFIX/telemetry/gpu           GpuSample
+    PREFIX/telemetry/requests      (extension) the request-table snapshot {"time", "iteration", "requests"}
+    PREFIX/events                  Event records (config_change, preemption, request_rejected, error, ...)
+    PREFIX/results                 (extension) a `batchdeck generate`-style output line for each
+                                   request submitted over MQTT, when it finishes
+    PREFIX/control                 commands in (see engine/control.py)
+    PREFIX/control/reply           replies out
+
+Telemetry reaches the bridge through bounded Bus subscriptions, so the engine never waits on the
+network: iteration records (drop-oldest, `iteration_buffer`), request records / events / results
+(drop-oldest, `record_buffer`) and snapshots (coalesced: only the latest request table and GPU
+sample are kept). While the broker is away nothing is read, the buffers keep the newest records and
+count what they drop; after reconnecting the bridge republishes its retained status and config and
+flushes what was kept. Reconnection backs off exponentially from `reconnect_min` to
+`reconnect_max` seconds. `stats()` says how many records were published and dropped.
+
+`close()` publishes what is still buffered, then the retained "offline", then disconnects.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import aiomqtt
+import paho.mqtt.client as paho
+
+from engine.bus import Bus, Message, Subscription
+from engine.control import ControlHandler, reply_json
+from engine.telemetry import Event
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
+
+ENGINE_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+TELEMETRY_TOPICS = {"iteration": "telemetry/iteration", "request": "telemetry/request", "gpu": "telemetry/gpu",
+                    "requests": "telemetry/requests", "event": "events", "result": "results"}
+CONFIG_EVENTS = frozenset({"config_change", "pause", "resume"})
+_LOST = frozenset({paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST, paho.MQTT_ERR_CONN_REFUSED})
+
+
+class BrokerAddressError(ValueError):
+    pass
+
+
+def parse_broker(address: str, default_port: int = 1883) -> tuple[str, int]:
+    """'host', 'host:port' or '[v6addr]:port' -> (host, port)."""
+    address = address.strip()
+    if not address:
+        raise BrokerAddressError("--mqtt needs HOST or HOST:PORT, got an empty string")
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif address.count(":") == 1:
+        host, _, port_text = address.partition(":")
+    else:
+        host, port_text = address, ""
+    if not host:
+        raise BrokerAddressError(f"--mqtt {address!r}: the host is missing (HOST:PORT)")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise BrokerAddressError(f"--mqtt {address!r}: port must be an integer in [1, 65535], got {port_text!r}")
+    return host, int(port_text)
+
+
+def check_engine_id(engine_id: str) -> str:
+    if not isinstance(engine_id, str) or not ENGINE_ID_RE.match(engine_id):
+        raise ValueError(f"engine id {engine_id!r} must be 1-128 characters of letters, digits, '_', '.', ':' or '-' "
+                         "(it becomes a topic level: no '/', '+', '#' or spaces)")
+    return engine_id
+
+
+@dataclass
+class MqttSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_certs: str | None = None  # None with tls: the system's trusted CAs
+    certfile: str | None = None
+    keyfile: str | None = None
+    tls_insecure: bool = False  # skip the host name check (self-signed test brokers)
+    keepalive: int = 15
+    timeout: float = 5.0  # connect / publish / disconnect
+
+    def client_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"username": self.username, "password": self.password,
+                              "keepalive": self.keepalive, "timeout": self.timeout}
+        if self.tls or self.ca_certs or self.certfile:
+            kw["tls_params"] = aiomqtt.TLSParameters(ca_certs=self.ca_certs, certfile=self.certfile,
+                                                     keyfile=self.keyfile)
+            if self.tls_insecure:
+                kw["tls_insecure"] = True
+        return kw
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def to_jsonable(record: Any) -> Any:
+    """The JSON form of a telemetry record. Dataclass records (IterationRecord, RequestRecord,
+    GpuSample) are read field by field, shallowly: `dataclasses.asdict` deep-copies and costs
+    ~10x more, on the loop thread that shares the GIL with the engine. Events keep their own
+    `to_dict()` (it flattens `data`)."""
+    if isinstance(record, Event):
+        return record.to_dict()
+    cls = type(record)
+    names = _FIELDS.get(cls)
+    if names is None:
+        if not dataclasses.is_dataclass(cls):
+            to_dict = getattr(record, "to_dict", None)
+            return to_dict() if callable(to_dict) else record
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return {name: getattr(record, name) for name in names}
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode()
+
+
+async def _cancel(*tasks: asyncio.Future, timeout: float = 2.0) -> None:
+    """Cancel and wait, cancelling again while a task goes on (Python 3.11's wait_for can swallow a
+    cancellation that races with the inner future's completion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = [t for t in tasks if not t.done()]
+    while pending and loop.time() < deadline:
+        for t in pending:
+            t.cancel()
+        await asyncio.wait(pending, timeout=0.05)
+        pending = [t for t in pending if not t.done()]
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved: no "exception was never retrieved" warnings
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class MqttBridge:
+    def __init__(self, engine: "AsyncEngine", bus: Bus, engine_id: str, settings: MqttSettings, *,
+                 read_only: bool = False, control: ControlHandler | None = None,
+                 flush_interval: float = 0.1, max_batch: int = 256,
+                 iteration_buffer: int = 1024, record_buffer: int = 4096,
+                 reconnect_min: float = 0.1, reconnect_max: float = 5.0,
+                 log: Callable[[str], None] | None = _stderr):
+        self.engine = engine
+        self.bus = bus
+        self.engine_id = check_engine_id(engine_id)
+        self.settings = settings
+        self.prefix = f"batchdeck/{engine_id}"
+        self.control = control or ControlHandler(engine, read_only=read_only, source="mqtt")
+        if self.control.on_result is None:
+            self.control.on_result = lambda line: bus.publish("result", line)
+        if self.control.on_config is None:
+            self.control.on_config = self._republish_config
+        self.flush_interval = flush_interval
+        self.max_batch = max_batch
+        self.iteration_buffer = iteration_buffer
+        self.record_buffer = record_buffer
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.log = log or (lambda line: None)
+        self.connected = False
+        self.connects = 0
+        self.published = 0
+        self.publish_dropped = 0  # batches/records lost in a failed or refused publish
+        self.last_error: str | None = None
+        self.offline_published = False
+        self._client: aiomqtt.Client | None = None
+        self._subs: list[Subscription] = []
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._close_requested: asyncio.Event | None = None
+        self._config_key: tuple | None = None
+        self._last_iter_flush = 0.0
+        self._ever_connected = False
+        self._failures = 0
+
+    def topic(self, suffix: str) -> str:
+        return f"{self.prefix}/{suffix}"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Subscribe to the bus and start connecting (in the background; never waits for the broker)."""
+        if self._task is not None:
+            raise RuntimeError("MqttBridge already started")
+        self._close_requested = asyncio.Event()
+        self._subs = [
+            self.bus.subscribe({"iteration"}, maxsize=self.iteration_buffer, name="mqtt-iteration"),
+            self.bus.subscribe({"request", "event", "result"}, maxsize=self.record_buffer, name="mqtt-records"),
+            self.bus.subscribe({"requests", "gpu"}, policy="coalesce", name="mqtt-snapshots"),
+        ]
+        self._task = asyncio.create_task(self._run(), name="mqtt-bridge")
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.connected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not connected to {self.settings.host}:{self.settings.port} "
+                                   f"after {timeout} s ({self.last_error})")
+            await asyncio.sleep(0.02)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Flush buffered telemetry, publish retained "offline" and disconnect (when connected)."""
+        if self._task is None:
+            return
+        self._closing = True
+        self.control.stop_admitting()
+        await self.control.close(grace=min(0.5, timeout / 4))  # results of just-aborted requests go out
+        assert self._close_requested is not None
+        self._close_requested.set()
+        if self.connected:  # the session flushes, publishes "offline" and disconnects
+            await asyncio.wait([self._task], timeout=timeout)
+        await _cancel(self._task)  # connecting or backing off (nothing can be published), or stuck
+        for sub in self._subs:
+            sub.close()
+
+    def stats(self) -> dict[str, Any]:
+        dropped = sum(s.dropped for s in self._subs) + self.publish_dropped
+        return {"connected": self.connected, "connects": self.connects, "published": self.published,
+                "dropped": dropped, "publish_dropped": self.publish_dropped,
+                "subscriptions": [s.stats() for s in self._subs], "last_error": self.last_error}
+
+    # -- connection loop ------------------------------------------------------------------------
+    def _make_client(self) -> aiomqtt.Client:
+        s = self.settings
+        return aiomqtt.Client(
+            s.host, s.port,
+            identifier=f"batchdeck-{self.engine_id}-{os.getpid()}-{random.randrange(1 << 32):08x}",
+            will=aiomqtt.Will(self.topic("status"), b"offline", qos=1, retain=True),
+            clean_session=True, max_queued_outgoing_messages=10_000,
+            **s.client_kwargs(),
+        )
+
+    async def _run(self) -> None:
+        delay = self.reconnect_min
+        while not self._closing:
+            session = False
+            try:
+                async with self._make_client() as client:
+                    session = True
+                    self._client = client
+                    self.connects += 1
+                    self._failures = 0
+                    delay = self.reconnect_min
+                    self._config_key = None
+                    await self._on_connected(client)
+                    self.connected = True  # status "online" and the config are out
+                    self.log(f"mqtt: connected to {self.settings.host}:{self.settings.port} as {self.prefix}"
+                             + (" (reconnected)" if self._ever_connected else ""))
+                    self._ever_connected = True
+                    await self._serve(client)
+                    return  # close requested, offline published
+            except Exception as exc:  # noqa: BLE001 - MqttError or a bug: either way, reconnect
+                self.last_error = str(exc) or type(exc).__name__
+                if not isinstance(exc, aiomqtt.MqttError):
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                self._failures += 1
+                if session or self._failures == 1 or self._failures % 20 == 0:
+                    self.log(f"mqtt: {'connection lost' if session else 'cannot connect'} "
+                             f"({self.last_error}); retrying with backoff up to {self.reconnect_max:g} s")
+            finally:
+                self.connected = False
+                self._client = None
+            if self._closing:
+                return
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.reconnect_max)
+
+    async def _on_connected(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self.topic("control"), qos=1)
+        await client.publish(self.topic("status"), b"online", qos=1, retain=True)
+        await self._publish_config(client)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Run one connected session until the connection fails (raises) or close is requested."""
+        assert self._close_requested is not None
+        control = asyncio.create_task(self._control_loop(client), name="mqtt-control")
+        pumps = [asyncio.create_task(self._iteration_pump(client), name="mqtt-iterations"),
+                 asyncio.create_task(self._record_pump(client), name="mqtt-records"),
+                 asyncio.create_task(self._snapshot_pump(client), name="mqtt-snapshots")]
+        closer = asyncio.create_task(self._close_requested.wait())
+        try:
+            await asyncio.wait([control, *pumps, closer], return_when=asyncio.FIRST_COMPLETED)
+            if not closer.done():  # a pump or the control loop failed: the connection is gone
+                for t in (control, *pumps):
+                    if t.done() and not t.cancelled() and t.exception() is not None:
+                        raise t.exception()
+                raise aiomqtt.MqttError("a bridge task ended unexpectedly")
+            # Close requested: the pumps publish what is buffered and end by themselves.
+            await _cancel(control)
+            await asyncio.wait(pumps, timeout=max(0.5, self.settings.timeout - 1.0))
+            for t in pumps:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()
+        finally:
+            await _cancel(control, *pumps, closer)
+        await self._flush_all(client)
+        await client.publish(self.topic("status"), b"offline", qos=1, retain=True)
+        self.offline_published = True
+
+    # -- publishing -----------------------------------------------------------------------------
+    async def _publish(self, client: aiomqtt.Client, suffix: str, payload: bytes, *, qos: int = 0,
+                       retain: bool = False, count: int = 1) -> None:
+        """Publish; a refused or timed-out publish is counted as dropped, a lost connection raises."""
+        try:
+            await client.publish(self.topic(suffix), payload, qos=qos, retain=retain)
+            self.published += count
+        except aiomqtt.MqttCodeError as exc:
+            if exc.rc in _LOST:
+                self.publish_dropped += count
+                raise
+            self.publish_dropped += count  # e.g. the outgoing queue is full: a slow broker
+        except aiomqtt.MqttError:  # timed out waiting for the broker
+            self.publish_dropped += count
+
+    async def _publish_config(self, client: aiomqtt.Client, *, force: bool = True) -> None:
+        snap = self.engine.engine.config_snapshot()
+        snap["paused"] = self.engine.paused
+        key = (snap["version"], snap["paused"])
+        if not force and key == self._config_key:
+            return
+        self._config_key = key
+        await self._publish(client, "config", dumps(snap), qos=1, retain=True)
+
+    async def _republish_config(self) -> None:
+        client = self._client
+        if client is not None and self.connected:
+            await self._publish_config(client, force=False)
+
+    async def _publish_iterations(self, client: aiomqtt.Client, records: list[Any]) -> None:
+        body = [to_jsonable(r) for r in records]
+        await self._publish(client, TELEMETRY_TOPICS["iteration"], dumps(body[0] if len(body) == 1 else body),
+                            count=len(body))
+
+    async def _publish_message(self, client: aiomqtt.Client, msg: Message) -> None:
+        await self._publish(client, TELEMETRY_TOPICS[msg.topic], dumps(to_jsonable(msg.record)))
+        if msg.topic == "event" and getattr(msg.record, "kind", None) in CONFIG_EVENTS:
+            await self._publish_config(client, force=False)
+
+    async def _flush_all(self, client: aiomqtt.Client) -> None:
+        iter_sub, rec_sub, snap_sub = self._subs
+        while True:
+            batch = iter_sub.drain(self.max_batch)
+            if not batch:
+                break
+            await self._publish_iterations(client, [m.record for m in batch])
+        for msg in rec_sub.drain() + snap_sub.drain():
+            await self._publish_message(client, msg)
+
+    # -- pumps (one connected session) ----------------------------------------------------------
+    # A pump is never cancelled in the middle of a publish on close: once close is requested it
+    # publishes what is buffered and returns (a record taken from the bus is not lost on the way).
+    async def _next(self, sub: Subscription) -> Message | None:
+        """The next message; None once close is requested and nothing is buffered."""
+        msg = sub.get_nowait()
+        if msg is not None:
+            return msg
+        assert self._close_requested is not None
+        if self._close_requested.is_set():
+            return None
+        getter = asyncio.ensure_future(sub.get())
+        closer = asyncio.ensure_future(self._close_requested.wait())
+        try:
+            await asyncio.wait([getter, closer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closer.cancel()
+            if not getter.done():
+                getter.cancel()  # waiting in Subscription.get takes nothing from the buffer
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return sub.get_nowait()
+
+    async def _gather(self, since: float) -> None:
+        """Sleep until `flush_interval` after `since` (or close): records pile up meanwhile, so the
+        engine thread wakes this loop at most once per interval instead of once per record."""
+        assert self._close_requested is not None
+        wait = since + self.flush_interval - asyncio.get_running_loop().time()
+        if wait > 0 and not self._close_requested.is_set():
+            closer = asyncio.ensure_future(self._close_requested.wait())
+            try:
+                await asyncio.wait([closer], timeout=wait)
+            finally:
+                closer.cancel()
+
+    async def _iteration_pump(self, client: aiomqtt.Client) -> None:
+        sub = self._subs[0]
+        loop = asyncio.get_running_loop()
+        while (first := await self._next(sub)) is not None:
+            await self._gather(self._last_iter_flush)
+            records = [first.record] + [m.record for m in sub.drain(self.max_batch - 1)]
+            self._last_iter_flush = loop.time()
+            await self._publish_iterations(client, records)
+
+    async def _record_pump(self, client: aiomqtt.Client) -> None:
+        sub = self._subs[1]
+        loop = asyncio.get_running_loop()
+        last = 0.0
+        while (first := await self._next(sub)) is not None:
+            await self._gather(last)
+            last = loop.time()
+            for msg in [first, *sub.drain()]:
+                await self._publish_message(client, msg)
+
+    async def _snapshot_pump(self, client: aiomqtt.Client) -> None:
+        sub = self._subs[2]
+        while (msg := await self._next(sub)) is not None:
+            await self._publish_message(client, msg)
+
+    async def _control_loop(self, client: aiomqtt.Client) -> None:
+        control_topic = self.topic("control")
+        async for message in client.messages:
+            if not message.topic.matches(control_topic):
+                continue
+            reply = await self.control.handle(message.payload)
+            await self._publish(client, "control/reply", reply_json(reply), qos=1)

@@ -1,0 +1,213 @@
+"""A real mosquitto broker for tests, on a free loopback port with its own temp config.
+
+    from tests.mqtt_broker import broker, MqttProbe   # `broker` is a pytest fixture
+
+Tests using it are skipped when the mosquitto binary is missing (`.ci/run` installs Debian's
+`mosquitto`). `Broker.stop()` / `start()` restart it on the same port (retained messages are not
+persisted, as after a real broker crash without persistence).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def mosquitto_binary() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((p for p in MOSQUITTO_CANDIDATES if os.access(p, os.X_OK)), None)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """`extra_config`: more mosquitto.conf lines (auth, TLS); `client_kwargs`: what aiomqtt clients
+    of the test (MqttProbe, retained) need to connect to it."""
+
+    def __init__(self, binary: str, workdir: Path, port: int | None = None, extra_config: str = "",
+                 client_kwargs: dict[str, Any] | None = None):
+        self.binary = binary
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.client_kwargs = client_kwargs or {}
+        self.config = workdir / "mosquitto.conf"
+        anonymous = "" if "allow_anonymous" in extra_config else "allow_anonymous true\n"
+        # Started as root, mosquitto would switch to the `mosquitto` user, which cannot read the
+        # test's private temp files (password file, certificates): keep the current user.
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" if os.geteuid() == 0 else ""
+        self.config.write_text(f"listener {self.port} {self.host}\n{anonymous}{user}persistence false\n{extra_config}")
+        self.log = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        log = open(self.log, "ab")
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on {self.address}: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test's engine with one torch thread (restored after). On a small shared CPU machine
+    two OpenMP threads contending with other processes make a tiny model's step 20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    b = Broker(binary, tmp_path)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+class MqttProbe:
+    """A test client: subscribes to `batchdeck/<id>/#`, collects every message, sends commands.
+
+    Use as `async with MqttProbe(broker, "e1") as probe:`.
+    """
+
+    def __init__(self, broker: Broker, engine_id: str):
+        self.broker = broker
+        self.prefix = f"batchdeck/{engine_id}"
+        self.messages: list[tuple[str, bytes, bool]] = []  # (topic suffix, payload, retain flag)
+        self._client: Any = None
+        self._reader: asyncio.Task | None = None
+        self._n = 0
+
+    async def __aenter__(self) -> "MqttProbe":
+        import aiomqtt
+
+        self._client = aiomqtt.Client(self.broker.host, self.broker.port, timeout=5, **self.broker.client_kwargs)
+        await self._client.__aenter__()
+        await self._client.subscribe(self.prefix + "/#", qos=1)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        try:
+            await self._client.__aexit__(None, None, None)
+        except Exception:
+            pass
+
+    async def _read(self) -> None:
+        async for m in self._client.messages:
+            suffix = str(m.topic)[len(self.prefix) + 1:]
+            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            self.messages.append((suffix, payload, bool(m.retain)))
+
+    def on(self, suffix: str) -> list[bytes]:
+        return [p for s, p, _ in self.messages if s == suffix]
+
+    def json_on(self, suffix: str) -> list[Any]:
+        return [json.loads(p) for p in self.on(suffix)]
+
+    def iteration_records(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for body in self.json_on("telemetry/iteration"):
+            out.extend(body if isinstance(body, list) else [body])
+        return out
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                seen = sorted({s for s, _, _ in self.messages})
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}; topics seen: {seen}")
+            await asyncio.sleep(0.02)
+
+    async def send(self, payload: bytes | str | dict) -> None:
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        await self._client.publish(self.prefix + "/control", payload, qos=1)
+
+    async def command(self, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """Send a command with a fresh id and wait for its reply."""
+        self._n += 1
+        cid = f"probe-{self._n}"
+        await self.send({**cmd, "id": cid})
+        return await self.reply_to(cid, timeout)
+
+    async def reply_to(self, cid: Any, timeout: float = 10.0) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            for r in self.json_on("control/reply"):
+                if r.get("id") == cid:
+                    return r
+            return None
+
+        return await self.wait_for(find, timeout, f"the reply to {cid!r}")
+
+
+async def retained(broker: Broker, topic: str, timeout: float = 5.0) -> bytes | None:
+    """The retained payload on `topic` as a fresh client sees it (None if nothing is retained)."""
+    import aiomqtt
+
+    async with aiomqtt.Client(broker.host, broker.port, timeout=5, **broker.client_kwargs) as client:
+        await client.subscribe(topic, qos=1)
+        try:
+            async with asyncio.timeout(timeout):
+                async for m in client.messages:
+                    if m.retain:
+                        return m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+        except TimeoutError:
+            return None
+    return None

@@ -1,0 +1,120 @@
+"""`batchdeck engine`: flags, a preset served headless in-process, and SIGTERM on a real subprocess."""
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.bus import Bus
+from engine.cli import build_parser, main
+from engine.headless import HeadlessRunner, engine_setup
+from engine.telemetry import ListSink
+from presets import parse_preset
+from tests.helpers import make_engine
+from tests.mqtt_broker import MqttProbe, broker, one_torch_thread, retained  # noqa: F401 - fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+
+PRESET = """
+name: tiny-headless
+model: synthetic:tiny
+engine: {device: cpu, dtype: float32, block_size: 16, num_blocks: 128}
+config: {max_num_seqs: 4, max_batched_tokens: 256, chunk_size: 64}
+workload:
+  - {kind: burst, count: 3, at: 0.0, input_tokens: 20, output_tokens: 8, tenant: a}
+  - {kind: closed-loop, concurrency: 2, count: 4, input_tokens: 10, output_tokens: 6, tenant: b}
+timeline:
+  - {at_iteration: 2, set: {max_num_seqs: 2}}
+  - {at: 0.01, pause: 0.1}
+seed: 1
+"""
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_flags_override_the_preset_and_nothing_to_serve_is_an_error(capsys):
+    args = build_parser().parse_args(["engine", "--preset", "quickstart", "--max-num-seqs", "3", "--num-blocks", "99"])
+    cfg, live, preset = engine_setup(args)
+    assert preset.name == "quickstart"
+    assert cfg.num_blocks == 99 and cfg.block_size == 16 and cfg.model == "synthetic:tiny"
+    assert live.max_num_seqs == 3 and live.chunk_size == 256 and live.policy == "fcfs"
+    args = build_parser().parse_args(["engine", "--mqtt", "localhost", "--chunk-size", "32"])
+    cfg, live, preset = engine_setup(args)
+    assert preset is None and cfg.model == "synthetic:tiny" and cfg.block_size == 16 and live.chunk_size == 32
+    assert main(["engine"]) == 2
+    assert "nothing to serve" in capsys.readouterr().err
+    assert main(["engine", "--mqtt", "h:notaport"]) == 2
+    assert main(["engine", "--mqtt", "h", "--engine-id", "a/b"]) == 2
+
+
+async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path):
+    preset = parse_preset(PRESET, str(tmp_path / "p.yaml"))
+    bus = Bus()
+    sink = ListSink()
+    bus.add_listener(sink)
+    engine = make_engine(model_dirs["llama"], sink=bus, num_blocks=128, max_num_seqs=4, max_batched_tokens=256,
+                         chunk_size=64)
+    err = (tmp_path / "stderr.txt").open("w+")
+    runner = HeadlessRunner(engine, bus, preset=preset, status_interval=0.1, out=err, install_signals=False)
+    assert await asyncio.wait_for(runner.run(), 60) == 0
+    err.seek(0)
+    text = err.read()
+    assert "preset tiny-headless finished: 7 request(s) (0 rejected)" in text, text
+    assert "Avg prompt throughput" in text and "final:" in text
+    assert sorted(r.request_id for r in sink.requests) == ["0-0", "0-1", "0-2", "1-0", "1-1", "1-2", "1-3"]
+    assert all(r.finish_reason == "length" for r in sink.requests)
+    changes = [e for e in sink.events if e.kind == "config_change"]
+    assert len(changes) == 1 and changes[0].data["source"] == "preset" and changes[0].data["applied_iteration"] >= 2
+    kinds = [e.kind for e in sink.events]
+    assert kinds.count("pause") == 1 and kinds.count("resume") == 1
+    assert not runner.engine.running
+
+
+@pytest.mark.mqtt
+def test_sigterm_aborts_in_flight_publishes_offline_and_exits_0(model_dirs, broker):
+    cmd = [sys.executable, "-m", "engine.cli", "engine", "--model", model_dirs["llama"], "--device", "cpu",
+           "--mqtt", broker.address, "--engine-id", "hl", "--num-blocks", "64", "--status-interval", "0.5",
+           "--gpu-interval", "0.5"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        asyncio.run(_drive_and_terminate(broker, proc))
+        out, err = proc.communicate(timeout=60)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        print("engine stderr:", proc.communicate()[1].decode()[-3000:])
+        raise
+    text = err.decode()
+    assert proc.returncode == 0, text
+    assert "SIGTERM: aborted 1 in-flight request(s): r1" in text, text
+    assert "Avg prompt throughput" in text
+    assert asyncio.run(retained(broker, "batchdeck/hl/status")) == b"offline"
+
+
+async def _drive_and_terminate(broker, proc):
+    async with MqttProbe(broker, "hl") as probe:
+        deadline = time.monotonic() + 90
+        while b"online" not in probe.on("status"):
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, "the engine never came online"
+            await asyncio.sleep(0.05)
+        config = await probe.wait_for(lambda: probe.json_on("config"), what="retained config")
+        assert config[-1]["version"] == 0 and "bounds" in config[-1]
+        reply = await probe.command({"op": "submit", "request": {"id": "r1", "prompt_token_ids": [5, 6, 7],
+                                                                 "max_tokens": 400, "ignore_eos": True}})
+        assert reply["ok"], reply
+        await probe.wait_for(lambda: probe.iteration_records(), what="iteration telemetry")
+        reply = await probe.command({"op": "pause"})  # keep r1 in flight, whatever the machine's speed
+        assert reply["ok"], reply
+        await probe.wait_for(lambda: probe.json_on("telemetry/gpu"), what="a gpu sample")
+        proc.send_signal(signal.SIGTERM)
+        await probe.wait_for(lambda: probe.on("status")[-1:] == [b"offline"], timeout=30, what="offline")
+        records = [r for r in probe.json_on("telemetry/request") if r["request_id"] == "r1"]
+        assert records and records[0]["finish_reason"] == "abort"
+        assert json.loads(probe.on("telemetry/gpu")[0])["available"] in (True, False)
