@@ -179,7 +179,9 @@ class AsyncEngine:
             if now - self._last_snapshot >= self.snapshot_interval:
                 self._last_snapshot = now
                 engine.sink("requests", {"time": engine.clock(), "iteration": engine.iteration,
-                                         "requests": engine.requests_snapshot()})
+                                         "requests": engine.requests_snapshot(),
+                                         "policy": {"name": engine.live.policy,
+                                                    "state": engine.scheduler.policy.snapshot()}})
             if result.outputs and self._loop is not None and not self._loop.is_closed():
                 try:
                     self._loop.call_soon_threadsafe(self._deliver, result.outputs)

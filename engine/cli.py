@@ -7,6 +7,18 @@ import sys
 from engine.config import ConfigError, EngineConfig, LiveConfig
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text!r}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """Model and sizing flags shared by every command that starts an engine."""
     p.add_argument("--model", default="synthetic:tiny", help="synthetic:<name> or a local HF model directory")
@@ -20,6 +32,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: from memory)")
     p.add_argument("--gpu-memory-fraction", type=float, default=0.85, help="KV pool share of free GPU memory")
     p.add_argument("--policy", default=None, help="scheduling policy (live setting)")
+    p.add_argument("--policy-params", default=None, type=_json_object,
+                   help='policy parameters as JSON, e.g. \'{"aging_s": 10}\' (live setting)')
     p.add_argument("--batching", default=None, choices=["continuous", "static"], help="batching mode (live setting)")
     p.add_argument("--mixing", default=None, help="prefill/decode mixing mode (live setting)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
@@ -33,7 +47,8 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, LiveConfig]:
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     live = LiveConfig()
     overrides = {k: getattr(args, k) for k in ("max_num_seqs", "max_batched_tokens", "chunk_size", "policy",
-                                               "batching", "mixing") if getattr(args, k, None) is not None}
+                                               "policy_params", "batching", "mixing")
+                 if getattr(args, k, None) is not None}
     if "max_batched_tokens" in overrides and "chunk_size" not in overrides:
         overrides["chunk_size"] = min(live.chunk_size, overrides["max_batched_tokens"])
     live = LiveConfig(**{**live.to_dict(), **overrides})

@@ -83,7 +83,8 @@ class LLMEngine:
                                   max_rows=config.max_num_seqs_limit, max_tokens=config.max_batched_tokens_limit,
                                   max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs)
 
-        self.bounds = ConfigBounds(max_num_seqs=config.max_num_seqs_limit,
+        # Each running request holds at least one block, so the pool caps the running count too.
+        self.bounds = ConfigBounds(max_num_seqs=min(config.max_num_seqs_limit, num_blocks),
                                    max_batched_tokens=config.max_batched_tokens_limit, policies=policy_names())
         live = live or LiveConfig()
         initial = {k: v for k, v in live.to_dict().items() if k != "version"}

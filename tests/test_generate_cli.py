@@ -45,3 +45,17 @@ def test_generate_unknown_policy_and_model(tmp_path, capsys):
     assert "unknown synthetic model 'nope'" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--input", str(src), "--output", str(out)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_policy_params_flag_reaches_the_policy(tmp_path, capsys):
+    from engine.cli import build_parser, engine_configs
+
+    args = build_parser().parse_args(["generate", "--input", "x", "--output", "y", "--policy", "sjf",
+                                      "--policy-params", '{"aging_s": 5}'])
+    _, live = engine_configs(args)
+    assert live.policy == "sjf" and live.policy_params == {"aging_s": 5}
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"prompt": "x", "max_tokens": 1}])
+    assert main(["generate", "--input", str(src), "--output", str(out), "--policy", "sjf",
+                 "--policy-params", '{"bogus": 1}']) == 2
+    assert "policy_params.bogus" in capsys.readouterr().err

@@ -150,7 +150,7 @@ def test_random_live_changes_keep_requests_whole_exact_and_within_the_cap(model_
     path = model_dirs["llama"]
     rng = random.Random(seed)
     num_blocks = max(-(-pool_tokens // block_size), -(-32 // block_size))  # room for any one request
-    engine, sink = make(path, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+    engine, sink = make(path, num_blocks=num_blocks, block_size=block_size, max_num_seqs=min(max_num_seqs, num_blocks),
                         max_batched_tokens=32, chunk_size=16, preemption=preemption)
     arrivals = sorted(((at, f"r{i}", [rng.randrange(256) for _ in range(n)], m, t, p, c)
                        for i, (at, n, m, t, p, c) in enumerate(requests)), key=lambda a: a[0])
@@ -367,3 +367,16 @@ def test_generate_cli_accepts_every_policy(model_dirs, tmp_path, policy):
     assert [r["id"] for r in rows] == ["0", "1", "2", "3"]
     for r in rows:
         assert tuple(r["output_token_ids"]) == reference_tokens(model_dirs["llama"], tuple(r["prompt_token_ids"]), 3)
+
+
+def test_pool_size_bounds_max_num_seqs(model_dirs):
+    import pytest
+
+    from engine.config import ConfigError
+
+    from tests.helpers import make_engine
+
+    engine = make_engine(model_dirs["qwen3"], num_blocks=6, block_size=16, max_num_seqs=4)
+    assert engine.bounds.max_num_seqs == 6
+    with pytest.raises(ConfigError, match=r"max_num_seqs=7 .*\[1, 6\]"):
+        engine.update_config({"max_num_seqs": 7})

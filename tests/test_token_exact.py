@@ -67,6 +67,7 @@ def test_token_exact_over_knobs(model_dirs, arch, seed, count, max_num_seqs, max
     prompts, max_tokens = random_prompts(seed, count, max_len=40)
     chunk_size = min(chunk_size, max_batched_tokens)
     num_blocks = max(-(-pool_tokens // block_size), -(-52 // block_size))  # always room for one request
+    max_num_seqs = min(max_num_seqs, num_blocks)  # the pool bounds the running cap
     run_and_compare(model_dirs[arch], prompts, max_tokens, max_num_seqs=max_num_seqs,
                     max_batched_tokens=max_batched_tokens, chunk_size=chunk_size, block_size=block_size,
                     num_blocks=num_blocks, batching=batching, static_timeout=0.0)
