@@ -15,7 +15,9 @@ An iteration that fits no bucket runs eagerly on exact-size views of the same bu
 """
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,7 +131,9 @@ class CudaGraphRunner:
 
     def __init__(self, forward, buffers: StepBuffers, block_size: int, max_model_len: int,
                  max_rows: int, max_tokens: int):
-        self.forward = forward
+        # A weak reference: the runner owns this object, and a cycle would leave dropped engines (and
+        # their KV pools) to the cyclic collector.
+        self._forward = weakref.WeakMethod(forward) if hasattr(forward, "__self__") else (lambda: forward)
         self.buffers = buffers
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -176,6 +180,19 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self, log=None) -> None:
+        # A CUDA graph (e.g. of an engine dropped earlier in this process) destroyed by the cyclic
+        # garbage collector in the middle of a capture invalidates the capture: collect now, and
+        # keep the collector off until every bucket is captured.
+        gc.collect()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture_all(log)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _capture_all(self, log) -> None:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         plans = [("mixed", tb, self.rows_for(tb)) for tb in self.token_sizes]
@@ -188,12 +205,13 @@ class CudaGraphRunner:
                 continue
             mql = 1 if decode else tb
             stream.wait_stream(torch.cuda.current_stream())
+            forward = self._forward()
             with torch.cuda.stream(stream):
-                self.forward(tb, rb, mql)  # compiles kernels, warms allocator and cuBLAS
+                forward(tb, rb, mql)  # compiles kernels, warms allocator and cuBLAS
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                logits = self.forward(tb, rb, mql)
+                logits = forward(tb, rb, mql)
             self.graphs[(kind, tb)] = (graph, logits, rb)
             self.stats.captured.append((kind, tb, rb))
         torch.cuda.synchronize()
