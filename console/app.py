@@ -19,7 +19,7 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Sparkline, Static
+from textual.widgets import Footer, Sparkline
 
 from console import format as fmt
 from console.client import Client, CommandResult, ConnectionState, make_burst
@@ -91,6 +91,7 @@ class ConsoleApp(App):
         self._requests_seq = -1
         self._started = asyncio.Event()
         self._shut_down = False
+        self._driver_workers: list[Any] = []
         self._dash: Any = None  # the dashboard screen (set on mount)
         self._widgets: dict[str, Any] = {}
         if title:
@@ -156,14 +157,20 @@ class ConsoleApp(App):
         if self.recorder is not None and self.client.config_snapshot:
             self.recorder.config(self.client.config_snapshot, self.client.now())
         for driver in self.drivers:
-            self.run_worker(driver(), group="drivers", exit_on_error=False)
+            self._driver_workers.append(self.run_worker(driver(), group="drivers", exit_on_error=False))
 
     async def shutdown(self) -> None:
         """Stop the drivers and the client, close the recording (idempotent)."""
         if self._shut_down:
             return
         self._shut_down = True
-        self.workers.cancel_group(self, "drivers")
+        for worker in self._driver_workers:  # let each driver unwind while the engine still runs
+            worker.cancel()
+        for worker in self._driver_workers:
+            try:
+                await asyncio.wait_for(worker.wait(), timeout=5.0)
+            except Exception:  # cancelled / failed / too slow: it is going away either way
+                pass
         try:
             self._record_leftovers()
             await self.client.stop()
@@ -299,7 +306,7 @@ class ConsoleApp(App):
     def _paint_status(self, now: float | None) -> None:
         st = self.state
         client = self.client
-        parts: list[tuple[str, str]] = [("batchdeck", "bold"), (client.description, "dim")]
+        parts: list[tuple[str, str]] = [(self.title or "batchdeck", "bold"), (client.description, "dim")]
         link = client.state
         parts.append((f"● {link}", LINK_STYLE.get(link, "bold")))
         status_text = getattr(client, "status_text", None)

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Mapping
 
 from engine.gpu_monitor import GpuSample
 from engine.metrics import MetricsWindow
-from engine.telemetry import Event, IterationRecord, RequestRecord
+from engine.telemetry import Event, IterationRecord
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,8 @@ class DashboardState:
         elif topic == "request":
             self.metrics.add_request(record)
             self.finished_total += 1
+            if self.requests.pop(record.request_id, None) is not None:
+                self.requests_seq += 1  # gone from the table now, not at the next snapshot (none comes when idle)
             self._saw_time(record.finish or record.arrival + record.e2e_latency)
         elif topic == "event":
             self._event(record)

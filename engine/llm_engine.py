@@ -7,6 +7,7 @@ either done between steps by the caller's thread or queued and applied at the ne
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -93,7 +94,9 @@ class LLMEngine:
         self._target = self.live
         self._pending: list[tuple[dict[str, Any], LiveConfig, str]] = []
         self.scheduler = Scheduler(self.blocks, make_policy(self.live.policy, self.live.policy_params), self.live)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # in flight, plus the most recent finished ones
+        self.retain_finished = 10_000  # finished requests kept for look-up; older ones are forgotten
+        self._finished_ids: deque[str] = deque()
         self.iteration = 0
         self.num_requests_added = 0
 
@@ -314,6 +317,9 @@ class LLMEngine:
         r.finish_iteration = self.iteration
         self.sampler.forget(r.request_id)
         self.sink("request", self.request_record(r))
+        self._finished_ids.append(r.request_id)
+        while len(self._finished_ids) > self.retain_finished:
+            self.requests.pop(self._finished_ids.popleft(), None)
 
     def request_record(self, r: Request) -> RequestRecord:
         ttft = None if r.first_token_time is None else r.first_token_time - r.arrival_time

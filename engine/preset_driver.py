@@ -263,8 +263,9 @@ class PresetDriver:
                 workers.append(asyncio.create_task(self._client(stream, item)))
         timeline = asyncio.create_task(self._timeline())
         watchdog = asyncio.create_task(self._watch_engine())
+        all_workers = asyncio.gather(*workers)
         try:
-            done, _ = await asyncio.wait([asyncio.gather(*workers), watchdog], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([all_workers, watchdog], return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 t.result()
             if self.engine.error is not None:
@@ -273,7 +274,8 @@ class PresetDriver:
             self.done = True
             for t in [timeline, watchdog, *workers, *self._resume_tasks, *self._tasks]:
                 t.cancel()
-            await asyncio.gather(timeline, watchdog, *workers, *self._resume_tasks, *self._tasks,
+            # all_workers too: its CancelledError is retrieved here, not logged when it is collected
+            await asyncio.gather(all_workers, timeline, watchdog, *workers, *self._resume_tasks, *self._tasks,
                                  return_exceptions=True)
             for a in self.applied:
                 if a.status == "pending":

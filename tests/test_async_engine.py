@@ -69,3 +69,17 @@ async def test_abort_pause_resume(model_dirs):
         assert sink.requests[-1].finish_reason == "abort"
     finally:
         await eng.stop()
+
+
+def test_finished_requests_are_forgotten_beyond_the_retention(model_dirs):
+    from tests.helpers import make_engine as make
+
+    engine = make(model_dirs["qwen3"], max_num_seqs=4)
+    engine.retain_finished = 3
+    for i in range(6):
+        engine.add_request(str(i), [1, 2, i + 3], greedy(2))
+    engine.run_until_done()
+    assert sorted(engine.requests) == ["3", "4", "5"]
+    engine.add_request("0", [4, 5], greedy(1))  # a forgotten id may be used again
+    engine.run_until_done()
+    assert engine.requests["0"].is_finished

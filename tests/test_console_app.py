@@ -283,3 +283,30 @@ async def test_replay_plays_and_refuses_steering(tmp_path):
         await pilot.press("p")  # steering keys do nothing in a replay
         await pilot.pause()
         assert not any("pause refused" in n for n in notes(app))
+
+
+async def test_request_table_updates_in_place_in_engine_order_and_keeps_the_cursor():
+    from console.widgets.request_table import RequestTable
+
+    def row(rid, state, out):
+        return {"request_id": rid, "tenant": "t", "slo_class": "batch", "state": state, "prompt_tokens": 10,
+                "output_tokens": out, "max_tokens": 50, "ttft": 0.1 if out else None}
+
+    app, _ = fake_app()
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.query_one("#requests", RequestTable)
+        table.clear()
+        table._rows.clear()
+        table.sync({r["request_id"]: r for r in [row("a", "decode", 3), row("b", "waiting", 0), row("c", "waiting", 0)]})
+        table.move_cursor(row=2)
+        assert table.selected_request_id == "c"
+        updates = []
+        orig = table.update_cell
+        table.update_cell = lambda *a, **k: (updates.append(a[:2]), orig(*a, **k))
+        # b starts running (moves up), a advances, c stays: two rows change in place, none rebuilt
+        table.sync({r["request_id"]: r for r in [row("a", "decode", 4), row("b", "prefill", 0), row("c", "waiting", 0)]})
+        assert sorted(updates) == [("a", "output_tokens"), ("b", "state")]
+        table.sync({r["request_id"]: r for r in [row("b", "decode", 1), row("d", "prefill", 0), row("c", "waiting", 0)]})
+        await pilot.pause()
+        assert [r.key.value for r in table.ordered_rows] == ["b", "d", "c"]
+        assert table.selected_request_id == "c"  # the cursor followed its request

@@ -228,3 +228,14 @@ async def test_a_batchdeck_replay_recording_plays_in_the_console(tmp_path):
     assert any(line.text.startswith("preset tiny-lesson") for line in st.log)
     assert any("preset: set policy=sjf → it" in line.text for line in st.log)
     assert st.marks and st.marks[-1].label == "policy=sjf"
+
+
+def test_a_finished_request_leaves_the_table_without_waiting_for_a_snapshot():
+    st = DashboardState()
+    st.ingest([("requests", {"time": 1.0, "iteration": 5, "requests": [
+        {"request_id": "a", "state": "decode"}, {"request_id": "b", "state": "waiting"}]})])
+    seq = st.requests_seq
+    (finished,) = [r for t, r in synthetic_session(200) if t == "request"][:1]
+    finished.request_id = "a"
+    st.ingest([("request", finished)])
+    assert list(st.requests) == ["b"] and st.requests_seq == seq + 1

@@ -216,7 +216,8 @@ def chart_lines(columns: Sequence[Column], marks: Sequence[Mark], width: int, he
         per_col = max(c.count for c in cols)
         middle = f"{per_col} it/col" if per_col > 1 else "1 it/col"
         start = pad + len(first) + max(1, (plot_w - pad - len(first) - len(last) - len(middle)) // 2)
-        if start + len(middle) < plot_w - len(last):
+        if start + len(middle) < plot_w - len(last) and not any(start - 1 <= pad + i <= start + len(middle)
+                                                                for i in mark_cols):
             put(start, middle)
     line = _Line()
     line.add(" " * axis_w, None)

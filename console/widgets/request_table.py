@@ -44,7 +44,9 @@ class RequestTable(DataTable):
             self.add_column(label, key=key, width=width)
 
     def sync(self, rows: Mapping[str, Mapping[str, Any]]) -> None:
-        """Make the table show `rows` (request id -> snapshot row) with the fewest changes."""
+        """Make the table show `rows` (request id -> snapshot row, in the engine's order: running, then
+        waiting) with the fewest changes. The cursor stays on the request it was on."""
+        selected = self.selected_request_id
         current = self._rows
         for rid in [r for r in current if r not in rows]:
             self.remove_row(rid)
@@ -59,6 +61,13 @@ class RequestTable(DataTable):
                     if a != b:
                         self.update_cell(rid, key, b)
             current[rid] = new
+        order = {rid: i for i, rid in enumerate(rows)}
+        if [r.key.value for r in self.ordered_rows] != list(rows):  # the engine's order (reorders, rebuilds none)
+            self.sort("request_id", key=lambda rid: order.get(str(rid), len(order)))
+        if selected is not None and selected in current:
+            index = self.get_row_index(selected)
+            if index != self.cursor_row:
+                self.move_cursor(row=index, animate=False, scroll=False)
 
     @property
     def selected_request_id(self) -> str | None:

@@ -1,0 +1,201 @@
+"""Benchmark (d): decode tokens/s against batch size at a fixed context, with each point's roofline.
+
+    PYTHONPATH=. python benchmarks/gpu_decode_sweep.py --out benchmarks/results/gpu_decode_sweep_qwen3-0.6b.json
+
+For every batch size B in `--batch-sizes`: B requests with `--context`-token prompts (token ids
+uniform over the vocabulary, random.Random(seed)) are prefilled (chunked, untimed); once all of them
+decode, `--warmup-steps` decode iterations run untimed and `--steps` are timed one by one
+(perf_counter around `engine.step()`, which returns after the sampled tokens reach the host). Every
+timed iteration is checked to be decode-only with B rows. One engine (CUDA graphs, Triton attention,
+fused layer kernels; the configuration of benchmark (a)) serves all points.
+
+Roofline of a point: a decode iteration reads the weights once (tied embeddings counted once) plus
+the KV cache of every running request (its context, incl. the token being decoded), at the HBM copy
+bandwidth measured in the same run (`measure_ceilings` of gpu_offline.py):
+    roofline_tok_s = B / ((weight_bytes + B * kv_bytes_per_token * mean_context) / bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.gpu_offline import log, measure_ceilings  # noqa: E402
+from engine.config import EngineConfig, LiveConfig  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
+from engine.request import SamplingParams  # noqa: E402
+
+
+def model_bytes(cfg, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(weight bytes read per decode iteration, KV bytes per token), as gpu_offline.py counts them."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta_model = AutoModelForCausalLM.from_config(cfg)
+    weight_bytes = sum(p.numel() for p in meta_model.parameters()) * dtype_bytes
+    if not getattr(cfg, "tie_word_embeddings", False):  # an untied input embedding is only gathered
+        weight_bytes -= meta_model.get_input_embeddings().weight.numel() * dtype_bytes
+    del meta_model
+    h = cfg.num_attention_heads
+    kvh = getattr(cfg, "num_key_value_heads", None) or h
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+    return weight_bytes, 2 * cfg.num_hidden_layers * kvh * d * dtype_bytes
+
+
+def sweep_point(engine: LLMEngine, b: int, args, vocab: int, rng: random.Random) -> dict:
+    steps, warm = args.steps, args.warmup_steps
+    ids = [f"b{b}_{i}" for i in range(b)]
+    # requests prefilled early decode while later ones prefill: leave room so none finishes before
+    # the timed steps end (every timed step must have B rows)
+    max_tokens = warm + steps + 4 + -(-b * args.context // args.max_batched_tokens)
+    for rid in ids:
+        prompt = [rng.randrange(vocab) for _ in range(args.context)]
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    reqs = [engine.requests[rid] for rid in ids]
+    t0 = time.perf_counter()
+    prefill_iters = 0
+    while any(r.first_token_time is None for r in reqs):
+        engine.step()
+        prefill_iters += 1
+    prefill_s = time.perf_counter() - t0
+    times, bad, ctx = [], 0, []
+    for k in range(warm + steps):
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        tokens_in_context = sum(r.num_tokens for r in reqs)  # incl. the token this step decodes
+        t = time.perf_counter()
+        res = engine.step()
+        dt = time.perf_counter() - t
+        rec = res.record
+        ok = rec.num_prefill_tokens == 0 and rec.num_decode_tokens == b and rec.num_generated_tokens == b
+        if k >= warm:
+            times.append(dt)
+            ctx.append(tokens_in_context / b)
+            bad += not ok
+    mean_ctx = statistics.mean(ctx)
+    engine.run_until_done()
+    for rid in ids:
+        del engine.requests[rid]
+    return {"batch_size": b, "timed_steps": steps, "warmup_steps": warm, "step_ms": [1e3 * t for t in times],
+            "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.mean(times),
+            "tok_s": b * steps / sum(times), "tok_s_median_step": b / statistics.median(times),
+            "context_tokens_first_timed_step": ctx[0], "context_tokens_mean": mean_ctx,
+            "non_decode_only_timed_steps": bad, "prefill_iterations": prefill_iters, "prefill_seconds": prefill_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="synthetic:qwen3-0.6b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128,256")
+    ap.add_argument("--context", type=int, default=1024, help="prompt tokens of every request")
+    ap.add_argument("--steps", type=int, default=16, help="timed decode iterations per point")
+    ap.add_argument("--warmup-steps", type=int, default=3)
+    ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--chunk-size", type=int, default=2048)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--gpu-memory-fraction", type=float, default=0.85)
+    ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    name = args.model.split(":", 1)[1]
+    assert args.model.startswith("synthetic:") and name in SYNTHETIC_SHAPES, "a synthetic:<name> model"
+    cfg = synthetic_config(name)
+    cuda = args.device.startswith("cuda")
+    dtype = "bfloat16" if cuda else "float32"
+
+    import transformers
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+
+    result = {
+        "benchmark": "gpu_decode_sweep", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "PYTHONPATH=. python benchmarks/gpu_decode_sweep.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+                     "triton": triton_version, "python": platform.python_version()},
+        "workload": {"model": args.model, "dtype": dtype, "batch_sizes": sizes, "context_tokens": args.context,
+                     "prompt_tokens": f"uniform over the vocabulary (random.Random({args.seed}))",
+                     "timed_decode_steps_per_point": args.steps, "warmup_decode_steps_per_point": args.warmup_steps,
+                     "sampling": "greedy", "ignore_eos": True,
+                     "timing": "perf_counter around each engine.step() (returns after sampled tokens reach the host); "
+                               "tok_s = B * steps / sum(step times)"},
+        "batchdeck_config": {"max_num_seqs": max(sizes), "max_batched_tokens": args.max_batched_tokens,
+                             "chunk_size": args.chunk_size, "block_size": args.block_size, "batching": "continuous",
+                             "cuda_graphs": cuda and not args.no_graphs, "attention_backend": "auto (triton on cuda)",
+                             "fused_kernels": os.environ.get("BATCHDECK_FUSED", "1") != "0"},
+    }
+    weight_bytes, kv_per_token = model_bytes(cfg, 2 if cuda else 4)
+    result["model_bytes"] = {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token}
+    if cuda:
+        result["ceilings"] = measure_ceilings()
+        bw = result["ceilings"]["hbm_copy_bytes_per_s"]
+        log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+        torch.cuda.empty_cache()
+    else:
+        result["ceilings"] = None
+        bw = None
+
+    ecfg = EngineConfig(model=args.model, device=args.device, dtype=dtype, block_size=args.block_size,
+                        max_num_seqs_limit=max(sizes), max_batched_tokens_limit=args.max_batched_tokens,
+                        gpu_memory_fraction=args.gpu_memory_fraction, cuda_graphs=cuda and not args.no_graphs,
+                        num_blocks=None if cuda else max(sizes) * (-(-(args.context + 64) // args.block_size)) + 64)
+    live = LiveConfig(max_num_seqs=max(sizes), max_batched_tokens=args.max_batched_tokens,
+                      chunk_size=min(args.chunk_size, args.max_batched_tokens))
+    t0 = time.perf_counter()
+    engine = LLMEngine(ecfg, live)
+    graphs = engine.runner.graphs
+    result["engine"] = {"init_seconds": time.perf_counter() - t0, "kv_blocks": engine.blocks.num_blocks,
+                        "graphs_captured": len(graphs.graphs) if graphs else 0,
+                        "fused_modules": dict(engine.runner.fused)}
+    log(f"engine up: {engine.blocks.num_blocks} KV blocks, {result['engine']['graphs_captured']} graphs")
+    rng = random.Random(args.seed)
+    # warm-up: a short mixed run so first-call costs (allocator, odd shapes) are paid untimed
+    for i in range(4):
+        engine.add_request(f"warm{i}", [rng.randrange(cfg.vocab_size) for _ in range(64 + 32 * i)],
+                           SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.run_until_done()
+    engine.requests.clear()
+    points = []
+    for b in sizes:
+        eager0 = graphs.stats.eager if graphs else 0
+        p = sweep_point(engine, b, args, cfg.vocab_size, rng)
+        p["eager_iterations_in_point"] = (graphs.stats.eager - eager0) if graphs else None
+        if bw:
+            bytes_per_iter = weight_bytes + b * kv_per_token * p["context_tokens_mean"]
+            p["bytes_per_iteration"] = bytes_per_iter
+            p["roofline_step_ms"] = 1e3 * bytes_per_iter / bw
+            p["roofline_tok_s"] = b * bw / bytes_per_iter
+            p["roofline_fraction"] = p["tok_s"] / p["roofline_tok_s"]
+            p["achieved_GB_s"] = bytes_per_iter / (p["step_ms_mean"] / 1e3) / 1e9
+        points.append(p)
+        log(f"B={b:4d}: {p['step_ms_median']:.2f} ms/step, {p['tok_s']:.0f} tok/s"
+            + (f", roofline {p['roofline_tok_s']:.0f} tok/s ({p['roofline_fraction']:.0%})" if bw else ""))
+    result["points"] = points
+    summary = [{k: p.get(k) for k in ("batch_size", "step_ms_median", "tok_s", "roofline_tok_s", "roofline_fraction")}
+               for p in points]
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
