@@ -227,7 +227,6 @@ class LLMEngine:
         if plan.empty:
             return None
         sampled, timings = self.runner.execute(plan, self.blocks)
-        t_exec = time.perf_counter()
         now = self.clock()
         result = StepResult(self.iteration)
         it = self.iteration
@@ -271,7 +270,6 @@ class LLMEngine:
             num_finished=len(result.finished), num_generated_tokens=len(sampled), ttfts=ttfts,
             tenant_tokens=tenant_tokens,
         )
-        del t_exec
         result.record = record
         self.sink("iteration", record)
         self.iteration += 1
