@@ -147,11 +147,9 @@ class Scheduler:
             oldest = min(r.arrival_time for r in self.waiting)
             if len(self.waiting) < cfg.max_num_seqs and now - oldest < cfg.static_timeout:
                 return
-            self.static_batch = []
-            self._admit_waiting(plan, cfg.max_batched_tokens, now)
-            if not self.static_batch:
-                self.static_batch = None
-            return
+            self._form_static_batch(now)
+            if self.static_batch is None:
+                return
         budget = cfg.max_batched_tokens
         budget = self._run([r for r in self.running if not r.is_prefilling], plan, budget, now)
         budget = self._run([r for r in self.running if r.is_prefilling], plan, budget, now)
@@ -209,6 +207,26 @@ class Scheduler:
         if self._order is None:
             self._order = self.policy.order_waiting(self.waiting, now)
         return self._order
+
+    def _form_static_batch(self, now: float) -> None:
+        """Seat up to max_num_seqs waiting requests (policy order) as one batch, each with blocks for
+        its first chunk; their prefill then runs over as many iterations as the token budget needs."""
+        self.static_batch = []
+        for r in self._ordered_waiting(now):
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            if not self.blocks.grow(r.request_id, r.num_computed_tokens + min(r.num_pending_tokens,
+                                                                              self.config.chunk_size)):
+                break  # no skipping ahead: the policy's order is respected
+            self.waiting.remove(r)
+            r.status = RequestStatus.RUNNING
+            if r.first_scheduled_time is None:
+                r.first_scheduled_time = now
+            self.running.append(r)
+            self.static_batch.append(r)
+        self._order = None
+        if not self.static_batch:
+            self.static_batch = None
 
     def _admit_waiting(self, plan: StepPlan, budget: int, now: float, skip_long: bool = False) -> int:
         """Admit in policy order; the order is not even computed when nothing could be admitted."""

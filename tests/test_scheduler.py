@@ -131,3 +131,20 @@ def test_selective_runs_long_prefill_alone_then_interleaves():
         kinds.append(sorted(c.request.request_id for c in plan.chunks))
         advance(plan)
     assert kinds[0] == ["long"] and kinds[1] == ["s"] and kinds[2] == ["long"]
+
+
+def test_static_batch_seats_max_num_seqs_even_when_prefill_takes_several_iterations():
+    s = sched(num_blocks=256, max_num_seqs=4, max_batched_tokens=16, chunk_size=16, batching="static",
+              static_timeout=0.0)
+    rs = [req(str(i), 16, max_tokens=2) for i in range(6)]
+    for r in rs:
+        s.add(r)
+    plan = s.schedule(0.0)
+    assert [c.request.request_id for c in plan.chunks] == ["0"]  # the budget fits one prefill ...
+    assert {r.request_id for r in s.static_batch} == {"0", "1", "2", "3"}  # ... but four are seated
+    seen = set()
+    for _ in range(6):
+        advance(plan)
+        plan = s.schedule(0.0)
+        seen |= {c.request.request_id for c in plan.chunks}
+    assert seen <= {"0", "1", "2", "3"}  # nobody joins mid-batch
