@@ -36,6 +36,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help='policy parameters as JSON, e.g. \'{"aging_s": 10}\' (live setting)')
     p.add_argument("--batching", default=None, choices=["continuous", "static"], help="batching mode (live setting)")
     p.add_argument("--mixing", default=None, help="prefill/decode mixing mode (live setting)")
+    p.add_argument("--spec-k", type=int, default=None, help="speculative decoding: draft tokens per step (live; 0 = off)")
+    p.add_argument("--drafter", default="ngram", choices=["ngram"], help="speculative decoding's proposer")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and unseeded sampling")
 
@@ -47,7 +49,7 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, LiveConfig]:
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     live = LiveConfig()
     overrides = {k: getattr(args, k) for k in ("max_num_seqs", "max_batched_tokens", "chunk_size", "policy",
-                                               "policy_params", "batching", "mixing")
+                                               "policy_params", "batching", "mixing", "spec_k")
                  if getattr(args, k, None) is not None}
     if "max_batched_tokens" in overrides and "chunk_size" not in overrides:
         overrides["chunk_size"] = min(live.chunk_size, overrides["max_batched_tokens"])
@@ -56,7 +58,8 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, LiveConfig]:
                        num_blocks=args.num_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
                        max_num_seqs_limit=max(256, live.max_num_seqs),
                        max_batched_tokens_limit=max(8192, live.max_batched_tokens),
-                       attention_backend=args.attention_backend, seed=args.seed)
+                       attention_backend=args.attention_backend, seed=args.seed,
+                       spec_k_limit=max(8, live.spec_k), drafter=args.drafter)
     return cfg, live
 
 

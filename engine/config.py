@@ -38,6 +38,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     attention_backend: str = "auto"  # auto | torch | triton
     seed: int = 0
+    spec_k_limit: int = 8  # the largest speculation length live config may ask for
+    drafter: str = "ngram"  # speculative decoding's proposer (n-gram prompt lookup)
     # CUDA only: capture the forward in CUDA graphs at start, for decode batches up to
     # max_num_seqs_limit rows and mixed iterations up to max_batched_tokens_limit tokens (so the
     # live-config bounds are exactly the captured maxima); an iteration that fits no graph runs eagerly.
@@ -54,6 +56,10 @@ class EngineConfig:
             raise ConfigError("num_blocks", self.num_blocks, "an integer >= 1")
         if not 0.05 <= self.gpu_memory_fraction <= 0.98:
             raise ConfigError("gpu_memory_fraction", self.gpu_memory_fraction, "a number in [0.05, 0.98]")
+        if self.drafter != "ngram":
+            raise ConfigError("drafter", self.drafter, "ngram (a draft model is not available yet)")
+        if not isinstance(self.spec_k_limit, int) or not 0 <= self.spec_k_limit <= 64:
+            raise ConfigError("spec_k_limit", self.spec_k_limit, "an integer in [0, 64]")
         if self.max_num_seqs_limit < 1:
             raise ConfigError("max_num_seqs_limit", self.max_num_seqs_limit, "an integer >= 1")
         if self.max_batched_tokens_limit < 1:
@@ -67,6 +73,7 @@ class ConfigBounds:
     max_num_seqs: int
     max_batched_tokens: int
     policies: tuple[str, ...]
+    spec_k: int = 8
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +86,7 @@ class ConfigBounds:
             "preemption": list(PREEMPTION_MODES),
             "selective_threshold": [1, 1 << 20],
             "static_timeout": [0.0, 3600.0],
+            "spec_k": [0, self.spec_k],
         }
 
 
@@ -96,6 +104,7 @@ class LiveConfig:
     preemption: str = "recompute"
     selective_threshold: int = 512  # `selective` mixing: prompts at or above this run alone, in chunks
     static_timeout: float = 1.0  # `static` batching: a batch forms when full or after this long (s)
+    spec_k: int = 0  # speculative decoding: draft tokens verified per decode step (0 = off)
     version: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +164,8 @@ def validate_changes(
             new[key] = _int_in(key, value, 1, bounds.max_batched_tokens)
         elif key == "chunk_size":
             new[key] = _int_in(key, value, 1, bounds.max_batched_tokens)
+        elif key == "spec_k":
+            new[key] = _int_in(key, value, 0, bounds.spec_k)
         elif key == "selective_threshold":
             new[key] = _int_in(key, value, 1, 1 << 20)
         elif key == "static_timeout":

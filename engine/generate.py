@@ -68,6 +68,8 @@ def output_line(r: Request, text: str) -> dict:
             "first_token_iteration": r.first_token_iteration,
             "finish_iteration": r.finish_iteration,
             "num_preemptions": r.num_preemptions,
+            "spec_proposed": r.spec_proposed,
+            "spec_accepted": r.spec_accepted,
         },
     }
 

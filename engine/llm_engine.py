@@ -23,6 +23,7 @@ from engine.request import SLO_CLASSES, FinishReason, Request, RequestError, Req
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
 from engine.slo import DEFAULT_SLO_TARGETS, SLOTarget, slo_met
+from engine.speculative.ngram import propose_ngram
 from engine.telemetry import Event, IterationRecord, RequestRecord, SinkFn, null_sink
 from policies import make_policy, policy_names, validate_policy_params
 
@@ -86,7 +87,8 @@ class LLMEngine:
 
         # Each running request holds at least one block, so the pool caps the running count too.
         self.bounds = ConfigBounds(max_num_seqs=min(config.max_num_seqs_limit, num_blocks),
-                                   max_batched_tokens=config.max_batched_tokens_limit, policies=policy_names())
+                                   max_batched_tokens=config.max_batched_tokens_limit, policies=policy_names(),
+                                   spec_k=config.spec_k_limit)
         live = live or LiveConfig()
         initial = {k: v for k, v in live.to_dict().items() if k != "version"}
         self.live = validate_changes(LiveConfig(), initial, self.bounds, validate_policy_params)
@@ -94,6 +96,8 @@ class LLMEngine:
         self._target = self.live
         self._pending: list[tuple[dict[str, Any], LiveConfig, str]] = []
         self.scheduler = Scheduler(self.blocks, make_policy(self.live.policy, self.live.policy_params), self.live)
+        self.scheduler.max_model_len = self.max_model_len
+        self.scheduler.drafter = propose_ngram if config.drafter == "ngram" else None
         self.requests: dict[str, Request] = {}  # in flight, plus the most recent finished ones
         self.retain_finished = 10_000  # finished requests kept for look-up; older ones are forgotten
         self._finished_ids: deque[str] = deque()
@@ -241,18 +245,36 @@ class LLMEngine:
             tenant_tokens[r.tenant] = tenant_tokens.get(r.tenant, 0) + chunk.num_tokens
             prompt_part = max(0, min(chunk.start + chunk.num_tokens, r.num_prompt_tokens) - chunk.start)
             policy.on_tokens_computed(r, prompt_part, 1 if chunk.samples else 0)
-        for chunk, token in sampled:
+        spec_proposed = spec_accepted = num_generated = 0
+        for chunk, tokens in sampled:
             r = chunk.request
-            r.append_token(token, now)
+            if chunk.draft:
+                accepted = len(tokens) - 1
+                r.spec_proposed += len(chunk.draft)
+                r.spec_accepted += accepted
+                spec_proposed += len(chunk.draft)
+                spec_accepted += accepted
+            reason = None
+            emitted: list[int] = []
+            for token in tokens:
+                r.append_token(token, now)
+                emitted.append(token)
+                reason = self._stop_reason(r, token)
+                if reason is not None:
+                    break
+            num_generated += len(emitted)
+            # The KV of the last token and of accepted drafts stays; rejected drafts' positions roll back.
+            r.num_computed_tokens = min(r.num_computed_tokens, r.num_tokens - 1)
+            if chunk.draft and reason is None:
+                self.blocks.shrink(r.request_id, r.num_computed_tokens)
             if r.first_token_time is None:
                 r.first_token_time, r.first_token_iteration = now, it
                 ttfts.append(now - r.arrival_time)
-            reason = self._stop_reason(r, token)
             if reason is not None:
                 self.scheduler.finish(r)
                 self._finish(r, reason, now)
                 result.finished.append(r)
-            result.outputs.append(RequestOutput(r.request_id, [token], reason is not None,
+            result.outputs.append(RequestOutput(r.request_id, emitted, reason is not None,
                                                 reason.value if reason else None))
         if self.check_invariants:
             self.blocks.check()
@@ -267,7 +289,8 @@ class LLMEngine:
             num_preemptions=len(plan.preempted), kv_blocks_used=self.blocks.num_used,
             kv_blocks_total=self.blocks.num_blocks, kv_cache_usage=self.blocks.num_used / self.blocks.num_blocks,
             config_version=self.live.version, num_padding_tokens=sum(1 for c in plan.chunks if c.padding),
-            num_finished=len(result.finished), num_generated_tokens=len(sampled), ttfts=ttfts,
+            num_finished=len(result.finished), num_generated_tokens=num_generated, ttfts=ttfts,
+            spec_proposed=spec_proposed, spec_accepted=spec_accepted,
             tenant_tokens=tenant_tokens,
         )
         result.record = record
@@ -334,7 +357,7 @@ class LLMEngine:
             num_preemptions=r.num_preemptions,
             slo_met=r.finish_reason is not FinishReason.ABORT and slo_met(self.slo_targets, r.slo_class, ttft, tpot),
             first_token_iteration=r.first_token_iteration, finish_iteration=r.finish_iteration,
-            finish=r.finish_time or 0.0,
+            finish=r.finish_time or 0.0, spec_proposed=r.spec_proposed, spec_accepted=r.spec_accepted,
         )
 
     def run_until_done(self, max_iterations: int | None = None) -> None:

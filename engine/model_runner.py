@@ -24,6 +24,7 @@ from engine.cuda_graphs import CudaGraphRunner, StepBuffers
 from engine.block_manager import BlockManager
 from engine.kv_cache import KVCache
 from engine.sampler import Sampler
+from engine.speculative.verify import verify_chunks
 from engine.step_plan import ScheduledChunk, StepPlan
 
 
@@ -32,8 +33,9 @@ class StepInputs:
     input_ids: torch.Tensor  # [1, T]
     positions: torch.Tensor  # [1, T]
     metadata: AttentionMetadata
-    sample_rows: torch.Tensor  # [S] flattened index of each sampling chunk's last token
-    sampling_chunks: list[ScheduledChunk]
+    sample_rows: torch.Tensor  # [S] flattened index of each sampling chunk's last token (all verified
+    sampling_chunks: list[ScheduledChunk]  # positions of a speculating chunk)
+    sample_counts: list[int] = field(default_factory=list)  # logits rows per sampling chunk
 
 
 @dataclass
@@ -54,7 +56,9 @@ def build_inputs(chunks: list[ScheduledChunk], blocks: BlockManager, device: tor
     rows = order_rows(chunks)
     starts = [c.start for c in rows]
     lens = [c.num_tokens for c in rows]
-    tokens = list(chain.from_iterable(c.request.token_ids[c.start:c.start + c.num_tokens] for c in rows))
+    tokens = list(chain.from_iterable(
+        c.request.token_ids[c.start:c.start + c.num_tokens - len(c.draft)] + list(c.draft) if c.draft
+        else c.request.token_ids[c.start:c.start + c.num_tokens] for c in rows))
     tables = [blocks.table(c.request.request_id) for c in rows]
     width = max(len(t) for t in tables)
     padded = [t + [0] * (width - len(t)) for t in tables]
@@ -72,6 +76,11 @@ def build_inputs(chunks: list[ScheduledChunk], blocks: BlockManager, device: tor
     seq_lens = starts_t + lens_t
     sampling = [i for i, c in enumerate(rows) if c.samples]
     sample_rows = cu[1:][sampling] - 1
+    sample_counts = [1 + len(rows[i].draft) for i in sampling]
+    if any(k > 1 for k in sample_counts):
+        # a speculating chunk keeps logits at every position it verifies
+        sample_rows = torch.cat([torch.arange(int(cu[i + 1]) - k, int(cu[i + 1]))
+                                 for i, k in zip(sampling, sample_counts)])
 
     num_decodes = sum(1 for n in lens if n == 1)
     meta = AttentionMetadata(
@@ -93,6 +102,7 @@ def build_inputs(chunks: list[ScheduledChunk], blocks: BlockManager, device: tor
         metadata=meta,
         sample_rows=sample_rows.to(device, non_blocking=True),
         sampling_chunks=[rows[i] for i in sampling],
+        sample_counts=sample_counts,
     )
 
 
@@ -300,13 +310,16 @@ class ModelRunner:
             ev1.synchronize()
             timings.gpu_ms = ev0.elapsed_time(ev1)
         timings.sample = time.perf_counter() - t2
-        return list(zip(chunks, ids_out)), timings
+        return [(c, [t]) for c, t in zip(chunks, ids_out)], timings
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, blocks: BlockManager) -> tuple[list[tuple[ScheduledChunk, int]], StepTimings]:
-        """Run the plan; return (chunk, sampled token id) for every chunk that samples."""
+    def execute(self, plan: StepPlan, blocks: BlockManager) -> tuple[list[tuple[ScheduledChunk, list[int]]], StepTimings]:
+        """Run the plan; return (chunk, new token ids) for every chunk that samples: one token, or
+        for a speculating chunk its accepted drafts plus one corrected or bonus token."""
         buf = self.buffers
-        if buf is not None and plan.num_tokens <= buf.max_tokens and len(plan.chunks) <= buf.max_rows:
+        speculating = any(c.draft for c in plan.chunks)
+        if buf is not None and not speculating and plan.num_tokens <= buf.max_tokens \
+                and len(plan.chunks) <= buf.max_rows:
             return self._execute_buffers(plan, blocks)
         timings = StepTimings()
         t0 = time.perf_counter()
@@ -324,7 +337,11 @@ class ModelRunner:
         t2 = time.perf_counter()
         timings.forward = t2 - t1
         chunks = inputs.sampling_chunks
-        ids = self.sampler.sample(logits[: len(chunks)], [c.request.request_id for c in chunks],
-                                  [c.request.sampling for c in chunks])
+        if speculating:
+            tokens = verify_chunks(self.sampler, logits, chunks, inputs.sample_counts)
+        else:
+            ids = self.sampler.sample(logits[: len(chunks)], [c.request.request_id for c in chunks],
+                                      [c.request.sampling for c in chunks])
+            tokens = [[t] for t in ids]
         timings.sample = time.perf_counter() - t2
-        return list(zip(chunks, ids)), timings
+        return list(zip(chunks, tokens)), timings

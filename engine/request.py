@@ -72,6 +72,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    spec_proposed: int = 0  # speculative decoding: drafted tokens verified, and how many were accepted
+    spec_accepted: int = 0
     admission_seq: int = -1  # order in which the engine accepted the request (FCFS tie-break)
 
     # Timing (engine clock, seconds since engine start) and iteration indices.

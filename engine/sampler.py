@@ -30,6 +30,10 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._request_generators.pop(request_id, None)
 
+    def generator_for(self, request_id: str, seed: int | None) -> torch.Generator:
+        """The request's own generator when it has a seed, else the engine's."""
+        return self._generator if seed is None else self._generator_for(request_id, seed)
+
     def _generator_for(self, request_id: str, seed: int) -> torch.Generator:
         gen = self._request_generators.get(request_id)
         if gen is None:

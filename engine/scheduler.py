@@ -25,6 +25,8 @@ class Scheduler:
         self.static_batch: list[Request] | None = None  # members of the batch in flight (static mode)
         self.padding: list[Request] = []  # finished static-batch members still holding their slot
         self._last_step_alone = False  # selective mixing: the previous step ran a long prefill alone
+        self.drafter: Callable[[list[int], int], list[int]] | None = None  # speculative decoding proposals
+        self.max_model_len = 1 << 30  # the engine sets the model's context length
         self._next_seq = 0
         self._order: list[Request] | None = None  # the policy's order of `waiting`, memoized per schedule()
         self._in_plan: set[int] = set()  # id() of the requests the plan being built already has a chunk for
@@ -176,6 +178,7 @@ class Scheduler:
         tables, block_size = blocks.tables, blocks.block_size
         chunks = plan.chunks
         running_status = RequestStatus.RUNNING
+        spec_k = self.config.spec_k if self.drafter is not None else 0
         for r in requests:
             if budget <= 0:
                 break
@@ -186,6 +189,8 @@ class Scheduler:
             n = pending if pending < chunk_size else chunk_size
             if n > budget:
                 n = budget
+            draft = self._draft(r, budget) if spec_k and pending == 1 and r.output_token_ids else ()
+            n += len(draft)
             table = tables.get(r.request_id)
             if table is None or len(table) * block_size < computed + n:  # else its blocks already suffice
                 while not blocks.grow(r.request_id, computed + n):
@@ -196,11 +201,17 @@ class Scheduler:
                         break
                 if r.status is not running_status:
                     continue
-            chunks.append(ScheduledChunk(r, computed, n, n == pending,
-                                         n == 1 and pending == 1 and len(r.output_token_ids) > 0))
+            chunks.append(ScheduledChunk(r, computed, n, n - len(draft) == pending,
+                                         pending == 1 and len(r.output_token_ids) > 0, draft=draft))
             scheduled.add(id(r))
             budget -= n
         return budget
+
+    def _draft(self, r: Request, budget: int) -> tuple[int, ...]:
+        """Draft tokens for a decoding request: within k, the token budget, max_tokens and the context."""
+        room = min(self.config.spec_k, budget - 1, r.sampling.max_tokens - len(r.output_token_ids) - 1,
+                   self.max_model_len - len(r.token_ids) - 1)
+        return tuple(self.drafter(r.token_ids, room)) if room > 0 else ()
 
     def _ordered_waiting(self, now: float) -> list[Request]:
         """The policy's admission order; asked once per schedule() unless `waiting` changed since."""

@@ -14,6 +14,7 @@ class ScheduledChunk:
     samples: bool  # the step brings the request level with its token list: sample one token after it
     is_decode: bool  # one new token of a request that already has output
     padding: bool = False  # static batching: a finished request's slot, computed and discarded
+    draft: tuple[int, ...] = ()  # speculative decoding: drafted tokens verified after the last token
 
 
 @dataclass

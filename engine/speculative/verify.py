@@ -1,0 +1,41 @@
+"""Verification of an iteration's speculating chunks against the target model's logits.
+
+A speculating chunk (a decode step with k drafted tokens) has k + 1 rows of logits; every other
+sampling chunk has one. Greedy requests accept exactly the matching prefix; sampled requests use the
+rejection rule in `rejection.py` with the request's own generator when it has a seed.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.sampler import Sampler
+from engine.speculative.rejection import verify_greedy, verify_sampled
+from engine.step_plan import ScheduledChunk
+
+
+def verify_chunks(sampler: Sampler, logits: torch.Tensor, chunks: list[ScheduledChunk],
+                  counts: list[int]) -> list[list[int]]:
+    """New tokens for each sampling chunk, in order; `counts[i]` logits rows belong to chunk i."""
+    starts = [0]
+    for k in counts:
+        starts.append(starts[-1] + k)
+    greedy_ids = logits.argmax(dim=-1).tolist()  # one host read for every greedy decision
+    out: list[list[int] | None] = [None] * len(chunks)
+    plain = [i for i, (c, k) in enumerate(zip(chunks, counts)) if k == 1 and not c.request.sampling.greedy]
+    if plain:  # ordinary sampled rows go through the batched sampler in one call
+        rows = logits[[starts[i] for i in plain]]
+        ids = sampler.sample(rows, [chunks[i].request.request_id for i in plain],
+                             [chunks[i].request.sampling for i in plain])
+        for i, t in zip(plain, ids):
+            out[i] = [t]
+    for i, (c, k) in enumerate(zip(chunks, counts)):
+        if out[i] is not None:
+            continue
+        p = c.request.sampling
+        if p.greedy:
+            out[i] = verify_greedy(greedy_ids[starts[i]:starts[i] + k], list(c.draft)) if k > 1 \
+                else [greedy_ids[starts[i]]]
+        else:
+            probs = Sampler._filtered_probs(logits[starts[i]:starts[i] + k].float(), [p] * k)
+            out[i] = verify_sampled(probs, list(c.draft), None, sampler.generator_for(c.request.request_id, p.seed))
+    return out  # type: ignore[return-value]

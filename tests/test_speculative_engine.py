@@ -1,0 +1,119 @@
+"""Speculative decoding inside the iteration: greedy output is token-identical to plain decoding,
+whatever the drafts, k, chunking, preemption and live changes of k; rejected KV is rolled back."""
+import random
+
+import pytest
+
+from engine.block_manager import blocks_needed
+from engine.config import ConfigError
+from engine.speculative.ngram import propose_ngram
+from tests.helpers import greedy, make_engine, reference_tokens
+
+
+def oracle_drafter(path, prompts, max_tokens, wrong_every=0):
+    """Proposes the true continuation (from transformers' generate), optionally corrupting some
+    drafts, so both the accept and the reject paths run on a random-weight model."""
+    truth = {tuple(p): list(p) + list(reference_tokens(path, tuple(p), n)) for p, n in zip(prompts, max_tokens)}
+    calls = [0]
+
+    def draft(token_ids, k):
+        for prompt, full in truth.items():
+            if list(token_ids) == full[:len(token_ids)] and len(token_ids) >= len(prompt):
+                out = full[len(token_ids):len(token_ids) + k]
+                calls[0] += 1
+                if wrong_every and calls[0] % wrong_every == 0 and out:
+                    out = out[:-1] + [(out[-1] + 1) % 256]
+                return out
+        return []
+
+    return draft
+
+
+def run(path, prompts, max_tokens, drafter=None, k_schedule=None, **knobs):
+    engine = make_engine(path, **knobs)
+    if drafter is not None:
+        engine.scheduler.drafter = drafter
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        engine.add_request(str(i), p, greedy(n))
+    step = 0
+    while engine.has_unfinished:
+        if k_schedule and step in k_schedule:
+            engine.update_config({"spec_k": k_schedule[step]})
+        engine.step()
+        step += 1
+        for r in engine.scheduler.running:  # rejected drafts' blocks went back to the pool
+            assert len(engine.blocks.table(r.request_id)) == blocks_needed(r.num_computed_tokens, engine.blocks.block_size)
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    return engine
+
+
+def prompts_for(seed, count=5):
+    rng = random.Random(seed)
+    base = [rng.randrange(256) for _ in range(6)]
+    prompts = [base * rng.randrange(1, 4) + [rng.randrange(256) for _ in range(rng.randrange(1, 8))]
+               for _ in range(count)]
+    return prompts, [rng.randrange(4, 16) for _ in range(count)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("wrong_every", [0, 3])
+def test_greedy_speculation_is_token_identical(model_dirs, k, wrong_every):
+    path = model_dirs["qwen3"]
+    prompts, max_tokens = prompts_for(k + 10 * wrong_every)
+    engine = run(path, prompts, max_tokens, oracle_drafter(path, prompts, max_tokens, wrong_every),
+                 spec_k=k, max_num_seqs=3, max_batched_tokens=24, chunk_size=8, block_size=4, num_blocks=40)
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), n)
+    proposed = sum(r.spec_proposed for r in engine.requests.values())
+    accepted = sum(r.spec_accepted for r in engine.requests.values())
+    assert proposed > 0 and accepted > 0
+    assert (accepted < proposed) == bool(wrong_every)
+
+
+def test_ngram_drafter_under_preemption_and_live_k_changes(model_dirs):
+    path = model_dirs["llama"]
+    prompts, max_tokens = prompts_for(7, count=6)
+    engine = run(path, prompts, max_tokens, propose_ngram, k_schedule={0: 3, 5: 0, 9: 2, 14: 4},
+                 max_num_seqs=6, max_batched_tokens=32, chunk_size=8, block_size=4, num_blocks=16)
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), n)
+    assert sum(r.num_preemptions for r in engine.requests.values()) > 0
+    assert sum(r.spec_proposed for r in engine.requests.values()) > 0
+
+
+def test_spec_k_is_bounded(model_dirs):
+    engine = make_engine(model_dirs["qwen3"])
+    with pytest.raises(ConfigError, match=r"spec_k=99 .*\[0, 8\]"):
+        engine.update_config({"spec_k": 99})
+
+
+def test_sampled_requests_speculate_and_keep_their_lengths(model_dirs):
+    from engine.request import SamplingParams
+
+    engine = make_engine(model_dirs["qwen2"], spec_k=3, max_num_seqs=4, block_size=4, num_blocks=64)
+    engine.scheduler.drafter = lambda tokens, k: [tokens[-1]] * k  # always proposes: exercises verification
+    prompts, _ = prompts_for(3, count=4)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=12, temperature=0.8, seed=i, ignore_eos=True))
+    engine.run_until_done()
+    assert all(len(r.output_token_ids) == 12 for r in engine.requests.values())
+    assert sum(r.spec_proposed for r in engine.requests.values()) > 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_generate_cli_reports_speculation_metrics(tmp_path, model_dirs):
+    import json
+
+    from engine.cli import main
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prompts, max_tokens = prompts_for(5, count=3)
+    src.write_text("".join(json.dumps({"id": str(i), "prompt_token_ids": p, "max_tokens": n, "ignore_eos": True}) + "\n"
+                           for i, (p, n) in enumerate(zip(prompts, max_tokens))))
+    assert main(["generate", "--model", model_dirs["qwen3"], "--input", str(src), "--output", str(out),
+                 "--spec-k", "3", "--drafter", "ngram", "--block-size", "4"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row, p, n in zip(rows, prompts, max_tokens):
+        assert tuple(row["output_token_ids"]) == reference_tokens(model_dirs["qwen3"], tuple(p), n)
+        assert {"spec_proposed", "spec_accepted"} <= set(row["metrics"])
+    assert sum(r["metrics"]["spec_proposed"] for r in rows) > 0
