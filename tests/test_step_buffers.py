@@ -68,3 +68,23 @@ def test_fill_step_matches_build_inputs_across_iterations(seed, num_blocks, max_
                     r.status = r.status.FINISHED
                     sched.finish(r)
     assert not sched.has_work or step == 199
+
+
+def test_buffer_execution_path_is_token_exact_on_cpu(model_dirs):
+    """The persistent-buffer path the CUDA engine uses (here without graphs, on the CPU)."""
+    from tests.helpers import greedy, make_engine, reference_tokens
+
+    path = model_dirs["qwen3"]
+    engine = make_engine(path, max_num_seqs=4, max_batched_tokens=32, chunk_size=8, block_size=4, num_blocks=12)
+    runner = engine.runner
+    width = -(-engine.max_model_len // BLOCK_SIZE)
+    runner.buffers = StepBuffers(32, 4, width, torch.device("cpu"))
+    runner.tables = HostTables(width, 4)
+    runner.max_model_len = engine.max_model_len
+    prompts = [[(7 * i + j) % 256 for j in range(3 + 5 * i)] for i in range(6)]
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, greedy(6))
+    engine.run_until_done()
+    for i, p in enumerate(prompts):
+        assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), 6)
+    assert sum(r.num_preemptions for r in engine.requests.values()) > 0
