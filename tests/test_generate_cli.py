@@ -19,7 +19,8 @@ def test_generate_serves_valid_lines_and_reports_bad_ones(tmp_path, model_dirs, 
          "tenant": "t1", "priority": 2, "slo_class": "batch"},
     ])
     rc = main(["generate", "--model", model_dirs["qwen2"], "--input", str(src), "--output", str(out),
-               "--max-num-seqs", "2", "--chunk-size", "4", "--block-size", "4", "--num-blocks", "200"])
+               "--max-num-seqs", "2", "--chunk-size", "4", "--block-size", "4", "--num-blocks", "200",
+               "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "in.jsonl:2: malformed JSON" in err

@@ -361,7 +361,7 @@ def test_generate_cli_accepts_every_policy(model_dirs, tmp_path, policy):
                                          "ignore_eos": True, "tenant": "ab"[i % 2], "priority": i % 2,
                                          "slo_class": "batch" if i % 2 else "realtime"}) for i in range(4)) + "\n")
     rc = main(["generate", "--model", model_dirs["llama"], "--input", str(src), "--output", str(out),
-               "--policy", policy, "--max-num-seqs", "2", "--num-blocks", "64"])
+               "--policy", policy, "--max-num-seqs", "2", "--num-blocks", "64", "--device", "cpu"])
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["0", "1", "2", "3"]

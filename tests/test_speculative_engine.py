@@ -111,7 +111,7 @@ def test_generate_cli_reports_speculation_metrics(tmp_path, model_dirs):
     src.write_text("".join(json.dumps({"id": str(i), "prompt_token_ids": p, "max_tokens": n, "ignore_eos": True}) + "\n"
                            for i, (p, n) in enumerate(zip(prompts, max_tokens))))
     assert main(["generate", "--model", model_dirs["qwen3"], "--input", str(src), "--output", str(out),
-                 "--spec-k", "3", "--drafter", "ngram", "--block-size", "4"]) == 0
+                 "--spec-k", "3", "--drafter", "ngram", "--block-size", "4", "--device", "cpu"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     for row, p, n in zip(rows, prompts, max_tokens):
         assert tuple(row["output_token_ids"]) == reference_tokens(model_dirs["qwen3"], tuple(p), n)
