@@ -244,7 +244,8 @@ class LLMEngine:
             r.num_computed_tokens += chunk.num_tokens
             tenant_tokens[r.tenant] = tenant_tokens.get(r.tenant, 0) + chunk.num_tokens
             prompt_part = max(0, min(chunk.start + chunk.num_tokens, r.num_prompt_tokens) - chunk.start)
-            policy.on_tokens_computed(r, prompt_part, 1 if chunk.samples else 0)
+            # A speculating chunk's output service is known only after verification (below).
+            policy.on_tokens_computed(r, prompt_part, 1 if chunk.samples and not chunk.draft else 0)
         spec_proposed = spec_accepted = num_generated = 0
         for chunk, tokens in sampled:
             r = chunk.request
@@ -263,6 +264,8 @@ class LLMEngine:
                 if reason is not None:
                     break
             num_generated += len(emitted)
+            if chunk.draft:
+                policy.on_tokens_computed(r, 0, len(emitted))
             # The KV of the last token and of accepted drafts stays; rejected drafts' positions roll back.
             r.num_computed_tokens = min(r.num_computed_tokens, r.num_tokens - 1)
             if chunk.draft and reason is None:

@@ -80,10 +80,6 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    @property
-    def effective_max_num_seqs(self) -> int:
-        return self.config.max_num_seqs
-
     # -- planning -------------------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
         plan = StepPlan()

@@ -57,3 +57,13 @@ def make_engine(path: str, *, num_blocks: int = 256, block_size: int = 16, sink=
 
 def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+
+
+def advance(plan, token=1):
+    """Pretend the model ran the plan: computed tokens advance, sampling chunks append a token."""
+    for c in plan.chunks:
+        if c.padding:
+            continue
+        c.request.num_computed_tokens += c.num_tokens
+        if c.samples:
+            c.request.append_token(token, 0.0)

@@ -21,7 +21,7 @@ from policies import POLICIES, describe_policies, make_policy, policy_names, val
 from policies.base import WaitingKeys
 from policies.fair import FairPolicy
 from policies.sjf import PREDICTORS, SJFPolicy, register_predictor
-from tests.helpers import greedy, loaded, reference_tokens
+from tests.helpers import advance, greedy, loaded, reference_tokens
 
 
 # -- driving the engine on a virtual clock ---------------------------------------------------------
@@ -196,15 +196,6 @@ def req(rid, n_prompt, max_tokens=4, arrival=0.0, **kw):
 
 def sched(policy="fcfs", num_blocks=64, block_size=4, params=None, **live):
     return Scheduler(BlockManager(num_blocks, block_size), make_policy(policy, params), LiveConfig(**live))
-
-
-def advance(plan, token=1):
-    for c in plan.chunks:
-        if c.padding:
-            continue
-        c.request.num_computed_tokens += c.num_tokens
-        if c.samples:
-            c.request.append_token(token, 0.0)
 
 
 def test_selective_mixes_short_prompts_with_decodes_and_runs_long_ones_alone():

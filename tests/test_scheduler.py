@@ -4,6 +4,7 @@ from engine.config import LiveConfig
 from engine.request import Request, SamplingParams
 from engine.scheduler import Scheduler
 from policies import make_policy
+from tests.helpers import advance
 
 
 def req(rid, n_prompt, max_tokens=4, arrival=0.0):
@@ -12,16 +13,6 @@ def req(rid, n_prompt, max_tokens=4, arrival=0.0):
 
 def sched(num_blocks=64, block_size=4, **live):
     return Scheduler(BlockManager(num_blocks, block_size), make_policy("fcfs"), LiveConfig(**live))
-
-
-def advance(plan, token=1):
-    """Pretend the model ran the plan: computed tokens advance, sampling chunks append a token."""
-    for c in plan.chunks:
-        if c.padding:
-            continue
-        c.request.num_computed_tokens += c.num_tokens
-        if c.samples:
-            c.request.append_token(token, 0.0)
 
 
 def test_chunked_prefill_respects_budget_and_chunk_cap():

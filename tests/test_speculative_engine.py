@@ -117,3 +117,27 @@ def test_generate_cli_reports_speculation_metrics(tmp_path, model_dirs):
         assert tuple(row["output_token_ids"]) == reference_tokens(model_dirs["qwen3"], tuple(p), n)
         assert {"spec_proposed", "spec_accepted"} <= set(row["metrics"])
     assert sum(r["metrics"]["spec_proposed"] for r in rows) > 0
+
+
+def test_policies_are_told_the_verified_output_not_one_token_per_step(model_dirs):
+    from policies.fcfs import FCFSPolicy
+
+    class CountingPolicy(FCFSPolicy):
+        def __init__(self):
+            super().__init__()
+            self.output_service = 0
+
+        def on_tokens_computed(self, request, num_prompt_tokens, num_output_tokens):
+            self.output_service += num_output_tokens
+
+    path = model_dirs["qwen3"]
+    prompts, max_tokens = prompts_for(4, count=3)
+    engine = make_engine(path, spec_k=3, max_num_seqs=3, block_size=4, num_blocks=40)
+    engine.scheduler.drafter = oracle_drafter(path, prompts, max_tokens)
+    counter = CountingPolicy()
+    engine.scheduler.set_policy(counter)
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        engine.add_request(str(i), p, greedy(n))
+    engine.run_until_done()
+    assert sum(r.spec_accepted for r in engine.requests.values()) > 0
+    assert counter.output_service == sum(max_tokens)
