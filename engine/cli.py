@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.config import ConfigError, EngineConfig, LiveConfig
+from engine.config import DRAFTERS, ConfigError, EngineConfig, LiveConfig
 
 
 def _json_object(text: str) -> dict:
@@ -37,7 +37,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", default=None, choices=["continuous", "static"], help="batching mode (live setting)")
     p.add_argument("--mixing", default=None, help="prefill/decode mixing mode (live setting)")
     p.add_argument("--spec-k", type=int, default=None, help="speculative decoding: draft tokens per step (live; 0 = off)")
-    p.add_argument("--drafter", default="ngram", choices=["ngram"], help="speculative decoding's proposer")
+    p.add_argument("--drafter", default=None, choices=list(DRAFTERS),
+                   help="speculative decoding's proposer: ngram (prompt lookup, the default) or model (--draft-model)")
+    p.add_argument("--draft-model", default=None,
+                   help="drafter=model: synthetic:<name> or a local directory sharing the target's vocabulary")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and unseeded sampling")
 
@@ -59,7 +62,8 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, LiveConfig]:
                        max_num_seqs_limit=max(256, live.max_num_seqs),
                        max_batched_tokens_limit=max(8192, live.max_batched_tokens),
                        attention_backend=args.attention_backend, seed=args.seed,
-                       spec_k_limit=max(8, live.spec_k), drafter=args.drafter)
+                       spec_k_limit=max(8, live.spec_k),
+                       drafter=args.drafter or ("model" if args.draft_model else "ngram"), draft_model=args.draft_model)
     return cfg, live
 
 

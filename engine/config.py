@@ -13,6 +13,7 @@ from typing import Any, Mapping
 MIXING_MODES = ("stall-free", "prefill-first", "selective")
 BATCHING_MODES = ("continuous", "static")
 PREEMPTION_MODES = ("recompute", "drain")
+DRAFTERS = ("ngram", "model")
 
 
 class ConfigError(ValueError):
@@ -39,7 +40,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | triton
     seed: int = 0
     spec_k_limit: int = 8  # the largest speculation length live config may ask for
-    drafter: str = "ngram"  # speculative decoding's proposer (n-gram prompt lookup)
+    drafter: str = "ngram"  # speculative decoding's proposer: ngram (prompt lookup) | model (draft_model)
+    draft_model: str | None = None  # drafter=model: synthetic:<name> or a local directory, the target's vocabulary
     # CUDA only: capture the forward in CUDA graphs at start, for decode batches up to
     # max_num_seqs_limit rows and mixed iterations up to max_batched_tokens_limit tokens (so the
     # live-config bounds are exactly the captured maxima); an iteration that fits no graph runs eagerly.
@@ -56,8 +58,13 @@ class EngineConfig:
             raise ConfigError("num_blocks", self.num_blocks, "an integer >= 1")
         if not 0.05 <= self.gpu_memory_fraction <= 0.98:
             raise ConfigError("gpu_memory_fraction", self.gpu_memory_fraction, "a number in [0.05, 0.98]")
-        if self.drafter != "ngram":
-            raise ConfigError("drafter", self.drafter, "ngram (a draft model is not available yet)")
+        if self.drafter not in DRAFTERS:
+            raise ConfigError("drafter", self.drafter, "one of " + ", ".join(DRAFTERS))
+        if self.drafter == "model" and not self.draft_model:
+            raise ConfigError("draft_model", self.draft_model,
+                              "a model (synthetic:<name> or a local directory) when drafter=model")
+        if self.draft_model and self.drafter != "model":
+            raise ConfigError("drafter", self.drafter, "model when a draft model is given")
         if not isinstance(self.spec_k_limit, int) or not 0 <= self.spec_k_limit <= 64:
             raise ConfigError("spec_k_limit", self.spec_k_limit, "an integer in [0, 64]")
         if self.max_num_seqs_limit < 1:

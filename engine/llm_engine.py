@@ -15,7 +15,7 @@ import torch
 
 from engine.attention.backend import make_backend
 from engine.block_manager import BlockManager, blocks_needed
-from engine.config import ConfigBounds, EngineConfig, LiveConfig, validate_changes
+from engine.config import ConfigBounds, ConfigError, EngineConfig, LiveConfig, validate_changes
 from engine.kv_cache import KVCache, bytes_per_block
 from engine.model_runner import ModelRunner
 from engine.models import LoadedModel, load_model
@@ -23,11 +23,14 @@ from engine.request import SLO_CLASSES, FinishReason, Request, RequestError, Req
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
 from engine.slo import DEFAULT_SLO_TARGETS, SLOTarget, slo_met
+from engine.speculative.draft_model import DraftModelDrafter
+from engine.speculative.drafter import Drafter, LookupDrafter
 from engine.speculative.ngram import propose_ngram
 from engine.telemetry import Event, IterationRecord, RequestRecord, SinkFn, null_sink
 from policies import make_policy, policy_names, validate_policy_params
 
 CPU_DEFAULT_KV_BYTES = 512 * 1024 * 1024
+VOCAB_PADDING_SLACK = 1024  # draft and target vocabularies may differ by padding, not by tokenizer
 
 
 @dataclass
@@ -73,11 +76,15 @@ class LLMEngine:
         self.max_model_len = min(self.loaded.max_model_len, config.max_model_len or self.loaded.max_model_len)
 
         lm = self.loaded
-        per_block = bytes_per_block(lm.num_layers, config.block_size, lm.num_kv_heads, lm.head_dim,
-                                    next(lm.model.parameters()).dtype)
+        dtype = next(lm.model.parameters()).dtype
+        self.draft_loaded = self._load_draft_model() if config.drafter == "model" else None
+        per_block = bytes_per_block(lm.num_layers, config.block_size, lm.num_kv_heads, lm.head_dim, dtype)
+        if self.draft_loaded is not None:  # the draft pool has as many blocks as the target's
+            d = self.draft_loaded
+            per_block += bytes_per_block(d.num_layers, config.block_size, d.num_kv_heads, d.head_dim, dtype)
         num_blocks = config.num_blocks or self._default_num_blocks(per_block)
         self.kv_cache = KVCache.allocate(lm.num_layers, num_blocks, config.block_size, lm.num_kv_heads,
-                                         lm.head_dim, next(lm.model.parameters()).dtype, self.device)
+                                         lm.head_dim, dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.backend = make_backend(config.attention_backend, self.device)
         self.sampler = Sampler(self.device, config.seed)
@@ -97,12 +104,33 @@ class LLMEngine:
         self._pending: list[tuple[dict[str, Any], LiveConfig, str]] = []
         self.scheduler = Scheduler(self.blocks, make_policy(self.live.policy, self.live.policy_params), self.live)
         self.scheduler.max_model_len = self.max_model_len
-        self.scheduler.drafter = propose_ngram if config.drafter == "ngram" else None
+        self.drafter = self._make_drafter(num_blocks)
+        self.scheduler.drafter = self.drafter
         self.requests: dict[str, Request] = {}  # in flight, plus the most recent finished ones
         self.retain_finished = 10_000  # finished requests kept for look-up; older ones are forgotten
         self._finished_ids: deque[str] = deque()
         self.iteration = 0
         self.num_requests_added = 0
+
+    def _load_draft_model(self) -> LoadedModel:
+        cfg = self.config
+        draft = load_model(cfg.draft_model, cfg.device, cfg.dtype, cfg.seed)
+        target_vocab, draft_vocab = self.loaded.config.vocab_size, draft.config.vocab_size
+        if abs(target_vocab - draft_vocab) > VOCAB_PADDING_SLACK:
+            raise ConfigError("draft_model", cfg.draft_model,
+                              f"a model with the target's vocabulary: its vocab_size is {draft_vocab}, the "
+                              f"target's {target_vocab} (they may differ by padding, at most {VOCAB_PADDING_SLACK})")
+        return draft
+
+    def _make_drafter(self, num_blocks: int) -> Drafter:
+        cfg = self.config
+        if self.draft_loaded is None:
+            return LookupDrafter(propose_ngram, "ngram")
+        d = self.draft_loaded
+        kv = KVCache.allocate(d.num_layers, num_blocks, cfg.block_size, d.num_kv_heads, d.head_dim,
+                              next(d.model.parameters()).dtype, self.device)
+        return DraftModelDrafter(d, kv, self.backend, self.device, self.loaded.config.vocab_size,
+                                 max_tokens_per_forward=cfg.max_batched_tokens_limit, seed=cfg.seed)
 
     def restart_clock(self) -> None:
         """Make 'now' zero (an offline run starts its clock when it starts serving); only when idle."""
@@ -226,10 +254,15 @@ class LLMEngine:
         plan = self.scheduler.schedule(now)
         t_sched = time.perf_counter()
         for victim in plan.preempted:
+            self.drafter.release(victim.request_id)
             self.emit_event("preemption", now, request_id=victim.request_id, tenant=victim.tenant,
                             num_preemptions=victim.num_preemptions, reason="kv_cache_full")
         if plan.empty:
             return None
+        drafting = [c for c in plan.chunks if c.num_draft]
+        if drafting:
+            self._fill_drafts(drafting)
+        t_draft = time.perf_counter()
         sampled, timings = self.runner.execute(plan, self.blocks)
         now = self.clock()
         result = StepResult(self.iteration)
@@ -251,6 +284,7 @@ class LLMEngine:
             r = chunk.request
             if chunk.draft:
                 accepted = len(tokens) - 1
+                r.spec_steps += 1
                 r.spec_proposed += len(chunk.draft)
                 r.spec_accepted += accepted
                 spec_proposed += len(chunk.draft)
@@ -268,8 +302,9 @@ class LLMEngine:
                 policy.on_tokens_computed(r, 0, len(emitted))
             # The KV of the last token and of accepted drafts stays; rejected drafts' positions roll back.
             r.num_computed_tokens = min(r.num_computed_tokens, r.num_tokens - 1)
-            if chunk.draft and reason is None:
+            if chunk.num_draft and reason is None:
                 self.blocks.shrink(r.request_id, r.num_computed_tokens)
+                self.drafter.sync(r)
             if r.first_token_time is None:
                 r.first_token_time, r.first_token_iteration = now, it
                 ttfts.append(now - r.arrival_time)
@@ -281,9 +316,11 @@ class LLMEngine:
                                                 reason.value if reason else None))
         if self.check_invariants:
             self.blocks.check()
+            self.drafter.check()
         t_end = time.perf_counter()
         record = IterationRecord(
             iteration=it, time=now, step_time=t_end - t_start, schedule_time=t_sched - t_start,
+            draft_time=t_draft - t_sched,
             prepare_time=timings.prepare, forward_time=timings.forward, sample_time=timings.sample,
             num_prefill_tokens=plan.num_prefill_tokens,
             num_decode_tokens=plan.num_decode_tokens - sum(1 for c in plan.chunks if c.padding),
@@ -300,6 +337,13 @@ class LLMEngine:
         self.sink("iteration", record)
         self.iteration += 1
         return result
+
+    def _fill_drafts(self, drafting: list) -> None:
+        """Let the drafter fill the reserved draft positions; positions it left empty are not computed
+        (their blocks go back with the rollback after verification)."""
+        self.drafter.fill(drafting)
+        for c in drafting:
+            c.num_tokens -= c.num_draft - len(c.draft)
 
     def requests_snapshot(self, limit: int = 200) -> list[dict[str, Any]]:
         """Running then waiting requests (at most `limit`), for request tables."""
@@ -322,6 +366,7 @@ class LLMEngine:
         return {"config": self._target.to_dict(), "bounds": self.bounds.to_dict(), "version": self._target.version,
                 "engine": {"model": self.config.model, "device": self.config.device, "dtype": self.config.dtype,
                            "block_size": self.config.block_size, "num_blocks": self.blocks.num_blocks,
+                           "drafter": self.config.drafter, "draft_model": self.config.draft_model,
                            "kv_pool_bytes": self.kv_cache.num_bytes}}
 
     def _stop_reason(self, r: Request, token: int) -> FinishReason | None:
@@ -340,6 +385,7 @@ class LLMEngine:
         r.finish_time = now
         r.finish_iteration = self.iteration
         self.sampler.forget(r.request_id)
+        self.drafter.release(r.request_id)
         self.sink("request", self.request_record(r))
         self._finished_ids.append(r.request_id)
         while len(self._finished_ids) > self.retain_finished:
@@ -361,6 +407,7 @@ class LLMEngine:
             slo_met=r.finish_reason is not FinishReason.ABORT and slo_met(self.slo_targets, r.slo_class, ttft, tpot),
             first_token_iteration=r.first_token_iteration, finish_iteration=r.finish_iteration,
             finish=r.finish_time or 0.0, spec_proposed=r.spec_proposed, spec_accepted=r.spec_accepted,
+            spec_steps=r.spec_steps,
         )
 
     def run_until_done(self, max_iterations: int | None = None) -> None:

@@ -52,28 +52,49 @@ def order_rows(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
     return [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens != 1]
 
 
-def build_inputs(chunks: list[ScheduledChunk], blocks: BlockManager, device: torch.device) -> StepInputs:
-    rows = order_rows(chunks)
-    starts = [c.start for c in rows]
-    lens = [c.num_tokens for c in rows]
-    tokens = list(chain.from_iterable(
-        c.request.token_ids[c.start:c.start + c.num_tokens - len(c.draft)] + list(c.draft) if c.draft
-        else c.request.token_ids[c.start:c.start + c.num_tokens] for c in rows))
-    tables = [blocks.table(c.request.request_id) for c in rows]
+def paged_inputs(request_ids: list[str], starts: list[int], row_tokens: list[list[int]], blocks: BlockManager,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    """input_ids [1, T], positions [1, T], attention metadata and the row boundaries (cu, on the host)
+    for rows of new tokens `row_tokens[i]` at positions starting at `starts[i]` (decode rows first)."""
+    lens = [len(t) for t in row_tokens]
+    tables = [blocks.table(rid) for rid in request_ids]
     width = max(len(t) for t in tables)
     padded = [t + [0] * (width - len(t)) for t in tables]
 
     starts_t = torch.tensor(starts, dtype=torch.int64)
     lens_t = torch.tensor(lens, dtype=torch.int64)
-    cu = torch.zeros(len(rows) + 1, dtype=torch.int64)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int64)
     torch.cumsum(lens_t, 0, out=cu[1:])
     total = int(cu[-1])
-    row_of_token = torch.repeat_interleave(torch.arange(len(rows)), lens_t)
+    row_of_token = torch.repeat_interleave(torch.arange(len(lens)), lens_t)
     positions = torch.arange(total) - cu[:-1][row_of_token] + starts_t[row_of_token]
     block_tables = torch.tensor(padded, dtype=torch.int32)
     bs = blocks.block_size
     slots = block_tables[row_of_token, positions // bs].long() * bs + positions % bs
     seq_lens = starts_t + lens_t
+    meta = AttentionMetadata(
+        slot_mapping=slots.to(device, non_blocking=True),
+        block_tables=block_tables.to(device, non_blocking=True),
+        query_start_loc=cu.to(torch.int32).to(device, non_blocking=True),
+        seq_lens=seq_lens.to(torch.int32).to(device, non_blocking=True),
+        context_lens=starts_t.to(torch.int32).to(device, non_blocking=True),
+        num_decodes=sum(1 for n in lens if n == 1),
+        max_query_len=max(lens),
+        max_seq_len=int(seq_lens.max()),
+        block_size=bs,
+        query_lens_host=lens,
+        seq_lens_host=seq_lens.tolist(),
+    )
+    input_ids = torch.tensor(list(chain.from_iterable(row_tokens)), dtype=torch.int64).view(1, -1)
+    return input_ids.to(device, non_blocking=True), positions.view(1, -1).to(device, non_blocking=True), meta, cu
+
+
+def build_inputs(chunks: list[ScheduledChunk], blocks: BlockManager, device: torch.device) -> StepInputs:
+    rows = order_rows(chunks)
+    tokens = [c.request.token_ids[c.start:c.start + c.num_tokens - len(c.draft)] + list(c.draft) if c.draft
+              else c.request.token_ids[c.start:c.start + c.num_tokens] for c in rows]
+    input_ids, positions, meta, cu = paged_inputs([c.request.request_id for c in rows], [c.start for c in rows],
+                                                  tokens, blocks, device)
     sampling = [i for i, c in enumerate(rows) if c.samples]
     sample_rows = cu[1:][sampling] - 1
     sample_counts = [1 + len(rows[i].draft) for i in sampling]
@@ -81,24 +102,9 @@ def build_inputs(chunks: list[ScheduledChunk], blocks: BlockManager, device: tor
         # a speculating chunk keeps logits at every position it verifies
         sample_rows = torch.cat([torch.arange(int(cu[i + 1]) - k, int(cu[i + 1]))
                                  for i, k in zip(sampling, sample_counts)])
-
-    num_decodes = sum(1 for n in lens if n == 1)
-    meta = AttentionMetadata(
-        slot_mapping=slots.to(device, non_blocking=True),
-        block_tables=block_tables.to(device, non_blocking=True),
-        query_start_loc=cu.to(torch.int32).to(device, non_blocking=True),
-        seq_lens=seq_lens.to(torch.int32).to(device, non_blocking=True),
-        context_lens=starts_t.to(torch.int32).to(device, non_blocking=True),
-        num_decodes=num_decodes,
-        max_query_len=max(lens),
-        max_seq_len=int(seq_lens.max()),
-        block_size=bs,
-        query_lens_host=lens,
-        seq_lens_host=seq_lens.tolist(),
-    )
     return StepInputs(
-        input_ids=torch.tensor(tokens, dtype=torch.int64).view(1, -1).to(device, non_blocking=True),
-        positions=positions.view(1, -1).to(device, non_blocking=True),
+        input_ids=input_ids,
+        positions=positions,
         metadata=meta,
         sample_rows=sample_rows.to(device, non_blocking=True),
         sampling_chunks=[rows[i] for i in sampling],

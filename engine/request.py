@@ -74,6 +74,7 @@ class Request:
     num_preemptions: int = 0
     spec_proposed: int = 0  # speculative decoding: drafted tokens verified, and how many were accepted
     spec_accepted: int = 0
+    spec_steps: int = 0  # decode steps that verified drafts (mean accepted length = accepted / steps)
     admission_seq: int = -1  # order in which the engine accepted the request (FCFS tie-break)
 
     # Timing (engine clock, seconds since engine start) and iteration indices.

@@ -6,11 +6,10 @@ first, who is preempted) are the policy's; everything else is here.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 from engine.block_manager import BlockManager
 from engine.config import LiveConfig
 from engine.request import Request, RequestStatus
+from engine.speculative.drafter import Drafter
 from engine.step_plan import ScheduledChunk, StepPlan
 from policies.base import Policy
 
@@ -25,7 +24,7 @@ class Scheduler:
         self.static_batch: list[Request] | None = None  # members of the batch in flight (static mode)
         self.padding: list[Request] = []  # finished static-batch members still holding their slot
         self._last_step_alone = False  # selective mixing: the previous step ran a long prefill alone
-        self.drafter: Callable[[list[int], int], list[int]] | None = None  # speculative decoding proposals
+        self.drafter: Drafter | None = None  # speculative decoding's proposer (reserves draft positions)
         self.max_model_len = 1 << 30  # the engine sets the model's context length
         self._next_seq = 0
         self._order: list[Request] | None = None  # the policy's order of `waiting`, memoized per schedule()
@@ -185,8 +184,8 @@ class Scheduler:
             n = pending if pending < chunk_size else chunk_size
             if n > budget:
                 n = budget
-            draft = self._draft(r, budget) if spec_k and pending == 1 and r.output_token_ids else ()
-            n += len(draft)
+            num_draft = self._draft_room(r, budget) if spec_k and pending == 1 and r.output_token_ids else 0
+            n += num_draft
             table = tables.get(r.request_id)
             if table is None or len(table) * block_size < computed + n:  # else its blocks already suffice
                 while not blocks.grow(r.request_id, computed + n):
@@ -197,17 +196,18 @@ class Scheduler:
                         break
                 if r.status is not running_status:
                     continue
-            chunks.append(ScheduledChunk(r, computed, n, n - len(draft) == pending,
-                                         pending == 1 and len(r.output_token_ids) > 0, draft=draft))
+            chunks.append(ScheduledChunk(r, computed, n, n - num_draft == pending,
+                                         pending == 1 and len(r.output_token_ids) > 0, num_draft=num_draft))
             scheduled.add(id(r))
             budget -= n
         return budget
 
-    def _draft(self, r: Request, budget: int) -> tuple[int, ...]:
-        """Draft tokens for a decoding request: within k, the token budget, max_tokens and the context."""
+    def _draft_room(self, r: Request, budget: int) -> int:
+        """Draft positions for a decoding request: within k, the token budget, max_tokens and the
+        context, as many as the drafter asks for (the drafter fills them after planning)."""
         room = min(self.config.spec_k, budget - 1, r.sampling.max_tokens - len(r.output_token_ids) - 1,
                    self.max_model_len - len(r.token_ids) - 1)
-        return tuple(self.drafter(r.token_ids, room)) if room > 0 else ()
+        return self.drafter.plan(r, room) if room > 0 else 0
 
     def _ordered_waiting(self, now: float) -> list[Request]:
         """The policy's admission order; asked once per schedule() unless `waiting` changed since."""

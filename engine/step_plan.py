@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.request import Request
 
@@ -14,7 +15,9 @@ class ScheduledChunk:
     samples: bool  # the step brings the request level with its token list: sample one token after it
     is_decode: bool  # one new token of a request that already has output
     padding: bool = False  # static batching: a finished request's slot, computed and discarded
-    draft: tuple[int, ...] = ()  # speculative decoding: drafted tokens verified after the last token
+    num_draft: int = 0  # speculative decoding: positions planned for draft tokens (within num_tokens)
+    draft: tuple[int, ...] = ()  # the drafted tokens, verified after the last token (the drafter fills them)
+    draft_probs: Any = None  # [len(draft), vocab] tensor: the distributions drafts were sampled from (None: deterministic)
 
 
 @dataclass

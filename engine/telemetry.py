@@ -34,6 +34,7 @@ class IterationRecord:
     num_generated_tokens: int = 0  # tokens sampled in this iteration
     spec_proposed: int = 0
     spec_accepted: int = 0
+    draft_time: float = 0.0  # speculative decoding: time the drafter took (a draft model's forwards)
     ttfts: list[float] = field(default_factory=list)  # TTFT of each request whose first token came now
     tenant_tokens: dict[str, int] = field(default_factory=dict)  # tokens computed per tenant this iteration
 
@@ -65,6 +66,7 @@ class RequestRecord:
     finish: float = 0.0
     spec_proposed: int = 0
     spec_accepted: int = 0
+    spec_steps: int = 0  # decode steps that verified drafts
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -6,8 +6,14 @@ import pytest
 
 from engine.block_manager import blocks_needed
 from engine.config import ConfigError
+from engine.speculative.drafter import LookupDrafter
 from engine.speculative.ngram import propose_ngram
 from tests.helpers import greedy, make_engine, reference_tokens
+
+
+def use_drafter(engine, propose):
+    """Replace the engine's drafter by a lookup drafter around `propose(token_ids, k)`."""
+    engine.drafter = engine.scheduler.drafter = LookupDrafter(propose)
 
 
 def oracle_drafter(path, prompts, max_tokens, wrong_every=0):
@@ -32,7 +38,7 @@ def oracle_drafter(path, prompts, max_tokens, wrong_every=0):
 def run(path, prompts, max_tokens, drafter=None, k_schedule=None, **knobs):
     engine = make_engine(path, **knobs)
     if drafter is not None:
-        engine.scheduler.drafter = drafter
+        use_drafter(engine, drafter)
     for i, (p, n) in enumerate(zip(prompts, max_tokens)):
         engine.add_request(str(i), p, greedy(n))
     step = 0
@@ -91,7 +97,7 @@ def test_sampled_requests_speculate_and_keep_their_lengths(model_dirs):
     from engine.request import SamplingParams
 
     engine = make_engine(model_dirs["qwen2"], spec_k=3, max_num_seqs=4, block_size=4, num_blocks=64)
-    engine.scheduler.drafter = lambda tokens, k: [tokens[-1]] * k  # always proposes: exercises verification
+    use_drafter(engine, lambda tokens, k: [tokens[-1]] * k)  # always proposes: exercises verification
     prompts, _ = prompts_for(3, count=4)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(max_tokens=12, temperature=0.8, seed=i, ignore_eos=True))
@@ -133,7 +139,7 @@ def test_policies_are_told_the_verified_output_not_one_token_per_step(model_dirs
     path = model_dirs["qwen3"]
     prompts, max_tokens = prompts_for(4, count=3)
     engine = make_engine(path, spec_k=3, max_num_seqs=3, block_size=4, num_blocks=40)
-    engine.scheduler.drafter = oracle_drafter(path, prompts, max_tokens)
+    use_drafter(engine, oracle_drafter(path, prompts, max_tokens))
     counter = CountingPolicy()
     engine.scheduler.set_policy(counter)
     for i, (p, n) in enumerate(zip(prompts, max_tokens)):

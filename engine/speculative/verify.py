@@ -2,7 +2,8 @@
 
 A speculating chunk (a decode step with k drafted tokens) has k + 1 rows of logits; every other
 sampling chunk has one. Greedy requests accept exactly the matching prefix; sampled requests use the
-rejection rule in `rejection.py` with the request's own generator when it has a seed.
+rejection rule in `rejection.py` with the request's own generator when it has a seed, against the
+distributions the drafts were sampled from (`chunk.draft_probs`; None for deterministic drafts).
 """
 from __future__ import annotations
 
@@ -37,5 +38,5 @@ def verify_chunks(sampler: Sampler, logits: torch.Tensor, chunks: list[Scheduled
                 else [greedy_ids[starts[i]]]
         else:
             probs = Sampler._filtered_probs(logits[starts[i]:starts[i] + k].float(), [p] * k)
-            out[i] = verify_sampled(probs, list(c.draft), None, sampler.generator_for(c.request.request_id, p.seed))
+            out[i] = verify_sampled(probs, list(c.draft), c.draft_probs, sampler.generator_for(c.request.request_id, p.seed))
     return out  # type: ignore[return-value]

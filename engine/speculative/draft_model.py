@@ -1,0 +1,201 @@
+"""A draft model as the drafter: a smaller model with the target's vocabulary proposes k tokens.
+
+The draft model keeps its own paged KV pool (same block size and block count as the target's, so
+it never holds more than the target does for the same requests). Drafting for an iteration is
+batched: every speculating request catches up on the tokens its draft KV lacks and samples its
+first draft in one forward, then each further draft position is one decode forward of all rows.
+Draft KV of rejected drafts is rolled back in `sync` (blocks freed where a block empties).
+
+Greedy requests draft the argmax; sampled requests draft from the draft model's distribution under
+the request's own temperature/top-k/top-p, and that distribution travels with the chunk
+(`draft_probs`) for the rejection rule. Vocabularies may differ in padding: draft logits beyond the
+target's vocabulary are dropped and a smaller draft vocabulary proposes none of the missing ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention.metadata import StepContext
+from engine.block_manager import BlockManager
+from engine.kv_cache import KVCache
+from engine.model_runner import paged_inputs
+from engine.models import LoadedModel
+from engine.request import Request
+from engine.sampler import Sampler
+from engine.speculative.drafter import Drafter
+from engine.step_plan import ScheduledChunk
+
+
+@dataclass
+class _DraftKV:
+    """What the draft pool holds for a request: positions [0, computed); positions >= base hold `drafts`."""
+
+    computed: int = 0
+    base: int = 0
+    drafts: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Row:
+    """One request being drafted in this iteration."""
+
+    chunk: ScheduledChunk
+    kv: _DraftKV
+    context_len: int  # the request's verified tokens
+    want: int
+    pos: int  # next position to feed
+    drafts: list[int] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        ids = self.chunk.request.token_ids
+        n = self.context_len
+        return ids[start:min(stop, n)] + self.drafts[max(0, start - n):max(0, stop - n)]
+
+
+def draft_seed(seed: int) -> int:
+    """A request's draft stream: seeded from its seed but independent of the target's stream."""
+    return (seed * 0x9E3779B1 + 0x7F4A7C15) % (1 << 63)
+
+
+class DraftModelDrafter(Drafter):
+    name = "model"
+
+    def __init__(self, loaded: LoadedModel, kv_cache: KVCache, backend, device: torch.device,
+                 target_vocab: int, max_tokens_per_forward: int, seed: int = 0):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.kv_cache = kv_cache
+        self.blocks = BlockManager(kv_cache.num_blocks, kv_cache.block_size)
+        self.backend = backend
+        self.device = device
+        self.target_vocab = target_vocab
+        self.max_tokens_per_forward = max(1, max_tokens_per_forward)
+        self.max_model_len = loaded.max_model_len
+        self.sampler = Sampler(device, draft_seed(seed))  # generators only: drafts never share the target's noise
+        self.kv: dict[str, _DraftKV] = {}
+        self.forwards = 0  # draft-model forwards run (telemetry and tests)
+
+    # -- planning -------------------------------------------------------------------------------
+    def plan(self, request: Request, room: int) -> int:
+        # drafting position L + k - 2 must fit the draft model's context
+        return max(0, min(room, self.max_model_len - len(request.token_ids)))
+
+    def sync(self, request: Request) -> None:
+        kv = self.kv.get(request.request_id)
+        if kv is None:
+            return
+        if kv.computed > kv.base:  # drafts' KV: keep the prefix the target accepted
+            ids = request.token_ids
+            keep = 0
+            for i, d in enumerate(kv.drafts[:kv.computed - kv.base]):
+                if kv.base + i >= len(ids) or ids[kv.base + i] != d:
+                    break
+                keep += 1
+            kv.computed = kv.base + keep
+        kv.computed = min(kv.computed, len(request.token_ids))
+        kv.base, kv.drafts = kv.computed, []
+        self.blocks.shrink(request.request_id, kv.computed)
+
+    def release(self, request_id: str) -> None:
+        self.kv.pop(request_id, None)
+        self.blocks.free(request_id)
+        self.sampler.forget(request_id)
+
+    def check(self) -> None:
+        self.blocks.check()
+        for rid, kv in self.kv.items():
+            assert len(self.blocks.table(rid)) * self.blocks.block_size >= kv.computed, f"draft KV of {rid} lost"
+
+    # -- drafting -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def fill(self, chunks: list[ScheduledChunk]) -> None:
+        rows: list[_Row] = []
+        for c in chunks:
+            r = c.request
+            kv = self.kv.setdefault(r.request_id, _DraftKV())
+            self.sync(r)
+            length = len(r.token_ids)
+            kv.computed = min(kv.computed, length - 1)  # the last token is fed again: its logits give draft 1
+            if not self._reserve(r.request_id, length + c.num_draft - 1):
+                c.draft = ()
+                continue
+            rows.append(_Row(c, kv, length, c.num_draft, kv.computed))
+        active = rows
+        while active:
+            self._forward(active)
+            active = [row for row in active if len(row.drafts) < row.want]
+        for row in rows:
+            row.chunk.draft = tuple(row.drafts)
+            sampled = not row.chunk.request.sampling.greedy
+            row.chunk.draft_probs = torch.stack(row.probs) if sampled else None
+            row.kv.computed, row.kv.base, row.kv.drafts = row.pos, row.context_len, row.drafts
+
+    def _reserve(self, request_id: str, num_tokens: int) -> bool:
+        if self.blocks.grow(request_id, num_tokens):
+            return True
+        for rid, kv in self.kv.items():  # stale drafts of requests not drafting now hold blocks: trim them
+            if rid != request_id and kv.computed > kv.base:
+                kv.computed, kv.drafts = kv.base, []
+                self.blocks.shrink(rid, kv.computed)
+        return self.blocks.grow(request_id, num_tokens)
+
+    def _forward(self, active: list[_Row]) -> None:
+        """Feed every active row what it lacks (within the per-forward token cap); rows that reach
+        the end of their context sample their next draft."""
+        batch: list[tuple[_Row, int]] = []
+        left = self.max_tokens_per_forward
+        for row in active:
+            n = min(row.context_len + len(row.drafts) - row.pos, left)
+            if n > 0:
+                batch.append((row, n))
+                left -= n
+        feeds = {id(row): n for row, n in batch}
+        ordered = order_rows_of(batch)
+        tokens = [row.tokens(row.pos, row.pos + feeds[id(row)]) for row in ordered]
+        ids, pos, meta, cu = paged_inputs([row.chunk.request.request_id for row in ordered],
+                                          [row.pos for row in ordered], tokens, self.blocks, self.device)
+        sampling = [i for i, row in enumerate(ordered)
+                    if row.pos + feeds[id(row)] == row.context_len + len(row.drafts)]
+        keep = (cu[1:][sampling] - 1).to(self.device, non_blocking=True)
+        step = StepContext(meta, self.kv_cache, self.backend)
+        logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,
+                            batchdeck_step=step).logits[0]
+        self.forwards += 1
+        for row in ordered:
+            row.pos += feeds[id(row)]
+        if not sampling:
+            return
+        logits = self._fit_vocab(logits)
+        picked = [ordered[i] for i in sampling]
+        greedy = [i for i, row in enumerate(picked) if row.chunk.request.sampling.greedy]
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                picked[i].drafts.append(t)
+        sampled = [i for i, row in enumerate(picked) if not row.chunk.request.sampling.greedy]
+        if sampled:
+            params = [picked[i].chunk.request.sampling for i in sampled]
+            probs = Sampler._filtered_probs(logits[sampled].float(), params)
+            for j, i in enumerate(sampled):
+                row = picked[i]
+                p = params[j]
+                gen = self.sampler.generator_for(row.chunk.request.request_id,
+                                                 None if p.seed is None else draft_seed(p.seed))
+                row.drafts.append(int(torch.multinomial(probs[j], 1, generator=gen)))
+                row.probs.append(probs[j])
+
+    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        v = logits.shape[-1]
+        if v == self.target_vocab:
+            return logits
+        if v > self.target_vocab:
+            return logits[:, :self.target_vocab]
+        pad = logits.new_full((logits.shape[0], self.target_vocab - v), float("-inf"))
+        return torch.cat([logits, pad], dim=1)
+
+
+def order_rows_of(batch: list[tuple[_Row, int]]) -> list[_Row]:
+    """Rows feeding one token first, as the attention backends expect (see model_runner.order_rows)."""
+    return [row for row, n in batch if n == 1] + [row for row, n in batch if n != 1]

@@ -1,0 +1,190 @@
+"""The draft-model drafter: greedy output is token-identical to plain decoding under chunked prefill,
+preemption and live k; its own KV pool rolls back rejected drafts and ends empty; a draft equal to
+the target is accepted in full."""
+import json
+
+import pytest
+import torch
+
+from engine.block_manager import blocks_needed
+from engine.config import ConfigError, EngineConfig, LiveConfig
+from engine.llm_engine import LLMEngine
+from engine.request import SamplingParams
+from engine.speculative.draft_model import DraftModelDrafter
+from tests.helpers import TINY, greedy, loaded, reference_tokens, save_tiny_model
+from tests.test_speculative_engine import prompts_for
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    """A different random model with the same vocabulary: it proposes mostly wrong tokens."""
+    return save_tiny_model("llama", str(tmp_path_factory.mktemp("draft") / "llama"), seed=7)
+
+
+def draft_engine(path, draft, num_blocks=64, block_size=4, **live):
+    cfg = EngineConfig(model=path, num_blocks=num_blocks, block_size=block_size, drafter="model", draft_model=draft)
+    return LLMEngine(cfg, LiveConfig(**live), loaded=loaded(path), check_invariants=True)
+
+
+def run_checked(engine, k_schedule=None):
+    """Step to the end, checking after every step that both pools hold exactly what is computed."""
+    drafter = engine.drafter
+    assert isinstance(drafter, DraftModelDrafter)
+    step = 0
+    while engine.has_unfinished:
+        if k_schedule and step in k_schedule:
+            engine.update_config({"spec_k": k_schedule[step]})
+        engine.step()
+        step += 1
+        bs = engine.blocks.block_size
+        for r in engine.scheduler.running:
+            assert len(engine.blocks.table(r.request_id)) == blocks_needed(r.num_computed_tokens, bs)
+            kv = drafter.kv.get(r.request_id)
+            if kv is not None:  # rejected drafts' KV went back to the draft pool too
+                assert kv.computed <= len(r.token_ids)
+                assert len(drafter.blocks.table(r.request_id)) == blocks_needed(kv.computed, bs)
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert drafter.blocks.num_free == drafter.blocks.num_blocks and not drafter.kv
+    return engine
+
+
+def run_prompts(engine, prompts, max_tokens, sampling=None, k_schedule=None):
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        engine.add_request(str(i), p, sampling(i, n) if sampling else greedy(n))
+    return run_checked(engine, k_schedule)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_output_is_token_identical_with_a_draft_model(model_dirs, draft_dir, k):
+    path = model_dirs["qwen3"]
+    prompts, max_tokens = prompts_for(20 + k, count=5)
+    engine = run_prompts(draft_engine(path, draft_dir, spec_k=k, max_num_seqs=3, max_batched_tokens=24,
+                                      chunk_size=8, num_blocks=40), prompts, max_tokens)
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), n)
+    assert sum(r.spec_proposed for r in engine.requests.values()) > 0
+
+
+def test_draft_model_under_preemption_and_live_k_changes(model_dirs, draft_dir):
+    path = model_dirs["llama"]
+    prompts, max_tokens = prompts_for(31, count=6)
+    engine = run_prompts(draft_engine(path, draft_dir, max_num_seqs=6, max_batched_tokens=32, chunk_size=8,
+                                      num_blocks=16), prompts, max_tokens, k_schedule={0: 4, 4: 0, 7: 2, 11: 6})
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), n)
+    assert sum(r.num_preemptions for r in engine.requests.values()) > 0
+    assert sum(r.spec_proposed for r in engine.requests.values()) > 0
+
+
+def test_the_target_as_its_own_draft_is_accepted_in_full(model_dirs):
+    path = model_dirs["qwen2"]
+    prompts, max_tokens = prompts_for(5, count=4)
+    engine = run_prompts(draft_engine(path, path, spec_k=4, max_num_seqs=4, max_batched_tokens=64, chunk_size=16),
+                         prompts, max_tokens)
+    reqs = list(engine.requests.values())
+    proposed, accepted = sum(r.spec_proposed for r in reqs), sum(r.spec_accepted for r in reqs)
+    assert proposed > 0 and accepted == proposed
+    for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+        assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), n)
+    # with every draft accepted, each verification step yields k + 1 tokens (fewer only at max_tokens)
+    steps = sum(r.spec_steps for r in reqs)
+    assert accepted / steps > 2.5
+
+
+def test_sampled_requests_carry_the_draft_distribution(model_dirs, draft_dir):
+    path = model_dirs["qwen3"]
+    engine = draft_engine(path, draft_dir, spec_k=3, max_num_seqs=4)
+    seen = []
+    fill = engine.drafter.fill
+
+    def spy(chunks):
+        fill(chunks)
+        seen.extend((len(c.draft), None if c.draft_probs is None else tuple(c.draft_probs.shape)) for c in chunks)
+
+    engine.drafter.fill = spy
+    prompts, _ = prompts_for(9, count=4)
+    run_prompts(engine, prompts, [12] * 4,
+                sampling=lambda i, n: SamplingParams(max_tokens=n, temperature=0.9, top_k=50, seed=i, ignore_eos=True))
+    assert all(len(r.output_token_ids) == 12 for r in engine.requests.values())
+    vocab = TINY["vocab_size"]
+    assert seen and all(shape == (n, vocab) for n, shape in seen)
+
+
+def test_draft_model_config_errors(model_dirs, tmp_path):
+    path = model_dirs["qwen3"]
+    with pytest.raises(ConfigError, match="draft_model=None .*drafter=model"):
+        EngineConfig(model=path, drafter="model").validate()
+    with pytest.raises(ConfigError, match="drafter='ngram' .*draft model is given"):
+        EngineConfig(model=path, drafter="ngram", draft_model=path).validate()
+    with pytest.raises(ConfigError, match="drafter='eagle' .*ngram, model"):
+        EngineConfig(model=path, drafter="eagle").validate()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    other = tmp_path / "big-vocab"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**TINY, "vocab_size": 4000})).save_pretrained(other)
+    with pytest.raises(ConfigError, match="vocab_size is 4000, the target's 300"):
+        draft_engine(path, str(other))
+
+
+def test_generate_cli_with_a_draft_model(tmp_path, model_dirs, draft_dir, capsys):
+    from engine.cli import main
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prompts, max_tokens = prompts_for(6, count=3)
+    src.write_text("".join(json.dumps({"id": str(i), "prompt_token_ids": p, "max_tokens": n, "ignore_eos": True}) + "\n"
+                           for i, (p, n) in enumerate(zip(prompts, max_tokens))))
+    path = model_dirs["qwen3"]
+    assert main(["generate", "--model", path, "--input", str(src), "--output", str(out), "--spec-k", "3",
+                 "--drafter", "model", "--draft-model", draft_dir, "--block-size", "4", "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row, p, n in zip(rows, prompts, max_tokens):
+        assert tuple(row["output_token_ids"]) == reference_tokens(path, tuple(p), n)
+    assert sum(r["metrics"]["spec_proposed"] for r in rows) > 0
+    assert main(["generate", "--model", path, "--input", str(src), "--output", str(out), "--drafter", "model"]) != 0
+    assert "draft_model" in capsys.readouterr().err
+
+
+def test_rejected_drafts_kv_is_rolled_back_in_the_draft_pool(model_dirs):
+    """The target drafts for itself, but every other drafting iteration the first draft is forced
+    wrong (inside the draft model, so its KV holds the wrong token) and is followed by a plain decode
+    step (k = 0). Corrupted iterations accept nothing; the ones after them must accept everything,
+    which holds only if the rejected drafts' KV was discarded."""
+    path = model_dirs["qwen3"]
+    records = []
+    cfg = EngineConfig(model=path, num_blocks=64, block_size=4, drafter="model", draft_model=path)
+    engine = LLMEngine(cfg, LiveConfig(spec_k=3, max_num_seqs=4, max_batched_tokens=64, chunk_size=16),
+                       loaded=loaded(path), check_invariants=True,
+                       sink=lambda kind, rec: records.append(rec) if kind == "iteration" else None)
+    drafter = engine.drafter
+    fills = [0]
+    first_sample = [False]
+    fill, fit = drafter.fill, drafter._fit_vocab
+
+    def counting_fill(chunks):
+        fills[0] += 1
+        first_sample[0] = fills[0] % 2 == 0
+        fill(chunks)
+
+    def corrupting_fit(logits):
+        logits = fit(logits).clone()
+        if first_sample[0]:  # every row's first draft becomes its second-best token
+            logits[torch.arange(len(logits)), logits.argmax(dim=-1)] = float("-inf")
+            first_sample[0] = False
+        return logits
+
+    drafter.fill, drafter._fit_vocab = counting_fill, corrupting_fit
+    prompts, _ = prompts_for(12, count=4)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, greedy(20))
+    while engine.has_unfinished:
+        before = fills[0]
+        engine.step()
+        if fills[0] != before and fills[0] % 2 == 0:
+            engine.update_config({"spec_k": 0})
+            engine.step()
+            engine.update_config({"spec_k": 3})
+    assert drafter.blocks.num_free == drafter.blocks.num_blocks
+    spec = [r for r in records if r.spec_proposed]
+    assert len(spec) >= 6
+    for i, r in enumerate(spec):
+        assert r.spec_accepted == (r.spec_proposed if i % 2 == 0 else 0), (i, r.spec_proposed, r.spec_accepted)
