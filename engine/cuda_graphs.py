@@ -10,7 +10,10 @@ padded rows: no query tokens, seq_len 0; see engine/attention/triton_kernels.py)
 Buckets, captured once at engine start within the live-config bounds:
 - decode-only iterations (every row one token): row counts 1, 2, 4, 8, 16, 32, ... up to max_rows;
 - mixed iterations (prefill chunks, with or without decodes): token counts 32, 64, ... up to
-  max_tokens (steps of about x1.5), each with room for min(max_rows, tokens) rows.
+  max_tokens (steps of about x1.5), each with room for min(max_rows, tokens) rows, keeping logits
+  for one sample entry per row;
+- verify iterations (speculative decoding, when enabled): the mixed shapes up to max_rows x (k + 1)
+  tokens, keeping logits at every token, since a speculating row samples at each verified position.
 An iteration that fits no bucket runs eagerly on exact-size views of the same buffers.
 """
 from __future__ import annotations
@@ -54,7 +57,7 @@ def pick(buckets: list[int], n: int) -> int | None:
 class StepBuffers:
     """Host (pinned) and device buffers for one iteration's inputs, sized for the largest one.
 
-    int64 section: input_ids [T] | positions [T] | slot_mapping [T] | sample_rows [R]
+    int64 section: input_ids [T] | positions [T] | slot_mapping [T] | sample_rows [max(T, R)]
     int32 section: query_start_loc [R + 1] | seq_lens [R] | context_lens [R] | block_tables [R, MB]
     """
 
@@ -62,7 +65,7 @@ class StepBuffers:
         self.max_tokens, self.max_rows, self.max_blocks = max_tokens, max_rows, max_blocks
         self.device = device
         t, r, mb = max_tokens, max_rows, max_blocks
-        self.n64 = 3 * t + r
+        self.n64 = 3 * t + max(t, r)  # at most one sample entry per token (speculating rows have several)
         self.off32_bt = 3 * r + 1
         self.n32 = self.off32_bt + r * mb
         pin = device.type == "cuda"
@@ -89,8 +92,9 @@ class StepBuffers:
         if self._copied is not None:
             self._copied.record()
 
-    def pad(self, t: int, r: int, tb: int, rb: int) -> None:
-        """Make tokens [t, tb) and rows [r, rb) inert (see the module docstring)."""
+    def pad(self, t: int, r: int, tb: int, rb: int, samples: int = 0, kept: int | None = None) -> None:
+        """Make tokens [t, tb) and rows [r, rb) inert (see the module docstring); sample entries
+        from max(r, samples) up to the bucket's `kept` (default rb) point at token 0."""
         if tb > t:
             self.ids[t:tb] = 0
             self.pos[t:tb] = 0
@@ -99,7 +103,13 @@ class StepBuffers:
             self.qsl[r + 1:rb + 1] = self.qsl[r]
             self.seq[r:rb] = 0
             self.ctx[r:rb] = 0
-            self.sample[r:rb] = 0
+        kept = rb if kept is None else kept
+        if kept > max(r, samples):
+            self.sample[max(r, samples):kept] = 0
+
+    def sample_rows(self, n: int) -> torch.Tensor:
+        """The first n sample entries on the device (a speculating iteration may need more than its rows)."""
+        return self.dev64[3 * self.max_tokens:3 * self.max_tokens + n]
 
     def views(self, t: int, r: int, *, num_decodes: int, max_query_len: int, max_seq_len: int, block_size: int,
               query_lens_host: list[int], seq_lens_host: list[int]):
@@ -127,10 +137,10 @@ class GraphStats:
 
 
 class CudaGraphRunner:
-    """Captures `forward(t, r, max_query_len) -> logits [r, V]` per bucket and replays it."""
+    """Captures `forward(t, r, max_query_len, kept) -> logits [kept, V]` per bucket and replays it."""
 
     def __init__(self, forward, buffers: StepBuffers, block_size: int, max_model_len: int,
-                 max_rows: int, max_tokens: int):
+                 max_rows: int, max_tokens: int, verify_tokens: int = 0):
         # A weak reference: the runner owns this object, and a cycle would leave dropped engines (and
         # their KV pools) to the cyclic collector.
         self._forward = weakref.WeakMethod(forward) if hasattr(forward, "__self__") else (lambda: forward)
@@ -139,27 +149,35 @@ class CudaGraphRunner:
         self.max_model_len = max_model_len
         self.decode_sizes = decode_buckets(min(max_rows, max_tokens))
         self.token_sizes = token_buckets(max_tokens)
+        self.verify_sizes = token_buckets(verify_tokens) if verify_tokens else []
         self.max_rows = max_rows
-        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, int]] = {}
+        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, int]] = {}  # logits [kept, V]
         self.stats = GraphStats()
 
     def rows_for(self, tokens: int) -> int:
         return min(self.max_rows, tokens)
 
-    def lookup(self, t: int, r: int, decode_only: bool):
-        """(graph, logits [rb, V], tb, rb) of the smallest bucket that fits, or None."""
+    def lookup(self, t: int, r: int, decode_only: bool, samples: int | None = None):
+        """(graph, logits [kept, V], tb, rb) of the smallest bucket that fits t tokens, r rows and
+        `samples` sample entries (default r), or None."""
+        samples = r if samples is None else samples
         if decode_only:
             b = pick(self.decode_sizes, r)
             if b is not None and ("decode", b) in self.graphs:
                 g, logits, _ = self.graphs[("decode", b)]
                 return g, logits, b, b
-        for tb in self.token_sizes:
-            if tb >= t and self.rows_for(tb) >= r and ("mixed", tb) in self.graphs:
-                g, logits, rb = self.graphs[("mixed", tb)]
+        if samples <= r:
+            for tb in self.token_sizes:
+                if tb >= t and self.rows_for(tb) >= r and ("mixed", tb) in self.graphs:
+                    g, logits, rb = self.graphs[("mixed", tb)]
+                    return g, logits, tb, rb
+        for tb in self.verify_sizes:
+            if tb >= t and self.rows_for(tb) >= r and ("verify", tb) in self.graphs:
+                g, logits, rb = self.graphs[("verify", tb)]
                 return g, logits, tb, rb
         return None
 
-    def _dummy(self, tb: int, rb: int, decode: bool) -> bool:
+    def _dummy(self, tb: int, rb: int, kept: int) -> bool:
         """Fill the host mirror with a valid iteration of tb tokens over rb rows (no K/V writes)."""
         buf = self.buffers
         qlens = np.full(rb, tb // rb, dtype=np.int64)
@@ -174,7 +192,7 @@ class CudaGraphRunner:
         buf.ids[:tb] = 0
         buf.pos[:tb] = 0
         buf.slots[:tb] = -1
-        buf.sample[:rb] = np.cumsum(qlens) - 1
+        buf.sample[:kept] = np.cumsum(qlens) - 1 if kept == rb else np.arange(kept)
         buf.upload(rb)
         return True
 
@@ -196,22 +214,24 @@ class CudaGraphRunner:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         plans = [("mixed", tb, self.rows_for(tb)) for tb in self.token_sizes]
+        plans += [("verify", tb, self.rows_for(tb)) for tb in self.verify_sizes]
         plans += [("decode", b, b) for b in self.decode_sizes]
         plans.sort(key=lambda p: (-p[1], p[0]))  # largest first: later graphs reuse the pool
         stream = torch.cuda.Stream()
         for kind, tb, rb in plans:
             decode = kind == "decode"
-            if not self._dummy(tb, rb, decode):
+            kept = tb if kind == "verify" else rb
+            if not self._dummy(tb, rb, kept):
                 continue
             mql = 1 if decode else tb
             stream.wait_stream(torch.cuda.current_stream())
             forward = self._forward()
             with torch.cuda.stream(stream):
-                forward(tb, rb, mql)  # compiles kernels, warms allocator and cuBLAS
+                forward(tb, rb, mql, kept)  # compiles kernels, warms allocator and cuBLAS
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                logits = forward(tb, rb, mql)
+                logits = forward(tb, rb, mql, kept)
             self.graphs[(kind, tb)] = (graph, logits, rb)
             self.stats.captured.append((kind, tb, rb))
         torch.cuda.synchronize()

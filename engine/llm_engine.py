@@ -63,7 +63,8 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
 class LLMEngine:
     def __init__(self, config: EngineConfig, live: LiveConfig | None = None, *, sink: SinkFn = null_sink,
                  clock: Callable[[], float] | None = None, loaded: LoadedModel | None = None,
-                 slo_targets: Mapping[str, SLOTarget] | None = None, check_invariants: bool = False):
+                 slo_targets: Mapping[str, SLOTarget] | None = None, check_invariants: bool = False,
+                 draft_loaded: LoadedModel | None = None):
         config.validate()
         self.config = config
         self.sink = sink
@@ -77,7 +78,7 @@ class LLMEngine:
 
         lm = self.loaded
         dtype = next(lm.model.parameters()).dtype
-        self.draft_loaded = self._load_draft_model() if config.drafter == "model" else None
+        self.draft_loaded = self._load_draft_model(draft_loaded) if config.drafter == "model" else None
         per_block = bytes_per_block(lm.num_layers, config.block_size, lm.num_kv_heads, lm.head_dim, dtype)
         if self.draft_loaded is not None:  # the draft pool has as many blocks as the target's
             d = self.draft_loaded
@@ -90,7 +91,8 @@ class LLMEngine:
         self.sampler = Sampler(self.device, config.seed)
         self.runner = ModelRunner(lm.model, self.kv_cache, self.backend, self.sampler, self.device,
                                   max_rows=config.max_num_seqs_limit, max_tokens=config.max_batched_tokens_limit,
-                                  max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs)
+                                  max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs,
+                                  spec_k_limit=config.spec_k_limit)
 
         # Each running request holds at least one block, so the pool caps the running count too.
         self.bounds = ConfigBounds(max_num_seqs=min(config.max_num_seqs_limit, num_blocks),
@@ -112,9 +114,10 @@ class LLMEngine:
         self.iteration = 0
         self.num_requests_added = 0
 
-    def _load_draft_model(self) -> LoadedModel:
+    def _load_draft_model(self, draft: LoadedModel | None) -> LoadedModel:
+        """The draft model (`draft` when the caller loaded it already), checked against the target."""
         cfg = self.config
-        draft = load_model(cfg.draft_model, cfg.device, cfg.dtype, cfg.seed)
+        draft = draft or load_model(cfg.draft_model, cfg.device, cfg.dtype, cfg.seed)
         target_vocab, draft_vocab = self.loaded.config.vocab_size, draft.config.vocab_size
         if abs(target_vocab - draft_vocab) > VOCAB_PADDING_SLACK:
             raise ConfigError("draft_model", cfg.draft_model,
@@ -130,7 +133,8 @@ class LLMEngine:
         kv = KVCache.allocate(d.num_layers, num_blocks, cfg.block_size, d.num_kv_heads, d.head_dim,
                               next(d.model.parameters()).dtype, self.device)
         return DraftModelDrafter(d, kv, self.backend, self.device, self.loaded.config.vocab_size,
-                                 max_tokens_per_forward=cfg.max_batched_tokens_limit, seed=cfg.seed)
+                                 max_rows=cfg.max_num_seqs_limit, max_tokens_per_forward=cfg.max_batched_tokens_limit,
+                                 cuda_graphs=cfg.cuda_graphs, seed=cfg.seed)
 
     def restart_clock(self) -> None:
         """Make 'now' zero (an offline run starts its clock when it starts serving); only when idle."""

@@ -28,6 +28,12 @@ from engine.speculative.verify import verify_chunks
 from engine.step_plan import ScheduledChunk, StepPlan
 
 
+# Speculating iterations (drafts verified, prefill chunks beside them) up to this many tokens replay
+# CUDA graphs that keep logits at every token; larger ones run eagerly. Speculation pays at small
+# batches, and each bucket's logits stay allocated ([tokens, vocab] per bucket).
+VERIFY_GRAPH_TOKENS = 512
+
+
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [1, T]
@@ -44,7 +50,7 @@ class StepTimings:
     forward: float = 0.0
     sample: float = 0.0
     graph: bool = False  # the forward was a CUDA-graph replay
-    gpu_ms: float | None = None  # device time from the forward's start to the sampled ids (profile_gpu)
+    gpu_ms: float | None = None  # device time from the input upload to the sampled ids (profile_gpu)
 
 
 def order_rows(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
@@ -165,12 +171,19 @@ class PreparedStep:
     seq_lens: list[int]
     num_decodes: int
     row_ids: list[str] = field(default_factory=list)
+    sample_counts: list[int] = field(default_factory=list)  # logits rows per sampling chunk (k + 1 when speculating)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.sample_counts)
 
 
 def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManager, tables: HostTables) -> PreparedStep:
     """Write one iteration's inputs into the host mirror `buf` (rows [0, R), tokens [0, T)).
 
-    Same values as `build_inputs`; rows without a sample get sample index 0.
+    Same values as `build_inputs`; sample entries past the last one (up to R) are 0. A speculating
+    chunk's drafted tokens follow its last token and every position it verifies is a sample entry,
+    so an iteration with drafts may have more sample entries than rows (at most R: see `fits`).
     """
     rows = order_rows(chunks)
     r = len(rows)
@@ -181,7 +194,9 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     if decode_only:
         buf.ids[:t] = [c.request.token_ids[c.start] for c in rows]
     else:
-        buf.ids[:t] = list(chain.from_iterable(c.request.token_ids[c.start:c.start + c.num_tokens] for c in rows))
+        buf.ids[:t] = list(chain.from_iterable(
+            c.request.token_ids[c.start:c.start + c.num_tokens - len(c.draft)] + list(c.draft) if c.draft
+            else c.request.token_ids[c.start:c.start + c.num_tokens] for c in rows))
     starts_np = np.asarray(starts, dtype=np.int64)
     lens_np = np.asarray(lens, dtype=np.int64)
     cu = np.zeros(r + 1, dtype=np.int64)
@@ -202,19 +217,26 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     buf.seq[:r] = seq
     buf.ctx[:r] = starts_np
     sampling = [i for i, c in enumerate(rows) if c.samples]
+    counts = [1 + len(rows[i].draft) for i in sampling]
     s = len(sampling)
-    buf.sample[:s] = cu[1:][sampling] - 1
+    if s == sum(counts):
+        buf.sample[:s] = cu[1:][sampling] - 1
+    else:  # a speculating chunk keeps logits at every position it verifies
+        s = sum(counts)
+        buf.sample[:s] = np.concatenate([np.arange(cu[i + 1] - k, cu[i + 1]) for i, k in zip(sampling, counts)])
     buf.sample[s:r] = 0
     return PreparedStep(t, r, decode_only, [rows[i] for i in sampling], lens, seq.tolist(),
-                        sum(1 for n in lens if n == 1), row_ids)
+                        sum(1 for n in lens if n == 1), row_ids, counts)
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, backend, sampler: Sampler,
                  device: torch.device, *, max_rows: int | None = None, max_tokens: int | None = None,
-                 max_model_len: int | None = None, cuda_graphs: bool = False, profile_gpu: bool = False):
+                 max_model_len: int | None = None, cuda_graphs: bool = False, profile_gpu: bool = False,
+                 spec_k_limit: int = 0):
         """On CUDA, `max_rows`/`max_tokens`/`max_model_len` size the static step buffers (the live-config
-        bounds); with `cuda_graphs` (and a graph-safe backend) every bucket is captured here, at start."""
+        bounds); with `cuda_graphs` (and a graph-safe backend) every bucket is captured here, at start,
+        including, when `spec_k_limit` > 0, the buckets that verify up to that many drafts per row."""
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
@@ -236,8 +258,9 @@ class ModelRunner:
             self.tables = HostTables(width, max_rows)
             self.max_model_len = max_model_len
             if cuda_graphs and getattr(backend, "graph_safe", False):
+                verify_tokens = min(max_tokens, VERIFY_GRAPH_TOKENS) if spec_k_limit else 0
                 self.graphs = CudaGraphRunner(self._graph_forward, self.buffers, kv_cache.block_size,
-                                              max_model_len, max_rows, max_tokens)
+                                              max_model_len, max_rows, max_tokens, verify_tokens)
                 try:
                     self.graphs.capture()
                     self.tables.reset()
@@ -249,7 +272,7 @@ class ModelRunner:
                     unfuse_model(model)
                     self.fused = {"failed": repr(exc)[:500]}
                     self.graphs = CudaGraphRunner(self._graph_forward, self.buffers, kv_cache.block_size,
-                                                  max_model_len, max_rows, max_tokens)
+                                                  max_model_len, max_rows, max_tokens, verify_tokens)
                     self.graphs.capture()
                     self.tables.reset()
 
@@ -263,73 +286,49 @@ class ModelRunner:
         out = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, batchdeck_step=step)
         return out.logits[0]
 
-    def _graph_forward(self, t: int, r: int, max_query_len: int) -> torch.Tensor:
-        """The captured function: a bucket of t tokens and r rows, logits for every row."""
-        ids, pos, meta, sample = self.buffers.views(
+    def _graph_forward(self, t: int, r: int, max_query_len: int, kept: int) -> torch.Tensor:
+        """The captured function: a bucket of t tokens and r rows, logits at `kept` sample entries."""
+        ids, pos, meta, _rows = self.buffers.views(
             t, r, num_decodes=r if max_query_len == 1 else 0, max_query_len=max_query_len,
             max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size,
             query_lens_host=[1] * r, seq_lens_host=[1] * r)
-        return self._model_logits(ids, pos, meta, sample)
+        return self._model_logits(ids, pos, meta, self.buffers.sample_rows(kept))
 
-    def _execute_buffers(self, plan: StepPlan, blocks: BlockManager):
-        timings = StepTimings()
+    def _logits_buffers(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings):
         t0 = time.perf_counter()
         buf = self.buffers
         buf.wait_host_free()
-        step = fill_step(buf, plan.chunks, blocks, self.tables)
+        step = fill_step(buf, chunks, blocks, self.tables)
         t, r = step.num_tokens, step.num_rows
-        s = len(step.sampling_chunks)
-        hit = self.graphs.lookup(t, r, step.decode_only) if self.graphs is not None else None
+        s = step.num_samples
+        hit = self.graphs.lookup(t, r, step.decode_only, s) if self.graphs is not None else None
         rows_up = r
         if hit is not None:
             graph, logits_all, tb, rb = hit
-            buf.pad(t, r, tb, rb)
+            buf.pad(t, r, tb, rb, samples=s, kept=len(logits_all))
             rows_up = rb
         buf.upload(rows_up)
         t1 = time.perf_counter()
         timings.prepare = t1 - t0
-        if self.profile_gpu:
-            if self._events is None:
-                self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            ev0, ev1 = self._events
-            ev0.record()
         if hit is not None:
             graph.replay()
             logits = logits_all[:s]
             timings.graph = True
             self.graphs.stats.replays += 1
         else:
-            ids, pos, meta, sample = buf.views(
+            ids, pos, meta, _rows = buf.views(
                 t, r, num_decodes=step.num_decodes, max_query_len=max(step.query_lens),
                 max_seq_len=max(step.seq_lens), block_size=blocks.block_size,
                 query_lens_host=step.query_lens, seq_lens_host=step.seq_lens)
-            logits = self._model_logits(ids, pos, meta, sample[:max(s, 1)])[:s]
+            logits = self._model_logits(ids, pos, meta, buf.sample_rows(max(s, 1)))[:s]
             if self.graphs is not None:
                 self.graphs.stats.eager += 1
-        t2 = time.perf_counter()
-        timings.forward = t2 - t1
-        chunks = step.sampling_chunks
-        ids_out = self.sampler.sample(logits, [c.request.request_id for c in chunks],
-                                      [c.request.sampling for c in chunks])
-        if self.profile_gpu:
-            ev1.record()
-            ev1.synchronize()
-            timings.gpu_ms = ev0.elapsed_time(ev1)
-        timings.sample = time.perf_counter() - t2
-        return [(c, [t]) for c, t in zip(chunks, ids_out)], timings
+        timings.forward = time.perf_counter() - t1
+        return logits, step.sampling_chunks, step.sample_counts
 
-    @torch.inference_mode()
-    def execute(self, plan: StepPlan, blocks: BlockManager) -> tuple[list[tuple[ScheduledChunk, list[int]]], StepTimings]:
-        """Run the plan; return (chunk, new token ids) for every chunk that samples: one token, or
-        for a speculating chunk its accepted drafts plus one corrected or bonus token."""
-        buf = self.buffers
-        speculating = any(c.draft for c in plan.chunks)
-        if buf is not None and not speculating and plan.num_tokens <= buf.max_tokens \
-                and len(plan.chunks) <= buf.max_rows:
-            return self._execute_buffers(plan, blocks)
-        timings = StepTimings()
+    def _logits_eager(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings):
         t0 = time.perf_counter()
-        inputs = build_inputs(plan.chunks, blocks, self.device)
+        inputs = build_inputs(chunks, blocks, self.device)
         t1 = time.perf_counter()
         timings.prepare = t1 - t0
         step = StepContext(inputs.metadata, self.kv_cache, self.backend)
@@ -339,15 +338,40 @@ class ModelRunner:
             keep = torch.zeros(1, dtype=torch.int64, device=self.device)  # nothing samples: keep one row
         out = self.model(input_ids=inputs.input_ids, position_ids=inputs.positions, use_cache=False,
                          logits_to_keep=keep, batchdeck_step=step)
-        logits = out.logits[0]
+        timings.forward = time.perf_counter() - t1
+        return out.logits[0][:sum(inputs.sample_counts)], inputs.sampling_chunks, inputs.sample_counts
+
+    @torch.inference_mode()
+    def logits(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings | None = None
+               ) -> tuple[torch.Tensor, list[ScheduledChunk], list[int]]:
+        """One forward over `chunks`: (logits at every sample entry [sum(counts), V], the sampling
+        chunks in row order, logits rows per sampling chunk: 1, or k + 1 for a speculating chunk)."""
+        timings = timings or StepTimings()
+        buf = self.buffers
+        if buf is not None and sum(c.num_tokens for c in chunks) <= buf.max_tokens and len(chunks) <= buf.max_rows:
+            return self._logits_buffers(chunks, blocks, timings)
+        return self._logits_eager(chunks, blocks, timings)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, blocks: BlockManager) -> tuple[list[tuple[ScheduledChunk, list[int]]], StepTimings]:
+        """Run the plan; return (chunk, new token ids) for every chunk that samples: one token, or
+        for a speculating chunk its accepted drafts plus one corrected or bonus token."""
+        timings = StepTimings()
+        if self.profile_gpu and self.device.type == "cuda":
+            if self._events is None:
+                self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        logits, chunks, counts = self.logits(plan.chunks, blocks, timings)
         t2 = time.perf_counter()
-        timings.forward = t2 - t1
-        chunks = inputs.sampling_chunks
-        if speculating:
-            tokens = verify_chunks(self.sampler, logits, chunks, inputs.sample_counts)
+        if len(logits) > len(chunks):
+            tokens = verify_chunks(self.sampler, logits, chunks, counts)
         else:
-            ids = self.sampler.sample(logits[: len(chunks)], [c.request.request_id for c in chunks],
+            ids = self.sampler.sample(logits, [c.request.request_id for c in chunks],
                                       [c.request.sampling for c in chunks])
             tokens = [[t] for t in ids]
+        if self._events is not None and self.profile_gpu:
+            self._events[1].record()
+            self._events[1].synchronize()
+            timings.gpu_ms = self._events[0].elapsed_time(self._events[1])
         timings.sample = time.perf_counter() - t2
         return list(zip(chunks, tokens)), timings

@@ -460,6 +460,7 @@ def bounds_for(engine: Mapping[str, Any]) -> ConfigBounds:
         DEFAULT_BOUNDS,
         max_num_seqs=engine.get("max_num_seqs_limit") or DEFAULT_BOUNDS.max_num_seqs,
         max_batched_tokens=engine.get("max_batched_tokens_limit") or DEFAULT_BOUNDS.max_batched_tokens,
+        spec_k=engine.get("spec_k_limit") if engine.get("spec_k_limit") is not None else DEFAULT_BOUNDS.spec_k,
     )
 
 

@@ -21,9 +21,9 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 MODEL = "synthetic:tiny"
 
 
-def _loaded(device: str):
+def _loaded(device: str, model: str = MODEL):
     """Synthetic weights are drawn on the CPU and moved, so both devices run the same model."""
-    lm = load_model(MODEL, "cpu", "float32")
+    lm = load_model(model, "cpu", "float32")
     if device != "cpu":
         lm.model.to(device)
     return lm

@@ -11,15 +11,18 @@ def test_ngram_proposes_latest_match_continuation():
     toks = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
     assert propose_ngram(toks, 2) == [7, 8]  # latest earlier "1 2 3" is followed by 7 8
     assert propose_ngram([4, 5, 6], 3) == []
-    assert propose_ngram([5, 5, 5, 5], 2) == [5]  # continuation stops at the end of the context
+    assert propose_ngram([5, 5, 5, 5], 2) == [5, 5]  # the copy goes on past the end of the context
+    assert propose_ngram([1, 2, 3, 1, 2, 3, 1, 2], 5) == [3, 1, 2, 3, 1]  # a loop of period 3
 
 
 @given(st.lists(st.integers(0, 4), min_size=0, max_size=30), st.integers(0, 5))
 def test_ngram_proposals_come_from_the_context(toks, k):
     out = propose_ngram(toks, k)
     assert len(out) <= k
-    if out:  # some earlier position p follows a token equal to the last one, and out continues from p
-        assert any(toks[p - 1] == toks[-1] and toks[p:p + len(out)] == out for p in range(1, len(toks)))
+    if out:  # some earlier position p follows a token equal to the last one, and out copies on from p
+        assert len(out) == k
+        extended = toks + out
+        assert any(toks[p - 1] == toks[-1] and extended[p:p + len(out)] == out for p in range(1, len(toks)))
     elif k > 0 and len(toks) >= 2:
         assert toks[-1] not in toks[:-1]  # a 1-gram match always proposes something
 

@@ -13,6 +13,7 @@ from engine.cuda_graphs import StepBuffers
 from engine.model_runner import HostTables, build_inputs, fill_step
 from engine.request import Request, SamplingParams
 from engine.scheduler import Scheduler
+from engine.speculative.drafter import LookupDrafter
 from policies import make_policy
 
 
@@ -31,21 +32,25 @@ def _check_same(buf: StepBuffers, prepared, reference) -> None:
     for row in range(r):  # entries past a row's own blocks are padding and may hold anything
         n = -(-int(meta.seq_lens[row]) // BLOCK_SIZE)
         assert np.array_equal(buf.bt[row, :n], meta.block_tables[row, :n].numpy()), f"row {row} table"
-    s = len(prepared.sampling_chunks)
+    s = prepared.num_samples
+    assert prepared.sample_counts == reference.sample_counts
     assert buf.sample[:s].tolist() == reference.sample_rows.tolist()
     assert [c.request.request_id for c in prepared.sampling_chunks] == [
         c.request.request_id for c in reference.sampling_chunks]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), num_blocks=st.integers(12, 48), max_num_seqs=st.integers(1, 6),
-       budget=st.integers(4, 40))
-def test_fill_step_matches_build_inputs_across_iterations(seed, num_blocks, max_num_seqs, budget):
+       budget=st.integers(4, 40), spec_k=st.sampled_from([0, 0, 2, 5]))
+def test_fill_step_matches_build_inputs_across_iterations(seed, num_blocks, max_num_seqs, budget, spec_k):
+    """Includes speculating iterations: random drafts, random acceptance, rolled-back blocks."""
     rng = random.Random(seed)
     blocks = BlockManager(num_blocks, BLOCK_SIZE)
-    sched = Scheduler(blocks, make_policy("fcfs"),
-                      LiveConfig(max_num_seqs=max_num_seqs, max_batched_tokens=budget, chunk_size=min(8, budget)))
-    buf = StepBuffers(max_tokens=budget, max_rows=max_num_seqs, max_blocks=num_blocks, device=torch.device("cpu"))
+    sched = Scheduler(blocks, make_policy("fcfs"), LiveConfig(max_num_seqs=max_num_seqs, max_batched_tokens=budget,
+                                                              chunk_size=min(8, budget), spec_k=spec_k))
+    sched.drafter = LookupDrafter(lambda ids, k: [rng.randrange(256) for _ in range(rng.randrange(0, k + 1))])
+    buf = StepBuffers(max_tokens=budget, max_rows=max_num_seqs * (spec_k + 1), max_blocks=num_blocks,
+                      device=torch.device("cpu"))
     tables = HostTables(num_blocks, max_num_seqs)
     pending = [Request(str(i), [rng.randrange(256) for _ in range(rng.randrange(1, 20))],
                        SamplingParams(max_tokens=rng.randrange(1, 12))) for i in range(10)]
@@ -57,13 +62,18 @@ def test_fill_step_matches_build_inputs_across_iterations(seed, num_blocks, max_
             if not pending and not sched.has_work:
                 break
             continue
+        sched.drafter.fill([c for c in plan.chunks if c.num_draft])
         prepared = fill_step(buf, plan.chunks, blocks, tables)
         _check_same(buf, prepared, build_inputs(plan.chunks, blocks, torch.device("cpu")))
-        for c in plan.chunks:  # pretend the model ran
+        for c in plan.chunks:  # pretend the model ran (accepting a random prefix of the drafts)
             r = c.request
             r.num_computed_tokens += c.num_tokens
             if c.samples:
-                r.append_token(rng.randrange(256), 0.0)
+                accepted = list(c.draft[:rng.randrange(len(c.draft) + 1)])
+                for token in accepted + [rng.randrange(256)]:
+                    r.append_token(token, 0.0)
+                r.num_computed_tokens = min(r.num_computed_tokens, r.num_tokens - 1)
+                blocks.shrink(r.request_id, r.num_computed_tokens)
                 if r.num_output_tokens >= r.sampling.max_tokens:
                     r.status = r.status.FINISHED
                     sched.finish(r)
@@ -88,3 +98,53 @@ def test_buffer_execution_path_is_token_exact_on_cpu(model_dirs):
     for i, p in enumerate(prompts):
         assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), 6)
     assert sum(r.num_preemptions for r in engine.requests.values()) > 0
+
+
+def test_buffer_execution_path_verifies_drafts_token_exact_on_cpu(model_dirs, tmp_path):
+    """Speculating iterations on the persistent-buffer path (draft model: the target itself, and a
+    different model that is mostly rejected), including iterations with more sample entries than rows."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from tests.helpers import greedy, loaded, reference_tokens, save_tiny_model
+
+    path = model_dirs["qwen3"]
+    other = save_tiny_model("llama", str(tmp_path / "draft"), seed=3)
+    prompts = [[(7 * i + j) % 256 for j in range(3 + 5 * i)] for i in range(5)]
+    for draft in (path, other):
+        engine = LLMEngine(EngineConfig(model=path, num_blocks=40, block_size=BLOCK_SIZE, drafter="model",
+                                        draft_model=draft),
+                           LiveConfig(max_num_seqs=4, max_batched_tokens=32, chunk_size=8, spec_k=3),
+                           loaded=loaded(path), check_invariants=True)
+        runner = engine.runner
+        width = -(-engine.max_model_len // BLOCK_SIZE)
+        runner.buffers = StepBuffers(32, 16, width, torch.device("cpu"))
+        runner.tables = HostTables(width, 16)
+        runner.max_model_len = engine.max_model_len
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, greedy(9))
+        engine.run_until_done()
+        for i, p in enumerate(prompts):
+            assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), 9)
+        assert sum(r.spec_proposed for r in engine.requests.values()) > 0
+
+
+def test_graph_lookup_sends_speculating_iterations_to_buckets_that_keep_every_position():
+    from engine.cuda_graphs import CudaGraphRunner
+
+    buf = StepBuffers(max_tokens=256, max_rows=8, max_blocks=4, device=torch.device("cpu"))
+    runner = CudaGraphRunner(lambda t, r, q, kept: None, buf, BLOCK_SIZE, 512, max_rows=8, max_tokens=256,
+                             verify_tokens=40)
+    assert runner.verify_sizes == [32, 40]
+    for kind, sizes in (("decode", runner.decode_sizes), ("mixed", runner.token_sizes), ("verify", runner.verify_sizes)):
+        for n in sizes:  # stand-ins for captured graphs: (graph, logits [kept, V], rows)
+            rows = n if kind == "decode" else runner.rows_for(n)
+            kept = n if kind == "verify" else rows
+            runner.graphs[(kind, n)] = (f"{kind}{n}", torch.zeros(kept, 2), rows)
+    assert runner.lookup(5, 5, decode_only=True)[0] == "decode8"
+    assert runner.lookup(20, 3, decode_only=False, samples=3)[0] == "mixed32"  # one sample per row
+    assert runner.lookup(20, 5, decode_only=False, samples=20)[0] == "verify32"  # 5 rows verifying 3 drafts each
+    assert runner.lookup(36, 8, decode_only=False, samples=36)[0] == "verify40"
+    assert runner.lookup(48, 8, decode_only=False, samples=48) is None  # beyond the verify buckets: eager
+    buf.sample[:20] = np.arange(20)
+    buf.pad(20, 5, 32, 8, samples=20, kept=32)  # the padded rows must not clobber verified positions
+    assert buf.sample[:20].tolist() == list(range(20)) and not buf.sample[20:32].any()

@@ -1,9 +1,10 @@
 """A draft model as the drafter: a smaller model with the target's vocabulary proposes k tokens.
 
 The draft model keeps its own paged KV pool (same block size and block count as the target's, so
-it never holds more than the target does for the same requests). Drafting for an iteration is
-batched: every speculating request catches up on the tokens its draft KV lacks and samples its
-first draft in one forward, then each further draft position is one decode forward of all rows.
+it never holds more than the target does for the same requests) and its own `ModelRunner` (on CUDA:
+static buffers and CUDA graphs, like the target). Drafting for an iteration is batched: every
+speculating request catches up on the tokens its draft KV lacks and samples its first draft in one
+forward, then each further draft position is one decode forward of all rows.
 Draft KV of rejected drafts is rolled back in `sync` (blocks freed where a block empties).
 
 Greedy requests draft the argmax; sampled requests draft from the draft model's distribution under
@@ -17,10 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention.metadata import StepContext
 from engine.block_manager import BlockManager
 from engine.kv_cache import KVCache
-from engine.model_runner import paged_inputs
+from engine.model_runner import ModelRunner
 from engine.models import LoadedModel
 from engine.request import Request
 from engine.sampler import Sampler
@@ -49,10 +49,28 @@ class _Row:
     drafts: list[int] = field(default_factory=list)
     probs: list[torch.Tensor] = field(default_factory=list)
 
-    def tokens(self, start: int, stop: int) -> list[int]:
-        ids = self.chunk.request.token_ids
-        n = self.context_len
-        return ids[start:min(stop, n)] + self.drafts[max(0, start - n):max(0, stop - n)]
+    @property
+    def request_id(self) -> str:
+        return self.chunk.request.request_id
+
+    @property
+    def token_ids(self) -> "_RowTokens":
+        return _RowTokens(self)
+
+
+class _RowTokens:
+    """A row's verified tokens followed by its drafts so far, indexable like the request's token list
+    (the runner's input builders read `request.token_ids[i]` and `[start:stop]`)."""
+
+    def __init__(self, row: _Row):
+        self.row = row
+
+    def __getitem__(self, index):
+        ids, n, drafts = self.row.chunk.request.token_ids, self.row.context_len, self.row.drafts
+        if isinstance(index, slice):
+            start, stop = index.start or 0, index.stop
+            return ids[start:min(stop, n)] + drafts[max(0, start - n):max(0, stop - n)]
+        return ids[index] if index < n else drafts[index - n]
 
 
 def draft_seed(seed: int) -> int:
@@ -64,16 +82,17 @@ class DraftModelDrafter(Drafter):
     name = "model"
 
     def __init__(self, loaded: LoadedModel, kv_cache: KVCache, backend, device: torch.device,
-                 target_vocab: int, max_tokens_per_forward: int, seed: int = 0):
+                 target_vocab: int, *, max_rows: int, max_tokens_per_forward: int, cuda_graphs: bool = False,
+                 seed: int = 0):
         self.loaded = loaded
-        self.model = loaded.model
-        self.kv_cache = kv_cache
         self.blocks = BlockManager(kv_cache.num_blocks, kv_cache.block_size)
-        self.backend = backend
         self.device = device
         self.target_vocab = target_vocab
         self.max_tokens_per_forward = max(1, max_tokens_per_forward)
         self.max_model_len = loaded.max_model_len
+        self.runner = ModelRunner(loaded.model, kv_cache, backend, None, device, max_rows=max_rows,
+                                  max_tokens=self.max_tokens_per_forward, max_model_len=self.max_model_len,
+                                  cuda_graphs=cuda_graphs)
         self.sampler = Sampler(device, draft_seed(seed))  # generators only: drafts never share the target's noise
         self.kv: dict[str, _DraftKV] = {}
         self.forwards = 0  # draft-model forwards run (telemetry and tests)
@@ -145,31 +164,25 @@ class DraftModelDrafter(Drafter):
     def _forward(self, active: list[_Row]) -> None:
         """Feed every active row what it lacks (within the per-forward token cap); rows that reach
         the end of their context sample their next draft."""
-        batch: list[tuple[_Row, int]] = []
+        chunks: list[ScheduledChunk] = []
+        row_of: dict[int, _Row] = {}
         left = self.max_tokens_per_forward
         for row in active:
-            n = min(row.context_len + len(row.drafts) - row.pos, left)
+            end = row.context_len + len(row.drafts)
+            n = min(end - row.pos, left)
             if n > 0:
-                batch.append((row, n))
+                c = ScheduledChunk(row, row.pos, n, samples=row.pos + n == end, is_decode=n == 1)  # type: ignore[arg-type]
+                chunks.append(c)
+                row_of[id(c)] = row
                 left -= n
-        feeds = {id(row): n for row, n in batch}
-        ordered = order_rows_of(batch)
-        tokens = [row.tokens(row.pos, row.pos + feeds[id(row)]) for row in ordered]
-        ids, pos, meta, cu = paged_inputs([row.chunk.request.request_id for row in ordered],
-                                          [row.pos for row in ordered], tokens, self.blocks, self.device)
-        sampling = [i for i, row in enumerate(ordered)
-                    if row.pos + feeds[id(row)] == row.context_len + len(row.drafts)]
-        keep = (cu[1:][sampling] - 1).to(self.device, non_blocking=True)
-        step = StepContext(meta, self.kv_cache, self.backend)
-        logits = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,
-                            batchdeck_step=step).logits[0]
+        logits, sampling, _counts = self.runner.logits(chunks, self.blocks)
         self.forwards += 1
-        for row in ordered:
-            row.pos += feeds[id(row)]
+        for c in chunks:
+            row_of[id(c)].pos += c.num_tokens
         if not sampling:
             return
         logits = self._fit_vocab(logits)
-        picked = [ordered[i] for i in sampling]
+        picked = [row_of[id(c)] for c in sampling]
         greedy = [i for i, row in enumerate(picked) if row.chunk.request.sampling.greedy]
         if greedy:
             for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
@@ -181,8 +194,7 @@ class DraftModelDrafter(Drafter):
             for j, i in enumerate(sampled):
                 row = picked[i]
                 p = params[j]
-                gen = self.sampler.generator_for(row.chunk.request.request_id,
-                                                 None if p.seed is None else draft_seed(p.seed))
+                gen = self.sampler.generator_for(row.request_id, None if p.seed is None else draft_seed(p.seed))
                 row.drafts.append(int(torch.multinomial(probs[j], 1, generator=gen)))
                 row.probs.append(probs[j])
 
@@ -195,7 +207,3 @@ class DraftModelDrafter(Drafter):
         pad = logits.new_full((logits.shape[0], self.target_vocab - v), float("-inf"))
         return torch.cat([logits, pad], dim=1)
 
-
-def order_rows_of(batch: list[tuple[_Row, int]]) -> list[_Row]:
-    """Rows feeding one token first, as the attention backends expect (see model_runner.order_rows)."""
-    return [row for row, n in batch if n == 1] + [row for row, n in batch if n != 1]

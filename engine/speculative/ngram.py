@@ -1,7 +1,9 @@
 """N-gram prompt lookup: propose the continuation of the latest earlier match of the context's tail.
 
 No model: the request's own tokens are the draft source, which pays on copy-heavy work
-(summaries quoting the prompt, code edits, repeated structure).
+(summaries quoting the prompt, code edits, repeated structure). The proposal copies on from the
+match: when the copy reaches the end of the context it goes on copying what it just proposed, so a
+repeating span (a loop of period p, whose latest match is p tokens back) still yields k tokens.
 """
 from __future__ import annotations
 
@@ -22,5 +24,9 @@ def propose_ngram(token_ids: list[int], k: int, max_n: int = 3, min_n: int = 1) 
         hits = hits[hits + n < length]  # a continuation must exist
         if hits.size:
             start = int(hits[-1]) + n
-            return arr[start:start + k].tolist()
+            out = arr[start:start + k].tolist()
+            period = length - start  # the copy's offset: proposal i repeats token length + i - period
+            while len(out) < k:
+                out.append(out[len(out) - period])
+            return out
     return []

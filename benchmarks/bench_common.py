@@ -1,0 +1,61 @@
+"""Helpers the GPU benchmark scripts share: logging, percentiles, versions, writing results."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """Percentile with linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return None
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def dist(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {"mean": statistics.mean(values), "p50": pct(values, 50), "p90": pct(values, 90),
+            "p99": pct(values, 99), "max": max(values)}
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "triton": triton_version, "python": platform.python_version()}
+
+
+def command_line(script: str) -> str:
+    """The command that reproduces this run (without --out)."""
+    argv = list(sys.argv[1:])
+    if "--out" in argv:
+        i = argv.index("--out")
+        del argv[i:i + 2]
+    return f"PYTHONPATH=. python {script} " + " ".join(argv)
+
+
+def write_json(path: str | None, result: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    log(f"wrote {path}")
