@@ -26,7 +26,7 @@ TINY_MODEL = "synthetic:tiny"
 CUDA_MODEL = "synthetic:qwen3-0.6b"
 INPROCESS_HZ = 5.0  # the engine thread shares the GIL with the UI: repaint less often
 ENGINE_OVERRIDES = ("model", "device", "dtype", "num_blocks", "max_num_seqs", "max_batched_tokens", "chunk_size",
-                    "policy", "batching", "mixing")
+                    "policy", "batching", "mixing", "spec_k")
 
 
 def register_cli(subparsers: Any) -> None:

@@ -283,4 +283,4 @@ def bounds_from_dict(bounds: Mapping[str, Any]):
 
     policies = tuple(bounds.get("policy") or ("fcfs", "sjf", "slo", "fair", "priority"))
     return ConfigBounds(max_num_seqs=upper("max_num_seqs", 256), max_batched_tokens=upper("max_batched_tokens", 8192),
-                        policies=policies)
+                        policies=policies, spec_k=upper("spec_k", 8))

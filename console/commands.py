@@ -19,10 +19,11 @@ from engine.config import BATCHING_MODES, MIXING_MODES, PREEMPTION_MODES, Config
 from console.client import bounds_from_dict
 
 SETTINGS = ("policy", "mixing", "batching", "max_num_seqs", "max_batched_tokens", "chunk_size", "preemption",
-            "selective_threshold", "static_timeout")
-INT_SETTINGS = ("max_num_seqs", "max_batched_tokens", "chunk_size", "selective_threshold")
+            "selective_threshold", "static_timeout", "spec_k")
+INT_SETTINGS = ("max_num_seqs", "max_batched_tokens", "chunk_size", "selective_threshold", "spec_k")
 FLOAT_SETTINGS = ("static_timeout",)
 _LIVE_FIELDS = frozenset(f.name for f in dataclasses.fields(LiveConfig))
+MEANING = {"spec_k": "speculative decoding: draft tokens verified per decode step, 0 = off"}
 
 # name, action (an App action), help
 ACTIONS: tuple[tuple[str, str, str], ...] = (
@@ -59,7 +60,7 @@ def describe_bounds(key: str, config: Mapping[str, Any] | None, bounds: Mapping[
         return "0..3600 s"
     if isinstance(b, (list, tuple)) and len(b) == 2:
         return f"{b[0]}..{b[1]}"
-    return "an integer ≥ 1"
+    return "an integer ≥ 0" if key == "spec_k" else "an integer ≥ 1"
 
 
 def live_config(config: Mapping[str, Any] | None) -> LiveConfig:
@@ -131,8 +132,10 @@ def candidates(query: str, config: Mapping[str, Any] | None, bounds: Mapping[str
         if opts is not None:
             out.extend(_setting(key, o, now, bounds, config) for o in opts)
         else:
+            meaning = f": {MEANING[key]}" if key in MEANING else ""
             out.append(Candidate(f"{key} <{describe_bounds(key, config, bounds)}>",
-                                 f"type `{key} N` to set it (now {now}); allowed {describe_bounds(key, config, bounds)}"))
+                                 f"type `{key} N` to set it (now {now}){meaning}; "
+                                 f"allowed {describe_bounds(key, config, bounds)}"))
     out.extend(Candidate(name, help, action=action) for name, action, help in ACTIONS)
     return out
 
@@ -164,7 +167,8 @@ class SettingsProvider(Provider):
     async def discover(self) -> Hits:
         config, bounds = self._context()
         for c in candidates("", config, bounds):
-            if c.action is not None or c.text.startswith(("policy ", "max_num_seqs", "chunk_size", "batching ")):
+            if c.action is not None or c.text.startswith(("policy ", "max_num_seqs", "chunk_size", "batching ",
+                                                          "spec_k")):
                 yield DiscoveryHit(c.text, self._callback(c), help=c.help)
 
     async def search(self, query: str) -> Hits:

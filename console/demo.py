@@ -16,9 +16,15 @@ TENANTS = (("alice", "interactive"), ("bob", "interactive"), ("carol", "batch"),
 
 def synthetic_session(iterations: int = 400, *, seed: int = 7, step_s: float = 0.02, num_blocks: int = 1024,
                       block_size: int = 16, budget: int = 512, max_num_seqs: int = 8,
-                      change_at: int | None = 250, gpu: bool = False) -> list[tuple[str, Any]]:
-    """(topic, record) messages for `iterations` iterations of a toy engine, in time order."""
+                      change_at: int | None = 250, gpu: bool = False, spec_k: int = 0,
+                      spec_accept: float = 0.6) -> list[tuple[str, Any]]:
+    """(topic, record) messages for `iterations` iterations of a toy engine, in time order.
+
+    spec_k > 0: each decode step also verifies up to `spec_k` drafted tokens, each accepted (until
+    the first rejection) with probability `spec_accept`, drawn from a generator of its own so that
+    spec_k=0 gives exactly the records it always gave."""
     rng = random.Random(seed)
+    spec_rng = random.Random(seed + 1)
     out: list[tuple[str, Any]] = []
     waiting: list[dict[str, Any]] = []
     running: list[dict[str, Any]] = []
@@ -32,7 +38,8 @@ def synthetic_session(iterations: int = 400, *, seed: int = 7, step_s: float = 0
             tenant, cls = TENANTS[next_id % len(TENANTS)]
             waiting.append({"request_id": f"r{next_id:05d}", "tenant": tenant, "slo_class": cls, "priority": 0,
                             "prompt": rng.randint(32, 600), "done_prompt": 0, "max_tokens": rng.randint(16, 96),
-                            "out": 0, "arrival": t, "ttft": None, "preemptions": 0})
+                            "out": 0, "arrival": t, "ttft": None, "preemptions": 0, "proposed": 0,
+                            "accepted": 0})
             next_id += 1
         if change_at is not None and it == change_at:
             version += 1
@@ -68,9 +75,20 @@ def synthetic_session(iterations: int = 400, *, seed: int = 7, step_s: float = 0
         t += max(step, step_s)
         finished_now = []
         ttfts = []
-        generated = 0
+        generated = proposed = accepted = 0
         for r in running:
             if r["done_prompt"] >= r["prompt"]:
+                if spec_k and r["ttft"] is not None:  # drafts follow a token the request already has
+                    drafted = min(spec_k, r["max_tokens"] - r["out"] - 1)
+                    took = 0
+                    while took < drafted and spec_rng.random() < spec_accept:
+                        took += 1
+                    r["proposed"] += drafted
+                    r["accepted"] += took
+                    r["out"] += took
+                    proposed += drafted
+                    accepted += took
+                    generated += took
                 r["out"] += 1
                 generated += 1
                 if r["ttft"] is None:
@@ -88,15 +106,17 @@ def synthetic_session(iterations: int = 400, *, seed: int = 7, step_s: float = 0
                 ttft=r["ttft"], tpot=tpot, itl_p50=tpot, itl_p99=tpot * 2.5, itl_max=tpot * 3, e2e_latency=e2e,
                 finish_reason="length", num_preemptions=r["preemptions"],
                 slo_met=r["ttft"] < {"realtime": 0.5, "interactive": 2.0, "batch": 10.0}[r["slo_class"]],
-                first_token_iteration=None, finish_iteration=it, finish=t)))
+                first_token_iteration=None, finish_iteration=it, finish=t, spec_proposed=r["proposed"],
+                spec_accepted=r["accepted"])))
         used = sum(-(-(r["done_prompt"] + r["out"]) // block_size) for r in running)
         out.append(("iteration", IterationRecord(
             iteration=it, time=t, step_time=step, schedule_time=step * 0.05, prepare_time=step * 0.1,
-            forward_time=step * 0.8, sample_time=step * 0.05, num_prefill_tokens=prefill, num_decode_tokens=decode,
+            forward_time=step * 0.8, sample_time=step * 0.05, num_prefill_tokens=prefill,
+            num_decode_tokens=decode + proposed,
             num_prefill_chunks=chunks, num_requests_running=len(running), num_requests_waiting=len(waiting),
             num_preemptions=preempted, kv_blocks_used=used, kv_blocks_total=num_blocks,
             kv_cache_usage=used / num_blocks, config_version=version, num_finished=len(finished_now),
-            num_generated_tokens=generated, ttfts=ttfts,
+            num_generated_tokens=generated, spec_proposed=proposed, spec_accepted=accepted, ttfts=ttfts,
             tenant_tokens={})))
         if it % 25 == 24:
             rows = []

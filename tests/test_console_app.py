@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import pytest
 from textual.command import CommandInput, CommandList, CommandPalette
+from textual.content import Content
 from textual.widgets import Input, Select
 
 from console.app import ConsoleApp
@@ -80,6 +81,11 @@ async def set_in_panel(pilot, values: dict[str, Any], *, apply: bool = True) -> 
         await pilot.click("#config-apply")
         await pilot.pause()
     return screen
+
+
+def spec_shown(app) -> str:
+    """The speculation line under the throughput plot, as text."""
+    return Content.from_markup(app.query_one("#tput-box").border_subtitle).plain
 
 
 def notes(app) -> list[str]:
@@ -310,3 +316,55 @@ async def test_request_table_updates_in_place_in_engine_order_and_keeps_the_curs
         await pilot.pause()
         assert [r.key.value for r in table.ordered_rows] == ["b", "d", "c"]
         assert table.selected_request_id == "c"  # the cursor followed its request
+
+
+async def test_spec_k_is_steered_like_every_live_setting():
+    """spec_k from the palette and the config panel, refused out of bounds with the range, shown in the
+    settings panel."""
+    app, client = fake_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.tick()
+        assert "spec_k          0          0..8" in str(app.query_one("#settings").render())
+        hits = await palette(pilot, "spec_k 4")
+        assert hits[0].startswith("spec_k 4")
+        await wait_for(pilot, lambda: ("set", {"spec_k": 4}) in client.calls, what="the set call")
+        app.tick()
+        assert app.state.config["spec_k"] == 4
+        assert any("spec_k=4 → it 200" in t for t in log_texts(app)), log_texts(app)
+        assert "spec_k          4          0..8" in str(app.query_one("#settings").render())
+        hits = await palette(pilot, "spec_k 9")
+        assert len(hits) == 1 and "refused" in hits[0]
+        assert any("spec_k=9 is not allowed: an integer in [0, 8]" in n for n in notes(app)), notes(app)
+        # the config panel: its bounds, a refusal, then a valid change
+        screen = await set_in_panel(pilot, {"spec_k": 12})
+        assert "0..8" in [str(label.render()) for label in screen.query(".config-bounds")]
+        assert "spec_k=12 is not allowed: an integer in [0, 8]" in str(screen.query_one("#config-error").render())
+        await pilot.press("escape")
+        await pilot.pause()
+        await set_in_panel(pilot, {"spec_k": 0})
+        await wait_for(pilot, lambda: ("set", {"spec_k": 0}) in client.calls, what="the panel's change")
+        assert [c[1] for c in client.calls if c[0] == "set"] == [{"spec_k": 4}, {"spec_k": 0}]
+        app.tick()
+        assert app.state.config["spec_k"] == 0
+
+
+async def test_acceptance_and_tokens_per_iteration_are_shown_next_to_throughput():
+    client = FakeClient()
+    client.feed(synthetic_session(300, change_at=None, spec_k=4, spec_accept=0.7))
+    app = ConsoleApp(client, refresh_hz=0)
+    async with app.run_test(size=SIZE) as pilot:
+        app.tick()
+        await palette(pilot, "spec_k 4")
+        await wait_for(pilot, lambda: ("set", {"spec_k": 4}) in client.calls, what="the set call")
+        app.tick()
+        spec = app.state.spec_stats(client.now())
+        assert spec.proposed > 0 and spec.iterations > 0
+        rate, per_it = spec.acceptance_rate * 100, spec.tokens_per_iteration
+        assert spec_shown(app) == f"accepted {rate:.0f}% · {per_it:.2f} tok/it"
+        screen = "\n".join("".join(seg.text for seg in strip) for strip in app.screen._compositor.render_strips())
+        assert f"─ {spec_shown(app)} ─" in screen  # on screen whole, not cut short
+    quiet, _ = fake_app()  # no speculation: no acceptance rate, tokens per iteration still shown
+    async with quiet.run_test(size=SIZE) as pilot:
+        quiet.tick()
+        shown = spec_shown(quiet)
+        assert shown.startswith("spec off · ") and shown.endswith(" tok/it") and "- tok/it" not in shown

@@ -9,7 +9,7 @@ import pytest
 from console.cli import build_app
 from engine.cli import main as batchdeck_main
 from tests.test_console_app import busy_process_pilot  # noqa: F401 - a fixture
-from tests.test_console_app import SIZE, log_texts, notes, palette, set_in_panel, wait_for
+from tests.test_console_app import SIZE, log_texts, notes, palette, set_in_panel, spec_shown, wait_for
 
 pytestmark = pytest.mark.usefixtures("busy_process_pilot")
 ENGINE = {"num_blocks": 512}
@@ -65,7 +65,9 @@ async def test_every_steering_path_on_the_real_engine():
         assert engine.iteration == 0
         await pilot.press("p")
         await wait_for(pilot, lambda: not client.engine.paused and engine.iteration > 0, what="resumed")
-        assert [e for e in log_texts(app) if "paused at it 0 (console)" in e]
+        # the pause event reaches the log through the telemetry stream, possibly a frame later
+        await wait_for(pilot, lambda: [e for e in log_texts(app) if "paused at it 0 (console)" in e],
+                       what="the pause in the event log")
         # abort the selected request (key x)
         long = await client.submit({"id": "long-1", "prompt_token_ids": [5] * 16, "max_tokens": 3000,
                                     "ignore_eos": True})
@@ -95,6 +97,48 @@ async def test_every_steering_path_on_the_real_engine():
         bad = await client.submit({"prompt_token_ids": [1, 2], "max_tokens": 0})
         assert not bad.ok and "max_tokens" in bad.error
         await app.shutdown()
+
+
+async def test_spec_k_from_the_console_reaches_the_engine_and_acceptance_is_shown():
+    """Speculation turned on from the palette, a repetitive prompt (the n-gram drafter finds drafts in
+    it), the acceptance rate on screen; out-of-bounds refused with the range; off again from the panel."""
+    app = build_app(None, overrides={**ENGINE, "model": "synthetic:tiny", "max_num_seqs": 4}, log=lambda line: None)
+    app.drivers = []  # no background load: only the repetitive requests below
+    client = app.client
+    engine = client.engine.engine
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state.config is not None, what="config")
+        await palette(pilot, "spec_k 9")
+        assert any("spec_k=9 is not allowed: an integer in [0, 8]" in n for n in notes(app))
+        assert engine.target_config.version == 0
+        await palette(pilot, "spec_k 4")
+        await wait_for(pilot, lambda: engine.live.spec_k == 4, what="the engine speculating")
+        await wait_for(pilot, lambda: any("spec_k=4 → it" in t for t in log_texts(app)), what="the logged change")
+        submitted = await client.submit([{"id": f"rep-{i}", "prompt_token_ids": [7, 8, 9, 10] * 12, "max_tokens": 48,
+                                          "ignore_eos": True} for i in range(2)])
+        assert submitted.ok
+        await wait_for(pilot, lambda: app.state.spec_stats(None).proposed > 0, what="speculative iterations")
+        await wait_for(pilot, lambda: spec_shown(app).startswith("accepted ") and "accepted -" not in spec_shown(app),
+                       what="the acceptance rate on screen")
+        shown = spec_shown(app)
+        rate = int(shown.split()[1].rstrip("%"))
+        assert 0 <= rate <= 100 and shown.endswith(" tok/it")
+        await wait_for(pilot, lambda: app.state.finished_total == 2, what="the requests to finish")
+        assert all(engine.requests[f"rep-{i}"].spec_proposed > 0 for i in range(2))
+        await set_in_panel(pilot, {"spec_k": 0})
+        await wait_for(pilot, lambda: engine.live.spec_k == 0, what="speculation off from the panel")
+        assert engine.live.version == 2
+        await app.shutdown()
+
+
+def test_console_flags_start_the_engine_speculating():
+    from console.cli import _overrides
+    from engine.cli import build_parser
+
+    args = build_parser().parse_args(["console", "--spec-k", "3", "--num-blocks", "64"])
+    assert _overrides(args)["spec_k"] == 3
+    app = build_app(None, args=args, overrides={"model": "synthetic:tiny"}, log=lambda line: None)
+    assert app.client.engine.engine.live.spec_k == 3 and app.state.config["spec_k"] == 3
 
 
 def test_cli_refuses_conflicting_modes(capsys):

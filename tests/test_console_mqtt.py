@@ -15,7 +15,7 @@ from engine.llm_engine import LLMEngine
 from engine.mqtt_bridge import MqttBridge, MqttSettings
 from tests.mqtt_broker import broker  # noqa: F401 - a fixture
 from tests.test_console_app import busy_process_pilot  # noqa: F401 - a fixture
-from tests.test_console_app import SIZE, log_texts, notes, palette, set_in_panel, wait_for
+from tests.test_console_app import SIZE, log_texts, notes, palette, set_in_panel, spec_shown, wait_for
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.usefixtures("busy_process_pilot")]
 
@@ -87,6 +87,45 @@ async def test_attached_console_steers_a_headless_engine(broker):
             await pilot.press("x")
             await wait_for(pilot, lambda: llm.requests[victim].is_finished, what="the abort")
             assert llm.requests[victim].finish_reason.value == "abort"
+            await app.shutdown()
+    finally:
+        await bridge.close()
+        await engine.stop()
+
+
+async def test_attached_console_steers_speculation_and_shows_acceptance(broker):
+    """spec_k over MQTT: bounds from the retained config, set from the palette, refused out of range
+    (by the console, and by the engine when the console's check is bypassed), acceptance from the
+    telemetry that comes back."""
+    engine, bridge = await start_engine(broker, "e3")
+    llm = engine.engine
+    app, client = attached_app(broker, "e3")
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: client.state == ConnectionState.CONNECTED, what="connected")
+            await wait_for(pilot, lambda: app.state.bounds and app.state.config, what="the retained config")
+            assert app.state.bounds["spec_k"] == [0, 8] and app.state.config["spec_k"] == 0
+            await palette(pilot, "spec_k 99")
+            assert any("spec_k=99 is not allowed: an integer in [0, 8]" in n for n in notes(app))
+            refused = await client.set({"spec_k": 99})
+            assert not refused.ok and refused.error == "spec_k=99 is not allowed: an integer in [0, 8]"
+            assert llm.live.version == 0
+            await palette(pilot, "spec_k 3")
+            await wait_for(pilot, lambda: llm.live.spec_k == 3, what="the engine speculating")
+            await wait_for(pilot, lambda: any("spec_k=3 → it" in t and "(mqtt)" in t for t in log_texts(app)),
+                           what="the change in the log")
+            await wait_for(pilot, lambda: app.last_result is not None and app.last_result.op == "set",
+                           what="the set's reply")
+            assert app.last_result.ok and app.state.config["spec_k"] == 3
+            done = await client.submit({"id": "rep-1", "prompt_token_ids": [4, 5, 6] * 16, "max_tokens": 40,
+                                        "ignore_eos": True})
+            assert done.ok
+            await wait_for(pilot, lambda: spec_shown(app).startswith("accepted ") and "accepted -" not in
+                           spec_shown(app), what="the acceptance rate from MQTT telemetry")
+            await wait_for(pilot, lambda: app.state.finished_total == 1, what="the request to finish")
+            assert llm.requests["rep-1"].spec_proposed > 0
+            await set_in_panel(pilot, {"spec_k": 0})
+            await wait_for(pilot, lambda: llm.live.spec_k == 0, what="speculation off from the panel")
             await app.shutdown()
     finally:
         await bridge.close()

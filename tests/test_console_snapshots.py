@@ -18,9 +18,10 @@ from console.screens.config_screen import ConfigScreen
 from engine.telemetry import IterationRecord, RequestRecord
 
 
-def dashboard(gpu: bool = False) -> ConsoleApp:
+def dashboard(gpu: bool = False, spec_k: int = 0) -> ConsoleApp:
     client = FakeClient()
-    client.feed(synthetic_session(600, change_at=350, gpu=gpu))
+    client.config_snapshot["config"]["spec_k"] = spec_k
+    client.feed(synthetic_session(600, change_at=350, gpu=gpu, spec_k=spec_k))
     return ConsoleApp(client, refresh_hz=0)  # no timer: `tick()` below is the only drain
 
 
@@ -35,6 +36,11 @@ def test_dashboard_120x40(snap_compare):
 
 def test_dashboard_180x50_with_gpu(snap_compare):
     assert snap_compare(dashboard(gpu=True), terminal_size=(180, 50), run_before=drain)
+
+
+def test_dashboard_speculating_120x40(snap_compare):
+    """spec_k=4: the acceptance rate and tokens per iteration under the throughput plot."""
+    assert snap_compare(dashboard(spec_k=4), terminal_size=(120, 40), run_before=drain)
 
 
 def test_config_panel_refusing_a_value(snap_compare):

@@ -2,14 +2,16 @@
 import json
 
 import pytest
+from textual.content import Content
 
 from console.client import (FakeClient, bounds_from_dict, default_snapshot, make_burst, record_from_dict,
                             record_to_dict)
-from console.commands import candidates, validate
+from console.commands import candidates, describe_bounds, validate
 from console.demo import synthetic_session
 from console.mqtt_client import parse_attach_url
 from console.player import RecordingError, ReplayClient, load_recording
 from console.recorder import Recorder
+from console.speculation import SpecStats, SpecWindow, spec_stats, summary
 from console.state import DashboardState, format_action, format_event
 from console.widgets.batch_chart import Column, columns_for, render_chart
 from engine.telemetry import Event, IterationRecord
@@ -35,11 +37,17 @@ def test_palette_parses_and_validates_every_setting():
     assert c.changes == {"max_batched_tokens": 1024}
     (c,) = candidates("static_timeout 2.5", CFG, BOUNDS)
     assert c.changes == {"static_timeout": 2.5}
+    (c,) = candidates("spec_k 4", CFG, BOUNDS)
+    assert c.changes == {"spec_k": 4} and "allowed 0..8" in c.help
+    (c,) = candidates("spec-k 0", CFG, BOUNDS)  # 0 turns speculation off
+    assert c.changes == {"spec_k": 0}
     # still typing a choice: the matching values are offered
     assert [c.changes for c in candidates("policy s", CFG, BOUNDS)] == [{"policy": "sjf"}, {"policy": "slo"}]
     # with no value, every setting and action is offered for fuzzy matching
     texts = [c.text for c in candidates("", CFG, BOUNDS)]
     assert "policy fair" in texts and "pause engine" in texts and any(t.startswith("max_num_seqs <") for t in texts)
+    (listed,) = [c for c in candidates("", CFG, BOUNDS) if c.text.startswith("spec_k")]
+    assert listed.text == "spec_k <0..8>" and "0 = off" in listed.help
 
 
 @pytest.mark.parametrize("query, why", [
@@ -50,6 +58,9 @@ def test_palette_parses_and_validates_every_setting():
     ("policy lifo", "policy='lifo' is not allowed: one of fcfs, sjf, slo, fair, priority"),
     ("batching dynamic", "one of continuous, static"),
     ("static_timeout -1", "static_timeout=-1.0"),
+    ("spec_k 9", "spec_k=9 is not allowed: an integer in [0, 8]"),
+    ("spec_k -1", "spec_k=-1 is not allowed: an integer in [0, 8]"),
+    ("spec_k 2.5", "spec_k='2.5' is not allowed: an integer"),
 ])
 def test_palette_refuses_invalid_values_with_the_reason(query, why):
     (c,) = candidates(query, CFG, BOUNDS)
@@ -62,7 +73,81 @@ def test_local_validation_matches_the_engine():
     assert "max_batched_tokens" in validate({"max_batched_tokens": 100}, CFG, BOUNDS)  # < chunk_size 256
     assert validate({"max_batched_tokens": 100, "chunk_size": 64}, CFG, BOUNDS) is None
     b = bounds_from_dict(BOUNDS)
-    assert b.max_num_seqs == 256 and b.max_batched_tokens == 8192 and "priority" in b.policies
+    assert b.max_num_seqs == 256 and b.max_batched_tokens == 8192 and "priority" in b.policies and b.spec_k == 8
+
+
+def test_spec_k_is_checked_against_the_engines_own_bound():
+    """An engine started with a smaller speculation limit: the console refuses past it, naming the range."""
+    bounds = {**BOUNDS, "spec_k": [0, 3]}
+    assert bounds_from_dict(bounds).spec_k == 3
+    assert validate({"spec_k": 3}, CFG, bounds) is None
+    assert validate({"spec_k": 4}, CFG, bounds) == "spec_k=4 is not allowed: an integer in [0, 3]"
+    (c,) = candidates("spec_k 4", CFG, bounds)
+    assert c.changes is None and c.error == "spec_k=4 is not allowed: an integer in [0, 3]"
+    assert describe_bounds("spec_k", CFG, bounds) == "0..3"
+    assert describe_bounds("spec_k", CFG, None) == "an integer ≥ 0"
+
+
+def _it(i: float, proposed: int = 0, accepted: int = 0, generated: int = 1) -> IterationRecord:
+    return IterationRecord(int(i * 10), i, 0.01, 0, 0, 0, 0, 0, generated, 0, 1, 0, 0, 1, 100, 0.01, 0,
+                           num_generated_tokens=generated, spec_proposed=proposed, spec_accepted=accepted)
+
+
+def test_spec_stats_acceptance_and_tokens_per_iteration():
+    empty = spec_stats([])
+    assert empty == SpecStats() and empty.acceptance_rate is None and empty.tokens_per_iteration is None
+    off = spec_stats([_it(1.0, generated=4), _it(1.1, generated=2)])  # nothing proposed: no rate, tokens still count
+    assert off.acceptance_rate is None and off.tokens_per_iteration == 3.0
+    on = spec_stats([_it(1.0, 8, 6, 10), _it(1.1, 4, 0, 2), _it(1.2, generated=0)])
+    assert (on.iterations, on.proposed, on.accepted, on.generated) == (3, 12, 6, 12)
+    assert on.acceptance_rate == 0.5 and on.tokens_per_iteration == 4.0
+
+
+def test_spec_window_keeps_the_throughput_window():
+    w = SpecWindow(window_s=1.0)
+    for rec in (_it(0.5, 4, 4, 5), _it(1.2, 4, 1, 2), _it(1.4, 4, 3, 4)):
+        w.add(rec)
+    s = w.stats(1.4)  # (0.4, 1.4]: all three
+    assert (s.iterations, s.proposed, s.accepted) == (3, 12, 8)
+    s = w.stats(1.6)  # (0.6, 1.6]: the first has left the window
+    assert (s.iterations, s.proposed, s.accepted, s.generated) == (2, 8, 4, 6) and s.acceptance_rate == 0.5
+    assert w.stats(1.3).iterations == 1  # records newer than `now` are not counted
+    assert w.stats(5.0) == SpecStats()  # idle: nothing in the window
+    with pytest.raises(ValueError, match="window_s must be > 0"):
+        SpecWindow(0.0)
+
+
+def test_dashboard_state_aggregates_speculation_over_its_window():
+    st = DashboardState(window_s=5.0, history=50)
+    st.ingest(synthetic_session(300, change_at=None, spec_k=4, spec_accept=0.7))
+    spec = st.spec_stats(st.last_time)
+    recent = [r for r in synthetic_session(300, change_at=None, spec_k=4, spec_accept=0.7)
+              if r[0] == "iteration" and r[1].time > st.last_time - 5.0]
+    assert spec == spec_stats(r for _, r in recent)  # the window, not the (shorter) iteration history
+    assert spec.iterations > len(st.iterations) and spec.proposed > 0 and 0.0 < spec.acceptance_rate < 1.0
+    assert spec.tokens_per_iteration > 0
+    plain = DashboardState(window_s=5.0)
+    plain.ingest(synthetic_session(300, change_at=None))
+    assert plain.spec_stats(None).acceptance_rate is None and plain.spec_stats(None).tokens_per_iteration > 0
+
+
+def test_spec_summary_line():
+    assert summary(SpecStats(10, 8, 6, 25), 4) == "accepted [b]75%[/] · [b]2.50[/] tok/it"
+    assert summary(SpecStats(10, 8, 6, 25), 0) == "accepted [b]75%[/] · [b]2.50[/] tok/it"  # just turned off
+    assert summary(SpecStats(10, 0, 0, 10), 4) == "accepted [b]-[/] · [b]1.00[/] tok/it"  # on, no draft found yet
+    assert summary(SpecStats(10, 0, 0, 10), 0) == "spec off · [b]1.00[/] tok/it"
+    assert summary(SpecStats(), None) == "accepted [b]-[/] · [b]-[/] tok/it"
+    longest = summary(SpecStats(1, 1, 1, 9999), 8)
+    assert len(Content.from_markup(longest).plain) <= 30  # fits the plot's border at 120 columns
+
+
+def test_synthetic_session_speculates_only_when_asked():
+    assert not any(getattr(r, "spec_proposed", 0) for _, r in synthetic_session(300))
+    its = [r for t, r in synthetic_session(300, change_at=None, spec_k=3) if t == "iteration"]
+    assert sum(r.spec_proposed for r in its) > sum(r.spec_accepted for r in its) > 0
+    assert all(r.spec_accepted <= r.spec_proposed for r in its)
+    reqs = [r for t, r in synthetic_session(300, change_at=None, spec_k=3) if t == "request"]
+    assert reqs and any(r.spec_accepted > 0 for r in reqs)
 
 
 def test_state_ingests_telemetry_into_ring_buffers():
