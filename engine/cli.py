@@ -37,6 +37,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", default=None, choices=["continuous", "static"], help="batching mode (live setting)")
     p.add_argument("--mixing", default=None, help="prefill/decode mixing mode (live setting)")
     p.add_argument("--spec-k", type=int, default=None, help="speculative decoding: draft tokens per step (live; 0 = off)")
+    p.add_argument("--spec-k-limit", type=int, default=None,
+                   help="the largest spec_k live config may ask for (default: 8, or --spec-k if larger; "
+                        "0 leaves speculation off and captures no verify graphs)")
     p.add_argument("--drafter", default=None, choices=list(DRAFTERS),
                    help="speculative decoding's proposer: ngram (prompt lookup, the default) or model (--draft-model)")
     p.add_argument("--draft-model", default=None,
@@ -62,7 +65,7 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, LiveConfig]:
                        max_num_seqs_limit=max(256, live.max_num_seqs),
                        max_batched_tokens_limit=max(8192, live.max_batched_tokens),
                        attention_backend=args.attention_backend, seed=args.seed,
-                       spec_k_limit=max(8, live.spec_k),
+                       spec_k_limit=args.spec_k_limit if args.spec_k_limit is not None else max(8, live.spec_k),
                        drafter=args.drafter or ("model" if args.draft_model else "ngram"), draft_model=args.draft_model)
     return cfg, live
 

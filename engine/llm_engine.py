@@ -412,6 +412,8 @@ class LLMEngine:
             first_token_iteration=r.first_token_iteration, finish_iteration=r.finish_iteration,
             finish=r.finish_time or 0.0, spec_proposed=r.spec_proposed, spec_accepted=r.spec_accepted,
             spec_steps=r.spec_steps,
+            spec_acceptance_rate=r.spec_accepted / r.spec_proposed if r.spec_proposed else None,
+            spec_mean_accepted=r.spec_accepted / r.spec_steps if r.spec_steps else None,
         )
 
     def run_until_done(self, max_iterations: int | None = None) -> None:

@@ -118,7 +118,17 @@ def _aggregate(
         "slo_attainment": dict(sorted(slo.items())),
         "service_per_tenant": service,
         "step_time": quantiles((it.step_time for it in iterations), STEP_QUANTILES),
+        "speculation": _speculation(iterations, generated_tokens),
     }
+
+
+def _speculation(iterations: Sequence[IterationRecord], generated_tokens: int) -> dict[str, Any]:
+    """Drafted tokens verified and accepted; tokens per iteration (1 per running request without it)."""
+    proposed = sum(it.spec_proposed for it in iterations)
+    accepted = sum(it.spec_accepted for it in iterations)
+    return {"proposed": proposed, "accepted": accepted,
+            "acceptance_rate": accepted / proposed if proposed else None,
+            "tokens_per_iteration": generated_tokens / len(iterations) if iterations else None}
 
 
 class MetricsWindow:

@@ -67,6 +67,8 @@ class RequestRecord:
     spec_proposed: int = 0
     spec_accepted: int = 0
     spec_steps: int = 0  # decode steps that verified drafts
+    spec_acceptance_rate: float | None = None  # spec_accepted / spec_proposed (None: nothing proposed)
+    spec_mean_accepted: float | None = None  # accepted drafts per verification step (None: no step)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

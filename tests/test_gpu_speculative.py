@@ -44,3 +44,23 @@ def test_speculation_on_cuda_graphs_is_token_identical(drafter, draft_model):
     assert stats.replays > 0 and stats.eager == 0  # speculating iterations replayed graphs too
     if draft_model == "synthetic:tiny":  # the target drafting for itself: (nearly) everything is accepted
         assert sum(r.spec_accepted for r in records) >= 0.9 * sum(r.spec_proposed for r in records)
+
+
+@pytest.mark.parametrize("drafter,draft_model", [("ngram", None), ("model", "synthetic:tiny-llama")])
+def test_sampled_speculation_on_cuda_keeps_lengths_and_pools(drafter, draft_model):
+    """Sampled requests (seeded, top-k/top-p) through the rejection rule on the device, bfloat16."""
+    cfg = EngineConfig(model="synthetic:tiny", device="cuda", dtype="bfloat16", num_blocks=256,
+                       max_num_seqs_limit=16, max_batched_tokens_limit=256, drafter=drafter, draft_model=draft_model)
+    engine = LLMEngine(cfg, LiveConfig(spec_k=4, max_num_seqs=8, max_batched_tokens=128, chunk_size=64),
+                       check_invariants=True)
+    prompts, _ = _prompts(5, 12, max_len=40)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p + p, SamplingParams(max_tokens=24, temperature=0.9, top_k=40, top_p=0.95,
+                                                         seed=i, ignore_eos=True))
+    engine.run_until_done()
+    reqs = [engine.requests[str(i)] for i in range(len(prompts))]
+    assert all(len(r.output_token_ids) == 24 for r in reqs)
+    assert sum(r.spec_proposed for r in reqs) > 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    if draft_model:
+        assert engine.drafter.blocks.num_free == engine.drafter.blocks.num_blocks

@@ -211,3 +211,18 @@ def test_status_line_contains_the_numbers():
 def test_status_line_without_requests():
     line = status_line(MetricsWindow().snapshot(now=1.0))
     assert "TTFT p50/p99: -/- s" in line and "ITL p50/p99: -/- ms" in line
+
+
+def test_speculation_acceptance_and_tokens_per_iteration():
+    import dataclasses
+
+    w = MetricsWindow(window_s=10.0)
+    assert w.snapshot(1.0)["speculation"] == {"proposed": 0, "accepted": 0, "acceptance_rate": None,
+                                              "tokens_per_iteration": None}
+    w.add_iteration(it(0.5, generated=4))  # speculation off: one token per running request
+    w.add_iteration(dataclasses.replace(it(1.0, generated=10), spec_proposed=12, spec_accepted=6))
+    w.add_iteration(dataclasses.replace(it(1.5, generated=7), spec_proposed=8, spec_accepted=3))
+    spec = w.snapshot(2.0)["speculation"]
+    assert (spec["proposed"], spec["accepted"]) == (20, 9)
+    assert spec["acceptance_rate"] == pytest.approx(0.45)
+    assert spec["tokens_per_iteration"] == pytest.approx(7.0)

@@ -89,6 +89,10 @@ def test_the_target_as_its_own_draft_is_accepted_in_full(model_dirs):
     # with every draft accepted, each verification step yields k + 1 tokens (fewer only at max_tokens)
     steps = sum(r.spec_steps for r in reqs)
     assert accepted / steps > 2.5
+    for r in reqs:  # per request: acceptance rate and mean accepted drafts per verification
+        rec = engine.request_record(r)
+        assert rec.spec_acceptance_rate == 1.0
+        assert rec.spec_mean_accepted == pytest.approx(r.spec_accepted / r.spec_steps)
 
 
 def test_sampled_requests_carry_the_draft_distribution(model_dirs, draft_dir):
@@ -188,3 +192,17 @@ def test_rejected_drafts_kv_is_rolled_back_in_the_draft_pool(model_dirs):
     assert len(spec) >= 6
     for i, r in enumerate(spec):
         assert r.spec_accepted == (r.spec_proposed if i % 2 == 0 else 0), (i, r.spec_proposed, r.spec_accepted)
+
+
+def test_cli_spec_k_limit_bounds_live_k(tmp_path, model_dirs, capsys):
+    from engine.cli import build_parser, engine_configs, main
+
+    args = build_parser().parse_args(["generate", "--model", model_dirs["qwen3"], "--input", "x", "--output", "y",
+                                      "--spec-k-limit", "2", "--device", "cpu"])
+    cfg, live = engine_configs(args)
+    assert cfg.spec_k_limit == 2 and live.spec_k == 0
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt_token_ids": [1, 2, 3], "max_tokens": 2}) + "\n")
+    assert main(["generate", "--model", model_dirs["qwen3"], "--input", str(src), "--output", str(tmp_path / "o"),
+                 "--spec-k", "3", "--spec-k-limit", "2", "--device", "cpu"]) != 0
+    assert "spec_k=3" in capsys.readouterr().err
