@@ -43,13 +43,19 @@ def versions() -> dict:
             "triton": triton_version, "python": platform.python_version()}
 
 
+def argv_without(*flags: str) -> list[str]:
+    """sys.argv[1:] without each of `flags` (options that take a value) and the value after it."""
+    argv = list(sys.argv[1:])
+    for flag in flags:
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i:i + 2]
+    return argv
+
+
 def command_line(script: str) -> str:
     """The command that reproduces this run (without --out)."""
-    argv = list(sys.argv[1:])
-    if "--out" in argv:
-        i = argv.index("--out")
-        del argv[i:i + 2]
-    return f"PYTHONPATH=. python {script} " + " ".join(argv)
+    return f"PYTHONPATH=. python {script} " + " ".join(argv_without("--out"))
 
 
 def write_json(path: str | None, result: dict) -> None:

@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.gpu_offline import log, measure_ceilings  # noqa: E402
+from benchmarks.bench_common import command_line, log, versions, write_json  # noqa: E402
+from benchmarks.gpu_offline import measure_ceilings  # noqa: E402
 from engine.config import EngineConfig, LiveConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
@@ -116,19 +117,11 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     dtype = "bfloat16" if cuda else "float32"
 
-    import transformers
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-
     result = {
         "benchmark": "gpu_decode_sweep", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": "PYTHONPATH=. python benchmarks/gpu_decode_sweep.py " + " ".join(sys.argv[1:]),
+        "command": command_line("benchmarks/gpu_decode_sweep.py"),
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-                     "triton": triton_version, "python": platform.python_version()},
+        "versions": versions(),
         "workload": {"model": args.model, "dtype": dtype, "batch_sizes": sizes, "context_tokens": args.context,
                      "prompt_tokens": f"uniform over the vocabulary (random.Random({args.seed}))",
                      "timed_decode_steps_per_point": args.steps, "warmup_decode_steps_per_point": args.warmup_steps,
@@ -190,11 +183,7 @@ def main() -> None:
     summary = [{k: p.get(k) for k in ("batch_size", "step_ms_median", "tok_s", "roofline_tok_s", "roofline_fraction")}
                for p in points]
     print(json.dumps(summary, indent=1))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        log(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

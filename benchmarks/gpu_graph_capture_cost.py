@@ -17,7 +17,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import command_line, log, versions, write_json  # noqa: E402
+from benchmarks.bench_common import argv_without, command_line, log, versions, write_json  # noqa: E402
 
 
 def measure(args) -> dict:
@@ -55,10 +55,7 @@ def main() -> None:
         return
     result = {"benchmark": "gpu_graph_capture_cost", "command": command_line("benchmarks/gpu_graph_capture_cost.py"),
               "versions": versions(), "model": args.model, "num_blocks": args.num_blocks, "runs": []}
-    raw = list(sys.argv[1:])
-    if "--out" in raw:
-        i = raw.index("--out")
-        del raw[i:i + 2]
+    raw = argv_without("--out")
     for limit in [int(x) for x in args.limits.split(",")]:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             path = tmp.name

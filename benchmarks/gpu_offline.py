@@ -28,7 +28,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -39,14 +38,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_common import argv_without, command_line, log, versions, write_json  # noqa: E402
 from engine.config import EngineConfig, LiveConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def timed_median(fn, reps: int, warmup: int = 3) -> float:
@@ -357,7 +353,6 @@ def main() -> None:
     ap.add_argument("--no-telemetry", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gpu-events", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=2, help="batchdeck timed runs (fresh process each)")
-    raw_argv = sys.argv[1:]
     args = ap.parse_args()
     args.max_num_seqs = args.max_num_seqs or min(args.requests, 256)
     name = args.model.split(":", 1)[1]
@@ -376,20 +371,11 @@ def main() -> None:
             json.dump(res, f, default=str)
         return
 
-    import transformers
-    import triton
-
-    base_argv = [a for a in raw_argv]
-    for flag in ("--out", "--profile"):  # parent-only options that take a value
-        if flag in base_argv:
-            i = base_argv.index(flag)
-            del base_argv[i:i + 2]
+    base_argv = argv_without("--out", "--profile")  # parent-only options that take a value
     result = {
         "benchmark": "gpu_offline", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": "PYTHONPATH=. python benchmarks/gpu_offline.py " + " ".join(raw_argv),
-        "device": torch.cuda.get_device_name(), "versions": {
-            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-            "triton": triton.__version__, "python": platform.python_version()},
+        "command": command_line("benchmarks/gpu_offline.py"),
+        "device": torch.cuda.get_device_name(), "versions": versions(),
         "workload": {"model": args.model, "dtype": "bfloat16", "requests": args.requests,
                      "prompt_len": f"uniform integer in [{args.min_prompt}, {args.max_prompt}] (random.Random({args.seed}))",
                      "prompt_tokens": "uniform over the vocabulary", "output_tokens": args.output_tokens,
@@ -403,7 +389,7 @@ def main() -> None:
                                                                 "BATCHDECK_FUSED") if k in os.environ}},
         "isolation": "each of batchdeck / transformers runs in its own process (clean GPU memory)",
     }
-    log(f"device {result['device']}, torch {torch.__version__}, transformers {transformers.__version__}")
+    log(f"device {result['device']}, torch {torch.__version__}, transformers {result['versions']['transformers']}")
     result["ceilings"] = measure_ceilings()
     log(f"ceilings: copy {result['ceilings']['hbm_copy_GB_s']:.0f} GB/s, "
         f"matmul {result['ceilings']['bf16_matmul_TFLOP_s']:.0f} TFLOP/s")
@@ -471,11 +457,7 @@ def main() -> None:
                                           "speedup_vs_hf_generate_batch")}
     summary["batchdeck_tok_s"] = bd.get("tok_s")
     print(json.dumps(summary, indent=1))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        log(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

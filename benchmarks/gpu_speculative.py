@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import command_line, dist, log, versions, write_json  # noqa: E402
+from benchmarks.bench_common import argv_without, command_line, dist, log, versions, write_json  # noqa: E402
 
 SCENARIOS = {
     "i": dict(model="synthetic:qwen3-0.6b", drafter="model", draft_model="synthetic:qwen3-0.6b", copy_heavy=False),
@@ -160,10 +160,7 @@ def main() -> None:
         "isolation": "each configuration runs in its own process on a fresh engine",
         "runs": [],
     }
-    raw = [a for a in sys.argv[1:]]
-    if "--out" in raw:
-        i = raw.index("--out")
-        del raw[i:i + 2]
+    raw = argv_without("--out")
     for name in args.scenarios.split(","):
         for k in [int(x) for x in args.ks.split(",")]:
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -32,22 +31,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.bench_common import argv_without, command_line, dist, log, pct, versions, write_json  # noqa: E402
+
 TRACE_COLUMNS = {"time": "TIMESTAMP", "input": "ContextTokens", "output": "GeneratedTokens"}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def pct(values: list[float], q: float) -> float | None:
-    """Percentile with linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 def trace_requests(args, max_model_len: int) -> list[tuple[float, int, int]]:
@@ -126,10 +112,6 @@ def run_mode(args) -> dict:
     in_tok = sum(r.num_prompt_tokens for r in served)
     dec = [x for x in records if x.num_prefill_tokens == 0 and x.num_decode_tokens > 0]
 
-    def dist(vals):
-        return {"mean": statistics.mean(vals), "p50": pct(vals, 50), "p90": pct(vals, 90), "p99": pct(vals, 99),
-                "max": max(vals)}
-
     res = {
         "mode": args.phase, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "engine_init_seconds": init_s, "kv_blocks": engine.blocks.num_blocks, "max_model_len": engine.max_model_len,
@@ -180,13 +162,6 @@ def main() -> None:
             json.dump(res, f, default=str)
         return
 
-    import torch
-    import transformers
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     from engine.models import SYNTHETIC_CONTEXT_CAP, SYNTHETIC_SHAPES, synthetic_config
 
     name = args.model.split(":", 1)[1]
@@ -194,15 +169,10 @@ def main() -> None:
     max_len = min(synthetic_config(name).max_position_embeddings, SYNTHETIC_CONTEXT_CAP)
     rows = trace_requests(args, max_len)
     span = rows[-1][0] if rows else 0.0
-    raw_argv = [a for a in sys.argv[1:]]
-    if "--out" in raw_argv:
-        i = raw_argv.index("--out")
-        del raw_argv[i:i + 2]
+    raw_argv = argv_without("--out")
     result = {
         "benchmark": "gpu_static_vs_continuous", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": "PYTHONPATH=. python benchmarks/gpu_static_vs_continuous.py " + " ".join(sys.argv[1:]),
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-                     "triton": triton_version, "python": platform.python_version()},
+        "command": command_line("benchmarks/gpu_static_vs_continuous.py"), "versions": versions(),
         "workload": {
             "model": args.model, "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
             "trace": args.trace, "trace_columns": TRACE_COLUMNS, "time_unit": "datetime",
@@ -253,11 +223,7 @@ def main() -> None:
                  for k in ("output_tok_s", "requests_per_s", "makespan_s", "e2e_latency_s.p50", "e2e_latency_s.p99",
                            "ttft_s.p50", "ttft_s.p99")} for m, v in modes.items()}
     print(json.dumps({"modes": table, "continuous_over_static": result.get("continuous_over_static")}, indent=1))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-        log(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
