@@ -191,11 +191,15 @@ class DraftModelDrafter(Drafter):
         if sampled:
             params = [picked[i].chunk.request.sampling for i in sampled]
             probs = Sampler._filtered_probs(logits[sampled].float(), params)
+            # exponential race (argmax p / E, E ~ Exp(1)): a sample from p per row, one host read for all
+            noise = torch.empty_like(probs)
             for j, i in enumerate(sampled):
-                row = picked[i]
                 p = params[j]
-                gen = self.sampler.generator_for(row.request_id, None if p.seed is None else draft_seed(p.seed))
-                row.drafts.append(int(torch.multinomial(probs[j], 1, generator=gen)))
+                gen = self.sampler.generator_for(picked[i].request_id, None if p.seed is None else draft_seed(p.seed))
+                noise[j].exponential_(generator=gen)
+            for j, t in enumerate((probs / noise).argmax(dim=-1).tolist()):
+                row = picked[sampled[j]]
+                row.drafts.append(t)
                 row.probs.append(probs[j])
 
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
