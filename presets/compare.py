@@ -83,7 +83,11 @@ METRICS: list[tuple[str, Getter, Callable[[Any], str], str | None]] = [
     ("preemptions", _get("num_preemptions"), fmt_num, "lower"),
     ("clamped requests", _get("num_clamped"), fmt_num, None),
     ("rejected requests", _get("num_rejected"), fmt_num, None),
+    ("drafted tokens (speculation)", _get("speculation", "proposed"), fmt_num, None),
+    ("draft acceptance", _get("speculation", "acceptance_rate"), fmt_pct, "higher"),
+    ("generated tokens / iteration", _get("speculation", "tokens_per_iteration"), lambda v: fmt_num(v, 2), "higher"),
 ]
+SPECULATION_ROWS = ("drafted tokens (speculation)", "draft acceptance")
 
 
 def metric_rows(columns: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[Any], list[str]]]:
@@ -94,6 +98,8 @@ def metric_rows(columns: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[An
         values = [get(c) for c in columns]
         if label in ("clamped requests", "rejected requests") and all(v in (None, 0) for v in values):
             continue
+        if label in SPECULATION_ROWS and not any(_get("speculation", "proposed")(c) for c in columns):
+            continue  # no column speculated
         rows.append((label, values, [fmt(v) for v in values]))
     classes = sorted({k for c in columns for k in (c.get("slo_attainment") or {})})
     for cls in classes:

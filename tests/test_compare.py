@@ -68,3 +68,17 @@ def test_compare_three_and_errors(reports, tmp_path, capsys):
     assert main(["compare", str(a), str(tmp_path / "missing.json")]) == 2
     assert change_cell("TTFT p99", 2.0, 1.0) == "x0.50 (better)"
     assert change_cell("SLO met: realtime", 0.5, 0.75) == "+25.0 pt (better)"
+
+
+def test_speculation_rows_appear_only_when_a_column_speculated():
+    from presets.compare import metric_rows
+
+    off = {"speculation": {"proposed": 0, "accepted": 0, "acceptance_rate": None, "tokens_per_iteration": 6.0}}
+    on = {"speculation": {"proposed": 40, "accepted": 30, "acceptance_rate": 0.75, "tokens_per_iteration": 9.5}}
+    labels = [label for label, _, _ in metric_rows([off, off])]
+    assert "draft acceptance" not in labels and "drafted tokens (speculation)" not in labels
+    assert "generated tokens / iteration" in labels
+    rows = {label: cells for label, _, cells in metric_rows([off, on])}
+    assert rows["draft acceptance"] == ["-", "75.0%"]
+    assert rows["drafted tokens (speculation)"] == ["0", "40"]
+    assert rows["generated tokens / iteration"] == ["6.00", "9.50"]
