@@ -49,13 +49,18 @@ class BlockManager:
         return True
 
     def shrink(self, request_id: str, num_tokens: int) -> None:
-        """Release trailing blocks beyond what `num_tokens` tokens need (speculative rollback)."""
+        """Release trailing blocks beyond what `num_tokens` tokens need (speculative rollback).
+
+        The request gets a new table list: a mirror that caches rows by list identity (the CUDA
+        path's HostTables) must rewrite the row, since a regrow may put other blocks where freed ones were.
+        """
         table = self.tables.get(request_id)
         if not table:
             return
         keep = blocks_needed(num_tokens, self.block_size)
-        while len(table) > keep:
-            self._free.append(table.pop())
+        if len(table) > keep:
+            self._free.extend(reversed(table[keep:]))
+            self.tables[request_id] = table[:keep]
 
     def free(self, request_id: str) -> int:
         table = self.tables.pop(request_id, [])

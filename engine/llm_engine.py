@@ -258,7 +258,7 @@ class LLMEngine:
         plan = self.scheduler.schedule(now)
         t_sched = time.perf_counter()
         for victim in plan.preempted:
-            self.drafter.release(victim.request_id)
+            self.drafter.release(victim.request_id, finished=False)
             self.emit_event("preemption", now, request_id=victim.request_id, tenant=victim.tenant,
                             num_preemptions=victim.num_preemptions, reason="kv_cache_full")
         if plan.empty:
@@ -286,13 +286,6 @@ class LLMEngine:
         spec_proposed = spec_accepted = num_generated = 0
         for chunk, tokens in sampled:
             r = chunk.request
-            if chunk.draft:
-                accepted = len(tokens) - 1
-                r.spec_steps += 1
-                r.spec_proposed += len(chunk.draft)
-                r.spec_accepted += accepted
-                spec_proposed += len(chunk.draft)
-                spec_accepted += accepted
             reason = None
             emitted: list[int] = []
             for token in tokens:
@@ -302,6 +295,13 @@ class LLMEngine:
                 if reason is not None:
                     break
             num_generated += len(emitted)
+            if chunk.draft:  # accepted drafts that were kept (a stop among them drops the rest)
+                accepted = min(len(tokens) - 1, len(emitted))
+                r.spec_steps += 1
+                r.spec_proposed += len(chunk.draft)
+                r.spec_accepted += accepted
+                spec_proposed += len(chunk.draft)
+                spec_accepted += accepted
             if chunk.draft:
                 policy.on_tokens_computed(r, 0, len(emitted))
             # The KV of the last token and of accepted drafts stays; rejected drafts' positions roll back.

@@ -188,6 +188,12 @@ class Scheduler:
             n += num_draft
             table = tables.get(r.request_id)
             if table is None or len(table) * block_size < computed + n:  # else its blocks already suffice
+                if num_draft and not blocks.can_hold(r.request_id, computed + n):
+                    # draft positions are optional: shorten them to what fits before evicting anyone
+                    spare = (len(table or ()) + blocks.num_free) * block_size - (computed + n - num_draft)
+                    cut = num_draft - max(0, min(num_draft, spare))
+                    n -= cut
+                    num_draft -= cut
                 while not blocks.grow(r.request_id, computed + n):
                     candidates = [x for x in self.running if id(x) not in scheduled]
                     victim = self.policy.pick_victim(candidates, now)

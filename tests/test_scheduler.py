@@ -139,3 +139,19 @@ def test_static_batch_seats_max_num_seqs_even_when_prefill_takes_several_iterati
         plan = s.schedule(0.0)
         seen |= {c.request.request_id for c in plan.chunks}
     assert seen <= {"0", "1", "2", "3"}  # nobody joins mid-batch
+
+
+def test_draft_positions_are_shortened_before_anyone_is_preempted():
+    from engine.speculative.drafter import LookupDrafter
+
+    s = sched(num_blocks=5, block_size=4, max_num_seqs=2, max_batched_tokens=100, chunk_size=100, spec_k=6)
+    s.drafter = LookupDrafter(lambda ids, k: [7] * k)
+    a, b = req("a", 7, max_tokens=20), req("b", 7, max_tokens=20)
+    s.add(a), s.add(b)
+    advance(s.schedule(0.0))  # both prefilled (2 blocks each, 7 tokens + 1 sampled); 1 block free
+    plan = s.schedule(0.0)
+    assert plan.preempted == []  # drafts are optional: they shrink to the free room instead
+    drafts = {c.request.request_id: c.num_draft for c in plan.chunks}
+    assert drafts == {"a": 4, "b": 0}  # a: 8 tokens + 4 drafts fill its 3rd block; b: its own 2 blocks hold 8
+    assert all(c.num_tokens == 1 + c.num_draft for c in plan.chunks)
+    s.blocks.check()

@@ -206,3 +206,31 @@ def test_cli_spec_k_limit_bounds_live_k(tmp_path, model_dirs, capsys):
     assert main(["generate", "--model", model_dirs["qwen3"], "--input", str(src), "--output", str(tmp_path / "o"),
                  "--spec-k", "3", "--spec-k-limit", "2", "--device", "cpu"]) != 0
     assert "spec_k=3" in capsys.readouterr().err
+
+
+def test_a_smaller_draft_vocabulary_skips_requests_with_ids_it_cannot_embed(model_dirs, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = model_dirs["qwen3"]  # vocabulary 300
+    small = tmp_path / "draft-260"
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**TINY, "vocab_size": 260})).save_pretrained(small)
+    engine = draft_engine(path, str(small), spec_k=3, max_num_seqs=4)
+    prompts = [[5, 280, 7, 9, 11], [5, 6, 7, 9, 11]]  # 280: in the target's vocabulary, not the draft's
+    run_prompts(engine, prompts, [10, 10])
+    for i, p in enumerate(prompts):
+        assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), 10)
+    assert engine.requests["0"].spec_proposed == 0 and engine.requests["1"].spec_proposed > 0
+
+
+def test_preemption_keeps_a_seeded_requests_draft_stream(model_dirs, draft_dir):
+    """Resumed drafting must go on with fresh noise, not replay what the request's drafts already used."""
+    engine = draft_engine(model_dirs["qwen3"], draft_dir, spec_k=2)
+    drafter = engine.drafter
+    gen = drafter.sampler.generator_for("r", 11)
+    first = torch.empty(4).exponential_(generator=gen)
+    drafter.release("r", finished=False)  # preempted
+    after = torch.empty(4).exponential_(generator=drafter.sampler.generator_for("r", 11))
+    assert not torch.equal(first, after)
+    drafter.release("r")  # finished: the stream is forgotten
+    assert torch.equal(first, torch.empty(4).exponential_(generator=drafter.sampler.generator_for("r", 11)))

@@ -147,3 +147,22 @@ def test_policies_are_told_the_verified_output_not_one_token_per_step(model_dirs
     engine.run_until_done()
     assert sum(r.spec_accepted for r in engine.requests.values()) > 0
     assert counter.output_service == sum(max_tokens)
+
+
+def test_a_stop_token_among_accepted_drafts_ends_the_request_and_the_count(model_dirs):
+    from engine.request import SamplingParams
+
+    path = model_dirs["qwen3"]
+    prompts, _ = prompts_for(8, count=4)
+    for prompt in prompts:  # a prompt whose third output token first appears there
+        ref = reference_tokens(path, tuple(prompt), 8)
+        if ref[2] not in ref[:2]:
+            break
+    engine = make_engine(path, spec_k=4, max_num_seqs=2, block_size=4, num_blocks=40)
+    use_drafter(engine, oracle_drafter(path, [prompt], [8]))  # every draft right
+    engine.add_request("s", prompt, SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=[ref[2]]))
+    engine.run_until_done()
+    r = engine.requests["s"]
+    assert tuple(r.output_token_ids) == ref[:3] and r.finish_reason.value == "stop"
+    assert (r.spec_proposed, r.spec_accepted) == (4, 2)  # drafts 2 and 3 kept; 4 and 5 fell after the stop
+    assert engine.blocks.num_free == engine.blocks.num_blocks

@@ -41,7 +41,7 @@ def _check_same(buf: StepBuffers, prepared, reference) -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), num_blocks=st.integers(12, 48), max_num_seqs=st.integers(1, 6),
-       budget=st.integers(4, 40), spec_k=st.sampled_from([0, 0, 2, 5]))
+       budget=st.integers(4, 40), spec_k=st.sampled_from([0, 0, 2, 5, 9]))
 def test_fill_step_matches_build_inputs_across_iterations(seed, num_blocks, max_num_seqs, budget, spec_k):
     """Includes speculating iterations: random drafts, random acceptance, rolled-back blocks."""
     rng = random.Random(seed)
@@ -148,3 +148,26 @@ def test_graph_lookup_sends_speculating_iterations_to_buckets_that_keep_every_po
     buf.sample[:20] = np.arange(20)
     buf.pad(20, 5, 32, 8, samples=20, kept=32)  # the padded rows must not clobber verified positions
     assert buf.sample[:20].tolist() == list(range(20)) and not buf.sample[20:32].any()
+
+
+def test_host_tables_rewrite_a_row_after_a_rollback_freed_several_blocks():
+    """k > block_size: a rollback frees two blocks and the regrow puts the old last block back last
+    with a different one before it; the mirror must not keep the stale middle entry."""
+    from engine.step_plan import ScheduledChunk
+
+    blocks = BlockManager(4, BLOCK_SIZE)
+    r = Request("r", [1, 2, 3], SamplingParams(max_tokens=20))
+    r.append_token(42, 0.0)
+    r.num_computed_tokens = 3
+    buf = StepBuffers(max_tokens=32, max_rows=4, max_blocks=4, device=torch.device("cpu"))
+    tables = HostTables(4, 4)
+    k = 5
+    blocks.grow("r", 3 + 1 + k)
+    fill_step(buf, [ScheduledChunk(r, 3, 1 + k, True, True, num_draft=k, draft=(9,) * k)], blocks, tables)
+    r.append_token(77, 0.0)  # every draft rejected
+    r.num_computed_tokens = 4
+    blocks.shrink("r", 4)
+    blocks.grow("r", 4 + 1 + k)
+    chunk = ScheduledChunk(r, 4, 1 + k, True, True, num_draft=k, draft=(9,) * k)
+    prepared = fill_step(buf, [chunk], blocks, tables)
+    _check_same(buf, prepared, build_inputs([chunk], blocks, torch.device("cpu")))

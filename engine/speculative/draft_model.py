@@ -10,7 +10,8 @@ Draft KV of rejected drafts is rolled back in `sync` (blocks freed where a block
 Greedy requests draft the argmax; sampled requests draft from the draft model's distribution under
 the request's own temperature/top-k/top-p, and that distribution travels with the chunk
 (`draft_probs`) for the rejection rule. Vocabularies may differ in padding: draft logits beyond the
-target's vocabulary are dropped and a smaller draft vocabulary proposes none of the missing ids.
+target's vocabulary are dropped and a smaller draft vocabulary proposes none of the missing ids;
+a request whose context holds an id beyond the draft's vocabulary is not drafted for.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class _DraftKV:
     computed: int = 0
     base: int = 0
     drafts: list[int] = field(default_factory=list)
+    checked: int = 0  # tokens [0, checked) were checked against the draft's vocabulary
+    unrepresentable: bool = False  # the context holds an id the draft model has no embedding for
 
 
 @dataclass
@@ -88,6 +91,7 @@ class DraftModelDrafter(Drafter):
         self.blocks = BlockManager(kv_cache.num_blocks, kv_cache.block_size)
         self.device = device
         self.target_vocab = target_vocab
+        self.draft_vocab = loaded.model.get_input_embeddings().num_embeddings
         self.max_tokens_per_forward = max(1, max_tokens_per_forward)
         self.max_model_len = loaded.max_model_len
         self.runner = ModelRunner(loaded.model, kv_cache, backend, None, device, max_rows=max_rows,
@@ -99,8 +103,21 @@ class DraftModelDrafter(Drafter):
 
     # -- planning -------------------------------------------------------------------------------
     def plan(self, request: Request, room: int) -> int:
+        if not self._representable(request):
+            return 0
         # drafting position L + k - 2 must fit the draft model's context
         return max(0, min(room, self.max_model_len - len(request.token_ids)))
+
+    def _representable(self, request: Request) -> bool:
+        """Whether every token of the request has an embedding in the draft model (checked once each)."""
+        if self.draft_vocab >= self.target_vocab:
+            return True
+        kv = self.kv.setdefault(request.request_id, _DraftKV())
+        if not kv.unrepresentable:
+            ids = request.token_ids
+            kv.unrepresentable = any(t >= self.draft_vocab for t in ids[kv.checked:])
+            kv.checked = len(ids)
+        return not kv.unrepresentable
 
     def sync(self, request: Request) -> None:
         kv = self.kv.get(request.request_id)
@@ -118,10 +135,11 @@ class DraftModelDrafter(Drafter):
         kv.base, kv.drafts = kv.computed, []
         self.blocks.shrink(request.request_id, kv.computed)
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: str, finished: bool = True) -> None:
         self.kv.pop(request_id, None)
         self.blocks.free(request_id)
-        self.sampler.forget(request_id)
+        if finished:
+            self.sampler.forget(request_id)
 
     def check(self) -> None:
         self.blocks.check()
@@ -138,7 +156,7 @@ class DraftModelDrafter(Drafter):
             self.sync(r)
             length = len(r.token_ids)
             kv.computed = min(kv.computed, length - 1)  # the last token is fed again: its logits give draft 1
-            if not self._reserve(r.request_id, length + c.num_draft - 1):
+            if not self._representable(r) or not self._reserve(r.request_id, length + c.num_draft - 1):
                 c.draft = ()
                 continue
             rows.append(_Row(c, kv, length, c.num_draft, kv.computed))

@@ -32,8 +32,9 @@ class Drafter:
     def sync(self, request: Request) -> None:
         """`request`'s drafts were verified: drop whatever state the rejected ones left behind."""
 
-    def release(self, request_id: str) -> None:
-        """The request finished or was preempted: forget it."""
+    def release(self, request_id: str, finished: bool = True) -> None:
+        """The request finished (forget it) or was preempted (its state may go; a sampling stream
+        must go on where it was, or resumed drafting would repeat the noise it already used)."""
 
     def check(self) -> None:
         """Assert internal invariants (tests run the engine with check_invariants)."""
@@ -52,6 +53,8 @@ class LookupDrafter(Drafter):
         draft = tuple(self.propose(request.token_ids, room))[:room] if room > 0 else ()
         if draft:
             self._proposals[id(request)] = draft
+        else:
+            self._proposals.pop(id(request), None)
         return len(draft)
 
     def fill(self, chunks: list[ScheduledChunk]) -> None:
