@@ -30,6 +30,7 @@ class Scheduler:
         self._order: list[Request] | None = None  # the policy's order of `waiting`, memoized per schedule()
         self._in_plan: set[int] = set()  # id() of the requests the plan being built already has a chunk for
         self._policy_preempts = _overrides_should_preempt(policy)
+        self._evictions_before_admission = 0  # preemptions in the plan that were meant to make room for admission
 
     # -- queues ---------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -99,6 +100,11 @@ class Scheduler:
         budget = cfg.max_batched_tokens
         if self._policy_preempts:
             self._priority_preemption(plan, now)
+        # A request evicted below for lack of KV blocks is not readmitted in the same iteration, nor is
+        # anyone else: admitting right after an eviction only feeds the thrash (and with prefill-first,
+        # where decodes wait for prefills, a readmitted victim's prefill could keep the decodes that hold
+        # the blocks from ever running).
+        self._evictions_before_admission = len(plan.preempted)
         decoding: list[Request] = []
         prefilling: list[Request] = []
         for r in self.running:  # r.is_prefilling, inlined (this loop runs over every running request)
@@ -242,8 +248,10 @@ class Scheduler:
             self.static_batch = None
 
     def _admit_waiting(self, plan: StepPlan, budget: int, now: float, skip_long: bool = False) -> int:
-        """Admit in policy order; the order is not even computed when nothing could be admitted."""
-        if budget <= 0 or not self.waiting or len(self.running) >= self.config.max_num_seqs:
+        """Admit in policy order; the order is not even computed when nothing could be admitted
+        (nor when this iteration already evicted someone for KV blocks)."""
+        if budget <= 0 or not self.waiting or len(self.running) >= self.config.max_num_seqs \
+                or len(plan.preempted) > self._evictions_before_admission:
             return budget
         ordered = self._ordered_waiting(now)
         if skip_long:

@@ -155,3 +155,37 @@ def test_draft_positions_are_shortened_before_anyone_is_preempted():
     assert drafts == {"a": 4, "b": 0}  # a: 8 tokens + 4 drafts fill its 3rd block; b: its own 2 blocks hold 8
     assert all(c.num_tokens == 1 + c.num_draft for c in plan.chunks)
     s.blocks.check()
+
+
+def test_prefill_first_under_kv_pressure_makes_progress():
+    """A victim readmitted in the iteration that evicted it kept a prefill in every plan, so the decodes
+    holding the blocks never ran (prefill-first runs decodes only in iterations without prefills)."""
+    s = sched(num_blocks=8, block_size=4, mixing="prefill-first", max_num_seqs=4, max_batched_tokens=16, chunk_size=4)
+    reqs = [req("0", 4, 16), req("1", 15, 15), req("2", 10, 21), req("3", 9, 7)]
+    for r in reqs:
+        s.add(r)
+    for _ in range(500):
+        if not s.has_work:
+            break
+        plan = s.schedule(0.0)
+        advance(plan)
+        for r in list(s.running):
+            if r.num_output_tokens >= r.sampling.max_tokens and not r.is_prefilling:
+                s.finish(r)
+        s.blocks.check()
+    assert not s.has_work, [(r.request_id, r.num_output_tokens, r.num_preemptions) for r in reqs]
+
+
+def test_no_admission_in_an_iteration_that_evicted_for_blocks():
+    s = Scheduler(BlockManager(4, 4), make_policy("sjf"),
+                  LiveConfig(max_num_seqs=3, max_batched_tokens=100, chunk_size=100))
+    a, b = req("a", 8), req("b", 8)
+    s.add(a), s.add(b)
+    advance(s.schedule(0.0))
+    c = req("c", 1)
+    s.add(c)
+    plan = s.schedule(0.0)  # a's decode evicts b; c (shortest first) would fit the block left, but not now
+    assert plan.preempted == [b] and [ch.request for ch in plan.chunks] == [a] and s.blocks.num_free == 1
+    advance(plan)
+    plan = s.schedule(0.0)  # the next iteration admits again
+    assert c in [ch.request for ch in plan.chunks]
