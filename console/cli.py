@@ -20,13 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.cli import add_engine_flags
+from engine.cli import add_engine_flags, flags_default_to_none, given_engine_flags
 
 TINY_MODEL = "synthetic:tiny"
 CUDA_MODEL = "synthetic:qwen3-0.6b"
 INPROCESS_HZ = 5.0  # the engine thread shares the GIL with the UI: repaint less often
-ENGINE_OVERRIDES = ("model", "device", "dtype", "num_blocks", "max_num_seqs", "max_batched_tokens", "chunk_size",
-                    "policy", "batching", "mixing", "spec_k")
 
 
 def register_cli(subparsers: Any) -> None:
@@ -35,7 +33,7 @@ def register_cli(subparsers: Any) -> None:
                                           "composition, KV cache, GPU memory; change policy and limits "
                                           "from the command palette (ctrl+p) or the config panel (c).")
     add_engine_flags(p)
-    p.set_defaults(model=None)  # None: the embedded default for this machine (see default_model)
+    flags_default_to_none(p)  # model None: the embedded default for this machine (see default_model)
     p.add_argument("--preset", default=None, help="play a preset's workload and timeline (name or YAML file)")
     p.add_argument("--attach", default=None, metavar="mqtt://HOST:PORT/ENGINE_ID",
                    help="watch and steer a headless engine over MQTT instead of starting one")
@@ -80,12 +78,7 @@ def _cmd_console(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace | None) -> dict[str, Any]:
-    if args is None:
-        return {}
-    out = {k: getattr(args, k, None) for k in ENGINE_OVERRIDES}
-    if getattr(args, "attention_backend", "auto") != "auto":
-        out["attention_backend"] = args.attention_backend
-    return {k: v for k, v in out.items() if v is not None}
+    return {} if args is None else given_engine_flags(args)
 
 
 def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, overrides: Mapping[str, Any] | None = None,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from engine.config import DRAFTERS, ConfigError, EngineConfig, LiveConfig
 
@@ -48,6 +49,31 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and unseeded sampling")
 
 
+# The flags of add_engine_flags, by their EngineConfig / LiveConfig names.
+ENGINE_FLAG_DESTS = ("model", "device", "dtype", "max_num_seqs", "max_batched_tokens", "chunk_size", "block_size",
+                     "num_blocks", "gpu_memory_fraction", "policy", "policy_params", "batching", "mixing", "spec_k",
+                     "spec_k_limit", "drafter", "draft_model", "attention_backend", "seed")
+
+
+def implied_drafter(args: argparse.Namespace) -> str | None:
+    """--drafter, or `model` when only --draft-model is given."""
+    return args.drafter or ("model" if args.draft_model else None)
+
+
+def given_engine_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine flags set on the command line, by setting name, for commands whose flags default to
+    None so that a preset's settings apply unless a flag is given (see `flags_default_to_none`)."""
+    given = {d: getattr(args, d) for d in ENGINE_FLAG_DESTS if getattr(args, d, None) is not None}
+    if implied_drafter(args):
+        given["drafter"] = implied_drafter(args)
+    return given
+
+
+def flags_default_to_none(p: argparse.ArgumentParser) -> None:
+    """Make every engine flag default to None: only what is given overrides a preset or the defaults."""
+    p.set_defaults(**{dest: None for dest in ENGINE_FLAG_DESTS})
+
+
 def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, LiveConfig]:
     import torch
 
@@ -66,7 +92,7 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, LiveConfig]:
                        max_batched_tokens_limit=max(8192, live.max_batched_tokens),
                        attention_backend=args.attention_backend, seed=args.seed,
                        spec_k_limit=args.spec_k_limit if args.spec_k_limit is not None else max(8, live.spec_k),
-                       drafter=args.drafter or ("model" if args.draft_model else "ngram"), draft_model=args.draft_model)
+                       drafter=implied_drafter(args) or "ngram", draft_model=args.draft_model)
     return cfg, live
 
 

@@ -29,10 +29,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from engine.cli import add_engine_flags
+from engine.cli import ENGINE_FLAG_DESTS, add_engine_flags, flags_default_to_none, given_engine_flags
 
-ENGINE_FLAG_DESTS = ("model", "device", "dtype", "max_num_seqs", "max_batched_tokens", "chunk_size", "block_size",
-                     "num_blocks", "gpu_memory_fraction", "policy", "batching", "mixing", "attention_backend", "seed")
 PROG = "batchdeck engine"
 
 
@@ -43,8 +41,7 @@ def register_cli(subparsers: Any) -> None:
                     "over MQTT (--mqtt), publishes telemetry, obeys control commands, prints a periodic "
                     "status line; SIGINT/SIGTERM aborts in-flight requests, publishes offline and exits 0.")
     add_engine_flags(p)
-    # Engine flags default to None here so a preset's settings apply unless the flag is given.
-    p.set_defaults(**{dest: None for dest in ENGINE_FLAG_DESTS})
+    flags_default_to_none(p)  # a preset's settings apply unless the flag is given
     p.add_argument("--preset", default=None, help="a shipped preset's name or a preset YAML file")
     p.add_argument("--speed", type=float, default=1.0, help="play the preset this many times faster")
     p.add_argument("--duration-scale", type=float, default=1.0, help="shorten (<1) or stretch the preset")
@@ -87,7 +84,7 @@ def engine_setup(args: argparse.Namespace):
 
     from engine.cli import engine_configs
 
-    explicit = {d: getattr(args, d, None) for d in ENGINE_FLAG_DESTS if getattr(args, d, None) is not None}
+    explicit = given_engine_flags(args)
     preset = None
     if args.preset is not None:
         from engine.preset_driver import preset_configs

@@ -136,7 +136,9 @@ def test_console_flags_start_the_engine_speculating():
     from engine.cli import build_parser
 
     args = build_parser().parse_args(["console", "--spec-k", "3", "--num-blocks", "64"])
-    assert _overrides(args)["spec_k"] == 3
+    assert _overrides(args) == {"spec_k": 3, "num_blocks": 64}  # flags not given leave the defaults be
+    drafting = build_parser().parse_args(["console", "--draft-model", "synthetic:tiny", "--spec-k-limit", "4"])
+    assert _overrides(drafting) == {"draft_model": "synthetic:tiny", "drafter": "model", "spec_k_limit": 4}
     app = build_app(None, args=args, overrides={"model": "synthetic:tiny"}, log=lambda line: None)
     assert app.client.engine.engine.live.spec_k == 3 and app.state.config["spec_k"] == 3
 

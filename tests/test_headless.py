@@ -52,6 +52,20 @@ def test_flags_override_the_preset_and_nothing_to_serve_is_an_error(capsys):
     assert main(["engine", "--mqtt", "h", "--engine-id", "a/b"]) == 2
 
 
+def test_speculation_flags_apply_with_and_without_a_preset():
+    """--spec-k, --spec-k-limit, --drafter and --draft-model (alone it implies drafter=model) reach the
+    engine's settings whether a preset is played or not."""
+    for base in (["engine", "--preset", "quickstart"], ["engine", "--mqtt", "localhost"]):
+        args = build_parser().parse_args([*base, "--spec-k", "3", "--spec-k-limit", "5", "--draft-model", "synthetic:tiny",
+                                          "--policy-params", '{"aging_s": 4}', "--policy", "sjf"])
+        cfg, live, _ = engine_setup(args)
+        assert (cfg.drafter, cfg.draft_model, cfg.spec_k_limit) == ("model", "synthetic:tiny", 5), base
+        assert live.spec_k == 3 and live.policy == "sjf" and live.policy_params["aging_s"] == 4, base
+        args = build_parser().parse_args([*base, "--drafter", "ngram"])
+        cfg, _, _ = engine_setup(args)
+        assert cfg.drafter == "ngram" and cfg.draft_model is None
+
+
 async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path):
     preset = parse_preset(PRESET, str(tmp_path / "p.yaml"))
     bus = Bus()
