@@ -5,7 +5,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -65,3 +67,19 @@ def write_json(path: str | None, result: dict) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     log(f"wrote {path}")
+
+
+def run_script(script: str, argv: list[str], timeout: float | None = None, env: dict | None = None) -> dict:
+    """Run `script argv --phase-out FILE` in a fresh process (a clean GPU for each configuration) and
+    return the JSON object it wrote to FILE, or {"error": "exited with N" | "timed out after Ts"}."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+        path = tmp.name
+    cmd = [sys.executable, os.path.abspath(script), *argv, "--phase-out", path]
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, env=None if env is None else {**os.environ, **env})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout}s"}
+    if proc.returncode != 0:
+        return {"error": f"exited with {proc.returncode}"}
+    with open(path) as f:
+        return json.load(f)

@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import argv_without, command_line, log, versions, write_json  # noqa: E402
+from benchmarks.bench_common import argv_without, command_line, log, run_script, versions, write_json  # noqa: E402
 
 
 def measure(args) -> dict:
@@ -57,15 +55,8 @@ def main() -> None:
               "versions": versions(), "model": args.model, "num_blocks": args.num_blocks, "runs": []}
     raw = argv_without("--out")
     for limit in [int(x) for x in args.limits.split(",")]:
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-            path = tmp.name
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *raw, "--phase-limit", str(limit),
-                               "--phase-out", path])
-        if proc.returncode == 0:
-            with open(path) as f:
-                result["runs"].append(json.load(f))
-        else:
-            result["runs"].append({"spec_k_limit": limit, "error": f"exited with {proc.returncode}"})
+        run = run_script(__file__, [*raw, "--phase-limit", str(limit)])
+        result["runs"].append({"spec_k_limit": limit, **run} if "error" in run else run)
     write_json(args.out, result)
 
 

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import argv_without, command_line, log, versions, write_json  # noqa: E402
+from benchmarks.bench_common import argv_without, command_line, log, run_script, versions, write_json  # noqa: E402
 from engine.config import EngineConfig, LiveConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
@@ -308,21 +308,7 @@ def run_hf(args, prompts) -> dict:
 
 def child(phase: str, argv: list[str], env_extra: dict | None = None, timeout: float | None = None) -> dict:
     """Run one phase in a fresh process (a clean GPU for each: nothing held over between phases)."""
-    import subprocess
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-        path = tmp.name
-    env = {**os.environ, **(env_extra or {})}
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--phase", phase, "--phase-out", path]
-    try:
-        proc = subprocess.run(cmd, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"phase {phase} timed out after {timeout}s"}
-    if proc.returncode != 0:
-        return {"error": f"phase {phase} exited with {proc.returncode}"}
-    with open(path) as f:
-        return json.load(f)
+    return run_script(__file__, [*argv, "--phase", phase], timeout, env_extra)
 
 
 def main() -> None:

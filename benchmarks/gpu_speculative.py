@@ -28,14 +28,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import argv_without, command_line, dist, log, versions, write_json  # noqa: E402
+from benchmarks.bench_common import argv_without, command_line, dist, log, run_script, versions, write_json  # noqa: E402
 
 SCENARIOS = {
     "i": dict(model="synthetic:qwen3-0.6b", drafter="model", draft_model="synthetic:qwen3-0.6b", copy_heavy=False),
@@ -126,6 +124,19 @@ def run_config(args) -> dict:
     return res
 
 
+SUMMARY_KEYS = ("scenario", "spec_k", "output_tok_s", "acceptance_rate", "mean_accepted_per_verification",
+                "tokens_per_request_per_decode_iteration", "draft_time_share", "error")
+
+
+def summary_row(run: dict) -> dict:
+    """The headline figures of one configuration, with the e2e and TPOT medians."""
+    row = {k: run.get(k) for k in SUMMARY_KEYS}
+    for key in ("e2e_latency_s", "tpot_s"):
+        if isinstance(run.get(key), dict):
+            row[key + "_p50"] = run[key]["p50"]
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scenarios", default="i,ii,iii")
@@ -163,29 +174,10 @@ def main() -> None:
     raw = argv_without("--out")
     for name in args.scenarios.split(","):
         for k in [int(x) for x in args.ks.split(",")]:
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-                path = tmp.name
-            cmd = [sys.executable, os.path.abspath(__file__), *raw, "--scenario", name, "--phase-k", str(k),
-                   "--phase-out", path]
-            try:
-                proc = subprocess.run(cmd, timeout=args.timeout)
-                if proc.returncode != 0:
-                    run = {"scenario": name, "spec_k": k, "error": f"exited with {proc.returncode}"}
-                else:
-                    with open(path) as f:
-                        run = json.load(f)
-            except subprocess.TimeoutExpired:
-                run = {"scenario": name, "spec_k": k, "error": f"timed out after {args.timeout}s"}
-            result["runs"].append(run)
+            run = run_script(__file__, [*raw, "--scenario", name, "--phase-k", str(k)], args.timeout)
+            result["runs"].append({"scenario": name, "spec_k": k, **run} if "error" in run else run)
             write_json(args.out, result)  # keep what finished if a later configuration times out
-    summary = [{k: r.get(k) for k in ("scenario", "spec_k", "output_tok_s", "acceptance_rate",
-                                      "mean_accepted_per_verification", "tokens_per_request_per_decode_iteration",
-                                      "draft_time_share", "error")} for r in result["runs"]]
-    for r in result["runs"]:
-        for key in ("e2e_latency_s", "tpot_s"):
-            if isinstance(r.get(key), dict):
-                next(s for s in summary if s["scenario"] == r["scenario"] and s["spec_k"] == r["spec_k"])[
-                    key + "_p50"] = r[key]["p50"]
+    summary = [summary_row(r) for r in result["runs"]]
     result["summary"] = summary
     print(json.dumps(summary, indent=1))
     write_json(args.out, result)

@@ -24,14 +24,12 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import argv_without, command_line, dist, log, pct, versions, write_json  # noqa: E402
+from benchmarks.bench_common import argv_without, command_line, dist, log, pct, run_script, versions, write_json  # noqa: E402
 
 TRACE_COLUMNS = {"time": "TIMESTAMP", "input": "ContextTokens", "output": "GeneratedTokens"}
 
@@ -195,18 +193,7 @@ def main() -> None:
     log(f"{len(rows)} requests over {span:.2f}s ({result['workload']['offered_requests_per_s']:.0f} req/s offered)")
     modes = {}
     for mode in args.modes.split(","):
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-            path = tmp.name
-        cmd = [sys.executable, os.path.abspath(__file__), *raw_argv, "--phase", mode, "--phase-out", path]
-        try:
-            proc = subprocess.run(cmd, timeout=args.timeout)
-            if proc.returncode != 0:
-                modes[mode] = {"error": f"exited with {proc.returncode}"}
-            else:
-                with open(path) as f:
-                    modes[mode] = json.load(f)
-        except subprocess.TimeoutExpired:
-            modes[mode] = {"error": f"timed out after {args.timeout}s"}
+        modes[mode] = run_script(__file__, [*raw_argv, "--phase", mode], args.timeout)
     result["device"] = next((m["device"] for m in modes.values() if "device" in m), None)
     result["modes"] = modes
     c, s = modes.get("continuous", {}), modes.get("static", {})

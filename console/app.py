@@ -267,7 +267,7 @@ class ConsoleApp(App):
                            None if self.per_iteration else self.chart_span_s)
             self._set_subtitle("#batch-box", "z: one column per iteration" if not self.per_iteration
                                else f"z: the last {self.chart_span_s:g}s, averaged to fit")
-            self._set_subtitle("#tput-box", spec_summary(st.spec_stats(now), cfg.get("spec_k")))
+            self._set_subtitle("#tput-box", spec_summary(snap["speculation"], cfg.get("spec_k")))
             mono = time.monotonic()
             if mono - self._last_plot >= self.plot_interval:
                 if self._w("#tput-plot").set_data(times[-120:], prompt_series[-120:],

@@ -15,8 +15,6 @@ from engine.gpu_monitor import GpuSample
 from engine.metrics import MetricsWindow
 from engine.telemetry import Event, IterationRecord
 
-from console.speculation import SpecStats, SpecWindow
-
 
 @dataclass(frozen=True)
 class Mark:
@@ -91,7 +89,6 @@ class DashboardState:
                  max_log: int = 2000, max_marks: int = 64) -> None:
         self.window_s = window_s
         self.metrics = MetricsWindow(window_s)
-        self.speculation = SpecWindow(window_s)
         self.iterations: deque[IterationRecord] = deque(maxlen=history)
         self.latest: IterationRecord | None = None
         self.bin_s = bin_s
@@ -175,7 +172,6 @@ class DashboardState:
     def _iteration(self, rec: IterationRecord) -> None:
         self.iterations.append(rec)
         self.metrics.add_iteration(rec)
-        self.speculation.add(rec)
         if self.latest is None or rec.iteration >= self.latest.iteration:
             self.latest = rec
         self.preemptions_total += rec.num_preemptions
@@ -234,12 +230,6 @@ class DashboardState:
         if now is None:
             now = self.last_time or 0.0
         return self.metrics.snapshot(now)
-
-    def spec_stats(self, now: float | None) -> SpecStats:
-        """Speculation over the same window as `snapshot(now)`: acceptance rate, tokens per iteration."""
-        if now is None:
-            now = self.last_time or 0.0
-        return self.speculation.stats(now)
 
     def throughput_series(self, now: float | None = None) -> tuple[list[float], list[float], list[float]]:
         """(times, prompt tok/s, generation tok/s) per completed bin, oldest first."""

@@ -12,7 +12,7 @@ Buckets, captured once at engine start within the live-config bounds:
 - mixed iterations (prefill chunks, with or without decodes): token counts 32, 64, ... up to
   max_tokens (steps of about x1.5), each with room for min(max_rows, tokens) rows, keeping logits
   for one sample entry per row;
-- verify iterations (speculative decoding, when enabled): the mixed shapes up to max_rows x (k + 1)
+- verify iterations (speculative decoding, when enabled): the mixed shapes up to `verify_tokens`
   tokens, keeping logits at every token, since a speculating row samples at each verified position.
 An iteration that fits no bucket runs eagerly on exact-size views of the same buffers.
 """
@@ -113,7 +113,8 @@ class StepBuffers:
 
     def views(self, t: int, r: int, *, num_decodes: int, max_query_len: int, max_seq_len: int, block_size: int,
               query_lens_host: list[int], seq_lens_host: list[int]):
-        """(input_ids [1, t], positions [1, t], metadata over r rows, sample_rows [r]) on the device."""
+        """(input_ids [1, t], positions [1, t], metadata over r rows) on the device; the sample
+        entries are `sample_rows(n)`."""
         T, R = self.max_tokens, self.max_rows
         d64, d32 = self.dev64, self.dev32
         meta = AttentionMetadata(
@@ -125,7 +126,7 @@ class StepBuffers:
             num_decodes=num_decodes, max_query_len=max_query_len, max_seq_len=max_seq_len,
             block_size=block_size, query_lens_host=query_lens_host, seq_lens_host=seq_lens_host,
         )
-        return d64[:t].view(1, t), d64[T:T + t].view(1, t), meta, d64[3 * T:3 * T + r]
+        return d64[:t].view(1, t), d64[T:T + t].view(1, t), meta
 
 
 @dataclass

@@ -128,7 +128,7 @@ class LLMEngine:
     def _make_drafter(self, num_blocks: int) -> Drafter:
         cfg = self.config
         if self.draft_loaded is None:
-            return LookupDrafter(propose_ngram, "ngram")
+            return LookupDrafter(propose_ngram)
         d = self.draft_loaded
         kv = KVCache.allocate(d.num_layers, num_blocks, cfg.block_size, d.num_kv_heads, d.head_dim,
                               next(d.model.parameters()).dtype, self.device)
@@ -263,9 +263,10 @@ class LLMEngine:
                             num_preemptions=victim.num_preemptions, reason="kv_cache_full")
         if plan.empty:
             return None
-        drafting = [c for c in plan.chunks if c.num_draft]
-        if drafting:
-            self._fill_drafts(drafting)
+        if self.live.spec_k:  # the scheduler reserves draft positions only then
+            drafting = [c for c in plan.chunks if c.num_draft]
+            if drafting:
+                self._fill_drafts(drafting)
         t_draft = time.perf_counter()
         sampled, timings = self.runner.execute(plan, self.blocks)
         now = self.clock()
@@ -302,13 +303,13 @@ class LLMEngine:
                 r.spec_accepted += accepted
                 spec_proposed += len(chunk.draft)
                 spec_accepted += accepted
-            if chunk.draft:
                 policy.on_tokens_computed(r, 0, len(emitted))
-            # The KV of the last token and of accepted drafts stays; rejected drafts' positions roll back.
-            r.num_computed_tokens = min(r.num_computed_tokens, r.num_tokens - 1)
-            if chunk.num_draft and reason is None:
-                self.blocks.shrink(r.request_id, r.num_computed_tokens)
-                self.drafter.sync(r)
+            if chunk.num_draft:
+                # The KV of the last token and of accepted drafts stays; rejected drafts' positions roll back.
+                r.num_computed_tokens = min(r.num_computed_tokens, r.num_tokens - 1)
+                if reason is None:
+                    self.blocks.shrink(r.request_id, r.num_computed_tokens)
+                    self.drafter.sync(r)
             if r.first_token_time is None:
                 r.first_token_time, r.first_token_iteration = now, it
                 ttfts.append(now - r.arrival_time)

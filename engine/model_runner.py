@@ -58,6 +58,21 @@ def order_rows(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
     return [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens != 1]
 
 
+def chunk_tokens(c: ScheduledChunk) -> list[int]:
+    """The tokens a chunk feeds: its slice of the request's tokens, then its drafts (if any)."""
+    if c.draft:
+        return c.request.token_ids[c.start:c.start + c.num_tokens - len(c.draft)] + list(c.draft)
+    return c.request.token_ids[c.start:c.start + c.num_tokens]
+
+
+def sample_entries(ends: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Flattened token indices whose logits are kept: the last `counts[i]` positions before `ends[i]`
+    (one for a chunk that samples, k + 1 for a speculating chunk)."""
+    if len(counts) == sum(counts):
+        return ends - 1
+    return np.concatenate([np.arange(end - k, end) for end, k in zip(ends.tolist(), counts)])
+
+
 def paged_inputs(request_ids: list[str], starts: list[int], row_tokens: list[list[int]], blocks: BlockManager,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
     """input_ids [1, T], positions [1, T], attention metadata and the row boundaries (cu, on the host)
@@ -97,17 +112,11 @@ def paged_inputs(request_ids: list[str], starts: list[int], row_tokens: list[lis
 
 def build_inputs(chunks: list[ScheduledChunk], blocks: BlockManager, device: torch.device) -> StepInputs:
     rows = order_rows(chunks)
-    tokens = [c.request.token_ids[c.start:c.start + c.num_tokens - len(c.draft)] + list(c.draft) if c.draft
-              else c.request.token_ids[c.start:c.start + c.num_tokens] for c in rows]
     input_ids, positions, meta, cu = paged_inputs([c.request.request_id for c in rows], [c.start for c in rows],
-                                                  tokens, blocks, device)
+                                                  [chunk_tokens(c) for c in rows], blocks, device)
     sampling = [i for i, c in enumerate(rows) if c.samples]
-    sample_rows = cu[1:][sampling] - 1
     sample_counts = [1 + len(rows[i].draft) for i in sampling]
-    if any(k > 1 for k in sample_counts):
-        # a speculating chunk keeps logits at every position it verifies
-        sample_rows = torch.cat([torch.arange(int(cu[i + 1]) - k, int(cu[i + 1]))
-                                 for i, k in zip(sampling, sample_counts)])
+    sample_rows = torch.from_numpy(sample_entries(cu[1:].numpy()[sampling], sample_counts))
     return StepInputs(
         input_ids=input_ids,
         positions=positions,
@@ -183,7 +192,7 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
 
     Same values as `build_inputs`; sample entries past the last one (up to R) are 0. A speculating
     chunk's drafted tokens follow its last token and every position it verifies is a sample entry,
-    so an iteration with drafts may have more sample entries than rows (at most R: see `fits`).
+    so an iteration with drafts may have more sample entries than rows (at most one per token).
     """
     rows = order_rows(chunks)
     r = len(rows)
@@ -194,9 +203,7 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     if decode_only:
         buf.ids[:t] = [c.request.token_ids[c.start] for c in rows]
     else:
-        buf.ids[:t] = list(chain.from_iterable(
-            c.request.token_ids[c.start:c.start + c.num_tokens - len(c.draft)] + list(c.draft) if c.draft
-            else c.request.token_ids[c.start:c.start + c.num_tokens] for c in rows))
+        buf.ids[:t] = list(chain.from_iterable(chunk_tokens(c) for c in rows))
     starts_np = np.asarray(starts, dtype=np.int64)
     lens_np = np.asarray(lens, dtype=np.int64)
     cu = np.zeros(r + 1, dtype=np.int64)
@@ -218,12 +225,8 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     buf.ctx[:r] = starts_np
     sampling = [i for i, c in enumerate(rows) if c.samples]
     counts = [1 + len(rows[i].draft) for i in sampling]
-    s = len(sampling)
-    if s == sum(counts):
-        buf.sample[:s] = cu[1:][sampling] - 1
-    else:  # a speculating chunk keeps logits at every position it verifies
-        s = sum(counts)
-        buf.sample[:s] = np.concatenate([np.arange(cu[i + 1] - k, cu[i + 1]) for i, k in zip(sampling, counts)])
+    s = sum(counts)
+    buf.sample[:s] = sample_entries(cu[1:][sampling], counts)
     buf.sample[s:r] = 0
     return PreparedStep(t, r, decode_only, [rows[i] for i in sampling], lens, seq.tolist(),
                         sum(1 for n in lens if n == 1), row_ids, counts)
@@ -288,7 +291,7 @@ class ModelRunner:
 
     def _graph_forward(self, t: int, r: int, max_query_len: int, kept: int) -> torch.Tensor:
         """The captured function: a bucket of t tokens and r rows, logits at `kept` sample entries."""
-        ids, pos, meta, _rows = self.buffers.views(
+        ids, pos, meta = self.buffers.views(
             t, r, num_decodes=r if max_query_len == 1 else 0, max_query_len=max_query_len,
             max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size,
             query_lens_host=[1] * r, seq_lens_host=[1] * r)
@@ -316,7 +319,7 @@ class ModelRunner:
             timings.graph = True
             self.graphs.stats.replays += 1
         else:
-            ids, pos, meta, _rows = buf.views(
+            ids, pos, meta = buf.views(
                 t, r, num_decodes=step.num_decodes, max_query_len=max(step.query_lens),
                 max_seq_len=max(step.seq_lens), block_size=blocks.block_size,
                 query_lens_host=step.query_lens, seq_lens_host=step.seq_lens)

@@ -30,7 +30,6 @@ class Scheduler:
         self._order: list[Request] | None = None  # the policy's order of `waiting`, memoized per schedule()
         self._in_plan: set[int] = set()  # id() of the requests the plan being built already has a chunk for
         self._policy_preempts = _overrides_should_preempt(policy)
-        self._evictions_before_admission = 0  # preemptions in the plan that were meant to make room for admission
 
     # -- queues ---------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -100,11 +99,6 @@ class Scheduler:
         budget = cfg.max_batched_tokens
         if self._policy_preempts:
             self._priority_preemption(plan, now)
-        # A request evicted below for lack of KV blocks is not readmitted in the same iteration, nor is
-        # anyone else: admitting right after an eviction only feeds the thrash (and with prefill-first,
-        # where decodes wait for prefills, a readmitted victim's prefill could keep the decodes that hold
-        # the blocks from ever running).
-        self._evictions_before_admission = len(plan.preempted)
         decoding: list[Request] = []
         prefilling: list[Request] = []
         for r in self.running:  # r.is_prefilling, inlined (this loop runs over every running request)
@@ -194,15 +188,10 @@ class Scheduler:
             n += num_draft
             table = tables.get(r.request_id)
             if table is None or len(table) * block_size < computed + n:  # else its blocks already suffice
-                if num_draft and not blocks.can_hold(r.request_id, computed + n):
-                    # draft positions are optional: shorten them to what fits before evicting anyone
-                    spare = (len(table or ()) + blocks.num_free) * block_size - (computed + n - num_draft)
-                    cut = num_draft - max(0, min(num_draft, spare))
-                    n -= cut
-                    num_draft -= cut
                 while not blocks.grow(r.request_id, computed + n):
                     candidates = [x for x in self.running if id(x) not in scheduled]
                     victim = self.policy.pick_victim(candidates, now)
+                    plan.evicted_for_blocks = True
                     self._preempt(victim, plan)
                     if victim is r:
                         break
@@ -215,10 +204,14 @@ class Scheduler:
         return budget
 
     def _draft_room(self, r: Request, budget: int) -> int:
-        """Draft positions for a decoding request: within k, the token budget, max_tokens and the
-        context, as many as the drafter asks for (the drafter fills them after planning)."""
+        """Draft positions for a decoding request: within k, the token budget, max_tokens, the context
+        and the KV blocks it holds or that are free (drafts are optional: nobody is evicted for them),
+        as many as the drafter asks for (the drafter fills them after planning)."""
+        blocks = self.blocks
+        held = len(blocks.tables.get(r.request_id) or ())
         room = min(self.config.spec_k, budget - 1, r.sampling.max_tokens - len(r.output_token_ids) - 1,
-                   self.max_model_len - len(r.token_ids) - 1)
+                   self.max_model_len - len(r.token_ids) - 1,
+                   (held + blocks.num_free) * blocks.block_size - len(r.token_ids))
         return self.drafter.plan(r, room) if room > 0 else 0
 
     def _ordered_waiting(self, now: float) -> list[Request]:
@@ -248,10 +241,14 @@ class Scheduler:
             self.static_batch = None
 
     def _admit_waiting(self, plan: StepPlan, budget: int, now: float, skip_long: bool = False) -> int:
-        """Admit in policy order; the order is not even computed when nothing could be admitted
-        (nor when this iteration already evicted someone for KV blocks)."""
+        """Admit in policy order; the order is not even computed when nothing could be admitted.
+
+        Nobody is admitted in an iteration that evicted a running request for KV blocks: admitting
+        right after an eviction only feeds the thrash (and with prefill-first, where decodes wait for
+        prefills, a readmitted victim's prefill could keep the decodes holding the blocks from ever running).
+        """
         if budget <= 0 or not self.waiting or len(self.running) >= self.config.max_num_seqs \
-                or len(plan.preempted) > self._evictions_before_admission:
+                or plan.evicted_for_blocks:
             return budget
         ordered = self._ordered_waiting(now)
         if skip_long:

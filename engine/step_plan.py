@@ -24,6 +24,7 @@ class ScheduledChunk:
 class StepPlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    evicted_for_blocks: bool = False  # a running request was preempted because KV blocks ran out
 
     @property
     def empty(self) -> bool:

@@ -49,11 +49,15 @@ async def test_end_to_end_policy_change_from_the_palette_reaches_engine_and_reco
     assert gpu["available"] is False or gpu["memory_total"]  # "unavailable" without a GPU
 
 
-async def test_every_steering_path_on_the_real_engine():
+def quiet_app():
+    """(app, client, engine) of an in-process console with no background load: the test submits its own."""
     app = build_app(None, overrides={**ENGINE, "model": "synthetic:tiny", "max_num_seqs": 4}, log=lambda line: None)
-    app.drivers = []  # no background load: this test submits its own
-    client = app.client
-    engine = client.engine.engine
+    app.drivers = []
+    return app, app.client, app.client.engine.engine
+
+
+async def test_every_steering_path_on_the_real_engine():
+    app, client, engine = quiet_app()
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.state.config is not None, what="config")
         # pause / resume (key p) - the engine stops iterating, then goes on
@@ -102,10 +106,7 @@ async def test_every_steering_path_on_the_real_engine():
 async def test_spec_k_from_the_console_reaches_the_engine_and_acceptance_is_shown():
     """Speculation turned on from the palette, a repetitive prompt (the n-gram drafter finds drafts in
     it), the acceptance rate on screen; out-of-bounds refused with the range; off again from the panel."""
-    app = build_app(None, overrides={**ENGINE, "model": "synthetic:tiny", "max_num_seqs": 4}, log=lambda line: None)
-    app.drivers = []  # no background load: only the repetitive requests below
-    client = app.client
-    engine = client.engine.engine
+    app, client, engine = quiet_app()
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.state.config is not None, what="config")
         await palette(pilot, "spec_k 9")
@@ -117,7 +118,7 @@ async def test_spec_k_from_the_console_reaches_the_engine_and_acceptance_is_show
         submitted = await client.submit([{"id": f"rep-{i}", "prompt_token_ids": [7, 8, 9, 10] * 12, "max_tokens": 48,
                                           "ignore_eos": True} for i in range(2)])
         assert submitted.ok
-        await wait_for(pilot, lambda: app.state.spec_stats(None).proposed > 0, what="speculative iterations")
+        await wait_for(pilot, lambda: app.state.snapshot(None)["speculation"]["proposed"] > 0, what="speculative iterations")
         await wait_for(pilot, lambda: spec_shown(app).startswith("accepted ") and "accepted -" not in spec_shown(app),
                        what="the acceptance rate on screen")
         shown = spec_shown(app)

@@ -11,7 +11,7 @@ from console.demo import synthetic_session
 from console.mqtt_client import parse_attach_url
 from console.player import RecordingError, ReplayClient, load_recording
 from console.recorder import Recorder
-from console.speculation import SpecStats, SpecWindow, spec_stats, summary
+from console.speculation import summary
 from console.state import DashboardState, format_action, format_event
 from console.widgets.batch_chart import Column, columns_for, render_chart
 from engine.telemetry import Event, IterationRecord
@@ -88,56 +88,35 @@ def test_spec_k_is_checked_against_the_engines_own_bound():
     assert describe_bounds("spec_k", CFG, None) == "an integer ≥ 0"
 
 
-def _it(i: float, proposed: int = 0, accepted: int = 0, generated: int = 1) -> IterationRecord:
-    return IterationRecord(int(i * 10), i, 0.01, 0, 0, 0, 0, 0, generated, 0, 1, 0, 0, 1, 100, 0.01, 0,
-                           num_generated_tokens=generated, spec_proposed=proposed, spec_accepted=accepted)
-
-
-def test_spec_stats_acceptance_and_tokens_per_iteration():
-    empty = spec_stats([])
-    assert empty == SpecStats() and empty.acceptance_rate is None and empty.tokens_per_iteration is None
-    off = spec_stats([_it(1.0, generated=4), _it(1.1, generated=2)])  # nothing proposed: no rate, tokens still count
-    assert off.acceptance_rate is None and off.tokens_per_iteration == 3.0
-    on = spec_stats([_it(1.0, 8, 6, 10), _it(1.1, 4, 0, 2), _it(1.2, generated=0)])
-    assert (on.iterations, on.proposed, on.accepted, on.generated) == (3, 12, 6, 12)
-    assert on.acceptance_rate == 0.5 and on.tokens_per_iteration == 4.0
-
-
-def test_spec_window_keeps_the_throughput_window():
-    w = SpecWindow(window_s=1.0)
-    for rec in (_it(0.5, 4, 4, 5), _it(1.2, 4, 1, 2), _it(1.4, 4, 3, 4)):
-        w.add(rec)
-    s = w.stats(1.4)  # (0.4, 1.4]: all three
-    assert (s.iterations, s.proposed, s.accepted) == (3, 12, 8)
-    s = w.stats(1.6)  # (0.6, 1.6]: the first has left the window
-    assert (s.iterations, s.proposed, s.accepted, s.generated) == (2, 8, 4, 6) and s.acceptance_rate == 0.5
-    assert w.stats(1.3).iterations == 1  # records newer than `now` are not counted
-    assert w.stats(5.0) == SpecStats()  # idle: nothing in the window
-    with pytest.raises(ValueError, match="window_s must be > 0"):
-        SpecWindow(0.0)
-
-
 def test_dashboard_state_aggregates_speculation_over_its_window():
     st = DashboardState(window_s=5.0, history=50)
     st.ingest(synthetic_session(300, change_at=None, spec_k=4, spec_accept=0.7))
-    spec = st.spec_stats(st.last_time)
-    recent = [r for r in synthetic_session(300, change_at=None, spec_k=4, spec_accept=0.7)
-              if r[0] == "iteration" and r[1].time > st.last_time - 5.0]
-    assert spec == spec_stats(r for _, r in recent)  # the window, not the (shorter) iteration history
-    assert spec.iterations > len(st.iterations) and spec.proposed > 0 and 0.0 < spec.acceptance_rate < 1.0
-    assert spec.tokens_per_iteration > 0
+    spec = st.snapshot(st.last_time)["speculation"]
+    recent = [r for topic, r in synthetic_session(300, change_at=None, spec_k=4, spec_accept=0.7)
+              if topic == "iteration" and r.time > st.last_time - 5.0]
+    assert len(recent) > len(st.iterations)  # the window, not the (shorter) iteration history
+    proposed, accepted = sum(r.spec_proposed for r in recent), sum(r.spec_accepted for r in recent)
+    assert (spec["proposed"], spec["accepted"]) == (proposed, accepted) and 0 < accepted < proposed
+    assert spec["acceptance_rate"] == accepted / proposed
+    assert spec["tokens_per_iteration"] == sum(r.num_generated_tokens for r in recent) / len(recent)
     plain = DashboardState(window_s=5.0)
     plain.ingest(synthetic_session(300, change_at=None))
-    assert plain.spec_stats(None).acceptance_rate is None and plain.spec_stats(None).tokens_per_iteration > 0
+    spec = plain.snapshot(None)["speculation"]
+    assert spec["acceptance_rate"] is None and spec["tokens_per_iteration"] > 0
+
+
+def _spec(proposed: int, accepted: int, per_it: float | None) -> dict:
+    return {"proposed": proposed, "accepted": accepted, "tokens_per_iteration": per_it,
+            "acceptance_rate": accepted / proposed if proposed else None}
 
 
 def test_spec_summary_line():
-    assert summary(SpecStats(10, 8, 6, 25), 4) == "accepted [b]75%[/] · [b]2.50[/] tok/it"
-    assert summary(SpecStats(10, 8, 6, 25), 0) == "accepted [b]75%[/] · [b]2.50[/] tok/it"  # just turned off
-    assert summary(SpecStats(10, 0, 0, 10), 4) == "accepted [b]-[/] · [b]1.00[/] tok/it"  # on, no draft found yet
-    assert summary(SpecStats(10, 0, 0, 10), 0) == "spec off · [b]1.00[/] tok/it"
-    assert summary(SpecStats(), None) == "accepted [b]-[/] · [b]-[/] tok/it"
-    longest = summary(SpecStats(1, 1, 1, 9999), 8)
+    assert summary(_spec(8, 6, 2.5), 4) == "accepted [b]75%[/] · [b]2.50[/] tok/it"
+    assert summary(_spec(8, 6, 2.5), 0) == "accepted [b]75%[/] · [b]2.50[/] tok/it"  # just turned off
+    assert summary(_spec(0, 0, 1.0), 4) == "accepted [b]-[/] · [b]1.00[/] tok/it"  # on, no draft found yet
+    assert summary(_spec(0, 0, 1.0), 0) == "spec off · [b]1.00[/] tok/it"
+    assert summary(_spec(0, 0, None), None) == "accepted [b]-[/] · [b]-[/] tok/it"
+    longest = summary(_spec(1, 1, 9999.0), 8)
     assert len(Content.from_markup(longest).plain) <= 30  # fits the plot's border at 120 columns
 
 

@@ -6,13 +6,12 @@ import json
 import pytest
 import torch
 
-from engine.block_manager import blocks_needed
 from engine.config import ConfigError, EngineConfig, LiveConfig
 from engine.llm_engine import LLMEngine
 from engine.request import SamplingParams
 from engine.speculative.draft_model import DraftModelDrafter
 from tests.helpers import TINY, greedy, loaded, reference_tokens, save_tiny_model
-from tests.test_speculative_engine import prompts_for
+from tests.test_speculative_engine import prompts_for, step_checked
 
 
 @pytest.fixture(scope="module")
@@ -26,32 +25,11 @@ def draft_engine(path, draft, num_blocks=64, block_size=4, **live):
     return LLMEngine(cfg, LiveConfig(**live), loaded=loaded(path), check_invariants=True)
 
 
-def run_checked(engine, k_schedule=None):
-    """Step to the end, checking after every step that both pools hold exactly what is computed."""
-    drafter = engine.drafter
-    assert isinstance(drafter, DraftModelDrafter)
-    step = 0
-    while engine.has_unfinished:
-        if k_schedule and step in k_schedule:
-            engine.update_config({"spec_k": k_schedule[step]})
-        engine.step()
-        step += 1
-        bs = engine.blocks.block_size
-        for r in engine.scheduler.running:
-            assert len(engine.blocks.table(r.request_id)) == blocks_needed(r.num_computed_tokens, bs)
-            kv = drafter.kv.get(r.request_id)
-            if kv is not None:  # rejected drafts' KV went back to the draft pool too
-                assert kv.computed <= len(r.token_ids)
-                assert len(drafter.blocks.table(r.request_id)) == blocks_needed(kv.computed, bs)
-    assert engine.blocks.num_free == engine.blocks.num_blocks
-    assert drafter.blocks.num_free == drafter.blocks.num_blocks and not drafter.kv
-    return engine
-
-
 def run_prompts(engine, prompts, max_tokens, sampling=None, k_schedule=None):
     for i, (p, n) in enumerate(zip(prompts, max_tokens)):
         engine.add_request(str(i), p, sampling(i, n) if sampling else greedy(n))
-    return run_checked(engine, k_schedule)
+    assert isinstance(engine.drafter, DraftModelDrafter)
+    return step_checked(engine, k_schedule)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
@@ -221,6 +199,25 @@ def test_a_smaller_draft_vocabulary_skips_requests_with_ids_it_cannot_embed(mode
     for i, p in enumerate(prompts):
         assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), 10)
     assert engine.requests["0"].spec_proposed == 0 and engine.requests["1"].spec_proposed > 0
+
+
+def test_the_engine_releases_preempted_requests_without_forgetting_their_stream(model_dirs, draft_dir):
+    engine = draft_engine(model_dirs["llama"], draft_dir, spec_k=4, max_num_seqs=6, max_batched_tokens=32,
+                          chunk_size=8, num_blocks=16)
+    calls = []
+    release = engine.drafter.release
+
+    def spy(request_id, finished=True):
+        calls.append((request_id, finished))
+        release(request_id, finished)
+
+    engine.drafter.release = spy
+    prompts, max_tokens = prompts_for(31, count=6)
+    run_prompts(engine, prompts, max_tokens,
+                sampling=lambda i, n: SamplingParams(max_tokens=n, temperature=0.8, seed=i, ignore_eos=True))
+    preemptions = sum(r.num_preemptions for r in engine.requests.values())
+    assert preemptions > 0 and sum(1 for _, finished in calls if not finished) == preemptions
+    assert sorted(rid for rid, finished in calls if finished) == sorted(engine.requests)
 
 
 def test_preemption_keeps_a_seeded_requests_draft_stream(model_dirs, draft_dir):

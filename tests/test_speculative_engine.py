@@ -6,6 +6,7 @@ import pytest
 
 from engine.block_manager import blocks_needed
 from engine.config import ConfigError
+from engine.speculative.draft_model import DraftModelDrafter
 from engine.speculative.drafter import LookupDrafter
 from engine.speculative.ngram import propose_ngram
 from tests.helpers import greedy, make_engine, reference_tokens
@@ -41,15 +42,30 @@ def run(path, prompts, max_tokens, drafter=None, k_schedule=None, **knobs):
         use_drafter(engine, drafter)
     for i, (p, n) in enumerate(zip(prompts, max_tokens)):
         engine.add_request(str(i), p, greedy(n))
+    return step_checked(engine, k_schedule)
+
+
+def step_checked(engine, k_schedule=None):
+    """Step to the end (setting spec_k at the steps `k_schedule` names), checking after every step
+    that the KV pools hold exactly what is computed: rejected drafts' blocks went back, in the draft
+    model's pool too; both pools are empty at the end."""
+    draft = engine.drafter if isinstance(engine.drafter, DraftModelDrafter) else None
+    bs = engine.blocks.block_size
     step = 0
     while engine.has_unfinished:
         if k_schedule and step in k_schedule:
             engine.update_config({"spec_k": k_schedule[step]})
         engine.step()
         step += 1
-        for r in engine.scheduler.running:  # rejected drafts' blocks went back to the pool
-            assert len(engine.blocks.table(r.request_id)) == blocks_needed(r.num_computed_tokens, engine.blocks.block_size)
+        for r in engine.scheduler.running:
+            assert len(engine.blocks.table(r.request_id)) == blocks_needed(r.num_computed_tokens, bs)
+            kv = draft.kv.get(r.request_id) if draft else None
+            if kv is not None:
+                assert kv.computed <= len(r.token_ids)
+                assert len(draft.blocks.table(r.request_id)) == blocks_needed(kv.computed, bs)
     assert engine.blocks.num_free == engine.blocks.num_blocks
+    if draft:
+        assert draft.blocks.num_free == draft.blocks.num_blocks and not draft.kv
     return engine
 
 

@@ -80,17 +80,22 @@ def test_fill_step_matches_build_inputs_across_iterations(seed, num_blocks, max_
     assert not sched.has_work or step == 199
 
 
+def use_step_buffers(engine, max_tokens: int, max_rows: int) -> None:
+    """Put the engine's runner on the persistent-buffer path the CUDA engine uses (here on the CPU)."""
+    runner = engine.runner
+    width = -(-engine.max_model_len // BLOCK_SIZE)
+    runner.buffers = StepBuffers(max_tokens, max_rows, width, torch.device("cpu"))
+    runner.tables = HostTables(width, max_rows)
+    runner.max_model_len = engine.max_model_len
+
+
 def test_buffer_execution_path_is_token_exact_on_cpu(model_dirs):
     """The persistent-buffer path the CUDA engine uses (here without graphs, on the CPU)."""
     from tests.helpers import greedy, make_engine, reference_tokens
 
     path = model_dirs["qwen3"]
     engine = make_engine(path, max_num_seqs=4, max_batched_tokens=32, chunk_size=8, block_size=4, num_blocks=12)
-    runner = engine.runner
-    width = -(-engine.max_model_len // BLOCK_SIZE)
-    runner.buffers = StepBuffers(32, 4, width, torch.device("cpu"))
-    runner.tables = HostTables(width, 4)
-    runner.max_model_len = engine.max_model_len
+    use_step_buffers(engine, max_tokens=32, max_rows=4)
     prompts = [[(7 * i + j) % 256 for j in range(3 + 5 * i)] for i in range(6)]
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, greedy(6))
@@ -115,11 +120,7 @@ def test_buffer_execution_path_verifies_drafts_token_exact_on_cpu(model_dirs, tm
                                         draft_model=draft),
                            LiveConfig(max_num_seqs=4, max_batched_tokens=32, chunk_size=8, spec_k=3),
                            loaded=loaded(path), check_invariants=True)
-        runner = engine.runner
-        width = -(-engine.max_model_len // BLOCK_SIZE)
-        runner.buffers = StepBuffers(32, 16, width, torch.device("cpu"))
-        runner.tables = HostTables(width, 16)
-        runner.max_model_len = engine.max_model_len
+        use_step_buffers(engine, max_tokens=32, max_rows=16)
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, greedy(9))
         engine.run_until_done()

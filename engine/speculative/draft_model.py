@@ -82,14 +82,10 @@ def draft_seed(seed: int) -> int:
 
 
 class DraftModelDrafter(Drafter):
-    name = "model"
-
     def __init__(self, loaded: LoadedModel, kv_cache: KVCache, backend, device: torch.device,
                  target_vocab: int, *, max_rows: int, max_tokens_per_forward: int, cuda_graphs: bool = False,
                  seed: int = 0):
-        self.loaded = loaded
         self.blocks = BlockManager(kv_cache.num_blocks, kv_cache.block_size)
-        self.device = device
         self.target_vocab = target_vocab
         self.draft_vocab = loaded.model.get_input_embeddings().num_embeddings
         self.max_tokens_per_forward = max(1, max_tokens_per_forward)
@@ -99,7 +95,6 @@ class DraftModelDrafter(Drafter):
                                   cuda_graphs=cuda_graphs)
         self.sampler = Sampler(device, draft_seed(seed))  # generators only: drafts never share the target's noise
         self.kv: dict[str, _DraftKV] = {}
-        self.forwards = 0  # draft-model forwards run (telemetry and tests)
 
     # -- planning -------------------------------------------------------------------------------
     def plan(self, request: Request, room: int) -> int:
@@ -131,7 +126,6 @@ class DraftModelDrafter(Drafter):
                     break
                 keep += 1
             kv.computed = kv.base + keep
-        kv.computed = min(kv.computed, len(request.token_ids))
         kv.base, kv.drafts = kv.computed, []
         self.blocks.shrink(request.request_id, kv.computed)
 
@@ -156,7 +150,9 @@ class DraftModelDrafter(Drafter):
             self.sync(r)
             length = len(r.token_ids)
             kv.computed = min(kv.computed, length - 1)  # the last token is fed again: its logits give draft 1
-            if not self._representable(r) or not self._reserve(r.request_id, length + c.num_draft - 1):
+            # this pool has the target's size and holds no more for any request than the target does,
+            # so the grow cannot fail; were it to, this step would simply go without drafts
+            if not self._representable(r) or not self.blocks.grow(r.request_id, length + c.num_draft - 1):
                 c.draft = ()
                 continue
             rows.append(_Row(c, kv, length, c.num_draft, kv.computed))
@@ -169,15 +165,6 @@ class DraftModelDrafter(Drafter):
             sampled = not row.chunk.request.sampling.greedy
             row.chunk.draft_probs = torch.stack(row.probs) if sampled else None
             row.kv.computed, row.kv.base, row.kv.drafts = row.pos, row.context_len, row.drafts
-
-    def _reserve(self, request_id: str, num_tokens: int) -> bool:
-        if self.blocks.grow(request_id, num_tokens):
-            return True
-        for rid, kv in self.kv.items():  # stale drafts of requests not drafting now hold blocks: trim them
-            if rid != request_id and kv.computed > kv.base:
-                kv.computed, kv.drafts = kv.base, []
-                self.blocks.shrink(rid, kv.computed)
-        return self.blocks.grow(request_id, num_tokens)
 
     def _forward(self, active: list[_Row]) -> None:
         """Feed every active row what it lacks (within the per-forward token cap); rows that reach
@@ -194,7 +181,6 @@ class DraftModelDrafter(Drafter):
                 row_of[id(c)] = row
                 left -= n
         logits, sampling, _counts = self.runner.logits(chunks, self.blocks)
-        self.forwards += 1
         for c in chunks:
             row_of[id(c)].pos += c.num_tokens
         if not sampling:

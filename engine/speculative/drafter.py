@@ -19,8 +19,6 @@ ProposeFn = Callable[[list[int], int], list[int]]
 class Drafter:
     """Base class; drafters without per-request state keep the default hooks."""
 
-    name = "drafter"
-
     def plan(self, request: Request, room: int) -> int:
         """Draft positions to reserve for `request`'s next decode step (0 <= result <= room)."""
         raise NotImplementedError
@@ -44,9 +42,8 @@ class LookupDrafter(Drafter):
     """Proposals computed from the request's own tokens by `propose(token_ids, k)` (no model), e.g.
     n-gram prompt lookup. Proposed while planning, so exactly the proposed length is reserved."""
 
-    def __init__(self, propose: ProposeFn, name: str = "lookup"):
+    def __init__(self, propose: ProposeFn):
         self.propose = propose
-        self.name = name
         self._proposals: dict[int, tuple[int, ...]] = {}  # id(request) -> tokens, between plan and fill
 
     def plan(self, request: Request, room: int) -> int:
