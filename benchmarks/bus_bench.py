@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.bus import Bus, Subscription  # noqa: E402
-from engine.telemetry import IterationRecord  # noqa: E402
+from batchdeck.engine.service.bus import Bus, Subscription  # noqa: E402
+from batchdeck.engine.telemetry import IterationRecord  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bus_bench.json"
 

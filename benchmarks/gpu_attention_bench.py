@@ -18,7 +18,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from engine.attention.triton_backend import TritonBackend
+from batchdeck.engine.attention.triton_backend import TritonBackend
 
 
 def make_pool(lens, kvh, d, bs, dtype, seed=0):

@@ -31,10 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_common import command_line, log, versions, write_json  # noqa: E402
 from benchmarks.gpu_offline import measure_ceilings  # noqa: E402
-from engine.config import EngineConfig, LiveConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
-from engine.request import SamplingParams  # noqa: E402
+from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
+from batchdeck.engine.llm_engine import LLMEngine  # noqa: E402
+from batchdeck.engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
+from batchdeck.engine.request import SamplingParams  # noqa: E402
 
 
 def model_bytes(cfg, dtype_bytes: int = 2) -> tuple[int, int]:

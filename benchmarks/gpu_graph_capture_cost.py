@@ -21,8 +21,8 @@ from benchmarks.bench_common import argv_without, command_line, log, run_script,
 def measure(args) -> dict:
     import torch
 
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
+    from batchdeck.engine.config import EngineConfig
+    from batchdeck.engine.llm_engine import LLMEngine
 
     cfg = EngineConfig(model=args.model, device="cuda", dtype="bfloat16", num_blocks=args.num_blocks,
                        spec_k_limit=args.phase_limit)

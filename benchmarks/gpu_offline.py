@@ -39,10 +39,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_common import argv_without, command_line, log, run_script, versions, write_json  # noqa: E402
-from engine.config import EngineConfig, LiveConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
-from engine.request import SamplingParams  # noqa: E402
+from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
+from batchdeck.engine.llm_engine import LLMEngine  # noqa: E402
+from batchdeck.engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
+from batchdeck.engine.request import SamplingParams  # noqa: E402
 
 
 def timed_median(fn, reps: int, warmup: int = 3) -> float:

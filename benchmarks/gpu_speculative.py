@@ -58,9 +58,9 @@ def prompts_for(vocab: int, args, copy_heavy: bool) -> list[list[int]]:
 def run_config(args) -> dict:
     import torch
 
-    from engine.config import EngineConfig, LiveConfig
-    from engine.llm_engine import LLMEngine
-    from engine.request import SamplingParams
+    from batchdeck.engine.config import EngineConfig, LiveConfig
+    from batchdeck.engine.llm_engine import LLMEngine
+    from batchdeck.engine.request import SamplingParams
 
     sc = SCENARIOS[args.scenario]
     k = args.phase_k

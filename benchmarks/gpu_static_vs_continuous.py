@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/gpu_static_vs_continuous.py \
         --out benchmarks/results/gpu_static_vs_continuous_qwen3-0.6b.json
 
-Workload: the first `--requests` rows of presets/traces/azure_conv.csv (engine.traces.load_trace,
+Workload: the first `--requests` rows of presets/traces/azure_conv.csv (presets.trace_loader.load_trace,
 TIMESTAMP / ContextTokens / GeneratedTokens, time_unit datetime), inter-arrival gaps multiplied by
 `--time-scale` (small: arrivals far beyond capacity, so the engine saturates and a queue forms),
 input lengths capped so input + output fits the model context; prompt token ids uniform over the
@@ -35,7 +35,7 @@ TRACE_COLUMNS = {"time": "TIMESTAMP", "input": "ContextTokens", "output": "Gener
 
 
 def trace_requests(args, max_model_len: int) -> list[tuple[float, int, int]]:
-    from engine.traces import load_trace
+    from batchdeck.presets.trace_loader import load_trace
 
     rows = load_trace(args.trace, TRACE_COLUMNS, time_unit="datetime", time_scale=args.time_scale,
                       limit=args.requests)
@@ -50,10 +50,10 @@ def trace_requests(args, max_model_len: int) -> list[tuple[float, int, int]]:
 def run_mode(args) -> dict:
     import torch
 
-    from engine.config import EngineConfig, LiveConfig
-    from engine.llm_engine import LLMEngine
-    from engine.models import synthetic_config
-    from engine.request import SamplingParams
+    from batchdeck.engine.config import EngineConfig, LiveConfig
+    from batchdeck.engine.llm_engine import LLMEngine
+    from batchdeck.engine.models import synthetic_config
+    from batchdeck.engine.request import SamplingParams
 
     cuda = args.device.startswith("cuda")
     name = args.model.split(":", 1)[1]
@@ -160,7 +160,7 @@ def main() -> None:
             json.dump(res, f, default=str)
         return
 
-    from engine.models import SYNTHETIC_CONTEXT_CAP, SYNTHETIC_SHAPES, synthetic_config
+    from batchdeck.engine.models import SYNTHETIC_CONTEXT_CAP, SYNTHETIC_SHAPES, synthetic_config
 
     name = args.model.split(":", 1)[1]
     assert args.model.startswith("synthetic:") and name in SYNTHETIC_SHAPES, "a synthetic:<name> model"

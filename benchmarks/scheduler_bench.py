@@ -30,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.block_manager import BlockManager  # noqa: E402
-from engine.config import LiveConfig  # noqa: E402
-from engine.request import SLO_CLASSES, Request, SamplingParams  # noqa: E402
-from engine.scheduler import Scheduler  # noqa: E402
-from policies import make_policy, policy_names  # noqa: E402
+from batchdeck.engine.block_manager import BlockManager  # noqa: E402
+from batchdeck.engine.config import LiveConfig  # noqa: E402
+from batchdeck.engine.request import SLO_CLASSES, Request, SamplingParams  # noqa: E402
+from batchdeck.engine.scheduler import Scheduler  # noqa: E402
+from batchdeck.policies import make_policy, policy_names  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scheduler_bench.json"
 TICK = 0.025  # simulated seconds per iteration

@@ -45,14 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from engine.async_engine import AsyncEngine  # noqa: E402
-from engine.bus import Bus  # noqa: E402
-from engine.config import EngineConfig, LiveConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.metrics import MetricsWindow  # noqa: E402
-from engine.models import load_model  # noqa: E402
-from engine.request import SamplingParams  # noqa: E402
-from engine.telemetry import null_sink  # noqa: E402
+from batchdeck.engine.service.async_engine import AsyncEngine  # noqa: E402
+from batchdeck.engine.service.bus import Bus  # noqa: E402
+from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
+from batchdeck.engine.llm_engine import LLMEngine  # noqa: E402
+from batchdeck.engine.service.metrics import MetricsWindow  # noqa: E402
+from batchdeck.engine.models import load_model  # noqa: E402
+from batchdeck.engine.request import SamplingParams  # noqa: E402
+from batchdeck.engine.telemetry import null_sink  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "telemetry_bench.json"
 MODES = ("off", "on", "on_eager", "stuck")
@@ -109,7 +109,7 @@ async def run_once(mode: str, loaded: Any, args: argparse.Namespace, broker: Any
     await aeng.start()
     bridge = None
     if mode == "mqtt":
-        from engine.mqtt_bridge import MqttBridge, MqttSettings
+        from batchdeck.engine.service.mqtt_bridge import MqttBridge, MqttSettings
 
         bridge = MqttBridge(aeng, bus, "bench", MqttSettings(broker.host, broker.port), log=None)
         await bridge.start()

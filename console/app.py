@@ -21,18 +21,18 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Sparkline
 
-from console import format as fmt
-from console.client import Client, CommandResult, ConnectionState, make_burst
-from console.commands import SettingsProvider, validate
-from console.recorder import Recorder
-from console.screens.config_screen import ConfigScreen
-from console.speculation import summary as spec_summary
-from console.state import DashboardState, format_changes
-from console.widgets.batch_chart import BatchChart
-from console.widgets.event_log import EventLog
-from console.widgets.panels import GpuPanel, KvGauge, ServicePanel, SettingsPanel, StatTile, StatusBar
-from console.widgets.request_table import RequestTable
-from console.widgets.throughput_plot import ThroughputPlot
+from batchdeck.console import format as fmt
+from batchdeck.console.client import Client, CommandResult, ConnectionState, make_burst
+from batchdeck.console.commands import SettingsProvider, validate
+from batchdeck.console.recorder import Recorder
+from batchdeck.console.screens.config_screen import ConfigScreen
+from batchdeck.console.speculation import summary as spec_summary
+from batchdeck.console.state import DashboardState, format_changes
+from batchdeck.console.widgets.batch_chart import BatchChart
+from batchdeck.console.widgets.event_log import EventLog
+from batchdeck.console.widgets.panels import GpuPanel, KvGauge, ServicePanel, SettingsPanel, StatTile, StatusBar
+from batchdeck.console.widgets.request_table import RequestTable
+from batchdeck.console.widgets.throughput_plot import ThroughputPlot
 
 Driver = Callable[[], Awaitable[Any]]
 LINK_STYLE = {ConnectionState.CONNECTED: "bold green", ConnectionState.IN_PROCESS: "bold green",

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from engine.cli import add_engine_flags, flags_default_to_none, given_engine_flags
+from batchdeck.engine.service.flags import add_engine_flags, flags_default_to_none, given_engine_flags
 
 TINY_MODEL = "synthetic:tiny"
 CUDA_MODEL = "synthetic:qwen3-0.6b"
@@ -86,18 +86,18 @@ def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, ove
               speed: float = 1.0, duration_scale: float = 1.0, refresh_hz: float | None = None, loaded: Any = None,
               log=None):
     """The ConsoleApp for a mode (in-process default / preset, attach, replay), not yet running."""
-    from console.app import ConsoleApp
-    from console.recorder import Recorder
+    from batchdeck.console.app import ConsoleApp
+    from batchdeck.console.recorder import Recorder
 
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     drivers: list = []
     title = None
     if replay is not None:
-        from console.player import ReplayClient
+        from batchdeck.console.player import ReplayClient
 
         client = ReplayClient(replay, speed=speed)
     elif attach is not None:
-        from console.mqtt_client import MqttClient
+        from batchdeck.console.mqtt_client import MqttClient
 
         client = MqttClient(attach)
     else:
@@ -110,14 +110,14 @@ def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, ove
 
 def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[str, Any] | None, speed: float,
                duration_scale: float, loaded: Any, say):
-    from engine.async_engine import AsyncEngine
-    from engine.bus import Bus
-    from engine.preset_driver import build_engine_for_preset
-    from presets import load_preset, resolve_preset
-    from presets.schema import Preset
+    from batchdeck.engine.service.async_engine import AsyncEngine
+    from batchdeck.engine.service.bus import Bus
+    from batchdeck.presets.preset_driver import build_engine_for_preset
+    from batchdeck.presets import load_preset, resolve_preset
+    from batchdeck.presets.schema import Preset
 
-    from console.inprocess_client import InProcessClient
-    from console.workload import SteadyWorkload
+    from batchdeck.console.inprocess_client import InProcessClient
+    from batchdeck.console.workload import SteadyWorkload
 
     kw = {**_overrides(args), **(overrides or {})}
     bus = Bus()
@@ -129,7 +129,7 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
         engine = AsyncEngine(llm)
 
         async def play() -> None:
-            from presets.replay import run_preset_async
+            from batchdeck.presets.replay import run_preset_async
 
             await run_preset_async(preset, engine=engine, speed=speed, duration_scale=duration_scale, source="preset")
 

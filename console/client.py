@@ -24,8 +24,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple
 
-from engine.gpu_monitor import GpuSample
-from engine.telemetry import Event, IterationRecord, RequestRecord
+from batchdeck.engine.service.gpu_monitor import GpuSample
+from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord
 
 TOPICS = ("iteration", "request", "event", "gpu", "requests")
 
@@ -224,7 +224,7 @@ class FakeClient(Client):
         return CommandResult(True, "get", config=self.config_snapshot)
 
     async def set(self, changes: Mapping[str, Any]) -> CommandResult:
-        from engine.config import ConfigError, LiveConfig, validate_changes
+        from batchdeck.engine.config import ConfigError, LiveConfig, validate_changes
 
         self.calls.append(("set", dict(changes)))
         snap = self.config_snapshot
@@ -263,7 +263,7 @@ class FakeClient(Client):
 
 def default_snapshot() -> dict[str, Any]:
     """A config snapshot shaped like `LLMEngine.config_snapshot()` with the engine's defaults."""
-    from engine.config import ConfigBounds, LiveConfig
+    from batchdeck.engine.config import ConfigBounds, LiveConfig
 
     bounds = ConfigBounds(max_num_seqs=256, max_batched_tokens=8192, policies=("fcfs", "sjf", "slo", "fair", "priority"))
     return {"config": LiveConfig().to_dict(), "bounds": bounds.to_dict(), "version": 0,
@@ -273,7 +273,7 @@ def default_snapshot() -> dict[str, Any]:
 
 def bounds_from_dict(bounds: Mapping[str, Any]):
     """`ConfigBounds` from the JSON form in a config snapshot (`ConfigBounds.to_dict()`)."""
-    from engine.config import ConfigBounds
+    from batchdeck.engine.config import ConfigBounds
 
     def upper(key: str, default: int) -> int:
         value = bounds.get(key)

@@ -14,9 +14,9 @@ from typing import Any, Mapping
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from engine.config import BATCHING_MODES, MIXING_MODES, PREEMPTION_MODES, ConfigError, LiveConfig, validate_changes
+from batchdeck.engine.config import BATCHING_MODES, MIXING_MODES, PREEMPTION_MODES, ConfigError, LiveConfig, validate_changes
 
-from console.client import bounds_from_dict
+from batchdeck.console.client import bounds_from_dict
 
 SETTINGS = ("policy", "mixing", "batching", "max_num_seqs", "max_batched_tokens", "chunk_size", "preemption",
             "selective_threshold", "static_timeout", "spec_k")

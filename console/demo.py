@@ -8,8 +8,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from engine.gpu_monitor import GpuSample
-from engine.telemetry import Event, IterationRecord, RequestRecord
+from batchdeck.engine.service.gpu_monitor import GpuSample
+from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord
 
 TENANTS = (("alice", "interactive"), ("bob", "interactive"), ("carol", "batch"), ("dave", "realtime"))
 

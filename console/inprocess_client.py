@@ -11,15 +11,15 @@ import asyncio
 import itertools
 from typing import Any, Iterable, Mapping
 
-from engine.async_engine import AsyncEngine
-from engine.bus import Bus, Subscription
-from engine.config import ConfigError
-from engine.gpu_monitor import GpuMonitor
-from engine.request import RequestError
-from engine.request_spec import parse_request
-from engine.telemetry import null_sink
+from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.service.bus import Bus, Subscription
+from batchdeck.engine.config import ConfigError
+from batchdeck.engine.service.gpu_monitor import GpuMonitor
+from batchdeck.engine.request import RequestError
+from batchdeck.engine.request_spec import parse_request
+from batchdeck.engine.telemetry import null_sink
 
-from console.client import (Client, CommandResult, ConnectionState, TelemetryMessage, as_request_list,
+from batchdeck.console.client import (Client, CommandResult, ConnectionState, TelemetryMessage, as_request_list,
                             merge_submit_results)
 
 SOURCE = "console"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 from urllib.parse import unquote, urlparse
 
-from console.client import (Client, CommandResult, ConnectionState, as_request_list, merge_submit_results,
+from batchdeck.console.client import (Client, CommandResult, ConnectionState, as_request_list, merge_submit_results,
                             record_from_dict)
 
 TELEMETRY = {"telemetry/iteration": "iteration", "telemetry/request": "request", "telemetry/gpu": "gpu",

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from console.client import Client, CommandResult, ConnectionState, record_from_dict
+from batchdeck.console.client import Client, CommandResult, ConnectionState, record_from_dict
 
 SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 PLAYED_TYPES = ("iteration", "request", "event", "gpu", "requests", "action", "config")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Iterable, Mapping
 
-from console.client import TelemetryMessage, record_to_dict
+from batchdeck.console.client import TelemetryMessage, record_to_dict
 
 
 def _default(obj: Any) -> Any:

@@ -11,9 +11,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from engine.gpu_monitor import GpuSample
-from engine.metrics import MetricsWindow
-from engine.telemetry import Event, IterationRecord
+from batchdeck.engine.service.gpu_monitor import GpuSample
+from batchdeck.engine.service.metrics import MetricsWindow
+from batchdeck.engine.telemetry import Event, IterationRecord
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ import asyncio
 import itertools
 from typing import Any
 
-from engine.async_engine import AsyncEngine
-from engine.request import RequestError, SamplingParams
-from engine.workload import WorkloadItem, closed_loop_streams, generate_open_loop
+from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.request import RequestError, SamplingParams
+from batchdeck.presets.workload_streams import WorkloadItem, closed_loop_streams, generate_open_loop
 
-from presets.schema import Preset
+from batchdeck.presets.schema import Preset
 
 
 def preset_period(preset: Preset) -> float:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from engine.attention.metadata import AttentionMetadata, StepContext
+from batchdeck.engine.attention.metadata import AttentionMetadata, StepContext
 
 
 def decode_buckets(max_rows: int) -> list[int]:

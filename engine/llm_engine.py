@@ -13,21 +13,21 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from engine.attention.backend import make_backend
-from engine.block_manager import BlockManager, blocks_needed
-from engine.config import ConfigBounds, ConfigError, EngineConfig, LiveConfig, validate_changes
-from engine.kv_cache import KVCache, bytes_per_block
-from engine.model_runner import ModelRunner
-from engine.models import LoadedModel, load_model
-from engine.request import SLO_CLASSES, FinishReason, Request, RequestError, RequestStatus, SamplingParams
-from engine.sampler import Sampler
-from engine.scheduler import Scheduler
-from engine.slo import DEFAULT_SLO_TARGETS, SLOTarget, slo_met
-from engine.speculative.draft_model import DraftModelDrafter
-from engine.speculative.drafter import Drafter, LookupDrafter
-from engine.speculative.ngram import propose_ngram
-from engine.telemetry import Event, IterationRecord, RequestRecord, SinkFn, null_sink
-from policies import make_policy, policy_names, validate_policy_params
+from batchdeck.engine.attention.backend import make_backend
+from batchdeck.engine.block_manager import BlockManager, blocks_needed
+from batchdeck.engine.config import ConfigBounds, ConfigError, EngineConfig, LiveConfig, validate_changes
+from batchdeck.engine.kv_cache import KVCache, bytes_per_block
+from batchdeck.engine.model_runner import ModelRunner
+from batchdeck.engine.models import LoadedModel, load_model
+from batchdeck.engine.request import SLO_CLASSES, FinishReason, Request, RequestError, RequestStatus, SamplingParams
+from batchdeck.engine.sampler import Sampler
+from batchdeck.engine.scheduler import Scheduler
+from batchdeck.engine.slo import DEFAULT_SLO_TARGETS, SLOTarget, slo_met
+from batchdeck.engine.speculative.draft_model import DraftModelDrafter
+from batchdeck.engine.speculative.drafter import Drafter, LookupDrafter
+from batchdeck.engine.speculative.ngram import propose_ngram
+from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord, SinkFn, null_sink
+from batchdeck.policies import make_policy, policy_names, validate_policy_params
 
 CPU_DEFAULT_KV_BYTES = 512 * 1024 * 1024
 VOCAB_PADDING_SLACK = 1024  # draft and target vocabularies may differ by padding, not by tokenizer

@@ -19,13 +19,13 @@ from itertools import chain
 import numpy as np
 import torch
 
-from engine.attention.metadata import AttentionMetadata, StepContext
-from engine.cuda_graphs import CudaGraphRunner, StepBuffers
-from engine.block_manager import BlockManager
-from engine.kv_cache import KVCache
-from engine.sampler import Sampler
-from engine.speculative.verify import verify_chunks
-from engine.step_plan import ScheduledChunk, StepPlan
+from batchdeck.engine.attention.metadata import AttentionMetadata, StepContext
+from batchdeck.engine.cuda_graphs import CudaGraphRunner, StepBuffers
+from batchdeck.engine.block_manager import BlockManager
+from batchdeck.engine.kv_cache import KVCache
+from batchdeck.engine.sampler import Sampler
+from batchdeck.engine.speculative.verify import verify_chunks
+from batchdeck.engine.step_plan import ScheduledChunk, StepPlan
 
 
 # Speculating iterations (drafts verified, prefill chunks beside them) up to this many tokens replay
@@ -252,7 +252,7 @@ class ModelRunner:
         self.tables: HostTables | None = None
         self.fused: dict[str, int] = {}
         if device.type == "cuda" and getattr(backend, "graph_safe", False):
-            from engine.triton_fused import fuse_model
+            from batchdeck.engine.triton_fused import fuse_model
 
             self.fused = fuse_model(model)  # fewer kernels per layer (BATCHDECK_FUSED=0: stock modules)
         if device.type == "cuda" and max_rows and max_tokens and max_model_len:
@@ -270,7 +270,7 @@ class ModelRunner:
                 except Exception as exc:  # noqa: BLE001 - a fused kernel that fails to build: stock modules
                     if not any(self.fused.values()):
                         raise
-                    from engine.triton_fused import unfuse_model
+                    from batchdeck.engine.triton_fused import unfuse_model
 
                     unfuse_model(model)
                     self.fused = {"failed": repr(exc)[:500]}

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.request import SLO_CLASSES, RequestError, SamplingParams
-from engine.tokenizer import Tokenizer
+from batchdeck.engine.request import SLO_CLASSES, RequestError, SamplingParams
+from batchdeck.engine.tokenizer import Tokenizer
 
 KNOWN_KEYS = {"id", "prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
               "stop_token_ids", "ignore_eos", "arrival_time", "tenant", "priority", "slo_class"}

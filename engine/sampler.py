@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.request import SamplingParams
+from batchdeck.engine.request import SamplingParams
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

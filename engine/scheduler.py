@@ -6,12 +6,12 @@ first, who is preempted) are the policy's; everything else is here.
 """
 from __future__ import annotations
 
-from engine.block_manager import BlockManager
-from engine.config import LiveConfig
-from engine.request import Request, RequestStatus
-from engine.speculative.drafter import Drafter
-from engine.step_plan import ScheduledChunk, StepPlan
-from policies.base import Policy
+from batchdeck.engine.block_manager import BlockManager
+from batchdeck.engine.config import LiveConfig
+from batchdeck.engine.request import Request, RequestStatus
+from batchdeck.engine.speculative.drafter import Drafter
+from batchdeck.engine.step_plan import ScheduledChunk, StepPlan
+from batchdeck.policies.base import Policy
 
 
 class Scheduler:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.request import Request
+from batchdeck.engine.request import Request
 
 
 @dataclass(slots=True)

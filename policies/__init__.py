@@ -4,13 +4,13 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
-from engine.config import ConfigError
-from policies.base import ParamSpec, Policy
-from policies.fair import FairPolicy
-from policies.fcfs import FCFSPolicy
-from policies.priority import PriorityPolicy
-from policies.sjf import SJFPolicy
-from policies.slo import SLOPolicy
+from batchdeck.engine.config import ConfigError
+from batchdeck.policies.base import ParamSpec, Policy
+from batchdeck.policies.fair import FairPolicy
+from batchdeck.policies.fcfs import FCFSPolicy
+from batchdeck.policies.priority import PriorityPolicy
+from batchdeck.policies.sjf import SJFPolicy
+from batchdeck.policies.slo import SLOPolicy
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (FCFSPolicy, SJFPolicy, SLOPolicy, FairPolicy, PriorityPolicy)

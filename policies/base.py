@@ -30,8 +30,8 @@ from itertools import compress
 from operator import attrgetter, ne
 from typing import Any, Callable, ClassVar, Collection, Mapping, Sequence
 
-from engine.config import ConfigError
-from engine.request import Request
+from batchdeck.engine.config import ConfigError
+from batchdeck.engine.request import Request
 
 ADMISSION_SEQ = attrgetter("admission_seq")
 _NUM_PREEMPTIONS = attrgetter("num_preemptions")

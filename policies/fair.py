@@ -37,8 +37,8 @@ from itertools import accumulate
 from operator import attrgetter
 from typing import Any, Sequence
 
-from engine.request import Request
-from policies.base import ADMISSION_SEQ, ParamSpec, Policy
+from batchdeck.engine.request import Request
+from batchdeck.policies.base import ADMISSION_SEQ, ParamSpec, Policy
 
 PROMPT = attrgetter("prompt_token_ids")
 TENANT = attrgetter("tenant")

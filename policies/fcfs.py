@@ -7,7 +7,7 @@ is high under mixed lengths. Parameters: none.
 """
 from __future__ import annotations
 
-from policies.base import Policy
+from batchdeck.policies.base import Policy
 
 
 class FCFSPolicy(Policy):

@@ -17,8 +17,8 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import Any, Sequence
 
-from engine.request import Request
-from policies.base import ParamSpec, Policy, WaitingKeys
+from batchdeck.engine.request import Request
+from batchdeck.policies.base import ParamSpec, Policy, WaitingKeys
 
 PRIORITY_SEQ = attrgetter("priority", "admission_seq")
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 from operator import attrgetter
 from typing import Any, Callable, Mapping, Sequence
 
-from engine.request import Request
-from policies.base import ADMISSION_SEQ, ParamSpec, Policy, WaitingKeys
+from batchdeck.engine.request import Request
+from batchdeck.policies.base import ADMISSION_SEQ, ParamSpec, Policy, WaitingKeys
 
 Predictor = Callable[[Request, Mapping[str, Any]], float]
 

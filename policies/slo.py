@@ -34,9 +34,9 @@ from __future__ import annotations
 import bisect
 from typing import Any, Sequence
 
-from engine.request import SLO_CLASSES, Request
-from engine.slo import DEFAULT_SLO_TARGETS, SLOTarget
-from policies.base import ParamSpec, Policy, WaitingKeys
+from batchdeck.engine.request import SLO_CLASSES, Request
+from batchdeck.engine.slo import DEFAULT_SLO_TARGETS, SLOTarget
+from batchdeck.policies.base import ParamSpec, Policy, WaitingKeys
 
 
 def _target_params() -> dict[str, ParamSpec]:

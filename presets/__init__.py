@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from presets.schema import (
+from batchdeck.presets.schema import (
     BurstSpec,
     ClosedLoopSpec,
     GammaSpec,

@@ -1,4 +1,4 @@
-"""`batchdeck replay` and `batchdeck compare` (registered by engine/cli.py through `register_cli`).
+"""`batchdeck replay` and `batchdeck compare` (registered by batchdeck/cli.py through `register_cli`).
 
     batchdeck replay PRESET [--headless] [--report out.json] [--html out.html] [--record run.jsonl]
                             [--speed X] [--duration-scale F] [--set KEY=VALUE ...] [--no-timeline]
@@ -8,18 +8,17 @@
 PRESET is a shipped preset's name (`batchdeck replay --list`) or a YAML file. Headless, the preset
 runs to its end with a progress bar on stderr, a summary is printed, and the report is written
 (`--report`, default `PRESET-report.json`; `--html` for the page with plots). Without --headless
-the console opens with the preset's timeline driving it (`run_console(preset=...)` from console.app or
-console.cli, which plays it through `presets.replay.run_preset_async(preset, engine=...)`).
+the console opens with the preset's timeline driving it (the `open_console` the command line wires in,
+which plays it through `presets.replay.run_preset_async(preset, engine=...)`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -63,7 +62,9 @@ examples:
 """
 
 
-def register_cli(sub: argparse._SubParsersAction) -> None:
+def register_cli(sub: argparse._SubParsersAction, open_console: Callable[..., int] | None = None) -> None:
+    """`replay` and `compare`; `open_console(preset, overrides=, record=, speed=, duration_scale=)` runs a
+    replay in the console (None: only --headless replays)."""
     rp = sub.add_parser("replay", help="play a preset (workload + timeline) headless to a report, or in the console",
                         description=REPLAY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     rp.add_argument("preset", nargs="?", help="a shipped preset's name or a preset YAML file")
@@ -84,7 +85,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override the dtype")
     rp.add_argument("--num-blocks", type=int, default=None, help="override the KV pool size")
     rp.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    rp.set_defaults(func=cmd_replay)
+    rp.set_defaults(func=lambda args: cmd_replay(args, open_console))
 
     cp = sub.add_parser("compare", help="side-by-side table of replay reports",
                         description="Print the summaries of replay reports side by side (with --phases, each "
@@ -96,14 +97,14 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 def prepare_preset(args: argparse.Namespace):
     """The preset with --set / --no-timeline applied (checked like the file itself)."""
-    from engine.config import ConfigError, LiveConfig, validate_changes
-    from presets import load_preset, resolve_preset
-    from presets.schema import bounds_for
+    from batchdeck.engine.config import ConfigError, LiveConfig, validate_changes
+    from batchdeck.presets import load_preset, resolve_preset
+    from batchdeck.presets.schema import bounds_for
 
     preset = load_preset(resolve_preset(args.preset))
     changes = dict(getattr(args, "set_", []) or [])
     if changes:
-        from policies import validate_policy_params
+        from batchdeck.policies import validate_policy_params
 
         try:
             start = validate_changes(LiveConfig(), preset.config, bounds_for(preset.engine)) if preset.config \
@@ -131,7 +132,7 @@ def write_outputs(result, report_path: str | None, html_path: str | None, out=No
             json.dump(report, f, indent=1, default=str)
         out.write(f"report: {report_path}\n")
     if html_path:
-        from presets.html_report import write_html
+        from batchdeck.presets.html_report import write_html
 
         Path(html_path).parent.mkdir(parents=True, exist_ok=True)
         write_html(report, html_path)
@@ -140,7 +141,7 @@ def write_outputs(result, report_path: str | None, html_path: str | None, out=No
 
 
 def summary_text(report: dict[str, Any]) -> str:
-    from presets.compare import metric_rows, render_table
+    from batchdeck.presets.compare import metric_rows, render_table
 
     cols = [("whole run", report["summary"])]
     phases = report.get("phases") or []
@@ -152,9 +153,9 @@ def summary_text(report: dict[str, Any]) -> str:
     return render_table(["metric", *(c for c, _ in cols)], rows)
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
+def cmd_replay(args: argparse.Namespace, open_console: Callable[..., int] | None = None) -> int:
     if args.list:
-        from presets import load_preset, shipped_presets
+        from batchdeck.presets import load_preset, shipped_presets
 
         for name, path in shipped_presets().items():
             desc = " ".join(load_preset(path).description.split())
@@ -165,9 +166,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     preset = prepare_preset(args)
     overrides = overrides_from(args)
     if not args.headless:
-        return _replay_in_console(args, preset, overrides)
+        return _replay_in_console(args, preset, overrides, open_console)
 
-    from presets.replay import progress_printer, run_preset
+    from batchdeck.presets.replay import progress_printer, run_preset
 
     progress = None if args.quiet else progress_printer()
     result = run_preset(preset, overrides=overrides, speed=args.speed, duration_scale=args.duration_scale,
@@ -183,34 +184,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay_in_console(args: argparse.Namespace, preset, overrides: dict[str, Any]) -> int:
-    run_console = None
-    problems = []
-    for module in ("console.app", "console.cli"):
-        try:
-            run_console = getattr(__import__(module, fromlist=["run_console"]), "run_console", None)
-        except ImportError as exc:
-            problems.append(str(exc))
-        if run_console is not None:
-            break
-    if run_console is None:
-        why = "; ".join(problems) or "console.app.run_console is missing"
-        raise ValueError(f"replay: the console is not available ({why}); "
-                         "run with --headless to replay to a report")
-    offered = {"preset": preset, "speed": args.speed, "duration_scale": args.duration_scale, "record": args.record,
-               "overrides": overrides, "report": args.report, "html": args.html}
-    params = inspect.signature(run_console).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in offered.items() if takes_any or k in params}
-    wanted = [f"--{k}" for k in ("report", "html") if offered[k] and k not in kwargs]
+def _replay_in_console(args: argparse.Namespace, preset, overrides: dict[str, Any],
+                       open_console: Callable[..., int] | None) -> int:
+    if open_console is None:
+        raise ValueError("replay: the console is not available; run with --headless to replay to a report")
+    wanted = [f"--{k}" for k in ("report", "html") if getattr(args, k)]
     if wanted:
         raise ValueError(f"replay: {' and '.join(wanted)} are written by headless replays: add --headless "
                          "(in the console, --record keeps the whole session)")
-    result = run_console(**kwargs)
-    return result if isinstance(result, int) else 0
+    return int(open_console(preset, overrides=overrides, record=args.record, speed=args.speed,
+                            duration_scale=args.duration_scale) or 0)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from presets.compare import main_compare
+    from batchdeck.presets.compare import main_compare
 
     return main_compare(args.reports, phases=args.phases)

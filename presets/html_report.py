@@ -20,7 +20,7 @@ import io
 import math
 from typing import Any, Mapping, Sequence
 
-from presets.compare import change_cell, fmt_num, fmt_s, metric_rows
+from batchdeck.presets.compare import change_cell, fmt_num, fmt_s, metric_rows
 
 PALETTE = {"prefill": "#e07b39", "decode": "#3a7dc9", "padding": "#b9b9b9", "gen": "#3a7dc9", "prompt": "#e07b39",
            "p50": "#3a7dc9", "p99": "#c0392b", "kv": "#2e8b57", "waiting": "#8e44ad", "running": "#333333"}

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping
 
-from engine.async_engine import AsyncEngine
-from engine.preset_driver import AppliedAction, PresetDriver, build_engine_for_preset, scale_preset
-from engine.telemetry import ListSink
-from presets import Preset, load_preset, resolve_preset
-from presets.report import build_report, preset_info, prompt_hash
+from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.presets.preset_driver import AppliedAction, PresetDriver, build_engine_for_preset, scale_preset
+from batchdeck.engine.telemetry import ListSink
+from batchdeck.presets import Preset, load_preset, resolve_preset
+from batchdeck.presets.report import build_report, preset_info, prompt_hash
 
 
 def as_preset(preset: Preset | str | Path) -> Preset:
@@ -172,7 +172,7 @@ async def run_preset_async(
     engine: an AsyncEngine to drive (the console's); None builds one from the preset
       (`build_engine_for_preset(preset, overrides)`), runs it and stops it at the end.
     speed: workload time runs `speed` times faster than the engine clock.
-    duration_scale: shorten (< 1) the preset (see `engine.preset_driver.scale_preset`).
+    duration_scale: shorten (< 1) the preset (see `presets.preset_driver.scale_preset`).
     record: a path or text stream for the JSONL recording.
     sink: another telemetry sink to feed too (e.g. a bus).
     on_start(driver): called once the driver exists, before anything is submitted.
@@ -214,7 +214,7 @@ async def run_preset_async(
         on_start(driver)
     monitor = None
     if gpu_monitor or (gpu_monitor is None and llm.device.type == "cuda"):
-        from engine.gpu_monitor import GpuMonitor
+        from batchdeck.engine.service.gpu_monitor import GpuMonitor
 
         monitor = GpuMonitor(device_index=llm.device.index or 0, kv_pool_bytes=llm.kv_cache.num_bytes,
                              clock=llm.clock)
@@ -269,7 +269,7 @@ def run_preset(preset: Preset | str | Path, **kwargs: Any) -> ReplayResult:
 
 def progress_printer(stream: IO[str] | None = None, enabled: bool | None = None) -> Callable[[PresetDriver], None]:
     """A `progress` callback drawing engine/progress.py's bar: finished/total, time and iteration."""
-    from engine.progress import ProgressBar
+    from batchdeck.engine.service.progress import ProgressBar
 
     bar: ProgressBar | None = None
     closed = False

@@ -5,7 +5,7 @@ Keys (a contract, read by `batchdeck compare` and the HTML report):
 - `format`: "batchdeck-report/1"
 - `preset`: name, description, model, seed, path, engine, config (initial), workload, timeline
 - `run`: speed, duration_scale, wall_time_s, error, engine (sizing), initial_config
-- `summary`: `engine.metrics.summarize` over the whole run plus `num_requests`, `num_rejected`,
+- `summary`: `engine.service.metrics.summarize` over the whole run plus `num_requests`, `num_rejected`,
   `num_clamped`, `num_padding_tokens`, `mean_batch_tokens`, `mean_running`
 - `phases`: the same metrics for each span between config changes (see below)
 - `timeline`: what happened to each timeline entry (applied / error / skipped, applied_iteration)
@@ -40,8 +40,8 @@ import dataclasses
 import hashlib
 from typing import Any, Iterable, Mapping, Sequence
 
-from engine.metrics import request_finish_time, summarize
-from engine.telemetry import Event, IterationRecord, RequestRecord
+from batchdeck.engine.service.metrics import request_finish_time, summarize
+from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord
 
 REPORT_FORMAT = "batchdeck-report/1"
 

@@ -14,9 +14,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from engine.config import ConfigBounds, ConfigError, EngineConfig, LiveConfig, validate_changes
-from engine.request import SLO_CLASSES
-from engine.traces import COLUMN_ROLES, TIME_UNITS, TraceError, trace_columns
+from batchdeck.engine.config import ConfigBounds, ConfigError, EngineConfig, LiveConfig, validate_changes
+from batchdeck.engine.request import SLO_CLASSES
+from batchdeck.presets.trace_loader import COLUMN_ROLES, TIME_UNITS, TraceError, trace_columns
 
 TOP_KEYS = ("name", "description", "model", "engine", "config", "workload", "timeline", "seed")
 STREAM_KINDS = ("poisson", "gamma", "burst", "closed-loop", "trace")

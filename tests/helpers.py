@@ -7,10 +7,10 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine.config import EngineConfig, LiveConfig
-from engine.llm_engine import LLMEngine
-from engine.models import load_model
-from engine.request import SamplingParams
+from batchdeck.engine.config import EngineConfig, LiveConfig
+from batchdeck.engine.llm_engine import LLMEngine
+from batchdeck.engine.models import load_model
+from batchdeck.engine.request import SamplingParams
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=300, max_position_embeddings=512,

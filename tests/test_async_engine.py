@@ -2,10 +2,10 @@ import asyncio
 
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.config import ConfigError
-from engine.request import RequestError
-from engine.telemetry import ListSink
+from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.config import ConfigError
+from batchdeck.engine.request import RequestError
+from batchdeck.engine.telemetry import ListSink
 from tests.helpers import greedy, make_engine, reference_tokens
 
 

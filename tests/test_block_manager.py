@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager, blocks_needed
+from batchdeck.engine.block_manager import BlockManager, blocks_needed
 
 
 def test_blocks_needed():

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from engine.bus import Bus, Message, SubscriptionClosed
+from batchdeck.engine.service.bus import Bus, Message, SubscriptionClosed
 
 TIMEOUT = 30.0  # generous upper bound for waits: a hang fails the test instead of blocking it
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from engine.cli import main
-from engine.config import LiveConfig
-from presets.compare import change_cell, compare_text
-from presets.report import build_report
+from batchdeck.cli import main
+from batchdeck.engine.config import LiveConfig
+from batchdeck.presets.compare import change_cell, compare_text
+from batchdeck.presets.report import build_report
 from tests.test_replay import _change, _it, _req
 
 
@@ -71,7 +71,7 @@ def test_compare_three_and_errors(reports, tmp_path, capsys):
 
 
 def test_speculation_rows_appear_only_when_a_column_speculated():
-    from presets.compare import metric_rows
+    from batchdeck.presets.compare import metric_rows
 
     off = {"speculation": {"proposed": 0, "accepted": 0, "acceptance_rate": None, "tokens_per_iteration": 6.0}}
     on = {"speculation": {"proposed": 40, "accepted": 30, "acceptance_rate": 0.75, "tokens_per_iteration": 9.5}}

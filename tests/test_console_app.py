@@ -13,10 +13,10 @@ from textual.command import CommandInput, CommandList, CommandPalette
 from textual.content import Content
 from textual.widgets import Input, Select
 
-from console.app import ConsoleApp
-from console.client import FakeClient
-from console.demo import synthetic_session
-from console.screens.config_screen import ConfigScreen
+from batchdeck.console.app import ConsoleApp
+from batchdeck.console.client import FakeClient
+from batchdeck.console.demo import synthetic_session
+from batchdeck.console.screens.config_screen import ConfigScreen
 
 SIZE = (120, 40)
 
@@ -221,7 +221,7 @@ async def test_abort_without_a_selection_is_refused():
 
 async def test_engine_refusal_is_reported(monkeypatch):
     """A change that passes local checks but the engine refuses (e.g. a newer bound) is reported."""
-    from console.client import CommandResult
+    from batchdeck.console.client import CommandResult
 
     app, client = fake_app()
 
@@ -239,7 +239,7 @@ async def test_engine_refusal_is_reported(monkeypatch):
 
 
 async def test_records_actions(tmp_path):
-    from console.recorder import Recorder
+    from batchdeck.console.recorder import Recorder
     import json
 
     path = tmp_path / "rec.jsonl"
@@ -262,8 +262,8 @@ async def test_records_actions(tmp_path):
 
 
 async def test_replay_plays_and_refuses_steering(tmp_path):
-    from console.player import ReplayClient
-    from console.recorder import Recorder
+    from batchdeck.console.player import ReplayClient
+    from batchdeck.console.recorder import Recorder
 
     path = tmp_path / "rec.jsonl"
     rec = Recorder(path)
@@ -292,7 +292,7 @@ async def test_replay_plays_and_refuses_steering(tmp_path):
 
 
 async def test_request_table_updates_in_place_in_engine_order_and_keeps_the_cursor():
-    from console.widgets.request_table import RequestTable
+    from batchdeck.console.widgets.request_table import RequestTable
 
     def row(rid, state, out):
         return {"request_id": rid, "tenant": "t", "slo_class": "batch", "state": state, "prompt_tokens": 10,

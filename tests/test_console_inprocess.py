@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from console.cli import build_app
-from engine.cli import main as batchdeck_main
+from batchdeck.console.cli import build_app
+from batchdeck.cli import main as batchdeck_main
 from tests.test_console_app import busy_process_pilot  # noqa: F401 - a fixture
 from tests.test_console_app import SIZE, log_texts, notes, palette, set_in_panel, spec_shown, wait_for
 
@@ -133,8 +133,8 @@ async def test_spec_k_from_the_console_reaches_the_engine_and_acceptance_is_show
 
 
 def test_console_flags_start_the_engine_speculating():
-    from console.cli import _overrides
-    from engine.cli import build_parser
+    from batchdeck.console.cli import _overrides
+    from batchdeck.cli import build_parser
 
     args = build_parser().parse_args(["console", "--spec-k", "3", "--num-blocks", "64"])
     assert _overrides(args) == {"spec_k": 3, "num_blocks": 64}  # flags not given leave the defaults be

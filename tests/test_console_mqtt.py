@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from console.app import ConsoleApp
-from console.client import ConnectionState
-from console.mqtt_client import MqttClient
-from engine.async_engine import AsyncEngine
-from engine.bus import Bus
-from engine.config import EngineConfig, LiveConfig
-from engine.llm_engine import LLMEngine
-from engine.mqtt_bridge import MqttBridge, MqttSettings
+from batchdeck.console.app import ConsoleApp
+from batchdeck.console.client import ConnectionState
+from batchdeck.console.mqtt_client import MqttClient
+from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.service.bus import Bus
+from batchdeck.engine.config import EngineConfig, LiveConfig
+from batchdeck.engine.llm_engine import LLMEngine
+from batchdeck.engine.service.mqtt_bridge import MqttBridge, MqttSettings
 from tests.mqtt_broker import broker  # noqa: F401 - a fixture
 from tests.test_console_app import busy_process_pilot  # noqa: F401 - a fixture
 from tests.test_console_app import SIZE, log_texts, notes, palette, set_in_panel, spec_shown, wait_for

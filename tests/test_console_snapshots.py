@@ -11,11 +11,11 @@ import time
 
 from textual import events
 
-from console.app import ConsoleApp
-from console.client import FakeClient
-from console.demo import synthetic_session
-from console.screens.config_screen import ConfigScreen
-from engine.telemetry import IterationRecord, RequestRecord
+from batchdeck.console.app import ConsoleApp
+from batchdeck.console.client import FakeClient
+from batchdeck.console.demo import synthetic_session
+from batchdeck.console.screens.config_screen import ConfigScreen
+from batchdeck.engine.telemetry import IterationRecord, RequestRecord
 
 
 def dashboard(gpu: bool = False, spec_k: int = 0) -> ConsoleApp:

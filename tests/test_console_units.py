@@ -4,17 +4,17 @@ import json
 import pytest
 from textual.content import Content
 
-from console.client import (FakeClient, bounds_from_dict, default_snapshot, make_burst, record_from_dict,
+from batchdeck.console.client import (FakeClient, bounds_from_dict, default_snapshot, make_burst, record_from_dict,
                             record_to_dict)
-from console.commands import candidates, describe_bounds, validate
-from console.demo import synthetic_session
-from console.mqtt_client import parse_attach_url
-from console.player import RecordingError, ReplayClient, load_recording
-from console.recorder import Recorder
-from console.speculation import summary
-from console.state import DashboardState, format_action, format_event
-from console.widgets.batch_chart import Column, columns_for, render_chart
-from engine.telemetry import Event, IterationRecord
+from batchdeck.console.commands import candidates, describe_bounds, validate
+from batchdeck.console.demo import synthetic_session
+from batchdeck.console.mqtt_client import parse_attach_url
+from batchdeck.console.player import RecordingError, ReplayClient, load_recording
+from batchdeck.console.recorder import Recorder
+from batchdeck.console.speculation import summary
+from batchdeck.console.state import DashboardState, format_action, format_event
+from batchdeck.console.widgets.batch_chart import Column, columns_for, render_chart
+from batchdeck.engine.telemetry import Event, IterationRecord
 
 SNAP = default_snapshot()
 CFG, BOUNDS = SNAP["config"], SNAP["bounds"]
@@ -162,7 +162,7 @@ def test_event_and_action_lines():
 
 def test_batch_chart_marks_config_changes_and_averages_to_fit():
     cols = [Column(i, 8, 100 if i % 5 == 0 else 0) for i in range(100, 140)]
-    from console.state import Mark
+    from batchdeck.console.state import Mark
 
     text = render_chart(cols, [Mark(120, 1.0, "policy=sjf")], width=46, height=8, budget=512).plain
     lines = text.split("\n")
@@ -249,8 +249,8 @@ def test_attach_urls():
 
 
 def test_burst_requests_are_valid_generate_lines():
-    from engine.request_spec import parse_request
-    from engine.tokenizer import ByteTokenizer
+    from batchdeck.engine.request_spec import parse_request
+    from batchdeck.engine.tokenizer import ByteTokenizer
 
     burst = make_burst(5, prompt_tokens=32, max_tokens=8, seed=1)
     ids = {r["id"] for r in burst}
@@ -271,8 +271,8 @@ async def test_fake_client_validates_like_the_engine():
 
 async def test_a_batchdeck_replay_recording_plays_in_the_console(tmp_path):
     """`batchdeck replay --record` files have the console's format: they load and feed the dashboard."""
-    from presets import parse_preset
-    from presets.replay import run_preset_async
+    from batchdeck.presets import parse_preset
+    from batchdeck.presets.replay import run_preset_async
 
     preset = parse_preset(
         "name: tiny-lesson\ndescription: a burst and one change\nmodel: synthetic:tiny\n"

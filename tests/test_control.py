@@ -6,11 +6,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.async_engine import AsyncEngine
-from engine.config import LIVE_KEYS
-from engine.control import OPS, Command, ControlHandler, Invalid, parse_control, reply_json
-from engine.request_spec import KNOWN_KEYS
-from engine.telemetry import ListSink
+from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.config import LIVE_KEYS
+from batchdeck.engine.service.control import OPS, Command, ControlHandler, Invalid, parse_control, reply_json
+from batchdeck.engine.request_spec import KNOWN_KEYS
+from batchdeck.engine.telemetry import ListSink
 from tests.helpers import make_engine
 from tests.mqtt_broker import one_torch_thread  # noqa: F401 - a fixture
 

@@ -1,6 +1,6 @@
 import json
 
-from engine.cli import main
+from batchdeck.cli import main
 from tests.helpers import reference_tokens
 
 
@@ -49,7 +49,8 @@ def test_generate_unknown_policy_and_model(tmp_path, capsys):
 
 
 def test_policy_params_flag_reaches_the_policy(tmp_path, capsys):
-    from engine.cli import build_parser, engine_configs
+    from batchdeck.cli import build_parser
+    from batchdeck.engine.service.flags import engine_configs
 
     args = build_parser().parse_args(["generate", "--input", "x", "--output", "y", "--policy", "sjf",
                                       "--policy-params", '{"aging_s": 5}'])

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from engine.attention.metadata import AttentionMetadata
+from batchdeck.engine.attention.metadata import AttentionMetadata
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -80,8 +80,8 @@ def make_case(seed: int, device, dtype, num_heads: int, kvh: int, d: int, bs: in
 
 
 def run_case(case, meta, ref_meta, t_real, sliding_window, scaling):
-    from engine.attention.torch_backend import TorchReferenceBackend
-    from engine.attention.triton_backend import TritonBackend
+    from batchdeck.engine.attention.torch_backend import TorchReferenceBackend
+    from batchdeck.engine.attention.triton_backend import TritonBackend
 
     kc_ref, vc_ref = case["k_cache"].clone(), case["v_cache"].clone()
     ref = TorchReferenceBackend().forward(case["query"][:t_real], case["key"][:t_real], case["value"][:t_real],

@@ -11,10 +11,10 @@ import random
 import pytest
 import torch
 
-from engine.config import EngineConfig, LiveConfig
-from engine.llm_engine import LLMEngine
-from engine.models import load_model
-from engine.request import SamplingParams
+from batchdeck.engine.config import EngineConfig, LiveConfig
+from batchdeck.engine.llm_engine import LLMEngine
+from batchdeck.engine.models import load_model
+from batchdeck.engine.request import SamplingParams
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -106,7 +106,7 @@ def test_fused_modules_match_stock_bf16(arch):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from engine.triton_fused import fuse_model
+    from batchdeck.engine.triton_fused import fuse_model
 
     cfg = AutoConfig.for_model(arch, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
                                num_attention_heads=8, num_key_value_heads=2, head_dim=128, vocab_size=1000)

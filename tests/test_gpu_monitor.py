@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from engine.gpu_monitor import GpuMonitor, GpuSample
+from batchdeck.engine.service.gpu_monitor import GpuMonitor, GpuSample
 
 MiB = 1 << 20
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import EngineConfig, LiveConfig
-from engine.llm_engine import LLMEngine
-from engine.request import SamplingParams
+from batchdeck.engine.config import EngineConfig, LiveConfig
+from batchdeck.engine.llm_engine import LLMEngine
+from batchdeck.engine.request import SamplingParams
 from tests.test_gpu_engine import _loaded, _prompts
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

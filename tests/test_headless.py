@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.bus import Bus
-from engine.cli import build_parser, main
-from engine.headless import HeadlessRunner, engine_setup
-from engine.telemetry import ListSink
-from presets import parse_preset
+from batchdeck.engine.service.bus import Bus
+from batchdeck.cli import build_parser, main
+from batchdeck.engine.service.headless import HeadlessRunner, engine_setup
+from batchdeck.engine.telemetry import ListSink
+from batchdeck.presets import parse_preset
 from tests.helpers import make_engine
 from tests.mqtt_broker import MqttProbe, broker, one_torch_thread, retained  # noqa: F401 - fixtures
 
@@ -91,7 +91,7 @@ async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path):
 
 @pytest.mark.mqtt
 def test_sigterm_aborts_in_flight_publishes_offline_and_exits_0(model_dirs, broker):
-    cmd = [sys.executable, "-m", "engine.cli", "engine", "--model", model_dirs["llama"], "--device", "cpu",
+    cmd = [sys.executable, "-m", "batchdeck", "engine", "--model", model_dirs["llama"], "--device", "cpu",
            "--mqtt", broker.address, "--engine-id", "hl", "--num-blocks", "64", "--status-interval", "0.5",
            "--gpu-interval", "0.5"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

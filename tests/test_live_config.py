@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from engine.cli import main
-from engine.config import BATCHING_MODES, MIXING_MODES, PREEMPTION_MODES, ConfigError, EngineConfig, LiveConfig
-from engine.llm_engine import LLMEngine
-from engine.telemetry import ListSink
-from policies import policy_names
+from batchdeck.cli import main
+from batchdeck.engine.config import BATCHING_MODES, MIXING_MODES, PREEMPTION_MODES, ConfigError, EngineConfig, LiveConfig
+from batchdeck.engine.llm_engine import LLMEngine
+from batchdeck.engine.telemetry import ListSink
+from batchdeck.policies import policy_names
 from tests.helpers import greedy, loaded, reference_tokens
 
 TICK = 0.05
@@ -372,7 +372,7 @@ def test_generate_cli_accepts_every_policy(model_dirs, tmp_path, policy):
 def test_pool_size_bounds_max_num_seqs(model_dirs):
     import pytest
 
-    from engine.config import ConfigError
+    from batchdeck.engine.config import ConfigError
 
     from tests.helpers import make_engine
 

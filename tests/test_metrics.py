@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.metrics import MetricsWindow, percentile, quantiles, request_finish_time, status_line, summarize
-from engine.telemetry import IterationRecord, RequestRecord
+from batchdeck.engine.service.metrics import MetricsWindow, percentile, quantiles, request_finish_time, status_line, summarize
+from batchdeck.engine.telemetry import IterationRecord, RequestRecord
 
 
 def it(time: float, *, prefill: int = 0, generated: int = 0, step: float = 0.01, running: int = 0, waiting: int = 0,

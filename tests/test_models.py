@@ -1,8 +1,8 @@
 import pytest
 from transformers import AutoConfig
 
-from engine.models import SYNTHETIC_SHAPES, ModelError, load_model, synthetic_config
-from engine.tokenizer import ByteTokenizer
+from batchdeck.engine.models import SYNTHETIC_SHAPES, ModelError, load_model, synthetic_config
+from batchdeck.engine.tokenizer import ByteTokenizer
 
 
 def test_synthetic_shapes_have_the_real_dimensions():

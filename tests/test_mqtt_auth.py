@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.bus import Bus
-from engine.mqtt_bridge import MqttBridge, MqttSettings
+from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.service.bus import Bus
+from batchdeck.engine.service.mqtt_bridge import MqttBridge, MqttSettings
 from tests.helpers import make_engine
 from tests.mqtt_broker import Broker, MqttProbe, mosquitto_binary, one_torch_thread  # noqa: F401 - a fixture
 

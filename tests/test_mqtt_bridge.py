@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from engine.async_engine import AsyncEngine
-from engine.bus import Bus
-from engine.mqtt_bridge import MqttBridge, MqttSettings, parse_broker
-from engine.request import SamplingParams
+from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.service.bus import Bus
+from batchdeck.engine.service.mqtt_bridge import MqttBridge, MqttSettings, parse_broker
+from batchdeck.engine.request import SamplingParams
 from tests.helpers import make_engine
 from tests.mqtt_broker import MqttProbe, broker, one_torch_thread, retained  # noqa: F401 - fixtures
 

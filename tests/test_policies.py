@@ -11,16 +11,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
-from engine.config import ConfigError, EngineConfig, LiveConfig
-from engine.llm_engine import LLMEngine
-from engine.request import Request, SamplingParams
-from engine.scheduler import Scheduler
-from engine.slo import DEFAULT_SLO_TARGETS
-from policies import POLICIES, describe_policies, make_policy, policy_names, validate_policy_params
-from policies.base import WaitingKeys
-from policies.fair import FairPolicy
-from policies.sjf import PREDICTORS, SJFPolicy, register_predictor
+from batchdeck.engine.block_manager import BlockManager
+from batchdeck.engine.config import ConfigError, EngineConfig, LiveConfig
+from batchdeck.engine.llm_engine import LLMEngine
+from batchdeck.engine.request import Request, SamplingParams
+from batchdeck.engine.scheduler import Scheduler
+from batchdeck.engine.slo import DEFAULT_SLO_TARGETS
+from batchdeck.policies import POLICIES, describe_policies, make_policy, policy_names, validate_policy_params
+from batchdeck.policies.base import WaitingKeys
+from batchdeck.policies.fair import FairPolicy
+from batchdeck.policies.sjf import PREDICTORS, SJFPolicy, register_predictor
 from tests.helpers import advance, greedy, loaded, reference_tokens
 
 

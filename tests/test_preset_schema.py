@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from presets import (
+from batchdeck.presets import (
     LengthDist,
     PoissonSpec,
     PresetError,

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from engine.cli import main
-from engine.config import LiveConfig
-from engine.preset_driver import preset_configs, scale_preset
-from engine.telemetry import Event, IterationRecord, RequestRecord
-from presets import parse_preset
-from presets.report import build_report, phase_boundaries, split_phases
+from batchdeck.cli import main
+from batchdeck.engine.config import LiveConfig
+from batchdeck.presets.preset_driver import preset_configs, scale_preset
+from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord
+from batchdeck.presets import parse_preset
+from batchdeck.presets.report import build_report, phase_boundaries, split_phases
 
 PRESET = """
 name: replay-test
@@ -232,7 +232,7 @@ def test_replay_cli_errors(tmp_path, capsys):
 
 
 def test_speed_and_engine_failure(tmp_path):
-    from presets.replay import run_preset
+    from batchdeck.presets.replay import run_preset
 
     preset = parse_preset(PRESET, str(tmp_path / "p.yaml"), tmp_path)
     fast = run_preset(preset, speed=4.0, duration_scale=0.5)
@@ -262,7 +262,7 @@ def test_speed_and_engine_failure(tmp_path):
 
 
 def test_replay_without_headless_opens_the_console(monkeypatch, capsys):
-    app = pytest.importorskip("console.app")
+    app = pytest.importorskip("batchdeck.console.cli")
     calls = []
 
     def fake_run_console(preset=None, *, overrides=None, record=None, speed=1.0, duration_scale=1.0):

@@ -11,8 +11,8 @@ import dataclasses
 
 import pytest
 
-from presets import load_preset, shipped_presets
-from presets.replay import run_preset
+from batchdeck.presets import load_preset, shipped_presets
+from batchdeck.presets.replay import run_preset
 
 SMOKE_SCALE = 0.05  # all seven presets in ~30-45 s on 2 cores
 AB_SCALE = 0.1

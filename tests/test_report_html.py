@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from engine.cli import main
+from batchdeck.cli import main
 from tests.test_replay import PRESET
 
 

@@ -1,7 +1,7 @@
 import torch
 
-from engine.request import SamplingParams
-from engine.sampler import Sampler
+from batchdeck.engine.request import SamplingParams
+from batchdeck.engine.sampler import Sampler
 from tests.helpers import make_engine
 
 
@@ -55,7 +55,7 @@ def test_eos_and_stop_tokens_stop(model_dirs):
 def test_out_of_range_seed_is_refused_up_front():
     import pytest
 
-    from engine.request import RequestError
+    from batchdeck.engine.request import RequestError
 
     with pytest.raises(RequestError, match="seed must be an integer"):
         SamplingParams(temperature=1.0, seed=2**64).validate()

@@ -1,9 +1,9 @@
 """The scheduling mechanism without a model: budgets, caps, KV admission, static batches, drains."""
-from engine.block_manager import BlockManager
-from engine.config import LiveConfig
-from engine.request import Request, SamplingParams
-from engine.scheduler import Scheduler
-from policies import make_policy
+from batchdeck.engine.block_manager import BlockManager
+from batchdeck.engine.config import LiveConfig
+from batchdeck.engine.request import Request, SamplingParams
+from batchdeck.engine.scheduler import Scheduler
+from batchdeck.policies import make_policy
 from tests.helpers import advance
 
 
@@ -142,7 +142,7 @@ def test_static_batch_seats_max_num_seqs_even_when_prefill_takes_several_iterati
 
 
 def test_draft_positions_are_shortened_before_anyone_is_preempted():
-    from engine.speculative.drafter import LookupDrafter
+    from batchdeck.engine.speculative.drafter import LookupDrafter
 
     s = sched(num_blocks=5, block_size=4, max_num_seqs=2, max_batched_tokens=100, chunk_size=100, spec_k=6)
     s.drafter = LookupDrafter(lambda ids, k: [7] * k)

@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import engine.speculative.verify as verify_module
-from engine.config import EngineConfig, LiveConfig
-from engine.llm_engine import LLMEngine
-from engine.request import SamplingParams
+import batchdeck.engine.speculative.verify as verify_module
+from batchdeck.engine.config import EngineConfig, LiveConfig
+from batchdeck.engine.llm_engine import LLMEngine
+from batchdeck.engine.request import SamplingParams
 from tests.helpers import loaded, oracle_model
 
 VOCAB = 8

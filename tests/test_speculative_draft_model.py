@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from engine.config import ConfigError, EngineConfig, LiveConfig
-from engine.llm_engine import LLMEngine
-from engine.request import SamplingParams
-from engine.speculative.draft_model import DraftModelDrafter
+from batchdeck.engine.config import ConfigError, EngineConfig, LiveConfig
+from batchdeck.engine.llm_engine import LLMEngine
+from batchdeck.engine.request import SamplingParams
+from batchdeck.engine.speculative.draft_model import DraftModelDrafter
 from tests.helpers import TINY, greedy, loaded, reference_tokens, save_tiny_model
 from tests.test_speculative_engine import prompts_for, step_checked
 
@@ -109,7 +109,7 @@ def test_draft_model_config_errors(model_dirs, tmp_path):
 
 
 def test_generate_cli_with_a_draft_model(tmp_path, model_dirs, draft_dir, capsys):
-    from engine.cli import main
+    from batchdeck.cli import main
 
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     prompts, max_tokens = prompts_for(6, count=3)
@@ -173,7 +173,8 @@ def test_rejected_drafts_kv_is_rolled_back_in_the_draft_pool(model_dirs):
 
 
 def test_cli_spec_k_limit_bounds_live_k(tmp_path, model_dirs, capsys):
-    from engine.cli import build_parser, engine_configs, main
+    from batchdeck.cli import build_parser, main
+    from batchdeck.engine.service.flags import engine_configs
 
     args = build_parser().parse_args(["generate", "--model", model_dirs["qwen3"], "--input", "x", "--output", "y",
                                       "--spec-k-limit", "2", "--device", "cpu"])

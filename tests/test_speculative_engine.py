@@ -4,11 +4,11 @@ import random
 
 import pytest
 
-from engine.block_manager import blocks_needed
-from engine.config import ConfigError
-from engine.speculative.draft_model import DraftModelDrafter
-from engine.speculative.drafter import LookupDrafter
-from engine.speculative.ngram import propose_ngram
+from batchdeck.engine.block_manager import blocks_needed
+from batchdeck.engine.config import ConfigError
+from batchdeck.engine.speculative.draft_model import DraftModelDrafter
+from batchdeck.engine.speculative.drafter import LookupDrafter
+from batchdeck.engine.speculative.ngram import propose_ngram
 from tests.helpers import greedy, make_engine, reference_tokens
 
 
@@ -110,7 +110,7 @@ def test_spec_k_is_bounded(model_dirs):
 
 
 def test_sampled_requests_speculate_and_keep_their_lengths(model_dirs):
-    from engine.request import SamplingParams
+    from batchdeck.engine.request import SamplingParams
 
     engine = make_engine(model_dirs["qwen2"], spec_k=3, max_num_seqs=4, block_size=4, num_blocks=64)
     use_drafter(engine, lambda tokens, k: [tokens[-1]] * k)  # always proposes: exercises verification
@@ -126,7 +126,7 @@ def test_sampled_requests_speculate_and_keep_their_lengths(model_dirs):
 def test_generate_cli_reports_speculation_metrics(tmp_path, model_dirs):
     import json
 
-    from engine.cli import main
+    from batchdeck.cli import main
 
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     prompts, max_tokens = prompts_for(5, count=3)
@@ -142,7 +142,7 @@ def test_generate_cli_reports_speculation_metrics(tmp_path, model_dirs):
 
 
 def test_policies_are_told_the_verified_output_not_one_token_per_step(model_dirs):
-    from policies.fcfs import FCFSPolicy
+    from batchdeck.policies.fcfs import FCFSPolicy
 
     class CountingPolicy(FCFSPolicy):
         def __init__(self):
@@ -166,7 +166,7 @@ def test_policies_are_told_the_verified_output_not_one_token_per_step(model_dirs
 
 
 def test_a_stop_token_among_accepted_drafts_ends_the_request_and_the_count(model_dirs):
-    from engine.request import SamplingParams
+    from batchdeck.engine.request import SamplingParams
 
     path = model_dirs["qwen3"]
     prompts, _ = prompts_for(8, count=4)

@@ -3,8 +3,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.speculative.ngram import propose_ngram
-from engine.speculative.rejection import verify_greedy, verify_sampled
+from batchdeck.engine.speculative.ngram import propose_ngram
+from batchdeck.engine.speculative.rejection import verify_greedy, verify_sampled
 
 
 def test_ngram_proposes_latest_match_continuation():

@@ -7,14 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
-from engine.config import LiveConfig
-from engine.cuda_graphs import StepBuffers
-from engine.model_runner import HostTables, build_inputs, fill_step
-from engine.request import Request, SamplingParams
-from engine.scheduler import Scheduler
-from engine.speculative.drafter import LookupDrafter
-from policies import make_policy
+from batchdeck.engine.block_manager import BlockManager
+from batchdeck.engine.config import LiveConfig
+from batchdeck.engine.cuda_graphs import StepBuffers
+from batchdeck.engine.model_runner import HostTables, build_inputs, fill_step
+from batchdeck.engine.request import Request, SamplingParams
+from batchdeck.engine.scheduler import Scheduler
+from batchdeck.engine.speculative.drafter import LookupDrafter
+from batchdeck.policies import make_policy
 
 
 BLOCK_SIZE = 4
@@ -108,8 +108,8 @@ def test_buffer_execution_path_is_token_exact_on_cpu(model_dirs):
 def test_buffer_execution_path_verifies_drafts_token_exact_on_cpu(model_dirs, tmp_path):
     """Speculating iterations on the persistent-buffer path (draft model: the target itself, and a
     different model that is mostly rejected), including iterations with more sample entries than rows."""
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
+    from batchdeck.engine.config import EngineConfig
+    from batchdeck.engine.llm_engine import LLMEngine
     from tests.helpers import greedy, loaded, reference_tokens, save_tiny_model
 
     path = model_dirs["qwen3"]
@@ -130,7 +130,7 @@ def test_buffer_execution_path_verifies_drafts_token_exact_on_cpu(model_dirs, tm
 
 
 def test_graph_lookup_sends_speculating_iterations_to_buckets_that_keep_every_position():
-    from engine.cuda_graphs import CudaGraphRunner
+    from batchdeck.engine.cuda_graphs import CudaGraphRunner
 
     buf = StepBuffers(max_tokens=256, max_rows=8, max_blocks=4, device=torch.device("cpu"))
     runner = CudaGraphRunner(lambda t, r, q, kept: None, buf, BLOCK_SIZE, 512, max_rows=8, max_tokens=256,
@@ -154,7 +154,7 @@ def test_graph_lookup_sends_speculating_iterations_to_buckets_that_keep_every_po
 def test_host_tables_rewrite_a_row_after_a_rollback_freed_several_blocks():
     """k > block_size: a rollback frees two blocks and the regrow puts the old last block back last
     with a different one before it; the mirror must not keep the stale middle entry."""
-    from engine.step_plan import ScheduledChunk
+    from batchdeck.engine.step_plan import ScheduledChunk
 
     blocks = BlockManager(4, BLOCK_SIZE)
     r = Request("r", [1, 2, 3], SamplingParams(max_tokens=20))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.traces import TraceError, load_trace, parse_datetime, trace_columns
-from engine.workload import generate_open_loop
-from presets import PRESETS_DIR, TraceSpec
+from batchdeck.presets.trace_loader import TraceError, load_trace, parse_datetime, trace_columns
+from batchdeck.presets.workload_streams import generate_open_loop
+from batchdeck.presets import PRESETS_DIR, TraceSpec
 
 TRACES = PRESETS_DIR / "traces"
 AZURE = {"time": "TIMESTAMP", "input": "ContextTokens", "output": "GeneratedTokens"}

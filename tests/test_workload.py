@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 import statistics
 
-from engine.workload import (
+from batchdeck.presets.workload_streams import (
     ClosedLoopStream,
     WorkloadItem,
     clamp_lengths,
@@ -13,7 +13,7 @@ from engine.workload import (
     generate_open_loop,
     sample_length,
 )
-from presets import BurstSpec, ClosedLoopSpec, GammaSpec, LengthDist, PoissonSpec, load_preset, shipped_presets
+from batchdeck.presets import BurstSpec, ClosedLoopSpec, GammaSpec, LengthDist, PoissonSpec, load_preset, shipped_presets
 
 MAX_LEN = 4096
 LOGNORMAL = LengthDist(dist="lognormal", mean=200, sigma=0.6, max=1000)

@@ -15,8 +15,8 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
-from console.commands import FLOAT_SETTINGS, INT_SETTINGS, SETTINGS, choices, describe_bounds, parse_value, validate
-from engine.config import ConfigError
+from batchdeck.console.commands import FLOAT_SETTINGS, INT_SETTINGS, SETTINGS, choices, describe_bounds, parse_value, validate
+from batchdeck.engine.config import ConfigError
 
 
 class ConfigScreen(ModalScreen[dict[str, Any] | None]):

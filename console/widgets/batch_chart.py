@@ -18,7 +18,7 @@ from rich.text import Text
 from textual.strip import Strip
 from textual.widget import Widget
 
-from console.state import Mark
+from batchdeck.console.state import Mark
 
 EIGHTHS = " ▁▂▃▄▅▆▇█"
 DECODE = Style(color="#4fc36b")

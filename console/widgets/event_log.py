@@ -7,7 +7,7 @@ from typing import Iterable
 from rich.text import Text
 from textual.widgets import RichLog
 
-from console.state import LogLine
+from batchdeck.console.state import LogLine
 
 STYLES = {"config_change": "bold #f2c744", "preemption": "#e07b53", "request_rejected": "red", "error": "bold red",
           "pause": "magenta", "resume": "magenta", "action": "cyan", "refused": "bold red", "notice": "dim",

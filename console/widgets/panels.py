@@ -12,9 +12,9 @@ from rich.console import RenderableType
 from rich.text import Text
 from textual.widget import Widget
 
-from console import format as fmt
-from console.commands import SETTINGS, describe_bounds
-from engine.gpu_monitor import GpuSample
+from batchdeck.console import format as fmt
+from batchdeck.console.commands import SETTINGS, describe_bounds
+from batchdeck.engine.service.gpu_monitor import GpuSample
 
 
 class Panel(Widget):

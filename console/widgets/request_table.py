@@ -7,7 +7,7 @@ from typing import Any, Mapping
 from rich.text import Text
 from textual.widgets import DataTable
 
-from console import format as fmt
+from batchdeck.console import format as fmt
 
 COLUMNS = (("request_id", "id", 12), ("tenant", "tenant", 7), ("slo_class", "class", 11), ("state", "state", 9),
            ("prompt_tokens", "prompt", 6), ("output_tokens", "output", 8), ("ttft", "TTFT", 7))

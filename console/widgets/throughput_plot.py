@@ -7,8 +7,8 @@ from typing import Sequence
 
 from textual_plotext import PlotextPlot
 
-from console.format import short
-from console.state import Mark
+from batchdeck.console.format import short
+from batchdeck.console.state import Mark
 
 
 class ThroughputPlot(PlotextPlot):

@@ -1,7 +1,7 @@
 """Pluggable paged-attention backends, reached from HF models through `AttentionInterface`."""
 from __future__ import annotations
 
-from engine.attention.backend import AttentionBackend, available_backends, make_backend
-from engine.attention.metadata import AttentionMetadata, StepContext
+from batchdeck.engine.attention.backend import AttentionBackend, available_backends, make_backend
+from batchdeck.engine.attention.metadata import AttentionMetadata, StepContext
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "StepContext", "available_backends", "make_backend"]

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata
+from batchdeck.engine.attention.metadata import AttentionMetadata
 
 
 class AttentionBackend(Protocol):
@@ -38,13 +38,13 @@ def make_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "auto":
         name = "triton" if device.type == "cuda" and "triton" in available_backends() else "torch"
     if name == "torch":
-        from engine.attention.torch_backend import TorchReferenceBackend
+        from batchdeck.engine.attention.torch_backend import TorchReferenceBackend
 
         return TorchReferenceBackend()
     if name == "triton":
         if device.type != "cuda":
             raise ValueError("attention backend 'triton' needs a CUDA device")
-        from engine.attention.triton_backend import TritonBackend
+        from batchdeck.engine.attention.triton_backend import TritonBackend
 
         return TritonBackend()
     raise ValueError(f"unknown attention backend {name!r}: allowed auto, torch, triton")

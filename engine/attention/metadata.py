@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_cache import KVCache
+from batchdeck.engine.kv_cache import KVCache
 
 
 @dataclass

@@ -16,8 +16,8 @@ import os
 
 import torch
 
-from engine.attention.metadata import AttentionMetadata
-from engine.attention.triton_kernels import paged_attention_kernel, write_kv_kernel
+from batchdeck.engine.attention.metadata import AttentionMetadata
+from batchdeck.engine.attention.triton_kernels import paged_attention_kernel, write_kv_kernel
 
 LOG2E = 1.4426950408889634
 

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.block_manager import BlockManager
-from engine.kv_cache import KVCache
-from engine.model_runner import ModelRunner
-from engine.models import LoadedModel
-from engine.request import Request
-from engine.sampler import Sampler
-from engine.speculative.drafter import Drafter
-from engine.step_plan import ScheduledChunk
+from batchdeck.engine.block_manager import BlockManager
+from batchdeck.engine.kv_cache import KVCache
+from batchdeck.engine.model_runner import ModelRunner
+from batchdeck.engine.models import LoadedModel
+from batchdeck.engine.request import Request
+from batchdeck.engine.sampler import Sampler
+from batchdeck.engine.speculative.drafter import Drafter
+from batchdeck.engine.step_plan import ScheduledChunk
 
 
 @dataclass

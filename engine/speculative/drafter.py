@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from engine.request import Request
-from engine.step_plan import ScheduledChunk
+from batchdeck.engine.request import Request
+from batchdeck.engine.step_plan import ScheduledChunk
 
 ProposeFn = Callable[[list[int], int], list[int]]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampler import Sampler
-from engine.speculative.rejection import verify_greedy, verify_sampled
-from engine.step_plan import ScheduledChunk
+from batchdeck.engine.sampler import Sampler
+from batchdeck.engine.speculative.rejection import verify_greedy, verify_sampled
+from batchdeck.engine.step_plan import ScheduledChunk
 
 
 def verify_chunks(sampler: Sampler, logits: torch.Tensor, chunks: list[ScheduledChunk],

@@ -33,10 +33,10 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from engine.async_engine import AsyncEngine, RequestStream
-from engine.config import EngineConfig, LiveConfig
-from engine.request import RequestError, SamplingParams
-from engine.workload import (
+from batchdeck.engine.service.async_engine import AsyncEngine, RequestStream
+from batchdeck.engine.config import EngineConfig, LiveConfig
+from batchdeck.engine.request import RequestError, SamplingParams
+from batchdeck.presets.workload_streams import (
     ClosedLoopStream,
     WorkloadItem,
     closed_loop_streams,
@@ -45,8 +45,8 @@ from engine.workload import (
 )
 
 if TYPE_CHECKING:
-    from engine.llm_engine import LLMEngine
-    from presets.schema import Preset, TimelineEntry
+    from batchdeck.engine.llm_engine import LLMEngine
+    from batchdeck.presets.schema import Preset, TimelineEntry
 
 POLL_S = 0.002  # how often `at_iteration` entries look at the engine's iteration counter
 ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -91,7 +91,7 @@ def preset_configs(preset: "Preset", overrides: Mapping[str, Any] | None = None)
 def build_engine_for_preset(preset: "Preset", overrides: Mapping[str, Any] | None = None, **engine_kwargs: Any
                             ) -> "LLMEngine":
     """An LLMEngine for the preset (see `preset_configs`); `engine_kwargs` go to LLMEngine (sink, ...)."""
-    from engine.llm_engine import LLMEngine
+    from batchdeck.engine.llm_engine import LLMEngine
 
     cfg, live = preset_configs(preset, overrides)
     return LLMEngine(cfg, live, **engine_kwargs)
@@ -129,7 +129,7 @@ def scale_preset(preset: "Preset", factor: float) -> "Preset":
         if spec.kind == "trace":
             limit = spec.limit
             if limit is None:
-                from engine.traces import load_trace
+                from batchdeck.presets.trace_loader import load_trace
 
                 limit = len(load_trace(spec.path, spec.columns, spec.time_unit, spec.time_scale,
                                        spec.length_scale, spec.start, None))

@@ -6,7 +6,7 @@
 
 - With `--preset`, its workload is served (open-loop requests at their arrival times on the engine
   clock, closed-loop clients re-issuing on finish) and its timeline applied (`set` with source
-  "preset", pause/resume), through `engine.preset_driver.PresetDriver`. Sizing and live settings
+  "preset", pause/resume), through `presets.preset_driver.PresetDriver`. Sizing and live settings
   come from the preset; flags given on the command line override them.
 - With `--mqtt`, telemetry is published and control obeyed (engine/mqtt_bridge.py) until SIGINT or
   SIGTERM; the preset (if any) runs meanwhile. Without `--mqtt` the preset runs to its end and the
@@ -29,7 +29,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from engine.cli import ENGINE_FLAG_DESTS, add_engine_flags, flags_default_to_none, given_engine_flags
+from batchdeck.engine.service.flags import (ENGINE_FLAG_DESTS, add_engine_flags, flags_default_to_none,
+                                             given_engine_flags)
 
 PROG = "batchdeck engine"
 
@@ -82,13 +83,13 @@ def engine_setup(args: argparse.Namespace):
     """(EngineConfig, LiveConfig, Preset | None): the preset's settings under the flags given."""
     import torch
 
-    from engine.cli import engine_configs
+    from batchdeck.engine.service.flags import engine_configs
 
     explicit = given_engine_flags(args)
     preset = None
     if args.preset is not None:
-        from engine.preset_driver import preset_configs
-        from presets import load_preset, resolve_preset
+        from batchdeck.presets.preset_driver import preset_configs
+        from batchdeck.presets import load_preset, resolve_preset
 
         preset = load_preset(resolve_preset(args.preset))
         overrides = dict(explicit)
@@ -105,7 +106,7 @@ def engine_setup(args: argparse.Namespace):
 
 
 def mqtt_settings(args: argparse.Namespace):
-    from engine.mqtt_bridge import MqttSettings, parse_broker
+    from batchdeck.engine.service.mqtt_bridge import MqttSettings, parse_broker
 
     host, port = parse_broker(args.mqtt)
     password = args.mqtt_password if args.mqtt_password is not None else os.environ.get("BATCHDECK_MQTT_PASSWORD")
@@ -119,7 +120,7 @@ def mqtt_settings(args: argparse.Namespace):
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from engine.mqtt_bridge import check_engine_id
+    from batchdeck.engine.service.mqtt_bridge import check_engine_id
 
     if args.preset is None and args.mqtt is None:
         raise ValueError("nothing to serve: give --preset P (runs it and exits) and/or --mqtt HOST:PORT "
@@ -143,8 +144,8 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     settings = mqtt_settings(args) if args.mqtt is not None else None
     cfg, live, preset = engine_setup(args)
 
-    from engine.bus import Bus
-    from engine.llm_engine import LLMEngine
+    from batchdeck.engine.service.bus import Bus
+    from batchdeck.engine.llm_engine import LLMEngine
 
     bus = Bus()
     t0 = time.monotonic()
@@ -175,7 +176,7 @@ class HeadlessRunner:
                  read_only: bool = False, status_interval: float = 5.0, gpu_interval: float = 1.0,
                  drain_timeout: float = 0.0, speed: float = 1.0, duration_scale: float = 1.0,
                  out: TextIO | None = None, install_signals: bool = True):
-        from engine.async_engine import AsyncEngine
+        from batchdeck.engine.service.async_engine import AsyncEngine
 
         self.llm = engine
         self.bus = bus
@@ -222,20 +223,20 @@ class HeadlessRunner:
         if self.status_interval > 0:
             background.append(asyncio.create_task(self._status_loop(status_sub)))
         if self.settings is not None:
-            from engine.mqtt_bridge import MqttBridge
+            from batchdeck.engine.service.mqtt_bridge import MqttBridge
 
             self.bridge = MqttBridge(self.engine, self.bus, self.engine_id, self.settings, read_only=self.read_only,
                                      log=self.say)
             await self.bridge.start()
             if self.gpu_interval > 0:
-                from engine.gpu_monitor import GpuMonitor
+                from batchdeck.engine.service.gpu_monitor import GpuMonitor
 
                 monitor = GpuMonitor(interval_s=self.gpu_interval, kv_pool_bytes=self.llm.kv_cache.num_bytes,
                                      clock=self.llm.clock)
                 background.append(asyncio.create_task(monitor.run(self.bus.publish)))
         driver_task = None
         if self.preset is not None:
-            from engine.preset_driver import PresetDriver
+            from batchdeck.presets.preset_driver import PresetDriver
 
             self.driver = PresetDriver(self.engine, self.preset, speed=self.speed, duration_scale=self.duration_scale,
                                        restart_clock=False)
@@ -314,7 +315,7 @@ class HeadlessRunner:
         return len(msgs)
 
     def _print_status(self, sub: Any, final: bool = False) -> None:
-        from engine.metrics import status_line
+        from batchdeck.engine.service.metrics import status_line
 
         if not hasattr(self, "_window"):
             return
@@ -323,7 +324,7 @@ class HeadlessRunner:
         print(f"{PROG}: {'final: ' if final else ''}{line}", file=self.out, flush=True)
 
     async def _status_loop(self, sub: Any) -> None:
-        from engine.metrics import MetricsWindow
+        from batchdeck.engine.service.metrics import MetricsWindow
 
         self._window = MetricsWindow(window_s=max(self.status_interval, 1.0), start=0.0)
         next_at = time.monotonic() + self.status_interval

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from engine.telemetry import IterationRecord, Record, RequestRecord
+from batchdeck.engine.telemetry import IterationRecord, Record, RequestRecord
 
 LATENCY_QUANTILES: tuple[int, ...] = (50, 90, 99)
 STEP_QUANTILES: tuple[int, ...] = (50, 99)

@@ -40,11 +40,11 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from engine.config import LIVE_KEYS, ConfigError
-from engine.request import RequestError
+from batchdeck.engine.config import LIVE_KEYS, ConfigError
+from batchdeck.engine.request import RequestError
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine, RequestStream
+    from batchdeck.engine.service.async_engine import AsyncEngine, RequestStream
 
 OPS: tuple[str, ...] = ("set", "get", "pause", "resume", "abort", "submit")
 CHANGING_OPS = frozenset({"set", "pause", "resume", "abort", "submit"})
@@ -307,7 +307,7 @@ class ControlHandler:
         return self._ok(cmd, request_id=cmd.request_id, aborted=True)
 
     async def _op_submit(self, cmd: Command) -> dict[str, Any]:
-        from engine.request_spec import parse_request
+        from batchdeck.engine.request_spec import parse_request
 
         if not self.accepting:
             return error_reply(cmd.id, "the engine is shutting down and admits no new requests")
@@ -361,7 +361,7 @@ class ControlHandler:
         req = self.engine.engine.requests.get(spec.request_id)
         if req is None:
             return
-        from engine.generate import output_line
+        from batchdeck.engine.service.generate import output_line
 
         try:
             line = output_line(req, self.engine.engine.loaded.tokenizer.decode(req.output_token_ids))

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from engine.traces import load_trace
+from batchdeck.presets.trace_loader import load_trace
 
 if TYPE_CHECKING:  # the spec dataclasses live in presets.schema; only their attributes are used here
-    from presets.schema import ClosedLoopSpec, LengthDist, StreamSpec
+    from batchdeck.presets.schema import ClosedLoopSpec, LengthDist, StreamSpec
 
 TOKEN_ID_RANGE = 256  # prompt token ids are in [0, TOKEN_ID_RANGE)
 OPEN_LOOP_KINDS = ("poisson", "gamma", "burst", "trace")

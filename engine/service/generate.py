@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from engine.llm_engine import LLMEngine
-from engine.progress import ProgressBar
-from engine.request import Request, RequestError
-from engine.request_spec import RequestSpec, parse_request
+from batchdeck.engine.llm_engine import LLMEngine
+from batchdeck.engine.service.progress import ProgressBar
+from batchdeck.engine.request import Request, RequestError
+from batchdeck.engine.request_spec import RequestSpec, parse_request
 
 
 @dataclass

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Mapping
 
-from engine.llm_engine import LLMEngine, RequestOutput
-from engine.request import RequestError, SamplingParams
+from batchdeck.engine.llm_engine import LLMEngine, RequestOutput
+from batchdeck.engine.request import RequestError, SamplingParams
 
 
 class RequestStream:

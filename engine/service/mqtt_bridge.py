@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import aiomqtt
 import paho.mqtt.client as paho
 
-from engine.bus import Bus, Message, Subscription
-from engine.control import ControlHandler, reply_json
-from engine.telemetry import Event
+from batchdeck.engine.service.bus import Bus, Message, Subscription
+from batchdeck.engine.service.control import ControlHandler, reply_json
+from batchdeck.engine.telemetry import Event
 
 if TYPE_CHECKING:
-    from engine.async_engine import AsyncEngine
+    from batchdeck.engine.service.async_engine import AsyncEngine
 
 ENGINE_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 TELEMETRY_TOPICS = {"iteration": "telemetry/iteration", "request": "telemetry/request", "gpu": "telemetry/gpu",

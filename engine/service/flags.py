@@ -1,11 +1,11 @@
-"""The `batchdeck` command: generate, engine, console, replay, compare."""
+"""Engine flags shared by every command that starts an engine, and turning them into the engine's configs."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Any
 
-from engine.config import DRAFTERS, ConfigError, EngineConfig, LiveConfig
+from batchdeck.engine.config import DRAFTERS, ConfigError, EngineConfig, LiveConfig
 
 
 def _json_object(text: str) -> dict:
@@ -97,62 +97,7 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, LiveConfig]:
 
 
 def build_engine(args: argparse.Namespace, **kwargs):
-    from engine.llm_engine import LLMEngine
+    from batchdeck.engine.llm_engine import LLMEngine
 
     cfg, live = engine_configs(args)
     return LLMEngine(cfg, live, **kwargs)
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from engine.generate import run_generate
-
-    engine = build_engine(args)
-    return run_generate(engine, args.input, args.output)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchdeck", description="A live-tuning console for LLM batching.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="serve a JSONL file of requests offline")
-    gen.add_argument("--input", required=True, help="JSONL of requests")
-    gen.add_argument("--output", required=True, help="JSONL of results, one line per request in input order")
-    add_engine_flags(gen)
-    gen.set_defaults(func=_cmd_generate)
-    for register in _extra_commands():
-        register(sub)
-    return parser
-
-
-def _extra_commands():
-    """Commands that live in other modules (headless engine, console, replay, compare)."""
-    found = []
-    for module, attr in (("engine.headless", "register_cli"), ("console.cli", "register_cli"),
-                         ("presets.cli", "register_cli")):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                continue
-            raise
-        found.append(getattr(mod, attr))
-    return found
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"batchdeck: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"batchdeck: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # ModelError, RequestError and friends speak to the operator
-        print(f"batchdeck: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The `batchdeck` command: the one place that wires the rooms together.
+
+Each room registers its own subcommands (`register_cli`); this module only builds the parser,
+hands each room what it needs from another (the console to `replay`) and turns the operator's
+errors into a message and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from batchdeck import __version__
+from batchdeck.console import cli as console_cli
+from batchdeck.engine.config import ConfigError
+from batchdeck.engine.service import flags, headless
+from batchdeck.presets import cli as presets_cli
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from batchdeck.engine.service.generate import run_generate
+
+    engine = flags.build_engine(args)
+    return run_generate(engine, args.input, args.output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchdeck", description="A live-tuning console for LLM batching.")
+    parser.add_argument("--version", action="version", version=f"batchdeck {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="serve a JSONL file of requests offline")
+    gen.add_argument("--input", required=True, help="JSONL of requests")
+    gen.add_argument("--output", required=True, help="JSONL of results, one line per request in input order")
+    flags.add_engine_flags(gen)
+    gen.set_defaults(func=_cmd_generate)
+    headless.register_cli(sub)
+    console_cli.register_cli(sub)
+    presets_cli.register_cli(sub, open_console=lambda *a, **kw: console_cli.run_console(*a, **kw))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:  # ModelError, RequestError and friends
+        print(f"batchdeck: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
