@@ -42,6 +42,7 @@ class EngineConfig:
     spec_k_limit: int = 8  # the largest speculation length live config may ask for
     drafter: str = "ngram"  # speculative decoding's proposer: ngram (prompt lookup) | model (draft_model)
     draft_model: str | None = None  # drafter=model: synthetic:<name> or a local directory, the target's vocabulary
+    max_waiting: int | None = None  # refuse new requests while this many wait (None: no bound)
     # CUDA only: capture the forward in CUDA graphs at start, for decode batches up to
     # max_num_seqs_limit rows and mixed iterations up to max_batched_tokens_limit tokens (so the
     # live-config bounds are exactly the captured maxima); an iteration that fits no graph runs eagerly.
@@ -67,6 +68,9 @@ class EngineConfig:
             raise ConfigError("drafter", self.drafter, "model when a draft model is given")
         if not isinstance(self.spec_k_limit, int) or not 0 <= self.spec_k_limit <= 64:
             raise ConfigError("spec_k_limit", self.spec_k_limit, "an integer in [0, 64]")
+        if self.max_waiting is not None and (isinstance(self.max_waiting, bool) or not isinstance(self.max_waiting, int)
+                                             or self.max_waiting < 1):
+            raise ConfigError("max_waiting", self.max_waiting, "an integer >= 1 (or no bound)")
         if self.max_num_seqs_limit < 1:
             raise ConfigError("max_num_seqs_limit", self.max_num_seqs_limit, "an integer >= 1")
         if self.max_batched_tokens_limit < 1:

@@ -19,7 +19,8 @@ from batchdeck.engine.config import ConfigBounds, ConfigError, EngineConfig, Liv
 from batchdeck.engine.kv_cache import KVCache, bytes_per_block
 from batchdeck.engine.model_runner import ModelRunner
 from batchdeck.engine.models import LoadedModel, load_model
-from batchdeck.engine.request import SLO_CLASSES, FinishReason, Request, RequestError, RequestStatus, SamplingParams
+from batchdeck.engine.request import (SLO_CLASSES, FinishReason, QueueFullError, Request, RequestError, RequestStatus,
+                                      SamplingParams)
 from batchdeck.engine.sampler import Sampler
 from batchdeck.engine.scheduler import Scheduler
 from batchdeck.engine.slo import DEFAULT_SLO_TARGETS, SLOTarget, slo_met
@@ -172,6 +173,10 @@ class LLMEngine:
         sampling.validate()
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
+        bound = self.config.max_waiting
+        if bound is not None and len(self.scheduler.waiting) >= bound:
+            raise QueueFullError(f"the waiting queue is full: {len(self.scheduler.waiting)} requests wait and "
+                                 f"max_waiting is {bound}; try again later")
         if not prompt_token_ids:
             raise RequestError("prompt is empty: at least one token is needed")
         vocab = self.loaded.config.vocab_size

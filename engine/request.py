@@ -17,6 +17,10 @@ class RequestError(ValueError):
     """A request that cannot be served as given; the message names the field and the allowed values."""
 
 
+class QueueFullError(RequestError):
+    """The waiting queue holds `max_waiting` requests: try again later (HTTP answers 503)."""
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

@@ -83,3 +83,29 @@ def test_finished_requests_are_forgotten_beyond_the_retention(model_dirs):
     engine.add_request("0", [4, 5], greedy(1))  # a forgotten id may be used again
     engine.run_until_done()
     assert engine.requests["0"].is_finished
+
+
+def test_max_waiting_refuses_with_the_bound_and_keeps_what_was_accepted(model_dirs):
+    from batchdeck.engine.config import EngineConfig, LiveConfig
+    from batchdeck.engine.llm_engine import LLMEngine
+    from batchdeck.engine.request import QueueFullError
+    from tests.helpers import loaded
+
+    path = model_dirs["llama"]
+    engine = LLMEngine(EngineConfig(model=path, num_blocks=64, max_waiting=3), LiveConfig(),
+                       loaded=loaded(path), check_invariants=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", [1, 2, 3], greedy(2))
+    with pytest.raises(QueueFullError, match="max_waiting is 3"):
+        engine.add_request("r3", [1, 2, 3], greedy(2))
+    assert sorted(engine.requests) == ["r0", "r1", "r2"]
+    while engine.has_unfinished:
+        engine.step()
+    engine.add_request("r3", [1, 2, 3], greedy(2))  # room again once the queue drained
+
+
+def test_max_waiting_must_be_positive():
+    from batchdeck.engine.config import EngineConfig
+
+    with pytest.raises(ConfigError, match="max_waiting"):
+        EngineConfig(max_waiting=0).validate()

@@ -45,6 +45,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding's proposer: ngram (prompt lookup, the default) or model (--draft-model)")
     p.add_argument("--draft-model", default=None,
                    help="drafter=model: synthetic:<name> or a local directory sharing the target's vocabulary")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="refuse new requests while this many wait (default: no bound)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and unseeded sampling")
 
@@ -52,7 +54,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 # The flags of add_engine_flags, by their EngineConfig / LiveConfig names.
 ENGINE_FLAG_DESTS = ("model", "device", "dtype", "max_num_seqs", "max_batched_tokens", "chunk_size", "block_size",
                      "num_blocks", "gpu_memory_fraction", "policy", "policy_params", "batching", "mixing", "spec_k",
-                     "spec_k_limit", "drafter", "draft_model", "attention_backend", "seed")
+                     "spec_k_limit", "drafter", "draft_model", "max_waiting", "attention_backend", "seed")
 
 
 def implied_drafter(args: argparse.Namespace) -> str | None:
@@ -92,7 +94,8 @@ def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, LiveConfig]:
                        max_batched_tokens_limit=max(8192, live.max_batched_tokens),
                        attention_backend=args.attention_backend, seed=args.seed,
                        spec_k_limit=args.spec_k_limit if args.spec_k_limit is not None else max(8, live.spec_k),
-                       drafter=implied_drafter(args) or "ngram", draft_model=args.draft_model)
+                       drafter=implied_drafter(args) or "ngram", draft_model=args.draft_model,
+                       max_waiting=getattr(args, "max_waiting", None))
     return cfg, live
 
 
