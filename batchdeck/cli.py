@@ -24,9 +24,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchdeck", description="A live-tuning console for LLM batching.")
+    parser = flags.Parser(prog="batchdeck", description="A live-tuning console for LLM batching.")
     parser.add_argument("--version", action="version", version=f"batchdeck {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=flags.Parser)
     gen = sub.add_parser("generate", help="serve a JSONL file of requests offline")
     gen.add_argument("--input", required=True, help="JSONL of requests")
     gen.add_argument("--output", required=True, help="JSONL of results, one line per request in input order")
@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:  # ModelError, RequestError and friends
+    except ConfigError as exc:
+        print(f"batchdeck: {flags.explain(exc, args)}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:  # ModelError, RequestError and friends
         print(f"batchdeck: {exc}", file=sys.stderr)
         return 2
 

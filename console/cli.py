@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from batchdeck.engine.service.flags import add_engine_flags, flags_default_to_none, given_engine_flags
+from batchdeck.engine.service.flags import add_engine_flags, given_engine_flags
 
 TINY_MODEL = "synthetic:tiny"
 CUDA_MODEL = "synthetic:qwen3-0.6b"
@@ -32,8 +31,7 @@ def register_cli(subparsers: Any) -> None:
                               description="Watch and steer the engine live: throughput, latency, batch "
                                           "composition, KV cache, GPU memory; change policy and limits "
                                           "from the command palette (ctrl+p) or the config panel (c).")
-    add_engine_flags(p)
-    flags_default_to_none(p)  # model None: the embedded default for this machine (see default_model)
+    add_engine_flags(p)  # model not given: the embedded default for this machine (see default_model)
     p.add_argument("--preset", default=None, help="play a preset's workload and timeline (name or YAML file)")
     p.add_argument("--attach", default=None, metavar="mqtt://HOST:PORT/ENGINE_ID",
                    help="watch and steer a headless engine over MQTT instead of starting one")
@@ -112,7 +110,7 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
                duration_scale: float, loaded: Any, say):
     from batchdeck.engine.service.async_engine import AsyncEngine
     from batchdeck.engine.service.bus import Bus
-    from batchdeck.presets.preset_driver import build_engine_for_preset
+    from batchdeck.engine.llm_engine import LLMEngine
     from batchdeck.presets import load_preset, resolve_preset
     from batchdeck.presets.schema import Preset
 
@@ -125,7 +123,7 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
     if preset is not None:
         preset = preset if isinstance(preset, Preset) else load_preset(resolve_preset(preset))
         say(f"batchdeck console: loading {kw.get('model', preset.model)} for preset {preset.name} …")
-        llm = build_engine_for_preset(preset, kw, sink=bus, **extra)
+        llm = LLMEngine(*inprocess_configs(preset, kw), sink=bus, **extra)
         engine = AsyncEngine(llm)
 
         async def play() -> None:
@@ -135,26 +133,28 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
 
         return InProcessClient(engine, bus), [play], f"batchdeck · {preset.name}"
     quick = load_preset(resolve_preset("quickstart"))
-    device = kw.get("device")
-    kw.setdefault("model", default_model(device))
-    if not str(kw["model"]).startswith("synthetic:tiny") and device is None:
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                kw["device"] = "cuda"
-                kw.setdefault("dtype", "bfloat16")
-        except Exception:
-            pass
-    keep = ("block_size", "num_blocks") if kw["model"] == TINY_MODEL else ("block_size",)
-    quick_for_engine = dataclasses.replace(quick, engine={k: v for k, v in quick.engine.items() if k in keep})
-    say(f"batchdeck console: loading {kw['model']} …")
-    llm = build_engine_for_preset(quick_for_engine, kw, sink=bus, **extra)
+    cfg, live = inprocess_configs(None, kw)
+    say(f"batchdeck console: loading {cfg.model} …")
+    llm = LLMEngine(cfg, live, sink=bus, **extra)
     engine = AsyncEngine(llm)
     # quickstart's rates keep a free CPU core about half busy with synthetic:tiny; a loaded or slower
     # machine would queue without end, so on CPU the steady load runs at half of them
     steady = SteadyWorkload(engine, quick, loop=True, speed=speed * (0.5 if llm.device.type == "cpu" else 1.0))
     return InProcessClient(engine, bus), [steady.run], None
+
+
+def inprocess_configs(preset: Any, kw: Mapping[str, Any]):
+    """(EngineConfig, LiveConfig) of the console's in-process engine: a preset's settings under the flags
+    given, or, without a preset, the flags over the per-device defaults (the embedded default model;
+    synthetic:tiny keeps a 1024-block pool)."""
+    from batchdeck.engine.config import resolve_configs
+    from batchdeck.engine.service.flags import preset_engine_configs
+
+    if preset is not None:
+        return preset_engine_configs(preset, dict(kw))
+    kw = dict(kw)
+    kw.setdefault("model", default_model(kw.get("device")))
+    return resolve_configs(kw, {"num_blocks": 1024} if kw["model"] == TINY_MODEL else {})
 
 
 def run_console(preset: Any = None, *, args: argparse.Namespace | None = None,

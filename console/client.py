@@ -262,10 +262,11 @@ class FakeClient(Client):
 
 
 def default_snapshot() -> dict[str, Any]:
-    """A config snapshot shaped like `LLMEngine.config_snapshot()` with the engine's defaults."""
+    """A config snapshot shaped like `LLMEngine.config_snapshot()` with the engine's defaults (cpu)."""
     from batchdeck.engine.config import ConfigBounds, LiveConfig
+    from batchdeck.engine.settings import BY_NAME
 
-    bounds = ConfigBounds(max_num_seqs=256, max_batched_tokens=8192, policies=("fcfs", "sjf", "slo", "fair", "priority"))
+    bounds = ConfigBounds(policies=BY_NAME["policy"].choice_list())
     return {"config": LiveConfig().to_dict(), "bounds": bounds.to_dict(), "version": 0,
             "engine": {"model": "synthetic:tiny", "device": "cpu", "dtype": "float32", "block_size": 16,
                        "num_blocks": 1024, "kv_pool_bytes": 64 * 1024 * 1024}}
@@ -275,12 +276,4 @@ def bounds_from_dict(bounds: Mapping[str, Any]):
     """`ConfigBounds` from the JSON form in a config snapshot (`ConfigBounds.to_dict()`)."""
     from batchdeck.engine.config import ConfigBounds
 
-    def upper(key: str, default: int) -> int:
-        value = bounds.get(key)
-        if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int):
-            return value[1]
-        return default
-
-    policies = tuple(bounds.get("policy") or ("fcfs", "sjf", "slo", "fair", "priority"))
-    return ConfigBounds(max_num_seqs=upper("max_num_seqs", 256), max_batched_tokens=upper("max_batched_tokens", 8192),
-                        policies=policies, spec_k=upper("spec_k", 8))
+    return ConfigBounds.from_dict(bounds)

@@ -14,16 +14,16 @@ from typing import Any, Mapping
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from batchdeck.engine.config import BATCHING_MODES, MIXING_MODES, PREEMPTION_MODES, ConfigError, LiveConfig, validate_changes
+from batchdeck.engine.config import ConfigBounds, ConfigError, LiveConfig, validate_changes
+from batchdeck.engine.settings import BY_NAME, LIMITS, LIVE_SETTINGS, PANEL_KINDS
 
-from batchdeck.console.client import bounds_from_dict
-
-SETTINGS = ("policy", "mixing", "batching", "max_num_seqs", "max_batched_tokens", "chunk_size", "preemption",
-            "selective_threshold", "static_timeout", "spec_k")
-INT_SETTINGS = ("max_num_seqs", "max_batched_tokens", "chunk_size", "selective_threshold", "spec_k")
-FLOAT_SETTINGS = ("static_timeout",)
+# From the settings table: every live setting is a palette command; the scalar ones are config-panel fields.
+SETTINGS = tuple(s.name for s in LIVE_SETTINGS)
+PANEL_SETTINGS = tuple(s.name for s in LIVE_SETTINGS if s.kind in PANEL_KINDS)
+INT_SETTINGS = tuple(s.name for s in LIVE_SETTINGS if s.kind == "int")
+FLOAT_SETTINGS = tuple(s.name for s in LIVE_SETTINGS if s.kind == "float")
 _LIVE_FIELDS = frozenset(f.name for f in dataclasses.fields(LiveConfig))
-MEANING = {"spec_k": "speculative decoding: draft tokens verified per decode step, 0 = off"}
+MEANING = {s.name: s.meaning for s in LIVE_SETTINGS}
 
 # name, action (an App action), help
 ACTIONS: tuple[tuple[str, str, str], ...] = (
@@ -41,26 +41,24 @@ def normalize_key(word: str) -> str:
 
 
 def choices(key: str, bounds: Mapping[str, Any] | None) -> tuple[str, ...] | None:
-    """The allowed values of a choice setting, None for a numeric one."""
-    if key == "policy":
-        return tuple((bounds or {}).get("policy") or ("fcfs", "sjf", "slo", "fair", "priority"))
-    return {"mixing": MIXING_MODES, "batching": BATCHING_MODES, "preemption": PREEMPTION_MODES}.get(key)
+    """The allowed values of a choice setting (the engine's published ones), None for any other."""
+    return ConfigBounds.from_dict(bounds or {}).choices(key)
 
 
 def describe_bounds(key: str, config: Mapping[str, Any] | None, bounds: Mapping[str, Any] | None) -> str:
-    """What a setting allows, for the palette's help and the config panel."""
+    """What a setting allows, for the palette's help and the config panel (the bound in force)."""
     opts = choices(key, bounds)
     if opts is not None:
         return " | ".join(opts)
-    b = (bounds or {}).get(key)
-    if key == "chunk_size":
-        hi = (config or {}).get("max_batched_tokens", "max_batched_tokens")
-        return f"1..{hi}"
-    if key == "static_timeout":
-        return "0..3600 s"
-    if isinstance(b, (list, tuple)) and len(b) == 2:
-        return f"{b[0]}..{b[1]}"
-    return "an integer ≥ 0" if key == "spec_k" else "an integer ≥ 1"
+    s = BY_NAME[key]
+    if s.kind == "object":
+        return "a JSON object of the policy's parameters"
+    if key in LIMITS and not isinstance((bounds or {}).get(key), (list, tuple)):  # the engine's bound not known yet
+        return f"an integer ≥ {s.low}"
+    hi = ConfigBounds.from_dict(bounds or {}).upper(key, config or {})
+    fmt = (lambda v: f"{v:g}") if s.kind == "float" else str
+    unit = " s" if s.unit == "seconds" else ""
+    return f"{fmt(s.low)}..{hi if isinstance(hi, str) else fmt(hi)}{unit}"
 
 
 def live_config(config: Mapping[str, Any] | None) -> LiveConfig:
@@ -69,23 +67,13 @@ def live_config(config: Mapping[str, Any] | None) -> LiveConfig:
 
 def parse_value(key: str, text: str) -> Any:
     """The typed value for `key` from what was typed; raises ConfigError saying what is expected."""
-    if key in INT_SETTINGS:
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(key, text, "an integer") from None
-    if key in FLOAT_SETTINGS:
-        try:
-            return float(text.rstrip("s"))
-        except ValueError:
-            raise ConfigError(key, text, "a number of seconds") from None
-    return text
+    return BY_NAME[key].parse_text(text)
 
 
 def validate(changes: Mapping[str, Any], config: Mapping[str, Any] | None, bounds: Mapping[str, Any] | None) -> str | None:
     """None if the engine would accept `changes` on top of `config`, else why not (as the engine says it)."""
     try:
-        validate_changes(live_config(config), changes, bounds_from_dict(bounds or {}))
+        validate_changes(live_config(config), changes, ConfigBounds.from_dict(bounds or {}))
     except ConfigError as exc:
         return str(exc)
     except (ValueError, TypeError) as exc:
@@ -132,7 +120,7 @@ def candidates(query: str, config: Mapping[str, Any] | None, bounds: Mapping[str
         if opts is not None:
             out.extend(_setting(key, o, now, bounds, config) for o in opts)
         else:
-            meaning = f": {MEANING[key]}" if key in MEANING else ""
+            meaning = f": {MEANING[key]}"
             out.append(Candidate(f"{key} <{describe_bounds(key, config, bounds)}>",
                                  f"type `{key} N` to set it (now {now}){meaning}; "
                                  f"allowed {describe_bounds(key, config, bounds)}"))

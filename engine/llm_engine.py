@@ -23,14 +23,14 @@ from batchdeck.engine.request import (SLO_CLASSES, FinishReason, QueueFullError,
                                       SamplingParams)
 from batchdeck.engine.sampler import Sampler
 from batchdeck.engine.scheduler import Scheduler
+from batchdeck.engine.settings import CPU_KV_POOL_BYTES, START_KEYS
 from batchdeck.engine.slo import DEFAULT_SLO_TARGETS, SLOTarget, slo_met
 from batchdeck.engine.speculative.draft_model import DraftModelDrafter
 from batchdeck.engine.speculative.drafter import Drafter, LookupDrafter
 from batchdeck.engine.speculative.ngram import propose_ngram
 from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord, SinkFn, null_sink
-from batchdeck.policies import make_policy, policy_names, validate_policy_params
+from batchdeck.policies import describe_policies, make_policy, policy_names, validate_policy_params
 
-CPU_DEFAULT_KV_BYTES = 512 * 1024 * 1024
 VOCAB_PADDING_SLACK = 1024  # draft and target vocabularies may differ by padding, not by tokenizer
 
 
@@ -61,6 +61,47 @@ def _percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def check_device(device: str) -> None:
+    """ConfigError (naming `device`) when torch cannot use `device` on this machine."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError("device", device, "cpu: torch finds no CUDA device on this machine")
+    index = int(device[5:]) if device.startswith("cuda:") else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError("device", device, f"cuda or cuda:N with N < {torch.cuda.device_count()} "
+                                            "(the CUDA devices torch finds)")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that could still be allocated on `device` (free GPU memory; the host's available memory)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_pool_fits(num_blocks: int, per_block: int, device: torch.device) -> None:
+    """Refuse, before allocating, a KV pool larger than the memory available on its device."""
+    need, have = num_blocks * per_block, available_memory(device)
+    if need > have:
+        raise ConfigError("num_blocks", num_blocks,
+                          f"at most {have // per_block} here: {num_blocks} blocks of {per_block} bytes would take "
+                          f"{_gb(need)} but {_gb(have)} of {device.type} memory is available")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, live: LiveConfig | None = None, *, sink: SinkFn = null_sink,
                  clock: Callable[[], float] | None = None, loaded: LoadedModel | None = None,
@@ -74,6 +115,7 @@ class LLMEngine:
         self._t0 = time.monotonic()
         self.clock = clock or (lambda: time.monotonic() - self._t0)
         self.device = torch.device(config.device)
+        check_device(config.device)
         self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.seed)
         self.max_model_len = min(self.loaded.max_model_len, config.max_model_len or self.loaded.max_model_len)
 
@@ -85,6 +127,8 @@ class LLMEngine:
             d = self.draft_loaded
             per_block += bytes_per_block(d.num_layers, config.block_size, d.num_kv_heads, d.head_dim, dtype)
         num_blocks = config.num_blocks or self._default_num_blocks(per_block)
+        if config.num_blocks is not None:
+            check_pool_fits(num_blocks, per_block, self.device)
         self.kv_cache = KVCache.allocate(lm.num_layers, num_blocks, config.block_size, lm.num_kv_heads,
                                          lm.head_dim, dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
@@ -96,9 +140,8 @@ class LLMEngine:
                                   spec_k_limit=config.spec_k_limit)
 
         # Each running request holds at least one block, so the pool caps the running count too.
-        self.bounds = ConfigBounds(max_num_seqs=min(config.max_num_seqs_limit, num_blocks),
-                                   max_batched_tokens=config.max_batched_tokens_limit, policies=policy_names(),
-                                   spec_k=config.spec_k_limit)
+        self.bounds = ConfigBounds.for_engine(config, num_blocks, policy_names(),
+                                              {name: d["params"] for name, d in describe_policies().items()})
         live = live or LiveConfig()
         initial = {k: v for k, v in live.to_dict().items() if k != "version"}
         self.live = validate_changes(LiveConfig(), initial, self.bounds, validate_policy_params)
@@ -149,7 +192,7 @@ class LLMEngine:
             free, _total = torch.cuda.mem_get_info(self.device)
             budget = free * self.config.gpu_memory_fraction
         else:
-            budget = CPU_DEFAULT_KV_BYTES
+            budget = CPU_KV_POOL_BYTES
         return max(16, int(budget // per_block))
 
     # -- requests -------------------------------------------------------------------------------
@@ -374,9 +417,7 @@ class LLMEngine:
     def config_snapshot(self) -> dict[str, Any]:
         """The live config, its bounds and version (what MQTT retains on PREFIX/config)."""
         return {"config": self._target.to_dict(), "bounds": self.bounds.to_dict(), "version": self._target.version,
-                "engine": {"model": self.config.model, "device": self.config.device, "dtype": self.config.dtype,
-                           "block_size": self.config.block_size, "num_blocks": self.blocks.num_blocks,
-                           "drafter": self.config.drafter, "draft_model": self.config.draft_model,
+                "engine": {**{k: getattr(self.config, k) for k in START_KEYS}, "num_blocks": self.blocks.num_blocks,
                            "kv_pool_bytes": self.kv_cache.num_bytes}}
 
     def _stop_reason(self, r: Request, token: int) -> FinishReason | None:

@@ -2,7 +2,7 @@
 
     batchdeck replay PRESET [--headless] [--report out.json] [--html out.html] [--record run.jsonl]
                             [--speed X] [--duration-scale F] [--set KEY=VALUE ...] [--no-timeline]
-                            [--model M] [--device D] [--dtype T] [--num-blocks N]
+                            [engine setting flags, as for generate]
     batchdeck compare a.json b.json ... [--phases]
 
 PRESET is a shipped preset's name (`batchdeck replay --list`) or a YAML file. Headless, the preset
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from batchdeck.engine.service.flags import add_engine_flags, given_engine_flags
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -77,13 +79,11 @@ def register_cli(sub: argparse._SubParsersAction, open_console: Callable[..., in
     rp.add_argument("--duration-scale", type=_positive, default=1.0, metavar="F",
                     help="shorten (<1) the preset: durations, counts, trace limits and timeline times times F")
     rp.add_argument("--set", dest="set_", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                    help="override the preset's initial live config (repeatable), e.g. --set batching=continuous")
+                    help="override one of the preset's settings (repeatable; any engine setting, by its name "
+                         "as in the preset), e.g. --set batching=continuous --set num_blocks=512")
     rp.add_argument("--no-timeline", action="store_true",
                     help="drop the preset's timeline: run one config throughout (for A/B runs with --set)")
-    rp.add_argument("--model", default=None, help="override the preset's model")
-    rp.add_argument("--device", default=None, help="override the preset's device (cpu, cuda)")
-    rp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override the dtype")
-    rp.add_argument("--num-blocks", type=int, default=None, help="override the KV pool size")
+    add_engine_flags(rp)  # the preset's settings apply unless a flag (or --set) is given
     rp.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     rp.set_defaults(func=lambda args: cmd_replay(args, open_console))
 
@@ -95,21 +95,34 @@ def register_cli(sub: argparse._SubParsersAction, open_console: Callable[..., in
     cp.set_defaults(func=cmd_compare)
 
 
+def _set_changes(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """--set KEY=VALUE entries split into (live settings, start-time settings); unknown keys refused."""
+    from batchdeck.engine.settings import BY_NAME, ConfigError
+
+    live: dict[str, Any] = {}
+    start: dict[str, Any] = {}
+    for key, value in getattr(args, "set_", []) or []:
+        if key not in BY_NAME:
+            raise ValueError(f"--set: {ConfigError(key, value, 'a setting: ' + ', '.join(BY_NAME))}")
+        (live if BY_NAME[key].live else start)[key] = value
+    return live, start
+
+
 def prepare_preset(args: argparse.Namespace):
-    """The preset with --set / --no-timeline applied (checked like the file itself)."""
+    """The preset with --set's live settings / --no-timeline applied (checked like the file itself)."""
     from batchdeck.engine.config import ConfigError, LiveConfig, validate_changes
     from batchdeck.presets import load_preset, resolve_preset
     from batchdeck.presets.schema import bounds_for
 
     preset = load_preset(resolve_preset(args.preset))
-    changes = dict(getattr(args, "set_", []) or [])
+    changes, start = _set_changes(args)
     if changes:
         from batchdeck.policies import validate_policy_params
 
+        bounds = bounds_for({**preset.engine, **start})
         try:
-            start = validate_changes(LiveConfig(), preset.config, bounds_for(preset.engine)) if preset.config \
-                else LiveConfig()
-            validate_changes(start, changes, bounds_for(preset.engine), validate_policy_params)
+            first = validate_changes(LiveConfig(), preset.config, bounds) if preset.config else LiveConfig()
+            validate_changes(first, changes, bounds, validate_policy_params)
         except ConfigError as exc:
             raise ValueError(f"--set: {exc}") from None
         preset = dataclasses.replace(preset, config={**preset.config, **changes})
@@ -119,8 +132,8 @@ def prepare_preset(args: argparse.Namespace):
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in (("model", args.model), ("device", args.device), ("dtype", args.dtype),
-                              ("num_blocks", args.num_blocks)) if v is not None}
+    """The engine settings given as flags, and --set's start-time settings, by name."""
+    return {**given_engine_flags(args), **_set_changes(args)[1]}
 
 
 def write_outputs(result, report_path: str | None, html_path: str | None, out=None) -> dict[str, Any]:

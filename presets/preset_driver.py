@@ -49,8 +49,6 @@ if TYPE_CHECKING:
     from batchdeck.presets.schema import Preset, TimelineEntry
 
 POLL_S = 0.002  # how often `at_iteration` entries look at the engine's iteration counter
-ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
-LIVE_FIELDS = {f.name for f in dataclasses.fields(LiveConfig)} - {"version"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,34 +56,12 @@ LIVE_FIELDS = {f.name for f in dataclasses.fields(LiveConfig)} - {"version"}
 
 
 def preset_configs(preset: "Preset", overrides: Mapping[str, Any] | None = None) -> tuple[EngineConfig, LiveConfig]:
-    """EngineConfig (preset.engine + model + seed) and LiveConfig (preset.config) for a preset.
+    """EngineConfig and LiveConfig for a preset under `overrides` (settings by name; None values are
+    ignored): the one resolution every command uses (`engine.config.resolve_configs`), so limits are
+    raised to fit every value the preset's config and timeline ask for."""
+    from batchdeck.engine.service.flags import preset_engine_configs
 
-    `overrides` may hold EngineConfig fields (model, device, dtype, num_blocks, ...) and live keys
-    (policy, max_num_seqs, ...); None values are ignored. The live-config limits are raised to fit
-    every value the preset's config and timeline ask for.
-    """
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = sorted(set(overrides) - ENGINE_FIELDS - LIVE_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown override(s) {', '.join(unknown)}: allowed engine settings "
-                         f"{', '.join(sorted(ENGINE_FIELDS))} and live settings {', '.join(sorted(LIVE_FIELDS))}")
-    engine_kw: dict[str, Any] = {"model": preset.model, "seed": preset.seed, **preset.engine}
-    engine_kw.update({k: v for k, v in overrides.items() if k in ENGINE_FIELDS})
-    live_kw = {**preset.config, **{k: v for k, v in overrides.items() if k in LIVE_FIELDS}}
-    if "max_batched_tokens" in live_kw and "chunk_size" not in live_kw:
-        live_kw["chunk_size"] = min(LiveConfig().chunk_size, live_kw["max_batched_tokens"])
-    wanted_seqs = [live_kw.get("max_num_seqs", LiveConfig().max_num_seqs)]
-    wanted_tokens = [live_kw.get("max_batched_tokens", LiveConfig().max_batched_tokens)]
-    for entry in preset.timeline:
-        if entry.set:
-            wanted_seqs.append(entry.set.get("max_num_seqs", 0))
-            wanted_tokens.append(entry.set.get("max_batched_tokens", 0))
-    defaults = EngineConfig()
-    engine_kw.setdefault("max_num_seqs_limit", max(defaults.max_num_seqs_limit, *wanted_seqs))
-    engine_kw.setdefault("max_batched_tokens_limit", max(defaults.max_batched_tokens_limit, *wanted_tokens))
-    cfg = EngineConfig(**engine_kw)
-    live = LiveConfig(**{**LiveConfig().to_dict(), **live_kw, "version": 0})
-    return cfg, live
+    return preset_engine_configs(preset, dict(overrides or {}))
 
 
 def build_engine_for_preset(preset: "Preset", overrides: Mapping[str, Any] | None = None, **engine_kwargs: Any

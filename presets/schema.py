@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import yaml
 
 from batchdeck.engine.config import ConfigBounds, ConfigError, EngineConfig, LiveConfig, validate_changes
+from batchdeck.engine.settings import BY_NAME, LIMITS, START_KEYS
 from batchdeck.engine.request import SLO_CLASSES
 from batchdeck.presets.trace_loader import COLUMN_ROLES, TIME_UNITS, TraceError, trace_columns
 
@@ -36,11 +37,7 @@ DIST_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # dist -> (re
     "normal": (("mean", "std"), ("min", "max")),
 }
 TIMELINE_KEYS = ("at", "at_iteration", "set", "pause", "resume")
-ENGINE_TYPES = {f.name: str(f.type) for f in dataclasses.fields(EngineConfig) if f.name not in ("model", "seed")}
-ENGINE_KEYS = tuple(ENGINE_TYPES)
-DEFAULT_BOUNDS = ConfigBounds(
-    max_num_seqs=256, max_batched_tokens=65536, policies=("fcfs", "sjf", "slo", "fair", "priority")
-)
+ENGINE_KEYS = tuple(k for k in START_KEYS if k not in ("model", "seed"))  # `engine:` keys, from the settings table
 
 KeyPath = tuple[str | int, ...]
 
@@ -390,32 +387,15 @@ def _engine(c: _Checker, raw: Any) -> dict[str, Any]:
             raise c.error(path + (key,), f"set {key!r} at the top level of the preset, not under engine")
     c.known_keys(e, path, ENGINE_KEYS, "engine")
     for key, value in e.items():
-        _check_field_type(c, ENGINE_TYPES[key], value, path + (key,))
+        try:
+            BY_NAME[key].check(value)
+        except ConfigError as err:
+            raise c.error(path + (key,), str(err)) from None
     try:
         EngineConfig(**e).validate()
     except ConfigError as err:
         raise c.error(path + (err.key,), str(err)) from None
-    for key in ("max_model_len", "max_num_seqs_limit", "max_batched_tokens_limit"):
-        if e.get(key) is not None:
-            c.integer(e[key], path + (key,), minimum=2 if key == "max_model_len" else 1)
     return dict(e)
-
-
-def _check_field_type(c: _Checker, annotation: str, value: Any, path: KeyPath) -> None:
-    """Check `value` against an EngineConfig field annotation such as 'int | None' or 'str'."""
-    parts = [p.strip() for p in annotation.split("|")]
-    if value is None and "None" in parts:
-        return
-    ok = any(
-        (p == "str" and isinstance(value, str))
-        or (p == "int" and isinstance(value, int) and not isinstance(value, bool))
-        or (p == "float" and isinstance(value, (int, float)) and not isinstance(value, bool))
-        for p in parts
-    )
-    if not ok:
-        wanted = " or ".join("null" if p == "None" else {"str": "a string", "int": "an integer",
-                                                          "float": "a number"}.get(p, p) for p in parts)
-        raise c.error(path, f"must be {wanted}, got {_describe(value)}")
 
 
 def _config_error(c: _Checker, path: KeyPath, changes: Mapping[str, Any], err: ConfigError) -> PresetError:
@@ -455,13 +435,12 @@ def _timeline_entry(c: _Checker, raw: Any, path: KeyPath, live: LiveConfig, boun
 
 
 def bounds_for(engine: Mapping[str, Any]) -> ConfigBounds:
-    """The live-config bounds a preset is checked against (the engine's own limits when it sets them)."""
-    return dataclasses.replace(
-        DEFAULT_BOUNDS,
-        max_num_seqs=engine.get("max_num_seqs_limit") or DEFAULT_BOUNDS.max_num_seqs,
-        max_batched_tokens=engine.get("max_batched_tokens_limit") or DEFAULT_BOUNDS.max_batched_tokens,
-        spec_k=engine.get("spec_k_limit") if engine.get("spec_k_limit") is not None else DEFAULT_BOUNDS.spec_k,
-    )
+    """The live-config bounds a preset is checked against: the engine's own limits when it sets them,
+    else the most each limit can be raised to (an unset limit is raised to fit what the preset asks
+    for; see engine.config.resolve_configs), and the pool when `num_blocks` is set."""
+    limits = {lim: engine[lim] if engine.get(lim) is not None else BY_NAME[lim].high for lim in LIMITS.values()}
+    return ConfigBounds.for_engine(dataclasses.replace(EngineConfig(), **limits), engine.get("num_blocks"),
+                                   BY_NAME["policy"].choice_list())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ async def test_palette_refuses_invalid_values_and_applies_nothing():
     async with app.run_test(size=SIZE) as pilot:
         app.tick()
         for text, why in [("max_num_seqs 9999", "an integer in [1, 256]"), ("policy lifo", "one of fcfs, sjf"),
-                          ("chunk_size 4096", "max_batched_tokens=512")]:
+                          ("chunk_size 4096", "[1, 512] (the live max_batched_tokens)")]:
             hits = await palette(pilot, text)
             assert len(hits) == 1 and "refused" in hits[0]
             assert any(why in n for n in notes(app)), (text, notes(app))

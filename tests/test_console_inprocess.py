@@ -95,7 +95,8 @@ async def test_every_steering_path_on_the_real_engine():
         assert engine.live.version == 1
         # a refusal from the engine itself reaches the operator as such
         result = await client.set({"max_num_seqs": 0})
-        assert not result.ok and result.error == "max_num_seqs=0 is not allowed: an integer in [1, 256]"
+        assert not result.ok and result.error == ("max_num_seqs=0 is not allowed: an integer in [1, 256] "
+                                                   "(max_num_seqs_limit, fixed at start)")
         aborted = await client.abort("no-such-request")
         assert not aborted.ok and "not running or waiting" in aborted.error
         bad = await client.submit({"prompt_token_ids": [1, 2], "max_tokens": 0})

@@ -108,7 +108,7 @@ async def test_attached_console_steers_speculation_and_shows_acceptance(broker):
             await palette(pilot, "spec_k 99")
             assert any("spec_k=99 is not allowed: an integer in [0, 8]" in n for n in notes(app))
             refused = await client.set({"spec_k": 99})
-            assert not refused.ok and refused.error == "spec_k=99 is not allowed: an integer in [0, 8]"
+            assert not refused.ok and refused.error == "spec_k=99 is not allowed: an integer in [0, 8] (spec_k_limit, fixed at start)"
             assert llm.live.version == 0
             await palette(pilot, "spec_k 3")
             await wait_for(pilot, lambda: llm.live.spec_k == 3, what="the engine speculating")

@@ -54,7 +54,7 @@ def test_palette_parses_and_validates_every_setting():
     ("max_num_seqs 9999", "max_num_seqs=9999 is not allowed: an integer in [1, 256]"),
     ("max_num_seqs 0", "an integer in [1, 256]"),
     ("max_num_seqs many", "max_num_seqs='many' is not allowed: an integer"),
-    ("chunk_size 1024", "chunk_size=1024 is not allowed: an integer in [1, max_batched_tokens=512]"),
+    ("chunk_size 1024", "chunk_size=1024 is not allowed: an integer in [1, 512] (the live max_batched_tokens)"),
     ("policy lifo", "policy='lifo' is not allowed: one of fcfs, sjf, slo, fair, priority"),
     ("batching dynamic", "one of continuous, static"),
     ("static_timeout -1", "static_timeout=-1.0"),
@@ -81,9 +81,9 @@ def test_spec_k_is_checked_against_the_engines_own_bound():
     bounds = {**BOUNDS, "spec_k": [0, 3]}
     assert bounds_from_dict(bounds).spec_k == 3
     assert validate({"spec_k": 3}, CFG, bounds) is None
-    assert validate({"spec_k": 4}, CFG, bounds) == "spec_k=4 is not allowed: an integer in [0, 3]"
+    assert validate({"spec_k": 4}, CFG, bounds) == "spec_k=4 is not allowed: an integer in [0, 3] (spec_k_limit, fixed at start)"
     (c,) = candidates("spec_k 4", CFG, bounds)
-    assert c.changes is None and c.error == "spec_k=4 is not allowed: an integer in [0, 3]"
+    assert c.changes is None and c.error == "spec_k=4 is not allowed: an integer in [0, 3] (spec_k_limit, fixed at start)"
     assert describe_bounds("spec_k", CFG, bounds) == "0..3"
     assert describe_bounds("spec_k", CFG, None) == "an integer ≥ 0"
 

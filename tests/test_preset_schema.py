@@ -101,7 +101,7 @@ MISTAKES = [
     ("timeline set invalid value", ("set: {chunk_size: 64}", "set: {policy: lifo}"), "timeline[0].set.policy",
      "lifo", "one of fcfs, sjf, slo, fair, priority"),
     ("timeline chunk over max_batched_tokens", ("set: {chunk_size: 64}", "set: {chunk_size: 1000}"),
-     "timeline[0].set.chunk_size", "chunk_size: 1000", "max_batched_tokens=512"),
+     "timeline[0].set.chunk_size", "chunk_size: 1000", "[1, 512] (the live max_batched_tokens)"),
     ("timeline without action", ("    set: {chunk_size: 64}\n", ""), "timeline[0]", "at: 5", "exactly one"),
     ("trace file missing",
      ("timeline:", "  - kind: trace\n    path: nowhere.csv\n    columns: {time: t, input: i, output: o}\ntimeline:"),
@@ -124,7 +124,7 @@ def test_mistake_names_file_key_and_line(tmp_path, desc, edit, key, marker, word
 def test_config_error_message_is_embedded(tmp_path):
     text = GOOD.replace("set: {chunk_size: 64}", "set: {max_num_seqs: 0}")
     message = error_for(tmp_path, text)
-    assert "max_num_seqs=0 is not allowed: an integer in [1, 256]" in message
+    assert "max_num_seqs=0 is not allowed: an integer in [1, 64] (the KV pool has 64 blocks" in message
 
 
 def test_timeline_sets_are_checked_cumulatively(tmp_path):

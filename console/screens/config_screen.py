@@ -15,7 +15,7 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
-from batchdeck.console.commands import FLOAT_SETTINGS, INT_SETTINGS, SETTINGS, choices, describe_bounds, parse_value, validate
+from batchdeck.console.commands import FLOAT_SETTINGS, INT_SETTINGS, PANEL_SETTINGS, choices, describe_bounds, parse_value, validate
 from batchdeck.engine.config import ConfigError
 
 
@@ -32,7 +32,7 @@ class ConfigScreen(ModalScreen[dict[str, Any] | None]):
             dialog.border_title = "Live configuration"
             dialog.border_subtitle = f"v{self.config.get('version', '?')} · changes apply at the next iteration"
             with Grid(id="config-grid"):
-                for key in SETTINGS:
+                for key in PANEL_SETTINGS:
                     if key not in self.config:
                         continue
                     yield Label(key, classes="config-key")
@@ -53,7 +53,7 @@ class ConfigScreen(ModalScreen[dict[str, Any] | None]):
     def changes(self) -> dict[str, Any]:
         """The settings that differ from the current config, typed; raises ConfigError for bad input."""
         out: dict[str, Any] = {}
-        for key in SETTINGS:
+        for key in PANEL_SETTINGS:
             if key not in self.config:
                 continue
             widget = self.query_one(f"#cfg-{key}")

@@ -1,16 +1,23 @@
-"""Engine flags shared by every command that starts an engine, and turning them into the engine's configs."""
+"""Engine flags of every command that starts an engine, made from the settings table, and turning them
+into the engine's configs (through the one resolver, `engine.config.resolve_configs`).
+
+Every flag defaults to None ("not given"): the value then comes from a preset or the table's default
+for the device, which `--help` shows for cpu and cuda. vLLM's names are accepted where the meaning is
+the same (`--max-num-batched-tokens`, `--scheduling-policy`); `--enable-chunked-prefill` is accepted
+and changes nothing (chunked prefill is always on).
+"""
 from __future__ import annotations
 
 import argparse
-import sys
+import difflib
+import json
 from typing import Any
 
-from batchdeck.engine.config import DRAFTERS, ConfigError, EngineConfig, LiveConfig
+from batchdeck.engine.config import ConfigError, EngineConfig, LiveConfig, resolve_configs
+from batchdeck.engine.settings import BY_NAME, SETTINGS, Setting
 
 
 def _json_object(text: str) -> dict:
-    import json
-
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -20,83 +27,83 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _add_flag(p: argparse.ArgumentParser, s: Setting) -> None:
+    kw: dict[str, Any] = {"dest": s.name, "default": None, "help": s.help_text()}
+    if s.kind == "bool":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif s.kind == "int":
+        kw.update(type=_int, metavar="N")
+    elif s.kind == "float":
+        kw.update(type=_float, metavar="S" if s.unit == "seconds" else "X")
+    elif s.kind == "object":
+        kw.update(type=_json_object, metavar="JSON")
+    elif s.kind == "choice":  # checked by the table (the same message as a live change), not by argparse
+        kw["metavar"] = "{" + ",".join(s.choice_list()) + "}"
+    p.add_argument(*s.flags, **kw)
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    """Model and sizing flags shared by every command that starts an engine."""
-    p.add_argument("--model", default="synthetic:tiny", help="synthetic:<name> or a local HF model directory")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="running cap (live setting)")
-    p.add_argument("--max-batched-tokens", type=int, default=None, help="tokens per iteration (live setting)")
-    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk cap per request (live setting)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: from memory)")
-    p.add_argument("--gpu-memory-fraction", type=float, default=0.85, help="KV pool share of free GPU memory")
-    p.add_argument("--policy", default=None, help="scheduling policy (live setting)")
-    p.add_argument("--policy-params", default=None, type=_json_object,
-                   help='policy parameters as JSON, e.g. \'{"aging_s": 10}\' (live setting)')
-    p.add_argument("--batching", default=None, choices=["continuous", "static"], help="batching mode (live setting)")
-    p.add_argument("--mixing", default=None, help="prefill/decode mixing mode (live setting)")
-    p.add_argument("--spec-k", type=int, default=None, help="speculative decoding: draft tokens per step (live; 0 = off)")
-    p.add_argument("--spec-k-limit", type=int, default=None,
-                   help="the largest spec_k live config may ask for (default: 8, or --spec-k if larger; "
-                        "0 leaves speculation off and captures no verify graphs)")
-    p.add_argument("--drafter", default=None, choices=list(DRAFTERS),
-                   help="speculative decoding's proposer: ngram (prompt lookup, the default) or model (--draft-model)")
-    p.add_argument("--draft-model", default=None,
-                   help="drafter=model: synthetic:<name> or a local directory sharing the target's vocabulary")
-    p.add_argument("--max-waiting", type=int, default=None,
-                   help="refuse new requests while this many wait (default: no bound)")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--seed", type=int, default=0, help="seed for synthetic weights and unseeded sampling")
+    """One flag per setting of the table (aliases included), all defaulting to None (not given)."""
+    group = p.add_argument_group("engine settings (live ones can also be changed while it runs)")
+    for s in SETTINGS:
+        if s.flags:
+            _add_flag(group, s)
+    group.add_argument("--enable-chunked-prefill", action="store_true", dest="enable_chunked_prefill",
+                       help="accepted for vLLM compatibility: chunked prefill is always on (for whole-prompt "
+                            "prefill set --chunk-size to --max-batched-tokens)")
 
 
-# The flags of add_engine_flags, by their EngineConfig / LiveConfig names.
-ENGINE_FLAG_DESTS = ("model", "device", "dtype", "max_num_seqs", "max_batched_tokens", "chunk_size", "block_size",
-                     "num_blocks", "gpu_memory_fraction", "policy", "policy_params", "batching", "mixing", "spec_k",
-                     "spec_k_limit", "drafter", "draft_model", "max_waiting", "attention_backend", "seed")
-
-
-def implied_drafter(args: argparse.Namespace) -> str | None:
-    """--drafter, or `model` when only --draft-model is given."""
-    return args.drafter or ("model" if args.draft_model else None)
+# The flags of add_engine_flags, by their setting names.
+ENGINE_FLAG_DESTS = tuple(s.name for s in SETTINGS if s.flags)
 
 
 def given_engine_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The engine flags set on the command line, by setting name, for commands whose flags default to
-    None so that a preset's settings apply unless a flag is given (see `flags_default_to_none`)."""
+    """The engine settings given on the command line, by setting name (--draft-model alone implies
+    drafter=model)."""
     given = {d: getattr(args, d) for d in ENGINE_FLAG_DESTS if getattr(args, d, None) is not None}
-    if implied_drafter(args):
-        given["drafter"] = implied_drafter(args)
+    if given.get("draft_model") and "drafter" not in given:
+        given["drafter"] = "model"
     return given
 
 
 def flags_default_to_none(p: argparse.ArgumentParser) -> None:
-    """Make every engine flag default to None: only what is given overrides a preset or the defaults."""
+    """Every engine flag defaults to None already (kept for callers that asked for it)."""
     p.set_defaults(**{dest: None for dest in ENGINE_FLAG_DESTS})
 
 
-def engine_configs(args: argparse.Namespace) -> tuple[EngineConfig, LiveConfig]:
-    import torch
+def engine_configs(args: argparse.Namespace, preset: Any = None, *,
+                   cuda_available: bool | None = None) -> tuple[EngineConfig, LiveConfig]:
+    """(EngineConfig, LiveConfig) from the flags given, a preset (its settings under the flags) and the
+    per-device defaults: the same resolution for every command."""
+    if preset is None:
+        return resolve_configs(given_engine_flags(args), cuda_available=cuda_available)
+    return preset_engine_configs(preset, given_engine_flags(args), cuda_available=cuda_available)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    live = LiveConfig()
-    overrides = {k: getattr(args, k) for k in ("max_num_seqs", "max_batched_tokens", "chunk_size", "policy",
-                                               "policy_params", "batching", "mixing", "spec_k")
-                 if getattr(args, k, None) is not None}
-    if "max_batched_tokens" in overrides and "chunk_size" not in overrides:
-        overrides["chunk_size"] = min(live.chunk_size, overrides["max_batched_tokens"])
-    live = LiveConfig(**{**live.to_dict(), **overrides})
-    cfg = EngineConfig(model=args.model, device=device, dtype=dtype, block_size=args.block_size,
-                       num_blocks=args.num_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
-                       max_num_seqs_limit=max(256, live.max_num_seqs),
-                       max_batched_tokens_limit=max(8192, live.max_batched_tokens),
-                       attention_backend=args.attention_backend, seed=args.seed,
-                       spec_k_limit=args.spec_k_limit if args.spec_k_limit is not None else max(8, live.spec_k),
-                       drafter=implied_drafter(args) or "ngram", draft_model=args.draft_model,
-                       max_waiting=getattr(args, "max_waiting", None))
-    return cfg, live
+
+def preset_settings(preset: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A preset's settings flattened by name (model, seed, engine:, config:) and its timeline's `set`s."""
+    flat = {"model": preset.model, "seed": preset.seed, **preset.engine, **preset.config}
+    return flat, [dict(e.set) for e in preset.timeline if e.set]
+
+
+def preset_engine_configs(preset: Any, overrides: dict[str, Any] | None = None, *,
+                          cuda_available: bool | None = None) -> tuple[EngineConfig, LiveConfig]:
+    flat, sets = preset_settings(preset)
+    return resolve_configs(overrides, flat, sets, cuda_available=cuda_available)
 
 
 def build_engine(args: argparse.Namespace, **kwargs):
@@ -104,3 +111,50 @@ def build_engine(args: argparse.Namespace, **kwargs):
 
     cfg, live = engine_configs(args)
     return LLMEngine(cfg, live, **kwargs)
+
+
+def explain(exc: ConfigError, args: argparse.Namespace | None) -> str:
+    """A refusal as the operator reads it: the flag they gave first, when the refused setting came from one."""
+    message = str(exc)
+    s = BY_NAME.get(exc.key)
+    if args is None or s is None or not s.flags or getattr(args, s.name, None) is None:
+        return message
+    return f"{s.flag} {getattr(args, s.name)}: {message}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser every command uses: no prefix matching, and a near miss names the closest flag
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse without abbreviations; an unknown flag is refused by the subcommand that got it, with
+    that subcommand's usage and the closest valid flag."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            target = self._chosen_subparser(ns) or self
+            target.error(target.unknown_message(extras))
+        return ns
+
+    def _chosen_subparser(self, ns: argparse.Namespace) -> "Parser | None":
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(ns, action.dest, None) or "")
+                if isinstance(chosen, Parser):
+                    return chosen._chosen_subparser(ns) or chosen
+        return None
+
+    def unknown_message(self, extras: list[str]) -> str:
+        known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        hints = []
+        for word in extras:
+            if word.startswith("-"):
+                close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.6)
+                if close:
+                    hints.append(f"{word.split('=', 1)[0]}: did you mean {close[0]}?")
+        return "unrecognized arguments: " + " ".join(extras) + ("; " + "; ".join(hints) if hints else "")

@@ -29,8 +29,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from batchdeck.engine.service.flags import (ENGINE_FLAG_DESTS, add_engine_flags, flags_default_to_none,
-                                             given_engine_flags)
+from batchdeck.engine.service.flags import add_engine_flags
 
 PROG = "batchdeck engine"
 
@@ -41,8 +40,7 @@ def register_cli(subparsers: Any) -> None:
         description="Run the engine without a UI. Serves a preset's workload (--preset) and requests submitted "
                     "over MQTT (--mqtt), publishes telemetry, obeys control commands, prints a periodic "
                     "status line; SIGINT/SIGTERM aborts in-flight requests, publishes offline and exits 0.")
-    add_engine_flags(p)
-    flags_default_to_none(p)  # a preset's settings apply unless the flag is given
+    add_engine_flags(p)  # a preset's settings apply unless the flag is given
     p.add_argument("--preset", default=None, help="a shipped preset's name or a preset YAML file")
     p.add_argument("--speed", type=float, default=1.0, help="play the preset this many times faster")
     p.add_argument("--duration-scale", type=float, default=1.0, help="shorten (<1) or stretch the preset")
@@ -73,36 +71,17 @@ def _default_engine_id() -> str:
     return host or "engine"
 
 
-def _flag_defaults() -> dict[str, Any]:
-    p = argparse.ArgumentParser()
-    add_engine_flags(p)
-    return {a.dest: a.default for a in p._actions if a.dest in ENGINE_FLAG_DESTS}
-
-
 def engine_setup(args: argparse.Namespace):
     """(EngineConfig, LiveConfig, Preset | None): the preset's settings under the flags given."""
-    import torch
-
     from batchdeck.engine.service.flags import engine_configs
 
-    explicit = given_engine_flags(args)
     preset = None
     if args.preset is not None:
-        from batchdeck.presets.preset_driver import preset_configs
         from batchdeck.presets import load_preset, resolve_preset
 
         preset = load_preset(resolve_preset(args.preset))
-        overrides = dict(explicit)
-        if "device" not in explicit and "device" not in preset.engine:
-            overrides["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-        device = overrides.get("device", preset.engine.get("device", "cpu"))
-        if "dtype" not in explicit and "dtype" not in preset.engine:
-            overrides["dtype"] = "bfloat16" if str(device).startswith("cuda") else "float32"
-        cfg, live = preset_configs(preset, overrides)
-        return cfg, live, preset
-    filled = argparse.Namespace(**{**vars(args), **{d: v for d, v in _flag_defaults().items() if d not in explicit}})
-    cfg, live = engine_configs(filled)
-    return cfg, live, None
+    cfg, live = engine_configs(args, preset)
+    return cfg, live, preset
 
 
 def mqtt_settings(args: argparse.Namespace):
