@@ -13,7 +13,7 @@ from rich.text import Text
 from textual.widget import Widget
 
 from batchdeck.console import format as fmt
-from batchdeck.console.commands import SETTINGS, describe_bounds
+from batchdeck.console.commands import PANEL_SETTINGS, describe_bounds
 from batchdeck.engine.service.gpu_monitor import GpuSample
 
 
@@ -129,7 +129,7 @@ class SettingsPanel(Panel):
                 t.append("waiting for the engine's config…", style="dim")
                 return t
             rows = []
-            for key in SETTINGS:
+            for key in PANEL_SETTINGS:
                 if key not in config:
                     continue
                 value = config[key]
