@@ -247,11 +247,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_num_seqs_limit", "int",
             "the largest max_num_seqs live config may ask for (CUDA graphs are captured up to it); "
             "unset, it is raised to fit what the flags and preset ask for",
-            default=256, cuda_default=512, low=1, high=4096, flags=("--max-num-seqs-limit",)),
+            default=256, low=1, high=4096, flags=("--max-num-seqs-limit",)),
     Setting("max_batched_tokens_limit", "int",
             "the largest max_batched_tokens live config may ask for (CUDA graphs are captured up to it); "
             "unset, it is raised to fit what the flags and preset ask for",
-            default=8192, cuda_default=16384, low=1, high=65536, flags=("--max-batched-tokens-limit",)),
+            default=8192, low=1, high=65536, flags=("--max-batched-tokens-limit",)),
     Setting("max_model_len", "int", "the longest sequence (prompt + output) served", default=None, low=2,
             optional=True, none_means="the model's context length", flags=("--max-model-len",)),
     Setting("attention_backend", "choice", "the paged-attention kernels (auto: triton on CUDA when importable)",
