@@ -13,6 +13,7 @@ from batchdeck import __version__
 from batchdeck.console import cli as console_cli
 from batchdeck.engine.config import ConfigError
 from batchdeck.engine.service import flags, headless
+from batchdeck.engine.service.http import server as http_server
 from batchdeck.presets import cli as presets_cli
 
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     flags.add_engine_flags(gen)
     gen.set_defaults(func=_cmd_generate)
     headless.register_cli(sub)
+    http_server.register_cli(sub)
     console_cli.register_cli(sub)
     presets_cli.register_cli(sub, open_console=lambda *a, **kw: console_cli.run_console(*a, **kw))
     return parser

@@ -249,13 +249,14 @@ class LLMEngine:
         self.num_requests_added += 1
         return req
 
-    def abort(self, request_id: str) -> Request | None:
-        """Finish a request now with reason `abort`, freeing its blocks; None if unknown or done."""
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> Request | None:
+        """Finish a request now, freeing its blocks; None if unknown or done. `reason` is `abort`
+        unless the caller ended it for a reason of its own (a server that matched a stop string: `stop`)."""
         req = self.requests.get(request_id)
         if req is None or req.is_finished:
             return None
         self.scheduler.remove(req)
-        self._finish(req, FinishReason.ABORT, self.clock())
+        self._finish(req, FinishReason(reason), self.clock())
         return req
 
     @property
@@ -422,6 +423,8 @@ class LLMEngine:
 
     def _stop_reason(self, r: Request, token: int) -> FinishReason | None:
         s = r.sampling
+        if r.num_output_tokens < s.min_tokens and r.num_tokens < self.max_model_len:
+            return None  # neither EOS nor a stop token ends a request before min_tokens
         if not s.ignore_eos and token in self.loaded.eos_token_ids:
             return FinishReason.STOP
         if token in s.stop_token_ids:

@@ -21,6 +21,7 @@ class Tokenizer(Protocol):
 
 class ByteTokenizer:
     eos_token_id: int | None = BYTE_EOS
+    chat_template: str | None = None  # none: the server uses its plain template
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -41,6 +42,12 @@ class HFTokenizer:
 
         self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.eos_token_id = self._tok.eos_token_id
+        self.chat_template: str | None = getattr(self._tok, "chat_template", None)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """The prompt ids of a chat through the model directory's own template (ends ready for the reply)."""
+        text = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self._tok.encode(text, add_special_tokens=False))
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=True))

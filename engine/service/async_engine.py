@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Mapping
 
 from batchdeck.engine.llm_engine import LLMEngine, RequestOutput
-from batchdeck.engine.request import RequestError, SamplingParams
+from batchdeck.engine.request import FinishReason, Request, RequestError, SamplingParams
 
 
 class RequestStream:
@@ -68,6 +68,9 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}
         self.error: BaseException | None = None
+        # Called on the loop with each request that finished in an iteration (no longer mutated by the
+        # engine): what the telemetry records summarize, e.g. every inter-token gap for /metrics.
+        self.finished_observers: list[Callable[[Request], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,10 +111,12 @@ class AsyncEngine:
             raise
         return stream
 
-    async def abort(self, request_id: str) -> bool:
-        aborted = await self.call(lambda e: e.abort(request_id) is not None)
+    async def abort(self, request_id: str, reason: str = "abort") -> bool:
+        """Finish a request at the next iteration boundary (its KV blocks return to the pool);
+        False if it was unknown or already done. `reason`: see LLMEngine.abort."""
+        aborted = await self.call(lambda e: e.abort(request_id, FinishReason(reason)) is not None)
         if aborted:
-            self.deliver_abort(request_id)
+            self.deliver_abort(request_id, reason)
         return aborted
 
     async def update_config(self, changes: Mapping[str, Any], source: str = "api") -> ConfigReply:
@@ -184,12 +189,15 @@ class AsyncEngine:
                                                     "state": engine.scheduler.policy.snapshot()}})
             if result.outputs and self._loop is not None and not self._loop.is_closed():
                 try:
-                    self._loop.call_soon_threadsafe(self._deliver, result.outputs)
+                    self._loop.call_soon_threadsafe(self._deliver, result.outputs, result.finished)
                 except RuntimeError:
                     pass  # loop closed under us: nobody is listening any more
         self._run_commands()
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, outputs: list[RequestOutput], finished: list[Request] = ()) -> None:
+        for observe in self.finished_observers:
+            for r in finished:
+                observe(r)
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
@@ -197,11 +205,11 @@ class AsyncEngine:
                 if out.finished:
                     del self._streams[out.request_id]
 
-    def deliver_abort(self, request_id: str) -> None:
+    def deliver_abort(self, request_id: str, reason: str = "abort") -> None:
         """Close a request's stream after an abort (called on the loop)."""
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            stream._put(RequestOutput(request_id, [], True, "abort"))
+            stream._put(RequestOutput(request_id, [], True, reason))
 
 
 def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -44,6 +44,13 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--preset", default=None, help="a shipped preset's name or a preset YAML file")
     p.add_argument("--speed", type=float, default=1.0, help="play the preset this many times faster")
     p.add_argument("--duration-scale", type=float, default=1.0, help="shorten (<1) or stretch the preset")
+    add_runner_flags(p)
+    p.set_defaults(func=_cmd_engine)
+
+
+def add_runner_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a HeadlessRunner: MQTT telemetry and control, status lines, GPU sampling, draining
+    (shared by `batchdeck engine` and `batchdeck serve`)."""
     p.add_argument("--mqtt", default=None, metavar="HOST[:PORT]", help="MQTT broker (default port 1883)")
     p.add_argument("--engine-id", default=None, help="topic prefix batchdeck/<ID> (default: the host name)")
     p.add_argument("--read-only", action="store_true", help="refuse every control command that changes anything")
@@ -59,7 +66,6 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--gpu-interval", type=float, default=1.0, help="seconds between GPU samples over MQTT (0: none)")
     p.add_argument("--drain-timeout", type=float, default=0.0,
                    help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before aborting them")
-    p.set_defaults(func=_cmd_engine)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,19 +105,24 @@ def mqtt_settings(args: argparse.Namespace):
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from batchdeck.engine.service.mqtt_bridge import check_engine_id
-
     if args.preset is None and args.mqtt is None:
         raise ValueError("nothing to serve: give --preset P (runs it and exits) and/or --mqtt HOST:PORT "
                          "(serves control and telemetry until SIGINT/SIGTERM)")
-    for name in ("status_interval", "gpu_interval", "drain_timeout"):
-        value = getattr(args, name)
-        if not value >= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 seconds, got {value!r}")
     for name in ("speed", "duration_scale"):
         value = getattr(args, name)
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value!r}")
+    check_runner_args(args)
+
+
+def check_runner_args(args: argparse.Namespace) -> None:
+    """The checks of `add_runner_flags`' values."""
+    from batchdeck.engine.service.mqtt_bridge import check_engine_id
+
+    for name in ("status_interval", "gpu_interval", "drain_timeout"):
+        value = getattr(args, name)
+        if not value >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 seconds, got {value!r}")
     if args.engine_id is not None:
         check_engine_id(args.engine_id)
     if args.read_only and args.mqtt is None:
@@ -154,7 +165,7 @@ class HeadlessRunner:
     def __init__(self, engine: Any, bus: Any, *, preset: Any = None, settings: Any = None, engine_id: str = "engine",
                  read_only: bool = False, status_interval: float = 5.0, gpu_interval: float = 1.0,
                  drain_timeout: float = 0.0, speed: float = 1.0, duration_scale: float = 1.0,
-                 out: TextIO | None = None, install_signals: bool = True):
+                 out: TextIO | None = None, install_signals: bool = True, prog: str = PROG):
         from batchdeck.engine.service.async_engine import AsyncEngine
 
         self.llm = engine
@@ -171,6 +182,7 @@ class HeadlessRunner:
         self.duration_scale = duration_scale
         self.out = out or sys.stderr
         self.install_signals = install_signals
+        self.prog = prog  # the command named at the start of every line it prints
         self.stop_event: asyncio.Event | None = None
         self.signal_name: str | None = None
         self.driver: Any = None
@@ -178,7 +190,7 @@ class HeadlessRunner:
         self.aborted: list[str] = []
 
     def say(self, line: str) -> None:
-        _say(line, self.out)
+        print(f"{self.prog}: {line}", file=self.out, flush=True)
 
     def request_stop(self, why: str = "stop") -> None:
         if self.stop_event is None:
@@ -300,7 +312,7 @@ class HeadlessRunner:
             return
         self._feed(sub)
         line = status_line(self._window.snapshot(self.llm.clock()))
-        print(f"{PROG}: {'final: ' if final else ''}{line}", file=self.out, flush=True)
+        print(f"{self.prog}: {'final: ' if final else ''}{line}", file=self.out, flush=True)
 
     async def _status_loop(self, sub: Any) -> None:
         from batchdeck.engine.service.metrics import MetricsWindow

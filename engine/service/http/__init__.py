@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`batchdeck serve`) and its Prometheus metrics."""

@@ -1,0 +1,315 @@
+"""The OpenAI completions and chat endpoints over an `AsyncEngine`.
+
+One HTTP request becomes one engine request per (prompt, choice); engine request ids are
+`<response id>-<choice index>`, so a response's `id` finds its requests in the engine's telemetry.
+Nothing here runs model work: requests, aborts and config changes are commands the engine's worker
+thread executes at its next iteration boundary, and outputs come back once per iteration.
+
+Choice `i` of a seeded request samples with seed `seed + i`: every choice is reproducible across
+calls and the choices differ from one another. A stop string ends the choice with finish_reason
+"stop" (the engine request is finished at the next boundary with the same reason); a client that
+goes away has its unfinished requests aborted the same way (reason "abort"), returning their KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+
+from batchdeck.engine.request import QueueFullError, RequestError, SamplingParams
+from batchdeck.engine.service.async_engine import AsyncEngine, RequestStream
+from batchdeck.engine.service.http.chat import chat_messages, chat_prompt_ids
+from batchdeck.engine.service.http.detokenizer import IncrementalDetokenizer
+from batchdeck.engine.service.http.errors import OpenAIError, bad_request, model_not_found, unavailable
+from batchdeck.engine.service.http.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+
+# Fields the engine cannot honour: refused with a 400 instead of silently ignored.
+_UNSUPPORTED = (("echo", lambda r: getattr(r, "echo", False), "echo is not supported"),
+                ("suffix", lambda r: getattr(r, "suffix", None), "suffix is not supported"),
+                ("best_of", lambda r: getattr(r, "best_of", None) not in (None, r.n),
+                 "best_of other than n is not supported"),
+                ("logit_bias", lambda r: r.logit_bias, "logit_bias is not supported"),
+                ("presence_penalty", lambda r: r.presence_penalty, "presence_penalty is not supported (use 0)"),
+                ("frequency_penalty", lambda r: r.frequency_penalty, "frequency_penalty is not supported (use 0)"),
+                ("logprobs", lambda r: r.logprobs, "logprobs are not supported by this server"),
+                ("top_logprobs", lambda r: getattr(r, "top_logprobs", None), "top_logprobs are not supported"))
+
+# Words that start an engine RequestError's message and name the field it is about.
+_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "priority", "slo_class")
+
+
+@dataclass
+class _Choice:
+    index: int
+    request_id: str
+    stream: RequestStream
+    detok: IncrementalDetokenizer
+    num_tokens: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Job:
+    """The engine requests behind one HTTP request."""
+
+    id: str
+    created: int
+    prompt_tokens: int
+    choices: list[_Choice] = field(default_factory=list)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def completion_prompts(prompt: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:
+    """A completions `prompt` as token id lists (400 naming what is wrong)."""
+    def ids(value: list, where: str) -> list[int]:
+        for i, t in enumerate(value):
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise bad_request(f"{where}[{i}] must be a token id (an integer), got {t!r}", "prompt")
+            if not 0 <= t < vocab_size:
+                raise bad_request(f"{where}[{i}] = {t} is outside the vocabulary [0, {vocab_size - 1}]", "prompt")
+        return list(value)
+
+    if prompt is None:
+        raise bad_request("prompt is required: a string, a list of strings, a list of token ids, or a list of "
+                          "such lists", "prompt")
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad_request("prompt must be a string, a list of strings, a list of token ids, or a list of such "
+                          "lists (not empty)", "prompt")
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return [ids(prompt, "prompt")]
+    if all(isinstance(p, str) for p in prompt):
+        return [tokenizer.encode(p) for p in prompt]
+    if all(isinstance(p, list) for p in prompt):
+        return [ids(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    raise bad_request("prompt must be a string, a list of strings, a list of token ids, or a list of such lists; "
+                      "do not mix them", "prompt")
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, served_model_name: str, *, is_draining: Callable[[], bool] = lambda: False):
+        self.engine = engine
+        self.llm = engine.engine
+        self.model_name = served_model_name
+        self.tokenizer = self.llm.loaded.tokenizer
+        self.vocab_size = self.llm.loaded.config.vocab_size
+        self.max_model_len = self.llm.max_model_len
+        self.is_draining = is_draining
+        self._background: set[asyncio.Task] = set()
+
+    # -- shared --------------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise model_not_found(name, self.model_name)
+
+    def check_serving(self) -> None:
+        if self.is_draining():
+            raise unavailable("the server is shutting down and takes no new requests")
+        if self.engine.error is not None:
+            raise OpenAIError(503, f"the engine failed: {self.engine.error}", None, "server_error",
+                              "engine_failed")
+
+    def _sampling(self, req: _Sampling, max_tokens: int, choice: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=max(0, req.top_k), seed=None if req.seed is None else req.seed + choice,
+                              stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+                              min_tokens=req.min_tokens)
+
+    def _max_tokens(self, requested: int | None, prompt_len: int, param: str, prompt_param: str) -> int:
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise bad_request(f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} "
+                              f"tokens, so a prompt may have at most {self.max_model_len - 1}", prompt_param,
+                              "context_length_exceeded")
+        if requested is None:
+            return room
+        if requested > room:
+            raise bad_request(f"{param} = {requested} does not fit: this model's context is {self.max_model_len} "
+                              f"tokens and the prompt has {prompt_len}, so {param} may be at most {room}", param,
+                              "context_length_exceeded")
+        return requested
+
+    async def _start(self, job: _Job, req: _Sampling, prompts: Sequence[list[int]], max_tokens: Sequence[int],
+                     arrival: float) -> None:
+        """Add every (prompt, choice) request; on a refusal abort those already added and raise."""
+        stops = req.stop_strings()
+        try:
+            for p, ids in enumerate(prompts):
+                for c in range(req.n):
+                    index = p * req.n + c
+                    rid = f"{job.id}-{index}"
+                    stream = await self.engine.add_request(
+                        rid, ids, self._sampling(req, max_tokens[p], c), arrival_time=arrival,
+                        tenant=req.tenant_name(), priority=req.priority, slo_class=req.slo_class)
+                    job.choices.append(_Choice(index, rid, stream,
+                                               IncrementalDetokenizer(self.tokenizer, stops, req.min_tokens)))
+        except QueueFullError as exc:
+            self._abort_all(job)
+            raise unavailable(str(exc)) from None
+        except RequestError as exc:
+            self._abort_all(job)
+            message = str(exc)
+            param = next((f for f in _FIELDS if message.startswith(f)), None)
+            raise bad_request(message, param) from None
+
+    def _abort_all(self, job: _Job, reason: str = "abort") -> None:
+        """Abort the job's unfinished requests at the next boundary (safe while being cancelled)."""
+        for c in job.choices:
+            if c.finish_reason is None:
+                c.finish_reason = reason
+                self._spawn(self.engine.abort(c.request_id, reason))
+
+    def _spawn(self, coro: Awaitable) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _events(self, job: _Job) -> AsyncIterator[tuple[_Choice, str, str | None]]:
+        """(choice, new text, finish_reason or None) as outputs arrive, from every choice, until all finish."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: _Choice) -> None:
+            try:
+                async for out in choice.stream:
+                    if choice.finish_reason is not None:
+                        break
+                    choice.num_tokens += len(out.new_token_ids)
+                    text = choice.detok.add(out.new_token_ids) if out.new_token_ids else ""
+                    if choice.detok.stopped is not None:
+                        choice.finish_reason = "stop"
+                        self._spawn(self.engine.abort(choice.request_id, "stop"))
+                        queue.put_nowait((choice, text, "stop"))
+                        return
+                    if out.finished:
+                        choice.finish_reason = out.finish_reason or "stop"
+                        queue.put_nowait((choice, text + choice.detok.flush(), choice.finish_reason))
+                        return
+                    if text:
+                        queue.put_nowait((choice, text, None))
+            finally:
+                queue.put_nowait(None)
+
+        pumps = [asyncio.ensure_future(pump(c)) for c in job.choices]
+        open_pumps = len(pumps)
+        try:
+            while open_pumps:
+                item = await queue.get()
+                if item is None:
+                    open_pumps -= 1
+                    continue
+                yield item
+        finally:
+            for t in pumps:
+                t.cancel()
+            self._abort_all(job)  # a client that went away: nothing left running for it
+
+    async def _until_disconnect(self, job_coro: Awaitable[Any], disconnected: Callable[[], Awaitable[None]],
+                                job: _Job) -> Any:
+        """Run a non-streaming job; if the client goes away first, abort its requests."""
+        work = asyncio.ensure_future(job_coro)
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            done, _ = await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if work in done:
+            return work.result()
+        work.cancel()
+        self._abort_all(job)
+        raise OpenAIError(499, "the client closed the connection", None, "client_closed_request")
+
+    def _check_request(self, req: _Sampling) -> None:
+        self.check_serving()
+        self.check_model(req.model)
+        for param, is_set, why in _UNSUPPORTED:
+            if is_set(req):
+                raise bad_request(why, param)
+
+    # -- /v1/completions -----------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, disconnected: Callable[[], Awaitable[None]]
+                          ) -> dict[str, Any] | AsyncIterator[str]:
+        arrival = self.llm.clock()
+        self._check_request(req)
+        prompts = completion_prompts(req.prompt, self.tokenizer, self.vocab_size)
+        limits = [self._max_tokens(req.max_tokens, len(p), "max_tokens", "prompt") for p in prompts]
+        job = _Job(f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), sum(len(p) for p in prompts))
+        await self._start(job, req, prompts, limits, arrival)
+        if req.stream:
+            return self._stream_completion(job, req.include_usage)
+        return await self._until_disconnect(self._collect_completion(job), disconnected, job)
+
+    def _completion_head(self, job: _Job) -> dict[str, Any]:
+        return {"id": job.id, "object": "text_completion", "created": job.created, "model": self.model_name}
+
+    async def _collect_completion(self, job: _Job) -> dict[str, Any]:
+        texts = {c.index: "" for c in job.choices}
+        async for choice, text, _ in self._events(job):
+            texts[choice.index] += text
+        choices = [{"index": c.index, "text": texts[c.index], "logprobs": None, "finish_reason": c.finish_reason}
+                   for c in job.choices]
+        return {**self._completion_head(job), "choices": choices, "usage": job.usage()}
+
+    async def _stream_completion(self, job: _Job, include_usage: bool) -> AsyncIterator[str]:
+        head = self._completion_head(job)
+        extra = {"usage": None} if include_usage else {}
+        async for choice, text, finish in self._events(job):
+            yield sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": None,
+                                            "finish_reason": finish}], **extra})
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": job.usage()})
+        yield "data: [DONE]\n\n"
+
+    # -- /v1/chat/completions ------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, disconnected: Callable[[], Awaitable[None]]
+                   ) -> dict[str, Any] | AsyncIterator[str]:
+        arrival = self.llm.clock()
+        self._check_request(req)
+        ids = chat_prompt_ids(self.tokenizer, chat_messages(req.messages))
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        limit = self._max_tokens(req.max_completion_tokens if req.max_completion_tokens is not None
+                                 else req.max_tokens, len(ids), param, "messages")
+        job = _Job(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), len(ids))
+        await self._start(job, req, [ids], [limit], arrival)
+        if req.stream:
+            return self._stream_chat(job, req.include_usage)
+        return await self._until_disconnect(self._collect_chat(job), disconnected, job)
+
+    def _chat_head(self, job: _Job, obj: str) -> dict[str, Any]:
+        return {"id": job.id, "object": obj, "created": job.created, "model": self.model_name}
+
+    async def _collect_chat(self, job: _Job) -> dict[str, Any]:
+        texts = {c.index: "" for c in job.choices}
+        async for choice, text, _ in self._events(job):
+            texts[choice.index] += text
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
+                    "logprobs": None, "finish_reason": c.finish_reason} for c in job.choices]
+        return {**self._chat_head(job, "chat.completion"), "choices": choices, "usage": job.usage()}
+
+    async def _stream_chat(self, job: _Job, include_usage: bool) -> AsyncIterator[str]:
+        head = self._chat_head(job, "chat.completion.chunk")
+        extra = {"usage": None} if include_usage else {}
+        for c in job.choices:
+            yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}], **extra})
+        async for choice, text, finish in self._events(job):
+            delta = {"content": text} if text else {}
+            yield sse({**head, "choices": [{"index": choice.index, "delta": delta, "logprobs": None,
+                                            "finish_reason": finish}], **extra})
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": job.usage()})
+        yield "data: [DONE]\n\n"
