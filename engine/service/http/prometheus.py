@@ -116,6 +116,20 @@ class ServerMetrics:
         self.tenant_tokens = counter("tenant_service_tokens", "Tokens computed per tenant (prompt + output)",
                                      ("tenant",))
         self._m = model_name
+        # every series exists from the start (at 0), so dashboards and rate() see it before the first event
+        for collector in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
+                          self.prompt_tokens, self.generation_tokens, self.num_preemptions, self.prefix_cache_queries,
+                          self.prefix_cache_hits, self.ttft, self.itl, self.tpot, self.e2e, self.queue_time,
+                          self.request_prompt_tokens, self.request_generation_tokens, self.iteration_tokens,
+                          self.iterations, self.config_version):
+            collector.labels(model_name)
+        for reason in ("stop", "length", "abort"):
+            self.request_success.labels(model_name, reason)
+        for cls in SLO_CLASSES:
+            self.slo_requests.labels(model_name, cls)
+            self.slo_met.labels(model_name, cls)
+        for kind in ("prefill", "decode", "padding"):
+            self.iteration_tokens_by_kind.labels(model_name, kind)
         self.set_policy(policy)
         self.config_version.labels(model_name).set(config_version)
 
