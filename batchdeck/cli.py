@@ -14,6 +14,7 @@ from batchdeck.console import cli as console_cli
 from batchdeck.engine.config import ConfigError
 from batchdeck.engine.service import flags, headless
 from batchdeck.engine.service.http import server as http_server
+from batchdeck.presets import bench
 from batchdeck.presets import cli as presets_cli
 
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     http_server.register_cli(sub)
     console_cli.register_cli(sub)
     presets_cli.register_cli(sub, open_console=lambda *a, **kw: console_cli.run_console(*a, **kw))
+    bench.register_cli(sub)
     return parser
 
 

@@ -136,13 +136,15 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics | None, *, api_key:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        arrival = serving.llm.clock()  # the request's arrival on the engine clock, before its body is read
         body = await parse_body(request, CompletionRequest)
-        return _respond(await serving.completions(body, lambda: _disconnected(request)))
+        return _respond(await serving.completions(body, lambda: _disconnected(request), arrival))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        arrival = serving.llm.clock()
         body = await parse_body(request, ChatCompletionRequest)
-        return _respond(await serving.chat(body, lambda: _disconnected(request)))
+        return _respond(await serving.chat(body, lambda: _disconnected(request), arrival))
 
     return app
 

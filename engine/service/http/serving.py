@@ -9,6 +9,10 @@ Choice `i` of a seeded request samples with seed `seed + i`: every choice is rep
 calls and the choices differ from one another. A stop string ends the choice with finish_reason
 "stop" (the engine request is finished at the next boundary with the same reason); a client that
 goes away has its unfinished requests aborted the same way (reason "abort"), returning their KV blocks.
+
+Streams send one chunk per iteration that produced tokens for a choice, even when its text is empty
+(an unfinished multi-byte character, or text held back because it may begin a stop string), so
+clients measure TTFT and inter-token gaps at the engine's pace, as they do against vLLM.
 """
 from __future__ import annotations
 
@@ -199,7 +203,7 @@ class OpenAIServing:
                         choice.finish_reason = out.finish_reason or "stop"
                         queue.put_nowait((choice, text + choice.detok.flush(), choice.finish_reason))
                         return
-                    if text:
+                    if out.new_token_ids:  # text may be "" (held back): the chunk still marks the token's arrival
                         queue.put_nowait((choice, text, None))
             finally:
                 queue.put_nowait(None)
@@ -241,9 +245,10 @@ class OpenAIServing:
                 raise bad_request(why, param)
 
     # -- /v1/completions -----------------------------------------------------------------------
-    async def completions(self, req: CompletionRequest, disconnected: Callable[[], Awaitable[None]]
-                          ) -> dict[str, Any] | AsyncIterator[str]:
-        arrival = self.llm.clock()
+    async def completions(self, req: CompletionRequest, disconnected: Callable[[], Awaitable[None]],
+                          arrival: float | None = None) -> dict[str, Any] | AsyncIterator[str]:
+        """`arrival`: engine time the HTTP request came in (default: now)."""
+        arrival = self.llm.clock() if arrival is None else arrival
         self._check_request(req)
         prompts = completion_prompts(req.prompt, self.tokenizer, self.vocab_size)
         limits = [self._max_tokens(req.max_tokens, len(p), "max_tokens", "prompt") for p in prompts]
@@ -275,9 +280,9 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     # -- /v1/chat/completions ------------------------------------------------------------------
-    async def chat(self, req: ChatCompletionRequest, disconnected: Callable[[], Awaitable[None]]
-                   ) -> dict[str, Any] | AsyncIterator[str]:
-        arrival = self.llm.clock()
+    async def chat(self, req: ChatCompletionRequest, disconnected: Callable[[], Awaitable[None]],
+                   arrival: float | None = None) -> dict[str, Any] | AsyncIterator[str]:
+        arrival = self.llm.clock() if arrival is None else arrival
         self._check_request(req)
         ids = chat_prompt_ids(self.tokenizer, chat_messages(req.messages))
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"

@@ -1,0 +1,130 @@
+"""`batchdeck bench` against `batchdeck serve`: a report compare reads, client times that agree with the server's."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from batchdeck.engine.service.metrics import percentile
+from batchdeck.presets import load_preset
+from batchdeck.presets.bench import run_bench, workload
+from batchdeck.presets.compare import compare_text, load_report
+from tests.http_helpers import ServerThread
+
+PRESET = """\
+name: bench-small
+description: a short mixed load for the bench tests
+model: synthetic:tiny
+engine: {device: cpu, dtype: float32, block_size: 16, num_blocks: 512}
+config: {policy: fcfs, max_num_seqs: 16}
+workload:
+  - kind: poisson
+    rate: 12
+    count: 12
+    input_tokens: {dist: uniform, min: 8, max: 48}
+    output_tokens: {dist: uniform, min: 4, max: 12}
+    tenant: alice
+    slo_class: interactive
+  - kind: closed-loop
+    concurrency: 2
+    count: 4
+    input_tokens: 16
+    output_tokens: 6
+    tenant: bob
+    slo_class: batch
+timeline:
+  - {at: 0.2, set: {policy: sjf}}
+seed: 7
+"""
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = ServerThread().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def preset_file(tmp_path):
+    path = tmp_path / "bench-small.yaml"
+    path.write_text(PRESET)
+    return path
+
+
+def test_bench_report_compare_reads_and_times_agree(server, preset_file, tmp_path):
+    """`batchdeck bench` in its own process (as a load generator runs) against the server in this one."""
+    preset = load_preset(preset_file)
+    path = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "batchdeck.cli", "bench", str(preset_file), "--base-url", server.base_url,
+               "--report", str(path)]
+    # a first run warms the engine (its first forwards of each shape are slow) and is not compared
+    for _ in range(2):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert "TTFT p50/p90/p99" in done.stdout
+    report = json.loads(path.read_text())
+    s = report["summary"]
+    assert s["num_requests"] == 16 and s["num_rejected"] == 0 and s["num_requests_finished"] == 16
+    assert report["preset"]["timeline"] == [] and server.llm.live.policy == "fcfs"  # the timeline is not played
+    assert s["time_to_first_token"]["p50"] > 0 and s["inter_token_latency_gaps"]["p99"] > 0
+    items, _ = workload(preset, 4096, None)
+    assert sum(r["max_tokens"] for r in report["requests"]) == s["num_generation_tokens"]
+    assert {r["tenant"] for r in report["requests"]} == {"alice", "bob"}
+    assert sorted(r["prompt_tokens"] for r in report["requests"] if r["stream_index"] == 0) == \
+        sorted(i.num_prompt_tokens for i in items)
+
+    records = {r.request_id: r for r in server.records}
+    ttft_diffs, e2e_diffs = [], []
+    for row in report["requests"]:
+        rec = records[row["request_id"] + "-0"]
+        assert rec.output_tokens == row["output_tokens"] and rec.tenant == row["tenant"]
+        # the client sees everything later than the engine (HTTP, parsing, streaming), never earlier
+        assert row["ttft"] > rec.ttft - 0.005 and row["e2e_latency"] > rec.e2e_latency - 0.005
+        ttft_diffs.append(abs(row["ttft"] - rec.ttft))
+        e2e_diffs.append(abs(row["e2e_latency"] - rec.e2e_latency))
+        if row["output_tokens"] > 1:
+            assert row["tpot"] == pytest.approx((row["e2e_latency"] - row["ttft"]) / (row["output_tokens"] - 1))
+    # Within 50 ms on loopback: every request on a quiet machine; a loaded 2-core CI box (server, engine
+    # and client competing for the cores) may stall one or two, so 90% of them must agree.
+    for name, diffs in (("TTFT", ttft_diffs), ("e2e", e2e_diffs)):
+        assert percentile(diffs, 90) < 0.05, (name, sorted(diffs))
+        assert percentile(diffs, 50) < 0.025, (name, sorted(diffs))
+
+    other = asyncio.run(run_bench(preset, server.base_url, request_rate=float("inf"), max_concurrency=4))
+    assert other["run"]["request_rate"] == "inf" and other["summary"]["num_requests_finished"] == 16
+    path2 = tmp_path / "bench-inf.json"
+    path2.write_text(json.dumps(other))
+    assert load_report(path)["summary"]
+    table = compare_text([path, path2])
+    assert "TTFT p50" in table and "bench-inf" in table and "change" in table
+
+
+def test_bench_cli_sweep(server, preset_file, tmp_path, capsys):
+    from batchdeck.cli import main
+
+    out = tmp_path / "sweep.json"
+    rc = main(["bench", str(preset_file), "--base-url", server.base_url, "--sweep-rates", "20,inf",
+               "--max-concurrency", "8", "--report", str(out)])
+    assert rc == 0
+    sweep = json.loads(out.read_text())
+    assert [r["request_rate"] for r in sweep["sweep"]] == [20, "inf"]
+    for row in sweep["sweep"]:
+        assert row["ttft_p50"] is not None and row["itl_p99"] is not None
+        assert load_report(row["report"])["summary"]["num_requests_finished"] == 16
+    printed = capsys.readouterr().out
+    assert "TTFT p99 ms" in printed
+
+
+def test_bench_cli_errors(server, preset_file, capsys):
+    from batchdeck.cli import main
+
+    assert main(["bench", str(preset_file), "--base-url", "http://127.0.0.1:9/v1"]) == 2
+    assert "cannot reach" in capsys.readouterr().err
+    assert main(["bench", str(preset_file), "--base-url", server.base_url, "--model", "nope"]) == 2
+    assert "does not exist" in capsys.readouterr().err  # the server's own 404 message, before anything is timed
+    with pytest.raises(SystemExit):
+        main(["bench", str(preset_file), "--request-rate", "-1"])
