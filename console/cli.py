@@ -2,11 +2,15 @@
 
     batchdeck console [--model M] [--preset P] [--attach mqtt://HOST:PORT/ENGINE_ID]
                       [--record FILE] [--replay FILE] [--speed X] [engine sizing flags]
+                      [--port 8000 [--host H] [--served-model-name N] [--api-key K] [--metrics-prefix P]]
 
 Default: an in-process engine on the embedded default (`synthetic:tiny` on CPU,
 `synthetic:qwen3-0.6b` when CUDA is present) under the quickstart preset's workload, looping.
 `--preset` plays that preset (workload + timeline) instead; `--attach` watches and steers a headless
-`batchdeck engine` over MQTT; `--replay` plays a recording back with no engine.
+`batchdeck engine` over MQTT; `--replay` plays a recording back with no engine. `--port` opens the
+OpenAI-compatible server (`batchdeck serve`'s) beside the in-process engine: any OpenAI client's
+requests join the dashboard and the request table (with their tenant and class) while the operator
+steers; with `--port` the built-in steady load is off unless a `--preset` is given.
 
 `run_console(...)` is the same thing for other commands (`batchdeck replay PRESET` without
 `--headless` opens the console with the preset driving it).
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from batchdeck.engine.service.flags import add_engine_flags, given_engine_flags
+from batchdeck.engine.service.http.server import add_serve_flags, api_key, check_serve_args
 
 TINY_MODEL = "synthetic:tiny"
 CUDA_MODEL = "synthetic:qwen3-0.6b"
@@ -39,6 +44,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--replay", default=None, metavar="FILE",
                    help="play a recording back (console --record or replay --record), no engine")
     p.add_argument("--speed", type=float, default=1.0, help="preset / replay speed (default 1)")
+    add_serve_flags(p, port=None)
     p.add_argument("--refresh-hz", type=float, default=None,
                    help="repaints per second, at most 10 (default: 5 with an in-process engine, which shares "
                         "the interpreter with the UI; 10 attached or replaying)")
@@ -67,12 +73,20 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--refresh-hz must be in (0, 10], got {args.refresh_hz}")
     if not args.speed > 0:
         raise ValueError(f"--speed must be > 0, got {args.speed}")
+    if getattr(args, "port", None) is not None:
+        if modes:
+            raise ValueError(f"--port serves the in-process engine; it cannot be combined with --{modes[0]}")
+        check_serve_args(args)
 
 
 def _cmd_console(args: argparse.Namespace) -> int:
     _check(args)
+    http = None
+    if args.port is not None:
+        http = {"host": args.host, "port": args.port, "served_model_name": args.served_model_name,
+                "api_key": api_key(args), "metrics_prefix": args.metrics_prefix}
     return run_console(args.preset, args=args, attach=args.attach, record=args.record, replay=args.replay,
-                       speed=args.speed, refresh_hz=args.refresh_hz)
+                       speed=args.speed, refresh_hz=args.refresh_hz, http=http)
 
 
 def _overrides(args: argparse.Namespace | None) -> dict[str, Any]:
@@ -82,7 +96,7 @@ def _overrides(args: argparse.Namespace | None) -> dict[str, Any]:
 def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, overrides: Mapping[str, Any] | None = None,
               attach: str | None = None, record: str | Path | None = None, replay: str | Path | None = None,
               speed: float = 1.0, duration_scale: float = 1.0, refresh_hz: float | None = None, loaded: Any = None,
-              log=None):
+              log=None, steady_load: bool = True):
     """The ConsoleApp for a mode (in-process default / preset, attach, replay), not yet running."""
     from batchdeck.console.app import ConsoleApp
     from batchdeck.console.recorder import Recorder
@@ -99,7 +113,7 @@ def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, ove
 
         client = MqttClient(attach)
     else:
-        client, drivers, title = _inprocess(preset, args, overrides, speed, duration_scale, loaded, say)
+        client, drivers, title = _inprocess(preset, args, overrides, speed, duration_scale, loaded, say, steady_load)
     if refresh_hz is None:
         refresh_hz = INPROCESS_HZ if client.kind == "in-process" else 10.0
     recorder = Recorder(record) if record is not None else None
@@ -107,7 +121,7 @@ def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, ove
 
 
 def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[str, Any] | None, speed: float,
-               duration_scale: float, loaded: Any, say):
+               duration_scale: float, loaded: Any, say, steady_load: bool = True):
     from batchdeck.engine.service.async_engine import AsyncEngine
     from batchdeck.engine.service.bus import Bus
     from batchdeck.engine.llm_engine import LLMEngine
@@ -140,7 +154,7 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
     # quickstart's rates keep a free CPU core about half busy with synthetic:tiny; a loaded or slower
     # machine would queue without end, so on CPU the steady load runs at half of them
     steady = SteadyWorkload(engine, quick, loop=True, speed=speed * (0.5 if llm.device.type == "cpu" else 1.0))
-    return InProcessClient(engine, bus), [steady.run], None
+    return InProcessClient(engine, bus), [steady.run] if steady_load else [], None
 
 
 def inprocess_configs(preset: Any, kw: Mapping[str, Any]):
@@ -160,7 +174,8 @@ def inprocess_configs(preset: Any, kw: Mapping[str, Any]):
 def run_console(preset: Any = None, *, args: argparse.Namespace | None = None,
                 overrides: Mapping[str, Any] | None = None, attach: str | None = None,
                 record: str | Path | None = None, replay: str | Path | None = None, speed: float = 1.0,
-                duration_scale: float = 1.0, refresh_hz: float | None = None, loaded: Any = None) -> int:
+                duration_scale: float = 1.0, refresh_hz: float | None = None, loaded: Any = None,
+                http: Mapping[str, Any] | None = None) -> int:
     """Open the console and block until the operator quits; returns the exit status.
 
     preset: a Preset, a shipped preset's name or a YAML path (its workload and timeline drive an
@@ -168,15 +183,28 @@ def run_console(preset: Any = None, *, args: argparse.Namespace | None = None,
     args: parsed `add_engine_flags` flags (model/device/dtype/sizing/live overrides); overrides:
       the same as a dict (EngineConfig fields and live keys), winning over args.
     attach / replay: the other two modes (no in-process engine). record: a JSONL file.
+    http: start_http_server's keyword arguments (host, port, served_model_name, api_key,
+      metrics_prefix) to serve the in-process engine over HTTP while the console runs.
     """
     app = build_app(preset, args=args, overrides=overrides, attach=attach, record=record, replay=replay,
-                    speed=speed, duration_scale=duration_scale, refresh_hz=refresh_hz, loaded=loaded)
+                    speed=speed, duration_scale=duration_scale, refresh_hz=refresh_hz, loaded=loaded,
+                    steady_load=http is None or preset is not None)
 
     async def main() -> None:
+        server = None
         try:
+            if http is not None:
+                from batchdeck.engine.service.http.server import start_http_server
+
+                server = await start_http_server(app.client.engine, app.client.bus, **http)
+                app.sub_title = f"{app.sub_title} · serving {server.url}/v1"
             await app.run_async()
         finally:
-            await app.shutdown()
+            try:
+                if server is not None:  # first, while the engine still runs: open streams can end
+                    await server.stop()
+            finally:
+                await app.shutdown()
 
     asyncio.run(main())
     return int(app.return_code or 0)
