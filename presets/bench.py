@@ -48,21 +48,21 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI base URL")
     p.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
     p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
-    p.add_argument("--request-rate", type=_rate, default=None,
+    p.add_argument("--request-rate", type=parse_rate, default=None,
                    help="requests/s for the open-loop streams (Poisson), or inf for all at once "
                         "(default: the preset's own arrivals)")
     p.add_argument("--max-concurrency", type=_positive_int, default=None, help="at most this many requests in flight")
     p.add_argument("--duration-scale", type=float, default=1.0, help="shorten (<1) or stretch the preset")
     p.add_argument("--max-model-len", type=_positive_int, default=None,
                    help="clamp prompt + output to this (default: the server's max_model_len from /v1/models)")
-    p.add_argument("--sweep-rates", type=_rates, default=None, metavar="R1,R2,...",
+    p.add_argument("--sweep-rates", type=parse_rates, default=None, metavar="R1,R2,...",
                    help="run once per request rate and report TTFT/ITL p50/p99 against rate")
     p.add_argument("--report", default=None, help="write the JSON report here (default: PRESET-bench.json)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a single request may take")
     p.set_defaults(func=cmd_bench)
 
 
-def _rate(text: str) -> float:
+def parse_rate(text: str) -> float:
     if text.strip().lower() in ("inf", "infinity"):
         return math.inf
     try:
@@ -74,8 +74,8 @@ def _rate(text: str) -> float:
     return value
 
 
-def _rates(text: str) -> list[float]:
-    rates = [_rate(part) for part in text.split(",") if part.strip()]
+def parse_rates(text: str) -> list[float]:
+    rates = [parse_rate(part) for part in text.split(",") if part.strip()]
     if not rates:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of rates, got {text!r}")
     return rates

@@ -183,43 +183,59 @@ class OpenAIServing:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _step(self, choice: _Choice, out: Any) -> tuple[_Choice, str, str | None] | None:
+        """One engine output of a choice as (choice, new text, finish_reason or None); None: nothing to send."""
+        choice.num_tokens += len(out.new_token_ids)
+        text = choice.detok.add(out.new_token_ids) if out.new_token_ids else ""
+        if choice.detok.stopped is not None:
+            choice.finish_reason = "stop"
+            self._spawn(self.engine.abort(choice.request_id, "stop"))
+            return choice, text, "stop"
+        if out.finished:
+            choice.finish_reason = out.finish_reason or "stop"
+            return choice, text + choice.detok.flush(), choice.finish_reason
+        if out.new_token_ids:  # text may be "" (held back): the chunk still marks the tokens' arrival
+            return choice, text, None
+        return None
+
     async def _events(self, job: _Job) -> AsyncIterator[tuple[_Choice, str, str | None]]:
         """(choice, new text, finish_reason or None) as outputs arrive, from every choice, until all finish."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(choice: _Choice) -> None:
-            try:
-                async for out in choice.stream:
-                    if choice.finish_reason is not None:
-                        break
-                    choice.num_tokens += len(out.new_token_ids)
-                    text = choice.detok.add(out.new_token_ids) if out.new_token_ids else ""
-                    if choice.detok.stopped is not None:
-                        choice.finish_reason = "stop"
-                        self._spawn(self.engine.abort(choice.request_id, "stop"))
-                        queue.put_nowait((choice, text, "stop"))
-                        return
-                    if out.finished:
-                        choice.finish_reason = out.finish_reason or "stop"
-                        queue.put_nowait((choice, text + choice.detok.flush(), choice.finish_reason))
-                        return
-                    if out.new_token_ids:  # text may be "" (held back): the chunk still marks the token's arrival
-                        queue.put_nowait((choice, text, None))
-            finally:
-                queue.put_nowait(None)
-
-        pumps = [asyncio.ensure_future(pump(c)) for c in job.choices]
-        open_pumps = len(pumps)
         try:
-            while open_pumps:
-                item = await queue.get()
-                if item is None:
-                    open_pumps -= 1
-                    continue
-                yield item
+            if len(job.choices) == 1:  # the common case: read the one stream directly (no task, no queue)
+                choice = job.choices[0]
+                async for out in choice.stream:
+                    item = self._step(choice, out)
+                    if item is not None:
+                        yield item
+                        if item[2] is not None:
+                            return
+                return
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(choice: _Choice) -> None:
+                try:
+                    async for out in choice.stream:
+                        item = self._step(choice, out)
+                        if item is not None:
+                            queue.put_nowait(item)
+                            if item[2] is not None:
+                                return
+                finally:
+                    queue.put_nowait(None)
+
+            pumps = [asyncio.ensure_future(pump(c)) for c in job.choices]
+            open_pumps = len(pumps)
+            try:
+                while open_pumps:
+                    item = await queue.get()
+                    if item is None:
+                        open_pumps -= 1
+                        continue
+                    yield item
+            finally:
+                for t in pumps:
+                    t.cancel()
         finally:
-            for t in pumps:
-                t.cancel()
             self._abort_all(job)  # a client that went away: nothing left running for it
 
     async def _until_disconnect(self, job_coro: Awaitable[Any], disconnected: Callable[[], Awaitable[None]],
@@ -271,10 +287,13 @@ class OpenAIServing:
 
     async def _stream_completion(self, job: _Job, include_usage: bool) -> AsyncIterator[str]:
         head = self._completion_head(job)
-        extra = {"usage": None} if include_usage else {}
+        # each chunk is the same JSON as sse({...}) would give, formatted around the pre-encoded head
+        prefix = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
+        suffix = "}]" + (',"usage":null' if include_usage else "") + "}\n\n"
+        dumps = json.dumps
         async for choice, text, finish in self._events(job):
-            yield sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": None,
-                                            "finish_reason": finish}], **extra})
+            yield (f'{prefix}{choice.index},"text":{dumps(text)},"logprobs":null,"finish_reason":'
+                   f'{"null" if finish is None else dumps(finish)}{suffix}')
         if include_usage:
             yield sse({**head, "choices": [], "usage": job.usage()})
         yield "data: [DONE]\n\n"
@@ -311,10 +330,12 @@ class OpenAIServing:
         for c in job.choices:
             yield sse({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}], **extra})
+        prefix = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
+        suffix = "}]" + (',"usage":null' if include_usage else "") + "}\n\n"
+        dumps = json.dumps
         async for choice, text, finish in self._events(job):
-            delta = {"content": text} if text else {}
-            yield sse({**head, "choices": [{"index": choice.index, "delta": delta, "logprobs": None,
-                                            "finish_reason": finish}], **extra})
+            yield (f'{prefix}{choice.index},"delta":{{"content":{dumps(text)}}},"logprobs":null,"finish_reason":'
+                   f'{"null" if finish is None else dumps(finish)}{suffix}')
         if include_usage:
             yield sse({**head, "choices": [], "usage": job.usage()})
         yield "data: [DONE]\n\n"

@@ -1,0 +1,296 @@
+"""Benchmark: `batchdeck serve` under many streaming clients against the same workload through `generate`,
+a request-rate sweep with `batchdeck bench`, and the HTTP path's CPU cost per streamed token.
+
+    PYTHONPATH=. python benchmarks/gpu_serve.py --out benchmarks/results/gpu_serve_qwen3-0.6b.json
+    PYTHONPATH=. python benchmarks/gpu_serve.py --smoke --out /tmp/gpu_serve_smoke.json   # CPU, synthetic:tiny
+
+One command does everything, each engine in a fresh process:
+
+1. generate: `--requests` requests (prompt lengths uniform in [--prompt-min, --prompt-max], token ids
+   uniform over [0, 256), random.Random(--seed); `--output-tokens` each, ignore_eos, greedy) written as
+   JSONL and served by the offline `generate` path (engine/service/generate.py run_generate) with
+   max_num_seqs = --clients, after a warm-up; output tok/s = output tokens / the run's span. The
+   process's CPU seconds (time.process_time) are recorded.
+2. http: `batchdeck serve` is started as a subprocess with the same engine flags; this process runs
+   --clients closed-loop streaming clients (httpx, one connection each) that share the same request
+   list (client i sends requests i, i + clients, ...); output tok/s = streamed tokens (usage) / the
+   span from the first send to the last finish. The server process's CPU seconds over the run come
+   from /proc/PID/stat; the client's from time.process_time.
+   HTTP path CPU per streamed token = (server CPU - generate CPU) / output tokens: what the server
+   spends beyond the engine's own work (parsing, detokenizing, SSE, the event loop, metrics).
+3. sweep: against the same server, `batchdeck bench`'s run_bench plays a poisson workload of
+   --sweep-requests requests at each rate of --sweep-rates (inf = all at once): TTFT and ITL
+   (every gap between streamed chunks) p50/p99 against rate.
+
+Target: http tok/s >= 90% of generate tok/s (`ratio` in the JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.bench_common import command_line, dist, log, run_script, write_json  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="synthetic:qwen3-0.6b")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--clients", type=int, default=256)
+    p.add_argument("--requests", type=int, default=1024)
+    p.add_argument("--prompt-min", type=int, default=100)
+    p.add_argument("--prompt-max", type=int, default=1024)
+    p.add_argument("--output-tokens", type=int, default=256)
+    p.add_argument("--max-batched-tokens", type=int, default=8192)
+    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--sweep-rates", default="8,16,32,64,inf")
+    p.add_argument("--sweep-requests", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="CPU smoke test: synthetic:tiny and small sizes")
+    p.add_argument("--out", default=None)
+    p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--phase-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workload", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.smoke:
+        args.model, args.device, args.clients, args.requests = "synthetic:tiny", "cpu", 8, 24
+        args.prompt_min, args.prompt_max, args.output_tokens = 16, 64, 16
+        args.sweep_rates, args.sweep_requests, args.num_blocks = "10,inf", 16, 1024
+    return args
+
+
+def smoke_env(args: argparse.Namespace) -> dict | None:
+    """On CPU both engines run one intra-op thread: a small model gains nothing from more, and on a
+    busy machine spinning OpenMP threads make the comparison a lottery."""
+    return {"OMP_NUM_THREADS": "1"} if args.smoke else None
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--model", args.model, "--max-num-seqs", str(args.clients),
+             "--max-batched-tokens", str(args.max_batched_tokens), "--seed", str(args.seed)]
+    for name in ("device", "dtype", "num_blocks"):
+        value = getattr(args, name)
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
+def make_workload(args: argparse.Namespace, path: str) -> list[dict]:
+    rng = random.Random(args.seed)
+    reqs = [{"id": f"r{i}", "prompt_token_ids": [rng.randrange(256) for _ in range(rng.randint(args.prompt_min,
+                                                                                                  args.prompt_max))],
+             "max_tokens": args.output_tokens, "ignore_eos": True, "temperature": 0.0} for i in range(args.requests)]
+    with open(path, "w") as f:
+        for r in reqs:
+            f.write(json.dumps(r) + "\n")
+    return reqs
+
+
+# -- phase 1: generate (in its own process) ------------------------------------------------------
+
+def phase_generate(args: argparse.Namespace) -> dict:
+    from batchdeck.cli import build_parser
+    from batchdeck.engine.service.flags import build_engine
+    from batchdeck.engine.service.generate import run_generate
+
+    ns = build_parser().parse_args(["generate", "--input", args.workload, "--output", os.devnull,
+                                    *engine_flags(args)])
+    engine = build_engine(ns)
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: the same shapes, few requests
+        warm_in, warm_out = os.path.join(tmp, "warm.jsonl"), os.path.join(tmp, "warm_out.jsonl")
+        with open(args.workload) as f, open(warm_in, "w") as w:
+            for _, line in zip(range(min(args.clients, 32)), f):
+                w.write(json.dumps({**json.loads(line), "id": "warm-" + json.loads(line)["id"]}) + "\n")
+        run_generate(engine, warm_in, warm_out, progress=False)
+        out = os.path.join(tmp, "out.jsonl")
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        rc = run_generate(engine, args.workload, out, progress=False)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        rows = [json.loads(line) for line in open(out)]
+    tokens = sum(len(r["output_token_ids"]) for r in rows)
+    span = max(r["metrics"]["finish"] for r in rows)
+    device = engine.device
+    name = None
+    if device.type == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(device)
+    return {"rc": rc, "requests": len(rows), "output_tokens": tokens, "span_s": span, "wall_s": wall,
+            "output_tok_s": tokens / span, "cpu_s": cpu, "device": str(device), "gpu": name,
+            "ttft": dist([r["metrics"]["ttft"] for r in rows if r["metrics"]["ttft"] is not None])}
+
+
+# -- phase 2 and 3: the server ----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process and all its threads, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "batchdeck.cli", "serve", *engine_flags(args), "--port", str(port),
+           "--status-interval", "0"]
+    log("starting: " + " ".join(cmd))
+    proc = subprocess.Popen(cmd, env={**os.environ, **(smoke_env(args) or {})})
+    import httpx
+
+    deadline = time.monotonic() + 900
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"batchdeck serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("batchdeck serve did not answer /health in 900 s")
+        time.sleep(0.5)
+
+
+async def http_clients(base: str, reqs: list[dict], clients: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    ttfts, itls, tokens = [], [], 0
+    failures: list[str] = []
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800, connect=60), limits=limits) as client:
+        async def one(r: dict) -> None:
+            nonlocal tokens
+            body = {"prompt": r["prompt_token_ids"], "max_tokens": r["max_tokens"], "ignore_eos": True,
+                    "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+            start = last = time.perf_counter()
+            first = True
+            async with client.stream("POST", base + "/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    failures.append(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+                    return
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    now = time.perf_counter()
+                    obj = json.loads(line[6:])
+                    if obj.get("choices"):
+                        (ttfts if first else itls).append(now - (start if first else last))
+                        first, last = False, now
+                    if obj.get("usage"):
+                        tokens += obj["usage"]["completion_tokens"]
+
+        async def client_loop(i: int) -> None:
+            for r in reqs[i::clients]:
+                await one(r)
+
+        await one(reqs[0] | {"max_tokens": 4})  # warm-up (not counted)
+        tokens, ttfts, itls = 0, [], []
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(i) for i in range(clients)))
+        span = time.perf_counter() - t0
+    return {"output_tokens": tokens, "span_s": span, "output_tok_s": tokens / span, "failures": failures[:5],
+            "num_failures": len(failures), "ttft": dist(ttfts), "itl": dist(itls)}
+
+
+def sweep(args: argparse.Namespace, base: str) -> list[dict]:
+    from batchdeck.presets import load_preset
+    from batchdeck.presets.bench import run_bench, sweep_row, parse_rate
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "sweep.yaml")
+        with open(path, "w") as f:
+            f.write(f"""name: serve-sweep
+description: poisson requests for the rate sweep
+model: {args.model}
+workload:
+  - kind: poisson
+    rate: 1
+    count: {args.sweep_requests}
+    input_tokens: {{dist: uniform, min: {args.prompt_min}, max: {args.prompt_max}}}
+    output_tokens: {args.output_tokens}
+seed: {args.seed}
+""")
+        preset = load_preset(path)
+        for text in args.sweep_rates.split(","):
+            rate = parse_rate(text)
+            log(f"sweep: rate {text}")
+            report = asyncio.run(run_bench(preset, base, request_rate=rate))
+            rows.append(sweep_row(rate, report))
+            log(f"  {rows[-1]}")
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    if args.phase == "generate":
+        write_json(args.phase_out, phase_generate(args))
+        return
+    result: dict = {"command": command_line("benchmarks/gpu_serve.py"), "args": vars(args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        workload = os.path.join(tmp, "workload.jsonl")
+        reqs = make_workload(args, workload)
+        passthrough = [a for a in sys.argv[1:] if a not in ("--smoke",)]
+        log("phase 1: generate")
+        gen_argv = [*(["--smoke"] if args.smoke else []), *_strip_out(passthrough), "--phase", "generate",
+                    "--workload", workload]
+        result["generate"] = run_script(__file__, gen_argv, timeout=3600, env=smoke_env(args))
+        result["gpu"] = result["generate"].get("gpu")
+        port = free_port()
+        server = start_server(args, port)
+        base = f"http://127.0.0.1:{port}/v1"
+        try:
+            log(f"phase 2: {args.clients} streaming clients, {args.requests} requests")
+            cpu0, ccpu0 = proc_cpu_s(server.pid), time.process_time()
+            result["http"] = asyncio.run(http_clients(base, reqs, args.clients))
+            result["http"]["server_cpu_s"] = proc_cpu_s(server.pid) - cpu0
+            result["http"]["client_cpu_s"] = time.process_time() - ccpu0
+            log("phase 3: rate sweep")
+            result["sweep"] = sweep(args, base)
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    gen, http = result["generate"], result["http"]
+    if "output_tok_s" in gen:
+        result["ratio"] = http["output_tok_s"] / gen["output_tok_s"]
+        extra = http["server_cpu_s"] - gen["cpu_s"]
+        result["http_cpu_us_per_token"] = 1e6 * extra / max(1, http["output_tokens"])
+        result["server_cpu_us_per_token"] = 1e6 * http["server_cpu_s"] / max(1, http["output_tokens"])
+        result["generate_cpu_us_per_token"] = 1e6 * gen["cpu_s"] / max(1, gen["output_tokens"])
+        log(f"generate {gen['output_tok_s']:.0f} tok/s, http {http['output_tok_s']:.0f} tok/s "
+            f"(ratio {result['ratio']:.3f}); HTTP path CPU {result['http_cpu_us_per_token']:.1f} us/token")
+    write_json(args.out, result)
+
+
+def _strip_out(argv: list[str]) -> list[str]:
+    out = list(argv)
+    if "--out" in out:
+        i = out.index("--out")
+        del out[i:i + 2]
+    return out
+
+
+if __name__ == "__main__":
+    main()
