@@ -248,3 +248,23 @@ def test_metrics_prefix_vllm():
         assert not any(name.startswith("batchdeck:") for name in m)
     finally:
         s.stop()
+
+
+def test_grafana_dashboard_uses_exposed_names():
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\$\{prefix\}:([a-z0-9_]+)", e)}
+    s = ServerThread().start()
+    try:
+        httpx.post(s.base_url + "/completions", json={"prompt": "x", "max_tokens": 2, "user": "u"})
+        wait_for(lambda: len(s.records) == 1, what="1 record")
+        exposed = set(scrape(s))
+    finally:
+        s.stop()
+    missing = {n for n in used if f"batchdeck:{n}" not in exposed}
+    # GPU gauges appear with the first NVML sample (none without a GPU)
+    assert missing <= {"gpu_memory_used_bytes", "gpu_memory_total_bytes", "gpu_kv_pool_bytes"}, missing
+    assert len(used) >= 20
