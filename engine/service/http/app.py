@@ -77,20 +77,29 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+class ApiKeyCheck:
+    """Plain ASGI middleware (a streamed response passes through untouched): /v1 needs the bearer key."""
+
+    def __init__(self, app: Any, key: str):
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            token = auth[7:] if auth[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.key):
+                await _error_response(unauthorized())(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(serving: OpenAIServing, metrics: ServerMetrics | None, *, api_key: str | None = None,
               model_root: str | None = None) -> FastAPI:
     app = FastAPI(title="batchdeck", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
-    key = api_key.encode() if api_key else None
-
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Any) -> Response:
-        if key is not None and request.url.path.startswith("/v1"):
-            auth = request.headers.get("authorization", "")
-            token = auth[7:].encode() if auth.lower().startswith("bearer ") else b""
-            if not hmac.compare_digest(token, key):
-                return _error_response(unauthorized())
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(ApiKeyCheck, key=api_key)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:

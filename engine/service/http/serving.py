@@ -150,26 +150,30 @@ class OpenAIServing:
 
     async def _start(self, job: _Job, req: _Sampling, prompts: Sequence[list[int]], max_tokens: Sequence[int],
                      arrival: float) -> None:
-        """Add every (prompt, choice) request; on a refusal abort those already added and raise."""
+        """Add every (prompt, choice) request; if one is refused, abort the others and raise."""
         stops = req.stop_strings()
-        try:
-            for p, ids in enumerate(prompts):
-                for c in range(req.n):
-                    index = p * req.n + c
-                    rid = f"{job.id}-{index}"
-                    stream = await self.engine.add_request(
-                        rid, ids, self._sampling(req, max_tokens[p], c), arrival_time=arrival,
-                        tenant=req.tenant_name(), priority=req.priority, slo_class=req.slo_class)
-                    job.choices.append(_Choice(index, rid, stream,
-                                               IncrementalDetokenizer(self.tokenizer, stops, req.min_tokens)))
-        except QueueFullError as exc:
-            self._abort_all(job)
-            raise unavailable(str(exc)) from None
-        except RequestError as exc:
-            self._abort_all(job)
-            message = str(exc)
+        wanted = [(p * req.n + c, ids, self._sampling(req, max_tokens[p], c))
+                  for p, ids in enumerate(prompts) for c in range(req.n)]
+        # all at once: the adds run together at the next iteration boundary
+        added = await asyncio.gather(*(
+            self.engine.add_request(f"{job.id}-{index}", ids, sampling, arrival_time=arrival,
+                                    tenant=req.tenant_name(), priority=req.priority, slo_class=req.slo_class)
+            for index, ids, sampling in wanted), return_exceptions=True)
+        for (index, _, _), stream in zip(wanted, added):
+            if not isinstance(stream, BaseException):
+                job.choices.append(_Choice(index, f"{job.id}-{index}", stream,
+                                           IncrementalDetokenizer(self.tokenizer, stops, req.min_tokens)))
+        error = next((e for e in added if isinstance(e, BaseException)), None)
+        if error is None:
+            return
+        self._abort_all(job)
+        if isinstance(error, QueueFullError):
+            raise unavailable(str(error)) from None
+        if isinstance(error, RequestError):
+            message = str(error)
             param = next((f for f in _FIELDS if message.startswith(f)), None)
             raise bad_request(message, param) from None
+        raise error
 
     def _abort_all(self, job: _Job, reason: str = "abort") -> None:
         """Abort the job's unfinished requests at the next boundary (safe while being cancelled)."""
