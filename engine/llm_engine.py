@@ -42,6 +42,7 @@ class RequestOutput:
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    logprobs: list[float] | None = None  # per new token, when the request asked (None for speculated steps)
 
 
 @dataclass
@@ -366,8 +367,11 @@ class LLMEngine:
                 self.scheduler.finish(r)
                 self._finish(r, reason, now)
                 result.finished.append(r)
+            logprobs = None
+            if r.sampling.logprobs and len(emitted) == 1 and r.request_id in self.sampler.logprobs:
+                logprobs = [self.sampler.logprobs[r.request_id]]
             result.outputs.append(RequestOutput(r.request_id, emitted, reason is not None,
-                                                reason.value if reason else None))
+                                                reason.value if reason else None, logprobs))
         if self.check_invariants:
             self.blocks.check()
             self.drafter.check()

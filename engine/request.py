@@ -43,6 +43,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop tokens do not end the request before this many output tokens
+    logprobs: bool = False  # report each sampled token's log-probability (RequestOutput.logprobs)
 
     @property
     def greedy(self) -> bool:

@@ -26,6 +26,8 @@ class Sampler:
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
         self._request_generators: dict[str, torch.Generator] = {}
+        # request id -> log-probability of the token just sampled, for the requests that asked (logprobs)
+        self.logprobs: dict[str, float] = {}
 
     def forget(self, request_id: str) -> None:
         self._request_generators.pop(request_id, None)
@@ -43,9 +45,25 @@ class Sampler:
         return gen
 
     def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
-        """One token id per row of `logits` [S, V]."""
+        """One token id per row of `logits` [S, V]; `self.logprobs` gets the sampled tokens' log-probabilities
+        (under the model's distribution, before temperature) for the rows whose params ask for them."""
+        if self.logprobs:
+            self.logprobs = {}
         if not params:
             return []
+        ids = self._sample(logits, request_ids, params)
+        if any(p.logprobs for p in params):
+            self._record_logprobs(logits, ids, request_ids, params)
+        return ids
+
+    def _record_logprobs(self, logits: torch.Tensor, ids: list[int], request_ids: list[str],
+                         params: list[SamplingParams]) -> None:
+        rows = [i for i, p in enumerate(params) if p.logprobs]
+        picked = torch.tensor([ids[i] for i in rows], device=logits.device).unsqueeze(1)
+        values = torch.log_softmax(logits[rows].float(), dim=-1).gather(1, picked).squeeze(1).tolist()
+        self.logprobs = {request_ids[i]: v for i, v in zip(rows, values)}
+
+    def _sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
         if all(p.greedy for p in params):
             return logits.argmax(dim=-1).tolist()
         logits = logits.float()

@@ -188,6 +188,7 @@ def _status_error(fn):
     (dict(extra_body={"slo_class": "gold"}), "slo_class"),
     (dict(extra_body={"min_tokens": 5}, max_tokens=2), "min_tokens"),
     (dict(echo=True), "echo"),
+    (dict(logprobs=21), "logprobs"),
     (dict(logit_bias={"1": 2}), "logit_bias"),
 ])
 def test_invalid_fields_are_400_naming_the_field(client, kwargs, param):
@@ -290,3 +291,23 @@ def test_non_streaming_disconnect_aborts(server):
     assert server.records[-1].output_tokens < 3000
     wait_for(lambda: server.llm.blocks.num_used == 0, what="free KV blocks")
     assert json.dumps(server.records[-1].to_dict())
+
+
+def test_logprobs_of_the_sampled_tokens(client):
+    import math
+
+    r = client.completions.create(model=MODEL, prompt="lp", max_tokens=5, temperature=0, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 5 and lp.text_offset[0] == 0
+    # greedy picks the most likely token, so its probability is at least 1 / vocabulary
+    assert all(-math.log(512) <= v <= 0 for v in lp.token_logprobs)
+    stream = client.completions.create(model=MODEL, prompt="lp", max_tokens=5, temperature=0, logprobs=1,
+                                       stream=True)
+    streamed = [v for c in stream for v in (c.choices[0].logprobs.token_logprobs if c.choices[0].logprobs else [])]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-5)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                          temperature=0, logprobs=True)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(c.logprob <= 0 for c in content)
+    plain = client.completions.create(model=MODEL, prompt="lp", max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == r.choices[0].text

@@ -4,7 +4,7 @@ Beyond OpenAI's fields: vLLM's `top_k`, `min_tokens`, `ignore_eos`, `stop_token_
 and batchdeck's `tenant` and `slo_class`. Unknown fields are ignored (as vLLM does); a field of the
 wrong type or out of range is a 400 naming it. Fields OpenAI defines but the engine cannot honour
 (`echo`, `best_of` > n, `suffix`, `logit_bias`, penalties) are refused with a 400 rather than
-silently dropped.
+silently dropped. `logprobs` gives the sampled token's log-probability only.
 """
 from __future__ import annotations
 

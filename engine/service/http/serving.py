@@ -38,8 +38,8 @@ _UNSUPPORTED = (("echo", lambda r: getattr(r, "echo", False), "echo is not suppo
                 ("logit_bias", lambda r: r.logit_bias, "logit_bias is not supported"),
                 ("presence_penalty", lambda r: r.presence_penalty, "presence_penalty is not supported (use 0)"),
                 ("frequency_penalty", lambda r: r.frequency_penalty, "frequency_penalty is not supported (use 0)"),
-                ("logprobs", lambda r: r.logprobs, "logprobs are not supported by this server"),
-                ("top_logprobs", lambda r: getattr(r, "top_logprobs", None), "top_logprobs are not supported"))
+                ("top_logprobs", lambda r: getattr(r, "top_logprobs", None),
+                 "top_logprobs are not supported: logprobs reports the sampled token's only"))
 
 # Words that start an engine RequestError's message and name the field it is about.
 _FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "priority", "slo_class")
@@ -53,6 +53,10 @@ class _Choice:
     detok: IncrementalDetokenizer
     num_tokens: int = 0
     finish_reason: str | None = None
+    lp_ids: list[int] = field(default_factory=list)  # tokens and their logprobs, when the request asked
+    lp_values: list[float | None] = field(default_factory=list)
+    lp_sent: int = 0  # how many of them a stream has sent
+    logprobs: bool = False
 
 
 @dataclass
@@ -63,6 +67,7 @@ class _Job:
     created: int
     prompt_tokens: int
     choices: list[_Choice] = field(default_factory=list)
+    logprobs: bool = False
 
     @property
     def completion_tokens(self) -> int:
@@ -128,11 +133,11 @@ class OpenAIServing:
             raise OpenAIError(503, f"the engine failed: {self.engine.error}", None, "server_error",
                               "engine_failed")
 
-    def _sampling(self, req: _Sampling, max_tokens: int, choice: int) -> SamplingParams:
+    def _sampling(self, req: _Sampling, max_tokens: int, choice: int, logprobs: bool) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=max(0, req.top_k), seed=None if req.seed is None else req.seed + choice,
                               stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-                              min_tokens=req.min_tokens)
+                              min_tokens=req.min_tokens, logprobs=logprobs)
 
     def _max_tokens(self, requested: int | None, prompt_len: int, param: str, prompt_param: str) -> int:
         room = self.max_model_len - prompt_len
@@ -152,7 +157,7 @@ class OpenAIServing:
                      arrival: float) -> None:
         """Add every (prompt, choice) request; if one is refused, abort the others and raise."""
         stops = req.stop_strings()
-        wanted = [(p * req.n + c, ids, self._sampling(req, max_tokens[p], c))
+        wanted = [(p * req.n + c, ids, self._sampling(req, max_tokens[p], c, job.logprobs))
                   for p, ids in enumerate(prompts) for c in range(req.n)]
         # all at once: the adds run together at the next iteration boundary
         added = await asyncio.gather(*(
@@ -162,7 +167,8 @@ class OpenAIServing:
         for (index, _, _), stream in zip(wanted, added):
             if not isinstance(stream, BaseException):
                 job.choices.append(_Choice(index, f"{job.id}-{index}", stream,
-                                           IncrementalDetokenizer(self.tokenizer, stops, req.min_tokens)))
+                                           IncrementalDetokenizer(self.tokenizer, stops, req.min_tokens),
+                                           logprobs=job.logprobs))
         error = next((e for e in added if isinstance(e, BaseException)), None)
         if error is None:
             return
@@ -190,6 +196,9 @@ class OpenAIServing:
     def _step(self, choice: _Choice, out: Any) -> tuple[_Choice, str, str | None] | None:
         """One engine output of a choice as (choice, new text, finish_reason or None); None: nothing to send."""
         choice.num_tokens += len(out.new_token_ids)
+        if choice.logprobs and choice.detok.stopped is None and out.new_token_ids:
+            choice.lp_ids.extend(out.new_token_ids)
+            choice.lp_values.extend(out.logprobs or [None] * len(out.new_token_ids))
         text = choice.detok.add(out.new_token_ids) if out.new_token_ids else ""
         if choice.detok.stopped is not None:
             choice.finish_reason = "stop"
@@ -264,6 +273,23 @@ class OpenAIServing:
             if is_set(req):
                 raise bad_request(why, param)
 
+    # -- logprobs: the sampled token's only (top alternatives are not reported) -----------------
+    def _token_texts(self, choice: _Choice, start: int) -> list[str]:
+        return [self.tokenizer.decode([t]) for t in choice.lp_ids[start:]]
+
+    def _completion_logprobs(self, choice: _Choice, text_offset: int, start: int = 0) -> dict[str, Any]:
+        tokens = self._token_texts(choice, start)
+        offsets = []
+        for t in tokens:
+            offsets.append(text_offset)
+            text_offset += len(t)
+        return {"tokens": tokens, "token_logprobs": choice.lp_values[start:], "top_logprobs": None,
+                "text_offset": offsets}
+
+    def _chat_logprobs(self, choice: _Choice, start: int) -> dict[str, Any]:
+        return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
+                            for t, v in zip(self._token_texts(choice, start), choice.lp_values[start:])]}
+
     # -- /v1/completions -----------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, disconnected: Callable[[], Awaitable[None]],
                           arrival: float | None = None) -> dict[str, Any] | AsyncIterator[str]:
@@ -272,7 +298,8 @@ class OpenAIServing:
         self._check_request(req)
         prompts = completion_prompts(req.prompt, self.tokenizer, self.vocab_size)
         limits = [self._max_tokens(req.max_tokens, len(p), "max_tokens", "prompt") for p in prompts]
-        job = _Job(f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), sum(len(p) for p in prompts))
+        job = _Job(f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), sum(len(p) for p in prompts),
+                   logprobs=req.logprobs is not None)
         await self._start(job, req, prompts, limits, arrival)
         if req.stream:
             return self._stream_completion(job, req.include_usage)
@@ -285,8 +312,9 @@ class OpenAIServing:
         texts = {c.index: "" for c in job.choices}
         async for choice, text, _ in self._events(job):
             texts[choice.index] += text
-        choices = [{"index": c.index, "text": texts[c.index], "logprobs": None, "finish_reason": c.finish_reason}
-                   for c in job.choices]
+        choices = [{"index": c.index, "text": texts[c.index],
+                    "logprobs": self._completion_logprobs(c, 0) if job.logprobs else None,
+                    "finish_reason": c.finish_reason} for c in job.choices]
         return {**self._completion_head(job), "choices": choices, "usage": job.usage()}
 
     async def _stream_completion(self, job: _Job, include_usage: bool) -> AsyncIterator[str]:
@@ -295,7 +323,16 @@ class OpenAIServing:
         prefix = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
         suffix = "}]" + (',"usage":null' if include_usage else "") + "}\n\n"
         dumps = json.dumps
+        offsets = {c.index: 0 for c in job.choices}
         async for choice, text, finish in self._events(job):
+            if job.logprobs:  # the generic (slower) form, with this chunk's tokens and their logprobs
+                extra = {"usage": None} if include_usage else {}
+                lp = self._completion_logprobs(choice, offsets[choice.index], choice.lp_sent)
+                choice.lp_sent = len(choice.lp_ids)
+                offsets[choice.index] += len(text)
+                yield sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": lp,
+                                                "finish_reason": finish}], **extra})
+                continue
             yield (f'{prefix}{choice.index},"text":{dumps(text)},"logprobs":null,"finish_reason":'
                    f'{"null" if finish is None else dumps(finish)}{suffix}')
         if include_usage:
@@ -311,7 +348,7 @@ class OpenAIServing:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         limit = self._max_tokens(req.max_completion_tokens if req.max_completion_tokens is not None
                                  else req.max_tokens, len(ids), param, "messages")
-        job = _Job(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), len(ids))
+        job = _Job(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), len(ids), logprobs=req.logprobs)
         await self._start(job, req, [ids], [limit], arrival)
         if req.stream:
             return self._stream_chat(job, req.include_usage)
@@ -325,7 +362,8 @@ class OpenAIServing:
         async for choice, text, _ in self._events(job):
             texts[choice.index] += text
         choices = [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
-                    "logprobs": None, "finish_reason": c.finish_reason} for c in job.choices]
+                    "logprobs": self._chat_logprobs(c, 0) if job.logprobs else None,
+                    "finish_reason": c.finish_reason} for c in job.choices]
         return {**self._chat_head(job, "chat.completion"), "choices": choices, "usage": job.usage()}
 
     async def _stream_chat(self, job: _Job, include_usage: bool) -> AsyncIterator[str]:
@@ -338,6 +376,12 @@ class OpenAIServing:
         suffix = "}]" + (',"usage":null' if include_usage else "") + "}\n\n"
         dumps = json.dumps
         async for choice, text, finish in self._events(job):
+            if job.logprobs:
+                lp = self._chat_logprobs(choice, choice.lp_sent)
+                choice.lp_sent = len(choice.lp_ids)
+                yield sse({**head, "choices": [{"index": choice.index, "delta": {"content": text}, "logprobs": lp,
+                                                "finish_reason": finish}], **extra})
+                continue
             yield (f'{prefix}{choice.index},"delta":{{"content":{dumps(text)}}},"logprobs":null,"finish_reason":'
                    f'{"null" if finish is None else dumps(finish)}{suffix}')
         if include_usage:
