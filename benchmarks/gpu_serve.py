@@ -12,10 +12,11 @@ One command does everything, each engine in a fresh process:
    max_num_seqs = --clients, after a warm-up; output tok/s = output tokens / the run's span. The
    process's CPU seconds (time.process_time) are recorded.
 2. http: `batchdeck serve` is started as a subprocess with the same engine flags; this process runs
-   --clients closed-loop streaming clients (httpx, one connection each) that share the same request
-   list (client i sends requests i, i + clients, ...); output tok/s = streamed tokens (usage) / the
-   span from the first send to the last finish. The server process's CPU seconds over the run come
-   from /proc/PID/stat; the client's from time.process_time.
+   --clients closed-loop streaming clients (httpx, one connection each, spread over --client-procs
+   processes so that parsing the streams is not the bottleneck) that share the same request list
+   (client i sends requests i, i + clients, ...); output tok/s = streamed tokens (usage) / the span
+   from the common start to the last finish. The server process's CPU seconds over the run come
+   from /proc/PID/stat; the clients' from time.process_time in each client process.
    HTTP path CPU per streamed token = (server CPU - generate CPU) / output tokens: what the server
    spends beyond the engine's own work (parsing, detokenizing, SSE, the event loop, metrics).
 3. sweep: against the same server, `batchdeck bench`'s run_bench plays a poisson workload of
@@ -55,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-tokens", type=int, default=256)
     p.add_argument("--max-batched-tokens", type=int, default=8192)
     p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--client-procs", type=int, default=4, help="processes the HTTP clients are spread over")
     p.add_argument("--sweep-rates", default="8,16,32,64,inf")
     p.add_argument("--sweep-requests", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -67,7 +69,7 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.model, args.device, args.clients, args.requests = "synthetic:tiny", "cpu", 8, 24
         args.prompt_min, args.prompt_max, args.output_tokens = 16, 64, 16
-        args.sweep_rates, args.sweep_requests, args.num_blocks = "10,inf", 16, 1024
+        args.sweep_rates, args.sweep_requests, args.num_blocks, args.client_procs = "10,inf", 16, 1024, 2
     return args
 
 
@@ -169,46 +171,69 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
         time.sleep(0.5)
 
 
-async def http_clients(base: str, reqs: list[dict], clients: int) -> dict:
+async def http_clients(base: str, reqs: list[dict], clients: int, mine: list[int], start_at: float) -> dict:
+    """Clients `mine` (of `clients`) run closed loops over their share of `reqs`, from `start_at` on."""
     import httpx
 
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-    ttfts, itls, tokens = [], [], 0
-    failures: list[str] = []
+    limits = httpx.Limits(max_connections=len(mine) + 8, max_keepalive_connections=len(mine) + 8)
+    out = {"tokens": 0, "ttfts": [], "itls": [], "failures": []}
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800, connect=60), limits=limits) as client:
-        async def one(r: dict) -> None:
-            nonlocal tokens
+        async def one(r: dict, record: bool = True) -> None:
             body = {"prompt": r["prompt_token_ids"], "max_tokens": r["max_tokens"], "ignore_eos": True,
                     "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
             start = last = time.perf_counter()
             first = True
             async with client.stream("POST", base + "/completions", json=body) as resp:
                 if resp.status_code != 200:
-                    failures.append(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+                    out["failures"].append(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
                     return
                 async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
+                    if not line.startswith("data: ") or line == "data: [DONE]" or not record:
                         continue
                     now = time.perf_counter()
                     obj = json.loads(line[6:])
                     if obj.get("choices"):
-                        (ttfts if first else itls).append(now - (start if first else last))
+                        out["ttfts" if first else "itls"].append(now - (start if first else last))
                         first, last = False, now
                     if obj.get("usage"):
-                        tokens += obj["usage"]["completion_tokens"]
+                        out["tokens"] += obj["usage"]["completion_tokens"]
 
         async def client_loop(i: int) -> None:
             for r in reqs[i::clients]:
                 await one(r)
 
-        await one(reqs[0] | {"max_tokens": 4})  # warm-up (not counted)
-        tokens, ttfts, itls = 0, [], []
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(i) for i in range(clients)))
-        span = time.perf_counter() - t0
+        await one(reqs[0] | {"max_tokens": 4}, record=False)  # warm-up: a connection and the code paths
+        cpu0 = time.process_time()
+        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+        await asyncio.gather(*(client_loop(i) for i in mine))
+        out["end"] = time.perf_counter()
+        out["cpu_s"] = time.process_time() - cpu0
+    return out
+
+
+def client_process(job: tuple) -> dict:
+    """One client process (clients are spread over several: one Python process parses ~10^4 chunks/s)."""
+    return asyncio.run(http_clients(*job))
+
+
+def run_clients(base: str, reqs: list[dict], clients: int, procs: int) -> dict:
+    """`clients` closed-loop streaming clients over `procs` processes, started together (CLOCK_MONOTONIC,
+    which time.perf_counter reads on Linux, is the same clock in every process)."""
+    import multiprocessing
+
+    procs = max(1, min(procs, clients))
+    start_at = time.perf_counter() + 5.0  # time for the processes to start and warm up
+    jobs = [(base, reqs, clients, list(range(k, clients, procs)), start_at) for k in range(procs)]
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        parts = pool.map(client_process, jobs)
+    tokens = sum(p["tokens"] for p in parts)
+    span = max(p["end"] for p in parts) - start_at
+    failures = [f for p in parts for f in p["failures"]]
     return {"output_tokens": tokens, "span_s": span, "output_tok_s": tokens / span, "failures": failures[:5],
-            "num_failures": len(failures), "ttft": dist(ttfts), "itl": dist(itls)}
+            "num_failures": len(failures), "client_processes": procs,
+            "client_cpu_s": sum(p["cpu_s"] for p in parts),
+            "ttft": dist([t for p in parts for t in p["ttfts"]]), "itl": dist([t for p in parts for t in p["itls"]])}
 
 
 def sweep(args: argparse.Namespace, base: str) -> list[dict]:
@@ -260,10 +285,9 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}/v1"
         try:
             log(f"phase 2: {args.clients} streaming clients, {args.requests} requests")
-            cpu0, ccpu0 = proc_cpu_s(server.pid), time.process_time()
-            result["http"] = asyncio.run(http_clients(base, reqs, args.clients))
+            cpu0 = proc_cpu_s(server.pid)
+            result["http"] = run_clients(base, reqs, args.clients, args.client_procs)
             result["http"]["server_cpu_s"] = proc_cpu_s(server.pid) - cpu0
-            result["http"]["client_cpu_s"] = time.process_time() - ccpu0
             log("phase 3: rate sweep")
             result["sweep"] = sweep(args, base)
         finally:
