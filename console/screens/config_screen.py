@@ -30,7 +30,8 @@ class ConfigScreen(ModalScreen[dict[str, Any] | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="config-dialog") as dialog:
             dialog.border_title = "Live configuration"
-            dialog.border_subtitle = f"v{self.config.get('version', '?')} · changes apply at the next iteration"
+            dialog.border_subtitle = (f"v{self.config.get('version', '?')} · changes apply at the next iteration · "
+                                      "ctrl+s apply · esc close")
             with Grid(id="config-grid"):
                 for key in PANEL_SETTINGS:
                     if key not in self.config:
@@ -47,8 +48,8 @@ class ConfigScreen(ModalScreen[dict[str, Any] | None]):
                     yield Label(describe_bounds(key, self.config, self.bounds), classes="config-bounds")
             yield Static("", id="config-error")
             with Horizontal(id="config-buttons"):
-                yield Button("Apply", variant="primary", id="config-apply", compact=True)
-                yield Button("Cancel", id="config-cancel", compact=True)
+                yield Button("Apply  ctrl+s", variant="primary", id="config-apply", compact=True)
+                yield Button("Cancel  esc", id="config-cancel", compact=True)
 
     def changes(self) -> dict[str, Any]:
         """The settings that differ from the current config, typed; raises ConfigError for bad input."""
