@@ -262,7 +262,7 @@ class ConsoleApp(App):
             counts = self.shown_counts
             self._w("#reqs-text").show(
                 f"{counts.running} run · {counts.waiting} wait",
-                f"{counts.preempted} preempted · {snap['num_preemptions']} preempts/{st.window_s:g}s")
+                f"{counts.preempted} preempted · {snap['num_preemptions']}/{st.window_s:g}s")
             step = snap["step_time"]
             self._w("#step-text").show(f"p50 {fmt.ms(step['p50'])}", f"p99 {fmt.ms(step['p99'])}")
             self._set_title("#tile-step", f"Step · {snap['iterations_per_s']:.0f} it/s")
@@ -304,9 +304,9 @@ class ConsoleApp(App):
 
     def chart_caption(self) -> str:
         """The batch chart's subtitle: what it shows now, then what `z` / `a` switch to."""
-        x = "1 column per iteration" if self.per_iteration else f"last {self.chart_span_s:g} s, averaged to fit"
-        y = "y autoscaled" if self.autoscale else "y = token budget"
-        return f"{x} · {y} · z a"
+        x = "1 column/iteration" if self.per_iteration else f"last {self.chart_span_s:g} s averaged"
+        y = "y auto" if self.autoscale else "y budget"
+        return f"{x} · {y} · keys z a"
 
     def _paint_requests(self, mono: float, now: float | None, force: bool = False) -> None:
         """The request table, its title and the Requests tile's counts, all from one snapshot (at most

@@ -20,7 +20,9 @@ from batchdeck.engine.config import ConfigError
 
 
 class ConfigScreen(ModalScreen[dict[str, Any] | None]):
-    BINDINGS = [Binding("escape", "cancel", "Close"), Binding("ctrl+s", "apply", "Apply")]
+    BINDINGS = [Binding("escape", "cancel", "Close", tooltip="close without applying anything"),
+                Binding("ctrl+s", "apply", "Apply", tooltip="apply the changed settings (checked against the "
+                                                             "bounds first; a refusal is shown here)")]
 
     def __init__(self, config: Mapping[str, Any], bounds: Mapping[str, Any] | None) -> None:
         super().__init__()

@@ -23,7 +23,7 @@ TABLE_KEYS: tuple[tuple[str, str], ...] = (("↑ ↓ pgup pgdn home end", "move 
 def key_rows(bindings: Iterable[Binding], display: Any) -> list[tuple[str, str]]:
     """(keys, what they do) per action, in binding order; bindings of one action are merged."""
     rows: dict[str, list[Any]] = {}
-    for b in bindings:
+    for b in Binding.make_bindings(bindings):  # "plus,equals_sign" -> one binding per key
         keys = display(b)
         what = b.tooltip or b.description
         entry = rows.get(b.action)

@@ -14,8 +14,11 @@ from textual.widgets import DataTable
 from batchdeck.console import format as fmt
 from batchdeck.console.request_view import age
 
-COLUMNS = (("request_id", "id", 12), ("tenant", "tenant", 7), ("slo_class", "class", 11), ("state", "state", 9),
-           ("prompt_tokens", "prompt", 6), ("output_tokens", "output", 8), ("ttft", "TTFT", 6), ("age", "age", 5))
+# (key, label, width, right-aligned): no cell padding; each width keeps one blank cell between columns
+# (text columns end with it, number columns start with it), so eight columns fit a 120-column terminal
+COLUMNS = (("request_id", "id", 13, False), ("tenant", "tenant", 8, False), ("slo_class", "class", 12, False),
+           ("state", "state", 10, False), ("prompt_tokens", "prompt", 7, True), ("output_tokens", "output", 8, True),
+           ("ttft", "TTFT", 7, True), ("age", "age", 5, True))
 STATE_STYLE = {"prefill": "bold #5b9cf5", "decode": "bold #4fc36b", "waiting": "yellow", "preempted": "bold red"}
 
 
@@ -49,15 +52,15 @@ class RequestTable(DataTable):
     """
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
-        super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=True)
+        super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=True, cell_padding=0)
         self._rows: dict[str, tuple[Any, ...]] = {}
         self.rebuilds = 0  # stays 0: rows are never cleared and rebuilt (a test checks it)
         self.selected_id: str | None = None  # the operator's selection (see the module docstring)
         self._syncing = False  # cursor moves made by sync() are not the operator's
 
     def on_mount(self) -> None:
-        for key, label, width in COLUMNS:
-            self.add_column(label, key=key, width=width)
+        for key, label, width, right in COLUMNS:
+            self.add_column(Text(label, justify="right" if right else "left"), key=key, width=width)
 
     def watch_cursor_coordinate(self, old, new) -> None:
         super().watch_cursor_coordinate(old, new)
@@ -79,7 +82,7 @@ class RequestTable(DataTable):
                 if old is None:
                     self.add_row(*new, key=rid)
                 elif old != new:
-                    for (key, _, _), a, b in zip(COLUMNS, old, new):
+                    for (key, *_), a, b in zip(COLUMNS, old, new):
                         if a != b:
                             self.update_cell(rid, key, b)
                 current[rid] = new
