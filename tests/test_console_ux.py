@@ -81,6 +81,7 @@ async def test_abort_after_the_selected_request_finished_aborts_nothing_else():
         app.tick()
         await pilot.pause()
         assert table.selected_id == "r2" and table.selection_gone
+        assert table.has_class("-stale")  # the cursor is dimmed: the row under it is not the selection
         assert "selected r2 has finished (length)" in plain(app.query_one("#requests-box").border_subtitle)
         await pilot.press("x", "x")
         await pilot.pause()
@@ -91,7 +92,7 @@ async def test_abort_after_the_selected_request_finished_aborts_nothing_else():
         client.feed([snapshot([row("r3", "prefill"), row("r4", "decode"), row("r1", "decode")], 5.3)])
         app.tick()
         await pilot.pause()
-        assert table.selected_request_id == "r3" and table.cursor_row == 0
+        assert table.selected_request_id == "r3" and table.cursor_row == 0 and not table.has_class("-stale")
         await pilot.press("x")
         await pilot.pause()
         assert "x again: abort r3" in plain(app.query_one("#requests-box").border_subtitle)

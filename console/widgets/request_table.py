@@ -49,6 +49,7 @@ def cells(row: Mapping[str, Any], now: float | None = None) -> tuple[Any, ...]:
 class RequestTable(DataTable):
     DEFAULT_CSS = """
     RequestTable { height: 1fr; }
+    RequestTable.-stale > .datatable--cursor { background: $panel; color: $text-muted; text-style: none; }
     """
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
@@ -66,6 +67,7 @@ class RequestTable(DataTable):
         super().watch_cursor_coordinate(old, new)
         if not self._syncing and self.row_count:
             self.selected_id = self._key_under_cursor()
+            self.remove_class("-stale")
 
     def sync(self, rows: Mapping[str, Mapping[str, Any]], now: float | None = None) -> None:
         """Make the table show `rows` (request id -> snapshot row, in the order to show) with the fewest
@@ -94,6 +96,8 @@ class RequestTable(DataTable):
                 index = self.get_row_index(selected)
                 if index != self.cursor_row:
                     self.move_cursor(row=index, animate=False, scroll=False)
+            # the cursor no longer marks the selection: dim it until the operator picks a row
+            self.set_class(self.selection_gone, "-stale")
         finally:
             self._syncing = False
 
