@@ -2,6 +2,7 @@
 line clears the filter, esc leaves it as it was. The syntax is `request_view.parse_filter`'s."""
 from __future__ import annotations
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -35,7 +36,7 @@ class FilterScreen(ModalScreen[str | None]):
         try:
             parse_filter(text)
         except FilterError as exc:
-            self.query_one("#filter-hint", Static).update(f"[b red]refused:[/] {exc}")
+            self.query_one("#filter-hint", Static).update(Text.assemble(("refused: ", "bold red"), str(exc)))
             return
         self.dismiss(text)
 
