@@ -18,7 +18,7 @@ from batchdeck.console.state import DashboardState, format_event
 from batchdeck.console.widgets.batch_chart import Column, render_chart
 from batchdeck.engine.service.gpu_monitor import GpuSample
 from batchdeck.engine.telemetry import Event, IterationRecord
-from tests.test_console_app import SIZE, busy_process_pilot, fake_app, log_texts, notes, wait_for  # noqa: F401
+from tests.test_console_app import SIZE, busy_process_pilot, fake_app, notes, wait_for  # noqa: F401 - a fixture
 
 
 def row(rid: str, state: str, *, tenant: str = "t", cls: str = "batch", ttft: float | None = None,
