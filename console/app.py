@@ -25,7 +25,10 @@ from batchdeck.console import format as fmt
 from batchdeck.console.client import Client, CommandResult, ConnectionState, make_burst
 from batchdeck.console.commands import SettingsProvider, validate
 from batchdeck.console.recorder import Recorder
+from batchdeck.console.request_view import FilterError, RequestView, arrange, next_sort, parse_filter, SORT_KEYS
 from batchdeck.console.screens.config_screen import ConfigScreen
+from batchdeck.console.screens.filter_screen import FilterScreen
+from batchdeck.console.screens.help_screen import TABLE_KEYS, HelpScreen, command_rows, key_rows
 from batchdeck.console.speculation import summary as spec_summary
 from batchdeck.console.state import DashboardState, format_changes
 from batchdeck.console.widgets.batch_chart import BatchChart
@@ -46,20 +49,34 @@ class ConsoleApp(App):
     TITLE = "batchdeck"
     COMMANDS = App.COMMANDS | {SettingsProvider}
     ENABLE_COMMAND_PALETTE = True
+    # the help screen is generated from these (description: the footer's word; tooltip: the help's line)
     BINDINGS = [
-        Binding("c", "config", "Config"),
-        Binding("p", "toggle_pause", "Pause/Resume"),
-        Binding("b", "burst", "Burst"),
-        Binding("x", "abort_selected", "Abort req"),
-        Binding("f", "freeze", "Freeze"),
-        Binding("z", "zoom", "Zoom"),
-        Binding("space", "replay_toggle", "Play/Pause"),
-        Binding("plus,equals_sign", "replay_speed(1)", "Faster"),
-        Binding("minus", "replay_speed(-1)", "Slower"),
-        Binding("comma", "replay_seek(-5)", "-5s"),
-        Binding("full_stop", "replay_seek(5)", "+5s"),
-        Binding("q", "quit", "Quit"),
+        Binding("question_mark,f1", "help", "Help", tooltip="this screen: every key and palette command"),
+        Binding("c", "config", "Config", tooltip="config panel: every live setting with its bounds; "
+                                                 "ctrl+s applies, esc closes"),
+        Binding("p", "toggle_pause", "Pause/Resume", tooltip="pause / resume the engine (arrivals are still "
+                                                              "accepted and counted while paused)"),
+        Binding("b", "burst", "Burst", tooltip="submit a burst of requests (tenant 'console')"),
+        Binding("x", "abort_selected", "Abort req", tooltip="abort the selected request: the first x names it, "
+                                                             "a second x within 5 s aborts it; esc cancels"),
+        Binding("escape", "cancel_abort", "Cancel abort", show=False, tooltip="cancel a pending abort"),
+        Binding("s", "sort_next", "Sort", tooltip="sort the request table by the next key: engine order, "
+                                                  "state, tenant, class, TTFT, age"),
+        Binding("S", "sort_reverse", "Reverse", show=False, tooltip="reverse the request table's sort"),
+        Binding("slash", "filter_requests", "Filter", tooltip="filter the request table: tenant=… class=… "
+                                                              "state=… id=… or any word; empty clears"),
+        Binding("f", "freeze", "Freeze", tooltip="freeze the display for reading (telemetry is still collected)"),
+        Binding("z", "zoom", "Zoom", tooltip="batch chart: one column per iteration, or the last 20 s averaged"),
+        Binding("a", "autoscale", "Autoscale", show=False, tooltip="batch chart y axis: the token budget, or "
+                                                                   "autoscaled to the tallest column shown"),
+        Binding("space", "replay_toggle", "Play/Pause", tooltip="replay: play / pause"),
+        Binding("plus,equals_sign", "replay_speed(1)", "Faster", tooltip="replay: faster"),
+        Binding("minus", "replay_speed(-1)", "Slower", tooltip="replay: slower"),
+        Binding("comma", "replay_seek(-5)", "-5s", tooltip="replay: seek back 5 s"),
+        Binding("full_stop", "replay_seek(5)", "+5s", tooltip="replay: seek forward 5 s"),
+        Binding("q", "quit", "Quit", tooltip="quit (stops an in-process engine)"),
     ]
+    ABORT_CONFIRM_S = 5.0  # a second x within this long aborts the request the first x named
 
     def __init__(self, client: Client, *, recorder: Recorder | None = None, drivers: Iterable[Driver] = (),
                  refresh_hz: float = 10.0, plot_hz: float = 1.0, burst_size: int = 8, burst_prompt: int = 256,
@@ -81,6 +98,10 @@ class ConsoleApp(App):
         self.state.apply_snapshot(client.config_snapshot)
         self.frozen = False
         self.per_iteration = False  # batch chart: one column per iteration, or the last chart_span_s averaged
+        self.autoscale = False  # batch chart: y axis to the token budget, or to the tallest column shown
+        self.request_view = RequestView()  # the request table's sort and filter
+        self.shown_counts = self.state.request_counts  # what the tile and the table title show (one snapshot)
+        self._abort_armed: tuple[str, float] | None = None  # (request id, until) after a first x
         self.chart_span_s = chart_span_s
         self.ticks = 0
         self.paints = 0
@@ -213,9 +234,8 @@ class ConsoleApp(App):
         snap = self.client.config_snapshot
         self.state = DashboardState(window_s=self.state.window_s, history=self.state.iterations.maxlen or 8192)
         self.state.apply_snapshot(snap)
-        table = self._w("#requests")
-        table.clear()
-        table._rows.clear()
+        self._w("#requests").forget_rows()
+        self._abort_armed = None
         self._w("#events").clear()
         self._requests_seq = -1
         self._last_plot = float("-inf")
@@ -237,10 +257,12 @@ class ConsoleApp(App):
             self._w("#tput-text").show(
                 f"gen {fmt.rate(snap['generation_throughput'])} tok/s",
                 f"prompt {fmt.rate(snap['prompt_throughput'])} tok/s")
-            preempted = st.num_preempted_waiting()
+            mono = time.monotonic()
+            self._paint_requests(mono, now)
+            counts = self.shown_counts
             self._w("#reqs-text").show(
-                f"{snap['num_requests_running']} run · {snap['num_requests_waiting']} wait",
-                f"{preempted} preempted · {snap['num_preemptions']}/{st.window_s:g}s")
+                f"{counts.running} run · {counts.waiting} wait",
+                f"{counts.preempted} preempted · {snap['num_preemptions']}/{st.window_s:g}s")
             step = snap["step_time"]
             self._w("#step-text").show(f"p50 {fmt.ms(step['p50'])}", f"p99 {fmt.ms(step['p99'])}")
             self._set_title("#tile-step", f"Step · {snap['iterations_per_s']:.0f} it/s")
@@ -264,11 +286,9 @@ class ConsoleApp(App):
             marks = list(st.marks)
             chart = self._w("#batch-chart")
             chart.set_data(st.iterations, marks, cfg.get("max_batched_tokens"),
-                           None if self.per_iteration else self.chart_span_s)
-            self._set_subtitle("#batch-box", "z: one column per iteration" if not self.per_iteration
-                               else f"z: the last {self.chart_span_s:g}s, averaged to fit")
+                           None if self.per_iteration else self.chart_span_s, self.autoscale)
+            self._set_subtitle("#batch-box", self.chart_caption())
             self._set_subtitle("#tput-box", spec_summary(snap["speculation"], cfg.get("spec_k")))
-            mono = time.monotonic()
             if mono - self._last_plot >= self.plot_interval:
                 if self._w("#tput-plot").set_data(times[-120:], prompt_series[-120:],
                                                                           gen_series[-120:], marks):
@@ -278,15 +298,62 @@ class ConsoleApp(App):
             self._w("#service").show(snap["slo_attainment"], snap["service_per_tenant"],
                                                           snap["goodput"])
             self._w("#settings").show(st.config, st.bounds, st.version, st.paused)
-            if st.requests_seq != self._requests_seq and mono - self._last_table >= self.table_interval:
-                self._requests_seq = st.requests_seq
-                self._last_table = mono
-                self._w("#requests").sync(st.requests)
-                self._w("#requests-box").border_title = f"Requests ({len(st.requests)} live · " \
-                                                               f"{st.finished_total} finished)"
             new_lines = st.take_new_log()
             if new_lines:
                 self._w("#events").append(new_lines)
+
+    def chart_caption(self) -> str:
+        """The batch chart's subtitle: what it shows now, then what `z` / `a` switch to."""
+        x = "1 column/iteration" if self.per_iteration else f"last {self.chart_span_s:g} s averaged"
+        y = "y auto" if self.autoscale else "y budget"
+        return f"{x} · {y} · keys z a"
+
+    def _paint_requests(self, mono: float, now: float | None, force: bool = False) -> None:
+        """The request table, its title and the Requests tile's counts, all from one snapshot (at most
+        `table_hz` times a second: every visible row re-renders on any cell change)."""
+        st = self.state
+        if not force and (st.requests_seq == self._requests_seq or mono - self._last_table < self.table_interval):
+            return
+        self._requests_seq = st.requests_seq
+        self._last_table = mono
+        self.shown_counts = counts = st.request_counts
+        try:
+            rows = arrange(st.requests, self.request_view)
+        except FilterError:  # checked when typed; a stale one shows everything
+            rows = st.requests
+        table = self._w("#requests")
+        table.sync(rows, now)
+        shown = f" · showing {len(rows)}" if len(rows) != counts.total else ""
+        title = f"Requests: {counts.running} run · {counts.waiting} wait{shown} · {fmt.count(st.finished_total)} finished"
+        self._set_title("#requests-box", title)
+        self._set_subtitle("#requests-box", self.requests_caption())
+
+    def requests_caption(self) -> str:
+        """The request table's subtitle: the selection (and whether it is still there), a pending abort,
+        the sort and filter."""
+        table = self._w("#requests")
+        parts = []
+        armed = self._abort_armed
+        if armed is not None and time.monotonic() > armed[1]:
+            self._abort_armed = armed = None
+        if armed is not None:
+            parts.append(f"x again: abort {armed[0]} · esc cancels")
+        elif table.selection_gone:
+            parts.append(f"selected {self.selection_note(table.selected_id)}")
+        view = self.request_view.describe()
+        if view:
+            parts.append(view)
+        parts.append("s sort · / filter · ? help")
+        return " · ".join(parts)
+
+    def selection_note(self, request_id: str) -> str:
+        """Why a selected request is not in the table: it finished, or the filter hides it."""
+        status = self.state.request_status(request_id)
+        if status == "live":
+            return f"{request_id} is hidden by the filter"
+        if status == "gone":
+            return f"{request_id} has left the table"
+        return f"{request_id} has {status}"
 
     def _w(self, selector: str) -> Any:
         """A dashboard widget (looked up on the dashboard screen, whatever screen is on top)."""
@@ -419,7 +486,8 @@ class ConsoleApp(App):
 
     # -- actions (keys, palette) -----------------------------------------------------------------------
     REPLAY_ACTIONS = frozenset({"replay_toggle", "replay_speed", "replay_seek"})
-    STEERING_ACTIONS = frozenset({"config", "toggle_pause", "burst", "abort_selected", "pause", "resume"})
+    STEERING_ACTIONS = frozenset({"config", "toggle_pause", "burst", "abort_selected", "pause", "resume",
+                                  "cancel_abort"})
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Replay keys only in a replay, steering keys only with an engine behind the client."""
@@ -454,11 +522,92 @@ class ConsoleApp(App):
         self._run_command("submit", "key", {"requests": burst, "count": len(burst)})
 
     def action_abort_selected(self) -> None:
-        rid = self._w("#requests").selected_request_id
+        """First x: name the selected request and wait for a second x (within ABORT_CONFIRM_S) that aborts
+        exactly that request; never a different one that slid under the cursor."""
+        table = self._w("#requests")
+        armed, self._abort_armed = self._abort_armed, None
+        if table.selection_gone:
+            self.refuse(f"the selected request {self.selection_note(table.selected_id)}: nothing aborted; "
+                        "select another request", "key", op="abort", request_id=table.selected_id)
+            self._refresh_requests_caption()
+            return
+        rid = table.selected_request_id
         if rid is None:
             self.refuse("no request selected: move the cursor onto a row of the request table", "key", op="abort")
             return
-        self._run_command("abort", "key", {"request_id": rid})
+        if armed is not None and armed[0] == rid and time.monotonic() <= armed[1]:
+            self._refresh_requests_caption()
+            self._run_command("abort", "key", {"request_id": rid})
+            return
+        self._abort_armed = (rid, time.monotonic() + self.ABORT_CONFIRM_S)
+        self.notify(f"abort {rid}? press x again within {self.ABORT_CONFIRM_S:g} s (esc cancels)",
+                    title="Confirm abort", timeout=self.ABORT_CONFIRM_S)
+        self._refresh_requests_caption()
+
+    def action_cancel_abort(self) -> None:
+        if self._abort_armed is not None:
+            self._abort_armed = None
+            self.notify("abort cancelled", timeout=2)
+            self._refresh_requests_caption()
+
+    def _refresh_requests_caption(self) -> None:
+        self._set_subtitle("#requests-box", self.requests_caption())
+
+    # the request table's view
+    def set_request_view(self, view: RequestView) -> None:
+        self.request_view = view
+        self._paint_requests(time.monotonic(), self._now(), force=True)
+
+    def action_sort_next(self) -> None:
+        self.set_request_view(next_sort(self.request_view))
+
+    def action_sort_reverse(self) -> None:
+        v = self.request_view
+        self.set_request_view(RequestView(v.sort, not v.descending, v.filter))
+
+    def action_sort_by(self, key: str) -> None:
+        if key not in SORT_KEYS:
+            self.refuse(f"unknown sort key {key!r}: one of {', '.join(SORT_KEYS)}", op="sort")
+            return
+        self.set_request_view(RequestView(key, key in ("ttft", "age"), self.request_view.filter))
+
+    def action_filter_requests(self) -> None:
+        def done(text: str | None) -> None:
+            if text is not None:
+                self.apply_filter(text)
+
+        self.push_screen(FilterScreen(self.request_view.filter), done)
+
+    def apply_filter(self, text: str) -> None:
+        """Filter the request table by `text` (request_view's syntax); a bad filter is refused."""
+        try:
+            parse_filter(text)
+        except FilterError as exc:
+            self.refuse(str(exc), op="filter")
+            return
+        v = self.request_view
+        self.set_request_view(RequestView(v.sort, v.descending, text.strip()))
+
+    def action_autoscale(self) -> None:
+        self.autoscale = not self.autoscale
+        if not self.frozen:
+            self.repaint()
+
+    def help_sections(self) -> list[tuple[str, str, list[tuple[str, str]]]]:
+        """What the help screen lists: the app's keys, the request table's, the config panel's, and the
+        palette's commands (from the same lists the bindings and the palette use)."""
+        keys = key_rows(self.BINDINGS, self.get_key_display)
+        config_keys = key_rows(ConfigScreen.BINDINGS, self.get_key_display)
+        config, bounds = self.palette_context()
+        return [("Keys", "key", keys + list(TABLE_KEYS)),
+                ("In the config panel", "key", config_keys),
+                ("Palette commands (ctrl+p, typed as `key value`)", "command",
+                 [("ctrl+p", "open the palette")] + command_rows(config, bounds))]
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        self.push_screen(HelpScreen(self.help_sections()))
 
     def action_freeze(self) -> None:
         self.frozen = not self.frozen

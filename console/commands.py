@@ -17,6 +17,8 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 from batchdeck.engine.config import ConfigBounds, ConfigError, LiveConfig, validate_changes
 from batchdeck.engine.settings import BY_NAME, LIMITS, LIVE_SETTINGS, PANEL_KINDS
 
+from batchdeck.console.request_view import SORT_KEYS
+
 # From the settings table: every live setting is a palette command; the scalar ones are config-panel fields.
 SETTINGS = tuple(s.name for s in LIVE_SETTINGS)
 PANEL_SETTINGS = tuple(s.name for s in LIVE_SETTINGS if s.kind in PANEL_KINDS)
@@ -33,6 +35,11 @@ ACTIONS: tuple[tuple[str, str, str], ...] = (
     ("abort selected request", "abort_selected", "abort the request under the cursor in the request table"),
     ("freeze display", "freeze", "stop repainting so you can read; telemetry is still collected"),
     ("config panel", "config", "open the config panel: every live setting with its bounds"),
+    ("help", "help", "every key and palette command"),
+    ("filter requests", "filter_requests", "show only matching requests: tenant=… class=… state=… id=… or a word"),
+    *((f"sort requests by {label}", f"sort_by('{key}')", f"order the request table by {label}")
+      for key, label in SORT_KEYS.items()),
+    ("autoscale batch chart", "autoscale", "batch chart y axis: the token budget, or the tallest column shown"),
 )
 
 

@@ -51,8 +51,10 @@ def format_event(event: Event) -> LogLine:
         text = f"rejected {d.get('request_id', '?')}: {d.get('error', '')}"
     elif event.kind == "error":
         text = f"ERROR {d.get('message', '')}"
-    elif event.kind in ("pause", "resume"):
-        text = f"{'paused' if event.kind == 'pause' else 'resumed'} at it {event.iteration}{src}"
+    elif event.kind == "pause":  # event.iteration is the next iteration to run; the header shows the last done
+        text = (f"paused after it {event.iteration - 1:,}" if event.iteration else "paused before it 0") + src
+    elif event.kind == "resume":
+        text = f"resumed at it {event.iteration:,}{src}"
     else:
         extra = " ".join(f"{k}={v}" for k, v in d.items())
         text = f"{event.kind} @ it {event.iteration} {extra}".rstrip()
@@ -84,6 +86,24 @@ def format_action(action: Mapping[str, Any]) -> LogLine:
     return LogLine(action.get("time"), "action" if action.get("ok") else "refused", f"{who}: {what} → {result}")
 
 
+RUNNING_STATES = frozenset({"prefill", "decode", "running"})
+
+
+@dataclass(frozen=True)
+class RequestCounts:
+    """Requests in the engine right now, from one request-table snapshot (minus those finished since):
+    the Requests tile and the request table's title both show these."""
+
+    running: int = 0
+    waiting: int = 0  # preempted ones included
+    preempted: int = 0
+    shown: int = 0  # rows in the snapshot (the engine caps them)
+
+    @property
+    def total(self) -> int:
+        return self.running + self.waiting
+
+
 class DashboardState:
     def __init__(self, window_s: float = 10.0, history: int = 600, bin_s: float = 0.5, bins: int = 240,
                  max_log: int = 2000, max_marks: int = 64) -> None:
@@ -102,6 +122,9 @@ class DashboardState:
         self.version: int | None = None
         self.requests: dict[str, dict[str, Any]] = {}
         self.requests_seq = 0  # bumps with every request-table snapshot
+        self.request_counts = RequestCounts()
+        self.finished_ids: dict[str, str] = {}  # recently finished request id -> finish reason (bounded)
+        self.max_finished_ids = 4096
         self.gpu: GpuSample | None = None
         self.paused = False
         self.last_time: float | None = None  # the newest engine time seen in any record
@@ -152,14 +175,21 @@ class DashboardState:
         elif topic == "request":
             self.metrics.add_request(record)
             self.finished_total += 1
-            if self.requests.pop(record.request_id, None) is not None:
-                self.requests_seq += 1  # gone from the table now, not at the next snapshot (none comes when idle)
+            finished = self.finished_ids
+            finished[record.request_id] = str(record.finish_reason)
+            if len(finished) > self.max_finished_ids:
+                del finished[next(iter(finished))]
+            row = self.requests.pop(record.request_id, None)
+            if row is not None:  # gone from the table now, not at the next snapshot (none comes when idle)
+                self.requests_seq += 1
+                self._count_departure(row)
             self._saw_time(record.finish or record.arrival + record.e2e_latency)
         elif topic == "event":
             self._event(record)
         elif topic == "requests":
             rows = record.get("requests") or []
             self.requests = {str(r.get("request_id")): r for r in rows if isinstance(r, Mapping)}
+            self.request_counts = counts_of(record, self.requests)
             self.requests_seq += 1
             self._saw_time(record.get("time"))
         elif topic == "gpu":
@@ -168,6 +198,15 @@ class DashboardState:
             self._add_log(format_action(record))
         elif topic == "config":  # a retained config snapshot (attach mode)
             self.apply_snapshot(record)
+
+    def _count_departure(self, row: Mapping[str, Any]) -> None:
+        c = self.request_counts
+        if row.get("state") in RUNNING_STATES:
+            self.request_counts = RequestCounts(max(0, c.running - 1), c.waiting, c.preempted, max(0, c.shown - 1))
+        else:  # aborted while waiting
+            pre = 1 if row.get("state") == "preempted" else 0
+            self.request_counts = RequestCounts(c.running, max(0, c.waiting - 1), max(0, c.preempted - pre),
+                                                max(0, c.shown - 1))
 
     def _iteration(self, rec: IterationRecord) -> None:
         self.iterations.append(rec)
@@ -239,5 +278,23 @@ class DashboardState:
         times = [(b[0] + 1) * self.bin_s for b in bins]
         return times, [b[1] / self.bin_s for b in bins], [b[2] / self.bin_s for b in bins]
 
-    def num_preempted_waiting(self) -> int:
-        return sum(1 for r in self.requests.values() if r.get("state") == "preempted")
+    def request_status(self, request_id: str) -> str:
+        """'live', 'finished (<reason>)' or 'unknown' (left the table without a record seen)."""
+        if request_id in self.requests:
+            return "live"
+        reason = self.finished_ids.get(request_id)
+        return f"finished ({reason})" if reason is not None else "gone"
+
+
+def counts_of(record: Mapping[str, Any], rows: Mapping[str, Mapping[str, Any]]) -> RequestCounts:
+    """The counts a request-table snapshot states (an older recording without them: its rows counted)."""
+    running = sum(1 for r in rows.values() if r.get("state") in RUNNING_STATES)
+    preempted = sum(1 for r in rows.values() if r.get("state") == "preempted")
+    waiting = len(rows) - running
+
+    def given(key: str, fallback: int) -> int:
+        value = record.get(key)
+        return value if isinstance(value, int) and value >= 0 else fallback
+
+    return RequestCounts(given("num_running", running), given("num_waiting", waiting),
+                         given("num_preempted", preempted), len(rows))

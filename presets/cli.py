@@ -155,13 +155,13 @@ def write_outputs(result, report_path: str | None, html_path: str | None, out=No
 
 def summary_text(report: dict[str, Any]) -> str:
     from batchdeck.presets.compare import metric_rows, render_table
+    from batchdeck.presets.report import phase_label
 
     cols = [("whole run", report["summary"])]
     phases = report.get("phases") or []
     if len(phases) > 1:
         for ph in phases:
-            change = ", ".join(f"{k}={v}" for k, v in (ph.get("changes") or {}).items()) or "start"
-            cols.append((f"[{ph['index']}] {change}", ph))
+            cols.append((f"[{ph['index']}] {phase_label(ph.get('changes'))}", ph))
     rows = [[label, *cells] for label, _, cells in metric_rows([c for _, c in cols])]
     return render_table(["metric", *(c for c, _ in cols)], rows)
 

@@ -21,6 +21,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from batchdeck.presets.compare import change_cell, fmt_num, fmt_s, metric_rows
+from batchdeck.presets.report import phase_label
 
 PALETTE = {"prefill": "#e07b39", "decode": "#3a7dc9", "padding": "#b9b9b9", "gen": "#3a7dc9", "prompt": "#e07b39",
            "p50": "#3a7dc9", "p99": "#c0392b", "kv": "#2e8b57", "waiting": "#8e44ad", "running": "#333333"}
@@ -232,8 +233,7 @@ def phase_figure(report: Mapping[str, Any]):
               ("inter-token tail p99 (ms)", lambda p: (p.get("inter_token_latency_tail") or {}).get("p99"), 1e3),
               ("e2e latency p99 (s)", lambda p: (p.get("e2e_request_latency") or {}).get("p99"), 1.0)]
     fig, axes = plt.subplots(1, len(panels), figsize=(11, 3.2), constrained_layout=True)
-    labels = [f"{p['index']}: " + ("\n".join(f"{k}={v}" for k, v in (p.get("changes") or {}).items()) or "start")
-              for p in phases]
+    labels = [f"{p['index']}: " + phase_label(p.get("changes"), "\n") for p in phases]
     colors = ["#7f8c8d"] + ["#3a7dc9", "#e07b39", "#2e8b57", "#8e44ad"] * len(phases)
     for ax, (title, get, scale) in zip(axes, panels):
         values = [(get(p) or 0.0) * scale for p in phases]
@@ -307,8 +307,7 @@ def render_html(report: Mapping[str, Any], title: str | None = None) -> str:
     phases = report.get("phases") or []
     cols = [("whole run", report["summary"])]
     for ph in phases if len(phases) > 1 else []:
-        change = ", ".join(f"{k}={v}" for k, v in (ph.get("changes") or {}).items()) or "initial config"
-        cols.append((f"phase {ph['index']}: {change}", ph))
+        cols.append((f"phase {ph['index']}: {phase_label(ph.get('changes'))}", ph))
     parts.append("<h2>Metrics</h2>")
     if len(phases) > 1:
         parts.append("<p>Phase k runs from the iteration where the k-th config change was applied to the next "

@@ -85,6 +85,12 @@ class Phase:
     config: dict[str, Any]  # the live config in effect
 
 
+def phase_label(changes: Mapping[str, Any] | None, sep: str = ", ") -> str:
+    """What a phase changed, as the CLI table, the report's charts and its metrics table all name it;
+    phase 0 (no change yet) is "start"."""
+    return sep.join(f"{k}={v}" for k, v in (changes or {}).items()) or "start"
+
+
 def phase_boundaries(events: Iterable[Event], initial_config: Mapping[str, Any]) -> list[Phase]:
     """The phases of a run from its config_change events (see the module docstring)."""
     changes = sorted((e for e in events if e.kind == "config_change"),

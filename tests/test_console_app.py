@@ -194,6 +194,10 @@ async def test_keys_pause_burst_abort_freeze_zoom():
         assert table.row_count > 0
         table.move_cursor(row=1)
         selected = table.selected_request_id
+        await pilot.press("x")  # names the request, aborts nothing yet
+        await pilot.pause()
+        assert not any(c[0] == "abort" for c in client.calls)
+        assert any(f"abort {selected}?" in n for n in notes(app)), notes(app)
         await pilot.press("x")
         await wait_for(pilot, lambda: ("abort", selected) in client.calls, what="abort")
         assert any(f"aborted {selected}" in t for t in log_texts(app))

@@ -70,7 +70,7 @@ async def test_every_steering_path_on_the_real_engine():
         await pilot.press("p")
         await wait_for(pilot, lambda: not client.engine.paused and engine.iteration > 0, what="resumed")
         # the pause event reaches the log through the telemetry stream, possibly a frame later
-        await wait_for(pilot, lambda: [e for e in log_texts(app) if "paused at it 0 (console)" in e],
+        await wait_for(pilot, lambda: [e for e in log_texts(app) if "paused before it 0 (console)" in e],
                        what="the pause in the event log")
         # abort the selected request (key x)
         long = await client.submit({"id": "long-1", "prompt_token_ids": [5] * 16, "max_tokens": 3000,
@@ -82,7 +82,7 @@ async def test_every_steering_path_on_the_real_engine():
         table.move_cursor(row=table.get_row_index("long-1"))
         victim = table.selected_request_id
         assert victim == "long-1"
-        await pilot.press("x")
+        await pilot.press("x", "x")  # the first names it, the second aborts it
         await wait_for(pilot, lambda: engine.requests[victim].is_finished, what="the abort")
         assert engine.requests[victim].finish_reason.value == "abort"
         # invalid values from the palette: refused with the reason, the engine untouched

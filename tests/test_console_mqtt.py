@@ -84,7 +84,7 @@ async def test_attached_console_steers_a_headless_engine(broker):
             table.move_cursor(row=table.get_row_index("long-1"))
             victim = table.selected_request_id
             assert victim == "long-1"
-            await pilot.press("x")
+            await pilot.press("x", "x")  # the first names it, the second aborts it
             await wait_for(pilot, lambda: llm.requests[victim].is_finished, what="the abort")
             assert llm.requests[victim].finish_reason.value == "abort"
             await app.shutdown()

@@ -107,3 +107,13 @@ async def test_keys_stay_responsive_under_500_iterations_per_second():
     assert rate >= 500, f"the feeder only managed {rate:.0f} iterations/s"
     assert seen >= fed - 10 and client.dropped == 0  # everything fed reached the dashboard's buffers
     assert max(latencies) < 0.2, f"key latencies {[round(x * 1000) for x in latencies]} ms"
+
+
+def test_help_screen(snap_compare):
+    """`?`: every key and palette command, generated from the bindings and the palette's list."""
+    async def open_help(pilot) -> None:
+        await drain(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+
+    assert snap_compare(dashboard(), terminal_size=(120, 50), run_before=open_help)

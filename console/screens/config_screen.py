@@ -20,7 +20,9 @@ from batchdeck.engine.config import ConfigError
 
 
 class ConfigScreen(ModalScreen[dict[str, Any] | None]):
-    BINDINGS = [Binding("escape", "cancel", "Close"), Binding("ctrl+s", "apply", "Apply")]
+    BINDINGS = [Binding("escape", "cancel", "Close", tooltip="close without applying anything"),
+                Binding("ctrl+s", "apply", "Apply", tooltip="apply the changed settings (checked against the "
+                                                             "bounds first; a refusal is shown here)")]
 
     def __init__(self, config: Mapping[str, Any], bounds: Mapping[str, Any] | None) -> None:
         super().__init__()
@@ -30,7 +32,8 @@ class ConfigScreen(ModalScreen[dict[str, Any] | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="config-dialog") as dialog:
             dialog.border_title = "Live configuration"
-            dialog.border_subtitle = f"v{self.config.get('version', '?')} · changes apply at the next iteration"
+            dialog.border_subtitle = (f"v{self.config.get('version', '?')} · changes apply at the next iteration · "
+                                      "ctrl+s apply · esc close")
             with Grid(id="config-grid"):
                 for key in PANEL_SETTINGS:
                     if key not in self.config:
@@ -47,8 +50,8 @@ class ConfigScreen(ModalScreen[dict[str, Any] | None]):
                     yield Label(describe_bounds(key, self.config, self.bounds), classes="config-bounds")
             yield Static("", id="config-error")
             with Horizontal(id="config-buttons"):
-                yield Button("Apply", variant="primary", id="config-apply", compact=True)
-                yield Button("Cancel", id="config-cancel", compact=True)
+                yield Button("Apply  ctrl+s", variant="primary", id="config-apply", compact=True)
+                yield Button("Cancel  esc", id="config-cancel", compact=True)
 
     def changes(self) -> dict[str, Any]:
         """The settings that differ from the current config, typed; raises ConfigError for bad input."""

@@ -134,14 +134,16 @@ class _Line:
 
 
 def chart_lines(columns: Sequence[Column], marks: Sequence[Mark], width: int, height: int,
-                budget: int | None = None) -> list[list[tuple[str, Style | None]]]:
-    """The chart as `height` lines of (text, style) runs, `width` cells each (pure; tested directly)."""
+                budget: int | None = None, autoscale: bool = False) -> list[list[tuple[str, Style | None]]]:
+    """The chart as `height` lines of (text, style) runs, `width` cells each (pure; tested directly).
+    The y axis spans the token budget (a full column is a full budget), or with `autoscale` the
+    tallest column shown (small batches on a large budget stay readable)."""
     axis_w = 6
     plot_w = max(1, width - axis_w)
     rows = max(1, height - 1)
     cols = list(columns)[-plot_w:]
     peak = max((c.total for c in cols), default=0)
-    if budget and peak <= budget:
+    if budget and peak <= budget and not autoscale:
         top = float(budget)  # a full column is a full token budget
     else:
         top = nice_ceiling(max(peak, 1))
@@ -231,10 +233,10 @@ def chart_lines(columns: Sequence[Column], marks: Sequence[Mark], width: int, he
 
 
 def render_chart(columns: Sequence[Column], marks: Sequence[Mark], width: int, height: int,
-                 budget: int | None = None) -> Text:
+                 budget: int | None = None, autoscale: bool = False) -> Text:
     """`chart_lines` as Rich Text (for tests and plain-text dumps)."""
     text = Text(no_wrap=True, overflow="crop")
-    for n, line in enumerate(chart_lines(columns, marks, width, height, budget)):
+    for n, line in enumerate(chart_lines(columns, marks, width, height, budget, autoscale)):
         if n:
             text.append("\n")
         for chars, style in line:
@@ -253,6 +255,7 @@ class BatchChart(Widget):
         self.span_s: float | None = None
         self.marks: list[Mark] = []
         self.budget: int | None = None
+        self.autoscale = False
         self.columns: list[Column] = []
         self._key: object = None
         self._strips: list[Strip] | None = None
@@ -262,10 +265,11 @@ class BatchChart(Widget):
     def plot_width(self) -> int:
         return max(1, self.size.width - 6)
 
-    def set_data(self, records: Sequence, marks: Sequence[Mark], budget: int | None, span_s: float | None) -> None:
+    def set_data(self, records: Sequence, marks: Sequence[Mark], budget: int | None, span_s: float | None,
+                 autoscale: bool = False) -> None:
         """`records`: IterationRecords, oldest first (kept by reference; columns are made at render time,
         for the width the chart really has). `span_s` None: one column per iteration."""
-        key = (records[-1].iteration if records else None, len(records), len(marks), budget, span_s)
+        key = (records[-1].iteration if records else None, len(records), len(marks), budget, span_s, autoscale)
         if key == self._key:
             return
         self._key = key
@@ -273,6 +277,7 @@ class BatchChart(Widget):
         self.marks = list(marks)
         self.budget = budget
         self.span_s = span_s
+        self.autoscale = autoscale
         self._strips = None
         self.refresh()
 
@@ -282,7 +287,8 @@ class BatchChart(Widget):
             self._strips_size = size
             self.columns = columns_for(self.records, self.plot_width, self.span_s)
             self._strips = [Strip([Segment(chars, style) for chars, style in line])
-                            for line in chart_lines(self.columns, self.marks, size.width, size.height, self.budget)]
+                            for line in chart_lines(self.columns, self.marks, size.width, size.height, self.budget,
+                                                     self.autoscale)]
         if 0 <= y < len(self._strips):
             return self._strips[y]
         return Strip.blank(size.width)

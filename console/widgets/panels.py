@@ -88,10 +88,20 @@ class GpuPanel(Panel):
             t = Text(no_wrap=True, overflow="ellipsis")
             if sample is None or not sample.available:
                 t.append("unavailable", style="bold yellow")
-                t.append(f"  (engine on {device or '?'})\n", style="dim")
+                t.append(f" · engine on {device or '?'}\n", style="dim")
                 t.append(f"KV pool {fmt.size(kv_pool_bytes)}\n")
-                t.append(sample.reason if sample is not None and sample.reason else "no GPU sample yet", style="dim")
+                # the reason's headline, word-wrapped over the lines left (the whole reason is the tooltip)
+                reason = sample.reason if sample is not None and sample.reason else "no GPU sample yet"
+                head = reason.split("): ", 1)[0] + ")" if "): " in reason else reason.split(": ", 1)[0]
+                wrapped = Text(head, style="dim")
+                lines = wrapped.wrap(self.app.console, max(1, self.text_width), overflow="ellipsis")
+                for n, line in enumerate(lines[: max(1, self.content_size.height - 2)]):
+                    if n:
+                        t.append("\n")
+                    t.append_text(line)
                 return t
+            if sample.name:
+                t.append(f"{sample.name}\n", style="bold")
             used, total = sample.memory_used, sample.memory_total
             if used is not None and total:
                 t.append(f"{fmt.size(used)} / {fmt.size(total)}", style="bold")
@@ -108,6 +118,9 @@ class GpuPanel(Panel):
                 t.append(f" · {sample.temperature_c}°C", style="dim")
             return t
 
+        reason = sample.reason if sample is not None and not sample.available else None
+        if self.tooltip != reason:
+            self.tooltip = reason
         key = None if sample is None else (sample.available, sample.reason, sample.memory_used, sample.memory_total,
                                            sample.torch_allocated, sample.torch_reserved, sample.utilization_gpu,
                                            sample.power_w, sample.temperature_c, sample.kv_pool_bytes)

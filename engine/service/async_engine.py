@@ -60,6 +60,7 @@ class AsyncEngine:
         self.engine = engine
         self.snapshot_interval = snapshot_interval  # how often a `requests` table snapshot is emitted
         self._last_snapshot = float("-inf")
+        self._queue_changed = False  # commands ran since the last request-table snapshot
         self.paused = False
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future | None]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -153,6 +154,7 @@ class AsyncEngine:
                 fn, fut = self._commands.get_nowait()
             except queue.Empty:
                 return
+            self._queue_changed = True  # an arrival, abort or pause: the request table may differ
             try:
                 result, error = fn(), None
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -165,6 +167,8 @@ class AsyncEngine:
         while not self._stop.is_set():
             self._run_commands()
             if self.paused or not engine.has_unfinished:
+                if self._queue_changed:  # arrivals while paused stay visible (no iteration reports them)
+                    self._publish_requests(time.monotonic(), force=not engine.has_unfinished)
                 self._wake.wait(0.1)
                 self._wake.clear()
                 continue
@@ -180,19 +184,29 @@ class AsyncEngine:
                 self._wake.wait(min(wait if wait is not None else 0.01, 0.05) + 1e-4)
                 self._wake.clear()
                 continue
-            now = time.monotonic()
-            if now - self._last_snapshot >= self.snapshot_interval:
-                self._last_snapshot = now
-                engine.sink("requests", {"time": engine.clock(), "iteration": engine.iteration,
-                                         "requests": engine.requests_snapshot(),
-                                         "policy": {"name": engine.live.policy,
-                                                    "state": engine.scheduler.policy.snapshot()}})
+            self._publish_requests(time.monotonic())
             if result.outputs and self._loop is not None and not self._loop.is_closed():
                 try:
                     self._loop.call_soon_threadsafe(self._deliver, result.outputs, result.finished)
                 except RuntimeError:
                     pass  # loop closed under us: nobody is listening any more
         self._run_commands()
+
+    def _publish_requests(self, now: float, force: bool = False) -> None:
+        """The request-table snapshot, at most every `snapshot_interval` (`force`: now, e.g. the queue
+        just emptied). `num_running` / `num_waiting` / `num_preempted` count every request, the rows
+        are capped (`LLMEngine.requests_snapshot`)."""
+        if not force and now - self._last_snapshot < self.snapshot_interval:
+            return
+        self._last_snapshot = now
+        self._queue_changed = False
+        engine = self.engine
+        sched = engine.scheduler
+        engine.sink("requests", {"time": engine.clock(), "iteration": engine.iteration,
+                                 "num_running": len(sched.running), "num_waiting": len(sched.waiting),
+                                 "num_preempted": sum(1 for r in sched.waiting if r.num_preemptions),
+                                 "requests": engine.requests_snapshot(),
+                                 "policy": {"name": engine.live.policy, "state": sched.policy.snapshot()}})
 
     def _deliver(self, outputs: list[RequestOutput], finished: list[Request] = ()) -> None:
         for observe in self.finished_observers:
