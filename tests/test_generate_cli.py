@@ -24,7 +24,7 @@ def test_generate_serves_valid_lines_and_reports_bad_ones(tmp_path, model_dirs, 
     err = capsys.readouterr().err
     assert rc == 1
     assert "in.jsonl:2: malformed JSON" in err
-    assert "in.jsonl:3: max_tokens must be an integer >= 1" in err
+    assert "in.jsonl:3: max_tokens must be an integer in [1, 2147483647], got 0" in err
     assert "in.jsonl:4: prompt has 600 tokens" in err
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "d"]
