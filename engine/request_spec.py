@@ -108,7 +108,7 @@ def parse_request(obj: Any, tokenizer: Tokenizer, default_id: str, default_max_t
     arrival = _real(obj, "arrival_time", None)
     if arrival is not None:
         high = max_arrival_time if max_arrival_time is not None else math.inf
-        if not (isinstance(arrival, float) and 0.0 <= arrival <= high):
+        if not (isinstance(arrival, float) and math.isfinite(arrival) and 0.0 <= arrival <= high):
             allowed = f"in [0, {high:g}] seconds after the start" if high < math.inf else "a finite number >= 0"
             raise RequestError(f"arrival_time must be {allowed}, got {show_value(arrival)}")
     tenant = obj.get("tenant", "default")
