@@ -31,6 +31,11 @@ class RequestSpec:
     slo_class: str
 
 
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
 def _integer(obj: dict, key: str, default: Any) -> Any:
     """An integer field (an integral JSON float like 5.0 counts); its range is checked by the caller."""
     value = obj.get(key)
@@ -72,7 +77,7 @@ def parse_request(obj: Any, tokenizer: Tokenizer, default_id: str, default_max_t
     `max_arrival_time` bounds `arrival_time` (generate passes MAX_ARRIVAL_AHEAD_S: its clock starts at 0).
     """
     if not isinstance(obj, dict):
-        raise RequestError(f"a request must be a JSON object, got {type(obj).__name__}")
+        raise RequestError(f"a request must be a JSON object, got {_json_type(obj)}")
     unknown = sorted(set(obj) - KNOWN_KEYS)
     if unknown:
         raise RequestError(f"unknown field {show_value(unknown[0])}: allowed " + ", ".join(sorted(KNOWN_KEYS)))

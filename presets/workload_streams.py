@@ -148,12 +148,12 @@ def _trace_rows(spec: Any, base_dir: Path | None) -> list[tuple[float, int, int]
 
 
 def _stream_items(
-    spec: Any, stream_index: int, seed: int, max_model_len: int, base_dir: Path | None
+    spec: Any, stream_index: int, seed: int, max_model_len: int, rows: list[tuple[float, int, int]] | None
 ) -> Iterator[WorkloadItem]:
-    """One open-loop stream's requests in arrival order, drawn as they are asked for."""
+    """One open-loop stream's requests in arrival order, drawn as they are asked for (`rows`: a trace's)."""
     tokens = stream_rng(seed, stream_index, "tokens")
     if spec.kind == "trace":
-        for t, n_in, n_out in _trace_rows(spec, base_dir):
+        for t, n_in, n_out in rows or ():
             yield make_item(t, n_in, n_out, spec, stream_index, tokens, max_model_len)
         return
     if spec.kind == "burst":
@@ -169,10 +169,10 @@ def _stream_items(
         yield make_item(t, n_in, n_out, spec, stream_index, tokens, max_model_len)
 
 
-def _stream_count(spec: Any, stream_index: int, seed: int, base_dir: Path | None) -> int:
+def _stream_count(spec: Any, stream_index: int, seed: int, rows: list[tuple[float, int, int]] | None) -> int:
     """How many requests a stream makes, without drawing lengths or prompts."""
     if spec.kind == "trace":
-        return len(_trace_rows(spec, base_dir))
+        return len(rows or ())
     if spec.kind == "burst" or spec.duration is None:
         return spec.count
     return sum(1 for _ in _renewal_arrivals(spec, stream_rng(seed, stream_index, "arrivals")))
@@ -182,6 +182,7 @@ class OpenLoopWorkload(Sequence[WorkloadItem]):
     """The open-loop requests of a workload, sorted by (arrival, stream index), generated lazily.
 
     Iterating draws them from the seeded generators one at a time -- the same items on every pass.
+    Trace files are read when the workload is made (a bad file fails then, not mid-run).
     `len()` counts them without building prompts (cached). Indexing walks forward from the last
     index asked for, so `items[i]` with i = 0, 1, 2, ... costs O(1) each; going back restarts the
     walk; a slice is a list. Equal to any sequence holding the same items.
@@ -189,17 +190,18 @@ class OpenLoopWorkload(Sequence[WorkloadItem]):
 
     def __init__(self, streams: Sequence["StreamSpec"], seed: int, max_model_len: int, base_dir: Path | None):
         self.streams = [(i, s) for i, s in enumerate(streams) if s.kind in OPEN_LOOP_KINDS]
-        self.seed, self.max_model_len, self.base_dir = seed, max_model_len, base_dir
+        self.seed, self.max_model_len = seed, max_model_len
+        self._rows = {i: _trace_rows(s, base_dir) for i, s in self.streams if s.kind == "trace"}
         self._len: int | None = None
         self._cursor: tuple[int, WorkloadItem, Iterator[WorkloadItem]] | None = None
 
     def __iter__(self) -> Iterator[WorkloadItem]:
-        per_stream = [_stream_items(s, i, self.seed, self.max_model_len, self.base_dir) for i, s in self.streams]
+        per_stream = [_stream_items(s, i, self.seed, self.max_model_len, self._rows.get(i)) for i, s in self.streams]
         return heapq.merge(*per_stream, key=lambda item: (item.arrival, item.stream_index))
 
     def __len__(self) -> int:
         if self._len is None:
-            self._len = sum(_stream_count(s, i, self.seed, self.base_dir) for i, s in self.streams)
+            self._len = sum(_stream_count(s, i, self.seed, self._rows.get(i)) for i, s in self.streams)
         return self._len
 
     def __getitem__(self, index: int | slice) -> Any:

@@ -93,6 +93,8 @@ HOSTILE = [  # (line bytes, what the report must say)
     (b'{"prompt": "x", "temperature": NaN}', "temperature must be a number in [0, 100] (0 = greedy), got nan"),
     (b'{"prompt": "x", "temperature": Infinity}', "temperature must be a number in [0, 100] (0 = greedy), got inf"),
     (b'{"prompt": "x", "top_p": -Infinity}', "top_p must be a number in (0, 1], got -inf"),
+    (b"null", "a request must be a JSON object, got null"),
+    (b"[1, 2]", "a request must be a JSON object, got an array"),
 ]
 
 
@@ -234,3 +236,30 @@ def test_an_interrupted_run_keeps_what_finished(tmp_path, model_dirs):
     rc, rows, err = _serve(tmp_path, model_dirs["llama"], lines, on_step)
     assert rc == 130 and [r["id"] for r in rows] == ["a", "c"]
     assert "interrupted: 2 finished result(s) written" in err and "1 request(s) not finished" in err
+
+
+# -- hub ids (issue 18 item 12) ----------------------------------------------------------------------
+
+def test_generate_with_a_hub_id_from_the_local_cache(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from tests.helpers import fake_hub_cache
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hub_cache(tmp_path / "hub", "acme/Tiny-0.1B")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"id": "a", "prompt_token_ids": [1, 2, 3], "max_tokens": 3, "ignore_eos": True}])
+    assert main(["generate", "--model", "acme/Tiny-0.1B", "--input", str(src), "--output", str(out),
+                 *SMALL_ENGINE]) == 0
+    assert len(json.loads(out.read_text())["output_token_ids"]) == 3
+    assert main(["generate", "--model", "Qwen/Qwen3-0.6B", "--input", str(src), "--output", str(out),
+                 *SMALL_ENGINE]) == 2
+    err = capsys.readouterr().err
+    assert "'Qwen/Qwen3-0.6B' is not a local directory and not in the local Hugging Face cache" in err
+    assert str(tmp_path / "hub") in err and "--model /models/Qwen3-0.6B" in err and "Traceback" not in err

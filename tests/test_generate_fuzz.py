@@ -77,7 +77,7 @@ def input_files(draw):
     return b"\n".join(lines) + b"\n", valid_ids, bad_lines
 
 
-@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(input_files())
 def test_generate_survives_any_mix_of_valid_and_hostile_lines(case):
     data, valid_ids, bad_lines = case

@@ -94,14 +94,17 @@ def generate_files(input_path: str, output_path: str) -> Iterator[tuple[BinaryIO
 
 # -- input ------------------------------------------------------------------------------------------
 
+BLANK = object()  # what decode_line returns for a line with nothing on it (JSON `null` is a bad line)
+
+
 def decode_line(raw: bytes) -> Any:
-    """The JSON value of one line (None for a blank line); LineError says what is wrong."""
+    """The JSON value of one line (BLANK for a blank line); LineError says what is wrong."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise LineError(f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1}") from None
     if not text.strip():
-        return None
+        return BLANK
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -122,7 +125,7 @@ def read_requests(src: BinaryIO, name: str, tokenizer: Tokenizer, errors: TextIO
             raw = raw[len(UTF8_BOM):]
         try:
             obj = decode_line(raw)
-            if obj is None:
+            if obj is BLANK:
                 continue
             spec = parse_request(obj, tokenizer, default_id=str(line_no), max_arrival_time=MAX_ARRIVAL_AHEAD_S)
             if spec.request_id in seen:
