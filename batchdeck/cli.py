@@ -19,10 +19,11 @@ from batchdeck.presets import cli as presets_cli
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from batchdeck.engine.service.generate import run_generate
+    from batchdeck.engine.service.generate import generate_files, run_generate
 
-    engine = flags.build_engine(args)
-    return run_generate(engine, args.input, args.output)
+    with generate_files(args.input, args.output) as (src, out):  # checked before the model loads
+        engine = flags.build_engine(args)
+        return run_generate(engine, src, out, input_name=args.input, output_name=args.output)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=flags.Parser)
     gen = sub.add_parser("generate", help="serve a JSONL file of requests offline")
     gen.add_argument("--input", required=True, help="JSONL of requests")
-    gen.add_argument("--output", required=True, help="JSONL of results, one line per request in input order")
+    gen.add_argument("--output", required=True, help="JSONL of results, one line per request in input order, written as they finish")
     flags.add_engine_flags(gen)
     gen.set_defaults(func=_cmd_generate)
     headless.register_cli(sub)

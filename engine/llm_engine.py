@@ -19,8 +19,8 @@ from batchdeck.engine.config import ConfigBounds, ConfigError, EngineConfig, Liv
 from batchdeck.engine.kv_cache import KVCache, bytes_per_block
 from batchdeck.engine.model_runner import ModelRunner
 from batchdeck.engine.models import LoadedModel, load_model
-from batchdeck.engine.request import (SLO_CLASSES, FinishReason, QueueFullError, Request, RequestError, RequestStatus,
-                                      SamplingParams)
+from batchdeck.engine.request import (FinishReason, QueueFullError, Request, RequestError, RequestStatus,
+                                      SamplingParams, check_request_fields)
 from batchdeck.engine.sampler import Sampler
 from batchdeck.engine.scheduler import Scheduler
 from batchdeck.engine.settings import CPU_KV_POOL_BYTES, START_KEYS
@@ -215,6 +215,7 @@ class LLMEngine:
                      *, arrival_time: float | None, tenant: str, priority: int, slo_class: str) -> Request:
         sampling = sampling or SamplingParams()
         sampling.validate()
+        check_request_fields(request_id, tenant, priority, slo_class)
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         bound = self.config.max_waiting
@@ -231,10 +232,6 @@ class LLMEngine:
                 f"prompt has {len(prompt_token_ids)} tokens; the model's context is {self.max_model_len}, "
                 "so at most {} prompt tokens leave room for one output token".format(self.max_model_len - 1)
             )
-        if slo_class not in SLO_CLASSES:
-            raise RequestError(f"slo_class {slo_class!r} is not one of " + ", ".join(SLO_CLASSES))
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise RequestError(f"priority must be an integer, got {priority!r}")
         longest = min(len(prompt_token_ids) + sampling.max_tokens, self.max_model_len)
         need = blocks_needed(longest, self.blocks.block_size)
         if need > self.blocks.num_blocks:

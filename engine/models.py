@@ -1,5 +1,10 @@
 """Model loading: `synthetic:<name>` (a real transformers architecture with a known model's shape
-and seeded random weights) or a local Hugging Face model directory (no hub access at run time).
+and seeded random weights), a local Hugging Face model directory, or a hub id (`Qwen/Qwen3-0.6B`)
+found in the local Hugging Face cache. Nothing is ever downloaded.
+
+End of sequence is what transformers' `generate()` stops at: the model's generation config, else its
+config (a real tokenizer's EOS only when neither names one). The byte tokenizer's EOS is the
+synthetic models' (their config names it); a directory without a tokenizer does not inherit it.
 
 Speed depends on shapes, not weights, so synthetic shapes give honest speed numbers.
 """
@@ -14,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from batchdeck.engine.attention.hf_hook import register
+from batchdeck.engine.hub_cache import cached_snapshot, hub_cache_dir, looks_like_hub_id
 from batchdeck.engine.tokenizer import BYTE_BOS, BYTE_EOS, ByteTokenizer, HFTokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,13 +111,37 @@ def _check_architecture(config: PretrainedConfig, source: str) -> type:
     return cls
 
 
-def _eos_ids(config: PretrainedConfig, tokenizer: Tokenizer) -> tuple[int, ...]:
-    eos = getattr(config, "eos_token_id", None)
+def _eos_ids(model: torch.nn.Module, config: PretrainedConfig, tokenizer: Tokenizer) -> tuple[int, ...]:
+    eos = None
+    for source in (getattr(model, "generation_config", None), config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            break
     if eos is None:
         eos = tokenizer.eos_token_id
     if eos is None:
         return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    return tuple(int(t) for t in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def resolve_model_dir(spec: str) -> str:
+    """A local directory as given, else a hub id's cached snapshot; ModelError says how to fix it."""
+    if os.path.isdir(spec):
+        return spec
+    if not looks_like_hub_id(spec):
+        raise ModelError(
+            f"model {spec!r} is neither synthetic:<name>, a local model directory nor a Hugging Face hub id "
+            "(ORG/NAME); allowed synthetic names: " + ", ".join(SYNTHETIC_SHAPES)
+        )
+    snapshot = cached_snapshot(spec)
+    if snapshot is None:
+        raise ModelError(
+            f"model {spec!r} is not a local directory and not in the local Hugging Face cache ({hub_cache_dir()}; "
+            f"set HF_HUB_CACHE or HF_HOME if it lives elsewhere). batchdeck never downloads: fetch it where there "
+            f"is network (`hf download {spec}`), or point --model at a directory holding its config.json and "
+            f"weights, e.g. --model /models/{spec.rsplit('/', 1)[-1]}"
+        )
+    return snapshot
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> LoadedModel:
@@ -132,25 +162,21 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", seed: int
         tokenizer: Tokenizer = ByteTokenizer()
         max_len = min(config.max_position_embeddings, SYNTHETIC_CONTEXT_CAP)
     else:
-        if not os.path.isdir(spec):
-            raise ModelError(
-                f"model {spec!r} is neither synthetic:<name> nor a local model directory (allowed synthetic "
-                "names: " + ", ".join(SYNTHETIC_SHAPES) + ")"
-            )
+        path = resolve_model_dir(spec)
         try:
-            config = AutoConfig.from_pretrained(spec, local_files_only=True)
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
-            raise ModelError(f"model directory {spec!r} has no readable config.json: {exc}") from exc
+            raise ModelError(f"model directory {path!r} has no readable config.json: {exc}") from exc
         _check_architecture(config, spec)
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, attn_implementation=attn,
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn,
                                                          local_files_only=True).to(dev)
         except (OSError, ValueError) as exc:
-            raise ModelError(f"model directory {spec!r} could not be loaded: {exc}") from exc
-        has_tokenizer = any(os.path.exists(os.path.join(spec, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-        tokenizer = HFTokenizer(spec) if has_tokenizer else ByteTokenizer()
+            raise ModelError(f"model directory {path!r} could not be loaded: {exc}") from exc
+        has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+        tokenizer = HFTokenizer(path) if has_tokenizer else ByteTokenizer(eos_token_id=None)
         max_len = getattr(config, "max_position_embeddings", 4096)
     model.eval()
     model.requires_grad_(False)
     name = spec
-    return LoadedModel(model, config, tokenizer, name, max_len, _eos_ids(config, tokenizer))
+    return LoadedModel(model, config, tokenizer, name, max_len, _eos_ids(model, config, tokenizer))

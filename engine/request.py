@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 SLO_CLASSES = ("realtime", "interactive", "batch")
+INT32_MAX = 2**31 - 1  # token counts, token ids, top_k and priorities travel as int32 on the device
+MAX_TEMPERATURE = 100.0  # far past uniform sampling; a bound so that inf (and 1e400) are refused by name
+MAX_ID_CHARS = 256  # request ids and tenant names
 
 
 class RequestError(ValueError):
@@ -50,19 +54,61 @@ class SamplingParams:
         return self.temperature <= 0.0
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise RequestError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
-        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
-            raise RequestError(f"min_tokens must be an integer in [0, max_tokens = {self.max_tokens}], "
-                               f"got {self.min_tokens!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        """Raise RequestError naming the first field out of range (NaN and infinities never pass)."""
+        check_int("max_tokens", self.max_tokens, 1, INT32_MAX)
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise RequestError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), "
+                               f"got {show_value(self.temperature)}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be a number in (0, 1], got {show_value(self.top_p)}")
+        if self.seed is not None:
+            check_int("seed", self.seed, 0, 2**63 - 1)
+        check_int("min_tokens", self.min_tokens, 0, self.max_tokens, note=f" (max_tokens is {self.max_tokens})")
+        check_int("top_k", self.top_k, 0, INT32_MAX, note=" (0 = off)")
+        for token in self.stop_token_ids:
+            check_int("each of stop_token_ids", token, 0, INT32_MAX)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def show_value(value: Any) -> str:
+    """A value for an error message, short even when the value is not (a 400-digit integer, a long id)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
+
+
+def check_int(name: str, value: Any, low: int, high: int, *, note: str = "") -> int:
+    """`value` if it is an integer in [low, high]; RequestError naming `name` and the range otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(f"{name} must be an integer in [{low}, {high}]{note}, got {show_value(value)}")
+    return value
+
+
+def check_text(name: str, value: Any, *, max_chars: int | None = None, nonempty: bool = False) -> str:
+    """`value` if it is a string that UTF-8 can carry (no lone surrogate), within `max_chars`."""
+    if not isinstance(value, str) or (nonempty and not value):
+        raise RequestError(f"{name} must be a {'non-empty ' if nonempty else ''}string, got {show_value(value)}")
+    if max_chars is not None and len(value) > max_chars:
+        raise RequestError(f"{name} has {len(value)} characters; at most {max_chars} are allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{name} contains a lone surrogate {value[exc.start]!r} at character {exc.start}: "
+                           "text must be valid Unicode") from None
+    return value
+
+
+def check_request_fields(request_id: Any, tenant: Any, priority: Any, slo_class: Any) -> None:
+    """The identity fields every entry point shares (generate lines, MQTT submit, presets, HTTP)."""
+    check_text("id", request_id, max_chars=MAX_ID_CHARS, nonempty=True)
+    check_text("tenant", tenant, max_chars=MAX_ID_CHARS, nonempty=True)
+    check_int("priority", priority, -INT32_MAX - 1, INT32_MAX)
+    if slo_class not in SLO_CLASSES:
+        raise RequestError(f"slo_class {show_value(slo_class)} is not one of " + ", ".join(SLO_CLASSES))
 
 
 @dataclass(eq=False)

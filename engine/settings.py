@@ -232,7 +232,9 @@ def _default_text(s: Setting) -> str:
 
 SETTINGS: tuple[Setting, ...] = (
     # -- start-time: the model, the device, the pool and the limits the live settings stay within
-    Setting("model", "str", "the model: synthetic:<name> or a local Hugging Face model directory",
+    Setting("model", "str", "the model: synthetic:<name>, a local Hugging Face model directory, or a hub id "
+            "(ORG/NAME) already in the local Hugging Face cache ($HF_HUB_CACHE or $HF_HOME/hub; nothing is "
+            "downloaded)",
             default="synthetic:tiny", flags=("--model",)),
     Setting("device", "device", "the torch device: cpu, cuda or cuda:N", default=None, optional=True,
             none_means="cuda when present, else cpu", flags=("--device",)),

@@ -20,8 +20,13 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    eos_token_id: int | None = BYTE_EOS
+    """Bytes in, bytes out. Its EOS (257) is the synthetic models' own; a model directory without a
+    tokenizer gets `ByteTokenizer(eos_token_id=None)`: its EOS comes from the model's configs."""
+
     chat_template: str | None = None  # none: the server uses its plain template
+
+    def __init__(self, eos_token_id: int | None = BYTE_EOS):
+        self.eos_token_id = eos_token_id
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

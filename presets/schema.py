@@ -3,6 +3,12 @@
 `load_preset(path)` / `parse_preset(text, source_name)` return a `Preset` or raise a `PresetError`
 whose message names the file, the key path (e.g. `workload[1].rate`), the YAML line, and what is
 allowed. Line numbers come from the composed YAML node tree, walked once into a path -> line index.
+
+A preset is a small file, so the YAML is held to it before anything is built: at most
+`MAX_YAML_DEPTH` levels of nesting and `MAX_YAML_NODES` nodes once aliases are expanded (a
+"billion laughs" file is refused in milliseconds), no key twice in one mapping, UTF-8 text. What a
+preset asks the engine for is bounded too (requests per stream, token counts, seconds), with the
+allowed range in the error.
 """
 from __future__ import annotations
 
@@ -40,6 +46,20 @@ TIMELINE_KEYS = ("at", "at_iteration", "set", "pause", "resume")
 ENGINE_KEYS = tuple(k for k in START_KEYS if k not in ("model", "seed"))  # `engine:` keys, from the settings table
 
 KeyPath = tuple[str | int, ...]
+
+MAX_YAML_DEPTH = 64  # nesting levels; presets use about 5
+MAX_YAML_NODES = 100_000  # nodes with every alias expanded; presets have a few hundred
+MAX_REQUESTS_PER_STREAM = 1_000_000  # count, trace limit, and rate x duration
+MAX_TOKENS = 1_048_576  # input / output tokens of one request (2**20)
+MAX_SECONDS = 86_400.0  # durations, arrival offsets, timeline times: one day
+MAX_RATE = 100_000.0  # requests per second
+MAX_CONCURRENCY = 10_000  # closed-loop clients
+MAX_CV = 100.0  # gamma coefficient of variation
+MAX_SIGMA = 10.0  # lognormal sigma (exp(10) is already a factor of 22,000)
+MAX_SCALE = 1e6  # trace time_scale / length_scale
+MAX_ITERATION = 10**9  # timeline at_iteration
+INT64 = 2**63  # seeds lie in [-INT64, INT64 - 1]
+INT32 = 2**31  # priorities lie in [-INT32, INT32 - 1]
 
 
 class PresetError(ValueError):
@@ -160,33 +180,82 @@ class Preset:
 # YAML -> (data, path -> line index)
 
 
-def _index_lines(node: yaml.Node, path: KeyPath, out: dict[KeyPath, int]) -> None:
-    """Record the 1-based line of every mapping key and sequence item under `node`."""
+def _index_lines(node: yaml.Node, path: KeyPath, out: dict[KeyPath, int], source: str) -> None:
+    """Record the 1-based line of every mapping key and sequence item under `node`; refuse a key given
+    twice in one mapping (YAML would keep the last silently). Depth and size are bounded by `_check_shape`."""
     if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
             child = path + (key,)
-            out.setdefault(child, key_node.start_mark.line + 1)
-            _index_lines(value_node, child, out)
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and key != "<<":  # `<<` merges are meant to be overridden
+                if key in first_line:
+                    raise PresetError(source, format_key(child), line,
+                                      f"duplicate key {key!r}: first at line {first_line[key]}, again at line {line}; "
+                                      "give each key once")
+                first_line[key] = line
+            out.setdefault(child, line)
+            _index_lines(value_node, child, out, source)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out.setdefault(path + (i,), item.start_mark.line + 1)
-            _index_lines(item, path + (i,), out)
+            _index_lines(item, path + (i,), out, source)
+
+
+def _check_shape(text: str, source: str) -> None:
+    """Bound nesting depth and the node count with aliases expanded, from the event stream (no recursion,
+    nothing expanded), before the YAML is composed into a tree."""
+    expanded_size: dict[str, int] = {}  # anchor -> nodes of its subtree, aliases inside expanded
+    open_nodes: list[list[Any]] = [[None, 0]]  # [anchor, nodes so far] per open collection; [0] is the stream
+    total = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if len(open_nodes) > MAX_YAML_DEPTH:
+                raise PresetError(source, "", event.start_mark.line + 1,
+                                  f"YAML nested more than {MAX_YAML_DEPTH} levels deep; a preset needs about 5")
+            open_nodes.append([event.anchor, 1])
+            added = 1
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, size = open_nodes.pop()
+            if anchor is not None:
+                expanded_size[anchor] = size
+            open_nodes[-1][1] += size
+            continue
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                expanded_size[event.anchor] = 1
+            open_nodes[-1][1] += 1
+            added = 1
+        elif isinstance(event, yaml.AliasEvent):
+            added = expanded_size.get(event.anchor, 1)
+            open_nodes[-1][1] += added
+        else:
+            continue
+        total += added
+        if total > MAX_YAML_NODES:
+            raise PresetError(source, "", event.start_mark.line + 1,
+                              f"YAML expands to more than {MAX_YAML_NODES:,} nodes (aliases of aliases?); "
+                              "a preset has a few hundred")
 
 
 def _compose(text: str, source: str) -> tuple[Any, dict[KeyPath, int]]:
     loader = yaml.SafeLoader(text)
     try:
+        _check_shape(text, source)
         node = loader.get_single_node()
         if node is None:
             return None, {(): 1}
         lines: dict[KeyPath, int] = {(): node.start_mark.line + 1}
-        _index_lines(node, (), lines)
+        _index_lines(node, (), lines, source)
         return loader.construct_document(node), lines
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None
         raise PresetError(source, "", line, f"invalid YAML: {e.problem or e}") from None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        raise PresetError(source, "", line, f"invalid YAML: character {e.character!r} is not allowed") from None
     except yaml.YAMLError as e:
         raise PresetError(source, "", None, f"invalid YAML: {e}") from None
     finally:
@@ -233,18 +302,28 @@ class _Checker:
             raise self.error(path, f"missing required key {key!r} ({what})")
         return m[key]
 
-    def number(self, value: Any, path: KeyPath, *, minimum: float = -math.inf, exclusive: bool = False) -> float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    def number(self, value: Any, path: KeyPath, *, minimum: float = -math.inf, exclusive: bool = False,
+               maximum: float = math.inf) -> float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(value, int):
+            ok = abs(value) < 2**1023  # a float can hold it (a 400-digit integer is refused, not an OverflowError)
         if ok:
-            ok = value > minimum if exclusive else value >= minimum
+            ok = math.isfinite(value) and (value > minimum if exclusive else value >= minimum) and value <= maximum
         if not ok:
-            bound = f"> {minimum:g}" if exclusive else (f">= {minimum:g}" if minimum > -math.inf else "finite")
+            if maximum < math.inf:
+                bound = f"in ({minimum:g}, {maximum:g}]" if exclusive else f"in [{minimum:g}, {maximum:g}]"
+            else:
+                bound = f"> {minimum:g}" if exclusive else (f">= {minimum:g}" if minimum > -math.inf else "finite")
             raise self.error(path, f"must be a number {bound}, got {_describe(value)}")
         return float(value)
 
-    def integer(self, value: Any, path: KeyPath, *, minimum: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-            bound = f" >= {minimum}" if minimum is not None else ""
+    def integer(self, value: Any, path: KeyPath, *, minimum: int | None = None, maximum: int | None = None) -> int:
+        if (isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum)
+                or (maximum is not None and value > maximum)):
+            if maximum is not None:
+                bound = f" in [{minimum if minimum is not None else '-inf'}, {maximum}]"
+            else:
+                bound = f" >= {minimum}" if minimum is not None else ""
             raise self.error(path, f"must be an integer{bound}, got {_describe(value)}")
         return value
 
@@ -262,7 +341,12 @@ class _Checker:
 def _describe(value: Any) -> str:
     if value is None:
         return "nothing (null)"
-    return f"{value!r} ({type(value).__name__})"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:60] + f"... ({len(text)} characters)"
+    return f"{text} ({type(value).__name__})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +355,7 @@ def _describe(value: Any) -> str:
 
 def _length(c: _Checker, value: Any, path: KeyPath) -> Length:
     if isinstance(value, int) and not isinstance(value, bool):
-        return c.integer(value, path, minimum=1)
+        return c.integer(value, path, minimum=1, maximum=MAX_TOKENS)
     if not isinstance(value, dict):
         raise c.error(
             path, f"must be an integer >= 1 or a mapping with dist: {', '.join(LENGTH_DISTS)}; got {_describe(value)}"
@@ -285,25 +369,31 @@ def _length(c: _Checker, value: Any, path: KeyPath) -> Length:
     kw: dict[str, Any] = {}
     for key in ("value", "min", "max"):
         if key in value:
-            kw[key] = c.integer(value[key], path + (key,), minimum=1)
+            kw[key] = c.integer(value[key], path + (key,), minimum=1, maximum=MAX_TOKENS)
     if "mean" in value:
-        kw["mean"] = c.number(value["mean"], path + ("mean",), minimum=0, exclusive=True)
-    for key in ("sigma", "std"):
-        if key in value:
-            kw[key] = c.number(value[key], path + (key,), minimum=0)
+        kw["mean"] = c.number(value["mean"], path + ("mean",), minimum=0, exclusive=True, maximum=MAX_TOKENS)
+    if "sigma" in value:
+        kw["sigma"] = c.number(value["sigma"], path + ("sigma",), minimum=0, maximum=MAX_SIGMA)
+    if "std" in value:
+        kw["std"] = c.number(value["std"], path + ("std",), minimum=0, maximum=MAX_TOKENS)
     if "min" in kw and "max" in kw and kw["min"] > kw["max"]:
         raise c.error(path + ("max",), f"must be >= min ({kw['min']}), got {kw['max']}")
     return LengthDist(dist=dist, **kw)
 
 
-def _duration_or_count(c: _Checker, s: Mapping[str, Any], path: KeyPath) -> dict[str, Any]:
+def _duration_or_count(c: _Checker, s: Mapping[str, Any], path: KeyPath, rate: float | None = None) -> dict[str, Any]:
     has_d, has_c = "duration" in s, "count" in s
     if has_d == has_c:
         problem = "has both 'duration' and 'count'" if has_d else "needs 'duration' (seconds) or 'count' (requests)"
         raise c.error(path + (("count",) if has_d else ()), f"{problem}; give exactly one")
-    if has_d:
-        return {"duration": c.number(s["duration"], path + ("duration",), minimum=0, exclusive=True)}
-    return {"count": c.integer(s["count"], path + ("count",), minimum=1)}
+    if not has_d:
+        return {"count": c.integer(s["count"], path + ("count",), minimum=1, maximum=MAX_REQUESTS_PER_STREAM)}
+    duration = c.number(s["duration"], path + ("duration",), minimum=0, exclusive=True, maximum=MAX_SECONDS)
+    if rate is not None and rate * duration > MAX_REQUESTS_PER_STREAM:
+        raise c.error(path + ("duration",),
+                      f"rate x duration asks for about {rate * duration:,.0f} requests; at most "
+                      f"{MAX_REQUESTS_PER_STREAM:,} per stream (lower the rate or the duration)")
+    return {"duration": duration}
 
 
 def _trace_path(c: _Checker, value: Any, path: KeyPath, base_dir: Path) -> Path:
@@ -327,26 +417,27 @@ def _stream(c: _Checker, raw: Any, path: KeyPath, base_dir: Path) -> StreamSpec:
     if "slo_class" in s:
         kw["slo_class"] = c.choice(s["slo_class"], path + ("slo_class",), SLO_CLASSES, "slo_class")
     if "priority" in s:
-        kw["priority"] = c.integer(s["priority"], path + ("priority",))
+        kw["priority"] = c.integer(s["priority"], path + ("priority",), minimum=-INT32, maximum=INT32 - 1)
 
     if kind != "trace":
         for key in ("input_tokens", "output_tokens"):
             kw[key] = _length(c, c.require(s, path, key, "an integer or a length dist"), path + (key,))
     if kind in ("poisson", "gamma"):
         kw["rate"] = c.number(c.require(s, path, "rate", "requests per second"), path + ("rate",),
-                              minimum=0, exclusive=True)
+                              minimum=0, exclusive=True, maximum=MAX_RATE)
         if kind == "gamma" and "cv" in s:
-            kw["cv"] = c.number(s["cv"], path + ("cv",), minimum=0, exclusive=True)
-        kw.update(_duration_or_count(c, s, path))
+            kw["cv"] = c.number(s["cv"], path + ("cv",), minimum=0, exclusive=True, maximum=MAX_CV)
+        kw.update(_duration_or_count(c, s, path, kw["rate"]))
         return (PoissonSpec if kind == "poisson" else GammaSpec)(**kw)
     if kind == "burst":
-        kw["count"] = c.integer(c.require(s, path, "count", "requests sent at once"), path + ("count",), minimum=1)
+        kw["count"] = c.integer(c.require(s, path, "count", "requests sent at once"), path + ("count",), minimum=1,
+                                maximum=MAX_REQUESTS_PER_STREAM)
         if "at" in s:
-            kw["at"] = c.number(s["at"], path + ("at",), minimum=0)
+            kw["at"] = c.number(s["at"], path + ("at",), minimum=0, maximum=MAX_SECONDS)
         return BurstSpec(**kw)
     if kind == "closed-loop":
         kw["concurrency"] = c.integer(c.require(s, path, "concurrency", "number of clients"),
-                                      path + ("concurrency",), minimum=1)
+                                      path + ("concurrency",), minimum=1, maximum=MAX_CONCURRENCY)
         kw.update(_duration_or_count(c, s, path))
         return ClosedLoopSpec(**kw)
 
@@ -371,11 +462,11 @@ def _stream(c: _Checker, raw: Any, path: KeyPath, base_dir: Path) -> StreamSpec:
         kw["time_unit"] = c.choice(s["time_unit"], path + ("time_unit",), TIME_UNITS, "time_unit")
     for key in ("time_scale", "length_scale"):
         if key in s:
-            kw[key] = c.number(s[key], path + (key,), minimum=0, exclusive=True)
+            kw[key] = c.number(s[key], path + (key,), minimum=0, exclusive=True, maximum=MAX_SCALE)
     if "start" in s:
         kw["start"] = c.number(s["start"], path + ("start",), minimum=0)
     if "limit" in s:
-        kw["limit"] = c.integer(s["limit"], path + ("limit",), minimum=1)
+        kw["limit"] = c.integer(s["limit"], path + ("limit",), minimum=1, maximum=MAX_REQUESTS_PER_STREAM)
     return TraceSpec(**kw)
 
 
@@ -410,8 +501,9 @@ def _timeline_entry(c: _Checker, raw: Any, path: KeyPath, live: LiveConfig, boun
     if ("at" in t) == ("at_iteration" in t):
         problem = "has both 'at' and 'at_iteration'" if "at" in t else "needs 'at' (seconds) or 'at_iteration'"
         raise c.error(path + (("at_iteration",) if "at" in t else ()), f"{problem}; give exactly one")
-    at = c.number(t["at"], path + ("at",), minimum=0) if "at" in t else None
-    at_it = c.integer(t["at_iteration"], path + ("at_iteration",), minimum=0) if "at_iteration" in t else None
+    at = c.number(t["at"], path + ("at",), minimum=0, maximum=MAX_SECONDS) if "at" in t else None
+    at_it = (c.integer(t["at_iteration"], path + ("at_iteration",), minimum=0, maximum=MAX_ITERATION)
+             if "at_iteration" in t else None)
     actions = [k for k in ("set", "pause", "resume") if k in t]
     if len(actions) != 1:
         problem = f"has {', '.join(repr(a) for a in actions)}" if actions else "has no action"
@@ -426,7 +518,7 @@ def _timeline_entry(c: _Checker, raw: Any, path: KeyPath, live: LiveConfig, boun
             raise _config_error(c, path + ("set",), changes, err) from None
         entry_kw["set"] = dict(changes)
     elif "pause" in t:
-        entry_kw["pause"] = c.number(t["pause"], path + ("pause",), minimum=0, exclusive=True)
+        entry_kw["pause"] = c.number(t["pause"], path + ("pause",), minimum=0, exclusive=True, maximum=MAX_SECONDS)
     else:
         if t["resume"] is not True:
             raise c.error(path + ("resume",), f"must be true, got {_describe(t['resume'])}")
@@ -458,7 +550,7 @@ def parse_preset(text: str, source_name: str = "<preset>", base_dir: str | Path 
     name = c.string(c.require(top, (), "name", "the preset's name"), ("name",), nonempty=True)
     description = c.string(top.get("description", "") or "", ("description",))
     model = c.string(top.get("model", "synthetic:tiny"), ("model",), nonempty=True)
-    seed = c.integer(top.get("seed", 0), ("seed",))
+    seed = c.integer(top.get("seed", 0), ("seed",), minimum=-INT64, maximum=INT64 - 1)
     engine = _engine(c, top.get("engine"))
     bounds = bounds_for(engine)
 
@@ -493,7 +585,14 @@ def load_preset(path: str | Path) -> Preset:
     """Read and check a preset file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
     except OSError as e:
         raise PresetError(str(p), "", None, f"cannot read preset: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise PresetError(str(p), "", line, f"not valid UTF-8: byte 0x{data[e.start]:02x} at column {column}; "
+                                            "save the preset as UTF-8") from None
     return dataclasses.replace(parse_preset(text, str(p), p.resolve().parent), path=p)

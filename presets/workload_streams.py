@@ -1,7 +1,9 @@
 """Workload generation: turn a preset's stream specs into timed requests.
 
-Open-loop streams (poisson, gamma, burst, trace) are generated up front by `generate_open_loop`;
-closed-loop streams issue their next request when one finishes, through `ClosedLoopStream`.
+Open-loop streams (poisson, gamma, burst, trace) are generated lazily by `generate_open_loop`: it
+returns an `OpenLoopWorkload` that draws requests one at a time, in arrival order, as they are
+iterated (a stream of a million requests holds one in memory, not a million prompts); closed-loop
+streams issue their next request when one finishes, through `ClosedLoopStream`.
 Everything is deterministic from the preset seed and the stream's index: each stream draws
 arrivals, lengths and token ids from its own `random.Random`, so changing one stream's lengths
 leaves every arrival time (and every other stream) unchanged.
@@ -13,11 +15,13 @@ max_model_len - 1 tokens, the output gets what is left); `WorkloadItem.clamped` 
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from batchdeck.presets.trace_loader import load_trace
 
@@ -111,8 +115,8 @@ def make_item(
     )
 
 
-def _renewal_arrivals(spec: Any, rng: random.Random) -> list[float]:
-    """Arrival times of a poisson or gamma renewal process, up to `duration` or `count` requests."""
+def _renewal_arrivals(spec: Any, rng: random.Random) -> Iterator[float]:
+    """Arrival times of a poisson or gamma renewal process, up to `duration` or `count` requests, lazily."""
     if spec.kind == "gamma":
         shape = 1.0 / (spec.cv * spec.cv)
         scale = 1.0 / (spec.rate * shape)
@@ -124,60 +128,123 @@ def _renewal_arrivals(spec: Any, rng: random.Random) -> list[float]:
         def gap() -> float:
             return rng.expovariate(spec.rate)
 
-    times: list[float] = []
+    n = 0
     t = 0.0
     while True:
         t += gap()
-        if spec.count is not None and len(times) >= spec.count:
-            break
+        if spec.count is not None and n >= spec.count:
+            return
         if spec.duration is not None and t >= spec.duration:
-            break
-        times.append(t)
-    return times
+            return
+        n += 1
+        yield t
+
+
+def _trace_rows(spec: Any, base_dir: Path | None) -> list[tuple[float, int, int]]:
+    path = Path(spec.path)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    return load_trace(path, spec.columns, spec.time_unit, spec.time_scale, spec.length_scale, spec.start, spec.limit)
 
 
 def _stream_items(
-    spec: Any, stream_index: int, seed: int, max_model_len: int, base_dir: Path | None
-) -> list[WorkloadItem]:
+    spec: Any, stream_index: int, seed: int, max_model_len: int, rows: list[tuple[float, int, int]] | None
+) -> Iterator[WorkloadItem]:
+    """One open-loop stream's requests in arrival order, drawn as they are asked for (`rows`: a trace's)."""
     tokens = stream_rng(seed, stream_index, "tokens")
     if spec.kind == "trace":
-        path = Path(spec.path)
-        if base_dir is not None and not path.is_absolute():
-            path = base_dir / path
-        rows = load_trace(
-            path, spec.columns, spec.time_unit, spec.time_scale, spec.length_scale, spec.start, spec.limit
-        )
-        return [make_item(t, n_in, n_out, spec, stream_index, tokens, max_model_len) for t, n_in, n_out in rows]
+        for t, n_in, n_out in rows or ():
+            yield make_item(t, n_in, n_out, spec, stream_index, tokens, max_model_len)
+        return
     if spec.kind == "burst":
-        arrivals = [float(spec.at)] * spec.count
+        arrivals: Iterator[float] = itertools.repeat(float(spec.at), spec.count)
     elif spec.kind in ("poisson", "gamma"):
         arrivals = _renewal_arrivals(spec, stream_rng(seed, stream_index, "arrivals"))
     else:
         raise ValueError(f"stream {stream_index}: kind {spec.kind!r} is not open-loop ({', '.join(OPEN_LOOP_KINDS)})")
     lengths = stream_rng(seed, stream_index, "lengths")
-    items = []
     for t in arrivals:
         n_in = sample_length(spec.input_tokens, lengths)
         n_out = sample_length(spec.output_tokens, lengths)
-        items.append(make_item(t, n_in, n_out, spec, stream_index, tokens, max_model_len))
-    return items
+        yield make_item(t, n_in, n_out, spec, stream_index, tokens, max_model_len)
+
+
+def _stream_count(spec: Any, stream_index: int, seed: int, rows: list[tuple[float, int, int]] | None) -> int:
+    """How many requests a stream makes, without drawing lengths or prompts."""
+    if spec.kind == "trace":
+        return len(rows or ())
+    if spec.kind == "burst" or spec.duration is None:
+        return spec.count
+    return sum(1 for _ in _renewal_arrivals(spec, stream_rng(seed, stream_index, "arrivals")))
+
+
+class OpenLoopWorkload(Sequence[WorkloadItem]):
+    """The open-loop requests of a workload, sorted by (arrival, stream index), generated lazily.
+
+    Iterating draws them from the seeded generators one at a time -- the same items on every pass.
+    Trace files are read when the workload is made (a bad file fails then, not mid-run).
+    `len()` counts them without building prompts (cached). Indexing walks forward from the last
+    index asked for, so `items[i]` with i = 0, 1, 2, ... costs O(1) each; going back restarts the
+    walk; a slice is a list. Equal to any sequence holding the same items.
+    """
+
+    def __init__(self, streams: Sequence["StreamSpec"], seed: int, max_model_len: int, base_dir: Path | None):
+        self.streams = [(i, s) for i, s in enumerate(streams) if s.kind in OPEN_LOOP_KINDS]
+        self.seed, self.max_model_len = seed, max_model_len
+        self._rows = {i: _trace_rows(s, base_dir) for i, s in self.streams if s.kind == "trace"}
+        self._len: int | None = None
+        self._cursor: tuple[int, WorkloadItem, Iterator[WorkloadItem]] | None = None
+
+    def __iter__(self) -> Iterator[WorkloadItem]:
+        per_stream = [_stream_items(s, i, self.seed, self.max_model_len, self._rows.get(i)) for i, s in self.streams]
+        return heapq.merge(*per_stream, key=lambda item: (item.arrival, item.stream_index))
+
+    def __len__(self) -> int:
+        if self._len is None:
+            self._len = sum(_stream_count(s, i, self.seed, self._rows.get(i)) for i, s in self.streams)
+        return self._len
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):  # a list of the items, drawn afresh
+            r = range(len(self))[index]
+            if r.step > 0:
+                return list(itertools.islice(iter(self), r.start, r.stop, r.step))
+            return list(self)[index]
+        if index < 0:
+            index += len(self)
+        if index < 0:
+            raise IndexError("workload index out of range")
+        if self._cursor is None or index < self._cursor[0]:
+            it = iter(self)
+            self._cursor = (-1, None, it)  # type: ignore[arg-type]
+        at, item, it = self._cursor
+        while at < index:
+            try:
+                item = next(it)
+            except StopIteration:
+                raise IndexError("workload index out of range") from None
+            at += 1
+        self._cursor = (at, item, it)
+        return item
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return all(a == b for a, b in itertools.zip_longest(self, other, fillvalue=object()))
+
+    def __repr__(self) -> str:
+        return f"OpenLoopWorkload({len(self.streams)} streams, seed={self.seed})"
 
 
 def generate_open_loop(
     streams: Sequence["StreamSpec"], seed: int, max_model_len: int, base_dir: str | Path | None = None
-) -> list[WorkloadItem]:
-    """All requests of the open-loop streams (closed-loop ones are skipped), sorted by arrival.
+) -> OpenLoopWorkload:
+    """All requests of the open-loop streams (closed-loop ones are skipped), sorted by arrival, lazily.
 
     `stream_index` is the stream's position in `streams` (pass the preset's whole workload list).
     Relative trace paths are resolved against `base_dir` (schema-loaded presets hold absolute ones).
     """
-    base = Path(base_dir) if base_dir is not None else None
-    items: list[WorkloadItem] = []
-    for index, spec in enumerate(streams):
-        if spec.kind in OPEN_LOOP_KINDS:
-            items.extend(_stream_items(spec, index, seed, max_model_len, base))
-    items.sort(key=lambda item: (item.arrival, item.stream_index))
-    return items
+    return OpenLoopWorkload(streams, seed, max_model_len, Path(base_dir) if base_dir is not None else None)
 
 
 class ClosedLoopStream:

@@ -67,3 +67,16 @@ def advance(plan, token=1):
         c.request.num_computed_tokens += c.num_tokens
         if c.samples:
             c.request.append_token(token, 0.0)
+
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_hub_cache(root, repo_id: str) -> str:
+    """A hub cache laid out as huggingface_hub lays it out (models--ORG--NAME/refs/main naming
+    snapshots/<rev>/), holding a tiny qwen3 saved with save_pretrained; returns the snapshot directory."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(REVISION)
+    save_tiny_model("qwen3", str(repo / "snapshots" / REVISION))
+    return str(repo / "snapshots" / REVISION)

@@ -24,7 +24,7 @@ def test_generate_serves_valid_lines_and_reports_bad_ones(tmp_path, model_dirs, 
     err = capsys.readouterr().err
     assert rc == 1
     assert "in.jsonl:2: malformed JSON" in err
-    assert "in.jsonl:3: max_tokens must be an integer >= 1" in err
+    assert "in.jsonl:3: max_tokens must be an integer in [1, 2147483647], got 0" in err
     assert "in.jsonl:4: prompt has 600 tokens" in err
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "d"]
@@ -61,3 +61,205 @@ def test_policy_params_flag_reaches_the_policy(tmp_path, capsys):
     assert main(["generate", "--input", str(src), "--output", str(out), "--policy", "sjf",
                  "--policy-params", '{"bogus": 1}']) == 2
     assert "policy_params.bogus" in capsys.readouterr().err
+
+
+# -- hostile input (issue 15 items 4-8) --------------------------------------------------------------
+
+SMALL_ENGINE = ["--device", "cpu", "--block-size", "4", "--num-blocks", "64", "--max-num-seqs", "4"]
+
+
+def run_cli(argv, deadline_s=180.0):
+    """main(argv) in a daemon thread: a hang fails the test instead of stalling the suite."""
+    import threading
+
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(rc=main(argv)), daemon=True)
+    worker.start()
+    worker.join(deadline_s)
+    assert not worker.is_alive(), f"batchdeck {' '.join(argv[:1])} still running after {deadline_s} s"
+    return result["rc"]
+
+
+HOSTILE = [  # (line bytes, what the report must say)
+    (b'{"prompt": "x", "max_tokens": 1' + b"0" * 399 + b"}",
+     "max_tokens must be an integer in [1, 2147483647], got an integer of 400 digits"),
+    (b'{"prompt": "bad \xff utf8", "max_tokens": 2}', "not valid UTF-8: byte 0xff at column 17"),
+    (b'{"prompt": "\\ud800", "max_tokens": 2}', "prompt contains a lone surrogate '\\ud800' at character 0"),
+    (b'{"id": 1' + b"0" * 4999 + b', "prompt": "x"}', "malformed JSON: a number has more than 4300 digits"),
+    (b'{"id": "' + b"i" * 5000 + b'", "prompt": "x"}', "id has 5000 characters; at most 256 are allowed"),
+    (b"[" * 100_000, "malformed JSON: nested too deeply"),
+    (b'{"prompt": "x", "arrival_time": NaN}', "arrival_time must be in [0, 3600] seconds after the start, got nan"),
+    (b'{"prompt": "x", "arrival_time": 1e9}', "arrival_time must be in [0, 3600] seconds after the start"),
+    (b'{"prompt": "x", "temperature": NaN}', "temperature must be a number in [0, 100] (0 = greedy), got nan"),
+    (b'{"prompt": "x", "temperature": Infinity}', "temperature must be a number in [0, 100] (0 = greedy), got inf"),
+    (b'{"prompt": "x", "top_p": -Infinity}', "top_p must be a number in (0, 1], got -inf"),
+    (b"null", "a request must be a JSON object, got null"),
+    (b"[1, 2]", "a request must be a JSON object, got an array"),
+]
+
+
+def test_every_hostile_line_is_reported_with_its_line_and_the_rest_served(tmp_path, capsys):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [b'{"id": "first", "prompt": "hi", "max_tokens": 2}'] + [line for line, _ in HOSTILE]
+    lines.append(b'{"id": "last", "prompt": "ok", "max_tokens": 2}')
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    rc = run_cli(["generate", "--input", str(src), "--output", str(out), *SMALL_ENGINE])
+    err = capsys.readouterr().err
+    assert rc == 1
+    for line_no, (_, message) in enumerate(HOSTILE, start=2):
+        assert f"in.jsonl:{line_no}: {message}" in err, (line_no, message, err[-3000:])
+    assert "Traceback" not in err
+    assert [json.loads(l)["id"] for l in out.read_text().splitlines()] == ["first", "last"]
+
+
+def test_a_byte_order_mark_keeps_the_first_request(tmp_path, capsys):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "hi", "max_tokens": 1}\n{"id": "b", "prompt": "yo", "max_tokens": 1}\n')
+    assert run_cli(["generate", "--input", str(src), "--output", str(out), *SMALL_ENGINE]) == 0
+    assert [json.loads(l)["id"] for l in out.read_text().splitlines()] == ["a", "b"]
+
+
+def test_values_are_refused_by_field_name_at_every_entry_point():
+    """parse_request (generate lines and MQTT submit) and SamplingParams.validate (every engine caller)."""
+    import math
+
+    import pytest
+
+    from batchdeck.engine.request import RequestError, SamplingParams
+    from batchdeck.engine.request_spec import parse_request
+    from batchdeck.engine.tokenizer import ByteTokenizer
+
+    cases = [({"temperature": math.nan}, "temperature must be a number in [0, 100]"),
+             ({"temperature": math.inf}, "temperature must be a number in [0, 100]"),
+             ({"temperature": 10**400}, "temperature must be a number in [0, 100] (0 = greedy), got an integer of 401"),
+             ({"top_p": math.nan}, "top_p must be a number in (0, 1]"),
+             ({"max_tokens": 10**400}, "max_tokens must be an integer in [1, 2147483647], got an integer of 401"),
+             ({"top_k": 2**40}, "top_k must be an integer in [0, 2147483647] (0 = off)"),
+             ({"priority": -10**30}, "priority must be an integer in [-2147483648, 2147483647]"),
+             ({"arrival_time": math.inf}, "arrival_time must be a finite number >= 0, got inf"),
+             ({"stop_token_ids": [10**50]}, "each of stop_token_ids must be an integer in [0, 2147483647]"),
+             ({"prompt": "a\udfffb"}, "prompt contains a lone surrogate '\\udfff' at character 1"),
+             ({"tenant": "\ud800"}, "tenant contains a lone surrogate"),
+             ({"id": 10**300}, "id has 301 digits; at most 256 characters are allowed")]
+    for fields, message in cases:
+        with pytest.raises(RequestError) as err:
+            parse_request({"prompt": "x", **fields}, ByteTokenizer(), default_id="1")
+        assert message in str(err.value), (fields, str(err.value))
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(RequestError, match="temperature"):
+            SamplingParams(temperature=bad).validate()
+
+
+def test_files_are_checked_before_the_model_loads(tmp_path, capsys):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"prompt": "x", "max_tokens": 1}])
+    no_model = ["--model", str(tmp_path / "no-such-model")]  # a model error would show if files came second
+    cases = [(["--input", str(src), "--output", str(tmp_path)], "--output"),
+             (["--input", str(src), "--output", str(tmp_path / "missing" / "out.jsonl")], "--output"),
+             (["--input", str(src), "--output", str(src)], "is the --input file"),
+             (["--input", str(tmp_path), "--output", str(out)], "--input"),
+             (["--input", str(tmp_path / "none.jsonl"), "--output", str(out)], "--input")]
+    for args, needle in cases:
+        assert main(["generate", *args, *no_model]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "no-such-model" not in err and "Traceback" not in err, err
+    assert json.loads(src.read_text())["prompt"] == "x"  # the input was not overwritten
+    out.write_text("earlier results\n")
+    assert main(["generate", "--input", str(src), "--output", str(out), *no_model]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert out.read_text() == "earlier results\n"  # a failed start leaves an existing output as it was
+
+
+def test_an_unwritable_special_output_is_a_clear_error(tmp_path, capsys):
+    import os
+
+    import pytest
+
+    if not os.path.exists("/proc/version"):
+        pytest.skip("needs Linux /proc")
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"prompt": "x", "max_tokens": 1}])
+    assert run_cli(["generate", "--input", str(src), "--output", "/proc/version", *SMALL_ENGINE]) == 2
+    err = capsys.readouterr().err
+    assert "--output '/proc/version'" in err and "Traceback" not in err
+
+
+def _serve(tmp_path, model_dir, lines, on_step):
+    """run_generate on a fresh engine whose every step is followed by on_step(engine, output text)."""
+    import io
+
+    from batchdeck.engine.service.generate import generate_files, run_generate
+    from tests.helpers import make_engine
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, lines)
+    engine = make_engine(model_dir, num_blocks=128, block_size=4, max_num_seqs=4)
+    step = engine.step
+
+    def watched_step():
+        result = step()
+        on_step(engine, out.read_text())
+        return result
+
+    engine.step = watched_step
+    errors = io.StringIO()
+    with generate_files(str(src), str(out)) as (f_in, f_out):
+        rc = run_generate(engine, f_in, f_out, input_name="in.jsonl", output_name=str(out), errors=errors)
+    return rc, [json.loads(l) for l in out.read_text().splitlines()], errors.getvalue()
+
+
+def test_results_are_written_in_input_order_as_they_finish(tmp_path, model_dirs):
+    lines = [{"id": "a", "prompt_token_ids": [1, 2], "max_tokens": 2, "ignore_eos": True},
+             {"id": "b", "prompt_token_ids": [3, 4], "max_tokens": 30, "ignore_eos": True},
+             {"id": "c", "prompt_token_ids": [5, 6], "max_tokens": 2, "ignore_eos": True}]
+    seen = []
+
+    def on_step(engine, text):
+        ids = [json.loads(l)["id"] for l in text.splitlines()]
+        seen.append((ids, engine.requests["b"].is_finished, engine.requests["c"].is_finished))
+
+    rc, rows, _ = _serve(tmp_path, model_dirs["llama"], lines, on_step)
+    assert rc == 0 and [r["id"] for r in rows] == ["a", "b", "c"]
+    # "a" was on disk while "b" still ran; "c" finished early but waited for "b" (input order)
+    assert (["a"], False, True) in seen
+
+
+def test_an_interrupted_run_keeps_what_finished(tmp_path, model_dirs):
+    lines = [{"id": "a", "prompt_token_ids": [1, 2], "max_tokens": 2, "ignore_eos": True},
+             {"id": "b", "prompt_token_ids": [3, 4], "max_tokens": 60, "ignore_eos": True},
+             {"id": "c", "prompt_token_ids": [5, 6], "max_tokens": 3, "ignore_eos": True}]
+
+    def on_step(engine, text):
+        if engine.requests["c"].is_finished:
+            raise KeyboardInterrupt
+
+    rc, rows, err = _serve(tmp_path, model_dirs["llama"], lines, on_step)
+    assert rc == 130 and [r["id"] for r in rows] == ["a", "c"]
+    assert "interrupted: 2 finished result(s) written" in err and "1 request(s) not finished" in err
+
+
+# -- hub ids (issue 18 item 12) ----------------------------------------------------------------------
+
+def test_generate_with_a_hub_id_from_the_local_cache(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from tests.helpers import fake_hub_cache
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hub_cache(tmp_path / "hub", "acme/Tiny-0.1B")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"id": "a", "prompt_token_ids": [1, 2, 3], "max_tokens": 3, "ignore_eos": True}])
+    assert main(["generate", "--model", "acme/Tiny-0.1B", "--input", str(src), "--output", str(out),
+                 *SMALL_ENGINE]) == 0
+    assert len(json.loads(out.read_text())["output_token_ids"]) == 3
+    assert main(["generate", "--model", "Qwen/Qwen3-0.6B", "--input", str(src), "--output", str(out),
+                 *SMALL_ENGINE]) == 2
+    err = capsys.readouterr().err
+    assert "'Qwen/Qwen3-0.6B' is not a local directory and not in the local Hugging Face cache" in err
+    assert str(tmp_path / "hub") in err and "--model /models/Qwen3-0.6B" in err and "Traceback" not in err

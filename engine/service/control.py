@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from batchdeck.engine.config import LIVE_KEYS, ConfigError
 from batchdeck.engine.request import RequestError
+from batchdeck.engine.request_spec import MAX_ARRIVAL_AHEAD_S  # one bound for generate and MQTT
 
 if TYPE_CHECKING:
     from batchdeck.engine.service.async_engine import AsyncEngine, RequestStream
@@ -58,7 +59,6 @@ OP_FIELDS: dict[str, tuple[str, ...]] = {  # required fields besides id and op
 }
 MAX_PAYLOAD_BYTES = 256 * 1024
 MAX_ID_CHARS = 256
-MAX_ARRIVAL_AHEAD_S = 3600.0
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed overflows beyond (in the engine thread: it would stop the engine)
 
 CommandId = str | int | None
