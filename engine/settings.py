@@ -299,6 +299,8 @@ SETTINGS: tuple[Setting, ...] = (
             default=1.0, live=True, low=0.0, high=3600.0, unit="seconds", flags=("--static-timeout",)),
     Setting("spec_k", "int", "speculative decoding: draft tokens verified per decode step (0 = off)", default=0,
             live=True, low=0, high="spec_k_limit", flags=("--spec-k",)),
+    Setting("prefix_caching", "bool", "reuse the KV of cached full prompt blocks (automatic prefix caching; "
+            "turning it off drops the cache)", default=True, live=True, flags=("--enable-prefix-caching",)),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
