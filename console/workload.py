@@ -81,10 +81,10 @@ class SteadyWorkload:
     async def _closed_client(self, stream_gen, first: WorkloadItem, loop: asyncio.AbstractEventLoop, t0: float) -> None:
         item: WorkloadItem | None = first
         while item is not None:
+            await self._sleep_until(loop, t0, item.arrival)  # a chat's next turn comes after a think time
             stream = await self._submit(item)
-            if stream is not None:
-                await stream.collect()
-            item = stream_gen.on_finished((loop.time() - t0) * self.speed)
+            answer = await stream.collect() if stream is not None else []
+            item = stream_gen.on_finished((loop.time() - t0) * self.speed, item, answer)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -98,7 +98,9 @@ def scale_preset(preset: "Preset", factor: float) -> "Preset":
         kw: dict[str, Any] = {}
         if getattr(spec, "duration", None) is not None:
             kw["duration"] = spec.duration * factor
-        if spec.kind != "trace" and getattr(spec, "count", None) is not None:
+        if spec.kind == "multi-turn":  # as many chats, each as long (its count is conversations x turns)
+            kw["conversations"] = _scaled_count(spec.conversations, factor)
+        elif spec.kind != "trace" and getattr(spec, "count", None) is not None:
             kw["count"] = _scaled_count(spec.count, factor)
         if spec.kind == "burst":
             kw["at"] = spec.at * factor
@@ -310,8 +312,9 @@ class PresetDriver:
     async def _client(self, stream: ClosedLoopStream, first: WorkloadItem) -> None:
         item: WorkloadItem | None = first
         while item is not None:
-            await self._submit(item)
-            item = stream.on_finished(self.workload_time())
+            await self._sleep_until(item.arrival)  # a chat's next turn comes after a think time
+            sub = await self._submit(item)
+            item = stream.on_finished(self.workload_time(), item, sub.token_ids or ())
 
     # -- timeline -------------------------------------------------------------------------------
     @staticmethod
