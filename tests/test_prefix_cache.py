@@ -319,3 +319,37 @@ def test_sharing_with_preempted_requests_is_exact(model_dirs):
     assert engine.blocks.prefix_cache_hits > 0
     for i, p in enumerate(prompts):
         assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), 10)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_prefix_hits_match_the_cpu_without_caching(graphs):
+    """On CUDA (static buffers, CUDA graphs, Triton attention) requests admitted at a cached prefix
+    (first computed position > 0, block tables naming shared blocks) give the CPU's uncached tokens."""
+    from batchdeck.engine.config import EngineConfig, LiveConfig
+    from batchdeck.engine.llm_engine import LLMEngine
+    from batchdeck.engine.models import load_model
+    from batchdeck.engine.request import SamplingParams
+
+    rng = random.Random(8)
+    prefixes = [[rng.randrange(256) for _ in range(n)] for n in (48, 33, 64)]
+    prompts = [rng.choice(prefixes) + [rng.randrange(256) for _ in range(rng.randrange(1, 20))] for _ in range(24)]
+
+    def run(device: str, caching: bool):
+        lm = load_model("synthetic:tiny", "cpu", "float32")
+        lm.model.to(device)
+        cfg = EngineConfig(model="synthetic:tiny", device=device, dtype="float32", num_blocks=96, block_size=16,
+                           max_num_seqs_limit=16, max_batched_tokens_limit=256, cuda_graphs=graphs and device == "cuda")
+        engine = LLMEngine(cfg, LiveConfig(max_num_seqs=8, max_batched_tokens=128, chunk_size=64,
+                                           prefix_caching=caching), loaded=lm, check_invariants=True)
+        for i, p in enumerate(prompts):  # staggered: later requests hit running and finished ones
+            engine.add_request(str(i), p, SamplingParams(max_tokens=12, ignore_eos=True))
+            engine.step()
+        engine.run_until_done()
+        return engine, [engine.requests[str(i)].output_token_ids for i in range(len(prompts))]
+
+    cuda_engine, got = run("cuda", True)
+    _, want = run("cpu", False)
+    assert cuda_engine.blocks.prefix_cache_hits > 0
+    assert got == want
