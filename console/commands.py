@@ -117,6 +117,7 @@ def candidates(query: str, config: Mapping[str, Any] | None, bounds: Mapping[str
             partial = [o for o in opts if o.startswith(raw)]
             if partial:  # still typing: offer the matching values
                 return [_setting(key, o, now, bounds, config) for o in partial]
+        if opts is not None and raw not in opts and key not in BOOL_SETTINGS:  # a bool's refusal: parse_value's
             return [Candidate(f"{key} {raw}", f"refused: {key}={raw!r} is not allowed: one of " + ", ".join(opts),
                               error=f"{key}={raw!r} is not allowed: one of " + ", ".join(opts), exact=True)]
         try:

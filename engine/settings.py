@@ -300,7 +300,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spec_k", "int", "speculative decoding: draft tokens verified per decode step (0 = off)", default=0,
             live=True, low=0, high="spec_k_limit", flags=("--spec-k",)),
     Setting("prefix_caching", "bool", "reuse the KV of cached full prompt blocks (automatic prefix caching; "
-            "turning it off drops the cache)", default=True, live=True, flags=("--enable-prefix-caching",)),
+            "turning it off drops the cache)", default=True, live=True, flags=("--prefix-caching", "--enable-prefix-caching")),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -311,7 +311,7 @@ START_KEYS: tuple[str, ...] = tuple(s.name for s in START_SETTINGS)
 # live settings bounded by a start-time limit: {"max_num_seqs": "max_num_seqs_limit", ...}
 LIMITS: dict[str, str] = {s.name: s.high for s in LIVE_SETTINGS
                           if isinstance(s.high, str) and not BY_NAME[s.high].live}
-PANEL_KINDS = ("int", "float", "choice")  # shown as a field in the console's config panel
+PANEL_KINDS = ("int", "float", "choice", "bool")  # shown as a field in the console's config panel
 
 
 def setting(name: str) -> Setting:
