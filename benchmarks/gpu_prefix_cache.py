@@ -15,9 +15,10 @@ resends the whole history (a `--system-tokens` system prompt shared by every cha
 messages and the answers the engine gave) plus a new user message of `--user-tokens` (uniform min,max)
 tokens, `--think-time` seconds (exponential mean) after the previous answer; answers are exactly
 `--output-tokens` (uniform) tokens (greedy, ignore_eos). The chats run closed-loop on the engine
-clock. Runs: prefix caching off with fcfs, on with fcfs, on with cache-aware. `--num-blocks` bounds
-the KV pool so that the cache cannot keep every chat's history (eviction pressure: "near capacity");
-0 sizes it from GPU memory.
+clock. Runs: prefix caching off with fcfs, on with fcfs, on with cache-aware. Near capacity: the
+running cap (`--max-num-seqs`, 32) is below the number of chats, so turns queue and the admission
+order matters, and `--num-blocks` bounds the KV pool so that the cache cannot keep every chat's
+history (eviction pressure); 0 sizes it from GPU memory.
 
 Distinct workload: `--distinct-requests` prompts of `--distinct-input` tokens, all different (no
 two share a first block), `--distinct-output` tokens each, all arriving at 0; caching off vs on:
@@ -202,7 +203,8 @@ def main() -> None:
     ap.add_argument("--distinct-requests", type=int, default=512)
     ap.add_argument("--distinct-input", type=_range, default=(512, 1024))
     ap.add_argument("--distinct-output", type=_range, default=(128, 128))
-    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=32,
+                    help="running cap (below --conversations, so turns queue and the policy's order matters)")
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
     ap.add_argument("--chunk-size", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=16)
