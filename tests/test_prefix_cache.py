@@ -353,3 +353,20 @@ def test_cuda_prefix_hits_match_the_cpu_without_caching(graphs):
     _, want = run("cpu", False)
     assert cuda_engine.blocks.prefix_cache_hits > 0
     assert got == want
+
+
+def test_prometheus_counts_prefix_cache_queries_and_hits(model_dirs):
+    """vLLM's prefix_cache_queries_total / prefix_cache_hits_total (tokens), fed from the iteration records."""
+    pytest.importorskip("prometheus_client")
+    from batchdeck.engine.service.http.prometheus import ServerMetrics
+
+    metrics = ServerMetrics("tiny")
+    engine = make_engine(model_dirs["llama"], block_size=4, num_blocks=64, sink=metrics.observe)
+    engine.add_request("a", list(range(20)), greedy(2))
+    engine.run_until_done()
+    engine.add_request("b", list(range(20)), greedy(2))
+    engine.run_until_done()
+    text = metrics.render().decode()
+    lines = {ln.split("{")[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+             if ln.startswith(("batchdeck:prefix_cache_queries_total", "batchdeck:prefix_cache_hits_total"))}
+    assert lines == {"batchdeck:prefix_cache_queries_total": 40.0, "batchdeck:prefix_cache_hits_total": 16.0}
