@@ -118,16 +118,15 @@ class Scheduler:
                 not self._is_long(r) for r in self.waiting
             )
             if long is not None and (not self._last_step_alone or not has_other):
-                self._last_step_alone = True
-                if long.status is RequestStatus.WAITING:
-                    self._admit([long], plan, budget, now)
-                else:
-                    self._run([long], plan, budget, now)
+                self._run_alone(long, plan, budget, now)
                 return
             self._last_step_alone = False
             budget = self._run(decoding, plan, budget, now)
             budget = self._run([r for r in prefilling if not self._is_long(r)], plan, budget, now)
             self._admit_waiting(plan, budget, now, skip_long=True)
+            if plan.empty and long is not None and long.status is RequestStatus.RUNNING:
+                # the others could not run (no seat for a short waiting one): the long prefill goes on
+                self._run_alone(long, plan, budget, now)
             return
 
         if cfg.mixing == "prefill-first":
@@ -141,6 +140,14 @@ class Scheduler:
         budget = self._run(decoding, plan, budget, now)
         budget = self._run(prefilling, plan, budget, now)
         self._admit_waiting(plan, budget, now)
+
+    def _run_alone(self, long: Request, plan: StepPlan, budget: int, now: float) -> None:
+        """Selective mixing: this iteration is the long prefill's alone."""
+        self._last_step_alone = True
+        if long.status is RequestStatus.WAITING:
+            self._admit([long], plan, budget, now)
+        else:
+            self._run([long], plan, budget, now)
 
     def _schedule_static(self, plan: StepPlan, now: float) -> None:
         cfg = self.config

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import batchdeck.engine.block_manager as block_manager
@@ -244,6 +244,9 @@ def shared_prompts(rng: random.Random, path: str, count: int, block_size: int) -
     stagger=st.integers(0, 4),
     abort_every=st.sampled_from([0, 3, 4]),
 )
+@example(arch="llama", seed=1, count=4, max_num_seqs=1, max_batched_tokens=4, chunk_size=1, block_size=1,
+         pool_tokens=16, batching="continuous", mixing="selective", policy="fcfs", spec_k=0, stagger=0,
+         abort_every=0)  # selective mixing with the only seat taken by a long prefill: its turn every iteration
 def test_token_exact_with_shared_prefixes_over_knobs(model_dirs, arch, seed, count, max_num_seqs, max_batched_tokens,
                                                      chunk_size, block_size, pool_tokens, batching, mixing, policy,
                                                      spec_k, stagger, abort_every):
