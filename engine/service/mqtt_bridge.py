@@ -164,6 +164,20 @@ async def _cancel(*tasks: asyncio.Future, timeout: float = 2.0) -> None:
             t.exception()  # retrieved: no "exception was never retrieved" warnings
 
 
+class _Forwarder(asyncio.Queue):
+    """One connection's incoming-message queue (aiomqtt's `queue_type`): paho's message callback,
+    which runs before the QoS 1 acknowledgement goes out, hands each message straight to the
+    bridge's intake, which outlives the connection. Nothing stays here, so iterating
+    `client.messages` only waits for the connection to end (and then raises)."""
+
+    def __init__(self, intake: asyncio.Queue):
+        super().__init__()
+        self._intake = intake
+
+    def put_nowait(self, item: Any) -> None:
+        self._intake.put_nowait(item)
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -271,6 +285,7 @@ class MqttBridge:
         return {"connected": self.connected, "connects": self.connects, "published": self.published,
                 "dropped": dropped, "publish_dropped": self.publish_dropped,
                 "commands_received": self.commands_received, "replies_published": self.replies_published,
+                "commands_running": sum(not t.done() for t in self._outbox),
                 "replies_pending": len(self._outbox), "retained_ignored": self.retained_ignored,
                 "subscriptions": [s.stats() for s in self._subs], "last_error": self.last_error}
 
@@ -288,7 +303,7 @@ class MqttBridge:
 
     def _intake_for_client(self, maxsize: int = 0) -> asyncio.Queue:
         assert self._intake is not None
-        return self._intake
+        return _Forwarder(self._intake)
 
     async def _run(self) -> None:
         delay = self.reconnect_min
@@ -333,7 +348,8 @@ class MqttBridge:
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Run one connected session until the connection fails (raises) or close is requested."""
         assert self._close_requested is not None
-        pumps = [asyncio.create_task(self._reply_pump(client), name="mqtt-replies"),
+        pumps = [asyncio.create_task(self._watch_connection(client), name="mqtt-connection"),
+                 asyncio.create_task(self._reply_pump(client), name="mqtt-replies"),
                  asyncio.create_task(self._iteration_pump(client), name="mqtt-iterations"),
                  asyncio.create_task(self._record_pump(client), name="mqtt-records"),
                  asyncio.create_task(self._snapshot_pump(client), name="mqtt-snapshots")]
@@ -498,6 +514,21 @@ class MqttBridge:
             return task.result()
         why = "cancelled" if task.cancelled() else f"{type(task.exception()).__name__}: {task.exception()}"
         return error_reply(None, f"a command failed unexpectedly ({why})")
+
+    async def _watch_connection(self, client: aiomqtt.Client) -> None:
+        """Raises when the connection ends (messages themselves go to the intake, see _Forwarder);
+        returns once close is requested."""
+        assert self._close_requested is not None
+        watch = asyncio.ensure_future(anext(aiter(client.messages)))
+        closer = asyncio.ensure_future(self._close_requested.wait())
+        try:
+            await asyncio.wait([watch, closer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closer.cancel()
+            if not watch.done():
+                watch.cancel()
+        if watch.done() and not watch.cancelled():
+            watch.result()  # raises MqttError: disconnected
 
     async def _reply_pump(self, client: aiomqtt.Client) -> None:
         """Publish replies in command order; a reply leaves the outbox only once it is published
