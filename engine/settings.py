@@ -43,7 +43,10 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+        shown = repr(value)
+        if len(shown) > 60:  # a 400-digit number is described, not echoed
+            shown = f"{shown[:12]}... ({len(shown)} characters)"
+        super().__init__(f"{key}={shown} is not allowed: {allowed}")
 
 
 def policy_names() -> tuple[str, ...]:

@@ -163,3 +163,76 @@ async def test_retained_control_messages_are_ignored(model_dirs, broker):
         publisher.send(b"", retain=True)  # clears the retained message
         publisher.close()
         await stop_stack(eng, bridge)
+
+
+# -- fuzz: random command bursts with a broker restart in the middle --------------------------
+
+COMMANDS = st.one_of(
+    st.just({"op": "get"}),
+    st.builds(lambda n: {"op": "set", "params": {"max_num_seqs": n}}, st.integers(0, 9)),  # 0 is refused
+    st.builds(lambda n: {"op": "set", "params": {"chunk_size": n}}, st.integers(-2, 600)),
+    st.sampled_from([{"op": "pause"}, {"op": "resume"}, {"op": "abort", "request_id": "nobody"},
+                     {"op": "explode"}, {"op": "set", "params": {"bogus": 1}}, {"op": "get", "extra": True},
+                     {"op": "submit", "request": {"prompt": 5}},
+                     {"op": "submit", "request": {"prompt_token_ids": [1], "max_tokens": 10**400}}]),
+    st.builds(lambda ids, n: {"op": "submit", "request": {"prompt_token_ids": ids, "max_tokens": n, "ignore_eos": True}},
+              st.lists(st.integers(0, 299), min_size=1, max_size=8), st.integers(1, 4)),
+    st.sampled_from([b"not json {", b"\xff\xfe", b"[1, 2]", b"", b'{"op": "get"}']),  # no usable id: id null
+)
+
+
+@settings(max_examples=8, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(commands=st.lists(COMMANDS, min_size=1, max_size=24), cut=st.floats(0, 1), run_while_down=st.booleans())
+def test_fuzz_every_acknowledged_command_is_answered_once_across_a_broker_restart(
+        model_dirs, broker, commands, cut, run_while_down):
+    """A burst of random commands (valid, refused, malformed) held up behind a busy engine; the
+    broker restarts after a random part of the burst; the backlog runs while the broker is down or
+    after it is back. Every command the engine acknowledged gets exactly one reply, in order."""
+    asyncio.run(_fuzz_once(model_dirs, broker, commands, int(cut * len(commands)), run_while_down))
+
+
+_fuzz_runs = iter(range(10**6))
+
+
+async def _fuzz_once(model_dirs, broker, commands, cut, run_while_down=False):
+    engine_id = f"fz{next(_fuzz_runs)}"
+    payloads = [c if isinstance(c, bytes) else json.dumps({"id": f"c{i}", **c}) for i, c in enumerate(commands)]
+    with_id = [f"c{i}" for i, c in enumerate(commands) if not isinstance(c, bytes)]
+    eng, bridge = await start_stack(model_dirs, broker, engine_id)
+    probe = ThreadProbe(broker, engine_id).connect()
+    gate = EngineGate(eng)
+    try:
+        await gate.hold()
+        for payload in payloads[:cut]:
+            probe.send(payload)
+        await eventually(lambda: bridge.commands_received == cut, what=f"{cut} commands acknowledged")
+
+        async def backlog():
+            if run_while_down:
+                await gate.open()
+                await eventually(lambda: commands_running(bridge) == 0, what="the backlog run while down")
+
+        await restart_broker(broker, probe, bridge, backlog)
+        await bridge.wait_connected(60)
+        for payload in payloads[cut:]:
+            probe.send(payload)
+        await eventually(lambda: bridge.commands_received == len(payloads), what="every command acknowledged")
+        await gate.open()
+        probe.send({"id": "end", "op": "get"})  # replies go out in order: after its reply, all are in
+        await eventually(lambda: any(r["id"] == "end" for r in probe.replies()), what="the last reply")
+        replies = probe.replies()
+        assert [r["id"] for r in replies if r["id"] is not None] == with_id + ["end"], "one reply each, in order"
+        assert sum(r["id"] is None for r in replies) == len(payloads) - len(with_id)
+        assert all(isinstance(r["ok"], bool) and (r["ok"] or r["error"]) for r in replies)
+        for r in replies:
+            if not r["ok"]:
+                assert "Error:" not in r["error"] and "Traceback" not in r["error"], r
+        ok_submits = sum(1 for r in replies if r["ok"] and "request_id" in r)
+        assert eng.engine.num_requests_added == ok_submits
+        await eventually(lambda: bridge.stats()["replies_pending"] == 0, what="the outbox empty")
+        assert bridge.connects == 2 and bridge.replies_published == len(payloads) + 1
+    finally:
+        await gate.open()
+        probe.close()
+        await stop_stack(eng, bridge)
