@@ -224,21 +224,25 @@ class ThreadProbe:
     Messages: (topic suffix, payload, retain flag), appended by the network thread.
     """
 
-    def __init__(self, broker: Broker, engine_id: str):
+    def __init__(self, broker: Broker, engine_id: str, *, username: str | None = None, password: str | None = None,
+                 topics: tuple[str, ...] = ("#",)):
         self.broker = broker
         self.prefix = f"batchdeck/{engine_id}"
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.username = username if username is not None else broker.client_kwargs.get("username")
+        self.password = password if username is not None else broker.client_kwargs.get("password")
+        self.topics = topics  # filters under the prefix
         self._client: Any = None
 
     def connect(self, timeout: float = DEADLINE_S) -> "ThreadProbe":
         import paho.mqtt.client as paho
 
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, clean_session=True)
-        kw = self.broker.client_kwargs
-        if kw.get("username") is not None:
-            client.username_pw_set(kw["username"], kw.get("password"))
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
         subscribed = threading.Event()
-        client.on_connect = lambda c, userdata, flags, rc, props=None: c.subscribe(self.prefix + "/#", qos=1)
+        client.on_connect = lambda c, userdata, flags, rc, props=None: c.subscribe(
+            [(f"{self.prefix}/{t}", 1) for t in self.topics])
         client.on_subscribe = lambda *args: subscribed.set()
         client.on_message = lambda c, userdata, m: self.messages.append(
             (m.topic[len(self.prefix) + 1:], bytes(m.payload), bool(m.retain)))
@@ -257,13 +261,22 @@ class ThreadProbe:
             self._client = None
 
     def send(self, payload: bytes | str | dict, *, retain: bool = False, timeout: float = DEADLINE_S) -> None:
+        self.publish("control", payload, retain=retain, timeout=timeout)
+
+    def publish(self, suffix: str, payload: bytes | str | dict, *, retain: bool = False,
+                timeout: float = DEADLINE_S) -> None:
+        """Publish QoS 1 under the prefix; returns once the broker acknowledged it (mosquitto also
+        acknowledges a publish its ACL drops)."""
         if isinstance(payload, dict):
             payload = json.dumps(payload)
-        info = self._client.publish(self.prefix + "/control", payload, qos=1, retain=retain)
+        info = self._client.publish(f"{self.prefix}/{suffix}", payload, qos=1, retain=retain)
         info.wait_for_publish(timeout)
 
     def json_on(self, suffix: str) -> list[Any]:
         return [json.loads(p) for s, p, _ in list(self.messages) if s == suffix]
+
+    def on(self, suffix: str) -> list[bytes]:
+        return [p for s, p, _ in list(self.messages) if s == suffix]
 
     def replies(self) -> list[dict[str, Any]]:
         return self.json_on("control/reply")
