@@ -282,6 +282,20 @@ class ThreadProbe:
         return self.json_on("control/reply")
 
 
+async def restart_broker(broker, probe: ThreadProbe, bridge: Any, while_down=None, after_start=None) -> None:
+    """Stop the broker, wait for the bridge to notice, run `while_down`, start it again and
+    re-subscribe the probe (then run `after_start`) before the event loop, and so the bridge, runs again."""
+    broker.stop()
+    probe.close()
+    await eventually(lambda: not bridge.connected, what="the bridge to see the broker gone")
+    if while_down is not None:
+        await while_down()
+    broker.start()
+    probe.connect()  # blocks the loop: subscribed before the bridge can reconnect and publish
+    if after_start is not None:
+        after_start()
+
+
 async def retained(broker: Broker, topic: str, timeout: float = 5.0) -> bytes | None:
     """The retained payload on `topic` as a fresh client sees it (None if nothing is retained)."""
     import aiomqtt

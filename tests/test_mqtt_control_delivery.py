@@ -13,7 +13,7 @@ from batchdeck.engine.service.async_engine import AsyncEngine
 from batchdeck.engine.service.bus import Bus
 from batchdeck.engine.service.mqtt_bridge import MqttBridge, MqttSettings
 from tests.helpers import make_engine
-from tests.mqtt_broker import ThreadProbe, broker, eventually, one_torch_thread  # noqa: F401 - fixtures
+from tests.mqtt_broker import ThreadProbe, broker, eventually, one_torch_thread, restart_broker  # noqa: F401
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -57,20 +57,6 @@ class EngineGate:
 
 def commands_running(bridge: MqttBridge) -> int:
     return bridge.stats()["commands_running"]
-
-
-async def restart_broker(broker, probe: ThreadProbe, bridge: MqttBridge, while_down=None, after_start=None) -> None:
-    """Stop the broker, wait for the bridge to notice, run `while_down`, start it again and
-    re-subscribe the probe (then run `after_start`) before the event loop, and so the bridge, runs again."""
-    broker.stop()
-    probe.close()
-    await eventually(lambda: not bridge.connected, what="the bridge to see the broker gone")
-    if while_down is not None:
-        await while_down()
-    broker.start()
-    probe.connect()  # blocks the loop: subscribed before the bridge can reconnect and publish
-    if after_start is not None:
-        after_start()
 
 
 async def test_acknowledged_backlog_is_answered_after_a_broker_restart(model_dirs, broker):

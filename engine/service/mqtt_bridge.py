@@ -12,8 +12,8 @@ Topic contract (`PREFIX` = `batchdeck/<engine_id>`; the names are fixed):
     PREFIX/telemetry/gpu           GpuSample
     PREFIX/telemetry/requests      (extension) the request-table snapshot {"time", "iteration", "requests"}
     PREFIX/events                  Event records (config_change, preemption, request_rejected, error, ...)
-    PREFIX/results                 (extension) a `batchdeck generate`-style output line for each
-                                   request submitted over MQTT, when it finishes
+    PREFIX/results                 (extension, QoS 1) a `batchdeck generate`-style output line for
+                                   each request submitted over MQTT, when it finishes
     PREFIX/control                 commands in (see engine/control.py); retained ones are ignored
     PREFIX/control/reply           replies out, one per command, in the order the commands arrived
 
@@ -21,7 +21,8 @@ Telemetry reaches the bridge through bounded Bus subscriptions, so the engine ne
 network: iteration records (drop-oldest, `iteration_buffer`), request records / events / results
 (drop-oldest, `record_buffer`) and snapshots (coalesced: only the latest request table and GPU
 sample are kept). While the broker is away nothing is read, the buffers keep the newest records and
-count what they drop; after reconnecting the bridge republishes its retained status and config and
+count what they drop (a record taken from the bus but not yet published waits for the next
+connection); after reconnecting the bridge republishes its retained status and config and
 flushes what was kept. Reconnection backs off exponentially from `reconnect_min` to
 `reconnect_max` seconds. `stats()` says how many records were published and dropped.
 
@@ -230,6 +231,7 @@ class MqttBridge:
         self.retained_ignored = 0
         self._intake: asyncio.Queue[aiomqtt.Message] | None = None
         self._outbox: collections.deque[asyncio.Task] = collections.deque()
+        self._record_backlog: collections.deque[Message] = collections.deque()  # taken from the bus, unpublished
         self._reply_ready: asyncio.Event | None = None
         self._running_commands: asyncio.Semaphore | None = None
         self._command_task: asyncio.Task | None = None
@@ -374,16 +376,19 @@ class MqttBridge:
 
     # -- publishing -----------------------------------------------------------------------------
     async def _publish(self, client: aiomqtt.Client, suffix: str, payload: bytes, *, qos: int = 0,
-                       retain: bool = False, count: int = 1) -> bool:
-        """Publish; a refused or timed-out publish is counted as dropped (False), a lost connection raises."""
+                       retain: bool = False, count: int = 1, keep: bool = False) -> bool:
+        """Publish; a refused or timed-out publish is counted as dropped (False), a lost connection
+        raises (counted as dropped unless `keep`: the caller publishes it again after reconnecting)."""
         try:
             await client.publish(self.topic(suffix), payload, qos=qos, retain=retain)
             self.published += count
             return True
         except aiomqtt.MqttCodeError as exc:
-            self.publish_dropped += count
             if exc.rc in _LOST:
+                if not keep:
+                    self.publish_dropped += count
                 raise
+            self.publish_dropped += count
             return False  # e.g. the outgoing queue is full: a slow broker
         except aiomqtt.MqttError:  # timed out waiting for the broker
             self.publish_dropped += count
@@ -408,8 +413,10 @@ class MqttBridge:
         await self._publish(client, TELEMETRY_TOPICS["iteration"], dumps(body[0] if len(body) == 1 else body),
                             count=len(body))
 
-    async def _publish_message(self, client: aiomqtt.Client, msg: Message) -> None:
-        await self._publish(client, TELEMETRY_TOPICS[msg.topic], dumps(to_jsonable(msg.record)))
+    async def _publish_message(self, client: aiomqtt.Client, msg: Message, *, keep: bool = False) -> None:
+        # A result answers a submit: QoS 1, like the reply; telemetry is QoS 0.
+        await self._publish(client, TELEMETRY_TOPICS[msg.topic], dumps(to_jsonable(msg.record)),
+                            qos=1 if msg.topic == "result" else 0, keep=keep)
         if msg.topic == "event" and getattr(msg.record, "kind", None) in CONFIG_EVENTS:
             await self._publish_config(client, force=False)
 
@@ -420,7 +427,10 @@ class MqttBridge:
             if not batch:
                 break
             await self._publish_iterations(client, [m.record for m in batch])
-        for msg in rec_sub.drain() + snap_sub.drain():
+        self._record_backlog.extend(rec_sub.drain())
+        while self._record_backlog:
+            await self._publish_message(client, self._record_backlog.popleft())
+        for msg in snap_sub.drain():
             await self._publish_message(client, msg)
 
     # -- pumps (one connected session) ----------------------------------------------------------
@@ -468,14 +478,22 @@ class MqttBridge:
             await self._publish_iterations(client, records)
 
     async def _record_pump(self, client: aiomqtt.Client) -> None:
+        """Request records, events and results. What it took from the bus waits in `_record_backlog`
+        until published: one lost with the connection goes out first in the next session."""
         sub = self._subs[1]
+        backlog = self._record_backlog
         loop = asyncio.get_running_loop()
         last = 0.0
-        while (first := await self._next(sub)) is not None:
+        while True:
+            while backlog:
+                await self._publish_message(client, backlog[0], keep=True)
+                backlog.popleft()
+            first = await self._next(sub)
+            if first is None:
+                return
             await self._gather(last)
             last = loop.time()
-            for msg in [first, *sub.drain()]:
-                await self._publish_message(client, msg)
+            backlog.extend([first, *sub.drain()])
 
     async def _snapshot_pump(self, client: aiomqtt.Client) -> None:
         sub = self._subs[2]
@@ -538,7 +556,8 @@ class MqttBridge:
         outbox = self._outbox
         while True:
             while outbox and outbox[0].done():
-                if await self._publish(client, "control/reply", reply_json(self._reply_of(outbox[0])), qos=1):
+                if await self._publish(client, "control/reply", reply_json(self._reply_of(outbox[0])), qos=1,
+                                       keep=True):
                     self.replies_published += 1
                 outbox.popleft()
             closing = self._close_requested.is_set()
