@@ -538,6 +538,7 @@ class MqttBridge:
         returns once close is requested."""
         assert self._close_requested is not None
         watch = asyncio.ensure_future(anext(aiter(client.messages)))
+        watch.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, also when abandoned
         closer = asyncio.ensure_future(self._close_requested.wait())
         try:
             await asyncio.wait([watch, closer], return_when=asyncio.FIRST_COMPLETED)
