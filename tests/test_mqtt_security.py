@@ -51,6 +51,15 @@ def test_password_from_a_file_and_help_says_how(tmp_path, monkeypatch):
     assert "BATCHDECK_MQTT_PASSWORD" in help_text and "--no-results" in help_text
 
 
+def test_console_attach_takes_the_password_from_the_environment(monkeypatch):
+    from batchdeck.console.cli import attach_target
+
+    monkeypatch.setenv("BATCHDECK_MQTT_PASSWORD", "from-env")
+    assert attach_target("mqtt://operator@h:1884/lab1").password == "from-env"
+    assert attach_target("mqtt://operator:inline@h/lab1").password == "inline"
+    assert attach_target("mqtt://h/lab1").password is None
+
+
 def test_the_warning_for_control_without_credentials():
     open_broker = MqttSettings("10.0.0.5", 1883)
     text = open_control_warning(open_broker, "lab1", read_only=False, publish_results=True)

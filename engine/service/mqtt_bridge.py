@@ -223,7 +223,7 @@ class MqttBridge:
         self._last_iter_flush = 0.0
         self._ever_connected = False
         self._failures = 0
-        # Control: the intake outlives every connection (each client's incoming queue is this one);
+        # Control: the intake outlives every connection (each client forwards into it, see _Forwarder);
         # the outbox holds each command's handler task in arrival order until its reply is published.
         self.max_running_commands = max_running_commands
         self.commands_received = 0
