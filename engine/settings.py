@@ -162,9 +162,12 @@ class Setting:
         if kind == "int" and not isinstance(value, int):
             raise bad
         if kind == "float":
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond the float range (JSON carries 10**400 exactly)
+                raise bad from None
             if not math.isfinite(value):
                 raise bad
-            value = float(value)
         if self.low is not None and value < self.low:
             raise bad
         if high is not None and not isinstance(high, str) and value > high:
