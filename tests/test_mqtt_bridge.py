@@ -46,11 +46,16 @@ async def test_topic_contract_and_control(model_dirs, broker):
             cfg = json.loads(await retained(broker, "batchdeck/e1/config"))
             assert cfg["version"] == 1 and cfg["config"]["chunk_size"] == 64
 
+            # r1 may have finished before the change on a fast machine: r2 runs after it in any case.
+            reply = await probe.command({"op": "submit", "request": {"id": "r2", "prompt_token_ids": [4, 5],
+                                                                     "max_tokens": 2, "ignore_eos": True}})
+            assert reply["ok"] is True, reply
             done = await probe.wait_for(lambda: [r for r in probe.json_on("telemetry/request")
                                                  if r["request_id"] == "r1"], what="r1's RequestRecord")
             assert done[0]["output_tokens"] == 40 and done[0]["finish_reason"] == "length"
-            result = await probe.wait_for(lambda: probe.json_on("results"), what="r1's result line")
-            assert result[0]["id"] == "r1" and len(result[0]["output_token_ids"]) == 40
+            result = await probe.wait_for(lambda: [r for r in probe.json_on("results") if r["id"] == "r1"],
+                                          what="r1's result line")
+            assert len(result) == 1 and len(result[0]["output_token_ids"]) == 40
 
             # Iteration records travel on their own (batched) pump: wait for those after the change.
             await probe.wait_for(lambda: [r for r in probe.iteration_records() if r["iteration"] >= applied],
