@@ -43,7 +43,10 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+        shown = repr(value)
+        if len(shown) > 60:  # a 400-digit number is described, not echoed
+            shown = f"{shown[:12]}... ({len(shown)} characters)"
+        super().__init__(f"{key}={shown} is not allowed: {allowed}")
 
 
 def policy_names() -> tuple[str, ...]:
@@ -159,9 +162,12 @@ class Setting:
         if kind == "int" and not isinstance(value, int):
             raise bad
         if kind == "float":
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond the float range (JSON carries 10**400 exactly)
+                raise bad from None
             if not math.isfinite(value):
                 raise bad
-            value = float(value)
         if self.low is not None and value < self.low:
             raise bad
         if high is not None and not isinstance(high, str) and value > high:

@@ -92,11 +92,14 @@ class ParamSpec:
     def _number(self, policy: str, key: str, value: Any, kind: type) -> Any:
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         what = "an integer" if kind is int else "a number"
-        if not numeric or (kind is int and not float(value).is_integer()) or math.isnan(value):
+        if not numeric or (isinstance(value, float) and (math.isnan(value) or (kind is int and not value.is_integer()))):
             raise ConfigError(key, value, f"{what} in {self.range_text()} for policy {policy}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
             raise ConfigError(key, value, f"{what} in {self.range_text()} for policy {policy}")
-        return kind(value)
+        try:
+            return kind(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(key, value, f"{what} in {self.range_text()} for policy {policy}") from None
 
 
 class Policy:
