@@ -186,7 +186,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     runner = HeadlessRunner(llm, bus, settings=settings, engine_id=args.engine_id or _default_engine_id(),
                             read_only=args.read_only, status_interval=args.status_interval,
                             gpu_interval=args.gpu_interval, drain_timeout=args.drain_timeout, prog=PROG)
-    where = f"SIMULATED on {llm.profile.label()}" if cfg.sim else f"on {cfg.device}"
+    where = llm.profile.label() if cfg.sim else f"on {cfg.device}"
     runner.say(f"model {cfg.model} {where} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
                f"{llm.blocks.num_blocks} KV blocks of {cfg.block_size} tokens"
                + (f"; MQTT {settings.host}:{settings.port} as {runner.engine_id}" if settings else ""))
