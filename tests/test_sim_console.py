@@ -35,7 +35,7 @@ async def test_every_steering_path_on_the_simulator(profile_path):  # noqa: F811
         await wait_for(pilot, lambda: "long-1" in table.rows, what="the long request in the table")
         table.focus()
         table.move_cursor(row=table.get_row_index("long-1"))
-        await pilot.press("x")
+        await pilot.press("x", "x")  # the first names it, the second aborts it
         await wait_for(pilot, lambda: engine.requests["long-1"].is_finished, what="the abort")
         assert engine.requests["long-1"].finish_reason.value == "abort"
         await palette(pilot, "policy sjf")
