@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from batchdeck import __version__
+from batchdeck import __version__, sim_cli
 from batchdeck.console import cli as console_cli
 from batchdeck.engine.config import ConfigError
 from batchdeck.engine.service import flags, headless
@@ -21,8 +21,13 @@ from batchdeck.presets import cli as presets_cli
 def _cmd_generate(args: argparse.Namespace) -> int:
     from batchdeck.engine.service.generate import generate_files, run_generate
 
+    clock = None
+    if args.sim:  # offline: simulated time runs as fast as the CPU allows
+        from batchdeck.engine.sim.clock import VirtualClock
+
+        clock = VirtualClock()
     with generate_files(args.input, args.output) as (src, out):  # checked before the model loads
-        engine = flags.build_engine(args)
+        engine = flags.build_engine(args, **({"clock": clock} if clock is not None else {}))
         return run_generate(engine, src, out, input_name=args.input, output_name=args.output)
 
 
@@ -40,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     console_cli.register_cli(sub)
     presets_cli.register_cli(sub, open_console=lambda *a, **kw: console_cli.run_console(*a, **kw))
     bench.register_cli(sub)
+    sim_cli.register_cli(sub)
     return parser
 
 

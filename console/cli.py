@@ -140,7 +140,7 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
                duration_scale: float, loaded: Any, say, steady_load: bool = True):
     from batchdeck.engine.service.async_engine import AsyncEngine
     from batchdeck.engine.service.bus import Bus
-    from batchdeck.engine.llm_engine import LLMEngine
+    from batchdeck.engine.sim.engine import make_engine
     from batchdeck.presets import load_preset, resolve_preset
     from batchdeck.presets.schema import Preset
 
@@ -150,10 +150,15 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
     kw = {**_overrides(args), **(overrides or {})}
     bus = Bus()
     extra = {"loaded": loaded} if loaded is not None else {}
+    if kw.get("sim"):  # simulated time runs at wall time x speed; the workload follows the engine clock
+        from batchdeck.engine.sim.clock import PacedClock
+
+        extra["clock"] = PacedClock(speed)
+        speed = 1.0
     if preset is not None:
         preset = preset if isinstance(preset, Preset) else load_preset(resolve_preset(preset))
         say(f"batchdeck console: loading {kw.get('model', preset.model)} for preset {preset.name} …")
-        llm = LLMEngine(*inprocess_configs(preset, kw), sink=bus, **extra)
+        llm = make_engine(*inprocess_configs(preset, kw), sink=bus, **extra)
         engine = AsyncEngine(llm)
 
         async def play() -> None:
@@ -161,16 +166,20 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
 
             await run_preset_async(preset, engine=engine, speed=speed, duration_scale=duration_scale, source="preset")
 
-        return InProcessClient(engine, bus), [play], f"batchdeck · {preset.name}"
+        sim = f" · SIMULATED {llm.profile.label()}" if llm.simulation else ""
+        return InProcessClient(engine, bus), [play], f"batchdeck · {preset.name}{sim}"
     quick = load_preset(resolve_preset("quickstart"))
     cfg, live = inprocess_configs(None, kw)
     say(f"batchdeck console: loading {cfg.model} …")
-    llm = LLMEngine(cfg, live, sink=bus, **extra)
+    llm = make_engine(cfg, live, sink=bus, **extra)
     engine = AsyncEngine(llm)
     # quickstart's rates keep a free CPU core about half busy with synthetic:tiny; a loaded or slower
     # machine would queue without end, so on CPU the steady load runs at half of them
-    steady = SteadyWorkload(engine, quick, loop=True, speed=speed * (0.5 if llm.device.type == "cpu" else 1.0))
-    return InProcessClient(engine, bus), [steady.run] if steady_load else [], None
+    cpu = llm.device.type == "cpu" and llm.simulation is None
+    steady = SteadyWorkload(engine, quick, loop=True,
+                            speed=(extra["clock"].rate if llm.simulation else speed) * (0.5 if cpu else 1.0))
+    return InProcessClient(engine, bus), [steady.run] if steady_load else [], (
+        f"batchdeck · SIMULATED {llm.profile.label()}" if llm.simulation else None)
 
 
 def inprocess_configs(preset: Any, kw: Mapping[str, Any]):
@@ -183,6 +192,8 @@ def inprocess_configs(preset: Any, kw: Mapping[str, Any]):
     if preset is not None:
         return preset_engine_configs(preset, dict(kw))
     kw = dict(kw)
+    if kw.get("sim"):  # the profile fixes the model and the pool
+        return resolve_configs(kw)
     kw.setdefault("model", default_model(kw.get("device")))
     return resolve_configs(kw, {"num_blocks": 1024} if kw["model"] == TINY_MODEL else {})
 

@@ -65,6 +65,8 @@ class InProcessClient(Client):
             self.gpu_monitor = GpuMonitor(index, gpu_interval_s, inner.kv_cache.num_bytes, clock=inner.clock)
         cfg = inner.config
         self.description = f"{cfg.model} · {cfg.device} · {cfg.dtype} · in-process"
+        if inner.simulation:  # a simulated engine says so, and which profile
+            self.description = f"SIMULATED · {cfg.model} · {inner.profile.label()} · in-process"
         self.config_snapshot = inner.config_snapshot()
 
     async def start(self) -> None:

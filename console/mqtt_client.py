@@ -184,6 +184,10 @@ class MqttClient(Client):
         if sub == "config":
             if isinstance(data, dict):
                 self.config_snapshot = {**(self.config_snapshot or {}), **data}
+                sim = (data.get("engine") or {}).get("simulation")
+                if sim:  # a simulated engine: the header says so, and which profile
+                    self.description = (f"SIMULATED {sim.get('device_name')} (profile {sim.get('profile')}) · "
+                                        f"{self.prefix} @ {self.target.host}:{self.target.port}")
                 self._push("config", dict(self.config_snapshot))
             return
         kind = TELEMETRY.get(sub)

@@ -80,6 +80,9 @@ class ReplayClient(Client):
         self.config_snapshot = snapshot
         self.state = ConnectionState.REPLAY
         self.description = f"replay of {self.path.name}"
+        sim = ((snapshot or {}).get("engine") or {}).get("simulation")
+        if sim:  # a recording of a simulated engine says so
+            self.description += f" · SIMULATED {sim.get('device_name')} (profile {sim.get('profile')})"
         self.start_time = self.times[0] if self.times else 0.0
         self.end_time = self.times[-1] if self.times else 0.0
         self.position = self.start_time

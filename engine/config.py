@@ -51,6 +51,7 @@ class EngineConfig:
     # max_num_seqs_limit rows and mixed iterations up to max_batched_tokens_limit tokens (so the
     # live-config bounds are exactly the captured maxima); an iteration that fits no graph runs eagerly.
     cuda_graphs: bool = _d("cuda_graphs")
+    sim: str | None = _d("sim")  # a simulation profile (shipped name or path): engine/sim/engine.py runs it
 
     def validate(self) -> None:
         """Every field against the table, then the rules between fields."""
@@ -234,6 +235,23 @@ def _origin(name: str, value: Any, given: Mapping[str, Any], preset: Mapping[str
     return f"{name} {value} (its default)"
 
 
+def _simulated(sim: str, given: dict[str, Any], preset: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A simulated engine's settings: the profile's model, dtype, block size and KV pool (a preset's
+    sizing for its own device does not apply; what the operator gives still does), on no device."""
+    from batchdeck.engine.sim.profile import load_profile
+
+    p = load_profile(sim)
+    preset = {k: v for k, v in preset.items() if k not in ("model", "device", "dtype", "block_size", "num_blocks")}
+    for key, value in (("model", p.model), ("device", "cpu"), ("dtype", p.dtype)):
+        if key in given and given[key] != value:
+            raise ConfigError(key, given[key], f"{value}: the profile {sim} fixes it")
+    block = given.get("block_size", p.block_size)
+    pool = given.get("num_blocks", max(1, p.num_blocks * p.block_size // block) if isinstance(block, int) and block > 0
+                     else p.num_blocks)
+    return {**given, "model": p.model, "device": "cpu", "dtype": p.dtype, "block_size": block, "num_blocks": pool,
+            "sim": sim}, preset
+
+
 def resolve_configs(given: Mapping[str, Any] | None = None, preset: Mapping[str, Any] | None = None,
                     timeline: Iterable[Mapping[str, Any]] = (), *,
                     cuda_available: bool | None = None) -> tuple[EngineConfig, LiveConfig]:
@@ -253,6 +271,9 @@ def resolve_configs(given: Mapping[str, Any] | None = None, preset: Mapping[str,
     if unknown:
         raise ValueError(f"unknown override(s) {', '.join(unknown)}: allowed engine settings "
                          f"{', '.join(START_KEYS)} and live settings {', '.join(LIVE_KEYS)}")
+    sim = given.get("sim") or preset.get("sim")
+    if sim:
+        given, preset = _simulated(sim, given, preset)
     chosen = {**preset, **given}
     if chosen.get("draft_model") and "drafter" not in chosen:
         chosen["drafter"] = "model"
@@ -265,7 +286,7 @@ def resolve_configs(given: Mapping[str, Any] | None = None, preset: Mapping[str,
         device = chosen["device"]
     else:
         device = "cuda" if (_cuda_available() if cuda_available is None else cuda_available) else "cpu"
-    defaults = defaults_for(device)
+    defaults = defaults_for("cuda" if sim else device)  # a simulated engine stands for a GPU
     values = {name: chosen.get(name, default) for name, default in defaults.items()}
     values["device"] = device
     if "max_batched_tokens" in chosen and "chunk_size" not in chosen \

@@ -115,6 +115,35 @@ class LLMEngine:
         self.slo_targets = dict(slo_targets or DEFAULT_SLO_TARGETS)
         self._t0 = time.monotonic()
         self.clock = clock or (lambda: time.monotonic() - self._t0)
+        self.simulation: dict[str, Any] | None = None  # set by a simulated engine: the profile it runs
+        self.perf = time.perf_counter  # how step timings are read (a simulated engine reads its virtual clock)
+        self.time_rate = 1.0  # engine-clock seconds per wall-clock second (a paced simulation runs faster)
+        num_blocks = self._init_executor(loaded, draft_loaded)
+
+        # Each running request holds at least one block, so the pool caps the running count too.
+        self.bounds = ConfigBounds.for_engine(config, num_blocks, policy_names(),
+                                              {name: d["params"] for name, d in describe_policies().items()})
+        live = live or LiveConfig()
+        initial = {k: v for k, v in live.to_dict().items() if k != "version"}
+        self.live = validate_changes(LiveConfig(), initial, self.bounds, validate_policy_params)
+        self.live = LiveConfig(**{**self.live.to_dict(), "version": 0})
+        self._target = self.live
+        self._pending: list[tuple[dict[str, Any], LiveConfig, str]] = []
+        self.scheduler = Scheduler(self.blocks, make_policy(self.live.policy, self.live.policy_params), self.live)
+        self.scheduler.max_model_len = self.max_model_len
+        self.drafter = self._make_drafter(num_blocks)
+        self.scheduler.drafter = self.drafter
+        self.requests: dict[str, Request] = {}  # in flight, plus the most recent finished ones
+        self.retain_finished = 10_000  # finished requests kept for look-up; older ones are forgotten
+        self._finished_ids: deque[str] = deque()
+        self.iteration = 0
+        self.num_requests_added = 0
+        self._prefix_counts = (0, 0)  # the block manager's prefix-cache counters at the last record
+
+    def _init_executor(self, loaded: LoadedModel | None, draft_loaded: LoadedModel | None) -> int:
+        """Load the model, allocate the KV pool and build what executes iterations; returns the pool's
+        block count. (The simulated engine, engine/sim/engine.py, builds its executor instead.)"""
+        config = self.config
         self.device = torch.device(config.device)
         check_device(config.device)
         self.loaded = loaded or load_model(config.model, config.device, config.dtype, config.seed)
@@ -139,26 +168,7 @@ class LLMEngine:
                                   max_rows=config.max_num_seqs_limit, max_tokens=config.max_batched_tokens_limit,
                                   max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs,
                                   spec_k_limit=config.spec_k_limit)
-
-        # Each running request holds at least one block, so the pool caps the running count too.
-        self.bounds = ConfigBounds.for_engine(config, num_blocks, policy_names(),
-                                              {name: d["params"] for name, d in describe_policies().items()})
-        live = live or LiveConfig()
-        initial = {k: v for k, v in live.to_dict().items() if k != "version"}
-        self.live = validate_changes(LiveConfig(), initial, self.bounds, validate_policy_params)
-        self.live = LiveConfig(**{**self.live.to_dict(), "version": 0})
-        self._target = self.live
-        self._pending: list[tuple[dict[str, Any], LiveConfig, str]] = []
-        self.scheduler = Scheduler(self.blocks, make_policy(self.live.policy, self.live.policy_params), self.live)
-        self.scheduler.max_model_len = self.max_model_len
-        self.drafter = self._make_drafter(num_blocks)
-        self.scheduler.drafter = self.drafter
-        self.requests: dict[str, Request] = {}  # in flight, plus the most recent finished ones
-        self.retain_finished = 10_000  # finished requests kept for look-up; older ones are forgotten
-        self._finished_ids: deque[str] = deque()
-        self.iteration = 0
-        self.num_requests_added = 0
-        self._prefix_counts = (0, 0)  # the block manager's prefix-cache counters at the last record
+        return num_blocks
 
     def _load_draft_model(self, draft: LoadedModel | None) -> LoadedModel:
         """The draft model (`draft` when the caller loaded it already), checked against the target."""
@@ -187,6 +197,13 @@ class LLMEngine:
         if self.has_unfinished:
             raise RuntimeError("cannot restart the clock while requests are in flight")
         self._t0 = time.monotonic()
+        restart = getattr(self.clock, "restart", None)  # a virtual clock restarts itself
+        if restart is not None:
+            restart()
+
+    def sleep(self, seconds: float) -> None:
+        """Wait `seconds` of engine time while idle (a simulated engine's virtual clock jumps instead)."""
+        time.sleep(seconds / self.time_rate)
 
     # -- sizing ---------------------------------------------------------------------------------
     def _default_num_blocks(self, per_block: int) -> int:
@@ -309,12 +326,13 @@ class LLMEngine:
     # -- the iteration --------------------------------------------------------------------------
     def step(self) -> StepResult | None:
         """Run one iteration; None when there was nothing to compute (idle or a static batch forming)."""
-        t_start = time.perf_counter()
+        perf = self.perf
+        t_start = perf()
         now = self.clock()
         if self._pending:
             self.apply_pending_config(now)
         plan = self.scheduler.schedule(now)
-        t_sched = time.perf_counter()
+        t_sched = perf()
         for victim in plan.preempted:
             self.drafter.release(victim.request_id, finished=False)
             self.emit_event("preemption", now, request_id=victim.request_id, tenant=victim.tenant,
@@ -325,7 +343,7 @@ class LLMEngine:
             drafting = [c for c in plan.chunks if c.num_draft]
             if drafting:
                 self._fill_drafts(drafting)
-        t_draft = time.perf_counter()
+        t_draft = perf()
         sampled, timings = self.runner.execute(plan, self.blocks)
         now = self.clock()
         result = StepResult(self.iteration)
@@ -387,7 +405,7 @@ class LLMEngine:
         if self.check_invariants:
             self.blocks.check()
             self.drafter.check()
-        t_end = time.perf_counter()
+        t_end = perf()
         blocks = self.blocks
         queries, hits = blocks.prefix_cache_queries, blocks.prefix_cache_hits
         record = IterationRecord(
@@ -497,7 +515,7 @@ class LLMEngine:
                 wait = self.scheduler.pending_static_wait(self.clock())
                 if wait is None:
                     raise RuntimeError("engine has unfinished requests but scheduled nothing")
-                time.sleep(min(wait, 0.05) + 1e-4)
+                self.sleep(min(wait, 0.05) + 1e-4)
             n += 1
             if max_iterations is not None and n >= max_iterations:
                 break

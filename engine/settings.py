@@ -279,6 +279,10 @@ SETTINGS: tuple[Setting, ...] = (
             none_means="no bound", flags=("--max-waiting",)),
     Setting("cuda_graphs", "bool", "capture the forward in CUDA graphs at start (CUDA only; "
             "--no-cuda-graphs runs eagerly, like vLLM's --enforce-eager)", default=True, flags=("--cuda-graphs",)),
+    Setting("sim", "str", "simulate instead of running the model: a calibration profile (a shipped name such as "
+            "h200-qwen3-0.6b, or a JSON file from `batchdeck calibrate`); the model, dtype and KV pool are the "
+            "profile's and the defaults those of cuda; no tensors are computed", default=None, optional=True,
+            none_means="run the model", flags=("--sim",)),
     # -- live: what an operator changes while requests are in flight
     Setting("policy", "choice", "scheduling policy: the order waiting requests are admitted in and who is preempted",
             default="fcfs", live=True, choices=policy_names, flags=("--policy", "--scheduling-policy")),

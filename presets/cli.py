@@ -190,7 +190,17 @@ def cmd_replay(args: argparse.Namespace, open_console: Callable[..., int] | None
     if args.record:
         sys.stderr.write(f"recording: {args.record}\n")
     if not args.quiet:
+        sim = (report["run"].get("engine") or {}).get("simulation")
+        if sim:
+            run = report["run"]
+            print(f"SIMULATED: {sim['device_name']} (profile {sim['profile']}); {report['summary']['num_iterations']:,} "
+                  f"iterations in {run['wall_time_s']:.1f} s: {run.get('simulated_iterations_per_s')} simulated "
+                  f"iterations/s ({run.get('simulated_iterations_per_cpu_s')} per CPU second)")
         print(summary_text(report))
+        from batchdeck.presets.analytic import analytic_lines
+
+        for line in analytic_lines(report.get("analytic") or {}):
+            print(line)
     if result.error:
         sys.stderr.write(f"batchdeck: the engine failed during the replay: {result.error}\n")
         return 1

@@ -298,6 +298,18 @@ def render_html(report: Mapping[str, Any], title: str | None = None) -> str:
                                          if k not in ("version", "policy_params")))]
     parts.append(_table(["run", ""], [(k, "-" if v is None else v) for k, v in meta], "meta"))
 
+    sim = engine.get("simulation")
+    if sim:
+        parts.append(f"<p class='err'>SIMULATED: no model ran. Iteration times come from the cost model of profile "
+                     f"{html.escape(str(sim.get('profile')))} ({html.escape(str(sim.get('device_name')))}).</p>")
+    analytic = report.get("analytic")
+    if analytic:
+        from batchdeck.presets.analytic import analytic_lines
+
+        lines = analytic_lines(analytic)
+        if lines:
+            parts.append("<h2>Queueing theory beside the run</h2><ul>"
+                         + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
     parts.append("<h2>Over time</h2>")
     parts.append(_img(figure_png(main_figure(report)), f"{name}: throughput, latency, batch composition, KV usage"))
     pf = phase_figure(report)

@@ -66,11 +66,12 @@ def preset_configs(preset: "Preset", overrides: Mapping[str, Any] | None = None)
 
 def build_engine_for_preset(preset: "Preset", overrides: Mapping[str, Any] | None = None, **engine_kwargs: Any
                             ) -> "LLMEngine":
-    """An LLMEngine for the preset (see `preset_configs`); `engine_kwargs` go to LLMEngine (sink, ...)."""
-    from batchdeck.engine.llm_engine import LLMEngine
+    """An LLMEngine for the preset (see `preset_configs`); `engine_kwargs` go to LLMEngine (sink, ...).
+    A simulated one when the engine settings name a profile (`sim`; `clock` then picks its time)."""
+    from batchdeck.engine.sim.engine import make_engine
 
     cfg, live = preset_configs(preset, overrides)
-    return LLMEngine(cfg, live, **engine_kwargs)
+    return make_engine(cfg, live, **engine_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ class PresetDriver:
     async def _sleep_until(self, workload_t: float) -> None:
         delay = self.t0 + workload_t / self.speed - self.engine.engine.clock()
         if delay > 0:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay / self.engine.engine.time_rate)
 
     async def _submit(self, item: WorkloadItem) -> SubmittedRequest:
         """Add one request and wait for it to finish (or be rejected)."""
@@ -356,7 +357,7 @@ class PresetDriver:
         self._notify(action)
 
     async def _resume_after(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(seconds / self.engine.engine.time_rate)
         await self.engine.resume(source=self.source)
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping
 
 from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.service.virtual_loop import InlineAsyncEngine, run_virtual
+from batchdeck.engine.sim.clock import VirtualClock
 from batchdeck.presets.preset_driver import AppliedAction, PresetDriver, build_engine_for_preset, scale_preset
 from batchdeck.engine.telemetry import ListSink
 from batchdeck.presets import Preset, load_preset, resolve_preset
@@ -141,14 +143,19 @@ class ReplayResult:
         return rows
 
     def report(self) -> dict[str, Any]:
+        from batchdeck.presets.analytic import analytic_summary
+
         t = self.telemetry
-        return build_report(
+        report = build_report(
             preset=preset_info(self.preset), iterations=t.iterations, requests=t.requests, events=t.events,
             initial_config=self.initial_config, request_rows=self.request_rows(),
             timeline=[a.to_dict() for a in self.driver.applied], num_clamped=self.driver.clamped,
             run={"speed": self.speed, "duration_scale": self.duration_scale, "wall_time_s": self.wall_time_s,
                  "error": self.error, "engine": self.engine_info, **self.extra},
         )
+        sim = self.engine_info.get("simulation")
+        report["analytic"] = analytic_summary(report, sim["cost_model"] if sim else None)
+        return report
 
 
 async def run_preset_async(
@@ -166,6 +173,7 @@ async def run_preset_async(
     progress_interval: float = 0.2,
     gpu_monitor: bool | None = None,
     loaded: Any = None,
+    clock: Any = None,
 ) -> ReplayResult:
     """Play `preset` to the end and return its telemetry.
 
@@ -179,6 +187,8 @@ async def run_preset_async(
     progress(driver): called every `progress_interval` seconds while it runs.
     gpu_monitor: sample the GPU with NVML into the telemetry ("gpu" records); default: on CUDA.
     loaded: a LoadedModel to reuse (tests), passed to LLMEngine.
+    clock: a simulated engine's clock; a `VirtualClock` steps the engine inline on this loop, which must
+      then be a `VirtualTimeLoop` on the same clock (`run_preset` arranges it).
 
     The engine's failure (an exception in a step) ends the run: the result carries `error` and the
     telemetry up to then. Other exceptions propagate.
@@ -190,7 +200,10 @@ async def run_preset_async(
     own_engine = engine is None
     if own_engine:
         kwargs = {"loaded": loaded} if loaded is not None else {}
-        engine = AsyncEngine(build_engine_for_preset(preset, overrides, sink=tee, **kwargs))
+        if clock is not None:
+            kwargs["clock"] = clock
+        llm_engine = build_engine_for_preset(preset, overrides, sink=tee, **kwargs)
+        engine = InlineAsyncEngine(llm_engine) if isinstance(clock, VirtualClock) else AsyncEngine(llm_engine)
         previous_sink = None
     else:
         previous_sink = engine.engine.sink
@@ -263,8 +276,28 @@ async def _set_sink(engine: AsyncEngine, sink: Callable[[str, Any], None]) -> No
 
 
 def run_preset(preset: Preset | str | Path, **kwargs: Any) -> ReplayResult:
-    """`run_preset_async` from synchronous code (its own event loop)."""
+    """`run_preset_async` from synchronous code (its own event loop). A simulated engine (settings naming
+    a profile) runs on virtual time, as fast as the CPU allows, unless a `clock` is given."""
+    from batchdeck.presets.preset_driver import preset_configs
+
+    preset = as_preset(preset)
+    if kwargs.get("clock") is None and kwargs.get("engine") is None:
+        cfg, _ = preset_configs(preset, kwargs.get("overrides"))
+        if cfg.sim:
+            clock = VirtualClock()
+            cpu0 = time.process_time()
+            result = run_virtual(run_preset_async(preset, clock=clock, **kwargs), clock)
+            cpu = time.process_time() - cpu0
+            n = len(result.telemetry.iterations)
+            result.extra.update(simulated_iterations_per_s=_iterations_per_s(result), cpu_time_s=round(cpu, 2),
+                                simulated_iterations_per_cpu_s=round(n / cpu, 1) if cpu > 0 else None)
+            return result
     return asyncio.run(run_preset_async(preset, **kwargs))
+
+
+def _iterations_per_s(result: ReplayResult) -> float | None:
+    n = len(result.telemetry.iterations)
+    return round(n / result.wall_time_s, 1) if result.wall_time_s > 0 else None
 
 
 def progress_printer(stream: IO[str] | None = None, enabled: bool | None = None) -> Callable[[PresetDriver], None]:

@@ -107,10 +107,11 @@ def preset_engine_configs(preset: Any, overrides: dict[str, Any] | None = None, 
 
 
 def build_engine(args: argparse.Namespace, **kwargs):
-    from batchdeck.engine.llm_engine import LLMEngine
+    """The engine the flags describe (a simulated one with --sim; pass `clock=` to pick its time)."""
+    from batchdeck.engine.sim.engine import make_engine
 
     cfg, live = engine_configs(args)
-    return LLMEngine(cfg, live, **kwargs)
+    return make_engine(cfg, live, **kwargs)
 
 
 def explain(exc: ConfigError, args: argparse.Namespace | None) -> str:

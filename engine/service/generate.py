@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator, TextIO
 
@@ -247,7 +246,7 @@ def run_generate(engine: LLMEngine, src: BinaryIO, out: TextIO, *, input_name: s
                 if next_i < len(pending):
                     waits.append((pending[next_i].spec.arrival_time or 0.0) - now)
                 wait = min(w for w in waits if w is not None) if any(w is not None for w in waits) else 0.001
-                time.sleep(min(max(wait, 0.0), 0.05) + 1e-4)
+                engine.sleep(min(max(wait, 0.0), 0.05) + 1e-4)
             else:
                 finished += len(result.finished)
             writer.advance()

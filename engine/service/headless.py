@@ -183,12 +183,13 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     cfg, live, preset = engine_setup(args)
 
     from batchdeck.engine.service.bus import Bus
-    from batchdeck.engine.llm_engine import LLMEngine
+    from batchdeck.engine.sim.engine import make_engine
 
     bus = Bus()
     t0 = time.monotonic()
-    engine = LLMEngine(cfg, live, sink=bus)
-    _say(f"model {cfg.model} on {cfg.device} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
+    engine = make_engine(cfg, live, sink=bus)
+    where = engine.profile.label() if cfg.sim else f"on {cfg.device}"
+    _say(f"model {cfg.model} {where} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
          f"{engine.blocks.num_blocks} KV blocks of {cfg.block_size} tokens; "
          + (f"preset {preset.name}" if preset else "no preset")
          + (f"; MQTT {settings.host}:{settings.port}" if settings else ""))

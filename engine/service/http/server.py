@@ -166,9 +166,9 @@ def _quiet_server(config: Any) -> Any:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from batchdeck.engine.llm_engine import LLMEngine
     from batchdeck.engine.service.bus import Bus
     from batchdeck.engine.service.flags import engine_configs
+    from batchdeck.engine.sim.engine import make_engine
     from batchdeck.engine.service.headless import (HeadlessRunner, _default_engine_id, check_runner_args,
                                                    mqtt_settings)
 
@@ -182,12 +182,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sock_check.close()
     bus = Bus()
     t0 = time.monotonic()
-    llm = LLMEngine(cfg, live, sink=bus)
+    llm = make_engine(cfg, live, sink=bus)  # a simulated engine with --sim (paced at wall time)
     runner = HeadlessRunner(llm, bus, settings=settings, engine_id=args.engine_id or _default_engine_id(),
                             read_only=args.read_only, publish_results=not args.no_results,
                             status_interval=args.status_interval,
                             gpu_interval=args.gpu_interval, drain_timeout=args.drain_timeout, prog=PROG)
-    runner.say(f"model {cfg.model} on {cfg.device} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
+    where = llm.profile.label() if cfg.sim else f"on {cfg.device}"
+    runner.say(f"model {cfg.model} {where} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
                f"{llm.blocks.num_blocks} KV blocks of {cfg.block_size} tokens"
                + (f"; MQTT {settings.host}:{settings.port} as {runner.engine_id}" if settings else ""))
     return asyncio.run(run_serve(runner, host=args.host, port=args.port, served_model_name=args.served_model_name,

@@ -1,0 +1,160 @@
+"""How close the simulator comes to the GPU: the same presets, seed and settings replayed on the real
+engine and on the simulator (a profile calibrated on this device), compared.
+
+Scenarios (shipped presets, timelines dropped, one config throughout):
+  steady  quickstart's Poisson/gamma mix, rates scaled to --load (0.8) of the profile's throughput bound
+  burst   fair-noisy-tenant (a steady tenant and a 40-request burst)
+  azure   azure-conversation at its real pace and real lengths (length_scale 1)
+For each: output throughput (target within 5%), TTFT and e2e p50/p99 (within 10%). Then a sweep of
+max_num_seqs on `steady` (4+ settings) on both, and whether the simulator orders every pair of
+settings the same way as the GPU by output throughput and by TTFT p99.
+
+    PYTHONPATH=. python benchmarks/gpu_sim_accuracy.py --out benchmarks/results/gpu_sim_accuracy_qwen3-0.6b.json
+    PYTHONPATH=. python benchmarks/gpu_sim_accuracy.py --model synthetic:tiny --device cpu --smoke --out /tmp/acc.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import time
+from pathlib import Path
+
+METRICS = {"output_throughput": (("generation_throughput",), 0.05),
+           "ttft_p50": (("time_to_first_token", "p50"), 0.10), "ttft_p99": (("time_to_first_token", "p99"), 0.10),
+           "e2e_p50": (("e2e_request_latency", "p50"), 0.10), "e2e_p99": (("e2e_request_latency", "p99"), 0.10)}
+
+
+def pick(summary, path):
+    v = summary
+    for k in path:
+        v = (v or {}).get(k)
+    return v
+
+
+def scaled_rates(preset, k):
+    streams = [dataclasses.replace(s, rate=s.rate * k) if getattr(s, "rate", None) else s for s in preset.workload]
+    return dataclasses.replace(preset, workload=streams)
+
+
+def scenario_presets(load_preset, resolve_preset, config, smoke, azure_requests):
+    quick = load_preset(resolve_preset("quickstart"))
+    burst = load_preset(resolve_preset("fair-noisy-tenant"))
+    azure = load_preset(resolve_preset("azure-conversation"))
+    trace = dataclasses.replace(azure.workload[0], length_scale=0.25 if smoke else 1.0,
+                                limit=40 if smoke else azure_requests)
+    out = {"steady": quick, "burst": burst, "azure": dataclasses.replace(azure, workload=[trace])}
+    return {k: dataclasses.replace(p, timeline=[], config={**p.config, **config}) for k, p in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="synthetic:qwen3-0.6b")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--profile", default=None, help="a profile to use (default: calibrate one now, on this device)")
+    ap.add_argument("--load", type=float, default=0.8, help="steady scenario: share of the throughput bound offered")
+    ap.add_argument("--duration-scale", type=float, default=None, help="shorten the presets (default 0.5; smoke 0.05)")
+    ap.add_argument("--azure-requests", type=int, default=600, help="azure scenario: first N trace requests (before "
+                                                                    "--duration-scale)")
+    ap.add_argument("--sweep", default=None, help="max_num_seqs values of the ranking sweep (default 8,16,32,64; "
+                                                  "smoke 1,2,4,8)")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke run: small sizes")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    from batchdeck.engine.sim.calibrate import calibrate
+    from batchdeck.engine.sim.profile import load_profile
+    from batchdeck.presets import load_preset, resolve_preset
+    from batchdeck.presets.analytic import throughput_bound
+    from batchdeck.presets.replay import run_preset
+
+    t_start = time.perf_counter()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(1)  # shared CPUs: timings with several threads per process are noise
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    scale = args.duration_scale or (0.05 if args.smoke else 0.5)
+    # the runs' start-time limits (CUDA graphs are captured up to them); the profile is calibrated up to the same
+    limits = {"max_num_seqs": 8, "max_batched_tokens": 128} if args.smoke else {"max_num_seqs": 64,
+                                                                               "max_batched_tokens": 2048}
+    if args.profile:
+        profile = load_profile(args.profile)
+        profile_path = args.profile
+    else:
+        profile = calibrate(args.model, device=device, dtype=dtype, quick=args.smoke, repeats=2 if args.smoke else 5,
+                            num_blocks=512 if args.smoke else None, **{k: v for k, v in (
+                                ("max_num_seqs", limits["max_num_seqs"]),
+                                ("max_batched_tokens", limits["max_batched_tokens"]))})
+        profile_path = str(Path(args.out).with_suffix(".profile.json"))
+        profile.save(profile_path)
+    config = {"policy": "fcfs", "max_num_seqs": 8 if args.smoke else 64,
+              "max_batched_tokens": limits["max_batched_tokens"], "chunk_size": min(512, limits["max_batched_tokens"])}
+    presets = scenario_presets(load_preset, resolve_preset, config, args.smoke, args.azure_requests)
+    real_over = {"model": args.model, "device": device, "dtype": dtype, "num_blocks": profile.num_blocks,
+                 "block_size": profile.block_size, "max_num_seqs_limit": limits["max_num_seqs"],
+                 "max_batched_tokens_limit": limits["max_batched_tokens"]}
+    sim_over = {"sim": profile_path, "max_num_seqs_limit": limits["max_num_seqs"],
+                "max_batched_tokens_limit": limits["max_batched_tokens"]}
+
+    # steady: offer --load of the bound (mean lengths from a simulated run at the preset's own rates)
+    probe = run_preset(presets["steady"], overrides=sim_over, duration_scale=scale).report()["analytic"]
+    bound = throughput_bound(profile.cost.to_dict(), max_num_seqs=config["max_num_seqs"],
+                             pool_tokens=profile.num_blocks * profile.block_size,
+                             mean_prompt=probe["mean_prompt_tokens"], mean_output=probe["mean_output_tokens"])
+    offered = sum(s.rate for s in presets["steady"].workload if getattr(s, "rate", None))
+    k = args.load * bound["requests_per_s"] / offered
+    presets["steady"] = scaled_rates(presets["steady"], k)
+
+    from batchdeck.engine.models import load_model
+
+    loaded = load_model(args.model, device, dtype, 0)  # one load for every real run (speed does not depend on weights)
+
+    def run(preset, over, extra=None):
+        kw = {"loaded": loaded} if over is real_over else {}
+        rep = run_preset(preset, overrides={**over, **(extra or {})}, duration_scale=scale, **kw).report()
+        return rep["summary"]
+
+    scenarios = {}
+    for name, preset in presets.items():
+        real = run(preset, real_over)
+        sim = run(preset, sim_over)
+        rows = {}
+        for m, (path, tol) in METRICS.items():
+            r, s = pick(real, path), pick(sim, path)
+            err = None if not r else abs(s - r) / r
+            rows[m] = {"gpu": r, "sim": s, "rel_error": err, "target": tol, "within": err is not None and err <= tol}
+        scenarios[name] = {"num_requests": real.get("num_requests"), "metrics": rows}
+        print(name, json.dumps({m: (round(v["gpu"] or 0, 4), round(v["sim"] or 0, 4),
+                                    None if v["rel_error"] is None else round(v["rel_error"], 3))
+                                for m, v in rows.items()}), flush=True)
+
+    values = sorted({min(int(v), limits["max_num_seqs"]) for v in (args.sweep or ("1,2,4,8" if args.smoke
+                                                                                 else "8,16,32,64")).split(",")})
+    sweep = {"gpu": {}, "sim": {}}
+    for v in values:
+        for side, over in (("gpu", real_over), ("sim", sim_over)):
+            s = run(presets["steady"], over, {"max_num_seqs": v})
+            sweep[side][v] = {"output_throughput": s["generation_throughput"],
+                              "ttft_p99": pick(s, ("time_to_first_token", "p99"))}
+    ranking = {}
+    for metric in ("output_throughput", "ttft_p99"):
+        pairs = list(itertools.combinations(values, 2))
+        g, m = sweep["gpu"], sweep["sim"]
+        agree = [(a, b) for a, b in pairs if None not in (g[a][metric], g[b][metric], m[a][metric], m[b][metric])
+                 and (g[a][metric] > g[b][metric]) == (m[a][metric] > m[b][metric])]
+        ranking[metric] = {"pairs": len(pairs), "agree": len(agree), "all_agree": len(agree) == len(pairs)}
+    out = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "model": args.model,
+           "profile": profile.name, "profile_path": profile_path, "profile_fit": {k: v for k, v in profile.fit.items() if k != "shapes"},
+           "duration_scale": scale, "config": config, "steady_rate_scale": k, "steady_bound": bound,
+           "scenarios": scenarios, "sweep": {"max_num_seqs": values, **sweep}, "ranking": ranking,
+           "torch": torch.__version__, "wall_time_s": round(time.perf_counter() - t_start, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(json.dumps(ranking), f"wall {out['wall_time_s']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

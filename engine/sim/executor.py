@@ -1,0 +1,104 @@
+"""The simulated executor: stands where `ModelRunner` stands (same `execute(plan, blocks)`), computes
+no tensors, and lets the iteration last what the cost model says.
+
+Output tokens are deterministic stand-ins, a function of the request id and the position (never an
+EOS or a stop token, so a request runs to its `max_tokens`, as `ignore_eos` workloads do). A
+speculating chunk's drafts (the real drafter's proposals) are verified against those stand-ins: a
+draft is accepted when it equals the stand-in at its position, or else with the profile's
+`spec_acceptance` chance (a deterministic draw); the first rejection emits the stand-in and stops,
+as rejection sampling does, so acceptance, rollback and KV accounting run as on the GPU.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from batchdeck.engine.model_runner import StepTimings
+from batchdeck.engine.sim.cost_model import CostModel
+from batchdeck.engine.step_plan import StepPlan
+
+_MIX = 0x9E3779B1
+
+
+class SimExecutor:
+    def __init__(self, cost: CostModel, clock: Any, vocab_size: int, avoid: tuple[int, ...] = (),
+                 spec_acceptance: float = 0.0, seed: int = 0):
+        self.cost = cost
+        self.clock = clock
+        self.vocab = vocab_size
+        self.avoid = frozenset(avoid)
+        self.spec_acceptance = spec_acceptance
+        self.seed = seed
+        self._keys: dict[str, int] = {}
+        self.iterations = 0
+        self.simulated_seconds = 0.0
+
+    def _key(self, request_id: str) -> int:
+        k = self._keys.get(request_id)
+        if k is None:
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+            k = self._keys[request_id] = zlib.crc32(request_id.encode()) ^ self.seed
+        return k
+
+    def token_at(self, request, position: int) -> int:
+        """The stand-in token at `position` of `request`."""
+        t = ((self._key(request.request_id) + position * _MIX) & 0x7FFFFFFF) % self.vocab
+        stops = request.sampling.stop_token_ids
+        while t in self.avoid or (stops and t in stops):
+            t = (t + 1) % self.vocab
+        return t
+
+    def _accepts(self, request, position: int) -> bool:
+        if not self.spec_acceptance:
+            return False
+        h = ((self._key(request.request_id) * 31 + position * 0x85EBCA6B) & 0xFFFFFF) / float(1 << 24)
+        return h < self.spec_acceptance
+
+    def execute(self, plan: StepPlan, blocks: Any) -> tuple[list[tuple[Any, list[int]]], StepTimings]:
+        start = self.clock()
+        dt = self.cost.plan_seconds(plan.chunks)
+        out = []
+        token_at = self.token_at
+        for c in plan.chunks:
+            if not c.samples:
+                continue
+            r = c.request
+            pos = r.num_tokens  # the position of the token this step produces
+            if c.draft:
+                tokens = []
+                for d in c.draft:
+                    want = token_at(r, pos)
+                    if d == want or self._accepts(r, pos):
+                        tokens.append(d)
+                        pos += 1
+                    else:
+                        tokens.append(want)
+                        break
+                else:
+                    tokens.append(token_at(r, pos))
+                out.append((c, tokens))
+            else:
+                out.append((c, [token_at(r, pos)]))
+        self.clock.wait_until(start + dt)
+        self.iterations += 1
+        self.simulated_seconds += dt
+        return out, StepTimings(forward=dt)
+
+
+class SimSampler:
+    """The engine's sampler hooks, with nothing to sample (no log-probabilities: token values are not modelled)."""
+
+    def __init__(self) -> None:
+        self.logprobs: dict[str, float] = {}
+
+    def forget(self, request_id: str) -> None:
+        return None
+
+
+class SimKVPool:
+    """The KV pool's size, as the simulated device would have it (no memory is allocated)."""
+
+    def __init__(self, num_blocks: int, block_size: int, bytes_per_block: int):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_bytes = num_blocks * bytes_per_block
