@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from batchdeck.console.client import Client, CommandResult, ConnectionState, TelemetryMessage
 
@@ -54,6 +54,9 @@ class EngineSpec:
     steady_load: bool = True
     interval_s: float = INTERVAL_S
     announce: bool = True  # print "loading <model> …" on stderr, as the in-process console does
+    # instead of the console's own build: a picklable callable (a module-level function, or a
+    # functools.partial of one) returning (InProcessClient, drivers, title), e.g. a benchmark's engine
+    builder: Callable[[], tuple[Any, list, str | None]] | None = None
 
 
 @dataclass
@@ -127,8 +130,11 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
             print(line, file=sys.stderr, flush=True)
 
     try:
-        client, drivers, title = _inprocess(spec.preset, None, spec.overrides, spec.speed, spec.duration_scale,
-                                            None, say, spec.steady_load)
+        if spec.builder is not None:
+            client, drivers, title = spec.builder()
+        else:
+            client, drivers, title = _inprocess(spec.preset, None, spec.overrides, spec.speed, spec.duration_scale,
+                                                None, say, spec.steady_load)
     except BaseException as exc:  # noqa: BLE001 - every startup failure goes to the parent as is
         send(("error", ExceptionBlob.of(exc)))
         return

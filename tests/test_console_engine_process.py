@@ -96,6 +96,17 @@ async def test_every_steering_path_over_the_pipe():
     assert not after.ok and "stopped" in after.error
 
 
+async def test_preset_mode_plays_in_the_child():
+    app = build_app("quickstart", overrides={"num_blocks": 512}, duration_scale=0.05, log=lambda line: None,
+                    engine_process=True)
+    assert app.title == "batchdeck · quickstart" and app.drivers == []  # the child plays it
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state.latest is not None and app.state.finished_total > 0, timeout=SLOW,
+                       what="the preset's requests finishing")
+        await app.shutdown()
+    assert not app.client.process.is_alive()
+
+
 def test_startup_errors_reach_the_operator_as_in_process(capsys):
     with pytest.raises(ValueError) as in_child:
         EngineProcessClient(EngineSpec(None, {"model": "synthetic:no-such-shape"}, announce=False))
