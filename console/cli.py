@@ -222,4 +222,7 @@ def run_console(preset: Any = None, *, args: argparse.Namespace | None = None,
                 await app.shutdown()
 
     asyncio.run(main())
+    output = getattr(app.client, "output", None)  # what an engine process printed while the UI ran
+    if output:
+        sys.stderr.write("".join(output))
     return int(app.return_code or 0)

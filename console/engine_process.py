@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -140,6 +141,8 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
         return
     send(("ready", {"snapshot": client.config_snapshot, "description": client.description, "title": title,
                     "drivers": len(drivers)}))
+    # from now on the parent's UI owns the terminal: what would be printed goes to it as ("output", text)
+    sys.stdout = sys.stderr = _Forwarded(send)
 
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
@@ -214,6 +217,25 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
             send(("reply", stop_id, CommandResult(True, "stop"), client.config_snapshot))
 
 
+class _Forwarded:
+    """The child's stdout/stderr once the UI runs: text travels to the parent, which prints it after
+    the console closes (`console.cli.run_console`; in-process, the UI's print capture swallows it)."""
+
+    def __init__(self, send: Callable[[tuple], bool]) -> None:
+        self._send = send
+
+    def write(self, text: str) -> int:
+        if text:
+            self._send(("output", text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
 # -- the parent ---------------------------------------------------------------------------------------
 class EngineProcessClient(Client):
     """The console's client for an engine in a child process; the same steering and telemetry as
@@ -242,6 +264,7 @@ class EngineProcessClient(Client):
         self._clock_seen = 0.0
         self.exit_note: str | None = None
         self._started = False  # telemetry is held back until start() returns, as in-process
+        self.output: deque[str] = deque(maxlen=2000)  # what the child printed while the UI ran
         info = self._await_ready(start_timeout)
         self.config_snapshot = info["snapshot"]
         self.description = info["description"].replace("in-process", "engine process")
@@ -297,6 +320,8 @@ class EngineProcessClient(Client):
                 self.dropped = self._local_dropped + self._remote_dropped
                 if clock is not None:
                     self._clock, self._clock_seen = clock, time.monotonic()
+            elif kind == "output":
+                self.output.append(msg[1])
             elif kind == "reply":
                 _, cid, result, snapshot = msg
                 waiter = self._pending.pop(cid, None)

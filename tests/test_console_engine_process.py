@@ -2,6 +2,7 @@
 steering path over the pipe, startup errors as in-process, the recording, and no orphan children."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -120,6 +121,35 @@ def test_startup_errors_reach_the_operator_as_in_process(capsys):
     assert batchdeck_main(["console", "--model", "synthetic:no-such-shape", "--num-blocks", "64"]) == 2
     err = capsys.readouterr().err
     assert "batchdeck: " in err and "no-such-shape" in err
+
+
+def chatty_builder():
+    """An engine-process build (EngineSpec.builder) whose one driver prints while the UI would run."""
+    from batchdeck.console.cli import _inprocess
+
+    client, _drivers, _title = _inprocess(None, None, {"model": "synthetic:tiny", "num_blocks": 64}, 1.0, 1.0, None,
+                                          lambda line: None, False)
+
+    async def chatter() -> None:
+        print("hello from the engine process")
+        print("a warning", file=sys.stderr)
+
+    return client, [chatter], "chatty"
+
+
+async def test_what_the_child_prints_is_kept_for_after_the_ui():
+    client = EngineProcessClient(EngineSpec(builder=chatty_builder, announce=False))
+    assert client.title == "chatty"
+    try:
+        await client.start()
+        deadline = time.monotonic() + SLOW
+        while "a warning" not in "".join(client.output):
+            assert time.monotonic() < deadline, client.output
+            await asyncio.sleep(0.02)
+        assert "".join(client.output) == "hello from the engine process\na warning\n"
+    finally:
+        await client.stop()
+    assert not client.process.is_alive()
 
 
 PARENT = textwrap.dedent("""
