@@ -10,10 +10,12 @@ player) and the parent keeps only the UI. They talk over one `multiprocessing.Pi
                    ("reply", call_id, CommandResult, config_snapshot) for each command.
   parent -> child  ("call", call_id, op, args): start, get, set, pause, resume, abort, submit, stop.
 
-Records are the engine's own dataclasses, pickled. The engine thread never waits on the pipe: it
-publishes on the child's Bus into the console's bounded drop-oldest subscription, and a task on the
-child's loop sends what accumulated once per interval (one pickled batch, not one message per record).
-The subscription's drop counter travels with each batch and shows as "records dropped" as in-process.
+Records are the engine's own dataclasses, pickled. Nothing in the child waits on the pipe: the engine
+thread publishes on the child's Bus into the console's bounded drop-oldest subscription; a task on the
+child's loop takes what accumulated once per interval (one batch, not one message per record) and a
+sender thread pickles and writes it, so a slow parent holds up neither the engine nor the loop that
+delivers its outputs (past MAX_PENDING_BATCHES unsent batches, new ones are dropped and counted). The
+drop count travels with each batch and shows as "records dropped", as in-process.
 
 Lifetimes: the child is a daemon process, and it stops its engine and exits as soon as its end of
 the pipe reads EOF, so it ends with the parent however the parent ends (quit, exception, SIGKILL).
@@ -27,6 +29,7 @@ import asyncio
 import itertools
 import multiprocessing
 import pickle
+import queue
 import signal
 import sys
 import threading
@@ -41,6 +44,7 @@ INTERVAL_S = 0.05  # telemetry batches per second: 20, twice the fastest repaint
 START_TIMEOUT_S = 600.0  # loading a large model on a slow disk
 REPLY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+MAX_PENDING_BATCHES = 100  # telemetry batches (5 s) waiting for a slow parent before new ones are dropped
 OPS = ("start", "get", "set", "pause", "resume", "abort", "submit", "stop")
 
 
@@ -126,6 +130,17 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
         except (OSError, EOFError, BrokenPipeError):
             return False
 
+    # Once the engine runs, messages leave through a sender thread, so a parent that reads slowly (or
+    # not at all) never holds up this loop, which delivers the engine's outputs and runs the drivers.
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    lost = 0  # telemetry records dropped here because the parent fell MAX_PENDING_BATCHES behind
+
+    def sender() -> None:
+        while (msg := outbox.get()) is not None:
+            send(msg)
+
+    sending = threading.Thread(target=sender, name="engine-process-sender", daemon=True)
+
     def say(line: str) -> None:
         if spec.announce:
             print(line, file=sys.stderr, flush=True)
@@ -142,7 +157,7 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
     send(("ready", {"snapshot": client.config_snapshot, "description": client.description, "title": title,
                     "drivers": len(drivers)}))
     # from now on the parent's UI owns the terminal: what would be printed goes to it as ("output", text)
-    sys.stdout = sys.stderr = _Forwarded(send)
+    sys.stdout = sys.stderr = _Forwarded(outbox.put)
 
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
@@ -161,14 +176,15 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
     tasks: list[asyncio.Task] = []
     forwarder: asyncio.Task | None = None
 
-    def flush() -> bool:
+    def flush() -> None:
+        nonlocal lost
         msgs = client.drain()
         if not msgs:
-            return True
-        batch = [(m.topic, m.record) for m in msgs]
-        if send(("telemetry", batch, client.dropped, client.now())):
-            return True
-        return not conn.closed
+            return
+        if outbox.qsize() >= MAX_PENDING_BATCHES:
+            lost += len(msgs)
+            return
+        outbox.put(("telemetry", [(m.topic, m.record) for m in msgs], client.dropped + lost, client.now()))
 
     async def forward() -> None:
         while True:
@@ -187,8 +203,9 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
                 result = await getattr(client, {"get": "get_config"}.get(op, op))(*args)
         except Exception as exc:  # a bug, not an operator mistake: still an answer, never a hang
             result = CommandResult(False, op, error=f"{type(exc).__name__}: {exc}")
-        send(("reply", cid, result, client.config_snapshot))
+        outbox.put(("reply", cid, result, client.config_snapshot))
 
+    sending.start()
     pending: set[asyncio.Task] = set()
     stop_id = None
     try:
@@ -214,14 +231,16 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
         await client.stop()
         flush()  # the last records, before the reply that says the engine has stopped
         if stop_id is not None:
-            send(("reply", stop_id, CommandResult(True, "stop"), client.config_snapshot))
+            outbox.put(("reply", stop_id, CommandResult(True, "stop"), client.config_snapshot))
+        outbox.put(None)
+        await asyncio.to_thread(sending.join, STOP_TIMEOUT_S)
 
 
 class _Forwarded:
     """The child's stdout/stderr once the UI runs: text travels to the parent, which prints it after
     the console closes (`console.cli.run_console`; in-process, the UI's print capture swallows it)."""
 
-    def __init__(self, send: Callable[[tuple], bool]) -> None:
+    def __init__(self, send: Callable[[tuple], Any]) -> None:
         self._send = send
 
     def write(self, text: str) -> int:
