@@ -8,7 +8,8 @@ Workload (a) of benchmarks/gpu_offline.py: `--requests` prompts with lengths uni
 (random.Random(seed), token ids uniform over the vocabulary), `--output-tokens` each, greedy,
 ignore_eos, all submitted at t=0; synthetic:qwen3-0.6b in bf16 on CUDA (float32 on CPU).
 
-Two modes, each in a fresh process, alternated `--repeats` times (headless, console, headless, ...):
+Three modes, each in a fresh process, alternated `--repeats` times (headless, console, console-process,
+headless, ...; `--modes` picks some):
 - headless: the engine as `batchdeck console` builds it for the UI (an `AsyncEngine` in its worker
   thread, telemetry published on a `Bus`), driven from the asyncio loop with no UI at all;
 - console: the same engine behind an `InProcessClient` (bus subscription, GPU monitor thread at 1 Hz)
@@ -17,6 +18,9 @@ Two modes, each in a fresh process, alternated `--repeats` times (headless, cons
   test harness with a driver that is *not* headless: every frame is composed and turned into
   terminal output (escape sequences), which is written to nowhere, so the measured cost is the UI's
   whole cost short of the terminal emulator.
+- console-process: what `batchdeck console` runs by default: the same engine and the same timed drive in
+  a child process (console/engine_process.py), the same ConsoleApp in this one, behind an
+  `EngineProcessClient` (telemetry batched over a pipe every 50 ms).
 
 Both time the same thing: from submitting the requests to the last one finishing (after 8 short
 warm-up requests that compile/capture what the first iterations need). Output tok/s per run, the
@@ -37,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_common import argv_without, command_line, log, run_script, write_json  # noqa: E402
 
-MODES = ("headless", "console")
+MODES = ("headless", "console", "console-process")
 SCREEN = (180, 50)
 
 
@@ -108,24 +112,11 @@ def run_headless(args, prompts) -> dict:
 
 
 def run_console(args, prompts) -> dict:
-    from textual.drivers.headless_driver import HeadlessDriver
-
     from batchdeck.console.app import ConsoleApp
     from batchdeck.console.cli import INPROCESS_HZ
     from batchdeck.console.inprocess_client import InProcessClient
 
-    class DiscardingTerminal(HeadlessDriver):
-        """Textual renders every frame to terminal output for a non-headless driver; this one discards it."""
-
-        written = 0
-
-        @property
-        def is_headless(self) -> bool:
-            return False
-
-        def write(self, data: str) -> None:
-            DiscardingTerminal.written += len(data)
-
+    DiscardingTerminal = discarding_terminal()
     engine, bus = build_engine(args)
     hz = args.refresh_hz or INPROCESS_HZ
     app = ConsoleApp(InProcessClient(engine, bus), refresh_hz=hz)
@@ -150,6 +141,77 @@ def run_console(args, prompts) -> dict:
     return asyncio.run(main())
 
 
+def process_builder(args, prompts, result_path: str):
+    """In the engine's child process: the benchmark's engine behind an InProcessClient (as the console's
+    child builds it), and one driver that runs the timed drive and writes its result to `result_path`."""
+    from batchdeck.console.inprocess_client import InProcessClient
+
+    engine, bus = build_engine(args)
+
+    async def timed() -> None:
+        res = await drive(engine, prompts, args.output_tokens)
+        with open(result_path + ".tmp", "w") as f:
+            json.dump(res, f)
+        os.replace(result_path + ".tmp", result_path)
+
+    return InProcessClient(engine, bus), [timed], None
+
+
+def run_console_process(args, prompts) -> dict:
+    import functools
+
+    from batchdeck.console.app import ConsoleApp
+    from batchdeck.console.engine_process import EngineProcessClient, EngineSpec
+
+    DiscardingTerminal = discarding_terminal()
+    result_path = args.phase_out + ".child"
+    spec = EngineSpec(builder=functools.partial(process_builder, args, prompts, result_path), announce=False)
+    client = EngineProcessClient(spec)
+    hz = args.refresh_hz or 10.0  # what `batchdeck console` uses with the engine in a child process
+    app = ConsoleApp(client, refresh_hz=hz)
+    app.driver_class = DiscardingTerminal
+
+    async def main() -> dict:
+        async with app.run_test(headless=False, size=SCREEN):
+            t0 = time.perf_counter()
+            deadline = time.monotonic() + args.timeout
+            while not os.path.exists(result_path):
+                if time.monotonic() > deadline or client.state != "connected":
+                    raise RuntimeError(f"the engine process did not finish the drive ({client.state})")
+                await asyncio.sleep(0.05)
+            with open(result_path) as f:
+                res = json.load(f)
+            res["paints_per_s"] = app.paints / (time.perf_counter() - t0)  # over the whole run, warm-up included
+            res["refresh_hz"] = hz
+            res["terminal_bytes_written"] = DiscardingTerminal.written
+            res["telemetry_dropped"] = client.dropped
+            await app.shutdown()
+        return res
+
+    return asyncio.run(main())
+
+
+def discarding_terminal():
+    from textual.drivers.headless_driver import HeadlessDriver
+
+    class DiscardingTerminal(HeadlessDriver):
+        """Textual renders every frame to terminal output for a non-headless driver; this one discards it."""
+
+        written = 0
+
+        @property
+        def is_headless(self) -> bool:
+            return False
+
+        def write(self, data: str) -> None:
+            DiscardingTerminal.written += len(data)
+
+    return DiscardingTerminal
+
+
+RUNNERS = {"headless": run_headless, "console": run_console, "console-process": run_console_process}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="synthetic:qwen3-0.6b")
@@ -167,6 +229,7 @@ def main() -> None:
     ap.add_argument("--cpu-blocks", type=int, default=4096, help="KV blocks on CPU")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--refresh-hz", type=float, default=None, help="console repaints/s (default: the console's)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     ap.add_argument("--repeats", type=int, default=2, help="runs per mode, alternated, each in a fresh process")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
     ap.add_argument("--out", default=None)
@@ -185,7 +248,7 @@ def main() -> None:
     prompts = workload(args, synthetic_config(name).vocab_size)
 
     if args.phase is not None:
-        res = run_headless(args, prompts) if args.phase == "headless" else run_console(args, prompts)
+        res = RUNNERS[args.phase](args, prompts)
         with open(args.phase_out, "w") as f:
             json.dump(res, f, default=str)
         return
@@ -206,9 +269,14 @@ def main() -> None:
                     "driver": "every frame rendered to terminal output, written to nowhere"},
         "runs": {m: [] for m in MODES},
     }
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or "headless" not in modes:
+        ap.error(f"--modes {args.modes!r}: give headless and any of {', '.join(MODES[1:])}")
+    result["runs"] = {m: [] for m in modes}
     base = argv_without("--out")
     for _ in range(max(1, args.repeats)):
-        for mode in MODES:
+        for mode in modes:
             one = run_script(__file__, [*base, "--phase", mode], args.timeout)
             result["runs"][mode].append(one)
             if "tok_s" in one:
@@ -217,17 +285,19 @@ def main() -> None:
             else:
                 log(f"{mode} failed: {one}")
     medians = {}
-    for mode in MODES:
+    for mode in modes:
         ok = [r["tok_s"] for r in result["runs"][mode] if "tok_s" in r]
         medians[mode] = statistics.median(ok) if ok else None
     result["tok_s_median"] = medians
-    if medians["headless"] and medians["console"]:
-        result["console_over_headless"] = medians["console"] / medians["headless"]
-        result["console_cost_percent"] = 100 * (1 - medians["console"] / medians["headless"])
-        log(f"console/headless = {result['console_over_headless']:.3f} "
-            f"(cost {result['console_cost_percent']:.1f}%)")
+    keys = []
+    for mode, key in (("console", "console"), ("console-process", "console_process")):
+        if medians.get("headless") and medians.get(mode):
+            result[f"{key}_over_headless"] = medians[mode] / medians["headless"]
+            result[f"{key}_cost_percent"] = 100 * (1 - medians[mode] / medians["headless"])
+            keys += [f"{key}_over_headless", f"{key}_cost_percent"]
+            log(f"{mode}/headless = {result[f'{key}_over_headless']:.3f} (cost {result[f'{key}_cost_percent']:.1f}%)")
     print(json.dumps({k: result[k] for k in ("device", "tok_s_median") if k in result}
-                     | {k: result.get(k) for k in ("console_over_headless", "console_cost_percent")}))
+                     | {k: result.get(k) for k in keys}))
     write_json(args.out, result)
 
 

@@ -4,8 +4,9 @@
                       [--record FILE] [--replay FILE] [--speed X] [engine sizing flags]
                       [--port 8000 [--host H] [--served-model-name N] [--api-key K] [--metrics-prefix P]]
 
-Default: an in-process engine on the embedded default (`synthetic:tiny` on CPU,
-`synthetic:qwen3-0.6b` when CUDA is present) under the quickstart preset's workload, looping.
+Default: an engine on the embedded default (`synthetic:tiny` on CPU, `synthetic:qwen3-0.6b` when CUDA
+is present) under the quickstart preset's workload, looping, in a child process so the UI never takes
+interpreter time from it (console/engine_process.py; `--engine-in-process` keeps it in this one).
 `--preset` plays that preset (workload + timeline) instead; `--attach` watches and steers a headless
 `batchdeck engine` over MQTT; `--replay` plays a recording back with no engine. `--port` opens the
 OpenAI-compatible server (`batchdeck serve`'s) beside the in-process engine: any OpenAI client's
@@ -47,6 +48,9 @@ def register_cli(subparsers: Any) -> None:
                    help="play a recording back (console --record or replay --record), no engine")
     p.add_argument("--speed", type=float, default=1.0, help="preset / replay speed (default 1)")
     add_serve_flags(p, port=None)
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine in the console's own process (default: a child process, so the UI "
+                        "never takes interpreter time from the engine; --port always serves in-process)")
     p.add_argument("--refresh-hz", type=float, default=None,
                    help="repaints per second, at most 10 (default: 5 with an in-process engine, which shares "
                         "the interpreter with the UI; 10 attached or replaying)")
@@ -88,7 +92,8 @@ def _cmd_console(args: argparse.Namespace) -> int:
         http = {"host": args.host, "port": args.port, "served_model_name": args.served_model_name,
                 "api_key": api_key(args), "metrics_prefix": args.metrics_prefix}
     return run_console(args.preset, args=args, attach=args.attach, record=args.record, replay=args.replay,
-                       speed=args.speed, refresh_hz=args.refresh_hz, http=http)
+                       speed=args.speed, refresh_hz=args.refresh_hz, http=http,
+                       engine_process=not args.engine_in_process)
 
 
 def _overrides(args: argparse.Namespace | None) -> dict[str, Any]:
@@ -98,8 +103,10 @@ def _overrides(args: argparse.Namespace | None) -> dict[str, Any]:
 def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, overrides: Mapping[str, Any] | None = None,
               attach: str | None = None, record: str | Path | None = None, replay: str | Path | None = None,
               speed: float = 1.0, duration_scale: float = 1.0, refresh_hz: float | None = None, loaded: Any = None,
-              log=None, steady_load: bool = True):
-    """The ConsoleApp for a mode (in-process default / preset, attach, replay), not yet running."""
+              log=None, steady_load: bool = True, engine_process: bool = False):
+    """The ConsoleApp for a mode (in-process default / preset, attach, replay), not yet running.
+    engine_process: build the engine (and its workload) in a child process instead of this one
+    (console/engine_process.py); not with `loaded`, a model object already in this process."""
     from batchdeck.console.app import ConsoleApp
     from batchdeck.console.recorder import Recorder
 
@@ -114,6 +121,13 @@ def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, ove
         from batchdeck.console.mqtt_client import MqttClient
 
         client = MqttClient(attach_target(attach))
+    elif engine_process and loaded is None:
+        from batchdeck.console.engine_process import EngineProcessClient, EngineSpec
+
+        spec = EngineSpec(preset, {**_overrides(args), **(overrides or {})}, speed, duration_scale, steady_load,
+                          announce=log is None)
+        client = EngineProcessClient(spec)
+        title = client.title
     else:
         client, drivers, title = _inprocess(preset, args, overrides, speed, duration_scale, loaded, say, steady_load)
     if refresh_hz is None:
@@ -202,7 +216,7 @@ def run_console(preset: Any = None, *, args: argparse.Namespace | None = None,
                 overrides: Mapping[str, Any] | None = None, attach: str | None = None,
                 record: str | Path | None = None, replay: str | Path | None = None, speed: float = 1.0,
                 duration_scale: float = 1.0, refresh_hz: float | None = None, loaded: Any = None,
-                http: Mapping[str, Any] | None = None) -> int:
+                http: Mapping[str, Any] | None = None, engine_process: bool = True) -> int:
     """Open the console and block until the operator quits; returns the exit status.
 
     preset: a Preset, a shipped preset's name or a YAML path (its workload and timeline drive an
@@ -212,10 +226,11 @@ def run_console(preset: Any = None, *, args: argparse.Namespace | None = None,
     attach / replay: the other two modes (no in-process engine). record: a JSONL file.
     http: start_http_server's keyword arguments (host, port, served_model_name, api_key,
       metrics_prefix) to serve the in-process engine over HTTP while the console runs.
+    engine_process: the engine in a child process (the default); `http` and `loaded` keep it in this one.
     """
     app = build_app(preset, args=args, overrides=overrides, attach=attach, record=record, replay=replay,
                     speed=speed, duration_scale=duration_scale, refresh_hz=refresh_hz, loaded=loaded,
-                    steady_load=http is None or preset is not None)
+                    steady_load=http is None or preset is not None, engine_process=engine_process and http is None)
 
     async def main() -> None:
         server = None
@@ -234,4 +249,7 @@ def run_console(preset: Any = None, *, args: argparse.Namespace | None = None,
                 await app.shutdown()
 
     asyncio.run(main())
+    output = getattr(app.client, "output", None)  # what an engine process printed while the UI ran
+    if output:
+        sys.stderr.write("".join(output))
     return int(app.return_code or 0)
