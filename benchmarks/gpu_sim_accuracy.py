@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import itertools
 import json
 import time
@@ -115,6 +116,9 @@ def main() -> None:
     def run(preset, over, extra=None):
         kw = {"loaded": loaded} if over is real_over else {}
         rep = run_preset(preset, overrides={**over, **(extra or {})}, duration_scale=scale, **kw).report()
+        gc.collect()  # the finished engine's KV pool is returned before the next run allocates its own
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
         return rep["summary"]
 
     scenarios = {}
