@@ -314,6 +314,11 @@ def _records(results: Sequence[BenchResult]) -> list[Any]:
     return out
 
 
+ENGINE_ONLY_METRICS = ("num_iterations", "iterations_per_s", "num_requests_running", "num_requests_waiting",
+                       "kv_cache_usage", "kv_cache_usage_peak", "num_preemptions", "request_queue_time",
+                       "step_time", "speculation", "prefix_cache")
+
+
 def build_bench_report(preset: Any, results: Sequence[BenchResult], run: dict[str, Any]) -> dict[str, Any]:
     from batchdeck.engine.service.metrics import quantiles, summarize
     from batchdeck.presets.report import preset_info
@@ -335,6 +340,9 @@ def build_bench_report(preset: Any, results: Sequence[BenchResult], run: dict[st
         "num_clamped": sum(1 for r in results if r.clamped),
         "num_unfinished": 0, "mean_batch_tokens": None, "mean_running": None,
     })
+    # What only the engine sees (its iterations, KV cache, queueing, preemptions, speculation and prefix
+    # cache) is not measured by a client: unknown, not zero.
+    summary.update(dict.fromkeys(ENGINE_ONLY_METRICS))
     info = preset_info(preset)
     info["timeline"] = []  # not played against a server we do not steer
     rows = []

@@ -105,6 +105,9 @@ def test_bench_report_compare_reads_and_times_agree(server, preset_file, tmp_pat
 
     other = asyncio.run(run_bench(preset, server.base_url, request_rate=float("inf"), max_concurrency=4))
     assert other["run"]["request_rate"] == "inf" and other["summary"]["num_requests_finished"] == 16
+    # a client cannot see the engine's iterations, KV cache or queue: unknown, shown as "-", not zero
+    assert all(other["summary"][k] is None for k in ("num_iterations", "kv_cache_usage_peak", "request_queue_time",
+                                                     "num_preemptions"))
     path2 = tmp_path / "bench-inf.json"
     path2.write_text(json.dumps(other))
     assert load_report(path)["summary"]

@@ -176,6 +176,8 @@ def test_generate_and_replay_take_sim(tmp_path, profile_path, capsys):
     lines = [json.loads(x) for x in outp.read_text().splitlines()]
     assert [len(x["output_token_ids"]) for x in lines] == [12, 4]
     assert lines[1]["metrics"]["first_token"] > 30.0  # virtual time jumped to the arrival
+    assert all(x["simulated"] == "test-tiny" for x in lines)  # every result names the simulation
+    assert "SIMULATED engine (profile test-tiny" in capsys.readouterr().err
     preset = saturated_preset(tmp_path, rate=20, duration=0.5)
     rep, page, rec = tmp_path / "r.json", tmp_path / "r.html", tmp_path / "r.jsonl"
     assert batchdeck_main(["replay", str(preset), "--headless", "--sim", str(profile_path), "--report", str(rep),

@@ -167,8 +167,10 @@ class ResultWriter:
     """Writes results in input order: a line goes out once it and every line before it are settled
     (finished, or refused at submission)."""
 
-    def __init__(self, out: TextIO, name: str, tokenizer: Tokenizer, lines: list[InputLine]):
+    def __init__(self, out: TextIO, name: str, tokenizer: Tokenizer, lines: list[InputLine],
+                 simulated: str | None = None):
         self.out, self.name, self.tokenizer, self.lines = out, name, tokenizer, lines
+        self.simulated = simulated  # a simulated engine's profile: every line names it
         self.next = 0  # index into lines of the first one not yet settled
         self.written = 0
 
@@ -203,7 +205,10 @@ class ResultWriter:
             return
         try:
             for r in requests:
-                self.out.write(json.dumps(output_line(r, self.tokenizer.decode(r.output_token_ids))) + "\n")
+                line = output_line(r, self.tokenizer.decode(r.output_token_ids))
+                if self.simulated is not None:
+                    line["simulated"] = self.simulated
+                self.out.write(json.dumps(line) + "\n")
             self.out.flush()
         except OSError as exc:
             raise GenerateError(f"--output {self.name!r}: cannot write results: {exc.strerror or exc}") from None
@@ -218,7 +223,11 @@ def run_generate(engine: LLMEngine, src: BinaryIO, out: TextIO, *, input_name: s
     errors = errors or sys.stderr
     tokenizer = engine.loaded.tokenizer
     lines, rejected = read_requests(src, input_name, tokenizer, errors)
-    writer = ResultWriter(out, output_name, tokenizer, lines)
+    simulated = engine.simulation["profile"] if engine.simulation else None
+    if simulated is not None:
+        errors.write(f"generate: SIMULATED engine (profile {simulated}, {engine.simulation['device_name']}): "
+                     "output tokens are stand-ins and timings come from the profile's cost model\n")
+    writer = ResultWriter(out, output_name, tokenizer, lines, simulated)
     writer.start()
     pending = sorted(lines, key=lambda ln: (ln.spec.arrival_time or 0.0, ln.line_no))
     bar = ProgressBar(len(lines), "generate", errors, progress)
