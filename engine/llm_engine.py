@@ -400,22 +400,6 @@ class LLMEngine:
         for c in drafting:
             c.num_tokens -= c.num_draft - len(c.draft)
 
-    def requests_snapshot(self, limit: int = 200) -> list[dict[str, Any]]:
-        """Running then waiting requests (at most `limit`), for request tables."""
-        rows = []
-        for state, queue in (("running", self.scheduler.running), ("waiting", self.scheduler.waiting)):
-            for r in queue[: max(0, limit - len(rows))]:
-                state_name = "prefill" if state == "running" and r.is_prefilling else (
-                    "decode" if state == "running" else ("preempted" if r.num_preemptions else "waiting"))
-                rows.append({
-                    "request_id": r.request_id, "tenant": r.tenant, "slo_class": r.slo_class,
-                    "priority": r.priority, "state": state_name, "prompt_tokens": r.num_prompt_tokens,
-                    "output_tokens": r.num_output_tokens, "max_tokens": r.sampling.max_tokens,
-                    "ttft": None if r.first_token_time is None else r.first_token_time - r.arrival_time,
-                    "arrival": r.arrival_time, "num_preemptions": r.num_preemptions,
-                })
-        return rows
-
     def config_snapshot(self) -> dict[str, Any]:
         """The live config, its bounds and version (what MQTT retains on PREFIX/config)."""
         return {"config": self._target.to_dict(), "bounds": self.bounds.to_dict(), "version": self._target.version,

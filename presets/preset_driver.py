@@ -360,3 +360,13 @@ class PresetDriver:
 async def run_preset(engine: AsyncEngine, preset: "Preset", **kwargs: Any) -> PresetDriver:
     """`PresetDriver(engine, preset, **kwargs).run()`."""
     return await PresetDriver(engine, preset, **kwargs).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# What `batchdeck engine --preset` needs to play a preset (handed to the service by batchdeck/cli.py)
+
+
+def headless_driver(engine: AsyncEngine, preset: "Preset", *, speed: float = 1.0,
+                    duration_scale: float = 1.0) -> PresetDriver:
+    """A driver for a headless engine that also serves other clients (its clock is not restarted)."""
+    return PresetDriver(engine, preset, speed=speed, duration_scale=duration_scale, restart_clock=False)

@@ -15,6 +15,7 @@ from batchdeck.cli import build_parser, main
 from batchdeck.engine.service.headless import HeadlessRunner, engine_setup
 from batchdeck.engine.telemetry import ListSink
 from batchdeck.presets import parse_preset
+from batchdeck.presets.preset_driver import headless_driver
 from tests.helpers import make_engine
 from tests.mqtt_broker import MqttProbe, broker, one_torch_thread, retained  # noqa: F401 - fixtures
 
@@ -74,7 +75,7 @@ async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path):
     engine = make_engine(model_dirs["llama"], sink=bus, num_blocks=128, max_num_seqs=4, max_batched_tokens=256,
                          chunk_size=64)
     err = (tmp_path / "stderr.txt").open("w+")
-    runner = HeadlessRunner(engine, bus, preset=preset, status_interval=0.1, out=err, install_signals=False)
+    runner = HeadlessRunner(engine, bus, preset=preset, make_driver=headless_driver, status_interval=0.1, out=err, install_signals=False)
     assert await asyncio.wait_for(runner.run(), 60) == 0
     err.seek(0)
     text = err.read()

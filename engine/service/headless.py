@@ -6,8 +6,9 @@
 
 - With `--preset`, its workload is served (open-loop requests at their arrival times on the engine
   clock, closed-loop clients re-issuing on finish) and its timeline applied (`set` with source
-  "preset", pause/resume), through `presets.preset_driver.PresetDriver`. Sizing and live settings
-  come from the preset; flags given on the command line override them.
+  "preset", pause/resume), through the `PresetHooks` the command line wires in (the service does
+  not import presets). Sizing and live settings come from the preset; flags given on the command
+  line override them.
 - With `--mqtt`, telemetry is published and control obeyed (engine/mqtt_bridge.py) until SIGINT or
   SIGTERM; the preset (if any) runs meanwhile. Without `--mqtt` the preset runs to its end and the
   command exits.
@@ -27,14 +28,30 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, TextIO
+from dataclasses import dataclass
+from typing import Any, Callable, TextIO
 
 from batchdeck.engine.service.flags import add_engine_flags
 
 PROG = "batchdeck engine"
 
 
-def register_cli(subparsers: Any) -> None:
+@dataclass(frozen=True)
+class PresetHooks:
+    """What `batchdeck engine --preset` needs from the presets room, handed in by the command line.
+
+    load(name_or_path) -> the preset (a shipped preset's name or a YAML file); its settings under
+    the flags given become the engine's configs through `flags.engine_configs`.
+    driver(async_engine, preset, speed=, duration_scale=) -> an object with `async run()` and
+    `progress() -> {"finished", "rejected", ...}` that plays it.
+    """
+
+    load: Callable[[str], Any]
+    driver: Callable[..., Any]
+
+
+def register_cli(subparsers: Any, presets: PresetHooks | None = None) -> None:
+    """Add `batchdeck engine`; without `presets`, `--preset` is refused."""
     p = subparsers.add_parser(
         "engine", help="run the engine headless: a preset's workload and/or MQTT telemetry and control",
         description="Run the engine without a UI. Serves a preset's workload (--preset) and requests submitted "
@@ -45,7 +62,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--speed", type=float, default=1.0, help="play the preset this many times faster")
     p.add_argument("--duration-scale", type=float, default=1.0, help="shorten (<1) or stretch the preset")
     add_runner_flags(p)
-    p.set_defaults(func=_cmd_engine)
+    p.set_defaults(func=_cmd_engine, preset_hooks=presets)
 
 
 def add_runner_flags(p: argparse.ArgumentParser) -> None:
@@ -83,9 +100,10 @@ def engine_setup(args: argparse.Namespace):
 
     preset = None
     if args.preset is not None:
-        from batchdeck.presets import load_preset, resolve_preset
-
-        preset = load_preset(resolve_preset(args.preset))
+        hooks: PresetHooks | None = getattr(args, "preset_hooks", None)
+        if hooks is None:
+            raise ValueError("--preset is not available here: this command was built without presets")
+        preset = hooks.load(args.preset)
     cfg, live = engine_configs(args, preset)
     return cfg, live, preset
 
@@ -144,7 +162,8 @@ def _cmd_engine(args: argparse.Namespace) -> int:
          f"{engine.blocks.num_blocks} KV blocks of {cfg.block_size} tokens; "
          + (f"preset {preset.name}" if preset else "no preset")
          + (f"; MQTT {settings.host}:{settings.port}" if settings else ""))
-    runner = HeadlessRunner(engine, bus, preset=preset, settings=settings,
+    runner = HeadlessRunner(engine, bus, preset=preset, make_driver=args.preset_hooks.driver if preset else None,
+                            settings=settings,
                             engine_id=args.engine_id or _default_engine_id(), read_only=args.read_only,
                             status_interval=args.status_interval, gpu_interval=args.gpu_interval,
                             drain_timeout=args.drain_timeout, speed=args.speed, duration_scale=args.duration_scale)
@@ -162,7 +181,8 @@ def _say(line: str, out: TextIO | None = None) -> None:
 class HeadlessRunner:
     """Owns one headless run: AsyncEngine, optional PresetDriver and MqttBridge, status lines, shutdown."""
 
-    def __init__(self, engine: Any, bus: Any, *, preset: Any = None, settings: Any = None, engine_id: str = "engine",
+    def __init__(self, engine: Any, bus: Any, *, preset: Any = None, make_driver: Callable[..., Any] | None = None,
+                 settings: Any = None, engine_id: str = "engine",
                  read_only: bool = False, status_interval: float = 5.0, gpu_interval: float = 1.0,
                  drain_timeout: float = 0.0, speed: float = 1.0, duration_scale: float = 1.0,
                  out: TextIO | None = None, install_signals: bool = True, prog: str = PROG):
@@ -171,7 +191,10 @@ class HeadlessRunner:
         self.llm = engine
         self.bus = bus
         self.engine = AsyncEngine(engine)
+        if preset is not None and make_driver is None:
+            raise ValueError("a preset needs make_driver (PresetHooks.driver) to play it")
         self.preset = preset
+        self.make_driver = make_driver
         self.settings = settings
         self.engine_id = engine_id
         self.read_only = read_only
@@ -227,10 +250,9 @@ class HeadlessRunner:
                 background.append(asyncio.create_task(monitor.run(self.bus.publish)))
         driver_task = None
         if self.preset is not None:
-            from batchdeck.presets.preset_driver import PresetDriver
-
-            self.driver = PresetDriver(self.engine, self.preset, speed=self.speed, duration_scale=self.duration_scale,
-                                       restart_clock=False)
+            assert self.make_driver is not None
+            self.driver = self.make_driver(self.engine, self.preset, speed=self.speed,
+                                           duration_scale=self.duration_scale)
             driver_task = asyncio.create_task(self.driver.run())
         rc = 0
         try:
