@@ -24,8 +24,8 @@ from textual.widgets import Footer, Sparkline
 from batchdeck.console import format as fmt
 from batchdeck.console.client import Client, CommandResult, ConnectionState, make_burst
 from batchdeck.console.commands import SettingsProvider, validate
-from batchdeck.console.recorder import Recorder
 from batchdeck.console.request_view import FilterError, RequestView, arrange, next_sort, parse_filter, SORT_KEYS
+from batchdeck.engine.service.recording import RecordingWriter
 from batchdeck.console.screens.config_screen import ConfigScreen
 from batchdeck.console.screens.filter_screen import FilterScreen
 from batchdeck.console.screens.help_screen import TABLE_KEYS, HelpScreen, command_rows, key_rows
@@ -78,7 +78,7 @@ class ConsoleApp(App):
     ]
     ABORT_CONFIRM_S = 5.0  # a second x within this long aborts the request the first x named
 
-    def __init__(self, client: Client, *, recorder: Recorder | None = None, drivers: Iterable[Driver] = (),
+    def __init__(self, client: Client, *, recorder: RecordingWriter | None = None, drivers: Iterable[Driver] = (),
                  refresh_hz: float = 10.0, plot_hz: float = 1.0, burst_size: int = 8, burst_prompt: int = 256,
                  burst_max_tokens: int = 64, window_s: float = 10.0, max_drain: int = 50_000, chart_span_s: float = 20.0,
                  history: int = 8192, table_hz: float = 2.0,

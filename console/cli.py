@@ -99,7 +99,7 @@ def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, ove
               log=None, steady_load: bool = True):
     """The ConsoleApp for a mode (in-process default / preset, attach, replay), not yet running."""
     from batchdeck.console.app import ConsoleApp
-    from batchdeck.console.recorder import Recorder
+    from batchdeck.engine.service.recording import RecordingWriter
 
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     drivers: list = []
@@ -116,7 +116,7 @@ def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, ove
         client, drivers, title = _inprocess(preset, args, overrides, speed, duration_scale, loaded, say, steady_load)
     if refresh_hz is None:
         refresh_hz = INPROCESS_HZ if client.kind == "in-process" else 10.0
-    recorder = Recorder(record) if record is not None else None
+    recorder = RecordingWriter(record) if record is not None else None
     return ConsoleApp(client, recorder=recorder, drivers=drivers, refresh_hz=refresh_hz, title=title)
 
 
