@@ -129,7 +129,7 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
     from batchdeck.presets.schema import Preset
 
     from batchdeck.console.inprocess_client import InProcessClient
-    from batchdeck.console.workload import SteadyWorkload
+    from batchdeck.console.workload import steady_workload
 
     kw = {**_overrides(args), **(overrides or {})}
     bus = Bus()
@@ -153,7 +153,7 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
     engine = AsyncEngine(llm)
     # quickstart's rates keep a free CPU core about half busy with synthetic:tiny; a loaded or slower
     # machine would queue without end, so on CPU the steady load runs at half of them
-    steady = SteadyWorkload(engine, quick, loop=True, speed=speed * (0.5 if llm.device.type == "cpu" else 1.0))
+    steady = steady_workload(engine, quick, loop=True, speed=speed * (0.5 if llm.device.type == "cpu" else 1.0))
     return InProcessClient(engine, bus), [steady.run] if steady_load else [], None
 
 
