@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
 from batchdeck.engine.attention.backend import make_backend
@@ -51,15 +52,6 @@ class StepResult:
     outputs: list[RequestOutput] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)
     record: IterationRecord | None = None
-
-
-def _percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def check_device(device: str) -> None:
@@ -322,6 +314,7 @@ class LLMEngine:
         policy = self.scheduler.policy
         tenant_tokens: dict[str, int] = {}
         ttfts: list[float] = []
+        itls: list[float] = []
         for chunk in plan.chunks:
             if chunk.padding:
                 continue
@@ -336,6 +329,7 @@ class LLMEngine:
             r = chunk.request
             reason = None
             emitted: list[int] = []
+            previous = r.token_times[-1] if r.token_times else None
             for token in tokens:
                 r.append_token(token, now)
                 emitted.append(token)
@@ -343,6 +337,10 @@ class LLMEngine:
                 if reason is not None:
                     break
             num_generated += len(emitted)
+            if previous is not None:
+                itls.append(now - previous)
+            if len(emitted) > 1:  # accepted drafts: their tokens come at the same time
+                itls.extend([0.0] * (len(emitted) - 1))
             if chunk.draft:  # accepted drafts that were kept (a stop among them drops the rest)
                 accepted = min(len(tokens) - 1, len(emitted))
                 r.spec_steps += 1
@@ -386,7 +384,7 @@ class LLMEngine:
             config_version=self.live.version, num_padding_tokens=sum(1 for c in plan.chunks if c.padding),
             num_finished=len(result.finished), num_generated_tokens=num_generated, ttfts=ttfts,
             spec_proposed=spec_proposed, spec_accepted=spec_accepted,
-            tenant_tokens=tenant_tokens,
+            tenant_tokens=tenant_tokens, itls=itls,
         )
         result.record = record
         self.sink("iteration", record)
@@ -431,16 +429,19 @@ class LLMEngine:
             self.requests.pop(self._finished_ids.popleft(), None)
 
     def request_record(self, r: Request) -> RequestRecord:
-        ttft = None if r.first_token_time is None else r.first_token_time - r.arrival_time
-        gaps = sorted(b - a for a, b in zip(r.token_times, r.token_times[1:]))
-        tpot = (r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) if len(r.token_times) > 1 else None
+        ttft, tpot = r.ttft, r.tpot
+        e2e = (r.finish_time or r.arrival_time) - r.arrival_time
+        itl_p50 = itl_p99 = itl_max = None
+        if len(r.token_times) > 1:
+            gaps = np.diff(r.token_times)
+            itl_p50, itl_p99 = (float(v) for v in np.percentile(gaps, (50, 99)))
+            itl_max = float(gaps.max())
         queued_until = r.first_scheduled_time if r.first_scheduled_time is not None else r.finish_time
         return RequestRecord(
             request_id=r.request_id, tenant=r.tenant, slo_class=r.slo_class, priority=r.priority,
             prompt_tokens=r.num_prompt_tokens, output_tokens=r.num_output_tokens, arrival=r.arrival_time,
             queue_time=max(0.0, (queued_until or r.arrival_time) - r.arrival_time), ttft=ttft, tpot=tpot,
-            itl_p50=_percentile(gaps, 0.5), itl_p99=_percentile(gaps, 0.99), itl_max=gaps[-1] if gaps else None,
-            e2e_latency=(r.finish_time or r.arrival_time) - r.arrival_time,
+            itl_p50=itl_p50, itl_p99=itl_p99, itl_max=itl_max, e2e_latency=e2e,
             finish_reason=r.finish_reason.value if r.finish_reason else "abort",
             num_preemptions=r.num_preemptions,
             slo_met=r.finish_reason is not FinishReason.ABORT and slo_met(self.slo_targets, r.slo_class, ttft, tpot),

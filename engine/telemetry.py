@@ -37,6 +37,8 @@ class IterationRecord:
     draft_time: float = 0.0  # speculative decoding: time the drafter took (a draft model's forwards)
     ttfts: list[float] = field(default_factory=list)  # TTFT of each request whose first token came now
     tenant_tokens: dict[str, int] = field(default_factory=dict)  # tokens computed per tenant this iteration
+    itls: list[float] = field(default_factory=list)  # inter-token latency: the gap before each token sampled
+    # now (not a request's first): now - the request's previous token time, 0 for the rest of a speculative step
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,8 +55,8 @@ class RequestRecord:
     arrival: float  # seconds since engine start
     queue_time: float  # arrival -> first scheduled
     ttft: float | None
-    tpot: float | None  # mean time per output token after the first
-    itl_p50: float | None  # inter-token gaps summary
+    tpot: float | None  # time per output token: (e2e - ttft) / (output tokens - 1); None for one token
+    itl_p50: float | None  # this request's inter-token latencies: gaps between consecutive output tokens
     itl_p99: float | None
     itl_max: float | None
     e2e_latency: float

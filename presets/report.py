@@ -214,7 +214,7 @@ def build_report(
 
 SERIES_FIELDS = ("iteration", "time", "step_time", "num_prefill_tokens", "num_decode_tokens", "num_padding_tokens",
                  "num_generated_tokens", "num_requests_running", "num_requests_waiting", "num_preemptions",
-                 "kv_cache_usage", "config_version", "spec_proposed", "spec_accepted")
+                 "kv_cache_usage", "config_version", "spec_proposed", "spec_accepted", "itls")
 
 
 def iteration_series(iterations: Sequence[IterationRecord]) -> dict[str, list[Any]]:
