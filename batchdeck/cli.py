@@ -15,6 +15,7 @@ from batchdeck.engine.config import ConfigError
 from batchdeck.engine.service import flags, headless
 from batchdeck.engine.service.http import server as http_server
 from batchdeck.presets import bench
+from batchdeck.engine.service.logs import add_log_level_flag, configure_logging
 from batchdeck.presets import cli as presets_cli
 from batchdeck.presets import load_preset, preset_driver, resolve_preset
 
@@ -42,12 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     console_cli.register_cli(sub)
     presets_cli.register_cli(sub, open_console=lambda *a, **kw: console_cli.run_console(*a, **kw))
     bench.register_cli(sub)
+    for command in sub.choices.values():
+        add_log_level_flag(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

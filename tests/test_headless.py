@@ -1,5 +1,6 @@
 """`batchdeck engine`: flags, a preset served headless in-process, and SIGTERM on a real subprocess."""
 import asyncio
+import logging
 import json
 import os
 import signal
@@ -51,6 +52,11 @@ def test_flags_override_the_preset_and_nothing_to_serve_is_an_error(capsys):
     assert "nothing to serve" in capsys.readouterr().err
     assert main(["engine", "--mqtt", "h:notaport"]) == 2
     assert main(["engine", "--mqtt", "h", "--engine-id", "a/b"]) == 2
+    for command in (["generate", "--input", "i", "--output", "o"], ["engine"], ["console"], ["replay", "x"],
+                    ["compare", "a"]):
+        assert build_parser().parse_args([*command, "--log-level", "DEBUG"]).log_level == "debug"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["engine", "--log-level", "loud"])
 
 
 def test_speculation_flags_apply_with_and_without_a_preset():
@@ -67,7 +73,8 @@ def test_speculation_flags_apply_with_and_without_a_preset():
         assert cfg.drafter == "ngram" and cfg.draft_model is None
 
 
-async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path):
+async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="batchdeck")
     preset = parse_preset(PRESET, str(tmp_path / "p.yaml"))
     bus = Bus()
     sink = ListSink()
@@ -79,7 +86,7 @@ async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path):
     assert await asyncio.wait_for(runner.run(), 60) == 0
     err.seek(0)
     text = err.read()
-    assert "preset tiny-headless finished: 7 request(s) (0 rejected)" in text, text
+    assert "preset tiny-headless finished: 7 request(s) (0 rejected)" in caplog.text, caplog.text
     assert "Avg prompt throughput" in text and "final:" in text
     assert sorted(r.request_id for r in sink.requests) == ["0-0", "0-1", "0-2", "1-0", "1-1", "1-2", "1-3"]
     assert all(r.finish_reason == "length" for r in sink.requests)

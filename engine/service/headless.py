@@ -12,7 +12,8 @@
 - With `--mqtt`, telemetry is published and control obeyed (engine/mqtt_bridge.py) until SIGINT or
   SIGTERM; the preset (if any) runs meanwhile. Without `--mqtt` the preset runs to its end and the
   command exits.
-- Every `--status-interval` seconds a vLLM-style status line goes to stderr.
+- Every `--status-interval` seconds a vLLM-style status line goes to stderr; everything else it
+  says (loading, shutdown, the MQTT link) is logged (`logging`, `--log-level`).
 - On SIGINT/SIGTERM: stop admitting (preset and MQTT submits), give in-flight requests up to
   `--drain-timeout` seconds (default 0) to finish, abort the rest (listed on stderr; each also
   produces a RequestRecord with finish_reason "abort"), flush telemetry, publish the retained
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -34,6 +36,7 @@ from typing import Any, Callable, TextIO
 from batchdeck.engine.service.flags import add_engine_flags
 
 PROG = "batchdeck engine"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     bus = Bus()
     t0 = time.monotonic()
     engine = LLMEngine(cfg, live, sink=bus)
-    _say(f"model {cfg.model} on {cfg.device} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
+    log.info(f"model {cfg.model} on {cfg.device} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
          f"{engine.blocks.num_blocks} KV blocks of {cfg.block_size} tokens; "
          + (f"preset {preset.name}" if preset else "no preset")
          + (f"; MQTT {settings.host}:{settings.port}" if settings else ""))
@@ -168,10 +171,6 @@ def _cmd_engine(args: argparse.Namespace) -> int:
                             status_interval=args.status_interval, gpu_interval=args.gpu_interval,
                             drain_timeout=args.drain_timeout, speed=args.speed, duration_scale=args.duration_scale)
     return asyncio.run(runner.run())
-
-
-def _say(line: str, out: TextIO | None = None) -> None:
-    print(f"{PROG}: {line}", file=out or sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +212,14 @@ class HeadlessRunner:
         self.aborted: list[str] = []
 
     def say(self, line: str) -> None:
-        print(f"{self.prog}: {line}", file=self.out, flush=True)
+        """Log a line about the run (the `batchdeck` logger; the status line prints instead)."""
+        log.info(line)
 
     def request_stop(self, why: str = "stop") -> None:
         if self.stop_event is None:
             return
         if self.stop_event.is_set():
-            self.say(f"{why} again: exiting now")
+            log.warning(f"{why} again: exiting now")
             os._exit(130)
         self.signal_name = why
         self.stop_event.set()
@@ -239,8 +239,7 @@ class HeadlessRunner:
         if self.settings is not None:
             from batchdeck.engine.service.mqtt_bridge import MqttBridge
 
-            self.bridge = MqttBridge(self.engine, self.bus, self.engine_id, self.settings, read_only=self.read_only,
-                                     log=self.say)
+            self.bridge = MqttBridge(self.engine, self.bus, self.engine_id, self.settings, read_only=self.read_only)
             await self.bridge.start()
             if self.gpu_interval > 0:
                 from batchdeck.engine.service.gpu_monitor import GpuMonitor
@@ -270,10 +269,10 @@ class HeadlessRunner:
                 if driver_task.done():
                     exc = driver_task.exception()
                     if exc is not None:
-                        self.say(f"the preset run failed: {type(exc).__name__}: {exc}")
+                        log.error(f"the preset run failed: {type(exc).__name__}: {exc}")
                         return 1
                     p = self.driver.progress()
-                    self.say(f"preset {self.preset.name} finished: {p['finished']} request(s) "
+                    log.info(f"preset {self.preset.name} finished: {p['finished']} request(s) "
                              f"({p['rejected']} rejected)"
                              + ("; serving MQTT until SIGINT/SIGTERM" if self.bridge is not None else ""))
                     if self.bridge is None:
@@ -302,9 +301,9 @@ class HeadlessRunner:
         if self.aborted:
             more = len(self.aborted) - 20
             shown = ", ".join(self.aborted[:20]) + (f", ... ({more} more)" if more > 0 else "")
-            self.say(f"{why}: aborted {len(self.aborted)} in-flight request(s): {shown}")
+            log.info(f"{why}: aborted {len(self.aborted)} in-flight request(s): {shown}")
         elif why != "done":
-            self.say(f"{why}: no request was in flight")
+            log.info(f"{why}: no request was in flight")
         for t in background:
             t.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -314,11 +313,11 @@ class HeadlessRunner:
             stats = self.bridge.stats()
             ending = ("offline published" if self.bridge.offline_published else
                       "never connected" if not stats["connects"] else "offline not published (broker away)")
-            self.say(f"mqtt: published {stats['published']} message(s), dropped {stats['dropped']}; {ending}")
+            log.info(f"mqtt: published {stats['published']} message(s), dropped {stats['dropped']}; {ending}")
         status_sub.close()
         await self.engine.stop()
         if self.engine.error is not None:
-            self.say(f"the engine failed: {type(self.engine.error).__name__}: {self.engine.error}")
+            log.error(f"the engine failed: {type(self.engine.error).__name__}: {self.engine.error}")
 
     # -- status line ----------------------------------------------------------------------------
     def _feed(self, sub: Any) -> int:

@@ -19,10 +19,10 @@ flushes what was kept. Reconnection backs off exponentially from `reconnect_min`
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -116,8 +116,7 @@ async def _cancel(*tasks: asyncio.Future, timeout: float = 2.0) -> None:
             t.exception()  # retrieved: no "exception was never retrieved" warnings
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+_log_info = logging.getLogger(__name__).info  # the default `log`: the connection's ups and downs
 
 
 class MqttBridge:
@@ -126,7 +125,7 @@ class MqttBridge:
                  flush_interval: float = 0.1, max_batch: int = 256,
                  iteration_buffer: int = 1024, record_buffer: int = 4096,
                  reconnect_min: float = 0.1, reconnect_max: float = 5.0,
-                 log: Callable[[str], None] | None = _stderr):
+                 log: Callable[[str], None] | None = _log_info):
         self.engine = engine
         self.bus = bus
         self.engine_id = check_engine_id(engine_id)
