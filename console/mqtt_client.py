@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping
 from urllib.parse import unquote, urlparse
 
 from batchdeck.console.client import Client, CommandResult, ConnectionState, as_request_list, merge_submit_results
+from batchdeck.engine.service.backoff import Backoff
 from batchdeck.engine.service.protocol import (BUS_TOPICS, CONFIG, CONTROL, CONTROL_REPLY, STATUS, command, decode,
                                                 subtopic, topic_prefix)
 
@@ -118,7 +119,7 @@ class MqttClient(Client):
     async def _run(self) -> None:
         import aiomqtt
 
-        delay = self.backoff[0]
+        backoff = Backoff(*self.backoff)
         t = self.target
         while True:
             tls = ssl.create_default_context() if t.tls else None
@@ -130,7 +131,7 @@ class MqttClient(Client):
                     await client.subscribe(f"{self.prefix}/#", qos=1)
                     self._connected = True
                     self.connects += 1
-                    delay = self.backoff[0]
+                    backoff.reset()
                     self._update_state()
                     self._first_attempt.set()
                     async for message in client.messages:
@@ -145,8 +146,7 @@ class MqttClient(Client):
                 self._update_state()
                 self._fail_pending("the broker link dropped before the engine replied")
             self._first_attempt.set()
-            await asyncio.sleep(delay)
-            delay = min(self.backoff[1], delay * 2)
+            await asyncio.sleep(backoff.delay())
 
     def _fail_pending(self, why: str) -> None:
         for fut in self._pending.values():

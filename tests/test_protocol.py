@@ -49,3 +49,20 @@ def test_sink_lines_and_console_lines_are_one_format(tmp_path):
     times, messages, snapshot = read_recording(path)
     assert times == [1.5, 1.6] and snapshot is None
     assert messages == [("iteration", rec), ("event", event)]
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap_and_resets():
+    import random
+
+    import pytest
+
+    from batchdeck.engine.service.backoff import Backoff
+
+    b = Backoff(0.1, 0.5, jitter=0.0)
+    assert [b.delay() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    b.reset()
+    assert b.delay() == 0.1
+    jittered = Backoff(1.0, 1.0, jitter=0.2, rng=random.Random(3))
+    assert all(0.8 <= jittered.delay() <= 1.2 for _ in range(100))
+    with pytest.raises(ValueError, match="minimum <= maximum"):
+        Backoff(2.0, 1.0)

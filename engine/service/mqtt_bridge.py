@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import aiomqtt
 import paho.mqtt.client as paho
 
+from batchdeck.engine.service.backoff import Backoff
 from batchdeck.engine.service.bus import Bus, Message, Subscription
 from batchdeck.engine.service.control import ControlHandler
 from batchdeck.engine.service.protocol import (CONFIG, CONTROL, CONTROL_REPLY, OFFLINE, ONLINE, STATUS,
@@ -216,7 +217,7 @@ class MqttBridge:
         )
 
     async def _run(self) -> None:
-        delay = self.reconnect_min
+        backoff = Backoff(self.reconnect_min, self.reconnect_max)
         while not self._closing:
             session = False
             try:
@@ -225,7 +226,7 @@ class MqttBridge:
                     self._client = client
                     self.connects += 1
                     self._failures = 0
-                    delay = self.reconnect_min
+                    backoff.reset()
                     self._config_key = None
                     await self._on_connected(client)
                     self.connected = True  # status "online" and the config are out
@@ -247,8 +248,7 @@ class MqttBridge:
                 self._client = None
             if self._closing:
                 return
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, self.reconnect_max)
+            await asyncio.sleep(backoff.delay())
 
     async def _on_connected(self, client: aiomqtt.Client) -> None:
         await client.subscribe(self.topic(CONTROL), qos=1)
