@@ -254,11 +254,6 @@ class PresetDriver:
             await asyncio.sleep(0.05)
         self.error = self.engine.error
 
-    async def _sleep_until(self, workload_t: float) -> None:
-        delay = self.t0 + workload_t / self.speed - self.engine.engine.clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
-
     # -- timeline -------------------------------------------------------------------------------
     @staticmethod
     def _action_for(index: int, entry: "TimelineEntry") -> AppliedAction:
@@ -273,7 +268,7 @@ class PresetDriver:
     async def _timeline(self) -> None:
         for entry, action in zip(self.preset.timeline, self.applied):
             if entry.at is not None:
-                await self._sleep_until(entry.at)
+                await self.player.sleep_until(entry.at)
             else:
                 while self.engine.engine.iteration < entry.at_iteration:
                     await asyncio.sleep(POLL_S)

@@ -85,7 +85,8 @@ class WorkloadPlayer:
         self._counters[stream_index] = n + 1
         return f"{self.id_prefix}{stream_index}-{n}"
 
-    async def _sleep_until(self, workload_t: float) -> None:
+    async def sleep_until(self, workload_t: float) -> None:
+        """Wait until the workload clock reaches `workload_t`."""
         delay = self.t0 + workload_t / self.speed - self.engine.engine.clock()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -124,14 +125,14 @@ class WorkloadPlayer:
             base = cycle * (self.repeat_every or 0.0)
             i = 0
             while i < len(items):
-                await self._sleep_until(base + items[i].arrival)
+                await self.sleep_until(base + items[i].arrival)
                 now = self.workload_time()
                 while i < len(items) and base + items[i].arrival <= now:  # everything due: one boundary
                     self._spawn(items[i], base + items[i].arrival)
                     i += 1
             if self.repeat_every is None:
                 break
-            await self._sleep_until(base + self.repeat_every)
+            await self.sleep_until(base + self.repeat_every)
         while self._tasks:
             await asyncio.gather(*list(self._tasks))
 
