@@ -79,7 +79,6 @@ def synthetic_session(iterations: int = 400, *, seed: int = 7, step_s: float = 0
         generated = proposed = accepted = 0
         for r in running:
             if r["done_prompt"] >= r["prompt"]:
-                before = r["out"]
                 if spec_k and r["ttft"] is not None:  # drafts follow a token the request already has
                     drafted = min(spec_k, r["max_tokens"] - r["out"] - 1)
                     took = 0
@@ -98,7 +97,6 @@ def synthetic_session(iterations: int = 400, *, seed: int = 7, step_s: float = 0
                     ttfts.append(r["ttft"])
                 else:
                     itls.append(t - r["last"])
-                itls.extend([0.0] * (r["out"] - before - 1))
                 r["last"] = t
                 if r["out"] >= r["max_tokens"]:
                     finished_now.append(r)

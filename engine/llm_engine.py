@@ -337,10 +337,8 @@ class LLMEngine:
                 if reason is not None:
                     break
             num_generated += len(emitted)
-            if previous is not None:
+            if previous is not None:  # one gap per delivery: accepted drafts arrive with their step's token
                 itls.append(now - previous)
-            if len(emitted) > 1:  # accepted drafts: their tokens come at the same time
-                itls.extend([0.0] * (len(emitted) - 1))
             if chunk.draft:  # accepted drafts that were kept (a stop among them drops the rest)
                 accepted = min(len(tokens) - 1, len(emitted))
                 r.spec_steps += 1
@@ -434,6 +432,7 @@ class LLMEngine:
         itl_p50 = itl_p99 = itl_max = None
         if len(r.token_times) > 1:
             gaps = np.diff(r.token_times)
+            gaps = gaps[gaps > 0]  # tokens of one speculative step arrive together: one delivery
             itl_p50, itl_p99 = (float(v) for v in np.percentile(gaps, (50, 99)))
             itl_max = float(gaps.max())
         queued_until = r.first_scheduled_time if r.first_scheduled_time is not None else r.finish_time

@@ -37,8 +37,8 @@ class IterationRecord:
     draft_time: float = 0.0  # speculative decoding: time the drafter took (a draft model's forwards)
     ttfts: list[float] = field(default_factory=list)  # TTFT of each request whose first token came now
     tenant_tokens: dict[str, int] = field(default_factory=dict)  # tokens computed per tenant this iteration
-    itls: list[float] = field(default_factory=list)  # inter-token latency: the gap before each token sampled
-    # now (not a request's first): now - the request's previous token time, 0 for the rest of a speculative step
+    itls: list[float] = field(default_factory=list)  # inter-token latency: for each request that got tokens now
+    # (and had some before), now - the time of its previous tokens (a speculative step's tokens arrive together)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

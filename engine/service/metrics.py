@@ -15,8 +15,8 @@ Latency names as vLLM reads them:
 - `inter_token_latency` (ITL) {p50, p90, p99, mean, max}: over EVERY gap between consecutive output
   tokens of a request, all requests together; the gaps come with the iteration that produced the
   later token (`IterationRecord.itls`), so a stall (a long prefill chunk, a preemption in the middle
-  of a decode) shows up in the tail as it happens. Tokens accepted together in one speculative step
-  are 0 s apart.
+  of a decode) shows up in the tail as it happens. Tokens that arrive together (the accepted drafts
+  of one speculative step) are one delivery: one gap, as vLLM counts it.
 - `time_per_output_token` (TPOT) {p50, p90, p99, mean}: one value per finished request,
   (e2e - TTFT) / (output tokens - 1) (`RequestRecord.tpot`; None for a single output token).
 
