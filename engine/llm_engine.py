@@ -430,9 +430,9 @@ class LLMEngine:
         ttft, tpot = r.ttft, r.tpot
         e2e = (r.finish_time or r.arrival_time) - r.arrival_time
         itl_p50 = itl_p99 = itl_max = None
-        if len(r.token_times) > 1:
-            gaps = np.diff(r.token_times)
-            gaps = gaps[gaps > 0]  # tokens of one speculative step arrive together: one delivery
+        gaps = np.diff(r.token_times)
+        gaps = gaps[gaps > 0]  # tokens of one speculative step arrive together: one delivery
+        if gaps.size:
             itl_p50, itl_p99 = (float(v) for v in np.percentile(gaps, (50, 99)))
             itl_max = float(gaps.max())
         queued_until = r.first_scheduled_time if r.first_scheduled_time is not None else r.finish_time
