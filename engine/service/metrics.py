@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -50,7 +49,7 @@ def quantiles(values: Iterable[float | None], qs: Sequence[int] = LATENCY_QUANTI
               mean: bool = False, maximum: bool = False) -> dict[str, float | None]:
     """{"p50": ..., "p90": ..., ...} over the values that are not None (one numpy call); with
     `mean` / `maximum` also "mean" / "max"."""
-    xs = np.fromiter((v for v in values if v is not None), dtype=float)
+    xs = np.asarray([v for v in values if v is not None], dtype=float)  # faster than fromiter on a generator
     if xs.size:
         out = {f"p{q}": float(v) for q, v in zip(qs, np.percentile(xs, qs))}
     else:
@@ -115,7 +114,7 @@ def _aggregate(
         "num_requests_finished": len(requests),
         "request_throughput": _rate(len(requests), span_s),
         "time_to_first_token": quantiles(r.ttft for r in requests),
-        "inter_token_latency": quantiles(chain.from_iterable(it.itls for it in iterations), mean=True, maximum=True),
+        "inter_token_latency": quantiles([g for it in iterations for g in it.itls], mean=True, maximum=True),
         "time_per_output_token": quantiles((r.tpot for r in requests), mean=True),
         "e2e_request_latency": quantiles(r.e2e_latency for r in requests),
         "request_queue_time": quantiles(r.queue_time for r in requests),
