@@ -2,7 +2,7 @@
 
 Rooms: the core (`batchdeck.engine` less `batchdeck.engine.service`), the service
 (`batchdeck.engine.service`), `batchdeck.policies`, `batchdeck.presets`, `batchdeck.console` and the
-command line (`batchdeck` itself: `batchdeck.cli`, `batchdeck.__main__`). Every `import` counts,
+command line (`batchdeck.cli`, `batchdeck.__main__`; the package root holds only `__version__`). Every `import` counts,
 including those under `if TYPE_CHECKING:` and inside functions. `__import__`/`import_module` may
 load only an optional third-party module named in ALLOWED_DYNAMIC, never a batchdeck module.
 """
@@ -37,9 +37,9 @@ def room_of(module: str) -> str | None:
                          ("batchdeck.presets", "presets"), ("batchdeck.console", "console")):
         if module == prefix or module.startswith(prefix + "."):
             return room
-    if module == "batchdeck" or module.startswith("batchdeck."):
+    if module.startswith("batchdeck."):
         return "cli"
-    return None
+    return None  # third-party, or the package root `batchdeck` (its version only: any room may read it)
 
 
 def installed_modules() -> dict[str, Path]:
@@ -64,7 +64,7 @@ def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> list[str]:
         keep = len(parts) - node.level + (1 if is_package else 0)
         base = ".".join(parts[:keep] + ([node.module] if node.module else []))
     # `from pkg import name` may import the submodule pkg.name: count both
-    return [base] + [f"{base}.{a.name}" for a in node.names if a.name != "*"]
+    return [base] + [f"{base}.{a.name}" for a in node.names if a.name != "*" and not a.name.startswith("__")]
 
 
 def imports_of(module: str, path: Path) -> tuple[list[tuple[int, str]], list[tuple[int, str | None]]]:
@@ -92,14 +92,14 @@ MODULES = installed_modules()
 
 
 def test_the_walk_finds_every_room():
-    rooms = {room_of(m) for m in MODULES}
+    rooms = {room_of(m) for m in MODULES} - {None}
     assert rooms == set(FORBIDDEN)
     assert "batchdeck.engine.scheduler" in MODULES and "batchdeck.engine.service.mqtt_bridge" in MODULES
     assert len(MODULES) > 60
 
 
 def violations(module: str, path: Path) -> list[str]:
-    room = room_of(module)
+    room = room_of(module) or "cli"
     static, dynamic = imports_of(module, path)
     found, lines = [], set()
     for line, target in static:
@@ -131,6 +131,10 @@ def test_the_checker_catches_what_it_forbids(tmp_path):
     assert "dynamic import of batchdeck.presets" in found[2] and "a computed name" in found[3]
     assert violations("batchdeck.policies.fcfs", bad)  # policies: the core only
     ok = tmp_path / "ok.py"
-    ok.write_text("from batchdeck.engine.request import Request\nfrom batchdeck.policies import make_policy\n")
+    ok.write_text("from batchdeck.engine.request import Request\nfrom batchdeck.policies import make_policy\n"
+                  "from batchdeck import __version__\n")
     assert violations("batchdeck.engine.service.bus", ok) == []
     assert violations("batchdeck.policies.fcfs", ok) == []
+    cli = tmp_path / "cli.py"
+    cli.write_text("from batchdeck import cli\n")
+    assert violations("batchdeck.engine.service.bus", cli)  # the package root's submodule is the CLI
