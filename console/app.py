@@ -274,7 +274,7 @@ class ConsoleApp(App):
             info = st.engine_info
             self._w("#kv-gauge").show(
                 latest.kv_blocks_used if latest else None, latest.kv_blocks_total if latest else info.get("num_blocks"),
-                info.get("block_size"), snap["kv_cache_usage_peak"] if latest else None)
+                info.get("block_size"), snap["kv_cache_usage_peak"] if latest else None, snap.get("prefix_cache"))
             self._w("#kv-spark").data = [r.kv_cache_usage for r in its] or [0.0]
             ttft, itl, e2e = snap["time_to_first_token"], snap["inter_token_latency"], snap["e2e_request_latency"]
             self._w("#latency").show(

@@ -39,7 +39,9 @@ def register_cli(subparsers: Any) -> None:
     add_engine_flags(p)  # model not given: the embedded default for this machine (see default_model)
     p.add_argument("--preset", default=None, help="play a preset's workload and timeline (name or YAML file)")
     p.add_argument("--attach", default=None, metavar="mqtt://HOST:PORT/ENGINE_ID",
-                   help="watch and steer a headless engine over MQTT instead of starting one")
+                   help="watch and steer a headless engine over MQTT instead of starting one; with "
+                        "mqtt://USER@HOST:PORT/ENGINE_ID the password comes from $BATCHDECK_MQTT_PASSWORD "
+                        "(a password in the URL shows in ps)")
     p.add_argument("--record", default=None, metavar="FILE", help="write everything received and done as JSONL")
     p.add_argument("--replay", default=None, metavar="FILE",
                    help="play a recording back (console --record or replay --record), no engine")
@@ -111,13 +113,27 @@ def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, ove
     elif attach is not None:
         from batchdeck.console.mqtt_client import MqttClient
 
-        client = MqttClient(attach)
+        client = MqttClient(attach_target(attach))
     else:
         client, drivers, title = _inprocess(preset, args, overrides, speed, duration_scale, loaded, say, steady_load)
     if refresh_hz is None:
         refresh_hz = INPROCESS_HZ if client.kind == "in-process" else 10.0
     recorder = RecordingWriter(record) if record is not None else None
     return ConsoleApp(client, recorder=recorder, drivers=drivers, refresh_hz=refresh_hz, title=title)
+
+
+def attach_target(url: str) -> Any:
+    """The --attach URL's target; a user given without a password in the URL (where `ps` would show
+    it) takes the password from $BATCHDECK_MQTT_PASSWORD."""
+    import dataclasses
+    import os
+
+    from batchdeck.console.mqtt_client import parse_attach_url
+
+    target = parse_attach_url(url)
+    if target.username is not None and target.password is None:
+        target = dataclasses.replace(target, password=os.environ.get("BATCHDECK_MQTT_PASSWORD"))
+    return target
 
 
 def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[str, Any] | None, speed: float,

@@ -26,6 +26,9 @@ INT_SETTINGS = tuple(s.name for s in LIVE_SETTINGS if s.kind == "int")
 FLOAT_SETTINGS = tuple(s.name for s in LIVE_SETTINGS if s.kind == "float")
 _LIVE_FIELDS = frozenset(f.name for f in dataclasses.fields(LiveConfig))
 MEANING = {s.name: s.meaning for s in LIVE_SETTINGS}
+BOOL_SETTINGS = tuple(s.name for s in LIVE_SETTINGS if s.kind == "bool")
+# Clearing the prefix cache is turning it off then on (off drops the cache), two changes in order.
+CLEAR_PREFIX_CACHE = ({"prefix_caching": False}, {"prefix_caching": True})
 
 # name, action (an App action), help
 ACTIONS: tuple[tuple[str, str, str], ...] = (
@@ -48,7 +51,9 @@ def normalize_key(word: str) -> str:
 
 
 def choices(key: str, bounds: Mapping[str, Any] | None) -> tuple[str, ...] | None:
-    """The allowed values of a choice setting (the engine's published ones), None for any other."""
+    """The allowed values of a choice (the engine's published ones) or true/false setting, None for any other."""
+    if key in BOOL_SETTINGS:
+        return ("true", "false")
     return ConfigBounds.from_dict(bounds or {}).choices(key)
 
 
@@ -95,6 +100,7 @@ class Candidate:
     changes: dict[str, Any] | None = None  # a validated live change
     error: str | None = None  # a refusal: why the typed value cannot be applied
     action: str | None = None  # an App action name
+    sequence: tuple[dict[str, Any], ...] = ()  # live changes sent one after the other
     exact: bool = False  # the query named this command completely
 
 
@@ -111,6 +117,7 @@ def candidates(query: str, config: Mapping[str, Any] | None, bounds: Mapping[str
             partial = [o for o in opts if o.startswith(raw)]
             if partial:  # still typing: offer the matching values
                 return [_setting(key, o, now, bounds, config) for o in partial]
+        if opts is not None and raw not in opts and key not in BOOL_SETTINGS:  # a bool's refusal: parse_value's
             return [Candidate(f"{key} {raw}", f"refused: {key}={raw!r} is not allowed: one of " + ", ".join(opts),
                               error=f"{key}={raw!r} is not allowed: one of " + ", ".join(opts), exact=True)]
         try:
@@ -132,13 +139,16 @@ def candidates(query: str, config: Mapping[str, Any] | None, bounds: Mapping[str
                                  f"type `{key} N` to set it (now {now}){meaning}; "
                                  f"allowed {describe_bounds(key, config, bounds)}"))
     out.extend(Candidate(name, help, action=action) for name, action, help in ACTIONS)
+    out.append(Candidate("clear prefix cache", "drop every cached KV block (prefix_caching off, then on again)",
+                         sequence=CLEAR_PREFIX_CACHE))
     return out
 
 
 def _setting(key: str, value: Any, now: Any, bounds: Mapping[str, Any] | None, config: Mapping[str, Any] | None) -> Candidate:
-    current = " (current)" if value == now else ""
+    typed = parse_value(key, value) if key in BOOL_SETTINGS and isinstance(value, str) else value
+    current = " (current)" if typed == now else ""
     return Candidate(f"{key} {value}", f"set {key} to {value} at the next iteration{current}; now {now}; "
-                                       f"allowed {describe_bounds(key, config, bounds)}", changes={key: value})
+                                       f"allowed {describe_bounds(key, config, bounds)}", changes={key: typed})
 
 
 class SettingsProvider(Provider):
@@ -157,13 +167,15 @@ class SettingsProvider(Provider):
             return lambda: app.request_changes(c.changes, origin="palette")
         if c.action is not None:
             return lambda: app.run_action(c.action)
+        if c.sequence:
+            return lambda: [app.request_changes(ch, origin="palette") for ch in c.sequence]
         return lambda: app.notify(c.help, title=c.text, timeout=6)
 
     async def discover(self) -> Hits:
         config, bounds = self._context()
         for c in candidates("", config, bounds):
-            if c.action is not None or c.text.startswith(("policy ", "max_num_seqs", "chunk_size", "batching ",
-                                                          "spec_k")):
+            if c.action is not None or c.sequence or c.text.startswith(
+                    ("policy ", "max_num_seqs", "chunk_size", "batching ", "spec_k", "prefix_caching ")):
                 yield DiscoveryHit(c.text, self._callback(c), help=c.help)
 
     async def search(self, query: str) -> Hits:

@@ -161,6 +161,7 @@ class LiveConfig:
     selective_threshold: int = _d("selective_threshold")  # `selective` mixing: prompts at or above this run alone
     static_timeout: float = _d("static_timeout")  # `static` batching: a batch forms when full or after this long (s)
     spec_k: int = _d("spec_k")  # speculative decoding: draft tokens verified per decode step (0 = off)
+    prefix_caching: bool = _d("prefix_caching")  # reuse cached prompt blocks (off drops the cache)
     version: int = 0
 
     def to_dict(self) -> dict[str, Any]:

@@ -150,6 +150,7 @@ class LLMEngine:
         self._finished_ids: deque[str] = deque()
         self.iteration = 0
         self.num_requests_added = 0
+        self._prefix_counts = (0, 0)  # the block manager's prefix-cache counters at the last record
 
     def _load_draft_model(self, draft: LoadedModel | None) -> LoadedModel:
         """The draft model (`draft` when the caller loaded it already), checked against the target."""
@@ -282,6 +283,16 @@ class LLMEngine:
                             source=source, version=new.version)
         self._pending.clear()
 
+    def clear_prefix_cache(self, source: str = "api") -> int:
+        """Drop the prefix cache now (between iterations); returns the cached blocks freed."""
+        freed = self.blocks.clear()
+        self.emit_event("prefix_cache_cleared", freed_blocks=freed, source=source)
+        return freed
+
+    def prefix_cache_stats(self) -> dict[str, Any]:
+        """Totals since start (tokens looked up / served from the cache), for metrics servers."""
+        return self.blocks.prefix_cache_stats()
+
     def emit_event(self, kind: str, now: float | None = None, **data: Any) -> Event:
         event = Event(kind, self.clock() if now is None else now, self.iteration, data)
         self.sink("event", event)
@@ -312,6 +323,7 @@ class LLMEngine:
         result = StepResult(self.iteration)
         it = self.iteration
         policy = self.scheduler.policy
+        commit = self.blocks.commit
         tenant_tokens: dict[str, int] = {}
         ttfts: list[float] = []
         itls: list[float] = []
@@ -320,6 +332,8 @@ class LLMEngine:
                 continue
             r = chunk.request
             r.num_computed_tokens += chunk.num_tokens
+            if not chunk.num_draft:
+                commit(r, r.num_computed_tokens)
             tenant_tokens[r.tenant] = tenant_tokens.get(r.tenant, 0) + chunk.num_tokens
             prompt_part = max(0, min(chunk.start + chunk.num_tokens, r.num_prompt_tokens) - chunk.start)
             # A speculating chunk's output service is known only after verification (below).
@@ -353,6 +367,7 @@ class LLMEngine:
                 if reason is None:
                     self.blocks.shrink(r.request_id, r.num_computed_tokens)
                     self.drafter.sync(r)
+                commit(r, r.num_computed_tokens)  # only verified tokens' blocks are cached
             if r.first_token_time is None:
                 r.first_token_time, r.first_token_iteration = now, it
                 ttfts.append(now - r.arrival_time)
@@ -369,6 +384,8 @@ class LLMEngine:
             self.blocks.check()
             self.drafter.check()
         t_end = time.perf_counter()
+        blocks = self.blocks
+        queries, hits = blocks.prefix_cache_queries, blocks.prefix_cache_hits
         record = IterationRecord(
             iteration=it, time=now, step_time=t_end - t_start, schedule_time=t_sched - t_start,
             draft_time=t_draft - t_sched,
@@ -383,7 +400,11 @@ class LLMEngine:
             num_finished=len(result.finished), num_generated_tokens=num_generated, ttfts=ttfts,
             spec_proposed=spec_proposed, spec_accepted=spec_accepted,
             tenant_tokens=tenant_tokens, itls=itls,
+            prefix_cache_queries=queries - self._prefix_counts[0], prefix_cache_hits=hits - self._prefix_counts[1],
+            kv_blocks_cached=blocks.num_cached, kv_blocks_evictable=blocks.num_evictable,
+            kv_blocks_free=blocks.num_empty,
         )
+        self._prefix_counts = (queries, hits)
         result.record = record
         self.sink("iteration", record)
         self.iteration += 1
@@ -446,7 +467,7 @@ class LLMEngine:
             slo_met=r.finish_reason is not FinishReason.ABORT and slo_met(self.slo_targets, r.slo_class, ttft, tpot),
             first_token_iteration=r.first_token_iteration, finish_iteration=r.finish_iteration,
             finish=r.finish_time or 0.0, spec_proposed=r.spec_proposed, spec_accepted=r.spec_accepted,
-            spec_steps=r.spec_steps,
+            spec_steps=r.spec_steps, num_cached_tokens=r.num_cached_tokens,
             spec_acceptance_rate=r.spec_accepted / r.spec_proposed if r.spec_proposed else None,
             spec_mean_accepted=r.spec_accepted / r.spec_steps if r.spec_steps else None,
         )

@@ -131,6 +131,8 @@ class Request:
     spec_accepted: int = 0
     spec_steps: int = 0  # decode steps that verified drafts (mean accepted length = accepted / steps)
     admission_seq: int = -1  # order in which the engine accepted the request (FCFS tie-break)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at its first admission
+    prefix_memo: Any = field(default=None, repr=False)  # the block manager's chained block keys (block_manager.PrefixMemo)
 
     # Timing (engine clock, seconds since engine start) and iteration indices.
     first_scheduled_time: float | None = None

@@ -1,7 +1,9 @@
 """The iteration scheduler: the mechanism of continuous and static batching with chunked prefill.
 
 Every iteration it builds a `StepPlan` under the live limits (`max_num_seqs`, `max_batched_tokens`,
-`chunk_size`), the mixing mode, and the KV blocks available. Ordering decisions (who is admitted
+`chunk_size`), the mixing mode, and the KV blocks available. A request admitted with prefix caching on
+starts at its cached prefix (engine/block_manager.py): those tokens cost no token budget and only the
+rest is computed. Ordering decisions (who is admitted
 first, who is preempted) are the policy's; everything else is here.
 """
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Scheduler:
         self._order: list[Request] | None = None  # the policy's order of `waiting`, memoized per schedule()
         self._in_plan: set[int] = set()  # id() of the requests the plan being built already has a chunk for
         self._policy_preempts = _overrides_should_preempt(policy)
+        policy.prefix_lookup = blocks.cached_prefix_tokens
+        blocks.set_prefix_caching(config.prefix_caching)
 
     # -- queues ---------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -64,6 +68,7 @@ class Scheduler:
     def set_policy(self, policy: Policy) -> None:
         """Swap the policy live: the new one takes the queues as they are (nothing is dropped or restarted)."""
         policy.take_over(self.policy, self.waiting, self.running)
+        policy.prefix_lookup = self.blocks.cached_prefix_tokens
         self.policy = policy
         self._policy_preempts = _overrides_should_preempt(policy)
         self._order = None
@@ -73,6 +78,9 @@ class Scheduler:
             self._end_static_batch()
         elif config.batching == "static" and self.config.batching != "static" and self.running:
             self.static_batch = list(self.running)  # what runs now is the batch; nobody joins it
+        if config.prefix_caching != self.blocks.prefix_caching:
+            self.blocks.set_prefix_caching(config.prefix_caching)
+            self._order = None
         self.config = config
 
     @property
@@ -110,16 +118,15 @@ class Scheduler:
                 not self._is_long(r) for r in self.waiting
             )
             if long is not None and (not self._last_step_alone or not has_other):
-                self._last_step_alone = True
-                if long.status is RequestStatus.WAITING:
-                    self._admit([long], plan, budget, now)
-                else:
-                    self._run([long], plan, budget, now)
+                self._run_alone(long, plan, budget, now)
                 return
             self._last_step_alone = False
             budget = self._run(decoding, plan, budget, now)
             budget = self._run([r for r in prefilling if not self._is_long(r)], plan, budget, now)
             self._admit_waiting(plan, budget, now, skip_long=True)
+            if plan.empty and long is not None and long.status is RequestStatus.RUNNING:
+                # the others could not run (no seat for a short waiting one): the long prefill goes on
+                self._run_alone(long, plan, budget, now)
             return
 
         if cfg.mixing == "prefill-first":
@@ -133,6 +140,14 @@ class Scheduler:
         budget = self._run(decoding, plan, budget, now)
         budget = self._run(prefilling, plan, budget, now)
         self._admit_waiting(plan, budget, now)
+
+    def _run_alone(self, long: Request, plan: StepPlan, budget: int, now: float) -> None:
+        """Selective mixing: this iteration is the long prefill's alone."""
+        self._last_step_alone = True
+        if long.status is RequestStatus.WAITING:
+            self._admit([long], plan, budget, now)
+        else:
+            self._run([long], plan, budget, now)
 
     def _schedule_static(self, plan: StepPlan, now: float) -> None:
         cfg = self.config
@@ -227,9 +242,10 @@ class Scheduler:
         for r in self._ordered_waiting(now):
             if len(self.running) >= self.config.max_num_seqs:
                 break
-            if not self.blocks.grow(r.request_id, r.num_computed_tokens + min(r.num_pending_tokens,
-                                                                              self.config.chunk_size)):
+            cached = self.blocks.cached_prefix_tokens(r)
+            if not self.blocks.admit(r, cached, cached + min(len(r.token_ids) - cached, self.config.chunk_size)):
                 break  # no skipping ahead: the policy's order is respected
+            self._took_cached(r, cached)
             self.waiting.remove(r)
             r.status = RequestStatus.RUNNING
             if r.first_scheduled_time is None:
@@ -260,9 +276,11 @@ class Scheduler:
         for r in ordered:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            n = min(r.num_pending_tokens, self.config.chunk_size, budget)
-            if not self.blocks.grow(r.request_id, r.num_computed_tokens + n):
+            cached = self.blocks.cached_prefix_tokens(r)  # cached tokens cost no budget
+            n = min(len(r.token_ids) - cached, self.config.chunk_size, budget)
+            if not self.blocks.admit(r, cached, cached + n):
                 break  # no skipping ahead: the policy's order is respected
+            self._took_cached(r, cached)
             self.waiting.remove(r)
             self._order = None
             r.status = RequestStatus.RUNNING
@@ -281,12 +299,25 @@ class Scheduler:
         if not self.waiting or len(self.running) > cap:
             return  # over the cap only while draining (preemption=drain): nobody is admitted, so none evicted
         head = self._ordered_waiting(now)[0]
-        n = min(head.num_pending_tokens, self.config.chunk_size, self.config.max_batched_tokens)
-        while not self.blocks.can_hold(head.request_id, n) or len(self.running) >= cap:
+        while not self._can_admit(head) or len(self.running) >= cap:
             victim = self.policy.should_preempt(head, self.running, now)
             if victim is None:
                 return
             self._preempt(victim, plan)
+
+    def _took_cached(self, r: Request, cached: int) -> None:
+        """`r` was admitted with its first `cached` tokens served from the prefix cache."""
+        r.num_computed_tokens = cached
+        if r.first_scheduled_time is None:
+            r.num_cached_tokens = cached
+        if cached:
+            self.policy.on_prefix_hit(r, cached)
+
+    def _can_admit(self, r: Request) -> bool:
+        """Whether the KV blocks for `r`'s first chunk (after its cached prefix) are there now."""
+        cached = self.blocks.cached_prefix_tokens(r)
+        n = min(len(r.token_ids) - cached, self.config.chunk_size, self.config.max_batched_tokens)
+        return self.blocks.can_admit(r, cached, cached + n)
 
     def _append(self, plan: StepPlan, r: Request, n: int) -> None:
         computed = r.num_computed_tokens
@@ -330,8 +361,7 @@ class Scheduler:
             return None
         for r in self._ordered_waiting(now):
             if self._is_long(r):
-                n = min(r.num_pending_tokens, self.config.chunk_size, self.config.max_batched_tokens)
-                return r if self.blocks.can_hold(r.request_id, n) else None
+                return r if self._can_admit(r) else None
         return None
 
 

@@ -43,7 +43,10 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+        shown = repr(value)
+        if len(shown) > 60:  # a 400-digit number is described, not echoed
+            shown = f"{shown[:12]}... ({len(shown)} characters)"
+        super().__init__(f"{key}={shown} is not allowed: {allowed}")
 
 
 def policy_names() -> tuple[str, ...]:
@@ -159,9 +162,12 @@ class Setting:
         if kind == "int" and not isinstance(value, int):
             raise bad
         if kind == "float":
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond the float range (JSON carries 10**400 exactly)
+                raise bad from None
             if not math.isfinite(value):
                 raise bad
-            value = float(value)
         if self.low is not None and value < self.low:
             raise bad
         if high is not None and not isinstance(high, str) and value > high:
@@ -299,6 +305,8 @@ SETTINGS: tuple[Setting, ...] = (
             default=1.0, live=True, low=0.0, high=3600.0, unit="seconds", flags=("--static-timeout",)),
     Setting("spec_k", "int", "speculative decoding: draft tokens verified per decode step (0 = off)", default=0,
             live=True, low=0, high="spec_k_limit", flags=("--spec-k",)),
+    Setting("prefix_caching", "bool", "reuse the KV of cached full prompt blocks (automatic prefix caching; "
+            "turning it off drops the cache)", default=True, live=True, flags=("--prefix-caching", "--enable-prefix-caching")),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -309,7 +317,7 @@ START_KEYS: tuple[str, ...] = tuple(s.name for s in START_SETTINGS)
 # live settings bounded by a start-time limit: {"max_num_seqs": "max_num_seqs_limit", ...}
 LIMITS: dict[str, str] = {s.name: s.high for s in LIVE_SETTINGS
                           if isinstance(s.high, str) and not BY_NAME[s.high].live}
-PANEL_KINDS = ("int", "float", "choice")  # shown as a field in the console's config panel
+PANEL_KINDS = ("int", "float", "choice", "bool")  # shown as a field in the console's config panel
 
 
 def setting(name: str) -> Setting:

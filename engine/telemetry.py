@@ -39,6 +39,15 @@ class IterationRecord:
     tenant_tokens: dict[str, int] = field(default_factory=dict)  # tokens computed per tenant this iteration
     itls: list[float] = field(default_factory=list)  # inter-token latency: for each request that got tokens now
     # (and had some before), now - the time of its previous tokens (a speculative step's tokens arrive together)
+    # Prefix cache: tokens of the requests admitted in this iteration that were looked up in the cache,
+    # and of those, how many were served from it (not computed; num_prefill_tokens counts the computed).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    # KV pool: kv_blocks_used (held) + kv_blocks_evictable (cached, held by nobody) + kv_blocks_free == total;
+    # kv_blocks_cached counts the blocks holding a cache entry, held or not.
+    kv_blocks_cached: int = 0
+    kv_blocks_evictable: int = 0
+    kv_blocks_free: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,6 +80,7 @@ class RequestRecord:
     spec_steps: int = 0  # decode steps that verified drafts
     spec_acceptance_rate: float | None = None  # spec_accepted / spec_proposed (None: nothing proposed)
     spec_mean_accepted: float | None = None  # accepted drafts per verification step (None: no step)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at its first admission
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,7 +88,8 @@ class RequestRecord:
 
 @dataclass(slots=True)
 class Event:
-    """`kind` is one of config_change, preemption, request_rejected, error, pause, resume."""
+    """`kind` is one of config_change, preemption, request_rejected, error, pause, resume,
+    prefix_cache_cleared."""
 
     kind: str
     time: float

@@ -1,4 +1,4 @@
-"""Scheduling policies, registered by name (a contract): fcfs, sjf, slo, fair, priority."""
+"""Scheduling policies, registered by name (a contract): fcfs, sjf, slo, fair, priority, cache-aware."""
 from __future__ import annotations
 
 import sys
@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from batchdeck.engine.config import ConfigError
 from batchdeck.policies.base import ParamSpec, Policy
+from batchdeck.policies.cache_aware import CacheAwarePolicy
 from batchdeck.policies.fair import FairPolicy
 from batchdeck.policies.fcfs import FCFSPolicy
 from batchdeck.policies.priority import PriorityPolicy
@@ -13,7 +14,7 @@ from batchdeck.policies.sjf import SJFPolicy
 from batchdeck.policies.slo import SLOPolicy
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (FCFSPolicy, SJFPolicy, SLOPolicy, FairPolicy, PriorityPolicy)
+    cls.name: cls for cls in (FCFSPolicy, SJFPolicy, SLOPolicy, FairPolicy, PriorityPolicy, CacheAwarePolicy)
 }
 
 

@@ -10,7 +10,10 @@ A policy only answers three questions:
   seats or the KV blocks short).
 
 It is told about service as tokens are computed (`on_tokens_computed`), which is how fair
-scheduling keeps its counters, and about arrivals (`on_arrival`). Policies are swapped live: a new
+scheduling keeps its counters, about prompt tokens served from the prefix cache at admission
+(`on_prefix_hit`), and about arrivals (`on_arrival`). It may ask how many prompt tokens of a waiting
+request the prefix cache holds now (`cached_tokens`; 0 with prefix caching off): that changes as the
+cache fills and evicts, so it must not be memoized as a fixed key. Policies are swapped live: a new
 instance takes the queues as they are, so a policy keeps no queue of its own; `take_over` lets it
 carry state over from the instance it replaces.
 
@@ -89,11 +92,14 @@ class ParamSpec:
     def _number(self, policy: str, key: str, value: Any, kind: type) -> Any:
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         what = "an integer" if kind is int else "a number"
-        if not numeric or (kind is int and not float(value).is_integer()) or math.isnan(value):
+        if not numeric or (isinstance(value, float) and (math.isnan(value) or (kind is int and not value.is_integer()))):
             raise ConfigError(key, value, f"{what} in {self.range_text()} for policy {policy}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
             raise ConfigError(key, value, f"{what} in {self.range_text()} for policy {policy}")
-        return kind(value)
+        try:
+            return kind(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(key, value, f"{what} in {self.range_text()} for policy {policy}") from None
 
 
 class Policy:
@@ -101,6 +107,8 @@ class Policy:
 
     name: ClassVar[str] = "base"
     PARAMS: ClassVar[dict[str, ParamSpec]] = {}
+    # The scheduler binds the block manager's look-up here (engine/block_manager.py cached_prefix_tokens).
+    prefix_lookup: Callable[[Request], int] = staticmethod(lambda request: 0)
 
     def __init__(self, **params: Any):
         self.params = {k: spec.default for k, spec in self.PARAMS.items()}
@@ -123,7 +131,15 @@ class Policy:
         """A running request that `candidate` (waiting, unable to fit) may evict, or None."""
         return None
 
+    def cached_tokens(self, request: Request) -> int:
+        """Prompt tokens of waiting `request` the prefix cache holds now (a block multiple; 0 when off)."""
+        return self.prefix_lookup(request)
+
     # -- accounting -----------------------------------------------------------------------------
+    def on_prefix_hit(self, request: Request, num_cached_tokens: int) -> None:
+        """Called when `request` is admitted with its first `num_cached_tokens` served from the cache
+        (they are never reported to `on_tokens_computed`)."""
+
     def on_tokens_computed(self, request: Request, num_prompt_tokens: int, num_output_tokens: int) -> None:
         """Called after each iteration with the service a request just received."""
 

@@ -3,12 +3,14 @@ Large Language Models", OSDI'24).
 
 Optimizes: fair sharing of service between tenants (requests without a tenant belong to
 `default`). Every tenant has a counter of the service it received, in weighted tokens:
-`input_weight` per prompt token computed plus `output_weight` per output token generated, divided
+`input_weight` per prompt token computed (times `cached_weight` per prompt token served from the
+prefix cache, which costs no prefill compute) plus `output_weight` per output token generated, divided
 by the tenant's weight (`tenant_weights`, default 1: a tenant of weight 2 is entitled to twice the
 service). The least-served backlogged tenant is served first: waiting requests are ordered by
 their tenant's counter, first come, first served within a tenant, and admitting a request
 provisionally charges its tenant with the request's prompt (and first output token), so one
-iteration's admissions interleave tenants as VTC's pick-the-minimum loop does. When a tenant
+iteration's admissions interleave tenants as VTC's pick-the-minimum loop does (the provisional
+charge counts the prompt's cached prefix as of when the request joined the queue at `cached_weight`). When a tenant
 becomes newly active (a request arrives while it has nothing waiting or running), its counter is
 lifted to the minimum counter of the active tenants (to the counter of the last tenant served
 when none is active), so idling does not bank credit. The policy only orders; it never holds
@@ -29,6 +31,8 @@ Parameters:
   input_weight    cost of one prompt token, default 1.0, in [0, 1000]
   output_weight   cost of one output token, default 2.0, in [0, 1000]
   tenant_weights  {tenant: weight} share weights, each in [0.001, 1000]; unlisted tenants weigh 1
+  cached_weight   cost of a prompt token served from the prefix cache, as a share of input_weight,
+                  default 0.1, in [0, 1] (it takes KV memory and attention reads, not prefill compute)
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ class FairPolicy(Policy):
         "input_weight": ParamSpec(1.0, float, 0.0, 1000.0, "cost of a prompt token"),
         "output_weight": ParamSpec(2.0, float, 0.0, 1000.0, "cost of an output token"),
         "tenant_weights": ParamSpec({}, dict, 0.001, 1000.0, "{tenant: share weight}, default weight 1"),
+        "cached_weight": ParamSpec(0.1, float, 0.0, 1.0, "cost of a cached prompt token, share of input_weight"),
     }
 
     def __init__(self, **params: Any):
@@ -57,6 +62,7 @@ class FairPolicy(Policy):
         self.input_weight: float = self.params["input_weight"]
         self.output_weight: float = self.params["output_weight"]
         self.tenant_weights: dict[str, float] = dict(self.params["tenant_weights"])
+        self.cached_weight: float = self.params["cached_weight"]
         self.counters: dict[str, float] = {}
         self._last_served = 0.0  # counter of the tenant served last (the floor when nobody is active)
         self._queues: dict[str, list[Request]] = {}  # waiting requests per tenant, FCFS
@@ -71,8 +77,11 @@ class FairPolicy(Policy):
 
     # -- ordering -------------------------------------------------------------------------------
     def _cost(self, r: Request) -> float:
-        """Provisional charge for admitting `r`: its prompt and its first output token."""
-        return (self.input_weight * len(r.prompt_token_ids) + self.output_weight) / self.weight(r.tenant)
+        """Provisional charge for admitting `r`: its prompt (its cached prefix at `cached_weight`) and
+        its first output token."""
+        cached = self.prefix_lookup(r) if not r.num_preemptions else 0
+        prompt = len(r.prompt_token_ids) - min(cached, len(r.prompt_token_ids)) * (1.0 - self.cached_weight)
+        return (self.input_weight * prompt + self.output_weight) / self.weight(r.tenant)
 
     def _sync(self, waiting: Sequence[Request]) -> None:
         """Bring the per-tenant FCFS queues (and their provisional costs) in line with `waiting`.
@@ -144,6 +153,15 @@ class FairPolicy(Policy):
         t = request.tenant
         w = self.tenant_weights.get(t)
         value = self.counters.get(t, 0.0) + (charge if w is None else charge / w)
+        self.counters[t] = value
+        self._last_served = value
+
+    def on_prefix_hit(self, request: Request, num_cached_tokens: int) -> None:
+        if request.num_preemptions or not self.cached_weight:
+            return  # a readmission's cached prompt was charged before its preemption
+        charge = self.input_weight * self.cached_weight * min(num_cached_tokens, request.num_prompt_tokens)
+        t = request.tenant
+        value = self.counters.get(t, 0.0) + charge / self.weight(t)
         self.counters[t] = value
         self._last_served = value
 

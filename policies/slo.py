@@ -17,6 +17,10 @@ victim is the running request with the most slack (latest admitted among equals)
 the running request with the most slack, if that one's deadline is more than `preempt_margin_s`
 later than its own and the waiting one can still make its deadline.
 
+With `prefill_token_s` > 0 a waiting request's admission deadline is moved earlier by the time its
+prompt takes to compute: prefill_token_s per prompt token not served from the prefix cache (cached
+tokens cost nothing), so a long cold prompt starts sooner than a warm one due at the same time.
+
 Costs: fairness within a class and throughput: batch requests wait while tighter classes have
 work, and with `demote_late` a request that missed its TTFT can wait long under sustained overload
 (it still goes first once the load allows). Preemption recomputes the victim's tokens. Ordering is
@@ -28,6 +32,9 @@ Parameters (seconds; defaults from engine/slo.py):
   demote_late      true: a request past its TTFT deadline goes after those that can still make it
   preempt          true: a waiting request may evict the running request with the most slack
   preempt_margin_s 5.0 in [0, 86400]: how much later the victim's deadline must be
+  prefill_token_s  0 in [0, 1]: seconds one computed prompt token takes (0: ignore prefill time;
+                   > 0: orders by deadline - prefill time of the uncached prompt, one cache look-up
+                   per waiting request and a full sort per iteration)
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ class SLOPolicy(Policy):
         "demote_late": ParamSpec(True, bool, help="requests past their TTFT deadline go last"),
         "preempt": ParamSpec(True, bool, help="a waiting request may evict the running one with the most slack"),
         "preempt_margin_s": ParamSpec(5.0, float, 0.0, 86400.0, "victim deadline must be this much later (s)"),
+        "prefill_token_s": ParamSpec(0.0, float, 0.0, 1.0, "seconds per computed prompt token (cached ones are free)"),
     }
 
     def __init__(self, **params: Any):
@@ -64,6 +72,7 @@ class SLOPolicy(Policy):
         self.demote_late: bool = p["demote_late"]
         self.preempt: bool = p["preempt"]
         self.margin: float = p["preempt_margin_s"]
+        self.prefill_token_s: float = p["prefill_token_s"]
         self._by_class = {cls: (t.ttft, t.tpot) for cls, t in self.targets.items()}
         self._default = self._by_class["interactive"]
         self._keys = WaitingKeys(lambda r: (self.deadline(r), r.admission_seq))
@@ -86,7 +95,14 @@ class SLOPolicy(Policy):
         """Not started and past its TTFT deadline: its SLO cannot be met any more."""
         return not r.output_token_ids and self.deadline(r) < now
 
+    def start_by(self, r: Request) -> float:
+        """The deadline less the time to compute what the cache does not hold of the prompt."""
+        pending = len(r.token_ids) - r.num_computed_tokens
+        return self.deadline(r) - self.prefill_token_s * max(0, pending - self.prefix_lookup(r))
+
     def order_waiting(self, waiting: Sequence[Request], now: float) -> list[Request]:
+        if self.prefill_token_s:
+            return self._order_by_start(waiting, now)
         ordered = self._keys.sort(waiting)  # earliest deadline (least slack) first
         if not self.demote_late or not ordered:
             return ordered
@@ -98,6 +114,17 @@ class SLOPolicy(Policy):
         if not hopeless:
             return ordered
         return [r for r in head if r.output_token_ids] + ordered[late:] + hopeless
+
+    def _order_by_start(self, waiting: Sequence[Request], now: float) -> list[Request]:
+        start_by = self.start_by
+        ordered = sorted(waiting, key=lambda r: (start_by(r), r.admission_seq))
+        if not self.demote_late:
+            return ordered
+        hopeless = [r for r in ordered if self._hopeless(r, now)]
+        if not hopeless:
+            return ordered
+        gone = set(map(id, hopeless))
+        return [r for r in ordered if id(r) not in gone] + hopeless
 
     def pick_victim(self, running: Sequence[Request], now: float) -> Request:
         """The running request with the most slack (latest admitted among equals)."""

@@ -88,7 +88,9 @@ def scale_preset(preset: "Preset", factor: float) -> "Preset":
         kw: dict[str, Any] = {}
         if getattr(spec, "duration", None) is not None:
             kw["duration"] = spec.duration * factor
-        if spec.kind != "trace" and getattr(spec, "count", None) is not None:
+        if spec.kind == "multi-turn":  # as many chats, each as long (its count is conversations x turns)
+            kw["conversations"] = _scaled_count(spec.conversations, factor)
+        elif spec.kind != "trace" and getattr(spec, "count", None) is not None:
             kw["count"] = _scaled_count(spec.count, factor)
         if spec.kind == "burst":
             kw["at"] = spec.at * factor

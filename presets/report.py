@@ -138,6 +138,22 @@ def _extras(iterations: Sequence[IterationRecord]) -> dict[str, Any]:
     }
 
 
+def _prefix_metrics(iterations: Sequence[IterationRecord], requests: Sequence[RequestRecord]) -> dict[str, Any]:
+    """Prefix cache: hit rate (cached / looked-up prompt tokens at admission, the iterations' counts)
+    and, over the requests, prompt tokens served from the cache vs computed at their first admission."""
+    queries = sum(it.prefix_cache_queries for it in iterations)
+    hits = sum(it.prefix_cache_hits for it in iterations)
+    n = len(requests)
+    cached = sum(r.num_cached_tokens for r in requests)
+    prompt = sum(r.prompt_tokens for r in requests)
+    return {
+        "prefix_cache_queries": queries, "prefix_cache_hits": hits,
+        "prefix_cache_hit_rate": hits / queries if queries else None,
+        "mean_cached_prompt_tokens": cached / n if n else None,
+        "mean_computed_prompt_tokens": (prompt - cached) / n if n else None,
+    }
+
+
 def run_end_time(iterations: Sequence[IterationRecord], requests: Sequence[RequestRecord]) -> float:
     ends = [it.time for it in iterations] + [request_finish_time(r) for r in requests]
     return max(ends, default=0.0)
@@ -176,6 +192,7 @@ def build_report(
 
     summary = summarize(iterations, requests)
     summary.update(_extras(iterations))
+    summary.update(_prefix_metrics(iterations, requests))
     summary.update({"num_requests": len(rows), "num_rejected": rejected, "num_clamped": num_clamped,
                     "num_unfinished": sum(1 for row in rows if "e2e_latency" not in row and not row.get("error"))})
 
@@ -187,6 +204,7 @@ def build_report(
         span = max(0.0, stop - phase.start_time)
         metrics = summarize(its, reqs, duration_s=span)
         metrics.update(_extras(its))
+        metrics.update(_prefix_metrics(its, reqs))
         done = [r for r in requests if r.finish_iteration is not None
                 and phase.start_iteration <= r.finish_iteration
                 and (phase.end_iteration is None or r.finish_iteration < phase.end_iteration)]
@@ -214,7 +232,8 @@ def build_report(
 
 SERIES_FIELDS = ("iteration", "time", "step_time", "num_prefill_tokens", "num_decode_tokens", "num_padding_tokens",
                  "num_generated_tokens", "num_requests_running", "num_requests_waiting", "num_preemptions",
-                 "kv_cache_usage", "config_version", "spec_proposed", "spec_accepted", "itls")
+                 "kv_cache_usage", "config_version", "spec_proposed", "spec_accepted", "itls", "prefix_cache_queries",
+                 "prefix_cache_hits")
 
 
 def iteration_series(iterations: Sequence[IterationRecord]) -> dict[str, list[Any]]:

@@ -26,16 +26,19 @@ from batchdeck.engine.request import SLO_CLASSES
 from batchdeck.presets.trace_loader import COLUMN_ROLES, TIME_UNITS, TraceError, trace_columns
 
 TOP_KEYS = ("name", "description", "model", "engine", "config", "workload", "timeline", "seed")
-STREAM_KINDS = ("poisson", "gamma", "burst", "closed-loop", "trace")
+STREAM_KINDS = ("poisson", "gamma", "burst", "closed-loop", "trace", "multi-turn")
 LENGTH_DISTS = ("constant", "uniform", "lognormal", "normal")
-COMMON_STREAM_KEYS = ("kind", "tenant", "slo_class", "priority")
+COMMON_STREAM_KEYS = ("kind", "tenant", "slo_class", "priority", "prefix")
 STREAM_KEYS: dict[str, tuple[str, ...]] = {
     "poisson": ("rate", "duration", "count", "input_tokens", "output_tokens"),
     "gamma": ("rate", "cv", "duration", "count", "input_tokens", "output_tokens"),
     "burst": ("at", "count", "input_tokens", "output_tokens"),
     "closed-loop": ("concurrency", "duration", "count", "input_tokens", "output_tokens"),
-    "trace": ("path", "columns", "time_unit", "time_scale", "length_scale", "start", "limit"),
+    "trace": ("path", "columns", "time_unit", "time_scale", "length_scale", "start", "limit", "hash_ids",
+              "hash_block_tokens"),
+    "multi-turn": ("conversations", "turns", "rate", "user_tokens", "output_tokens", "think_time"),
 }
+PREFIX_KEYS = ("tokens", "share", "variants")
 DIST_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # dist -> (required, optional)
     "constant": (("value",), ()),
     "uniform": (("min", "max"), ()),
@@ -98,6 +101,7 @@ class StreamSpec:
     tenant: str = "default"
     slo_class: str = "interactive"
     priority: int = 0
+    prefix: "SharedPrefixSpec | None" = None  # a shared system prompt before a share of the prompts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +154,42 @@ class TraceSpec(StreamSpec):
     length_scale: float = 1.0
     start: float = 0.0
     limit: int | None = None
+    hash_ids: str | None = None  # column of per-request block hash ids (Mooncake's `hash_ids`)
+    hash_block_tokens: int = 512  # tokens per hash-id block (before length_scale)
+
+
+@dataclass(frozen=True)
+class SharedPrefixSpec:
+    """A system prompt of `tokens` tokens put before the prompts of a `share` of a stream's requests;
+    `variants` distinct system prompts, each request with one drawn uniformly."""
+
+    tokens: int
+    share: float = 1.0
+    variants: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultiTurnSpec(StreamSpec):
+    """`conversations` chats of `turns` turns: each turn resends the whole history (the earlier
+    prompts and answers) plus a new user message, `think_time` seconds (exponential, this mean)
+    after the previous answer. Conversations start at `rate` per second (Poisson; all at 0 without
+    a rate). A `prefix` puts a shared system prompt before a share of the conversations."""
+
+    kind: str = "multi-turn"
+    conversations: int
+    turns: int
+    user_tokens: Length
+    output_tokens: Length
+    rate: float | None = None
+    think_time: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return self.conversations * self.turns
+
+    @property
+    def concurrency(self) -> int:
+        return self.conversations
 
 
 @dataclass(frozen=True)
@@ -418,6 +458,10 @@ def _stream(c: _Checker, raw: Any, path: KeyPath, base_dir: Path) -> StreamSpec:
         kw["slo_class"] = c.choice(s["slo_class"], path + ("slo_class",), SLO_CLASSES, "slo_class")
     if "priority" in s:
         kw["priority"] = c.integer(s["priority"], path + ("priority",), minimum=-INT32, maximum=INT32 - 1)
+    if "prefix" in s:
+        kw["prefix"] = _shared_prefix(c, s["prefix"], path + ("prefix",))
+    if kind == "multi-turn":
+        return _multi_turn(c, s, path, kw)
 
     if kind != "trace":
         for key in ("input_tokens", "output_tokens"):
@@ -467,7 +511,40 @@ def _stream(c: _Checker, raw: Any, path: KeyPath, base_dir: Path) -> StreamSpec:
         kw["start"] = c.number(s["start"], path + ("start",), minimum=0)
     if "limit" in s:
         kw["limit"] = c.integer(s["limit"], path + ("limit",), minimum=1, maximum=MAX_REQUESTS_PER_STREAM)
+    if "hash_ids" in s:
+        kw["hash_ids"] = c.string(s["hash_ids"], path + ("hash_ids",), nonempty=True)
+        if kw["hash_ids"] not in have:
+            raise c.error(path + ("hash_ids",),
+                          f"column {kw['hash_ids']!r} not in {kw['path'].name}; it has: {', '.join(map(str, have))}")
+    if "hash_block_tokens" in s:
+        kw["hash_block_tokens"] = c.integer(s["hash_block_tokens"], path + ("hash_block_tokens",), minimum=1)
     return TraceSpec(**kw)
+
+
+def _shared_prefix(c: _Checker, raw: Any, path: KeyPath) -> SharedPrefixSpec:
+    p = c.mapping(raw, path, "shared prefix settings (tokens, share, variants)")
+    c.known_keys(p, path, PREFIX_KEYS, "prefix")
+    tokens = c.integer(c.require(p, path, "tokens", "system prompt length in tokens"), path + ("tokens",), minimum=1)
+    share = 1.0
+    if "share" in p:
+        share = c.number(p["share"], path + ("share",), minimum=0)
+        if share > 1:
+            raise c.error(path + ("share",), f"must be a number in [0, 1], got {_describe(p['share'])}")
+    variants = c.integer(p["variants"], path + ("variants",), minimum=1) if "variants" in p else 1
+    return SharedPrefixSpec(tokens=tokens, share=share, variants=variants)
+
+
+def _multi_turn(c: _Checker, s: Mapping[str, Any], path: KeyPath, kw: dict[str, Any]) -> MultiTurnSpec:
+    kw["conversations"] = c.integer(c.require(s, path, "conversations", "number of chats"),
+                                    path + ("conversations",), minimum=1)
+    kw["turns"] = c.integer(c.require(s, path, "turns", "turns per chat"), path + ("turns",), minimum=1)
+    for key in ("user_tokens", "output_tokens"):
+        kw[key] = _length(c, c.require(s, path, key, "an integer or a length dist"), path + (key,))
+    if "rate" in s:
+        kw["rate"] = c.number(s["rate"], path + ("rate",), minimum=0, exclusive=True)
+    if "think_time" in s:
+        kw["think_time"] = c.number(s["think_time"], path + ("think_time",), minimum=0)
+    return MultiTurnSpec(**kw)
 
 
 def _engine(c: _Checker, raw: Any) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """The one workload player: submits a workload's requests to an `AsyncEngine` at their times.
 
 Open-loop items (poisson, gamma, burst, trace) are submitted at their arrival times; closed-loop
-clients each send again when answered. Used by `PresetDriver` (a preset played once, with its
+clients each send again when answered; a multi-turn chat (presets/prefix_workloads.py) sends its
+next turn, whose prompt carries the conversation so far and the engine's answer, at that turn's
+arrival (the answer's time plus a think time). Used by `PresetDriver` (a preset played once, with its
 timeline) and by the console's steady background load (`repeat_every`: the open-loop items are
 played again every period, with fresh ids).
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 from batchdeck.engine.request import RequestError, SamplingParams
 from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.presets.prefix_workloads import MultiTurnStream
 from batchdeck.presets.workload_streams import ClosedLoopStream, WorkloadItem
 
 
@@ -40,7 +43,8 @@ class WorkloadPlayer:
     (never, with `repeat_every`, until cancelled). `keep_requests=False` keeps only the counters
     (a workload that repeats forever must not grow)."""
 
-    def __init__(self, engine: AsyncEngine, open_items: list[WorkloadItem], closed: list[ClosedLoopStream], *,
+    def __init__(self, engine: AsyncEngine, open_items: list[WorkloadItem],
+                 closed: list[ClosedLoopStream | MultiTurnStream], *,
                  speed: float = 1.0, repeat_every: float | None = None, id_prefix: str = "",
                  keep_requests: bool = True):
         if not speed > 0:
@@ -107,9 +111,7 @@ class WorkloadPlayer:
             self.rejected += 1
             self.finished += 1
             return sub
-        tokens = await stream.collect()
-        if self.keep_requests:
-            sub.token_ids = tokens
+        sub.token_ids = await stream.collect()  # a multi-turn chat passes it on; kept only in `requests`
         sub.finish_reason = stream.finish_reason
         self.finished += 1
         return sub
@@ -136,8 +138,9 @@ class WorkloadPlayer:
         while self._tasks:
             await asyncio.gather(*list(self._tasks))
 
-    async def _client(self, stream: ClosedLoopStream, first: WorkloadItem) -> None:
+    async def _client(self, stream: ClosedLoopStream | MultiTurnStream, first: WorkloadItem) -> None:
         item: WorkloadItem | None = first
         while item is not None:
-            await self._submit(item, item.arrival)
-            item = stream.on_finished(self.workload_time())
+            await self.sleep_until(item.arrival)  # a chat's next turn comes after a think time
+            sub = await self._submit(item, item.arrival)
+            item = stream.on_finished(self.workload_time(), item, sub.token_ids)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from batchdeck.presets.prefix_workloads import MultiTurnStream, apply_shared_prefix, with_trace_hash_ids
 from batchdeck.presets.trace_loader import load_trace
 
 if TYPE_CHECKING:  # the spec dataclasses live in presets.schema; only their attributes are used here
@@ -44,6 +45,8 @@ class WorkloadItem:
     priority: int = 0
     stream_index: int = 0
     clamped: bool = False
+    conversation: int | None = None  # multi-turn streams: which chat, and which of its turns
+    turn: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -150,7 +153,17 @@ def _trace_rows(spec: Any, base_dir: Path | None) -> list[tuple[float, int, int]
 def _stream_items(
     spec: Any, stream_index: int, seed: int, max_model_len: int, rows: list[tuple[float, int, int]] | None
 ) -> Iterator[WorkloadItem]:
-    """One open-loop stream's requests in arrival order, drawn as they are asked for (`rows`: a trace's)."""
+    """One open-loop stream's requests in arrival order, drawn as they are asked for (`rows`: a trace's),
+    with the stream's prefix structure (a trace's block hash ids, a shared system prompt) applied."""
+    items = _plain_stream_items(spec, stream_index, seed, max_model_len, rows)
+    if spec.kind == "trace" and spec.hash_ids:
+        items = with_trace_hash_ids(items, spec, Path(spec.path), seed, stream_index)
+    return apply_shared_prefix(items, spec.prefix, seed, stream_index, max_model_len)
+
+
+def _plain_stream_items(
+    spec: Any, stream_index: int, seed: int, max_model_len: int, rows: list[tuple[float, int, int]] | None
+) -> Iterator[WorkloadItem]:
     tokens = stream_rng(seed, stream_index, "tokens")
     if spec.kind == "trace":
         for t, n_in, n_out in rows or ():
@@ -261,12 +274,16 @@ class ClosedLoopStream:
         self.issued = 0
         self._lengths = stream_rng(seed, stream_index, "lengths")
         self._tokens = stream_rng(seed, stream_index, "tokens")
+        self._seed = seed
+        self._prefix_draws = stream_rng(seed, stream_index, "prefix")
 
     def _next(self, now: float) -> WorkloadItem:
         self.issued += 1
         n_in = sample_length(self.spec.input_tokens, self._lengths)
         n_out = sample_length(self.spec.output_tokens, self._lengths)
-        return make_item(now, n_in, n_out, self.spec, self.stream_index, self._tokens, self.max_model_len)
+        item = make_item(now, n_in, n_out, self.spec, self.stream_index, self._tokens, self.max_model_len)
+        return next(apply_shared_prefix([item], self.spec.prefix, self._seed, self.stream_index, self.max_model_len,
+                                        self._prefix_draws))
 
     def _can_issue(self, now: float) -> bool:
         if self.spec.count is not None and self.issued >= self.spec.count:
@@ -287,18 +304,24 @@ class ClosedLoopStream:
             items.append(self._next(0.0))
         return items
 
-    def on_finished(self, now: float) -> WorkloadItem | None:
-        """The finishing client's next request, arriving at `now`, or None once the stream is done."""
+    def on_finished(self, now: float, previous: WorkloadItem | None = None,
+                    output_token_ids: Sequence[int] = ()) -> WorkloadItem | None:
+        """The finishing client's next request, arriving at `now`, or None once the stream is done
+        (`previous` and its answer matter to multi-turn streams only)."""
         return self._next(now) if self._can_issue(now) else None
 
 
-def closed_loop_streams(streams: Sequence["StreamSpec"], seed: int, max_model_len: int) -> list[ClosedLoopStream]:
-    """A ClosedLoopStream for every closed-loop spec in `streams` (indices are positions in `streams`)."""
-    return [
-        ClosedLoopStream(spec, index, seed, max_model_len)
-        for index, spec in enumerate(streams)
-        if spec.kind == "closed-loop"
-    ]
+def closed_loop_streams(streams: Sequence["StreamSpec"], seed: int, max_model_len: int
+                        ) -> list["ClosedLoopStream | MultiTurnStream"]:
+    """A ClosedLoopStream for every closed-loop spec and a MultiTurnStream for every multi-turn spec
+    in `streams` (indices are positions in `streams`): the streams whose next request waits for an answer."""
+    out: list[ClosedLoopStream | MultiTurnStream] = []
+    for index, spec in enumerate(streams):
+        if spec.kind == "closed-loop":
+            out.append(ClosedLoopStream(spec, index, seed, max_model_len))
+        elif spec.kind == "multi-turn":
+            out.append(MultiTurnStream(spec, index, seed, max_model_len))
+    return out
 
 
 def count_clamped(items: Sequence[WorkloadItem]) -> int:

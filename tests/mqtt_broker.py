@@ -2,6 +2,9 @@
 
     from tests.mqtt_broker import broker, MqttProbe   # `broker` is a pytest fixture
 
+A test waits for a condition with a generous deadline (`eventually`, `MqttProbe.wait_for`), never
+for a fixed time: a loaded 2-core CI machine can be many times slower than a laptop.
+
 Tests using it are skipped when the mosquitto binary is missing (`.ci/run` installs Debian's
 `mosquitto`). `Broker.stop()` / `start()` restart it on the same port (retained messages are not
 persisted, as after a real broker crash without persistence).
@@ -15,11 +18,14 @@ import pwd
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+from batchdeck.engine.service.protocol import CONTROL, CONTROL_REPLY, TELEMETRY_TOPICS, subtopic, topic_prefix
 
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto")
 
@@ -87,6 +93,21 @@ class Broker:
         self.proc = None
 
 
+DEADLINE_S = 60.0  # generous: only a broken run waits this long
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = DEADLINE_S, what: str = "condition") -> Any:
+    """Wait until `predicate()` is truthy (polled on the loop) and return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run the test's engine with one torch thread (restored after). On a small shared CPU machine
@@ -122,7 +143,7 @@ class MqttProbe:
 
     def __init__(self, broker: Broker, engine_id: str):
         self.broker = broker
-        self.prefix = f"batchdeck/{engine_id}"
+        self.prefix = topic_prefix(engine_id)
         self.messages: list[tuple[str, bytes, bool]] = []  # (topic suffix, payload, retain flag)
         self._client: Any = None
         self._reader: asyncio.Task | None = None
@@ -148,7 +169,7 @@ class MqttProbe:
 
     async def _read(self) -> None:
         async for m in self._client.messages:
-            suffix = str(m.topic)[len(self.prefix) + 1:]
+            suffix = subtopic(self.prefix, str(m.topic))
             payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
             self.messages.append((suffix, payload, bool(m.retain)))
 
@@ -160,11 +181,11 @@ class MqttProbe:
 
     def iteration_records(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for body in self.json_on("telemetry/iteration"):
+        for body in self.json_on(TELEMETRY_TOPICS["iteration"]):
             out.extend(body if isinstance(body, list) else [body])
         return out
 
-    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = DEADLINE_S, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout
         while True:
             value = predicate()
@@ -178,23 +199,103 @@ class MqttProbe:
     async def send(self, payload: bytes | str | dict) -> None:
         if isinstance(payload, dict):
             payload = json.dumps(payload)
-        await self._client.publish(self.prefix + "/control", payload, qos=1)
+        await self._client.publish(f"{self.prefix}/{CONTROL}", payload, qos=1)
 
-    async def command(self, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    async def command(self, cmd: dict[str, Any], timeout: float = DEADLINE_S) -> dict[str, Any]:
         """Send a command with a fresh id and wait for its reply."""
         self._n += 1
         cid = f"probe-{self._n}"
         await self.send({**cmd, "id": cid})
         return await self.reply_to(cid, timeout)
 
-    async def reply_to(self, cid: Any, timeout: float = 10.0) -> dict[str, Any]:
+    async def reply_to(self, cid: Any, timeout: float = DEADLINE_S) -> dict[str, Any]:
         def find() -> dict[str, Any] | None:
-            for r in self.json_on("control/reply"):
+            for r in self.json_on(CONTROL_REPLY):
                 if r.get("id") == cid:
                     return r
             return None
 
         return await self.wait_for(find, timeout, f"the reply to {cid!r}")
+
+
+class ThreadProbe:
+    """A probe on its own paho network thread. `connect()` blocks its caller until the subscription
+    is confirmed, so right after `Broker.start()` a test is subscribed again before anything on its
+    event loop (an engine's bridge reconnecting with queued replies) can publish.
+
+    Messages: (topic suffix, payload, retain flag), appended by the network thread.
+    """
+
+    def __init__(self, broker: Broker, engine_id: str, *, username: str | None = None, password: str | None = None,
+                 topics: tuple[str, ...] = ("#",)):
+        self.broker = broker
+        self.prefix = topic_prefix(engine_id)
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.username = username if username is not None else broker.client_kwargs.get("username")
+        self.password = password if username is not None else broker.client_kwargs.get("password")
+        self.topics = topics  # filters under the prefix
+        self._client: Any = None
+
+    def connect(self, timeout: float = DEADLINE_S) -> "ThreadProbe":
+        import paho.mqtt.client as paho
+
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, clean_session=True)
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
+        subscribed = threading.Event()
+        client.on_connect = lambda c, userdata, flags, rc, props=None: c.subscribe(
+            [(f"{self.prefix}/{t}", 1) for t in self.topics])
+        client.on_subscribe = lambda *args: subscribed.set()
+        client.on_message = lambda c, userdata, m: self.messages.append(
+            (subtopic(self.prefix, m.topic), bytes(m.payload), bool(m.retain)))
+        client.connect(self.broker.host, self.broker.port, keepalive=30)
+        client.loop_start()
+        self._client = client
+        if not subscribed.wait(timeout):
+            self.close()
+            raise AssertionError(f"probe not subscribed to {self.prefix}/# after {timeout} s")
+        return self
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    def send(self, payload: bytes | str | dict, *, retain: bool = False, timeout: float = DEADLINE_S) -> None:
+        self.publish(CONTROL, payload, retain=retain, timeout=timeout)
+
+    def publish(self, suffix: str, payload: bytes | str | dict, *, retain: bool = False,
+                timeout: float = DEADLINE_S) -> None:
+        """Publish QoS 1 under the prefix; returns once the broker acknowledged it (mosquitto also
+        acknowledges a publish its ACL drops)."""
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        info = self._client.publish(f"{self.prefix}/{suffix}", payload, qos=1, retain=retain)
+        info.wait_for_publish(timeout)
+
+    def json_on(self, suffix: str) -> list[Any]:
+        return [json.loads(p) for s, p, _ in list(self.messages) if s == suffix]
+
+    def on(self, suffix: str) -> list[bytes]:
+        return [p for s, p, _ in list(self.messages) if s == suffix]
+
+    def replies(self) -> list[dict[str, Any]]:
+        return self.json_on(CONTROL_REPLY)
+
+
+async def restart_broker(broker, probe: ThreadProbe, bridge: Any, while_down=None, after_start=None) -> None:
+    """Stop the broker, wait for the bridge to notice, run `while_down`, start it again and
+    re-subscribe the probe (then run `after_start`) before the event loop, and so the bridge, runs again."""
+    broker.stop()
+    probe.close()
+    await eventually(lambda: not bridge.connected, what="the bridge to see the broker gone")
+    if while_down is not None:
+        await while_down()
+    broker.start()
+    probe.connect()  # blocks the loop: subscribed before the bridge can reconnect and publish
+    if after_start is not None:
+        after_start()
 
 
 async def retained(broker: Broker, topic: str, timeout: float = 5.0) -> bytes | None:

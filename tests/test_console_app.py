@@ -154,7 +154,7 @@ async def test_config_panel_shows_bounds_applies_valid_and_refuses_invalid():
         app.tick()
         screen = await set_in_panel(pilot, {}, apply=False)
         bounds = [str(label.render()) for label in screen.query(".config-bounds")]
-        assert "1..256" in bounds and "1..512" in bounds and "fcfs | sjf | slo | fair | priority" in bounds
+        assert "1..256" in bounds and "1..512" in bounds and "fcfs | sjf | slo | fair | priority | cache-aware" in bounds
         await pilot.press("escape")
         await pilot.pause()
         # invalid: chunk_size above the token budget -> refused in the panel, nothing sent

@@ -13,11 +13,17 @@ from batchdeck.engine.service.bus import Bus
 from batchdeck.engine.config import EngineConfig, LiveConfig
 from batchdeck.engine.llm_engine import LLMEngine
 from batchdeck.engine.service.mqtt_bridge import MqttBridge, MqttSettings
-from tests.mqtt_broker import broker  # noqa: F401 - a fixture
+from tests.mqtt_broker import DEADLINE_S, broker  # noqa: F401 - a fixture
 from tests.test_console_app import busy_process_pilot  # noqa: F401 - a fixture
-from tests.test_console_app import SIZE, log_texts, notes, palette, set_in_panel, spec_shown, wait_for
+from tests.test_console_app import SIZE, log_texts, notes, palette, set_in_panel, spec_shown
+from tests.test_console_app import wait_for as wait_in_app
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.usefixtures("busy_process_pilot")]
+
+
+async def wait_for(pilot, predicate, timeout: float = DEADLINE_S, what: str = "condition"):
+    """Over a broker on a loaded machine: the same wait, with the MQTT tests' generous deadline."""
+    return await wait_in_app(pilot, predicate, timeout=max(timeout, DEADLINE_S), what=what)
 
 
 async def start_engine(broker, engine_id: str):
@@ -28,12 +34,12 @@ async def start_engine(broker, engine_id: str):
     bridge = MqttBridge(engine, bus, engine_id, MqttSettings(broker.host, broker.port), log=None,
                         reconnect_min=0.05, reconnect_max=0.3, flush_interval=0.02)
     await bridge.start()
-    await bridge.wait_connected()
+    await bridge.wait_connected(DEADLINE_S)
     return engine, bridge
 
 
 def attached_app(broker, engine_id: str) -> tuple[ConsoleApp, MqttClient]:
-    client = MqttClient(f"mqtt://{broker.host}:{broker.port}/{engine_id}", backoff=(0.05, 0.3), reply_timeout=5.0)
+    client = MqttClient(f"mqtt://{broker.host}:{broker.port}/{engine_id}", backoff=(0.05, 0.3), reply_timeout=30.0)
     return ConsoleApp(client, refresh_hz=10), client
 
 

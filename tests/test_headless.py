@@ -115,6 +115,7 @@ def test_sigterm_aborts_in_flight_publishes_offline_and_exits_0(model_dirs, brok
     text = err.decode()
     assert proc.returncode == 0, text
     assert "SIGTERM: aborted 1 in-flight request(s): r1" in text, text
+    assert "WARNING" in text and "no broker credentials given" in text and "batchdeck/hl/control" in text, text
     assert "Avg prompt throughput" in text
     assert asyncio.run(retained(broker, "batchdeck/hl/status")) == b"offline"
 

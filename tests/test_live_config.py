@@ -46,7 +46,8 @@ def config_events(sink):
 POLICY_PARAMS = {"fcfs": [{}], "sjf": [{}, {"aging_s": 0.2}, {"predictor": "output"}],
                  "slo": [{}, {"preempt_margin_s": 0.0}, {"batch_ttft": 0.3, "demote_late": False}],
                  "fair": [{}, {"output_weight": 5.0, "tenant_weights": {"a": 3.0}}],
-                 "priority": [{}, {"preempt": False}]}
+                 "priority": [{}, {"preempt": False}],
+                 "cache-aware": [{}, {"metric": "share", "aging_s": 0.2}]}
 
 
 def _policy_change(name: str):
@@ -66,6 +67,7 @@ single_change = st.one_of(
     _one("mixing", st.sampled_from(MIXING_MODES)),
     _one("batching", st.sampled_from(BATCHING_MODES)),
     _one("preemption", st.sampled_from(PREEMPTION_MODES)),
+    _one("prefix_caching", st.booleans()),  # off drops the cache while requests hold shared blocks
     st.just({"policy_params": {"aging_s": 0.2}}),  # valid only while the policy is sjf
     st.integers(1, 2).map(lambda n: {"max_num_seqs": n, "preemption": "drain"}),  # a drain, most likely
 )
@@ -152,7 +154,10 @@ def test_random_live_changes_keep_requests_whole_exact_and_within_the_cap(model_
     num_blocks = max(-(-pool_tokens // block_size), -(-32 // block_size))  # room for any one request
     engine, sink = make(path, num_blocks=num_blocks, block_size=block_size, max_num_seqs=min(max_num_seqs, num_blocks),
                         max_batched_tokens=32, chunk_size=16, preemption=preemption)
-    arrivals = sorted(((at, f"r{i}", [rng.randrange(256) for _ in range(n)], m, t, p, c)
+    # prompts start with one of two shared prefixes (or none), so the prefix cache hits often
+    shared = [[rng.randrange(256) for _ in range(12)], [rng.randrange(256) for _ in range(7)], []]
+    arrivals = sorted(((at, f"r{i}", (shared[i % 3] + [rng.randrange(256) for _ in range(n)])[:max(n, 1 + i % 13)],
+                        m, t, p, c)
                        for i, (at, n, m, t, p, c) in enumerate(requests)), key=lambda a: a[0])
     todo = sorted(changes, key=lambda c: c[0])
     added: list[str] = []
@@ -304,7 +309,8 @@ def test_changes_apply_at_the_next_iteration_boundary_versioned_and_recorded(mod
     # Switching policy without parameters starts from the new policy's defaults.
     engine.update_config({"policy": "fair"})
     engine.step()
-    assert engine.live.policy_params == {"input_weight": 1.0, "output_weight": 2.0, "tenant_weights": {}}
+    assert engine.live.policy_params == {"input_weight": 1.0, "output_weight": 2.0, "tenant_weights": {},
+                                         "cached_weight": 0.1}
     engine.run_until_done()
 
 

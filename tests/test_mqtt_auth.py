@@ -1,5 +1,4 @@
 """The bridge with broker authentication (username/password) and TLS, against real mosquitto brokers."""
-import asyncio
 import shutil
 import subprocess
 
@@ -9,7 +8,7 @@ from batchdeck.engine.service.async_engine import AsyncEngine
 from batchdeck.engine.service.bus import Bus
 from batchdeck.engine.service.mqtt_bridge import MqttBridge, MqttSettings
 from tests.helpers import make_engine
-from tests.mqtt_broker import Broker, MqttProbe, mosquitto_binary, one_torch_thread  # noqa: F401 - a fixture
+from tests.mqtt_broker import Broker, MqttProbe, eventually, mosquitto_binary, one_torch_thread  # noqa: F401
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -54,11 +53,11 @@ async def _check_username_password(model_dirs, broker):
     try:
         await wrong.start()
         await good.start()
-        await good.wait_connected()
+        await good.wait_connected(60)
         async with MqttProbe(broker, "auth") as probe:
             reply = await probe.command({"op": "get"})
             assert reply["ok"] and reply["version"] == 0
-        await asyncio.sleep(0.3)
+        await eventually(lambda: wrong.last_error, what="the refused connection's error")
         assert not wrong.connected and wrong.connects == 0
         assert "authori" in (wrong.last_error or "").lower(), wrong.last_error
     finally:
@@ -100,7 +99,7 @@ async def _check_tls(model_dirs, broker, ca):
     try:
         await bridge.start()
         await plain.start()
-        await bridge.wait_connected()
+        await bridge.wait_connected(60)
         async with MqttProbe(broker, "tls") as probe:
             await probe.wait_for(lambda: probe.on("status") == [b"online"], what="status over TLS")
             reply = await probe.command({"op": "get"})

@@ -297,7 +297,7 @@ def ids(requests):
 
 
 def test_registry_names_are_the_contract_and_every_policy_documents_itself():
-    assert policy_names() == ("fcfs", "sjf", "slo", "fair", "priority")
+    assert policy_names() == ("fcfs", "sjf", "slo", "fair", "priority", "cache-aware")
     described = describe_policies()
     for name, cls in POLICIES.items():
         doc = __import__(cls.__module__, fromlist=["x"]).__doc__

@@ -25,7 +25,8 @@ COMMANDS = {  # the arguments each engine-starting command needs besides the fla
 SAMPLE = {"model": "synthetic:tiny", "device": "cpu", "num_blocks": 512, "max_model_len": 256, "max_waiting": 100,
           "draft_model": "synthetic:tiny", "drafter": "model", "policy": "sjf", "policy_params": {"aging_s": 5},
           "mixing": "selective", "batching": "static", "preemption": "drain", "max_num_seqs": 4,
-          "max_batched_tokens": 1024, "chunk_size": 64, "spec_k": 2, "cuda_graphs": False}
+          "max_batched_tokens": 1024, "chunk_size": 64, "spec_k": 2, "cuda_graphs": False,
+          "prefix_caching": False}
 
 
 def sample(s: Setting):
@@ -57,6 +58,8 @@ def bad_value(s: Setting, bounds: ConfigBounds, live: dict):
         return "bogus"
     if s.kind == "object":
         return 7
+    if s.kind == "bool":
+        return "maybe"
     high = bounds.upper(s.name, live)
     return high + 1
 

@@ -167,7 +167,9 @@ def test_closed_loop_deterministic():
 def test_shipped_presets_generate_within_context():
     for path in shipped_presets().values():
         preset = load_preset(path)
-        items = generate_open_loop(preset.workload, preset.seed, MAX_LEN)
+        items = list(generate_open_loop(preset.workload, preset.seed, MAX_LEN))
+        items += sorted((i for s in closed_loop_streams(preset.workload, preset.seed, MAX_LEN) for i in s.initial()),
+                        key=lambda i: i.arrival)  # closed-loop and multi-turn streams' first requests
         assert items and all(i.num_prompt_tokens + i.max_tokens <= MAX_LEN for i in items)
         assert items[-1].arrival <= 60
 

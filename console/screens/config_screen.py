@@ -15,7 +15,7 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
-from batchdeck.console.commands import FLOAT_SETTINGS, INT_SETTINGS, PANEL_SETTINGS, choices, describe_bounds, parse_value, validate
+from batchdeck.console.commands import BOOL_SETTINGS, FLOAT_SETTINGS, INT_SETTINGS, PANEL_SETTINGS, choices, describe_bounds, parse_value, validate
 from batchdeck.engine.config import ConfigError
 
 
@@ -41,6 +41,8 @@ class ConfigScreen(ModalScreen[dict[str, Any] | None]):
                     yield Label(key, classes="config-key")
                     opts = choices(key, self.bounds)
                     value = self.config[key]
+                    if isinstance(value, bool):  # a true/false setting's Select shows "true" / "false"
+                        value = str(value).lower()
                     if opts is not None:
                         yield Select([(o, o) for o in opts], value=value if value in opts else Select.NULL,
                                      allow_blank=False, id=f"cfg-{key}", compact=True)
@@ -64,6 +66,8 @@ class ConfigScreen(ModalScreen[dict[str, Any] | None]):
                 value = widget.value
                 if value is Select.NULL:
                     continue
+                if key in BOOL_SETTINGS:
+                    value = parse_value(key, value)
             else:
                 raw = widget.value.strip()
                 if not raw:

@@ -67,19 +67,39 @@ class StatTile(Panel):
 
 
 class KvGauge(Panel):
-    def show(self, used: int | None, total: int | None, block_size: int | None, peak: float | None) -> None:
+    def show(self, used: int | None, total: int | None, block_size: int | None, peak: float | None,
+             prefix: Mapping[str, Any] | None = None) -> None:
+        """`prefix`: the window's prefix-cache metrics (hit_rate, blocks_cached/evictable/free)."""
+        cached = (prefix or {}).get("blocks_evictable") or 0
+        hit_rate = (prefix or {}).get("hit_rate")
+
         def build() -> Text:
             if not total:
                 return Text("no iterations yet", style="dim")
             frac = (used or 0) / total
             color = "green" if frac < 0.7 else ("yellow" if frac < 0.9 else "red")
+            width = max(4, self.text_width - 6)
             t = Text(no_wrap=True, overflow="ellipsis")
-            t.append(fmt.bar(frac, max(4, self.text_width - 6)), style=color)
+            bar = fmt.bar(frac, width)
+            if cached:  # cached blocks nobody holds: reclaimable, drawn after the used ones
+                n_used = len(bar.rstrip("·"))
+                n_cached = min(width - n_used, round(cached / total * width))
+                t.append(bar[:n_used], style=color)
+                t.append("▒" * n_cached, style="cyan")
+                t.append(bar[n_used + n_cached:], style=color)
+            else:
+                t.append(bar, style=color)
             t.append(f" {frac * 100:3.0f}%\n", style="bold")
             t.append(f"{fmt.count(used)}/{fmt.count(total)} blocks", style="bold")
+            if prefix is not None and (cached or hit_rate is not None):
+                t.append(f" · {fmt.count(cached)} cached", style="cyan")
+                if hit_rate is not None:
+                    t.append(f" · hit {hit_rate * 100:.0f}%", style="cyan")
             return t
 
-        self.show_if_changed((used, total, block_size, None if peak is None else round(peak, 3)), build)
+        key = (used, total, block_size, None if peak is None else round(peak, 3), cached,
+               None if hit_rate is None else round(hit_rate, 2))
+        self.show_if_changed(key, build)
 
 
 class GpuPanel(Panel):

@@ -102,9 +102,10 @@ class ControlHandler:
                         config=reply.config)
 
     async def _op_get(self, cmd: Command) -> dict[str, Any]:
-        snap = self.engine.engine.config_snapshot()
+        # At the boundary, like every other op: a `get` after a `set` sees the change.
+        snap, iteration = await self.engine.call(lambda e: (e.config_snapshot(), e.iteration))
         return self._ok(cmd, config=snap["config"], bounds=snap["bounds"], version=snap["version"],
-                        engine=snap.get("engine"), paused=self.engine.paused, iteration=self.engine.engine.iteration)
+                        engine=snap.get("engine"), paused=self.engine.paused, iteration=iteration)
 
     async def _op_pause(self, cmd: Command) -> dict[str, Any]:
         iteration = await self.engine.pause(source=self.source)

@@ -157,6 +157,7 @@ def output_line(r: Request, text: str) -> dict:
             "first_token_iteration": r.first_token_iteration,
             "finish_iteration": r.finish_iteration,
             "num_preemptions": r.num_preemptions,
+            "num_cached_tokens": r.num_cached_tokens,
             "spec_proposed": r.spec_proposed,
             "spec_accepted": r.spec_accepted,
         },

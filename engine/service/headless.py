@@ -1,8 +1,9 @@
 """`batchdeck engine`: the engine without a UI, serving a preset and/or requests over MQTT.
 
     batchdeck engine --model M [--preset P] [--mqtt HOST[:PORT]] [--engine-id ID] [--device ...]
-                     [sizing flags as in generate] [--read-only] [--mqtt-username U --mqtt-password P]
-                     [--mqtt-tls --mqtt-ca FILE ...] [--status-interval S]
+                     [sizing flags as in generate] [--read-only] [--no-results]
+                     [--mqtt-username U --mqtt-password-file FILE] [--mqtt-tls --mqtt-ca FILE ...]
+                     [--status-interval S]
 
 - With `--preset`, its workload is served (open-loop requests at their arrival times on the engine
   clock, closed-loop clients re-issuing on finish) and its timeline applied (`set` with source
@@ -12,6 +13,10 @@
 - With `--mqtt`, telemetry is published and control obeyed (engine/mqtt_bridge.py) until SIGINT or
   SIGTERM; the preset (if any) runs meanwhile. Without `--mqtt` the preset runs to its end and the
   command exits.
+- Security: without broker credentials anyone who reaches the broker can steer the engine and read
+  every MQTT-submitted prompt on PREFIX/results; a warning says so at start. The password comes from
+  `--mqtt-password-file` or $BATCHDECK_MQTT_PASSWORD (never visible in `ps`); `--no-results`
+  publishes no results; a broker ACL (README, "Securing MQTT") decides who may publish control.
 - Every `--status-interval` seconds a vLLM-style status line goes to stderr; everything else it
   says (loading, shutdown, the MQTT link) is logged (`logging`, `--log-level`).
 - On SIGINT/SIGTERM: stop admitting (preset and MQTT submits), give in-flight requests up to
@@ -74,9 +79,15 @@ def add_runner_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mqtt", default=None, metavar="HOST[:PORT]", help="MQTT broker (default port 1883)")
     p.add_argument("--engine-id", default=None, help="topic prefix batchdeck/<ID> (default: the host name)")
     p.add_argument("--read-only", action="store_true", help="refuse every control command that changes anything")
-    p.add_argument("--mqtt-username", default=None)
+    p.add_argument("--no-results", action="store_true",
+                   help="do not publish PREFIX/results (each MQTT-submitted request's prompt and output, readable "
+                        "by every subscriber the broker's ACL lets in)")
+    p.add_argument("--mqtt-username", default=None, help="broker user name (with a password, see below)")
+    p.add_argument("--mqtt-password-file", default=None, metavar="FILE",
+                   help="read the broker password from the first line of FILE (not visible in ps)")
     p.add_argument("--mqtt-password", default=None,
-                   help="broker password (default: $BATCHDECK_MQTT_PASSWORD)")
+                   help="broker password; visible to every local user in ps: prefer --mqtt-password-file or "
+                        "$BATCHDECK_MQTT_PASSWORD (read when neither flag is given)")
     p.add_argument("--mqtt-tls", action="store_true", help="connect with TLS (system CAs unless --mqtt-ca)")
     p.add_argument("--mqtt-ca", default=None, metavar="FILE", help="CA certificate(s) to trust (implies TLS)")
     p.add_argument("--mqtt-cert", default=None, metavar="FILE", help="client certificate (implies TLS)")
@@ -115,7 +126,7 @@ def mqtt_settings(args: argparse.Namespace):
     from batchdeck.engine.service.mqtt_bridge import MqttSettings, parse_broker
 
     host, port = parse_broker(args.mqtt)
-    password = args.mqtt_password if args.mqtt_password is not None else os.environ.get("BATCHDECK_MQTT_PASSWORD")
+    password = mqtt_password(args)
     tls = bool(args.mqtt_tls or args.mqtt_ca or args.mqtt_cert)
     for flag, path in (("--mqtt-ca", args.mqtt_ca), ("--mqtt-cert", args.mqtt_cert), ("--mqtt-key", args.mqtt_key)):
         if path is not None and not os.path.isfile(path):
@@ -123,6 +134,43 @@ def mqtt_settings(args: argparse.Namespace):
     return MqttSettings(host=host, port=port, username=args.mqtt_username, password=password, tls=tls,
                         ca_certs=args.mqtt_ca, certfile=args.mqtt_cert, keyfile=args.mqtt_key,
                         tls_insecure=args.mqtt_tls_insecure)
+
+
+def mqtt_password(args: argparse.Namespace) -> str | None:
+    """--mqtt-password-file (its first line), else --mqtt-password, else $BATCHDECK_MQTT_PASSWORD."""
+    if args.mqtt_password_file is not None:
+        if args.mqtt_password is not None:
+            raise ValueError("give --mqtt-password-file or --mqtt-password, not both")
+        try:
+            with open(args.mqtt_password_file, encoding="utf-8") as f:
+                line = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--mqtt-password-file {args.mqtt_password_file}: cannot read it "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
+        if not line:
+            raise ValueError(f"--mqtt-password-file {args.mqtt_password_file}: the first line (the password) is empty")
+        return line
+    if args.mqtt_password is not None:
+        return args.mqtt_password
+    return os.environ.get("BATCHDECK_MQTT_PASSWORD")
+
+
+def open_control_warning(settings: Any, engine_id: str, read_only: bool, publish_results: bool) -> str | None:
+    """The start-time warning for an engine that obeys control without broker credentials (None
+    when it has credentials: the broker's ACL then decides who may publish control)."""
+    if settings is None or settings.username is not None or settings.certfile is not None:
+        return None
+    from batchdeck.engine.service.protocol import CONFIG, CONTROL, STATUS, TELEMETRY_TOPICS, topic_prefix
+
+    prefix = topic_prefix(engine_id)
+    risks = ([] if read_only else [f"publish to {prefix}/{CONTROL} and steer this engine (submit, set, pause, abort)"])
+    if publish_results:
+        risks.append(f"read every MQTT-submitted prompt and output on {prefix}/{TELEMETRY_TOPICS['result']}")
+    risks.append(f"publish a retained {prefix}/{STATUS} or /{CONFIG}")
+    return (f"no broker credentials given: anyone who can reach {settings.host}:{settings.port} can "
+            + "; ".join(risks) + ". Connect as a user of a broker with a password file and an ACL (README, "
+            "'Securing MQTT'): --mqtt-username U --mqtt-password-file FILE" + ("" if read_only else ", or --read-only")
+            + ("" if not publish_results else ", and --no-results"))
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -148,6 +196,8 @@ def check_runner_args(args: argparse.Namespace) -> None:
         check_engine_id(args.engine_id)
     if args.read_only and args.mqtt is None:
         raise ValueError("--read-only applies to MQTT control; give --mqtt HOST:PORT too")
+    if args.no_results and args.mqtt is None:
+        raise ValueError("--no-results applies to MQTT; give --mqtt HOST:PORT too")
 
 
 def _cmd_engine(args: argparse.Namespace) -> int:
@@ -168,6 +218,7 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     runner = HeadlessRunner(engine, bus, preset=preset, make_driver=args.preset_hooks.driver if preset else None,
                             settings=settings,
                             engine_id=args.engine_id or _default_engine_id(), read_only=args.read_only,
+                            publish_results=not args.no_results,
                             status_interval=args.status_interval, gpu_interval=args.gpu_interval,
                             drain_timeout=args.drain_timeout, speed=args.speed, duration_scale=args.duration_scale)
     return asyncio.run(runner.run())
@@ -182,7 +233,8 @@ class HeadlessRunner:
 
     def __init__(self, engine: Any, bus: Any, *, preset: Any = None, make_driver: Callable[..., Any] | None = None,
                  settings: Any = None, engine_id: str = "engine",
-                 read_only: bool = False, status_interval: float = 5.0, gpu_interval: float = 1.0,
+                 read_only: bool = False, publish_results: bool = True,
+                 status_interval: float = 5.0, gpu_interval: float = 1.0,
                  drain_timeout: float = 0.0, speed: float = 1.0, duration_scale: float = 1.0,
                  out: TextIO | None = None, install_signals: bool = True, prog: str = PROG):
         from batchdeck.engine.service.async_engine import AsyncEngine
@@ -197,6 +249,7 @@ class HeadlessRunner:
         self.settings = settings
         self.engine_id = engine_id
         self.read_only = read_only
+        self.publish_results = publish_results
         self.status_interval = status_interval
         self.gpu_interval = gpu_interval
         self.drain_timeout = drain_timeout
@@ -239,7 +292,11 @@ class HeadlessRunner:
         if self.settings is not None:
             from batchdeck.engine.service.mqtt_bridge import MqttBridge
 
-            self.bridge = MqttBridge(self.engine, self.bus, self.engine_id, self.settings, read_only=self.read_only)
+            warning = open_control_warning(self.settings, self.engine_id, self.read_only, self.publish_results)
+            if warning is not None:
+                log.warning(warning)
+            self.bridge = MqttBridge(self.engine, self.bus, self.engine_id, self.settings, read_only=self.read_only,
+                                     publish_results=self.publish_results, log=self.say)
             await self.bridge.start()
             if self.gpu_interval > 0:
                 from batchdeck.engine.service.gpu_monitor import GpuMonitor
@@ -313,7 +370,10 @@ class HeadlessRunner:
             stats = self.bridge.stats()
             ending = ("offline published" if self.bridge.offline_published else
                       "never connected" if not stats["connects"] else "offline not published (broker away)")
-            log.info(f"mqtt: published {stats['published']} message(s), dropped {stats['dropped']}; {ending}")
+            unanswered = (f"; {stats['replies_pending']} command(s) left unanswered (broker away)"
+                          if stats["replies_pending"] else "")
+            log.info(f"mqtt: published {stats['published']} message(s), dropped {stats['dropped']}; {ending}"
+                     f"{unanswered}")
         status_sub.close()
         await self.engine.stop()
         if self.engine.error is not None:

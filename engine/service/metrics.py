@@ -123,7 +123,19 @@ def _aggregate(
         "service_per_tenant": service,
         "step_time": quantiles((it.step_time for it in iterations), STEP_QUANTILES),
         "speculation": _speculation(iterations, generated_tokens),
+        "prefix_cache": _prefix_cache(iterations, latest),
     }
+
+
+def _prefix_cache(iterations: Sequence[IterationRecord], latest: IterationRecord | None) -> dict[str, Any]:
+    """Prompt tokens looked up at admission and served from the cache over the window (vLLM's
+    prefix_cache_queries / prefix_cache_hits, in tokens), and the KV pool's states at the latest iteration."""
+    queries = sum(it.prefix_cache_queries for it in iterations)
+    hits = sum(it.prefix_cache_hits for it in iterations)
+    return {"queries": queries, "hits": hits, "hit_rate": hits / queries if queries else None,
+            "blocks_cached": latest.kv_blocks_cached if latest else 0,
+            "blocks_evictable": latest.kv_blocks_evictable if latest else 0,
+            "blocks_free": latest.kv_blocks_free if latest else 0}
 
 
 def _speculation(iterations: Sequence[IterationRecord], generated_tokens: int) -> dict[str, Any]:

@@ -4,21 +4,32 @@ The topics, the record encoding and the control schema are the wire protocol's
 (engine/service/protocol.py); the console's MQTT client reads the same module. The retained config
 is `LLMEngine.config_snapshot()` plus the pause state, republished after every applied change,
 pause/resume and reconnect; iteration records are batched (at most one message per
-`flush_interval`, a JSON list when there are several).
+`flush_interval`, a JSON list when there are several); results answer submits and go out with QoS 1.
 
 Telemetry reaches the bridge through bounded Bus subscriptions, so the engine never waits on the
 network: iteration records (drop-oldest, `iteration_buffer`), request records / events / results
 (drop-oldest, `record_buffer`) and snapshots (coalesced: only the latest request table and GPU
 sample are kept). While the broker is away nothing is read, the buffers keep the newest records and
-count what they drop; after reconnecting the bridge republishes its retained status and config and
+count what they drop (a record taken from the bus but not yet published waits for the next
+connection); after reconnecting the bridge republishes its retained status and config and
 flushes what was kept. Reconnection backs off exponentially from `reconnect_min` to
 `reconnect_max` seconds. `stats()` says how many records were published and dropped.
 
-`close()` publishes what is still buffered, then the retained "offline", then disconnects.
+Control: every command the broker delivers (and the client acknowledges, QoS 1) goes into one
+intake queue that outlives the connection, and is started at once -- many commands run at one
+iteration boundary, each with its engine calls in arrival order. Replies wait in an outbox until
+they are published (an outbox head lost with the connection is published again after reconnecting),
+so an acknowledged command is answered exactly once even if the broker goes away meanwhile. A
+retained message on the control topic (the broker replays it on every subscribe) is ignored and
+logged: control is an imperative, not a state.
+
+`close()` answers the commands received so far, publishes what is still buffered, then the retained
+"offline", then disconnects.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import random
@@ -33,8 +44,9 @@ import paho.mqtt.client as paho
 from batchdeck.engine.service.backoff import Backoff
 from batchdeck.engine.service.bus import Bus, Message, Subscription
 from batchdeck.engine.service.control import ControlHandler
-from batchdeck.engine.service.protocol import (CONFIG, CONTROL, CONTROL_REPLY, OFFLINE, ONLINE, STATUS,
-                                                TELEMETRY_TOPICS, dumps, encode, reply_json, topic_prefix)
+from batchdeck.engine.service.protocol import (CONFIG, CONTROL, CONTROL_REPLY, OFFLINE, ONLINE, QOS1_TELEMETRY,
+                                                STATUS, TELEMETRY_TOPICS, dumps, encode, error_reply, reply_json,
+                                                topic_prefix)
 
 if TYPE_CHECKING:
     from batchdeck.engine.service.async_engine import AsyncEngine
@@ -117,13 +129,27 @@ async def _cancel(*tasks: asyncio.Future, timeout: float = 2.0) -> None:
             t.exception()  # retrieved: no "exception was never retrieved" warnings
 
 
+class _Forwarder(asyncio.Queue):
+    """One connection's incoming-message queue (aiomqtt's `queue_type`): paho's message callback,
+    which runs before the QoS 1 acknowledgement goes out, hands each message straight to the
+    bridge's intake, which outlives the connection. Nothing stays here, so iterating
+    `client.messages` only waits for the connection to end (and then raises)."""
+
+    def __init__(self, intake: asyncio.Queue):
+        super().__init__()
+        self._intake = intake
+
+    def put_nowait(self, item: Any) -> None:
+        self._intake.put_nowait(item)
+
+
 _log_info = logging.getLogger(__name__).info  # the default `log`: the connection's ups and downs
 
 
 class MqttBridge:
     def __init__(self, engine: "AsyncEngine", bus: Bus, engine_id: str, settings: MqttSettings, *,
-                 read_only: bool = False, control: ControlHandler | None = None,
-                 flush_interval: float = 0.1, max_batch: int = 256,
+                 read_only: bool = False, control: ControlHandler | None = None, publish_results: bool = True,
+                 flush_interval: float = 0.1, max_batch: int = 256, max_running_commands: int = 256,
                  iteration_buffer: int = 1024, record_buffer: int = 4096,
                  reconnect_min: float = 0.1, reconnect_max: float = 5.0,
                  log: Callable[[str], None] | None = _log_info):
@@ -133,7 +159,8 @@ class MqttBridge:
         self.settings = settings
         self.prefix = topic_prefix(engine_id)
         self.control = control or ControlHandler(engine, read_only=read_only, source="mqtt")
-        if self.control.on_result is None:
+        self.publish_results = publish_results
+        if self.control.on_result is None and publish_results:
             self.control.on_result = lambda line: bus.publish("result", line)
         if self.control.on_config is None:
             self.control.on_config = self._republish_config
@@ -159,6 +186,18 @@ class MqttBridge:
         self._last_iter_flush = 0.0
         self._ever_connected = False
         self._failures = 0
+        # Control: the intake outlives every connection (each client forwards into it, see _Forwarder);
+        # the outbox holds each command's handler task in arrival order until its reply is published.
+        self.max_running_commands = max_running_commands
+        self.commands_received = 0
+        self.replies_published = 0
+        self.retained_ignored = 0
+        self._intake: asyncio.Queue[aiomqtt.Message] | None = None
+        self._outbox: collections.deque[asyncio.Task] = collections.deque()
+        self._record_backlog: collections.deque[Message] = collections.deque()  # taken from the bus, unpublished
+        self._reply_ready: asyncio.Event | None = None
+        self._running_commands: asyncio.Semaphore | None = None
+        self._command_task: asyncio.Task | None = None
 
     def topic(self, suffix: str) -> str:
         return f"{self.prefix}/{suffix}"
@@ -169,11 +208,16 @@ class MqttBridge:
         if self._task is not None:
             raise RuntimeError("MqttBridge already started")
         self._close_requested = asyncio.Event()
+        records = {"request", "event", "result"} if self.publish_results else {"request", "event"}
         self._subs = [
             self.bus.subscribe({"iteration"}, maxsize=self.iteration_buffer, name="mqtt-iteration"),
-            self.bus.subscribe({"request", "event", "result"}, maxsize=self.record_buffer, name="mqtt-records"),
+            self.bus.subscribe(records, maxsize=self.record_buffer, name="mqtt-records"),
             self.bus.subscribe({"requests", "gpu"}, policy="coalesce", name="mqtt-snapshots"),
         ]
+        self._intake = asyncio.Queue()
+        self._reply_ready = asyncio.Event()
+        self._running_commands = asyncio.Semaphore(self.max_running_commands)
+        self._command_task = asyncio.create_task(self._command_worker(), name="mqtt-commands")
         self._task = asyncio.create_task(self._run(), name="mqtt-bridge")
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
@@ -193,9 +237,11 @@ class MqttBridge:
         await self.control.close(grace=min(0.5, timeout / 4))  # results of just-aborted requests go out
         assert self._close_requested is not None
         self._close_requested.set()
-        if self.connected:  # the session flushes, publishes "offline" and disconnects
+        if self.connected:  # the session answers, flushes, publishes "offline" and disconnects
             await asyncio.wait([self._task], timeout=timeout)
         await _cancel(self._task)  # connecting or backing off (nothing can be published), or stuck
+        assert self._command_task is not None
+        await _cancel(self._command_task, *self._outbox)
         for sub in self._subs:
             sub.close()
 
@@ -203,6 +249,9 @@ class MqttBridge:
         dropped = sum(s.dropped for s in self._subs) + self.publish_dropped
         return {"connected": self.connected, "connects": self.connects, "published": self.published,
                 "dropped": dropped, "publish_dropped": self.publish_dropped,
+                "commands_received": self.commands_received, "replies_published": self.replies_published,
+                "commands_running": sum(not t.done() for t in self._outbox),
+                "replies_pending": len(self._outbox), "retained_ignored": self.retained_ignored,
                 "subscriptions": [s.stats() for s in self._subs], "last_error": self.last_error}
 
     # -- connection loop ------------------------------------------------------------------------
@@ -213,8 +262,13 @@ class MqttBridge:
             identifier=f"batchdeck-{self.engine_id}-{os.getpid()}-{random.randrange(1 << 32):08x}",
             will=aiomqtt.Will(self.topic(STATUS), OFFLINE, qos=1, retain=True),
             clean_session=True, max_queued_outgoing_messages=10_000,
+            queue_type=self._intake_for_client,  # incoming commands land in the bridge's own intake
             **s.client_kwargs(),
         )
+
+    def _intake_for_client(self, maxsize: int = 0) -> asyncio.Queue:
+        assert self._intake is not None
+        return _Forwarder(self._intake)
 
     async def _run(self) -> None:
         backoff = Backoff(self.reconnect_min, self.reconnect_max)
@@ -258,44 +312,49 @@ class MqttBridge:
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Run one connected session until the connection fails (raises) or close is requested."""
         assert self._close_requested is not None
-        control = asyncio.create_task(self._control_loop(client), name="mqtt-control")
-        pumps = [asyncio.create_task(self._iteration_pump(client), name="mqtt-iterations"),
+        pumps = [asyncio.create_task(self._watch_connection(client), name="mqtt-connection"),
+                 asyncio.create_task(self._reply_pump(client), name="mqtt-replies"),
+                 asyncio.create_task(self._iteration_pump(client), name="mqtt-iterations"),
                  asyncio.create_task(self._record_pump(client), name="mqtt-records"),
                  asyncio.create_task(self._snapshot_pump(client), name="mqtt-snapshots")]
         closer = asyncio.create_task(self._close_requested.wait())
         try:
-            await asyncio.wait([control, *pumps, closer], return_when=asyncio.FIRST_COMPLETED)
-            if not closer.done():  # a pump or the control loop failed: the connection is gone
-                for t in (control, *pumps):
+            await asyncio.wait([*pumps, closer], return_when=asyncio.FIRST_COMPLETED)
+            if not closer.done():  # a pump failed: the connection is gone
+                for t in pumps:
                     if t.done() and not t.cancelled() and t.exception() is not None:
                         raise t.exception()
                 raise aiomqtt.MqttError("a bridge task ended unexpectedly")
-            # Close requested: the pumps publish what is buffered and end by themselves.
-            await _cancel(control)
+            # Close requested: the pumps publish what is buffered (replies included) and end by themselves.
             await asyncio.wait(pumps, timeout=max(0.5, self.settings.timeout - 1.0))
             for t in pumps:
                 if t.done() and not t.cancelled() and t.exception() is not None:
                     raise t.exception()
         finally:
-            await _cancel(control, *pumps, closer)
+            await _cancel(*pumps, closer)
         await self._flush_all(client)
         await client.publish(self.topic(STATUS), OFFLINE, qos=1, retain=True)
         self.offline_published = True
 
     # -- publishing -----------------------------------------------------------------------------
     async def _publish(self, client: aiomqtt.Client, suffix: str, payload: bytes, *, qos: int = 0,
-                       retain: bool = False, count: int = 1) -> None:
-        """Publish; a refused or timed-out publish is counted as dropped, a lost connection raises."""
+                       retain: bool = False, count: int = 1, keep: bool = False) -> bool:
+        """Publish; a refused or timed-out publish is counted as dropped (False), a lost connection
+        raises (counted as dropped unless `keep`: the caller publishes it again after reconnecting)."""
         try:
             await client.publish(self.topic(suffix), payload, qos=qos, retain=retain)
             self.published += count
+            return True
         except aiomqtt.MqttCodeError as exc:
             if exc.rc in _LOST:
-                self.publish_dropped += count
+                if not keep:
+                    self.publish_dropped += count
                 raise
-            self.publish_dropped += count  # e.g. the outgoing queue is full: a slow broker
+            self.publish_dropped += count
+            return False  # e.g. the outgoing queue is full: a slow broker
         except aiomqtt.MqttError:  # timed out waiting for the broker
             self.publish_dropped += count
+            return False
 
     async def _publish_config(self, client: aiomqtt.Client, *, force: bool = True) -> None:
         snap = self.engine.engine.config_snapshot()
@@ -316,8 +375,9 @@ class MqttBridge:
         await self._publish(client, TELEMETRY_TOPICS["iteration"], dumps(body[0] if len(body) == 1 else body),
                             count=len(body))
 
-    async def _publish_message(self, client: aiomqtt.Client, msg: Message) -> None:
-        await self._publish(client, TELEMETRY_TOPICS[msg.topic], dumps(encode(msg.record)))
+    async def _publish_message(self, client: aiomqtt.Client, msg: Message, *, keep: bool = False) -> None:
+        await self._publish(client, TELEMETRY_TOPICS[msg.topic], dumps(encode(msg.record)),
+                            qos=1 if msg.topic in QOS1_TELEMETRY else 0, keep=keep)
         if msg.topic == "event" and getattr(msg.record, "kind", None) in CONFIG_EVENTS:
             await self._publish_config(client, force=False)
 
@@ -328,7 +388,10 @@ class MqttBridge:
             if not batch:
                 break
             await self._publish_iterations(client, [m.record for m in batch])
-        for msg in rec_sub.drain() + snap_sub.drain():
+        self._record_backlog.extend(rec_sub.drain())
+        while self._record_backlog:
+            await self._publish_message(client, self._record_backlog.popleft())
+        for msg in snap_sub.drain():
             await self._publish_message(client, msg)
 
     # -- pumps (one connected session) ----------------------------------------------------------
@@ -376,24 +439,100 @@ class MqttBridge:
             await self._publish_iterations(client, records)
 
     async def _record_pump(self, client: aiomqtt.Client) -> None:
+        """Request records, events and results. What it took from the bus waits in `_record_backlog`
+        until published: one lost with the connection goes out first in the next session."""
         sub = self._subs[1]
+        backlog = self._record_backlog
         loop = asyncio.get_running_loop()
         last = 0.0
-        while (first := await self._next(sub)) is not None:
+        while True:
+            while backlog:
+                await self._publish_message(client, backlog[0], keep=True)
+                backlog.popleft()
+            first = await self._next(sub)
+            if first is None:
+                return
             await self._gather(last)
             last = loop.time()
-            for msg in [first, *sub.drain()]:
-                await self._publish_message(client, msg)
+            backlog.extend([first, *sub.drain()])
 
     async def _snapshot_pump(self, client: aiomqtt.Client) -> None:
         sub = self._subs[2]
         while (msg := await self._next(sub)) is not None:
             await self._publish_message(client, msg)
 
-    async def _control_loop(self, client: aiomqtt.Client) -> None:
+    # -- control: intake (any connection) -> handler tasks -> outbox -> reply pump (this connection)
+    async def _command_worker(self) -> None:
+        """Start a handler for every command taken in, at once and in arrival order (their engine
+        calls queue in that order and run together at the next iteration boundary). Runs for the
+        bridge's lifetime, connected or not."""
+        assert self._intake is not None and self._running_commands is not None and self._reply_ready is not None
         control_topic = self.topic(CONTROL)
-        async for message in client.messages:
+        while True:
+            message = await self._intake.get()
             if not message.topic.matches(control_topic):
                 continue
-            reply = await self.control.handle(message.payload)
-            await self._publish(client, CONTROL_REPLY, reply_json(reply), qos=1)
+            if message.retain:
+                self.retained_ignored += 1
+                self.log(f"mqtt: ignored a retained message on {control_topic} (control is never retained; "
+                         f"clear it with: mosquitto_pub -r -n -t {control_topic})")
+                continue
+            self.commands_received += 1
+            await self._running_commands.acquire()
+            task = asyncio.create_task(self.control.handle(message.payload), name="mqtt-command")
+            task.add_done_callback(self._command_done)
+            self._outbox.append(task)
+
+    def _command_done(self, _task: asyncio.Task) -> None:
+        assert self._running_commands is not None and self._reply_ready is not None
+        self._running_commands.release()
+        self._reply_ready.set()
+
+    def _reply_of(self, task: asyncio.Task) -> dict[str, Any]:
+        if not task.cancelled() and task.exception() is None:
+            return task.result()
+        why = "cancelled" if task.cancelled() else f"{type(task.exception()).__name__}: {task.exception()}"
+        return error_reply(None, f"a command failed unexpectedly ({why})")
+
+    async def _watch_connection(self, client: aiomqtt.Client) -> None:
+        """Raises when the connection ends (messages themselves go to the intake, see _Forwarder);
+        returns once close is requested."""
+        assert self._close_requested is not None
+        watch = asyncio.ensure_future(anext(aiter(client.messages)))
+        watch.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, also when abandoned
+        closer = asyncio.ensure_future(self._close_requested.wait())
+        try:
+            await asyncio.wait([watch, closer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closer.cancel()
+            if not watch.done():
+                watch.cancel()
+        if watch.done() and not watch.cancelled():
+            watch.result()  # raises MqttError: disconnected
+
+    async def _reply_pump(self, client: aiomqtt.Client) -> None:
+        """Publish replies in command order; a reply leaves the outbox only once it is published
+        (a lost connection raises with the reply still at the head, for the next session). Once
+        close is requested, ends when every command received so far is answered."""
+        assert self._reply_ready is not None and self._close_requested is not None
+        outbox = self._outbox
+        while True:
+            while outbox and outbox[0].done():
+                if await self._publish(client, CONTROL_REPLY, reply_json(self._reply_of(outbox[0])), qos=1,
+                                       keep=True):
+                    self.replies_published += 1
+                outbox.popleft()
+            closing = self._close_requested.is_set()
+            if closing and not outbox and (self._intake is None or self._intake.empty()):
+                return
+            self._reply_ready.clear()
+            if outbox and outbox[0].done():
+                continue
+            ready = asyncio.ensure_future(self._reply_ready.wait())
+            closer = asyncio.ensure_future(self._close_requested.wait())
+            try:  # once closing, poll: the commands still running or still in the intake are answered
+                await asyncio.wait([ready] if closing else [ready, closer], return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=0.05 if closing else None)
+            finally:
+                ready.cancel()
+                closer.cancel()

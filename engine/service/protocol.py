@@ -9,9 +9,11 @@ Topics (`PREFIX` = `batchdeck/<engine_id>`; the names are a contract):
     PREFIX/telemetry/gpu           GpuSample
     PREFIX/telemetry/requests      the request-table snapshot {"time", "iteration", "requests", "policy"}
     PREFIX/events                  Event records, flattened (config_change, preemption, request_rejected, ...)
-    PREFIX/results                 a `batchdeck generate`-style output line per request submitted over MQTT
-    PREFIX/control                 commands in (the schema below)
-    PREFIX/control/reply           replies out
+    PREFIX/results                 QoS 1; a `batchdeck generate`-style output line per request submitted
+                                   over MQTT, when it finishes (none with `engine --no-results`)
+    PREFIX/control                 commands in (the schema below); retained ones are ignored (and logged):
+                                   the broker would replay one on every connect
+    PREFIX/control/reply           replies out (QoS 1): one per command, in the order the commands arrived
 
 Records: `encode(record)` is the JSON form of any telemetry record (dataclasses read field by
 field, events flattened by `Event.to_dict()`), `decode(topic, obj)` the typed record back (unknown
@@ -60,6 +62,8 @@ TELEMETRY_TOPICS: dict[str, str] = {"iteration": "telemetry/iteration", "request
                                     "result": "results"}
 # MQTT topic suffix -> bus topic (what a client reads back)
 BUS_TOPICS: dict[str, str] = {suffix: topic for topic, suffix in TELEMETRY_TOPICS.items()}
+# bus topics published with QoS 1 (a result answers a submit, like its reply); the rest of the telemetry is QoS 0
+QOS1_TELEMETRY = frozenset({"result"})
 
 
 def topic_prefix(engine_id: str) -> str:

@@ -27,6 +27,7 @@ def request_rows(engine: "LLMEngine", limit: int = 200) -> list[dict[str, Any]]:
                 "output_tokens": r.num_output_tokens, "max_tokens": r.sampling.max_tokens,
                 "ttft": None if r.first_token_time is None else r.first_token_time - r.arrival_time,
                 "arrival": r.arrival_time, "num_preemptions": r.num_preemptions,
+                "num_cached_tokens": r.num_cached_tokens,
             })
     return rows
 

@@ -150,8 +150,9 @@ class DraftModelDrafter(Drafter):
             self.sync(r)
             length = len(r.token_ids)
             kv.computed = min(kv.computed, length - 1)  # the last token is fed again: its logits give draft 1
-            # this pool has the target's size and holds no more for any request than the target does,
-            # so the grow cannot fail; were it to, this step would simply go without drafts
+            # this pool has the target's size but shares no prefix blocks (the target's may, with prefix
+            # caching), so a grow can fail when the target's pool is full of shared blocks: then this
+            # request's step simply goes without drafts
             if not self._representable(r) or not self.blocks.grow(r.request_id, length + c.num_draft - 1):
                 c.draft = ()
                 continue

@@ -84,8 +84,7 @@ class ServerMetrics:
         self.num_preemptions = counter("num_preemptions", "Preemptions (a running request sent back to wait)")
         self.request_success = counter("request_success", "Finished requests by finish reason",
                                        ("finished_reason",))
-        # prefix caching: fed from IterationRecord.prefix_cache_queries / prefix_cache_hits once the engine
-        # emits them (see _observe_prefix_cache); until then both stay at 0
+        # prefix caching: fed from IterationRecord.prefix_cache_queries / prefix_cache_hits (tokens)
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS)
@@ -196,11 +195,10 @@ class ServerMetrics:
 
     def _observe_prefix_cache(self, it: IterationRecord) -> None:
         """Prefix caching's counters, from the iteration record's prefix_cache_queries / _hits fields
-        (token counts this iteration) once the engine's prefix cache emits them."""
-        queries = getattr(it, "prefix_cache_queries", 0)
-        if queries:
-            self.prefix_cache_queries.labels(self._m).inc(queries)
-            self.prefix_cache_hits.labels(self._m).inc(getattr(it, "prefix_cache_hits", 0))
+        (prompt tokens looked up at admission / served from the cache, this iteration)."""
+        if it.prefix_cache_queries:
+            self.prefix_cache_queries.labels(self._m).inc(it.prefix_cache_queries)
+            self.prefix_cache_hits.labels(self._m).inc(it.prefix_cache_hits)
 
     def _request(self, r: RequestRecord) -> None:
         m = self._m

@@ -184,7 +184,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     llm = LLMEngine(cfg, live, sink=bus)
     runner = HeadlessRunner(llm, bus, settings=settings, engine_id=args.engine_id or _default_engine_id(),
-                            read_only=args.read_only, status_interval=args.status_interval,
+                            read_only=args.read_only, publish_results=not args.no_results,
+                            status_interval=args.status_interval,
                             gpu_interval=args.gpu_interval, drain_timeout=args.drain_timeout, prog=PROG)
     runner.say(f"model {cfg.model} on {cfg.device} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
                f"{llm.blocks.num_blocks} KV blocks of {cfg.block_size} tokens"
