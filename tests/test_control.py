@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from batchdeck.engine.service.async_engine import AsyncEngine
 from batchdeck.engine.config import LIVE_KEYS
-from batchdeck.engine.service.control import OPS, Command, ControlHandler, Invalid, parse_control, reply_json
+from batchdeck.engine.service.control import ControlHandler
+from batchdeck.engine.service.protocol import OPS, Command, Invalid, parse_control, reply_json
 from batchdeck.engine.request_spec import KNOWN_KEYS
 from batchdeck.engine.telemetry import ListSink
 from tests.helpers import make_engine
