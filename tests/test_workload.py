@@ -189,7 +189,7 @@ class _FakeEngine:
         from types import SimpleNamespace
 
         start = time.monotonic()
-        self.engine = SimpleNamespace(clock=lambda: time.monotonic() - start)
+        self.engine = SimpleNamespace(clock=lambda: time.monotonic() - start, time_rate=1.0)
         self.added: list[tuple[str, float]] = []
 
     async def add_request(self, rid, prompt, sampling, *, arrival_time, **kw):
