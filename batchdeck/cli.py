@@ -15,7 +15,9 @@ from batchdeck.engine.config import ConfigError
 from batchdeck.engine.service import flags, headless
 from batchdeck.engine.service.http import server as http_server
 from batchdeck.presets import bench
+from batchdeck.engine.service.logs import add_log_level_flag, configure_logging
 from batchdeck.presets import cli as presets_cli
+from batchdeck.presets import load_preset, preset_driver, resolve_preset
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -40,18 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", required=True, help="JSONL of results, one line per request in input order, written as they finish")
     flags.add_engine_flags(gen)
     gen.set_defaults(func=_cmd_generate)
-    headless.register_cli(sub)
+    headless.register_cli(sub, presets=headless.PresetHooks(load=lambda name: load_preset(resolve_preset(name)),
+                                                            driver=preset_driver.headless_driver))
     http_server.register_cli(sub)
     console_cli.register_cli(sub)
     presets_cli.register_cli(sub, open_console=lambda *a, **kw: console_cli.run_console(*a, **kw))
     bench.register_cli(sub)
     sim_cli.register_cli(sub)
+    for command in sub.choices.values():
+        add_log_level_flag(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

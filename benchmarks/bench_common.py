@@ -4,33 +4,23 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from batchdeck.engine.service.metrics import percentile, quantiles  # noqa: F401 - shared with the scripts
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def pct(values: list[float], q: float) -> float | None:
-    """Percentile with linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    v = sorted(values)
-    pos = (len(v) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
 def dist(values: list[float]) -> dict | None:
+    """mean, p50, p90, p99 and max (the engine's own percentiles: numpy's, q in 0..100); None if empty."""
     if not values:
         return None
-    return {"mean": statistics.mean(values), "p50": pct(values, 50), "p90": pct(values, 90),
-            "p99": pct(values, 99), "max": max(values)}
+    return quantiles(values, (50, 90, 99), mean=True, maximum=True)
 
 
 def versions() -> dict:

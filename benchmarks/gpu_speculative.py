@@ -95,7 +95,7 @@ def run_config(args) -> dict:
     accepted = sum(r.spec_accepted for r in served)
     steps = sum(r.spec_steps for r in served)
     decode = [x for x in records if x.num_prefill_tokens == 0 and x.num_generated_tokens > 0]
-    tpot = [(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) for r in served if len(r.token_times) > 1]
+    tpot = [r.tpot for r in served if r.tpot is not None]
     busy = sum(x.step_time for x in records)
     res = {
         "scenario": args.scenario, "spec_k": k, "model": sc["model"], "drafter": sc["drafter"] if k else None,

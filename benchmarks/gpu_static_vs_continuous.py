@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import argv_without, command_line, dist, log, pct, run_script, versions, write_json  # noqa: E402
+from benchmarks.bench_common import argv_without, command_line, dist, log, percentile, run_script, versions, write_json  # noqa: E402
 
 TRACE_COLUMNS = {"time": "TIMESTAMP", "input": "ContextTokens", "output": "GeneratedTokens"}
 
@@ -105,7 +105,7 @@ def run_mode(args) -> dict:
     makespan = max(r.finish_time for r in served)  # engine clock; first arrival is at 0
     e2e = [r.finish_time - r.arrival_time for r in served]
     ttft = [r.first_token_time - r.arrival_time for r in served]
-    tpot = [(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) for r in served if len(r.token_times) > 1]
+    tpot = [r.tpot for r in served if r.tpot is not None]
     out_tok = sum(len(r.output_token_ids) for r in served)
     in_tok = sum(r.num_prompt_tokens for r in served)
     dec = [x for x in records if x.num_prefill_tokens == 0 and x.num_decode_tokens > 0]
@@ -179,7 +179,7 @@ def main() -> None:
             "length_caps": f"output <= {max_len // 2}, input <= {max_len} - output (model context {max_len})",
             "input_tokens": sum(r[1] for r in rows), "output_tokens": sum(r[2] for r in rows),
             "input_len_mean": statistics.mean(r[1] for r in rows), "output_len_mean": statistics.mean(r[2] for r in rows),
-            "output_len_p50": pct([r[2] for r in rows], 50), "output_len_max": max(r[2] for r in rows),
+            "output_len_p50": percentile([r[2] for r in rows], 50), "output_len_max": max(r[2] for r in rows),
             "prompt_tokens": f"uniform over the vocabulary (random.Random({args.seed}))",
             "sampling": "greedy", "ignore_eos": True, "output_len": "exactly GeneratedTokens",
         },

@@ -34,6 +34,7 @@ from batchdeck.engine.block_manager import BlockManager  # noqa: E402
 from batchdeck.engine.config import LiveConfig  # noqa: E402
 from batchdeck.engine.request import SLO_CLASSES, Request, SamplingParams  # noqa: E402
 from batchdeck.engine.scheduler import Scheduler  # noqa: E402
+from batchdeck.engine.service.metrics import percentile  # noqa: E402
 from batchdeck.policies import make_policy, policy_names  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scheduler_bench.json"
@@ -60,11 +61,6 @@ class Workload:
             tenant=rng.choices(self.tenants, self.tenant_w)[0], priority=rng.choice((0, 0, 1, 2)),
             slo_class=rng.choice(SLO_CLASSES),
         )
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
 def run_policy(name: str, iterations: int, warmup: int, waiting: int, running: int, seed: int) -> dict:
@@ -140,9 +136,9 @@ def run_policy(name: str, iterations: int, warmup: int, waiting: int, running: i
             running_n.append(len(s.running))
             waiting_n.append(len(s.waiting))
     return {
-        "mean_us": statistics.fmean(total_us), "p50_us": percentile(total_us, 0.5),
-        "p99_us": percentile(total_us, 0.99), "max_us": max(total_us),
-        "schedule_mean_us": statistics.fmean(sched_us), "schedule_p99_us": percentile(sched_us, 0.99),
+        "mean_us": statistics.fmean(total_us), "p50_us": percentile(total_us, 50),
+        "p99_us": percentile(total_us, 99), "max_us": max(total_us),
+        "schedule_mean_us": statistics.fmean(sched_us), "schedule_p99_us": percentile(sched_us, 99),
         "hooks_mean_us": statistics.fmean(hooks_us), "order_waiting_mean_us": statistics.fmean(order_us),
         "order_waiting_calls_per_iter": order_calls[0] / (warmup + iterations),
         "mean_running": statistics.fmean(running_n), "mean_waiting": statistics.fmean(waiting_n),

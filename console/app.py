@@ -24,8 +24,8 @@ from textual.widgets import Footer, Sparkline
 from batchdeck.console import format as fmt
 from batchdeck.console.client import Client, CommandResult, ConnectionState, make_burst
 from batchdeck.console.commands import SettingsProvider, validate
-from batchdeck.console.recorder import Recorder
 from batchdeck.console.request_view import FilterError, RequestView, arrange, next_sort, parse_filter, SORT_KEYS
+from batchdeck.engine.service.recording import RecordingWriter
 from batchdeck.console.screens.config_screen import ConfigScreen
 from batchdeck.console.screens.filter_screen import FilterScreen
 from batchdeck.console.screens.help_screen import TABLE_KEYS, HelpScreen, command_rows, key_rows
@@ -78,7 +78,7 @@ class ConsoleApp(App):
     ]
     ABORT_CONFIRM_S = 5.0  # a second x within this long aborts the request the first x named
 
-    def __init__(self, client: Client, *, recorder: Recorder | None = None, drivers: Iterable[Driver] = (),
+    def __init__(self, client: Client, *, recorder: RecordingWriter | None = None, drivers: Iterable[Driver] = (),
                  refresh_hz: float = 10.0, plot_hz: float = 1.0, burst_size: int = 8, burst_prompt: int = 256,
                  burst_max_tokens: int = 64, window_s: float = 10.0, max_drain: int = 50_000, chart_span_s: float = 20.0,
                  history: int = 8192, table_hz: float = 2.0,
@@ -134,7 +134,7 @@ class ConsoleApp(App):
                         yield StatTile(id=f"{tid}-text")
                     if spark:
                         yield Sparkline([], id=f"{tid}-spark")
-            yield StatTile(title="Latency  p50    p99  ↑tail", id="latency", classes="tile")
+            yield StatTile(title="Latency  p50    p99  ↑max", id="latency", classes="tile")
         with Horizontal(id="charts"):
             with Vertical(id="batch-box", classes="box") as box:
                 box.border_title = ("Tokens/iteration [#4fc36b]█[/]decode [#5b9cf5]█[/]prefill [#8a8a8a]█[/]pad"
@@ -277,10 +277,9 @@ class ConsoleApp(App):
                 info.get("block_size"), snap["kv_cache_usage_peak"] if latest else None, snap.get("prefix_cache"))
             self._w("#kv-spark").data = [r.kv_cache_usage for r in its] or [0.0]
             ttft, itl, e2e = snap["time_to_first_token"], snap["inter_token_latency"], snap["e2e_request_latency"]
-            tail = snap["inter_token_latency_tail"]["p99"]
             self._w("#latency").show(
                 f"TTFT {fmt.ms(ttft['p50']):>6} {fmt.ms(ttft['p99']):>6}",
-                f"ITL  {fmt.ms(itl['p50']):>6} {fmt.ms(itl['p99']):>6} ↑{fmt.ms(tail)}\n"
+                f"ITL  {fmt.ms(itl['p50']):>6} {fmt.ms(itl['p99']):>6} ↑{fmt.ms(itl['max'])}\n"
                 f"E2E  {fmt.ms(e2e['p50']):>6} {fmt.ms(e2e['p99']):>6}", style="bold")
             # charts
             marks = list(st.marks)

@@ -108,7 +108,7 @@ def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, ove
     engine_process: build the engine (and its workload) in a child process instead of this one
     (console/engine_process.py); not with `loaded`, a model object already in this process."""
     from batchdeck.console.app import ConsoleApp
-    from batchdeck.console.recorder import Recorder
+    from batchdeck.engine.service.recording import RecordingWriter
 
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     drivers: list = []
@@ -132,7 +132,7 @@ def build_app(preset: Any = None, *, args: argparse.Namespace | None = None, ove
         client, drivers, title = _inprocess(preset, args, overrides, speed, duration_scale, loaded, say, steady_load)
     if refresh_hz is None:
         refresh_hz = INPROCESS_HZ if client.kind == "in-process" else 10.0
-    recorder = Recorder(record) if record is not None else None
+    recorder = RecordingWriter(record) if record is not None else None
     return ConsoleApp(client, recorder=recorder, drivers=drivers, refresh_hz=refresh_hz, title=title)
 
 
@@ -159,7 +159,7 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
     from batchdeck.presets.schema import Preset
 
     from batchdeck.console.inprocess_client import InProcessClient
-    from batchdeck.console.workload import SteadyWorkload
+    from batchdeck.console.workload import steady_workload
 
     kw = {**_overrides(args), **(overrides or {})}
     bus = Bus()
@@ -190,8 +190,7 @@ def _inprocess(preset: Any, args: argparse.Namespace | None, overrides: Mapping[
     # quickstart's rates keep a free CPU core about half busy with synthetic:tiny; a loaded or slower
     # machine would queue without end, so on CPU the steady load runs at half of them
     cpu = llm.device.type == "cpu" and llm.simulation is None
-    steady = SteadyWorkload(engine, quick, loop=True,
-                            speed=(extra["clock"].rate if llm.simulation else speed) * (0.5 if cpu else 1.0))
+    steady = steady_workload(engine, quick, loop=True, speed=speed * (0.5 if cpu else 1.0))  # on the engine clock
     return InProcessClient(engine, bus), [steady.run] if steady_load else [], (
         f"batchdeck · SIMULATED {llm.profile.label()}" if llm.simulation else None)
 

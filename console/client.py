@@ -12,8 +12,8 @@ Telemetry arrives as `TelemetryMessage(topic, record)` that the UI pulls with `d
 timer (the producer never waits for the UI). Records are the engine's own types whatever the
 transport: `IterationRecord` ("iteration"), `RequestRecord` ("request"), `Event` ("event"),
 `GpuSample` ("gpu"), and a plain dict for "requests" (the request-table snapshot) and "action"
-(an operator input, replayed from a recording). `record_from_dict` / `record_to_dict` convert
-between these and their JSON form (MQTT payloads, recordings).
+(an operator input, replayed from a recording). Their JSON form (MQTT payloads, recordings) is the
+wire protocol's `encode` / `decode` (engine/service/protocol.py).
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple
 
-from batchdeck.engine.service.gpu_monitor import GpuSample
-from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord
+from batchdeck.engine.telemetry import Event
 
 TOPICS = ("iteration", "request", "event", "gpu", "requests")
 
@@ -60,49 +59,6 @@ class CommandResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-# -- JSON form of records -------------------------------------------------------------------------
-def _fields(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in dataclasses.fields(cls))
-
-
-_ITERATION_FIELDS = _fields(IterationRecord)
-_REQUEST_FIELDS = _fields(RequestRecord)
-_GPU_FIELDS = _fields(GpuSample)
-_EVENT_CORE = ("kind", "time", "iteration")
-
-
-def record_to_dict(topic: str, record: Any) -> dict[str, Any]:
-    """The JSON form of a telemetry record (events flattened as `Event.to_dict()`)."""
-    if isinstance(record, Mapping):
-        return dict(record)
-    to_dict = getattr(record, "to_dict", None)
-    if to_dict is not None:
-        return to_dict()
-    if dataclasses.is_dataclass(record):
-        return dataclasses.asdict(record)
-    raise TypeError(f"cannot convert a {type(record).__name__} on topic {topic!r} to JSON")
-
-
-def record_from_dict(topic: str, data: Mapping[str, Any]) -> Any:
-    """The typed record for a JSON object received on `topic`; unknown keys are ignored, so a
-    newer engine's extra fields do not break an older console. Raises ValueError if unusable."""
-    if not isinstance(data, Mapping):
-        raise ValueError(f"a {topic} record must be a JSON object, got {type(data).__name__}")
-    try:
-        if topic == "iteration":
-            return IterationRecord(**{k: v for k, v in data.items() if k in _ITERATION_FIELDS})
-        if topic == "request":
-            return RequestRecord(**{k: v for k, v in data.items() if k in _REQUEST_FIELDS})
-        if topic == "gpu":
-            return GpuSample(**{k: v for k, v in data.items() if k in _GPU_FIELDS})
-        if topic == "event":
-            rest = {k: v for k, v in data.items() if k not in _EVENT_CORE and k != "type"}
-            return Event(str(data["kind"]), float(data.get("time") or 0.0), int(data.get("iteration") or 0), rest)
-    except (TypeError, KeyError) as exc:
-        raise ValueError(f"malformed {topic} record: {exc}") from None
-    return dict(data)
 
 
 # -- bursts ---------------------------------------------------------------------------------------

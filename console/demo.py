@@ -75,6 +75,7 @@ def synthetic_session(iterations: int = 400, *, seed: int = 7, step_s: float = 0
         t += max(step, step_s)
         finished_now = []
         ttfts = []
+        itls: list[float] = []
         generated = proposed = accepted = 0
         for r in running:
             if r["done_prompt"] >= r["prompt"]:
@@ -94,6 +95,9 @@ def synthetic_session(iterations: int = 400, *, seed: int = 7, step_s: float = 0
                 if r["ttft"] is None:
                     r["ttft"] = t - r["arrival"]
                     ttfts.append(r["ttft"])
+                else:
+                    itls.append(t - r["last"])
+                r["last"] = t
                 if r["out"] >= r["max_tokens"]:
                     finished_now.append(r)
         for r in finished_now:
@@ -116,7 +120,7 @@ def synthetic_session(iterations: int = 400, *, seed: int = 7, step_s: float = 0
             num_prefill_chunks=chunks, num_requests_running=len(running), num_requests_waiting=len(waiting),
             num_preemptions=preempted, kv_blocks_used=used, kv_blocks_total=num_blocks,
             kv_cache_usage=used / num_blocks, config_version=version, num_finished=len(finished_now),
-            num_generated_tokens=generated, spec_proposed=proposed, spec_accepted=accepted, ttfts=ttfts,
+            num_generated_tokens=generated, spec_proposed=proposed, spec_accepted=accepted, ttfts=ttfts, itls=itls,
             tenant_tokens={})))
         if it % 25 == 24:
             rows = []

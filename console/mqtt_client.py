@@ -1,12 +1,7 @@
 """`MqttClient`: the console attached to a headless engine over MQTT (issue #4's topic contract).
 
-PREFIX = batchdeck/<engine_id>
-  PREFIX/status            retained "online" / "offline" (the engine's Last Will sets "offline")
-  PREFIX/config            retained {"config", "bounds", "version", ...}
-  PREFIX/telemetry/iteration   one record or a JSON list of records (likewise request, gpu, requests)
-  PREFIX/events            Event.to_dict() objects (or a list)
-  PREFIX/control           {"id", "op": set|get|pause|resume|abort|submit, ...}  (we publish)
-  PREFIX/control/reply     {"id", "ok", "error"?, "applied_iteration"?, "config"?}
+Topics, record decoding and the command form are the wire protocol's (engine/service/protocol.py),
+the module the engine's MQTT bridge publishes with.
 
 Connection state: `connecting` until the first broker connection, then `connected` while the broker
 link is up and the engine's status is online, `engine offline` while it is not, and `reconnecting`
@@ -25,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 from urllib.parse import unquote, urlparse
 
-from batchdeck.console.client import (Client, CommandResult, ConnectionState, as_request_list, merge_submit_results,
-                            record_from_dict)
+from batchdeck.console.client import Client, CommandResult, ConnectionState, as_request_list, merge_submit_results
+from batchdeck.engine.service.backoff import Backoff
+from batchdeck.engine.service.protocol import (BUS_TOPICS, CONFIG, CONTROL, CONTROL_REPLY, STATUS, command, decode,
+                                                subtopic, topic_prefix)
 
-TELEMETRY = {"telemetry/iteration": "iteration", "telemetry/request": "request", "telemetry/gpu": "gpu",
-             "telemetry/requests": "requests", "events": "event"}
+SHOWN = frozenset({"iteration", "request", "gpu", "requests", "event"})  # telemetry the console displays
 
 
 @dataclass(frozen=True)
@@ -43,7 +39,7 @@ class AttachTarget:
 
     @property
     def prefix(self) -> str:
-        return f"batchdeck/{self.engine_id}"
+        return topic_prefix(self.engine_id)
 
 
 def parse_attach_url(url: str) -> AttachTarget:
@@ -123,7 +119,7 @@ class MqttClient(Client):
     async def _run(self) -> None:
         import aiomqtt
 
-        delay = self.backoff[0]
+        backoff = Backoff(*self.backoff)
         t = self.target
         while True:
             tls = ssl.create_default_context() if t.tls else None
@@ -135,7 +131,7 @@ class MqttClient(Client):
                     await client.subscribe(f"{self.prefix}/#", qos=1)
                     self._connected = True
                     self.connects += 1
-                    delay = self.backoff[0]
+                    backoff.reset()
                     self._update_state()
                     self._first_attempt.set()
                     async for message in client.messages:
@@ -150,8 +146,7 @@ class MqttClient(Client):
                 self._update_state()
                 self._fail_pending("the broker link dropped before the engine replied")
             self._first_attempt.set()
-            await asyncio.sleep(delay)
-            delay = min(self.backoff[1], delay * 2)
+            await asyncio.sleep(backoff.delay())
 
     def _fail_pending(self, why: str) -> None:
         for fut in self._pending.values():
@@ -161,27 +156,27 @@ class MqttClient(Client):
 
     # -- incoming -------------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: Any) -> None:
-        if not topic.startswith(self.prefix + "/"):
+        sub = subtopic(self.prefix, topic)
+        if sub is None:
             return
-        sub = topic[len(self.prefix) + 1:]
         raw = payload.decode("utf-8", errors="replace") if isinstance(payload, (bytes, bytearray)) else str(payload)
-        if sub == "status":
+        if sub == STATUS:
             self.engine_status = raw.strip().strip('"') or None
             self._update_state()
             return
-        if sub == "control":
+        if sub == CONTROL:
             return  # our own (or another console's) commands
         try:
             data = json.loads(raw) if raw else None
         except json.JSONDecodeError:
             return
-        if sub == "control/reply":
+        if sub == CONTROL_REPLY:
             if isinstance(data, dict):
                 fut = self._pending.pop(str(data.get("id")), None)
                 if fut is not None and not fut.done():
                     fut.set_result(data)
             return
-        if sub == "config":
+        if sub == CONFIG:
             if isinstance(data, dict):
                 self.config_snapshot = {**(self.config_snapshot or {}), **data}
                 sim = (data.get("engine") or {}).get("simulation")
@@ -190,15 +185,15 @@ class MqttClient(Client):
                                         f"{self.prefix} @ {self.target.host}:{self.target.port}")
                 self._push("config", dict(self.config_snapshot))
             return
-        kind = TELEMETRY.get(sub)
-        if kind is None:
+        kind = BUS_TOPICS.get(sub)
+        if kind not in SHOWN:
             return
         items = data if isinstance(data, list) else [data]
         for item in items:
             if not isinstance(item, dict):
                 continue
             try:
-                record = item if kind == "requests" else record_from_dict(kind, item)
+                record = decode(kind, item)
             except ValueError:
                 continue
             stamp = item.get("time")
@@ -224,7 +219,7 @@ class MqttClient(Client):
         fut = asyncio.get_running_loop().create_future()
         self._pending[cid] = fut
         try:
-            await client.publish(f"{self.prefix}/control", json.dumps({"id": cid, "op": op, **fields}), qos=1)
+            await client.publish(f"{self.prefix}/{CONTROL}", command(cid, op, **fields), qos=1)
             return await asyncio.wait_for(fut, timeout=self.reply_timeout)
         except asyncio.TimeoutError:
             return {"ok": False, "error": f"no reply from the engine within {self.reply_timeout:g}s"}

@@ -1,5 +1,5 @@
-"""`--replay FILE`: a recording (the console's `--record`, or `batchdeck replay --record`) played
-back with no engine, as a read-only `Client`: play, pause, speed, seek.
+"""`--replay FILE`: a recording (engine/service/recording.py: the console's `--record`, or
+`batchdeck replay --record`) played back with no engine, as a read-only `Client`: play, pause, speed, seek.
 
 Playback follows the records' engine time: a record is released once the play position reaches its
 time (records without one go with the record before them). Seeking back restarts the dashboard
@@ -9,64 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from batchdeck.console.client import Client, CommandResult, ConnectionState, record_from_dict
+from batchdeck.console.client import Client, CommandResult, ConnectionState
+from batchdeck.engine.service.recording import read_recording
 
 SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-PLAYED_TYPES = ("iteration", "request", "event", "gpu", "requests", "action", "config")
-
-
-class RecordingError(ValueError):
-    """A recording that cannot be read; says which file and line."""
-
-
-def load_recording(path: str | Path) -> tuple[list[float], list[tuple[str, Any]], dict[str, Any] | None]:
-    """(times, messages, first config snapshot). Lines of unknown type are skipped; a malformed
-    line raises RecordingError naming the line (a truncated last line is tolerated)."""
-    path = Path(path)
-    times: list[float] = []
-    messages: list[tuple[str, Any]] = []
-    snapshot: dict[str, Any] | None = None
-    t = 0.0
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for n, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            if n == len(lines):
-                break  # the recorder was cut off mid-line
-            raise RecordingError(f"{path}:{n}: not JSON ({exc.msg})") from None
-        if not isinstance(obj, dict) or "type" not in obj:
-            raise RecordingError(f"{path}:{n}: each line must be an object with a \"type\"")
-        kind = obj["type"]
-        if kind not in PLAYED_TYPES:
-            continue
-        data = {k: v for k, v in obj.items() if k != "type"}
-        if kind == "config":
-            if snapshot is None:
-                snapshot = data
-            record: Any = data
-        elif kind in ("action", "requests"):
-            record = data
-        else:
-            try:
-                record = record_from_dict(kind, data)
-            except ValueError as exc:
-                raise RecordingError(f"{path}:{n}: {exc}") from None
-        stamp = obj.get("time")
-        if kind == "request" and isinstance(obj.get("finish"), (int, float)) and obj["finish"] > 0:
-            stamp = obj["finish"]
-        if isinstance(stamp, (int, float)):
-            t = max(t, float(stamp))
-        times.append(t)
-        messages.append((kind, record))
-    return times, messages, snapshot
 
 
 class ReplayClient(Client):
@@ -76,7 +25,7 @@ class ReplayClient(Client):
     def __init__(self, path: str | Path, *, speed: float = 1.0, autoplay: bool = True, tick_s: float = 0.05) -> None:
         super().__init__(maxsize=1_000_000)
         self.path = Path(path)
-        self.times, self.messages, snapshot = load_recording(self.path)
+        self.times, self.messages, snapshot = read_recording(self.path)
         self.config_snapshot = snapshot
         self.state = ConnectionState.REPLAY
         self.description = f"replay of {self.path.name}"

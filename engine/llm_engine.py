@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 
 from batchdeck.engine.attention.backend import make_backend
@@ -51,15 +52,6 @@ class StepResult:
     outputs: list[RequestOutput] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)
     record: IterationRecord | None = None
-
-
-def _percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    pos = (len(sorted_values) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def check_device(device: str) -> None:
@@ -352,6 +344,7 @@ class LLMEngine:
         commit = self.blocks.commit
         tenant_tokens: dict[str, int] = {}
         ttfts: list[float] = []
+        itls: list[float] = []
         for chunk in plan.chunks:
             if chunk.padding:
                 continue
@@ -368,6 +361,7 @@ class LLMEngine:
             r = chunk.request
             reason = None
             emitted: list[int] = []
+            previous = r.token_times[-1] if r.token_times else None
             for token in tokens:
                 r.append_token(token, now)
                 emitted.append(token)
@@ -375,6 +369,8 @@ class LLMEngine:
                 if reason is not None:
                     break
             num_generated += len(emitted)
+            if previous is not None:  # one gap per delivery: accepted drafts arrive with their step's token
+                itls.append(now - previous)
             if chunk.draft:  # accepted drafts that were kept (a stop among them drops the rest)
                 accepted = min(len(tokens) - 1, len(emitted))
                 r.spec_steps += 1
@@ -421,7 +417,7 @@ class LLMEngine:
             config_version=self.live.version, num_padding_tokens=sum(1 for c in plan.chunks if c.padding),
             num_finished=len(result.finished), num_generated_tokens=num_generated, ttfts=ttfts,
             spec_proposed=spec_proposed, spec_accepted=spec_accepted,
-            tenant_tokens=tenant_tokens,
+            tenant_tokens=tenant_tokens, itls=itls,
             prefix_cache_queries=queries - self._prefix_counts[0], prefix_cache_hits=hits - self._prefix_counts[1],
             kv_blocks_cached=blocks.num_cached, kv_blocks_evictable=blocks.num_evictable,
             kv_blocks_free=blocks.num_empty,
@@ -438,23 +434,6 @@ class LLMEngine:
         self.drafter.fill(drafting)
         for c in drafting:
             c.num_tokens -= c.num_draft - len(c.draft)
-
-    def requests_snapshot(self, limit: int = 200) -> list[dict[str, Any]]:
-        """Running then waiting requests (at most `limit`), for request tables."""
-        rows = []
-        for state, queue in (("running", self.scheduler.running), ("waiting", self.scheduler.waiting)):
-            for r in queue[: max(0, limit - len(rows))]:
-                state_name = "prefill" if state == "running" and r.is_prefilling else (
-                    "decode" if state == "running" else ("preempted" if r.num_preemptions else "waiting"))
-                rows.append({
-                    "request_id": r.request_id, "tenant": r.tenant, "slo_class": r.slo_class,
-                    "priority": r.priority, "state": state_name, "prompt_tokens": r.num_prompt_tokens,
-                    "output_tokens": r.num_output_tokens, "max_tokens": r.sampling.max_tokens,
-                    "ttft": None if r.first_token_time is None else r.first_token_time - r.arrival_time,
-                    "arrival": r.arrival_time, "num_preemptions": r.num_preemptions,
-                    "num_cached_tokens": r.num_cached_tokens,
-                })
-        return rows
 
     def config_snapshot(self) -> dict[str, Any]:
         """The live config, its bounds and version (what MQTT retains on PREFIX/config)."""
@@ -487,16 +466,20 @@ class LLMEngine:
             self.requests.pop(self._finished_ids.popleft(), None)
 
     def request_record(self, r: Request) -> RequestRecord:
-        ttft = None if r.first_token_time is None else r.first_token_time - r.arrival_time
-        gaps = sorted(b - a for a, b in zip(r.token_times, r.token_times[1:]))
-        tpot = (r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) if len(r.token_times) > 1 else None
+        ttft, tpot = r.ttft, r.tpot
+        e2e = (r.finish_time or r.arrival_time) - r.arrival_time
+        itl_p50 = itl_p99 = itl_max = None
+        gaps = np.diff(r.token_times)
+        gaps = gaps[gaps > 0]  # tokens of one speculative step arrive together: one delivery
+        if gaps.size:
+            itl_p50, itl_p99 = (float(v) for v in np.percentile(gaps, (50, 99)))
+            itl_max = float(gaps.max())
         queued_until = r.first_scheduled_time if r.first_scheduled_time is not None else r.finish_time
         return RequestRecord(
             request_id=r.request_id, tenant=r.tenant, slo_class=r.slo_class, priority=r.priority,
             prompt_tokens=r.num_prompt_tokens, output_tokens=r.num_output_tokens, arrival=r.arrival_time,
             queue_time=max(0.0, (queued_until or r.arrival_time) - r.arrival_time), ttft=ttft, tpot=tpot,
-            itl_p50=_percentile(gaps, 0.5), itl_p99=_percentile(gaps, 0.99), itl_max=gaps[-1] if gaps else None,
-            e2e_latency=(r.finish_time or r.arrival_time) - r.arrival_time,
+            itl_p50=itl_p50, itl_p99=itl_p99, itl_max=itl_max, e2e_latency=e2e,
             finish_reason=r.finish_reason.value if r.finish_reason else "abort",
             num_preemptions=r.num_preemptions,
             slo_met=r.finish_reason is not FinishReason.ABORT and slo_met(self.slo_targets, r.slo_class, ttft, tpot),

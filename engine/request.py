@@ -171,6 +171,19 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token (seconds); None before the first token."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token, as vLLM reads it: (e2e - TTFT) / (output tokens - 1); None until
+        the request finished, or with fewer than two output tokens."""
+        if self.finish_time is None or self.first_token_time is None or self.num_output_tokens < 2:
+            return None
+        return (self.finish_time - self.first_token_time) / (self.num_output_tokens - 1)
+
     def append_token(self, token_id: int, now: float) -> None:
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)

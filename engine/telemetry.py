@@ -37,6 +37,8 @@ class IterationRecord:
     draft_time: float = 0.0  # speculative decoding: time the drafter took (a draft model's forwards)
     ttfts: list[float] = field(default_factory=list)  # TTFT of each request whose first token came now
     tenant_tokens: dict[str, int] = field(default_factory=dict)  # tokens computed per tenant this iteration
+    itls: list[float] = field(default_factory=list)  # inter-token latency: for each request that got tokens now
+    # (and had some before), now - the time of its previous tokens (a speculative step's tokens arrive together)
     # Prefix cache: tokens of the requests admitted in this iteration that were looked up in the cache,
     # and of those, how many were served from it (not computed; num_prefill_tokens counts the computed).
     prefix_cache_queries: int = 0
@@ -62,8 +64,8 @@ class RequestRecord:
     arrival: float  # seconds since engine start
     queue_time: float  # arrival -> first scheduled
     ttft: float | None
-    tpot: float | None  # mean time per output token after the first
-    itl_p50: float | None  # inter-token gaps summary
+    tpot: float | None  # time per output token: (e2e - ttft) / (output tokens - 1); None for one token
+    itl_p50: float | None  # this request's inter-token latencies: gaps between consecutive output tokens
     itl_p99: float | None
     itl_max: float | None
     e2e_latency: float

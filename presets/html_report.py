@@ -5,7 +5,8 @@ Main figure (`main_figure`), all against engine time with the timeline's config 
 as dashed vertical lines (labelled with the change) and pauses shaded:
   1. throughput: prompt and generation tokens/s
   2. time to first token p50/p99, by arrival time
-  3. inter-token latency: per-request mean gap (TPOT) p50 and the p99 of per-request p99 gaps
+  3. inter-token latency (ITL, every gap between consecutive tokens) p50/p99 by the time of the
+     later token, and time per output token (TPOT, per request) p50 by arrival time
   4. batch composition: prefill vs decode (and static-batching padding) tokens per iteration,
      with the running requests
   5. KV-cache usage and waiting requests
@@ -20,6 +21,9 @@ import io
 import math
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
+from batchdeck.engine.service.metrics import percentile
 from batchdeck.presets.compare import change_cell, fmt_num, fmt_s, metric_rows
 from batchdeck.presets.report import phase_label
 
@@ -36,25 +40,29 @@ def _pyplot():
     return plt
 
 
-def _bin_edges(t_end: float, n: int = 80, min_width: float = 0.05) -> list[float]:
+def _bins(t_end: float, n: int = 80, min_width: float = 0.05) -> np.ndarray:
+    """Edges of equal-width time bins from 0 to at least `t_end` (at most `n` bins, each >= min_width)."""
     width = max(t_end / n, min_width) if t_end > 0 else min_width
-    count = max(1, math.ceil(t_end / width))
-    return [i * width for i in range(count + 1)]
+    return np.arange(max(1, math.ceil(t_end / width)) + 1) * width
 
 
-def _bin_index(edges: Sequence[float], t: float) -> int:
-    width = edges[1] - edges[0]
-    return min(len(edges) - 2, max(0, int(t // width)))
+def _bin_of(edges: np.ndarray, t: Any) -> np.ndarray:
+    """The bin of each time in `t` (times beyond the edges go to the first / last bin)."""
+    return np.clip(np.digitize(np.asarray(t, dtype=float), edges) - 1, 0, len(edges) - 2)
 
 
-def _percentile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    rank = (len(xs) - 1) * q / 100.0
-    lo = math.floor(rank)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
+def _binned_percentile(edges: np.ndarray, t: Sequence[float], values: Sequence[float], q: float
+                       ) -> tuple[list[float], list[float]]:
+    """(bin centers, q-th percentile of the values in each bin), for the bins that hold values."""
+    if not len(values):
+        return [], []
+    idx, v = _bin_of(edges, t), np.asarray(values, dtype=float)
+    centers = (edges[:-1] + edges[1:]) / 2
+    xs, ys = [], []
+    for b in np.unique(idx):
+        xs.append(float(centers[b]))
+        ys.append(percentile(v[idx == b], q))
+    return xs, ys
 
 
 def _changes(report: Mapping[str, Any]) -> list[tuple[float, str]]:
@@ -100,50 +108,30 @@ def main_figure(report: Mapping[str, Any]):
     times = s.get("time", [])
     reqs = [r for r in report.get("requests", []) if r.get("arrival") is not None and r.get("e2e_latency") is not None]
     t_end = max([*times, *(r["arrival"] + r["e2e_latency"] for r in reqs), 0.0]) or 1.0
-    edges = _bin_edges(t_end)
-    centers = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
-    width = edges[1] - edges[0]
+    edges = _bins(t_end)
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = float(edges[1] - edges[0])
     nb = len(centers)
-    prompt = [0.0] * nb
-    gen = [0.0] * nb
-    n_it = [0] * nb
-    pre = [0.0] * nb
-    dec = [0.0] * nb
-    pad = [0.0] * nb
-    run = [0.0] * nb
-    for i, t in enumerate(times):
-        b = _bin_index(edges, t)
-        prompt[b] += s["num_prefill_tokens"][i]
-        gen[b] += s["num_generated_tokens"][i]
-        n_it[b] += 1
-        pre[b] += s["num_prefill_tokens"][i]
-        dec[b] += s["num_decode_tokens"][i]
-        pad[b] += s["num_padding_tokens"][i]
-        run[b] += s["num_requests_running"][i]
-    prompt = [v / width for v in prompt]
-    gen = [v / width for v in gen]
-    pre = [p / n if n else 0.0 for p, n in zip(pre, n_it)]
-    dec = [d / n if n else 0.0 for d, n in zip(dec, n_it)]
-    pad = [p / n if n else 0.0 for p, n in zip(pad, n_it)]
-    run = [r / n if n else float("nan") for r, n in zip(run, n_it)]
+    idx = _bin_of(edges, times)
 
-    lat_edges = _bin_edges(t_end, n=30, min_width=0.1)
-    lat_centers = [(a + b) / 2 for a, b in zip(lat_edges, lat_edges[1:])]
-    ttft_bins: list[list[float]] = [[] for _ in lat_centers]
-    tpot_bins: list[list[float]] = [[] for _ in lat_centers]
-    itl_bins: list[list[float]] = [[] for _ in lat_centers]
-    for r in reqs:
-        b = _bin_index(lat_edges, r["arrival"])
-        if r.get("ttft") is not None:
-            ttft_bins[b].append(r["ttft"])
-        if r.get("tpot") is not None:
-            tpot_bins[b].append(r["tpot"] * 1e3)
-        if r.get("itl_p99") is not None:
-            itl_bins[b].append(r["itl_p99"] * 1e3)
+    def per_bin(name: str) -> np.ndarray:
+        return np.bincount(idx, weights=np.asarray(s[name], dtype=float), minlength=nb) if times else np.zeros(nb)
 
-    def series(bins, q):
-        pts = [(c, _percentile(v, q)) for c, v in zip(lat_centers, bins) if v]
-        return [p[0] for p in pts], [p[1] for p in pts]
+    n_it = np.bincount(idx, minlength=nb) if times else np.zeros(nb, dtype=int)
+    per_it = np.maximum(n_it, 1)
+    prompt = per_bin("num_prefill_tokens") / width
+    gen = per_bin("num_generated_tokens") / width
+    pre = per_bin("num_prefill_tokens") / per_it
+    dec = per_bin("num_decode_tokens") / per_it
+    pad = per_bin("num_padding_tokens") / per_it
+    run = np.where(n_it > 0, per_bin("num_requests_running") / per_it, np.nan)
+
+    lat_edges = _bins(t_end, n=30, min_width=0.1)
+    with_ttft = [r for r in reqs if r.get("ttft") is not None]
+    with_tpot = [r for r in reqs if r.get("tpot") is not None]
+    gaps = s.get("itls") or [[] for _ in times]  # reports written before ITL was recorded have none
+    gap_times = [t for t, g in zip(times, gaps) for _ in g]
+    gap_values = [v * 1e3 for g in gaps for v in g]
 
     changes = _changes(report)
     pauses = _pauses(report, t_end)
@@ -166,22 +154,22 @@ def main_figure(report: Mapping[str, Any]):
 
     ax = axes[1]
     for q, key, style in ((50, "p50", "-o"), (99, "p99", "-s")):
-        x, y = series(ttft_bins, q)
+        x, y = _binned_percentile(lat_edges, [r["arrival"] for r in with_ttft], [r["ttft"] for r in with_ttft], q)
         ax.plot(x, y, style, color=PALETTE[key], markersize=3, label=f"TTFT {key}")
     ax.set_ylabel("seconds")
     ax.set_title("Time to first token (by arrival time)", loc="left", fontsize=10)
     ax.legend(**LEGEND)
 
     ax = axes[2]
-    x, y = series(tpot_bins, 50)
-    ax.plot(x, y, "-o", color=PALETTE["p50"], markersize=3, label="TPOT p50 (mean gap per request)")
-    x, y = series(itl_bins, 99)
-    ax.plot(x, y, "-s", color=PALETTE["p99"], markersize=3, label="inter-token p99 (of per-request p99 gaps)")
+    for q, key, style in ((50, "p50", "-"), (99, "p99", "-")):
+        x, y = _binned_percentile(edges, gap_times, gap_values, q)
+        ax.plot(x, y, style, color=PALETTE[key], linewidth=1.3, label=f"ITL {key} (every gap, by token time)")
+    x, y = _binned_percentile(lat_edges, [r["arrival"] for r in with_tpot], [r["tpot"] * 1e3 for r in with_tpot], 50)
+    ax.plot(x, y, "o", color=PALETTE["p50"], markersize=3, label="TPOT p50 (per request, by arrival)")
     ax.set_ylabel("ms")
-    if any(v for b in itl_bins for v in b) and max((v for b in itl_bins for v in b), default=0) > 20 * max(
-            (v for b in tpot_bins for v in b), default=1):
+    if gap_values and max(gap_values) > 20 * max(percentile(gap_values, 50) or 1.0, 1e-3):
         ax.set_yscale("log")
-    ax.set_title("Inter-token latency (by arrival time)", loc="left", fontsize=10)
+    ax.set_title("Inter-token latency and time per output token", loc="left", fontsize=10)
     ax.legend(**LEGEND)
 
     ax = axes[3]
@@ -223,14 +211,14 @@ def main_figure(report: Mapping[str, Any]):
 
 
 def phase_figure(report: Mapping[str, Any]):
-    """Bars per phase: generation throughput, TTFT p99, inter-token tail p99, e2e p99; None with one phase."""
+    """Bars per phase: generation throughput, TTFT p99, ITL p99, e2e p99; None with one phase."""
     phases = report.get("phases") or []
     if len(phases) < 2:
         return None
     plt = _pyplot()
     panels = [("generation tok/s", lambda p: p.get("generation_throughput"), 1.0),
               ("TTFT p99 (s)", lambda p: (p.get("time_to_first_token") or {}).get("p99"), 1.0),
-              ("inter-token tail p99 (ms)", lambda p: (p.get("inter_token_latency_tail") or {}).get("p99"), 1e3),
+              ("ITL p99 (ms)", lambda p: (p.get("inter_token_latency") or {}).get("p99"), 1e3),
               ("e2e latency p99 (s)", lambda p: (p.get("e2e_request_latency") or {}).get("p99"), 1.0)]
     fig, axes = plt.subplots(1, len(panels), figsize=(11, 3.2), constrained_layout=True)
     labels = [f"{p['index']}: " + phase_label(p.get("changes"), "\n") for p in phases]
@@ -373,7 +361,7 @@ def render_html(report: Mapping[str, Any], title: str | None = None) -> str:
               _f3(r.get("arrival")), fmt_s(r.get("ttft")), fmt_s(r.get("tpot")), fmt_s(r.get("itl_max")),
               fmt_s(r.get("e2e_latency")), r.get("num_preemptions"), fmt_num(r.get("slo_met")),
               r.get("finish_reason") or "") for r in reqs[:2000]]
-    parts.append(_table(["id", "tenant", "class", "prompt", "output", "arrival (s)", "TTFT", "TPOT", "max gap", "e2e",
+    parts.append(_table(["id", "tenant", "class", "prompt", "output", "arrival (s)", "TTFT", "TPOT", "ITL max", "e2e",
                          "preempt.", "SLO met", "finish"], rrows))
     parts.append("</details></body></html>")
     return "\n".join(parts)

@@ -6,11 +6,10 @@ timeline (`set` through `AsyncEngine.update_config(changes, source)`, `pause: S`
 pause/resume) and returns once every request has finished. It is used by `batchdeck replay`, the
 console and the headless `batchdeck engine` command.
 
-Time: the workload's clock is `(engine clock - t0) * speed`, where t0 is the engine time when
-`run()` starts (0 with `restart_clock=True`, the default, which restarts the engine's clock while it
-is idle); an arrival at `t` is submitted at engine time `t0 + t / speed` and carries that arrival
-time, so a late submission (the engine thread was busy) shows up as queue
-time, not as a shifted arrival. Timeline `at` is on the same clock; `at_iteration: N` fires once
+The workload is played by `presets.workload_player.WorkloadPlayer` (its clock, ids and arrival
+stamps are described there). t0 is the engine time when `run()` starts (0 with
+`restart_clock=True`, the default, which restarts the engine's clock while it is idle). Timeline
+`at` is on the workload's clock; `at_iteration: N` fires once
 the engine's iteration counter reaches N (the change then applies at the next iteration boundary,
 so `applied_iteration >= N`; the exact value is what `applied` and the engine's events report).
 
@@ -19,10 +18,6 @@ entries that are due together are applied in order, each on top of the last, as 
 them). `pause: S` pauses the engine and resumes it S / speed seconds later (arrivals keep coming
 and queue meanwhile). Entries not yet due when the last request finishes are reported as skipped.
 
-Requests: greedy, `ignore_eos=True`, `max_tokens` from the workload; ids are
-`f"{stream_index}-{n}"` (n counts the stream's requests from 0 in issue order, so an id always names
-the same prompt and lengths: the workload is drawn from the preset seed alone).
-
 `duration_scale` shortens a preset (for CI and quick looks): see `scale_preset`.
 """
 from __future__ import annotations
@@ -30,19 +25,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from batchdeck.engine.service.async_engine import AsyncEngine, RequestStream
 from batchdeck.engine.config import EngineConfig, LiveConfig
-from batchdeck.engine.request import RequestError, SamplingParams
-from batchdeck.presets.workload_streams import (
-    ClosedLoopStream,
-    WorkloadItem,
-    closed_loop_streams,
-    count_clamped,
-    generate_open_loop,
-)
+from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.presets.workload_player import SubmittedRequest, WorkloadPlayer
+from batchdeck.presets.workload_streams import (ClosedLoopStream, WorkloadItem, closed_loop_streams, count_clamped,
+                                                generate_open_loop)
 
 if TYPE_CHECKING:
     from batchdeck.engine.llm_engine import LLMEngine
@@ -151,16 +141,6 @@ class AppliedAction:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class SubmittedRequest:
-    request_id: str
-    item: WorkloadItem
-    arrival: float  # engine time the request carries
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None  # rejected at submission
-
-
 class PresetDriver:
     def __init__(self, engine: AsyncEngine, preset: "Preset", *, speed: float = 1.0,
                  max_model_len: int | None = None, duration_scale: float = 1.0, source: str = "preset",
@@ -182,18 +162,33 @@ class PresetDriver:
         self.closed: list[ClosedLoopStream] = closed_loop_streams(self.preset.workload, self.preset.seed,
                                                                   self.max_model_len)
         self.applied: list[AppliedAction] = [self._action_for(i, e) for i, e in enumerate(self.preset.timeline)]
-        self.requests: dict[str, SubmittedRequest] = {}
-        self.submitted = 0
-        self.finished = 0
-        self.rejected = 0
+        self.player = WorkloadPlayer(engine, self.open_items, self.closed, speed=self.speed)
         self.error: BaseException | None = None
         self.done = False
-        self._counters: dict[int, int] = {}
-        self._tasks: set[asyncio.Task] = set()
         self._resume_tasks: list[asyncio.Task] = []
-        self.t0 = 0.0  # engine time of workload time 0 (set by run)
 
     # -- progress ---------------------------------------------------------------------------------
+    @property
+    def requests(self) -> dict[str, SubmittedRequest]:
+        return self.player.requests
+
+    @property
+    def submitted(self) -> int:
+        return self.player.submitted
+
+    @property
+    def finished(self) -> int:
+        return self.player.finished
+
+    @property
+    def rejected(self) -> int:
+        return self.player.rejected
+
+    @property
+    def t0(self) -> float:
+        """Engine time of workload time 0 (set by run)."""
+        return self.player.t0
+
     @property
     def total(self) -> int:
         """Requests expected in all: open-loop ones plus closed-loop ones issued or still to come
@@ -216,7 +211,7 @@ class PresetDriver:
 
     def workload_time(self) -> float:
         """The workload clock now: (engine time - t0) * speed."""
-        return (self.engine.engine.clock() - self.t0) * self.speed
+        return self.player.workload_time()
 
     # -- run ----------------------------------------------------------------------------------------
     async def run(self) -> "PresetDriver":
@@ -233,29 +228,24 @@ class PresetDriver:
                 return 0.0
             return e.clock()
 
-        self.t0 = await self.engine.call(start_clock)
+        t0 = await self.engine.call(start_clock)
+        self.player.t0 = t0
         if self.apply_initial_config and self.preset.config:
             await self.engine.update_config(self.preset.config, source=self.source)
-        workers = [asyncio.create_task(self._open_loop())]
-        for stream in self.closed:
-            for item in stream.initial():
-                workers.append(asyncio.create_task(self._client(stream, item)))
+        player = asyncio.create_task(self.player.run(t0))
         timeline = asyncio.create_task(self._timeline())
         watchdog = asyncio.create_task(self._watch_engine())
-        all_workers = asyncio.gather(*workers)
         try:
-            done, _ = await asyncio.wait([all_workers, watchdog], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([player, watchdog], return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 t.result()
             if self.engine.error is not None:
                 raise self.engine.error
         finally:
             self.done = True
-            for t in [timeline, watchdog, *workers, *self._resume_tasks, *self._tasks]:
+            for t in [timeline, watchdog, player, *self._resume_tasks]:
                 t.cancel()
-            # all_workers too: its CancelledError is retrieved here, not logged when it is collected
-            await asyncio.gather(all_workers, timeline, watchdog, *workers, *self._resume_tasks, *self._tasks,
-                                 return_exceptions=True)
+            await asyncio.gather(player, timeline, watchdog, *self._resume_tasks, return_exceptions=True)
             for a in self.applied:
                 if a.status == "pending":
                     a.status = "skipped"
@@ -266,56 +256,6 @@ class PresetDriver:
         while self.engine.error is None:
             await asyncio.sleep(0.05)
         self.error = self.engine.error
-
-    def _next_id(self, stream_index: int) -> str:
-        n = self._counters.get(stream_index, 0)
-        self._counters[stream_index] = n + 1
-        return f"{stream_index}-{n}"
-
-    async def _sleep_until(self, workload_t: float) -> None:
-        delay = self.t0 + workload_t / self.speed - self.engine.engine.clock()
-        if delay > 0:
-            await asyncio.sleep(delay / self.engine.engine.time_rate)
-
-    async def _submit(self, item: WorkloadItem) -> SubmittedRequest:
-        """Add one request and wait for it to finish (or be rejected)."""
-        rid = self._next_id(item.stream_index)
-        sub = SubmittedRequest(rid, item, self.t0 + item.arrival / self.speed)
-        self.requests[rid] = sub
-        self.submitted += 1
-        try:
-            stream: RequestStream = await self.engine.add_request(
-                rid, item.prompt_token_ids, SamplingParams(max_tokens=item.max_tokens, ignore_eos=True),
-                arrival_time=sub.arrival, tenant=item.tenant, priority=item.priority, slo_class=item.slo_class)
-        except RequestError as exc:
-            sub.error = str(exc)
-            self.rejected += 1
-            self.finished += 1
-            return sub
-        sub.token_ids = await stream.collect()
-        sub.finish_reason = stream.finish_reason
-        self.finished += 1
-        return sub
-
-    async def _open_loop(self) -> None:
-        items = self.open_items
-        i = 0
-        while i < len(items):
-            await self._sleep_until(items[i].arrival)
-            now = self.workload_time()
-            while i < len(items) and items[i].arrival <= now:  # everything due: one boundary, in order
-                task = asyncio.create_task(self._submit(items[i]))
-                self._tasks.add(task)
-                i += 1
-        if self._tasks:
-            await asyncio.gather(*self._tasks)
-
-    async def _client(self, stream: ClosedLoopStream, first: WorkloadItem) -> None:
-        item: WorkloadItem | None = first
-        while item is not None:
-            await self._sleep_until(item.arrival)  # a chat's next turn comes after a think time
-            sub = await self._submit(item)
-            item = stream.on_finished(self.workload_time(), item, sub.token_ids or ())
 
     # -- timeline -------------------------------------------------------------------------------
     @staticmethod
@@ -331,7 +271,7 @@ class PresetDriver:
     async def _timeline(self) -> None:
         for entry, action in zip(self.preset.timeline, self.applied):
             if entry.at is not None:
-                await self._sleep_until(entry.at)
+                await self.player.sleep_until(entry.at)
             else:
                 while self.engine.engine.iteration < entry.at_iteration:
                     await asyncio.sleep(POLL_S)
@@ -364,3 +304,13 @@ class PresetDriver:
 async def run_preset(engine: AsyncEngine, preset: "Preset", **kwargs: Any) -> PresetDriver:
     """`PresetDriver(engine, preset, **kwargs).run()`."""
     return await PresetDriver(engine, preset, **kwargs).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# What `batchdeck engine --preset` needs to play a preset (handed to the service by batchdeck/cli.py)
+
+
+def headless_driver(engine: AsyncEngine, preset: "Preset", *, speed: float = 1.0,
+                    duration_scale: float = 1.0) -> PresetDriver:
+    """A driver for a headless engine that also serves other clients (its clock is not restarted)."""
+    return PresetDriver(engine, preset, speed=speed, duration_scale=duration_scale, restart_clock=False)

@@ -5,12 +5,9 @@ calls to let a preset's timeline drive it (pass the console's `AsyncEngine` as `
 telemetry is teed off its sink for the duration and the sink is restored afterwards).
 `ReplayResult.report()` gives the JSON report (presets/report.py).
 
-Recording (`record=`): one JSON object per line, `{"type": TOPIC, ...record}` with TOPIC one of
-`iteration`, `request`, `gpu`, `event` (flattened as `Event.to_dict()`: `{"type": "event", "kind":
-"config_change", "changes": {...}, "applied_iteration": N, "source": "preset", "time": ..., ...}`),
-`requests` (the request-table snapshot) and `action`, like the console's own `--record` (so
-`batchdeck console --replay` plays either). The first line is `{"type": "config", ...}` (the
-engine's config snapshot, as the console records it), the second
+Recording (`record=`): the one recording format (engine/service/recording.py), as the console's own
+`--record` writes it, so `batchdeck console --replay` plays either. The first line is
+`{"type": "config", ...}` (the engine's config snapshot), the second
 `{"type": "action", "op": "replay", "preset": NAME, ...}`, then one action per timeline entry when it is
 applied (`op`: set | pause | resume, with `changes`, `applied_iteration`, `ok`, `error`,
 `config`, `source`, `timeline_index`, `time`, `iteration`).
@@ -19,16 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import math
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping
 
 from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.service.recording import RecordingWriter
 from batchdeck.engine.service.virtual_loop import InlineAsyncEngine, run_virtual
 from batchdeck.engine.sim.clock import VirtualClock
 from batchdeck.presets.preset_driver import AppliedAction, PresetDriver, build_engine_for_preset, scale_preset
@@ -42,52 +37,6 @@ def as_preset(preset: Preset | str | Path) -> Preset:
     if isinstance(preset, Preset):
         return preset
     return load_preset(resolve_preset(preset))
-
-
-def record_dict(topic: str, record: Any) -> dict[str, Any]:
-    """`{"type": topic, ...}` for any telemetry record (dataclass with to_dict, or a mapping)."""
-    if isinstance(record, Mapping):
-        body = dict(record)
-    elif hasattr(record, "to_dict"):
-        body = record.to_dict()
-    else:
-        import dataclasses
-
-        body = dataclasses.asdict(record)
-    return {"type": topic, **{k: _finite(v) for k, v in body.items() if k != "type"}}
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf are not JSON: written as null (as the console's recorder does)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-class JsonlRecorder:
-    """A telemetry sink that writes every record as one JSON line; thread-safe (the engine's worker
-    thread and the event loop both write). `close()` flushes and closes a file it opened."""
-
-    def __init__(self, target: str | Path | IO[str]):
-        if isinstance(target, (str, Path)):
-            self._file: IO[str] = open(target, "w", encoding="utf-8")
-            self._owned = True
-        else:
-            self._file, self._owned = target, False
-        self._lock = threading.Lock()
-        self.lines = 0
-
-    def __call__(self, topic: str, record: Any) -> None:
-        line = json.dumps(record_dict(topic, record), default=str)
-        with self._lock:
-            self._file.write(line + "\n")
-            self.lines += 1
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.flush()
-            if self._owned:
-                self._file.close()
 
 
 class Tee:
@@ -195,7 +144,7 @@ async def run_preset_async(
     """
     preset = as_preset(preset)
     telemetry = ListSink()
-    recorder = JsonlRecorder(record) if record is not None else None
+    recorder = RecordingWriter(record) if record is not None else None
     tee = Tee(telemetry, recorder, sink)
     own_engine = engine is None
     if own_engine:
@@ -323,5 +272,4 @@ def progress_printer(stream: IO[str] | None = None, enabled: bool | None = None)
     return update
 
 
-__all__ = ["JsonlRecorder", "ReplayResult", "Tee", "as_preset", "progress_printer", "record_dict",
-           "run_preset", "run_preset_async", "scale_preset"]
+__all__ = ["ReplayResult", "Tee", "as_preset", "progress_printer", "run_preset", "run_preset_async", "scale_preset"]

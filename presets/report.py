@@ -232,7 +232,7 @@ def build_report(
 
 SERIES_FIELDS = ("iteration", "time", "step_time", "num_prefill_tokens", "num_decode_tokens", "num_padding_tokens",
                  "num_generated_tokens", "num_requests_running", "num_requests_waiting", "num_preemptions",
-                 "kv_cache_usage", "config_version", "spec_proposed", "spec_accepted", "prefix_cache_queries",
+                 "kv_cache_usage", "config_version", "spec_proposed", "spec_accepted", "itls", "prefix_cache_queries",
                  "prefix_cache_hits")
 
 

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import pytest
 
+from batchdeck.engine.service.protocol import CONTROL, CONTROL_REPLY, TELEMETRY_TOPICS, subtopic, topic_prefix
+
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
@@ -141,7 +143,7 @@ class MqttProbe:
 
     def __init__(self, broker: Broker, engine_id: str):
         self.broker = broker
-        self.prefix = f"batchdeck/{engine_id}"
+        self.prefix = topic_prefix(engine_id)
         self.messages: list[tuple[str, bytes, bool]] = []  # (topic suffix, payload, retain flag)
         self._client: Any = None
         self._reader: asyncio.Task | None = None
@@ -167,7 +169,7 @@ class MqttProbe:
 
     async def _read(self) -> None:
         async for m in self._client.messages:
-            suffix = str(m.topic)[len(self.prefix) + 1:]
+            suffix = subtopic(self.prefix, str(m.topic))
             payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
             self.messages.append((suffix, payload, bool(m.retain)))
 
@@ -179,7 +181,7 @@ class MqttProbe:
 
     def iteration_records(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for body in self.json_on("telemetry/iteration"):
+        for body in self.json_on(TELEMETRY_TOPICS["iteration"]):
             out.extend(body if isinstance(body, list) else [body])
         return out
 
@@ -197,7 +199,7 @@ class MqttProbe:
     async def send(self, payload: bytes | str | dict) -> None:
         if isinstance(payload, dict):
             payload = json.dumps(payload)
-        await self._client.publish(self.prefix + "/control", payload, qos=1)
+        await self._client.publish(f"{self.prefix}/{CONTROL}", payload, qos=1)
 
     async def command(self, cmd: dict[str, Any], timeout: float = DEADLINE_S) -> dict[str, Any]:
         """Send a command with a fresh id and wait for its reply."""
@@ -208,7 +210,7 @@ class MqttProbe:
 
     async def reply_to(self, cid: Any, timeout: float = DEADLINE_S) -> dict[str, Any]:
         def find() -> dict[str, Any] | None:
-            for r in self.json_on("control/reply"):
+            for r in self.json_on(CONTROL_REPLY):
                 if r.get("id") == cid:
                     return r
             return None
@@ -227,7 +229,7 @@ class ThreadProbe:
     def __init__(self, broker: Broker, engine_id: str, *, username: str | None = None, password: str | None = None,
                  topics: tuple[str, ...] = ("#",)):
         self.broker = broker
-        self.prefix = f"batchdeck/{engine_id}"
+        self.prefix = topic_prefix(engine_id)
         self.messages: list[tuple[str, bytes, bool]] = []
         self.username = username if username is not None else broker.client_kwargs.get("username")
         self.password = password if username is not None else broker.client_kwargs.get("password")
@@ -245,7 +247,7 @@ class ThreadProbe:
             [(f"{self.prefix}/{t}", 1) for t in self.topics])
         client.on_subscribe = lambda *args: subscribed.set()
         client.on_message = lambda c, userdata, m: self.messages.append(
-            (m.topic[len(self.prefix) + 1:], bytes(m.payload), bool(m.retain)))
+            (subtopic(self.prefix, m.topic), bytes(m.payload), bool(m.retain)))
         client.connect(self.broker.host, self.broker.port, keepalive=30)
         client.loop_start()
         self._client = client
@@ -261,7 +263,7 @@ class ThreadProbe:
             self._client = None
 
     def send(self, payload: bytes | str | dict, *, retain: bool = False, timeout: float = DEADLINE_S) -> None:
-        self.publish("control", payload, retain=retain, timeout=timeout)
+        self.publish(CONTROL, payload, retain=retain, timeout=timeout)
 
     def publish(self, suffix: str, payload: bytes | str | dict, *, retain: bool = False,
                 timeout: float = DEADLINE_S) -> None:
@@ -279,7 +281,7 @@ class ThreadProbe:
         return [p for s, p, _ in list(self.messages) if s == suffix]
 
     def replies(self) -> list[dict[str, Any]]:
-        return self.json_on("control/reply")
+        return self.json_on(CONTROL_REPLY)
 
 
 async def restart_broker(broker, probe: ThreadProbe, bridge: Any, while_down=None, after_start=None) -> None:

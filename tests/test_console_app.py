@@ -243,11 +243,11 @@ async def test_engine_refusal_is_reported(monkeypatch):
 
 
 async def test_records_actions(tmp_path):
-    from batchdeck.console.recorder import Recorder
+    from batchdeck.engine.service.recording import RecordingWriter
     import json
 
     path = tmp_path / "rec.jsonl"
-    app, client = fake_app(recorder=Recorder(path))
+    app, client = fake_app(recorder=RecordingWriter(path))
     async with app.run_test(size=SIZE) as pilot:
         app.tick()
         await palette(pilot, "policy slo")
@@ -267,10 +267,10 @@ async def test_records_actions(tmp_path):
 
 async def test_replay_plays_and_refuses_steering(tmp_path):
     from batchdeck.console.player import ReplayClient
-    from batchdeck.console.recorder import Recorder
+    from batchdeck.engine.service.recording import RecordingWriter
 
     path = tmp_path / "rec.jsonl"
-    rec = Recorder(path)
+    rec = RecordingWriter(path)
     rec.write_messages(synthetic_session(300))
     rec.close()
     client = ReplayClient(path, autoplay=False)

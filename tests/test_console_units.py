@@ -4,13 +4,13 @@ import json
 import pytest
 from textual.content import Content
 
-from batchdeck.console.client import (FakeClient, bounds_from_dict, default_snapshot, make_burst, record_from_dict,
-                            record_to_dict)
+from batchdeck.console.client import FakeClient, bounds_from_dict, default_snapshot, make_burst
 from batchdeck.console.commands import candidates, describe_bounds, validate
 from batchdeck.console.demo import synthetic_session
 from batchdeck.console.mqtt_client import parse_attach_url
-from batchdeck.console.player import RecordingError, ReplayClient, load_recording
-from batchdeck.console.recorder import Recorder
+from batchdeck.console.player import ReplayClient
+from batchdeck.engine.service.protocol import decode, encode
+from batchdeck.engine.service.recording import RecordingError, RecordingWriter, read_recording
 from batchdeck.console.speculation import summary
 from batchdeck.console.state import DashboardState, format_action, format_event
 from batchdeck.console.widgets.batch_chart import Column, columns_for, render_chart
@@ -178,18 +178,18 @@ def test_batch_chart_marks_config_changes_and_averages_to_fit():
 
 def test_record_json_round_trip():
     for topic, record in synthetic_session(60, gpu=True):
-        data = json.loads(json.dumps(record_to_dict(topic, record)))
-        back = record_to_dict(topic, record_from_dict(topic, {**data, "unknown_future_field": 1}))
+        data = json.loads(json.dumps(encode(record)))
+        back = encode(decode(topic, {**data, "unknown_future_field": 1}))
         if topic in ("event", "requests"):  # open-ended: extra keys are kept
             assert back.pop("unknown_future_field") == 1
-        assert back == record_to_dict(topic, record)
+        assert back == encode(record)
     with pytest.raises(ValueError, match="iteration"):
-        record_from_dict("iteration", {"iteration": 1})
+        decode("iteration", {"iteration": 1})
 
 
 def test_recorder_writes_typed_lines_and_the_player_replays_them(tmp_path):
     path = tmp_path / "run.jsonl"
-    rec = Recorder(path)
+    rec = RecordingWriter(path)
     rec.config(default_snapshot(), 0.0)
     msgs = synthetic_session(200, change_at=100)
     rec.write_messages(msgs[: len(msgs) // 2])
@@ -203,7 +203,7 @@ def test_recorder_writes_typed_lines_and_the_player_replays_them(tmp_path):
     action = next(line for line in lines if line["type"] == "action")
     assert action["op"] == "set" and action["ok"] is True and "wall_time" in action and action["time"] == 2.0
 
-    times, messages, snapshot = load_recording(path)
+    times, messages, snapshot = read_recording(path)
     assert snapshot["config"]["policy"] == "fcfs" and times == sorted(times)
     assert [m[0] for m in messages].count("iteration") == 200
 
@@ -228,12 +228,12 @@ def test_bad_recordings_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"type": "iteration", "iteration": 1}\n{"type": "gpu", "time": 1, "available": false}\n')
     with pytest.raises(RecordingError, match="bad.jsonl:1: malformed iteration record"):
-        load_recording(path)
+        read_recording(path)
     path.write_text('not json\n{"type": "gpu", "time": 1, "available": false}\n')
     with pytest.raises(RecordingError, match=":1: not JSON"):
-        load_recording(path)
+        read_recording(path)
     path.write_text('{"type": "gpu", "time": 1, "available": false}\n{"type": "future", "x": 1}\n{"type": "gp')
-    times, messages, _ = load_recording(path)  # unknown types skipped, a cut-off last line tolerated
+    times, messages, _ = read_recording(path)  # unknown types skipped, a cut-off last line tolerated
     assert [m[0] for m in messages] == ["gpu"]
 
 
@@ -281,7 +281,7 @@ async def test_a_batchdeck_replay_recording_plays_in_the_console(tmp_path):
         "timeline:\n  - {at_iteration: 3, set: {policy: sjf}}\nseed: 1\n", "tiny-lesson.yaml")
     path = tmp_path / "replay.jsonl"
     await run_preset_async(preset, record=path)
-    times, messages, snapshot = load_recording(path)
+    times, messages, snapshot = read_recording(path)
     assert snapshot is not None and snapshot["config"]["policy"] == "fcfs"
     kinds = {topic for topic, _ in messages}
     assert {"iteration", "request", "action"} <= kinds

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from batchdeck.engine.service.async_engine import AsyncEngine
 from batchdeck.engine.config import LIVE_KEYS
-from batchdeck.engine.service.control import OPS, Command, ControlHandler, Invalid, parse_control, reply_json
+from batchdeck.engine.service.control import ControlHandler
+from batchdeck.engine.service.protocol import OPS, Command, Invalid, parse_control, reply_json
 from batchdeck.engine.request_spec import KNOWN_KEYS
 from batchdeck.engine.telemetry import ListSink
 from tests.helpers import make_engine
@@ -192,13 +193,16 @@ def test_fuzz_handler_against_a_real_engine(model_dirs):
     try:
         fuzz()
         fuzz_read_only()
-        # The engine still serves after all that.
+        # The engine still serves after all that. The fuzzed submits may have queued long requests behind
+        # a small max_num_seqs: abort them, so the last request's wait measures serving, not that backlog.
         loop.run_until_complete(engine.resume())
+        for rid in [rid for rid, r in list(engine.engine.requests.items()) if not r.is_finished]:
+            loop.run_until_complete(engine.abort(rid))
         reply = loop.run_until_complete(handler.handle(json.dumps(
             {"id": "last", "op": "submit", "request": {"id": "last", "prompt_token_ids": [1, 2], "max_tokens": 3,
                                                         "ignore_eos": True}}).encode()))
         assert reply["ok"], reply
-        loop.run_until_complete(asyncio.wait_for(_until_finished(engine, "last"), 30))
+        loop.run_until_complete(asyncio.wait_for(_until_finished(engine, "last"), 120))
     finally:
         loop.run_until_complete(handler.close())
         loop.run_until_complete(engine.stop())

@@ -1,5 +1,6 @@
 """`batchdeck engine`: flags, a preset served headless in-process, and SIGTERM on a real subprocess."""
 import asyncio
+import logging
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from batchdeck.cli import build_parser, main
 from batchdeck.engine.service.headless import HeadlessRunner, engine_setup
 from batchdeck.engine.telemetry import ListSink
 from batchdeck.presets import parse_preset
+from batchdeck.presets.preset_driver import headless_driver
 from tests.helpers import make_engine
 from tests.mqtt_broker import MqttProbe, broker, one_torch_thread, retained  # noqa: F401 - fixtures
 
@@ -50,6 +52,11 @@ def test_flags_override_the_preset_and_nothing_to_serve_is_an_error(capsys):
     assert "nothing to serve" in capsys.readouterr().err
     assert main(["engine", "--mqtt", "h:notaport"]) == 2
     assert main(["engine", "--mqtt", "h", "--engine-id", "a/b"]) == 2
+    for command in (["generate", "--input", "i", "--output", "o"], ["engine"], ["console"], ["replay", "x"],
+                    ["compare", "a"]):
+        assert build_parser().parse_args([*command, "--log-level", "DEBUG"]).log_level == "debug"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["engine", "--log-level", "loud"])
 
 
 def test_speculation_flags_apply_with_and_without_a_preset():
@@ -66,7 +73,8 @@ def test_speculation_flags_apply_with_and_without_a_preset():
         assert cfg.drafter == "ngram" and cfg.draft_model is None
 
 
-async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path):
+async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="batchdeck")
     preset = parse_preset(PRESET, str(tmp_path / "p.yaml"))
     bus = Bus()
     sink = ListSink()
@@ -74,11 +82,11 @@ async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path):
     engine = make_engine(model_dirs["llama"], sink=bus, num_blocks=128, max_num_seqs=4, max_batched_tokens=256,
                          chunk_size=64)
     err = (tmp_path / "stderr.txt").open("w+")
-    runner = HeadlessRunner(engine, bus, preset=preset, status_interval=0.1, out=err, install_signals=False)
+    runner = HeadlessRunner(engine, bus, preset=preset, make_driver=headless_driver, status_interval=0.1, out=err, install_signals=False)
     assert await asyncio.wait_for(runner.run(), 60) == 0
     err.seek(0)
     text = err.read()
-    assert "preset tiny-headless finished: 7 request(s) (0 rejected)" in text, text
+    assert "preset tiny-headless finished: 7 request(s) (0 rejected)" in caplog.text, caplog.text
     assert "Avg prompt throughput" in text and "final:" in text
     assert sorted(r.request_id for r in sink.requests) == ["0-0", "0-1", "0-2", "1-0", "1-1", "1-2", "1-3"]
     assert all(r.finish_reason == "length" for r in sink.requests)
@@ -107,7 +115,7 @@ def test_sigterm_aborts_in_flight_publishes_offline_and_exits_0(model_dirs, brok
     text = err.decode()
     assert proc.returncode == 0, text
     assert "SIGTERM: aborted 1 in-flight request(s): r1" in text, text
-    assert "warning: no broker credentials given" in text and "batchdeck/hl/control" in text, text
+    assert "WARNING" in text and "no broker credentials given" in text and "batchdeck/hl/control" in text, text
     assert "Avg prompt throughput" in text
     assert asyncio.run(retained(broker, "batchdeck/hl/status")) == b"offline"
 

@@ -10,12 +10,13 @@ from batchdeck.engine.telemetry import IterationRecord, RequestRecord
 
 
 def it(time: float, *, prefill: int = 0, generated: int = 0, step: float = 0.01, running: int = 0, waiting: int = 0,
-       kv: float = 0.0, preemptions: int = 0, iteration: int = 0) -> IterationRecord:
+       kv: float = 0.0, preemptions: int = 0, iteration: int = 0, itls: list[float] | None = None) -> IterationRecord:
     return IterationRecord(
         iteration=iteration, time=time, step_time=step, schedule_time=0.0, prepare_time=0.0, forward_time=step,
         sample_time=0.0, num_prefill_tokens=prefill, num_decode_tokens=generated, num_prefill_chunks=0,
         num_requests_running=running, num_requests_waiting=waiting, num_preemptions=preemptions,
         kv_blocks_used=0, kv_blocks_total=100, kv_cache_usage=kv, config_version=1, num_generated_tokens=generated,
+        itls=itls or [],
     )
 
 
@@ -113,20 +114,28 @@ def test_running_waiting_kv_are_latest_and_preemptions_summed():
     assert snap["num_preemptions"] == 3
 
 
-def test_latency_percentiles_and_itl_sources():
+def test_latency_percentiles_itl_over_every_gap_and_tpot_per_request():
     w = MetricsWindow(window_s=100.0)
     for i, (ttft, tpot, e2e) in enumerate([(0.1, 0.010, 1.0), (0.2, 0.020, 2.0), (0.3, 0.030, 3.0),
                                            (0.4, 0.040, 4.0), (0.5, 0.050, 5.0)]):
         w.add_request(req(10.0 + i, rid=f"r{i}", ttft=ttft, tpot=tpot, e2e=e2e, itl_p99=tpot * 10, itl_max=tpot * 20))
     w.add_request(req(16.0, rid="no-first-token", ttft=None, tpot=None, e2e=0.5))
+    # ITL: every gap, whichever request it belongs to: 99 gaps of 10 ms and one 1 s stall
+    w.add_iteration(it(11.0, itls=[0.01] * 50))
+    w.add_iteration(it(12.0, itls=[0.01] * 49 + [1.0]))
     snap = w.snapshot(now=20.0)
     assert snap["time_to_first_token"]["p50"] == pytest.approx(0.3)  # None ttft is left out
     assert snap["time_to_first_token"]["p90"] == pytest.approx(0.46)
-    assert snap["inter_token_latency"]["p50"] == pytest.approx(0.030)
-    assert snap["inter_token_latency"]["p99"] == pytest.approx(0.0496)
-    assert snap["inter_token_latency_tail"]["p99"] == pytest.approx(0.496)
-    assert snap["inter_token_latency_tail"]["max"] == pytest.approx(1.0)
+    tpot = snap["time_per_output_token"]
+    assert tpot["p50"] == pytest.approx(0.030) and tpot["p99"] == pytest.approx(0.0496)
+    assert tpot["mean"] == pytest.approx(0.030)
+    itl = snap["inter_token_latency"]
+    assert itl["p50"] == pytest.approx(0.01) and itl["p90"] == pytest.approx(0.01)
+    assert itl["p99"] == pytest.approx(0.01 + 0.01 * (1.0 - 0.01))  # rank 98.01 of 0..99
+    assert itl["mean"] == pytest.approx((99 * 0.01 + 1.0) / 100) and itl["max"] == 1.0
     assert snap["e2e_request_latency"]["p50"] == pytest.approx(2.5)  # 0.5, 1..5 -> median 2.5
+    empty = MetricsWindow(window_s=10.0).snapshot(now=1.0)["inter_token_latency"]
+    assert empty == {"p50": None, "p90": None, "p99": None, "mean": None, "max": None}
 
 
 def test_goodput_and_slo_attainment_per_class():
@@ -194,7 +203,7 @@ def test_summarize_whole_run():
 
 def test_status_line_contains_the_numbers():
     w = MetricsWindow(window_s=10.0)
-    w.add_iteration(it(10.0, prefill=1234, generated=567, running=8, waiting=3, kv=0.412))
+    w.add_iteration(it(10.0, prefill=1234, generated=567, running=8, waiting=3, kv=0.412, itls=[0.020, 0.044]))
     w.add_request(req(10.0, ttft=0.12, tpot=0.020))
     w.add_request(req(10.0, ttft=0.40, tpot=0.044))
     line = status_line(w.snapshot(now=10.0))
@@ -204,7 +213,7 @@ def test_status_line_contains_the_numbers():
     assert "KV cache usage: 41.2%" in line
     assert "Preemptions: 0" in line
     assert "TTFT p50/p99: 0.26/0.40 s" in line
-    assert "ITL p50/p99: 32/44 ms" in line  # tpot 20 and 44 ms: p50 32, p99 43.76
+    assert "ITL p50/p99: 32/44 ms" in line  # gaps of 20 and 44 ms: p50 32, p99 43.76
     assert "\n" not in line
 
 

@@ -16,6 +16,7 @@ from batchdeck.engine.service.async_engine import AsyncEngine
 from batchdeck.engine.service.bus import Bus
 from batchdeck.engine.service.headless import mqtt_settings, open_control_warning
 from batchdeck.engine.service.mqtt_bridge import MqttBridge, MqttSettings
+from batchdeck.engine.service.protocol import CONFIG, CONTROL_REPLY, STATUS, TELEMETRY_TOPICS, topic_prefix
 from tests.helpers import make_engine
 from tests.mqtt_broker import (Broker, MqttProbe, ThreadProbe, broker, eventually, mosquitto_binary,  # noqa: F401
                                one_torch_thread, retained)
@@ -63,7 +64,7 @@ def test_console_attach_takes_the_password_from_the_environment(monkeypatch):
 def test_the_warning_for_control_without_credentials():
     open_broker = MqttSettings("10.0.0.5", 1883)
     text = open_control_warning(open_broker, "lab1", read_only=False, publish_results=True)
-    assert text.startswith("warning: no broker credentials") and "10.0.0.5:1883" in text
+    assert text.startswith("no broker credentials") and "10.0.0.5:1883" in text
     assert "batchdeck/lab1/control" in text and "batchdeck/lab1/results" in text and "ACL" in text
     quiet = open_control_warning(open_broker, "lab1", read_only=True, publish_results=False)
     assert "control" not in quiet.split(";")[0] and "results" not in quiet and "retained" in quiet
@@ -139,13 +140,14 @@ def test_engine_behind_the_readme_acl(model_dirs, tmp_path):
         broker.stop()
     text = err.decode()
     assert proc.returncode == 0, text
-    assert "warning" not in text and "mqtt: connected" in text, text
+    assert "warning" not in text.lower() and "mqtt: connected" in text, text
 
 
 async def _check_acl(broker: Broker, proc: subprocess.Popen) -> None:
     operator = ThreadProbe(broker, "lab1").connect()
     viewer = ThreadProbe(broker, "lab1", username="viewer", password=USERS["viewer"],
-                         topics=("status", "config", "telemetry/#", "events", "results", "control/reply"))
+                         topics=(STATUS, CONFIG, "telemetry/#", TELEMETRY_TOPICS["event"], TELEMETRY_TOPICS["result"],
+                                 CONTROL_REPLY))
     intruder = ThreadProbe(broker, "lab1", username="intruder", password=USERS["intruder"])
     try:
         await eventually(lambda: proc.poll() is not None or b"online" in operator.on("status"), timeout=120,
@@ -174,8 +176,8 @@ async def _check_acl(broker: Broker, proc: subprocess.Popen) -> None:
         assert viewer.on("results") == [] and viewer.on("control/reply") == [], "the viewer reads no prompts"
         assert viewer.on("telemetry/iteration") and viewer.on("status")
         assert intruder.messages == []
-        assert await retained(broker, "batchdeck/lab1/status") == b"online"
-        assert json.loads(await retained(broker, "batchdeck/lab1/config"))["version"] == 0
+        assert await retained(broker, f"{topic_prefix('lab1')}/{STATUS}") == b"online"
+        assert json.loads(await retained(broker, f"{topic_prefix('lab1')}/{CONFIG}"))["version"] == 0
     finally:
         for probe in (operator, viewer, intruder):
             probe.close()

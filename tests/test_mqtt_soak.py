@@ -10,6 +10,7 @@ import pytest
 from batchdeck.engine.service.async_engine import AsyncEngine
 from batchdeck.engine.service.bus import Bus
 from batchdeck.engine.service.mqtt_bridge import MqttBridge, MqttSettings
+from batchdeck.engine.service.protocol import CONTROL_REPLY, TELEMETRY_TOPICS
 from batchdeck.engine.telemetry import ListSink
 from tests.helpers import make_engine
 from tests.mqtt_broker import ThreadProbe, broker, eventually, one_torch_thread, restart_broker  # noqa: F401
@@ -43,7 +44,7 @@ async def test_soak_over_mqtt_with_live_changes_and_a_broker_restart(model_dirs,
                         reconnect_min=0.05, reconnect_max=0.3, record_buffer=REQUESTS * 8)
     await bridge.start()
     await bridge.wait_connected(60)
-    probe = ThreadProbe(broker, "soak", topics=("control/reply", "results", "events")).connect()
+    probe = ThreadProbe(broker, "soak", topics=(CONTROL_REPLY, TELEMETRY_TOPICS["result"], TELEMETRY_TOPICS["event"])).connect()
     probe_up = True
     specs = {f"q{i}": ([rng.randrange(256) for _ in range(rng.randint(1, 60))], rng.randint(1, 20))
              for i in range(REQUESTS)}

@@ -36,7 +36,8 @@ def test_html_is_self_contained(html_run):
 
 def test_html_has_tables(html_run):
     page = html_run
-    for text in ("replay-test", "generation throughput (tok/s)", "TTFT p99", "inter-token tail p99", "phase 0: start",
+    for text in ("replay-test", "generation throughput (tok/s)", "TTFT p99", "ITL p99", "TPOT p50 (per request)",
+                 "phase 0: start",
                  "phase 1: chunk_size=32", "phase 2: max_num_seqs=6, policy=sjf", "SLO met: batch",
                  "service tokens: c", "Timeline", "pause 0.2 s", "config_change"):
         assert text in page, text

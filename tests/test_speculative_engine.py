@@ -182,3 +182,28 @@ def test_a_stop_token_among_accepted_drafts_ends_the_request_and_the_count(model
     assert tuple(r.output_token_ids) == ref[:3] and r.finish_reason.value == "stop"
     assert (r.spec_proposed, r.spec_accepted) == (4, 2)  # drafts 2 and 3 kept; 4 and 5 fell after the stop
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_itl_counts_one_gap_per_delivery_when_drafts_are_accepted(model_dirs):
+    """Accepted drafts arrive with their step's token: ITL has one gap per step that delivered tokens
+    (as vLLM counts it), while TPOT still divides by every output token."""
+    import numpy as np
+
+    from batchdeck.engine.telemetry import ListSink
+
+    sink = ListSink()
+    path = model_dirs["qwen2"]
+    prompts, _ = prompts_for(3, count=2)
+    engine = make_engine(path, sink=sink, spec_k=3, max_num_seqs=2, block_size=4, num_blocks=64)
+    use_drafter(engine, oracle_drafter(path, prompts, [16, 16], wrong_every=3))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, greedy(16))
+    engine.run_until_done()
+    deliveries = [len(set(r.token_times)) - 1 for r in engine.requests.values()]
+    assert sum(r.spec_accepted for r in engine.requests.values()) > 0  # some steps delivered several tokens
+    assert sum(len(it.itls) for it in sink.iterations) == sum(deliveries) < 2 * 15
+    assert all(g > 0 for it in sink.iterations for g in it.itls)
+    for rec in sink.requests:
+        r = engine.requests[rec.request_id]
+        assert rec.itl_max == pytest.approx(float(np.diff(r.token_times).max()))
+        assert rec.tpot == pytest.approx((rec.e2e_latency - rec.ttft) / 15)

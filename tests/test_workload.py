@@ -172,3 +172,57 @@ def test_shipped_presets_generate_within_context():
                         key=lambda i: i.arrival)  # closed-loop and multi-turn streams' first requests
         assert items and all(i.num_prompt_tokens + i.max_tokens <= MAX_LEN for i in items)
         assert items[-1].arrival <= 60
+
+
+class _FakeStream:
+    finish_reason = "length"
+
+    async def collect(self):
+        return [1, 2]
+
+
+class _FakeEngine:
+    """Just what WorkloadPlayer touches of an AsyncEngine: the engine clock and add_request."""
+
+    def __init__(self):
+        import time
+        from types import SimpleNamespace
+
+        start = time.monotonic()
+        self.engine = SimpleNamespace(clock=lambda: time.monotonic() - start, time_rate=1.0)
+        self.added: list[tuple[str, float]] = []
+
+    async def add_request(self, rid, prompt, sampling, *, arrival_time, **kw):
+        self.added.append((rid, arrival_time))
+        return _FakeStream()
+
+
+async def test_the_player_repeats_with_fresh_ids_and_stamps_arrivals():
+    import asyncio
+
+    from batchdeck.presets.workload_player import WorkloadPlayer
+
+    engine = _FakeEngine()
+    items = [WorkloadItem(0.0, [1], 2, stream_index=0), WorkloadItem(0.05, [1], 2, stream_index=1)]
+    player = WorkloadPlayer(engine, items, [], speed=2.0, repeat_every=0.1, id_prefix="r", keep_requests=False)
+    task = asyncio.ensure_future(player.run(t0=0.0))
+    deadline = asyncio.get_running_loop().time() + 30
+    while len(engine.added) < 6 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    ids = [rid for rid, _ in engine.added]
+    assert ids[:6] == ["r0-0", "r1-0", "r0-1", "r1-1", "r0-2", "r1-2"] and len(set(ids)) == len(ids)
+    # pass k's arrival at t is stamped t0 + (k * 0.1 + t) / speed on the engine clock
+    assert [round(a, 3) for _, a in engine.added[:6]] == [0.0, 0.025, 0.05, 0.075, 0.1, 0.125]
+    assert player.requests == {} and player.submitted >= 6
+
+
+async def test_the_player_keeps_each_request_when_asked_and_returns_at_the_end():
+    from batchdeck.presets.workload_player import WorkloadPlayer
+
+    engine = _FakeEngine()
+    player = WorkloadPlayer(engine, [WorkloadItem(0.0, [1], 2, stream_index=3)], [])
+    await player.run()
+    assert list(player.requests) == ["3-0"] and player.requests["3-0"].token_ids == [1, 2]
+    assert (player.submitted, player.finished, player.rejected) == (1, 1, 0)

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 from batchdeck.engine.llm_engine import LLMEngine, RequestOutput
 from batchdeck.engine.request import FinishReason, Request, RequestError, SamplingParams
+from batchdeck.engine.service.request_table import requests_message
 
 
 class RequestStream:
@@ -195,18 +196,12 @@ class AsyncEngine:
     def _publish_requests(self, now: float, force: bool = False) -> None:
         """The request-table snapshot, at most every `snapshot_interval` (`force`: now, e.g. the queue
         just emptied). `num_running` / `num_waiting` / `num_preempted` count every request, the rows
-        are capped (`LLMEngine.requests_snapshot`)."""
+        are capped (engine/service/request_table.py)."""
         if not force and now - self._last_snapshot < self.snapshot_interval:
             return
         self._last_snapshot = now
         self._queue_changed = False
-        engine = self.engine
-        sched = engine.scheduler
-        engine.sink("requests", {"time": engine.clock(), "iteration": engine.iteration,
-                                 "num_running": len(sched.running), "num_waiting": len(sched.waiting),
-                                 "num_preempted": sum(1 for r in sched.waiting if r.num_preemptions),
-                                 "requests": engine.requests_snapshot(),
-                                 "policy": {"name": engine.live.policy, "state": sched.policy.snapshot()}})
+        self.engine.sink("requests", requests_message(self.engine))
 
     def _deliver(self, outputs: list[RequestOutput], finished: list[Request] = ()) -> None:
         for observe in self.finished_observers:

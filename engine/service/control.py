@@ -1,29 +1,11 @@
-"""Control commands (the MQTT `PREFIX/control` topic, or any other transport): parse, validate, run.
+"""Control commands (the MQTT `PREFIX/control` topic, or any other transport): run them.
 
-Two layers:
-
-- `parse_control(payload, read_only=...)` is pure: bytes in, a typed `Command` or an `Invalid` out.
-  It checks the envelope -- JSON, an object, `id`, `op`, the op's fields and no unknown keys -- and
-  refuses every changing op in read-only mode. It never raises.
-- `ControlHandler.handle(payload)` runs a valid command against an `AsyncEngine` and returns the
-  reply. Values are checked where they are defined (`set` params by the engine's config validation,
-  a `submit` request by `parse_request`), so a bad value is refused with the same message the
-  engine gives anywhere else. It never raises either: every payload gets exactly one reply.
-
-Commands (JSON objects):
-
-    {"id": "1", "op": "set", "params": {"max_num_seqs": 16}}      live changes (validated, applied at
-                                                                   the next iteration boundary)
-    {"id": "2", "op": "get"}                                      the live config, bounds, version
-    {"id": "3", "op": "pause"} / {"id": "4", "op": "resume"}
-    {"id": "5", "op": "abort", "request_id": "r1"}
-    {"id": "6", "op": "submit", "request": {"prompt": "hi", "max_tokens": 8}}
-                                                                   a `batchdeck generate` input line
-
-Replies: `{"id", "ok": true, "config": <live config>, ...}` with `applied_iteration` for `set`
-(the first iteration that runs with the change), `request_id` for `submit`/`abort`, `paused` for
-`pause`/`resume`; or `{"id", "ok": false, "error": "..."}`, with `"id": null` when no id could be
-read. A refused command changes nothing.
+The command schema, its envelope check (`parse_control`, pure, never raises) and the reply form are
+the wire protocol's (engine/service/protocol.py). `ControlHandler.handle(payload)` runs a valid
+command against an `AsyncEngine` and returns the reply. Values are checked where they are defined
+(`set` params by the engine's config validation, a `submit` request by `parse_request`), so a bad
+value is refused with the same message the engine gives anywhere else. It never raises either:
+every payload gets exactly one reply. A refused command changes nothing.
 
 `submit`: `arrival_time` (engine-clock seconds) in the future delays the submission until then (at
 most `MAX_ARRIVAL_AHEAD_S` ahead); a past or missing one means now. Without `id` the request gets
@@ -34,184 +16,16 @@ as every request's does; `on_result` additionally gets a `batchdeck generate`-st
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
-from batchdeck.engine.config import LIVE_KEYS, ConfigError
+from batchdeck.engine.config import ConfigError
 from batchdeck.engine.request import RequestError
 from batchdeck.engine.request_spec import MAX_ARRIVAL_AHEAD_S  # one bound for generate and MQTT
+from batchdeck.engine.service.protocol import CHANGING_OPS, MAX_SEED, Command, Invalid, error_reply, parse_control
 
 if TYPE_CHECKING:
     from batchdeck.engine.service.async_engine import AsyncEngine, RequestStream
-
-OPS: tuple[str, ...] = ("set", "get", "pause", "resume", "abort", "submit")
-CHANGING_OPS = frozenset({"set", "pause", "resume", "abort", "submit"})
-OP_FIELDS: dict[str, tuple[str, ...]] = {  # required fields besides id and op
-    "set": ("params",),
-    "get": (),
-    "pause": (),
-    "resume": (),
-    "abort": ("request_id",),
-    "submit": ("request",),
-}
-MAX_PAYLOAD_BYTES = 256 * 1024
-MAX_ID_CHARS = 256
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed overflows beyond (in the engine thread: it would stop the engine)
-
-CommandId = str | int | None
-
-
-@dataclass(frozen=True)
-class Command:
-    """A well-formed command. Field values beyond their shape are checked when it runs."""
-
-    id: str | int
-    op: str
-    params: dict[str, Any] | None = None  # set
-    request_id: str | None = None  # abort
-    request: dict[str, Any] | None = None  # submit
-
-
-@dataclass(frozen=True)
-class Invalid:
-    """A command refused before it ran; `reply()` is what the sender gets."""
-
-    id: CommandId
-    error: str
-
-    def reply(self) -> dict[str, Any]:
-        return error_reply(self.id, self.error)
-
-
-def error_reply(command_id: CommandId, error: str) -> dict[str, Any]:
-    return {"id": command_id, "ok": False, "error": error}
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
-            int: "integer", float: "number"}.get(type(value), type(value).__name__)
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else _type_name(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _read_id(obj: dict[str, Any]) -> tuple[CommandId, str | None]:
-    """The command id and, if it is missing or unusable, why (the reply then carries id null)."""
-    if "id" not in obj:
-        return None, 'missing "id": every command needs an id (a string) to match its reply'
-    cid = obj["id"]
-    if isinstance(cid, bool) or not isinstance(cid, (str, int)):
-        return None, f'"id" must be a string (or an integer), got {_type_name(cid)}'
-    if isinstance(cid, str) and not 0 < len(cid) <= MAX_ID_CHARS:
-        return None, f'"id" must be a string of 1 to {MAX_ID_CHARS} characters, got {len(cid)} characters'
-    if isinstance(cid, int) and abs(cid) >= 2**53:
-        return None, '"id" integer is too large; use a string'
-    return cid, None
-
-
-def parse_control(payload: Any, *, read_only: bool = False) -> Command | Invalid:
-    """Check a control payload's envelope. Pure and total: returns, never raises."""
-    try:
-        return _parse(payload, read_only)
-    except Exception as exc:  # noqa: BLE001 - defensive: the contract is "every payload gets a reply"
-        return Invalid(None, f"malformed command ({type(exc).__name__}: {exc})")
-
-
-def _parse(payload: Any, read_only: bool) -> Command | Invalid:
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        raw = bytes(payload)
-        if len(raw) > MAX_PAYLOAD_BYTES:
-            return Invalid(None, f"command is {len(raw)} bytes; at most {MAX_PAYLOAD_BYTES} are accepted")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return Invalid(None, f"command is not UTF-8 text (byte {exc.start}): send a JSON object")
-    elif isinstance(payload, str):
-        text = payload
-        if len(text) > MAX_PAYLOAD_BYTES:
-            return Invalid(None, f"command is {len(text)} characters; at most {MAX_PAYLOAD_BYTES} are accepted")
-    elif payload is None:
-        return Invalid(None, 'empty command: send a JSON object like {"id": "1", "op": "get"}')
-    else:
-        return Invalid(None, f"command payload must be bytes or text, got {type(payload).__name__}")
-    if not text.strip():
-        return Invalid(None, 'empty command: send a JSON object like {"id": "1", "op": "get"}')
-    try:
-        obj = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        return Invalid(None, f"command is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
-    except (ValueError, RecursionError) as exc:
-        return Invalid(None, f"command is not valid JSON: {exc}")
-    if not _all_finite(obj):
-        cid = _read_id(obj)[0] if isinstance(obj, dict) else None
-        return Invalid(cid, "command contains a number out of range (inf or nan): numbers must be finite")
-    if not isinstance(obj, dict):
-        return Invalid(None, f'a command must be a JSON object like {{"id": "1", "op": "get"}}, got {_type_name(obj)}')
-
-    cid, id_error = _read_id(obj)
-    if id_error is not None:
-        return Invalid(None, id_error)
-    if "op" not in obj:
-        return Invalid(cid, 'missing "op": one of ' + ", ".join(OPS))
-    op = obj["op"]
-    if not isinstance(op, str) or op not in OPS:
-        return Invalid(cid, f"unknown op {_short(op)}: one of " + ", ".join(OPS))
-    allowed = ("id", "op") + OP_FIELDS[op]
-    unknown = [k for k in obj if k not in allowed]
-    if unknown:
-        return Invalid(cid, f"unknown key {_short(unknown[0])} for op {op!r}: allowed " + ", ".join(allowed))
-    missing = [k for k in OP_FIELDS[op] if k not in obj]
-    if missing:
-        return Invalid(cid, f"op {op!r} needs {missing[0]!r}")
-    if read_only and op in CHANGING_OPS:
-        return Invalid(cid, f"read-only engine: op {op!r} changes the engine and is refused "
-                            "(only 'get' is served; the engine was started with --read-only)")
-
-    if op == "set":
-        params = obj["params"]
-        if not isinstance(params, dict) or not params:
-            return Invalid(cid, '"params" must be a non-empty object of live settings: ' + ", ".join(LIVE_KEYS)
-                           + f"; got {_type_name(params) if not isinstance(params, dict) else 'an empty object'}")
-        bad = [k for k in params if k not in LIVE_KEYS]
-        if bad:
-            return Invalid(cid, f"unknown key {_short(bad[0])} in params: live settings are " + ", ".join(LIVE_KEYS))
-        return Command(cid, op, params=params)
-    if op == "abort":
-        rid = obj["request_id"]
-        if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
-            return Invalid(cid, f'"request_id" must be a non-empty string, got {_short(rid)}')
-        return Command(cid, op, request_id=str(rid))
-    if op == "submit":
-        req = obj["request"]
-        if not isinstance(req, dict):
-            return Invalid(cid, '"request" must be an object like a `batchdeck generate` input line, '
-                                f"got {_type_name(req)}")
-        return Command(cid, op, request=req)
-    return Command(cid, op)
-
-
-def _all_finite(value: Any) -> bool:
-    """False if any float inside `value` is inf or nan (JSON like 1e400 parses to inf)."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, float):
-            if not math.isfinite(v):
-                return False
-        elif isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-    return True
 
 
 class ControlHandler:
@@ -370,7 +184,3 @@ class ControlHandler:
         except Exception:  # noqa: BLE001 - a result line is a convenience; telemetry has the record
             pass
 
-
-def reply_json(reply: Mapping[str, Any]) -> bytes:
-    """A reply as compact JSON bytes (non-JSON values become strings)."""
-    return json.dumps(reply, separators=(",", ":"), default=str).encode()

@@ -7,8 +7,9 @@
 
 - With `--preset`, its workload is served (open-loop requests at their arrival times on the engine
   clock, closed-loop clients re-issuing on finish) and its timeline applied (`set` with source
-  "preset", pause/resume), through `presets.preset_driver.PresetDriver`. Sizing and live settings
-  come from the preset; flags given on the command line override them.
+  "preset", pause/resume), through the `PresetHooks` the command line wires in (the service does
+  not import presets). Sizing and live settings come from the preset; flags given on the command
+  line override them.
 - With `--mqtt`, telemetry is published and control obeyed (engine/mqtt_bridge.py) until SIGINT or
   SIGTERM; the preset (if any) runs meanwhile. Without `--mqtt` the preset runs to its end and the
   command exits.
@@ -16,7 +17,8 @@
   every MQTT-submitted prompt on PREFIX/results; a warning says so at start. The password comes from
   `--mqtt-password-file` or $BATCHDECK_MQTT_PASSWORD (never visible in `ps`); `--no-results`
   publishes no results; a broker ACL (README, "Securing MQTT") decides who may publish control.
-- Every `--status-interval` seconds a vLLM-style status line goes to stderr.
+- Every `--status-interval` seconds a vLLM-style status line goes to stderr; everything else it
+  says (loading, shutdown, the MQTT link) is logged (`logging`, `--log-level`).
 - On SIGINT/SIGTERM: stop admitting (preset and MQTT submits), give in-flight requests up to
   `--drain-timeout` seconds (default 0) to finish, abort the rest (listed on stderr; each also
   produces a RequestRecord with finish_reason "abort"), flush telemetry, publish the retained
@@ -26,20 +28,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import re
 import signal
 import socket
 import sys
 import time
-from typing import Any, TextIO
+from dataclasses import dataclass
+from typing import Any, Callable, TextIO
 
 from batchdeck.engine.service.flags import add_engine_flags
 
 PROG = "batchdeck engine"
+log = logging.getLogger(__name__)
 
 
-def register_cli(subparsers: Any) -> None:
+@dataclass(frozen=True)
+class PresetHooks:
+    """What `batchdeck engine --preset` needs from the presets room, handed in by the command line.
+
+    load(name_or_path) -> the preset (a shipped preset's name or a YAML file); its settings under
+    the flags given become the engine's configs through `flags.engine_configs`.
+    driver(async_engine, preset, speed=, duration_scale=) -> an object with `async run()` and
+    `progress() -> {"finished", "rejected", ...}` that plays it.
+    """
+
+    load: Callable[[str], Any]
+    driver: Callable[..., Any]
+
+
+def register_cli(subparsers: Any, presets: PresetHooks | None = None) -> None:
+    """Add `batchdeck engine`; without `presets`, `--preset` is refused."""
     p = subparsers.add_parser(
         "engine", help="run the engine headless: a preset's workload and/or MQTT telemetry and control",
         description="Run the engine without a UI. Serves a preset's workload (--preset) and requests submitted "
@@ -50,7 +70,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--speed", type=float, default=1.0, help="play the preset this many times faster")
     p.add_argument("--duration-scale", type=float, default=1.0, help="shorten (<1) or stretch the preset")
     add_runner_flags(p)
-    p.set_defaults(func=_cmd_engine)
+    p.set_defaults(func=_cmd_engine, preset_hooks=presets)
 
 
 def add_runner_flags(p: argparse.ArgumentParser) -> None:
@@ -94,9 +114,10 @@ def engine_setup(args: argparse.Namespace):
 
     preset = None
     if args.preset is not None:
-        from batchdeck.presets import load_preset, resolve_preset
-
-        preset = load_preset(resolve_preset(args.preset))
+        hooks: PresetHooks | None = getattr(args, "preset_hooks", None)
+        if hooks is None:
+            raise ValueError("--preset is not available here: this command was built without presets")
+        preset = hooks.load(args.preset)
     cfg, live = engine_configs(args, preset)
     return cfg, live, preset
 
@@ -139,12 +160,14 @@ def open_control_warning(settings: Any, engine_id: str, read_only: bool, publish
     when it has credentials: the broker's ACL then decides who may publish control)."""
     if settings is None or settings.username is not None or settings.certfile is not None:
         return None
-    prefix = f"batchdeck/{engine_id}"
-    risks = ([] if read_only else [f"publish to {prefix}/control and steer this engine (submit, set, pause, abort)"])
+    from batchdeck.engine.service.protocol import CONFIG, CONTROL, STATUS, TELEMETRY_TOPICS, topic_prefix
+
+    prefix = topic_prefix(engine_id)
+    risks = ([] if read_only else [f"publish to {prefix}/{CONTROL} and steer this engine (submit, set, pause, abort)"])
     if publish_results:
-        risks.append(f"read every MQTT-submitted prompt and output on {prefix}/results")
-    risks.append(f"publish a retained {prefix}/status or /config")
-    return (f"warning: no broker credentials given: anyone who can reach {settings.host}:{settings.port} can "
+        risks.append(f"read every MQTT-submitted prompt and output on {prefix}/{TELEMETRY_TOPICS['result']}")
+    risks.append(f"publish a retained {prefix}/{STATUS} or /{CONFIG}")
+    return (f"no broker credentials given: anyone who can reach {settings.host}:{settings.port} can "
             + "; ".join(risks) + ". Connect as a user of a broker with a password file and an ACL (README, "
             "'Securing MQTT'): --mqtt-username U --mqtt-password-file FILE" + ("" if read_only else ", or --read-only")
             + ("" if not publish_results else ", and --no-results"))
@@ -189,20 +212,17 @@ def _cmd_engine(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     engine = make_engine(cfg, live, sink=bus)
     where = engine.profile.label() if cfg.sim else f"on {cfg.device}"
-    _say(f"model {cfg.model} {where} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
+    log.info(f"model {cfg.model} {where} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
          f"{engine.blocks.num_blocks} KV blocks of {cfg.block_size} tokens; "
          + (f"preset {preset.name}" if preset else "no preset")
          + (f"; MQTT {settings.host}:{settings.port}" if settings else ""))
-    runner = HeadlessRunner(engine, bus, preset=preset, settings=settings,
+    runner = HeadlessRunner(engine, bus, preset=preset, make_driver=args.preset_hooks.driver if preset else None,
+                            settings=settings,
                             engine_id=args.engine_id or _default_engine_id(), read_only=args.read_only,
                             publish_results=not args.no_results,
                             status_interval=args.status_interval, gpu_interval=args.gpu_interval,
                             drain_timeout=args.drain_timeout, speed=args.speed, duration_scale=args.duration_scale)
     return asyncio.run(runner.run())
-
-
-def _say(line: str, out: TextIO | None = None) -> None:
-    print(f"{PROG}: {line}", file=out or sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +232,8 @@ def _say(line: str, out: TextIO | None = None) -> None:
 class HeadlessRunner:
     """Owns one headless run: AsyncEngine, optional PresetDriver and MqttBridge, status lines, shutdown."""
 
-    def __init__(self, engine: Any, bus: Any, *, preset: Any = None, settings: Any = None, engine_id: str = "engine",
+    def __init__(self, engine: Any, bus: Any, *, preset: Any = None, make_driver: Callable[..., Any] | None = None,
+                 settings: Any = None, engine_id: str = "engine",
                  read_only: bool = False, publish_results: bool = True,
                  status_interval: float = 5.0, gpu_interval: float = 1.0,
                  drain_timeout: float = 0.0, speed: float = 1.0, duration_scale: float = 1.0,
@@ -222,7 +243,10 @@ class HeadlessRunner:
         self.llm = engine
         self.bus = bus
         self.engine = AsyncEngine(engine)
+        if preset is not None and make_driver is None:
+            raise ValueError("a preset needs make_driver (PresetHooks.driver) to play it")
         self.preset = preset
+        self.make_driver = make_driver
         self.settings = settings
         self.engine_id = engine_id
         self.read_only = read_only
@@ -242,13 +266,14 @@ class HeadlessRunner:
         self.aborted: list[str] = []
 
     def say(self, line: str) -> None:
-        print(f"{self.prog}: {line}", file=self.out, flush=True)
+        """Log a line about the run (the `batchdeck` logger; the status line prints instead)."""
+        log.info(line)
 
     def request_stop(self, why: str = "stop") -> None:
         if self.stop_event is None:
             return
         if self.stop_event.is_set():
-            self.say(f"{why} again: exiting now")
+            log.warning(f"{why} again: exiting now")
             os._exit(130)
         self.signal_name = why
         self.stop_event.set()
@@ -270,7 +295,7 @@ class HeadlessRunner:
 
             warning = open_control_warning(self.settings, self.engine_id, self.read_only, self.publish_results)
             if warning is not None:
-                self.say(warning)
+                log.warning(warning)
             self.bridge = MqttBridge(self.engine, self.bus, self.engine_id, self.settings, read_only=self.read_only,
                                      publish_results=self.publish_results, log=self.say)
             await self.bridge.start()
@@ -282,10 +307,9 @@ class HeadlessRunner:
                 background.append(asyncio.create_task(monitor.run(self.bus.publish)))
         driver_task = None
         if self.preset is not None:
-            from batchdeck.presets.preset_driver import PresetDriver
-
-            self.driver = PresetDriver(self.engine, self.preset, speed=self.speed, duration_scale=self.duration_scale,
-                                       restart_clock=False)
+            assert self.make_driver is not None
+            self.driver = self.make_driver(self.engine, self.preset, speed=self.speed,
+                                           duration_scale=self.duration_scale)
             driver_task = asyncio.create_task(self.driver.run())
         rc = 0
         try:
@@ -303,10 +327,10 @@ class HeadlessRunner:
                 if driver_task.done():
                     exc = driver_task.exception()
                     if exc is not None:
-                        self.say(f"the preset run failed: {type(exc).__name__}: {exc}")
+                        log.error(f"the preset run failed: {type(exc).__name__}: {exc}")
                         return 1
                     p = self.driver.progress()
-                    self.say(f"preset {self.preset.name} finished: {p['finished']} request(s) "
+                    log.info(f"preset {self.preset.name} finished: {p['finished']} request(s) "
                              f"({p['rejected']} rejected)"
                              + ("; serving MQTT until SIGINT/SIGTERM" if self.bridge is not None else ""))
                     if self.bridge is None:
@@ -335,9 +359,9 @@ class HeadlessRunner:
         if self.aborted:
             more = len(self.aborted) - 20
             shown = ", ".join(self.aborted[:20]) + (f", ... ({more} more)" if more > 0 else "")
-            self.say(f"{why}: aborted {len(self.aborted)} in-flight request(s): {shown}")
+            log.info(f"{why}: aborted {len(self.aborted)} in-flight request(s): {shown}")
         elif why != "done":
-            self.say(f"{why}: no request was in flight")
+            log.info(f"{why}: no request was in flight")
         for t in background:
             t.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -349,12 +373,12 @@ class HeadlessRunner:
                       "never connected" if not stats["connects"] else "offline not published (broker away)")
             unanswered = (f"; {stats['replies_pending']} command(s) left unanswered (broker away)"
                           if stats["replies_pending"] else "")
-            self.say(f"mqtt: published {stats['published']} message(s), dropped {stats['dropped']}; {ending}"
+            log.info(f"mqtt: published {stats['published']} message(s), dropped {stats['dropped']}; {ending}"
                      f"{unanswered}")
         status_sub.close()
         await self.engine.stop()
         if self.engine.error is not None:
-            self.say(f"the engine failed: {type(self.engine.error).__name__}: {self.engine.error}")
+            log.error(f"the engine failed: {type(self.engine.error).__name__}: {self.engine.error}")
 
     # -- status line ----------------------------------------------------------------------------
     def _feed(self, sub: Any) -> int:

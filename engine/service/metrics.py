@@ -11,20 +11,24 @@ moment the request FINISHES, because a RequestRecord is emitted then; a request 
 counts nowhere yet. Its finish time is `RequestRecord.finish`, or `arrival + e2e_latency` when the
 engine left `finish` at its 0.0 default.
 
-Inter-token latency: the samples for `inter_token_latency` {p50, p90, p99} are each finished
-request's `tpot` (its mean gap after the first token) -- one consistent, request-level distribution
-(vLLM's `request_time_per_output_token`). A mean hides stalls inside a request (a long prefill
-chunk or a preemption in the middle of a decode), so `inter_token_latency_tail` adds `p99`: the
-99th percentile over requests of their own `itl_p99`, and `max`: the largest `itl_max`. The console
-shows the tail next to the distribution rather than mixing the two sources in one set of
-percentiles.
+Latency names as vLLM reads them:
+- `inter_token_latency` (ITL) {p50, p90, p99, mean, max}: over EVERY gap between consecutive output
+  tokens of a request, all requests together; the gaps come with the iteration that produced the
+  later token (`IterationRecord.itls`), so a stall (a long prefill chunk, a preemption in the middle
+  of a decode) shows up in the tail as it happens. Tokens that arrive together (the accepted drafts
+  of one speculative step) are one delivery: one gap, as vLLM counts it.
+- `time_per_output_token` (TPOT) {p50, p90, p99, mean}: one value per finished request,
+  (e2e - TTFT) / (output tokens - 1) (`RequestRecord.tpot`; None for a single output token).
+
+Percentiles are numpy's (q in 0..100, linear interpolation between ranks).
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+import numpy as np
 
 from batchdeck.engine.telemetry import IterationRecord, Record, RequestRecord
 
@@ -33,26 +37,28 @@ STEP_QUANTILES: tuple[int, ...] = (50, 99)
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
-    """The q-th percentile (0..100) with linear interpolation between ranks (numpy's default);
+    """The q-th percentile (q in 0..100) of `values` (numpy's, linear interpolation between ranks);
     None when there are no values."""
     if not 0.0 <= q <= 100.0:
         raise ValueError(f"percentile q must be within 0..100, got {q!r}")
-    return _percentile_sorted(sorted(values), q)
+    xs = np.fromiter(values, dtype=float)
+    return float(np.percentile(xs, q)) if xs.size else None
 
 
-def _percentile_sorted(xs: Sequence[float], q: float) -> float | None:
-    if not xs:
-        return None
-    rank = (len(xs) - 1) * q / 100.0
-    lo = math.floor(rank)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (rank - lo)
-
-
-def quantiles(values: Iterable[float | None], qs: Sequence[int] = LATENCY_QUANTILES) -> dict[str, float | None]:
-    """{"p50": ..., "p90": ...} over the values that are not None (sorted once)."""
-    xs = sorted(v for v in values if v is not None)
-    return {f"p{q}": _percentile_sorted(xs, q) for q in qs}
+def quantiles(values: Iterable[float | None], qs: Sequence[int] = LATENCY_QUANTILES, *,
+              mean: bool = False, maximum: bool = False) -> dict[str, float | None]:
+    """{"p50": ..., "p90": ..., ...} over the values that are not None (one numpy call); with
+    `mean` / `maximum` also "mean" / "max"."""
+    xs = np.asarray([v for v in values if v is not None], dtype=float)  # faster than fromiter on a generator
+    if xs.size:
+        out = {f"p{q}": float(v) for q, v in zip(qs, np.percentile(xs, qs))}
+    else:
+        out = {f"p{q}": None for q in qs}
+    if mean:
+        out["mean"] = float(xs.mean()) if xs.size else None
+    if maximum:
+        out["max"] = float(xs.max()) if xs.size else None
+    return out
 
 
 def request_finish_time(rec: RequestRecord) -> float:
@@ -92,8 +98,6 @@ def _aggregate(
         for tenant in sorted(set(service_window) | set(service_total))
     }
 
-    itl_p99s = [r.itl_p99 for r in requests if r.itl_p99 is not None]
-    itl_maxes = [r.itl_max for r in requests if r.itl_max is not None]
     return {
         "span_s": span_s,
         "prompt_throughput": _rate(prompt_tokens, span_s),
@@ -110,8 +114,8 @@ def _aggregate(
         "num_requests_finished": len(requests),
         "request_throughput": _rate(len(requests), span_s),
         "time_to_first_token": quantiles(r.ttft for r in requests),
-        "inter_token_latency": quantiles(r.tpot for r in requests),
-        "inter_token_latency_tail": {"p99": percentile(itl_p99s, 99), "max": max(itl_maxes, default=None)},
+        "inter_token_latency": quantiles([g for it in iterations for g in it.itls], mean=True, maximum=True),
+        "time_per_output_token": quantiles((r.tpot for r in requests), mean=True),
         "e2e_request_latency": quantiles(r.e2e_latency for r in requests),
         "request_queue_time": quantiles(r.queue_time for r in requests),
         "goodput": _rate(len(met), span_s),

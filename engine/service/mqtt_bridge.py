@@ -1,21 +1,10 @@
 """The MQTT bridge: telemetry out, control in, for a console or recorder on another host.
 
-Topic contract (`PREFIX` = `batchdeck/<engine_id>`; the names are fixed):
-
-    PREFIX/status                  retained "online" / "offline"; the Last Will sets "offline"
-    PREFIX/config                  retained JSON: {"config", "bounds", "version", "engine", "paused"}
-                                   (LLMEngine.config_snapshot() plus the pause state), republished
-                                   after every applied change, pause/resume and reconnect
-    PREFIX/telemetry/iteration     QoS 0; one IterationRecord or a JSON list of them (batched: at
-                                   most one message per `flush_interval`)
-    PREFIX/telemetry/request       one RequestRecord per finished request
-    PREFIX/telemetry/gpu           GpuSample
-    PREFIX/telemetry/requests      (extension) the request-table snapshot {"time", "iteration", "requests"}
-    PREFIX/events                  Event records (config_change, preemption, request_rejected, error, ...)
-    PREFIX/results                 (extension, QoS 1) a `batchdeck generate`-style output line for
-                                   each request submitted over MQTT, when it finishes
-    PREFIX/control                 commands in (see engine/control.py); retained ones are ignored
-    PREFIX/control/reply           replies out, one per command, in the order the commands arrived
+The topics, the record encoding and the control schema are the wire protocol's
+(engine/service/protocol.py); the console's MQTT client reads the same module. The retained config
+is `LLMEngine.config_snapshot()` plus the pause state, republished after every applied change,
+pause/resume and reconnect; iteration records are batched (at most one message per
+`flush_interval`, a JSON list when there are several); results answer submits and go out with QoS 1.
 
 Telemetry reaches the bridge through bounded Bus subscriptions, so the engine never waits on the
 network: iteration records (drop-oldest, `iteration_buffer`), request records / events / results
@@ -41,12 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
-import json
+import logging
 import os
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -54,16 +41,17 @@ from typing import TYPE_CHECKING, Any, Callable
 import aiomqtt
 import paho.mqtt.client as paho
 
+from batchdeck.engine.service.backoff import Backoff
 from batchdeck.engine.service.bus import Bus, Message, Subscription
-from batchdeck.engine.service.control import ControlHandler, error_reply, reply_json
-from batchdeck.engine.telemetry import Event
+from batchdeck.engine.service.control import ControlHandler
+from batchdeck.engine.service.protocol import (CONFIG, CONTROL, CONTROL_REPLY, OFFLINE, ONLINE, QOS1_TELEMETRY,
+                                                STATUS, TELEMETRY_TOPICS, dumps, encode, error_reply, reply_json,
+                                                topic_prefix)
 
 if TYPE_CHECKING:
     from batchdeck.engine.service.async_engine import AsyncEngine
 
 ENGINE_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-TELEMETRY_TOPICS = {"iteration": "telemetry/iteration", "request": "telemetry/request", "gpu": "telemetry/gpu",
-                    "requests": "telemetry/requests", "event": "events", "result": "results"}
 CONFIG_EVENTS = frozenset({"config_change", "pause", "resume"})
 _LOST = frozenset({paho.MQTT_ERR_NO_CONN, paho.MQTT_ERR_CONN_LOST, paho.MQTT_ERR_CONN_REFUSED})
 
@@ -125,30 +113,6 @@ class MqttSettings:
         return kw
 
 
-_FIELDS: dict[type, tuple[str, ...]] = {}
-
-
-def to_jsonable(record: Any) -> Any:
-    """The JSON form of a telemetry record. Dataclass records (IterationRecord, RequestRecord,
-    GpuSample) are read field by field, shallowly: `dataclasses.asdict` deep-copies and costs
-    ~10x more, on the loop thread that shares the GIL with the engine. Events keep their own
-    `to_dict()` (it flattens `data`)."""
-    if isinstance(record, Event):
-        return record.to_dict()
-    cls = type(record)
-    names = _FIELDS.get(cls)
-    if names is None:
-        if not dataclasses.is_dataclass(cls):
-            to_dict = getattr(record, "to_dict", None)
-            return to_dict() if callable(to_dict) else record
-        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return {name: getattr(record, name) for name in names}
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str).encode()
-
-
 async def _cancel(*tasks: asyncio.Future, timeout: float = 2.0) -> None:
     """Cancel and wait, cancelling again while a task goes on (Python 3.11's wait_for can swallow a
     cancellation that races with the inner future's completion)."""
@@ -179,8 +143,7 @@ class _Forwarder(asyncio.Queue):
         self._intake.put_nowait(item)
 
 
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+_log_info = logging.getLogger(__name__).info  # the default `log`: the connection's ups and downs
 
 
 class MqttBridge:
@@ -189,12 +152,12 @@ class MqttBridge:
                  flush_interval: float = 0.1, max_batch: int = 256, max_running_commands: int = 256,
                  iteration_buffer: int = 1024, record_buffer: int = 4096,
                  reconnect_min: float = 0.1, reconnect_max: float = 5.0,
-                 log: Callable[[str], None] | None = _stderr):
+                 log: Callable[[str], None] | None = _log_info):
         self.engine = engine
         self.bus = bus
         self.engine_id = check_engine_id(engine_id)
         self.settings = settings
-        self.prefix = f"batchdeck/{engine_id}"
+        self.prefix = topic_prefix(engine_id)
         self.control = control or ControlHandler(engine, read_only=read_only, source="mqtt")
         self.publish_results = publish_results
         if self.control.on_result is None and publish_results:
@@ -297,7 +260,7 @@ class MqttBridge:
         return aiomqtt.Client(
             s.host, s.port,
             identifier=f"batchdeck-{self.engine_id}-{os.getpid()}-{random.randrange(1 << 32):08x}",
-            will=aiomqtt.Will(self.topic("status"), b"offline", qos=1, retain=True),
+            will=aiomqtt.Will(self.topic(STATUS), OFFLINE, qos=1, retain=True),
             clean_session=True, max_queued_outgoing_messages=10_000,
             queue_type=self._intake_for_client,  # incoming commands land in the bridge's own intake
             **s.client_kwargs(),
@@ -308,7 +271,7 @@ class MqttBridge:
         return _Forwarder(self._intake)
 
     async def _run(self) -> None:
-        delay = self.reconnect_min
+        backoff = Backoff(self.reconnect_min, self.reconnect_max)
         while not self._closing:
             session = False
             try:
@@ -317,7 +280,7 @@ class MqttBridge:
                     self._client = client
                     self.connects += 1
                     self._failures = 0
-                    delay = self.reconnect_min
+                    backoff.reset()
                     self._config_key = None
                     await self._on_connected(client)
                     self.connected = True  # status "online" and the config are out
@@ -339,12 +302,11 @@ class MqttBridge:
                 self._client = None
             if self._closing:
                 return
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, self.reconnect_max)
+            await asyncio.sleep(backoff.delay())
 
     async def _on_connected(self, client: aiomqtt.Client) -> None:
-        await client.subscribe(self.topic("control"), qos=1)
-        await client.publish(self.topic("status"), b"online", qos=1, retain=True)
+        await client.subscribe(self.topic(CONTROL), qos=1)
+        await client.publish(self.topic(STATUS), ONLINE, qos=1, retain=True)
         await self._publish_config(client)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
@@ -371,7 +333,7 @@ class MqttBridge:
         finally:
             await _cancel(*pumps, closer)
         await self._flush_all(client)
-        await client.publish(self.topic("status"), b"offline", qos=1, retain=True)
+        await client.publish(self.topic(STATUS), OFFLINE, qos=1, retain=True)
         self.offline_published = True
 
     # -- publishing -----------------------------------------------------------------------------
@@ -401,7 +363,7 @@ class MqttBridge:
         if not force and key == self._config_key:
             return
         self._config_key = key
-        await self._publish(client, "config", dumps(snap), qos=1, retain=True)
+        await self._publish(client, CONFIG, dumps(snap), qos=1, retain=True)
 
     async def _republish_config(self) -> None:
         client = self._client
@@ -409,14 +371,13 @@ class MqttBridge:
             await self._publish_config(client, force=False)
 
     async def _publish_iterations(self, client: aiomqtt.Client, records: list[Any]) -> None:
-        body = [to_jsonable(r) for r in records]
+        body = [encode(r) for r in records]
         await self._publish(client, TELEMETRY_TOPICS["iteration"], dumps(body[0] if len(body) == 1 else body),
                             count=len(body))
 
     async def _publish_message(self, client: aiomqtt.Client, msg: Message, *, keep: bool = False) -> None:
-        # A result answers a submit: QoS 1, like the reply; telemetry is QoS 0.
-        await self._publish(client, TELEMETRY_TOPICS[msg.topic], dumps(to_jsonable(msg.record)),
-                            qos=1 if msg.topic == "result" else 0, keep=keep)
+        await self._publish(client, TELEMETRY_TOPICS[msg.topic], dumps(encode(msg.record)),
+                            qos=1 if msg.topic in QOS1_TELEMETRY else 0, keep=keep)
         if msg.topic == "event" and getattr(msg.record, "kind", None) in CONFIG_EVENTS:
             await self._publish_config(client, force=False)
 
@@ -506,7 +467,7 @@ class MqttBridge:
         calls queue in that order and run together at the next iteration boundary). Runs for the
         bridge's lifetime, connected or not."""
         assert self._intake is not None and self._running_commands is not None and self._reply_ready is not None
-        control_topic = self.topic("control")
+        control_topic = self.topic(CONTROL)
         while True:
             message = await self._intake.get()
             if not message.topic.matches(control_topic):
@@ -557,7 +518,7 @@ class MqttBridge:
         outbox = self._outbox
         while True:
             while outbox and outbox[0].done():
-                if await self._publish(client, "control/reply", reply_json(self._reply_of(outbox[0])), qos=1,
+                if await self._publish(client, CONTROL_REPLY, reply_json(self._reply_of(outbox[0])), qos=1,
                                        keep=True):
                     self.replies_published += 1
                 outbox.popleft()

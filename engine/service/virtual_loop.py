@@ -101,7 +101,10 @@ class InlineAsyncEngine(AsyncEngine):
             self._kick.set()
         return result
 
-    def _deliver(self, outputs) -> None:
+    def _deliver(self, outputs, finished=()) -> None:
+        for observe in self.finished_observers:
+            for r in finished:
+                observe(r)
         streams = self._streams
         for out in outputs:
             stream = streams.get(out.request_id)
@@ -155,15 +158,9 @@ class InlineAsyncEngine(AsyncEngine):
                 except asyncio.TimeoutError:
                     pass
                 continue
-            now = time.monotonic()
-            if now - self._last_snapshot >= self.snapshot_interval:
-                self._last_snapshot = now
-                engine.sink("requests", {"time": engine.clock(), "iteration": engine.iteration,
-                                         "requests": engine.requests_snapshot(),
-                                         "policy": {"name": engine.live.policy,
-                                                    "state": engine.scheduler.policy.snapshot()}})
+            self._publish_requests(time.monotonic())
             if result.outputs:
-                self._deliver(result.outputs)
+                self._deliver(result.outputs, result.finished)
             if quiet_until is not None and not self.paused and clock() + resolution < quiet_until():
                 continue  # nothing else can run yet: the next iteration starts at once
             await sleep(0)
