@@ -143,10 +143,12 @@ async def test_what_the_child_prints_is_kept_for_after_the_ui():
     try:
         await client.start()
         deadline = time.monotonic() + SLOW
-        while "a warning" not in "".join(client.output):
+        expected = "hello from the engine process\na warning\n"
+        # the child's writes may arrive in several pieces: wait until everything it wrote is here
+        while not "".join(client.output).startswith(expected):
             assert time.monotonic() < deadline, client.output
             await asyncio.sleep(0.02)
-        assert "".join(client.output) == "hello from the engine process\na warning\n"
+        assert "".join(client.output) == expected
     finally:
         await client.stop()
     assert not client.process.is_alive()
