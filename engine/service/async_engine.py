@@ -163,6 +163,17 @@ class AsyncEngine:
             if fut is not None:
                 self._loop.call_soon_threadsafe(_settle, fut, result, error)
 
+    def _report_failure(self, exc: BaseException) -> None:
+        """A step raised: keep the error, report it as an event, stop stepping (paused)."""
+        self.error = exc
+        self.engine.emit_event("error", message=f"{type(exc).__name__}: {exc}")
+        self.paused = True
+
+    def _idle_wait_s(self) -> float:
+        """How long to wait when nothing could be scheduled: until a static batch is due, at most 50 ms."""
+        wait = self.engine.scheduler.pending_static_wait(self.engine.clock())
+        return min(wait if wait is not None else 0.01, 0.05) + 1e-4
+
     def _worker(self) -> None:
         engine = self.engine
         while not self._stop.is_set():
@@ -176,13 +187,10 @@ class AsyncEngine:
             try:
                 result = engine.step()
             except BaseException as exc:  # noqa: BLE001 - reported, engine stops stepping
-                self.error = exc
-                engine.emit_event("error", message=f"{type(exc).__name__}: {exc}")
-                self.paused = True
+                self._report_failure(exc)
                 continue
             if result is None:
-                wait = engine.scheduler.pending_static_wait(engine.clock())
-                self._wake.wait(min(wait if wait is not None else 0.01, 0.05) + 1e-4)
+                self._wake.wait(self._idle_wait_s())
                 self._wake.clear()
                 continue
             self._publish_requests(time.monotonic())

@@ -146,15 +146,12 @@ class InlineAsyncEngine(AsyncEngine):
             try:
                 result = engine.step()
             except Exception as exc:  # noqa: BLE001 - reported, engine stops stepping
-                self.error = exc
-                engine.emit_event("error", message=f"{type(exc).__name__}: {exc}")
-                self.paused = True
+                self._report_failure(exc)
                 continue
             if result is None:
-                wait = engine.scheduler.pending_static_wait(engine.clock())
                 kick.clear()
                 try:
-                    await asyncio.wait_for(kick.wait(), min(wait if wait is not None else 0.01, 0.05) + 1e-4)
+                    await asyncio.wait_for(kick.wait(), self._idle_wait_s())
                 except asyncio.TimeoutError:
                     pass
                 continue
