@@ -131,7 +131,7 @@ def synthetic_session(iterations: int = 400, *, seed: int = 7, step_s: float = 0
                     rows.append({"request_id": r["request_id"], "tenant": r["tenant"], "slo_class": r["slo_class"],
                                  "priority": 0, "state": st, "prompt_tokens": r["prompt"], "output_tokens": r["out"],
                                  "max_tokens": r["max_tokens"], "ttft": r["ttft"], "arrival": r["arrival"],
-                                 "num_preemptions": r["preemptions"]})
+                                 "num_preemptions": r["preemptions"], "num_cached_tokens": 0})
             out.append(("requests", {"time": t, "iteration": it, "requests": rows}))
         if it % 50 == 0:
             out.append(("gpu", _gpu(t, it, gpu)))

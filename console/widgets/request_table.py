@@ -11,23 +11,46 @@ from typing import Any, Mapping
 from rich.text import Text
 from textual.widgets import DataTable
 
-from batchdeck.console import format as fmt
 from batchdeck.console.request_view import age
 
-# (key, label, width, right-aligned): no cell padding; each width keeps one blank cell between columns
-# (text columns end with it, number columns start with it), so eight columns fit a 120-column terminal
+# (key, label, width, right-aligned): no cell padding. Every cell keeps one blank cell between columns:
+# a text column ends with one (its values are at least one cell shorter than the column: class and
+# state are closed sets), a number column starts with one, except `prompt`, whose left neighbour
+# (state) always ends with one. So nine columns fit the request box of a 120-column terminal (74 cells
+# beside the settings pane, scrollbar included; a test checks).
 COLUMNS = (("request_id", "id", 13, False), ("tenant", "tenant", 8, False), ("slo_class", "class", 12, False),
-           ("state", "state", 10, False), ("prompt_tokens", "prompt", 7, True), ("output_tokens", "output", 8, True),
-           ("ttft", "TTFT", 7, True), ("age", "age", 5, True))
+           ("state", "state", 10, False), ("prompt_tokens", "prompt", 6, True),
+           ("num_cached_tokens", "cached", 7, True), ("output_tokens", "output", 8, True),
+           ("ttft", "TTFT", 6, True), ("age", "age", 4, True))
 STATE_STYLE = {"prefill": "bold #5b9cf5", "decode": "bold #4fc36b", "waiting": "yellow", "preempted": "bold red"}
 
 
 def age_text(seconds: float | None) -> str:
+    """At most 3 characters: '42s', '17m', '5h', '12d'."""
     if seconds is None:
         return "-"
-    if seconds < 100:
-        return f"{seconds:.0f}s"
-    return f"{seconds / 60:.0f}m" if seconds < 6000 else f"{seconds / 3600:.0f}h"
+    if seconds < 99.5:
+        return f"{max(0.0, seconds):.0f}s"
+    if seconds < 99.5 * 60:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 99.5 * 3600:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d" if seconds < 999.5 * 86400 else "old"
+
+
+def ttft_text(seconds: float | None) -> str:
+    """At most 5 characters: '9.5ms', '320ms', '2.42s', '12.3s', '240s', then as `age_text`."""
+    if seconds is None:
+        return "-"
+    if seconds < 0.00995:
+        return f"{max(0.0, seconds) * 1e3:.1f}ms"
+    if seconds < 0.9995:
+        return f"{seconds * 1e3:.0f}ms"
+    if seconds < 9.995:
+        return f"{seconds:.2f}s"
+    if seconds < 99.95:
+        return f"{seconds:.1f}s"
+    return f"{seconds:.0f}s" if seconds < 999.5 else age_text(seconds)
 
 
 def cells(row: Mapping[str, Any], now: float | None = None) -> tuple[Any, ...]:
@@ -40,8 +63,9 @@ def cells(row: Mapping[str, Any], now: float | None = None) -> tuple[Any, ...]:
         str(row.get("slo_class", "-")),
         Text(state, style=STATE_STYLE.get(state, "")),
         Text(str(row.get("prompt_tokens", "-")), justify="right"),
+        Text(str(row.get("num_cached_tokens", "-")), justify="right"),
         Text(out_tokens, justify="right"),
-        Text(fmt.ms(row.get("ttft")), justify="right"),
+        Text(ttft_text(row.get("ttft")), justify="right"),
         Text(age_text(age(row, now)), justify="right"),
     )
 
