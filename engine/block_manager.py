@@ -35,34 +35,42 @@ if TYPE_CHECKING:
 
 ROOT = 0  # the parent serial (and parent hash) of a prompt's first block
 BROKEN = -1  # a request whose chain met a hash collision registers no further blocks
+NEVER = 1 << 62  # a commit threshold no token count reaches
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-@dataclass(slots=True, eq=False)
-class _Entry:
-    """A cached full block: its KV lives in `block`, computed after the prefix that `parent` stands for."""
-
-    block: int
-    key: int
-    tokens: tuple[int, ...]
-    parent: int  # serial of the previous block's entry (ROOT for a first block)
-    serial: int
+# A cache entry (a plain tuple: one is made for every full block registered, on the hot path):
+# (block, tokens, parent, serial): the block holding the KV of `tokens`, computed after the prefix that
+# `parent` (the serial of the previous block's entry; ROOT for a first block) stands for.
+_Entry = tuple[int, tuple[int, ...], int, int]
+BLOCK, TOKENS, PARENT, SERIAL = range(4)
 
 
 @dataclass(slots=True, eq=False)
 class PrefixMemo:
-    """Per request (kept on `Request.prefix_memo`): the chained keys and tokens of its full blocks, which
-    stay valid as its token list only grows, and the cached prefix found at the last look-up (valid
-    while no entry was evicted since: `epoch`)."""
+    """Per request (kept on `Request.prefix_memo`, dropped when it finishes).
+
+    - `keys`/`tokens`: the chained keys and tokens of its leading full blocks, each computed once, when
+      first needed (a look-up walks only as far as it hits, registration as far as the request has
+      computed), and valid for good since a request's token list only grows;
+    - `matched`/`serial`: the cached prefix found at the last look-up, valid while no entry was
+      evicted since (`epoch`);
+    - `registered`/`parent`/`commit_at`: how many of its full blocks it has registered since its
+      admission, the serial of the last one (BROKEN after a collision), and the computed-token count at
+      which `commit` has something to do again (so the per-chunk call is one comparison otherwise).
+    """
 
     keys: list[int] = field(default_factory=list)
     tokens: list[tuple[int, ...]] = field(default_factory=list)
     epoch: int = -1
-    matched: int = 0  # leading full blocks found cached
-    serial: int = ROOT  # serial of the last of them
+    matched: int = 0
+    serial: int = ROOT
+    registered: int = 0
+    parent: int = ROOT
+    commit_at: int = 0
 
 
 class BlockManager:
@@ -77,10 +85,10 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
         self._cache: dict[int, _Entry] = {}  # chained key -> entry
-        self._entry_of: dict[int, _Entry] = {}  # block -> its entry
+        self._key_of: list[int | None] = [None] * num_blocks  # block -> the key of its entry
         self._serial = ROOT
-        self._epoch = 0  # bumped whenever an entry disappears (eviction, clear)
-        self._progress: dict[str, list[int]] = {}  # request -> [full blocks registered, serial of the last]
+        self._epoch = 0  # bumped whenever entries disappear (eviction, clear)
+        self._committing: dict[str, PrefixMemo] = {}  # requests holding blocks that have a memo
         # Counters (tokens), for metrics: look-ups at admission, and how many of those tokens were cached.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -108,32 +116,31 @@ class BlockManager:
 
     @property
     def num_cached(self) -> int:
-        """Blocks holding a cache entry, held or not."""
-        return len(self._entry_of)
+        """Blocks holding a cache entry, held or not (each entry is one block)."""
+        return len(self._cache)
 
     def table(self, request_id: str) -> list[int]:
         return self.tables.get(request_id, [])
 
     # -- allocation -----------------------------------------------------------------------------
-    def _take(self) -> int:
-        if self._free:
-            b = self._free.popleft()
-        else:
-            b, _ = self._evictable.popitem(last=False)
-            e = self._entry_of.pop(b)
-            del self._cache[e.key]
-            self._epoch += 1
-            self.prefix_cache_evictions += 1
-        self._ref[b] = 1
-        return b
+    def _evict(self, n: int) -> None:
+        """Reclaim the `n` least recently released cached blocks into the free list, in one pass."""
+        popitem, key_of, cache, free = self._evictable.popitem, self._key_of, self._cache, self._free
+        for _ in range(n):
+            b = popitem(False)[0]
+            del cache[key_of[b]]
+            key_of[b] = None
+            free.append(b)
+        self._epoch += 1
+        self.prefix_cache_evictions += n
 
     def _release(self, blocks: list[int]) -> None:
         """Drop one reference to each block; the last block of a chain goes first, so that it is evicted first."""
-        ref, entry_of = self._ref, self._entry_of
+        ref, key_of = self._ref, self._key_of
         for b in reversed(blocks):
             ref[b] -= 1
             if ref[b] == 0:
-                if b in entry_of:
+                if key_of[b] is not None:
                     self._evictable[b] = None
                 else:
                     self._free.append(b)
@@ -146,14 +153,26 @@ class BlockManager:
         return self.extra_blocks_for(request_id, num_tokens) + reserve <= self.num_free
 
     def grow(self, request_id: str, num_tokens: int) -> bool:
-        """Make `request_id` hold `num_tokens` tokens; False (and nothing changed) if blocks are short."""
-        extra = self.extra_blocks_for(request_id, num_tokens)
-        if extra > len(self._free) + len(self._evictable):
-            return False
-        if extra:
-            table = self.tables.setdefault(request_id, [])
-            take = self._take
-            table.extend(take() for _ in range(extra))
+        """Make `request_id` hold `num_tokens` tokens; False (and nothing changed) if blocks are short.
+        Free blocks go first; cached blocks are reclaimed (least recently released first) only for
+        the rest, all at once."""
+        table = self.tables.get(request_id)
+        extra = -(-num_tokens // self.block_size) - (len(table) if table is not None else 0)
+        if extra <= 0:
+            return True
+        free = self._free
+        short = extra - len(free)
+        if short > 0:
+            if short > len(self._evictable):
+                return False
+            self._evict(short)
+        if table is None:
+            table = self.tables[request_id] = []
+        ref, popleft = self._ref, free.popleft
+        for _ in range(extra):
+            b = popleft()
+            ref[b] = 1
+            table.append(b)
         return True
 
     def shrink(self, request_id: str, num_tokens: int) -> None:
@@ -174,39 +193,49 @@ class BlockManager:
     def free(self, request_id: str) -> int:
         """Release every block of the request (finish, abort, preemption); cached ones stay cached."""
         table = self.tables.pop(request_id, [])
-        self._progress.pop(request_id, None)
+        self._committing.pop(request_id, None)
         self._release(table)
         return len(table)
 
     # -- prefix cache ---------------------------------------------------------------------------
-    def _memo(self, request: "Request", num_blocks: int) -> PrefixMemo:
-        """The request's memo with keys for (at least) its first `num_blocks` full blocks."""
+    @staticmethod
+    def _hash_blocks(memo: PrefixMemo, ids: list[int], block_size: int, upto: int) -> None:
+        """Extend the memo's chained keys (and block tokens) to its first `upto` full blocks."""
+        keys, tokens = memo.keys, memo.tokens
+        i = len(keys)
+        prev = keys[-1] if i else ROOT
+        start = i * block_size
+        for _ in range(upto - i):
+            toks = tuple(ids[start:start + block_size])
+            prev = hash((prev, toks))
+            keys.append(prev)
+            tokens.append(toks)
+            start += block_size
+
+    def _match(self, request: "Request") -> PrefixMemo:
+        """The request's memo with `matched` brought up to date: walk on from the last match, hashing a
+        block only when the look-up gets to it (a miss ends the walk: a distinct prompt costs one hash
+        and one dict miss, an empty cache none)."""
         memo = request.prefix_memo
         if memo is None:
             memo = request.prefix_memo = PrefixMemo()
-        keys = memo.keys
-        if len(keys) < num_blocks:
-            ids, bs, tokens = request.token_ids, self.block_size, memo.tokens
-            prev = keys[-1] if keys else ROOT
-            for i in range(len(keys), num_blocks):
-                toks = tuple(ids[i * bs:(i + 1) * bs])
-                prev = hash((prev, toks))
-                keys.append(prev)
-                tokens.append(toks)
-        return memo
-
-    def _match(self, request: "Request") -> PrefixMemo:
-        limit = (len(request.token_ids) - 1) // self.block_size  # the last token is always computed
-        memo = self._memo(request, limit)
         if memo.epoch != self._epoch:
             memo.epoch, memo.matched, memo.serial = self._epoch, 0, ROOT
+        cache = self._cache
+        if not cache:
+            return memo
+        bs = self.block_size
+        ids = request.token_ids
+        limit = (len(ids) - 1) // bs  # the last token is always computed
         i, parent = memo.matched, memo.serial
-        cache, keys, tokens = self._cache, memo.keys, memo.tokens
+        keys, tokens = memo.keys, memo.tokens
         while i < limit:
+            if i == len(keys):
+                self._hash_blocks(memo, ids, bs, i + 1)
             e = cache.get(keys[i])
-            if e is None or e.parent != parent or e.tokens != tokens[i]:
+            if e is None or e[PARENT] != parent or e[TOKENS] != tokens[i]:
                 break
-            parent = e.serial
+            parent = e[SERIAL]
             i += 1
         memo.matched, memo.serial = i, parent
         return memo
@@ -214,7 +243,7 @@ class BlockManager:
     def cached_prefix_tokens(self, request: "Request") -> int:
         """Prompt tokens of a waiting request that the cache holds now (a multiple of block_size, below
         its token count); 0 with prefix caching off. Cost: one dict look-up per block found since the
-        last call, a full walk after an eviction."""
+        last call (plus the first miss), a walk from the first block after an eviction."""
         if not self.prefix_caching:
             return 0
         return self._match(request).matched * self.block_size
@@ -226,7 +255,7 @@ class BlockManager:
             raise ValueError(f"{num_cached_tokens} cached tokens asked for request {request.request_id}, "
                              f"the cache holds {memo.matched * self.block_size}")
         cache, keys = self._cache, memo.keys
-        return [cache[keys[i]].block for i in range(n)]
+        return [cache[keys[i]][BLOCK] for i in range(n)]
 
     def can_admit(self, request: "Request", num_cached_tokens: int, num_tokens: int) -> bool:
         """Whether `admit` would succeed now."""
@@ -244,6 +273,7 @@ class BlockManager:
         if rid in self.tables:
             raise ValueError(f"request {rid} already holds KV blocks")
         hits = self._hit_blocks(request, num_cached_tokens) if num_cached_tokens else []
+        memo = request.prefix_memo
         if hits:
             idle = sum(1 for b in hits if self._ref[b] == 0)
             if blocks_needed(num_tokens, self.block_size) - len(hits) + idle > self.num_free:
@@ -254,13 +284,15 @@ class BlockManager:
                     del evictable[b]
                 ref[b] += 1
             self.tables[rid] = list(hits)
-            memo = request.prefix_memo
-            self._progress[rid] = [len(hits), memo.serial if len(hits) == memo.matched else
-                                   self._cache[memo.keys[len(hits) - 1]].serial]
             if not self.grow(rid, num_tokens):  # cannot fail: checked above
                 raise AssertionError("KV accounting broken: admission check and allocation disagree")
         elif not self.grow(rid, num_tokens):
             return False
+        if memo is not None:  # registration resumes after the reused blocks (their entries are the chain)
+            n = len(hits)
+            memo.registered, memo.commit_at = n, (n + 1) * self.block_size
+            memo.parent = ROOT if not n else memo.serial if n == memo.matched else self._cache[memo.keys[n - 1]][SERIAL]
+            self._committing[rid] = memo
         if self.prefix_caching:
             self.prefix_cache_queries += len(request.token_ids)
             self.prefix_cache_hits += num_cached_tokens
@@ -269,31 +301,47 @@ class BlockManager:
     def commit(self, request: "Request", num_computed_tokens: int) -> None:
         """Register the request's full blocks among its first `num_computed_tokens` (computed, verified)
         tokens in the cache. A block whose content is cached already stays private; a hash
-        collision with other content ends registration for this request."""
+        collision with other content ends registration for this request. Called for every chunk of
+        every iteration: unless a block has filled since the last call, it is one comparison."""
         if not self.prefix_caching:
             return
-        full = num_computed_tokens // self.block_size
-        rid = request.request_id
-        prog = self._progress.get(rid)
-        if prog is None:
-            prog = self._progress[rid] = [0, ROOT]
-        count, parent = prog
-        if full <= count or parent == BROKEN:
+        memo = request.prefix_memo
+        if memo is not None and num_computed_tokens < memo.commit_at:
             return
-        memo = self._memo(request, full)
-        table, cache, entry_of = self.tables[rid], self._cache, self._entry_of
+        rid = request.request_id
+        if memo is None:  # admitted while caching was off, or blocks given without admission
+            memo = request.prefix_memo = PrefixMemo()
+        if self._committing.get(rid) is not memo:
+            memo.registered, memo.parent = 0, ROOT
+            self._committing[rid] = memo
+        bs = self.block_size
+        full = num_computed_tokens // bs
+        count, parent = memo.registered, memo.parent
+        if full <= count or parent == BROKEN:
+            memo.commit_at = NEVER if parent == BROKEN else (count + 1) * bs
+            return
+        keys, tokens = memo.keys, memo.tokens
+        if len(keys) < full:
+            self._hash_blocks(memo, request.token_ids, bs, full)
+        table, cache, key_of = self.tables[rid], self._cache, self._key_of
+        serial = self._serial
         for i in range(count, full):
-            key, toks = memo.keys[i], memo.tokens[i]
+            key, toks = keys[i], tokens[i]
             e = cache.get(key)
             if e is None:
-                self._serial += 1
-                e = _Entry(table[i], key, toks, parent, self._serial)
-                cache[key] = entry_of[table[i]] = e
-            elif e.parent != parent or e.tokens != toks:
+                serial += 1
+                b = table[i]
+                cache[key] = (b, toks, parent, serial)
+                key_of[b] = key
+                parent = serial
+            elif e[PARENT] != parent or e[TOKENS] != toks:
                 parent = BROKEN
                 break
-            parent = e.serial
-        prog[0], prog[1] = full, parent
+            else:
+                parent = e[SERIAL]
+        self._serial = serial
+        memo.registered, memo.parent = full, parent
+        memo.commit_at = NEVER if parent == BROKEN else (full + 1) * bs
 
     def clear(self) -> int:
         """Drop every cache entry (held blocks stay with their requests, which register their full
@@ -302,8 +350,9 @@ class BlockManager:
         self._free.extend(self._evictable)
         self._evictable.clear()
         self._cache.clear()
-        self._entry_of.clear()
-        self._progress.clear()
+        self._key_of = [None] * self.num_blocks
+        for memo in self._committing.values():
+            memo.registered, memo.parent, memo.commit_at = 0, ROOT, 0
         self._epoch += 1
         return dropped
 
@@ -337,8 +386,8 @@ class BlockManager:
             "a KV block is in two states"
         for b in range(self.num_blocks):
             assert self._ref[b] == held.get(b, 0), f"KV block {b}: ref count {self._ref[b]}, held {held.get(b, 0)}"
-        assert evictable <= self._entry_of.keys() and not (free & self._entry_of.keys()), \
-            "cached/free state and cache entries disagree"
-        assert len(self._cache) == len(self._entry_of), "cache index broken"
+        with_entry = {b for b, key in enumerate(self._key_of) if key is not None}
+        assert evictable <= with_entry and not (free & with_entry), "cached/free state and cache entries disagree"
+        assert len(self._cache) == len(with_entry), "cache index broken"
         for key, e in self._cache.items():
-            assert e.key == key and self._entry_of.get(e.block) is e, "cache index broken"
+            assert self._key_of[e[BLOCK]] == key, "cache index broken"

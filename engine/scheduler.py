@@ -55,10 +55,12 @@ class Scheduler:
             self.static_batch.remove(request)
         self.blocks.free(request.request_id)
         self._end_static_batch_if_done()
+        request.prefix_memo = None  # its block keys are of no further use
 
     def finish(self, request: Request) -> None:
         """A request produced its last token: it leaves (continuous) or pads its slot (static)."""
         self.running.remove(request)
+        request.prefix_memo = None  # its block keys are of no further use
         if self.static_batch is not None and request in self.static_batch:
             self.padding.append(request)
         else:
