@@ -61,6 +61,10 @@ MAX_CV = 100.0  # gamma coefficient of variation
 MAX_SIGMA = 10.0  # lognormal sigma (exp(10) is already a factor of 22,000)
 MAX_SCALE = 1e6  # trace time_scale / length_scale
 MAX_ITERATION = 10**9  # timeline at_iteration
+MAX_TRACE_START = 365 * 86_400.0  # trace start offset: a year of trace
+MAX_TURNS = 10_000  # turns per multi-turn chat (the context ends a chat long before)
+MAX_PREFIX_VARIANTS = 10_000  # distinct shared system prompts per stream
+MAX_PREFIX_TOKENS_TOTAL = 1 << 24  # tokens of all of a stream's system prompts together (held in memory)
 INT64 = 2**63  # seeds lie in [-INT64, INT64 - 1]
 INT32 = 2**31  # priorities lie in [-INT32, INT32 - 1]
 
@@ -508,7 +512,7 @@ def _stream(c: _Checker, raw: Any, path: KeyPath, base_dir: Path) -> StreamSpec:
         if key in s:
             kw[key] = c.number(s[key], path + (key,), minimum=0, exclusive=True, maximum=MAX_SCALE)
     if "start" in s:
-        kw["start"] = c.number(s["start"], path + ("start",), minimum=0)
+        kw["start"] = c.number(s["start"], path + ("start",), minimum=0, maximum=MAX_TRACE_START)
     if "limit" in s:
         kw["limit"] = c.integer(s["limit"], path + ("limit",), minimum=1, maximum=MAX_REQUESTS_PER_STREAM)
     if "hash_ids" in s:
@@ -517,33 +521,41 @@ def _stream(c: _Checker, raw: Any, path: KeyPath, base_dir: Path) -> StreamSpec:
             raise c.error(path + ("hash_ids",),
                           f"column {kw['hash_ids']!r} not in {kw['path'].name}; it has: {', '.join(map(str, have))}")
     if "hash_block_tokens" in s:
-        kw["hash_block_tokens"] = c.integer(s["hash_block_tokens"], path + ("hash_block_tokens",), minimum=1)
+        kw["hash_block_tokens"] = c.integer(s["hash_block_tokens"], path + ("hash_block_tokens",), minimum=1,
+                                            maximum=MAX_TOKENS)
     return TraceSpec(**kw)
 
 
 def _shared_prefix(c: _Checker, raw: Any, path: KeyPath) -> SharedPrefixSpec:
     p = c.mapping(raw, path, "shared prefix settings (tokens, share, variants)")
     c.known_keys(p, path, PREFIX_KEYS, "prefix")
-    tokens = c.integer(c.require(p, path, "tokens", "system prompt length in tokens"), path + ("tokens",), minimum=1)
-    share = 1.0
-    if "share" in p:
-        share = c.number(p["share"], path + ("share",), minimum=0)
-        if share > 1:
-            raise c.error(path + ("share",), f"must be a number in [0, 1], got {_describe(p['share'])}")
-    variants = c.integer(p["variants"], path + ("variants",), minimum=1) if "variants" in p else 1
+    tokens = c.integer(c.require(p, path, "tokens", "system prompt length in tokens"), path + ("tokens",), minimum=1,
+                       maximum=MAX_TOKENS)
+    share = c.number(p["share"], path + ("share",), minimum=0, maximum=1) if "share" in p else 1.0
+    variants = (c.integer(p["variants"], path + ("variants",), minimum=1, maximum=MAX_PREFIX_VARIANTS)
+                if "variants" in p else 1)
+    if tokens * variants > MAX_PREFIX_TOKENS_TOTAL:
+        raise c.error(path + ("variants",), f"{variants:,} system prompts of {tokens:,} tokens are "
+                      f"{tokens * variants:,} tokens; at most {MAX_PREFIX_TOKENS_TOTAL:,} together "
+                      "(fewer variants or shorter prompts)")
     return SharedPrefixSpec(tokens=tokens, share=share, variants=variants)
 
 
 def _multi_turn(c: _Checker, s: Mapping[str, Any], path: KeyPath, kw: dict[str, Any]) -> MultiTurnSpec:
     kw["conversations"] = c.integer(c.require(s, path, "conversations", "number of chats"),
-                                    path + ("conversations",), minimum=1)
-    kw["turns"] = c.integer(c.require(s, path, "turns", "turns per chat"), path + ("turns",), minimum=1)
+                                    path + ("conversations",), minimum=1, maximum=MAX_REQUESTS_PER_STREAM)
+    kw["turns"] = c.integer(c.require(s, path, "turns", "turns per chat"), path + ("turns",), minimum=1,
+                            maximum=MAX_TURNS)
+    if kw["conversations"] * kw["turns"] > MAX_REQUESTS_PER_STREAM:
+        raise c.error(path + ("turns",), f"{kw['conversations']:,} conversations x {kw['turns']:,} turns are "
+                      f"{kw['conversations'] * kw['turns']:,} requests; at most {MAX_REQUESTS_PER_STREAM:,} "
+                      "per stream (fewer conversations or turns)")
     for key in ("user_tokens", "output_tokens"):
         kw[key] = _length(c, c.require(s, path, key, "an integer or a length dist"), path + (key,))
     if "rate" in s:
-        kw["rate"] = c.number(s["rate"], path + ("rate",), minimum=0, exclusive=True)
+        kw["rate"] = c.number(s["rate"], path + ("rate",), minimum=0, exclusive=True, maximum=MAX_RATE)
     if "think_time" in s:
-        kw["think_time"] = c.number(s["think_time"], path + ("think_time",), minimum=0)
+        kw["think_time"] = c.number(s["think_time"], path + ("think_time",), minimum=0, maximum=MAX_SECONDS)
     return MultiTurnSpec(**kw)
 
 

@@ -88,7 +88,7 @@ def test_trace_hash_ids_become_shared_token_blocks(tmp_path):
 
 @pytest.mark.parametrize("stream,message", [
     ("  - {kind: poisson, rate: 1, count: 2, input_tokens: 4, output_tokens: 2, prefix: {tokens: 0}}",
-     r"workload\[0\].prefix.tokens: must be an integer >= 1"),
+     r"workload\[0\].prefix.tokens: must be an integer in \[1, 1048576\], got 0"),
     ("  - {kind: poisson, rate: 1, count: 2, input_tokens: 4, output_tokens: 2, prefix: {tokens: 8, share: 2}}",
      r"workload\[0\].prefix.share: must be a number in \[0, 1\]"),
     ("  - {kind: poisson, rate: 1, count: 2, input_tokens: 4, output_tokens: 2, prefix: {tokens: 8, size: 2}}",
@@ -96,14 +96,77 @@ def test_trace_hash_ids_become_shared_token_blocks(tmp_path):
     ("  - {kind: multi-turn, turns: 2, user_tokens: 4, output_tokens: 2}",
      r"workload\[0\]: missing required key 'conversations'"),
     ("  - {kind: multi-turn, conversations: 2, turns: 2, user_tokens: 4, output_tokens: 2, think_time: -1}",
-     r"workload\[0\].think_time: must be a number >= 0"),
+     r"workload\[0\].think_time: must be a number in \[0, 86400\], got -1"),
     ("  - {kind: multi-turn, conversations: 2, turns: 2, user_tokens: 4, output_tokens: 2, rate: 0}",
-     r"workload\[0\].rate: must be a number > 0"),
+     r"workload\[0\].rate: must be a number in \(0, 100000\], got 0"),
 ])
 def test_bad_prefix_structure_names_the_key_and_line(stream, message):
     with pytest.raises(PresetError, match=message) as err:
         preset(stream + "\n")
     assert err.value.line == 5
+
+
+MULTI_TURN = """
+  - kind: multi-turn
+    conversations: 4
+    turns: 3
+    rate: 2
+    think_time: 0.5
+    user_tokens: 8
+    output_tokens: 4
+    prefix:
+      tokens: 16
+      share: 0.5
+      variants: 2
+"""
+TRACE = """
+  - kind: trace
+    path: t.csv
+    columns: {time: t, input: i, output: o}
+    start: 0
+    hash_ids: ids
+    hash_block_tokens: 512
+"""
+
+
+@pytest.mark.parametrize("text,edits,key,message", [
+    (MULTI_TURN, {"conversations: 4": "conversations: 1000001"}, "conversations",
+     r"workload\[0\].conversations: must be an integer in \[1, 1000000\], got 1000001"),
+    (MULTI_TURN, {"turns: 3": "turns: 10001"}, "turns",
+     r"workload\[0\].turns: must be an integer in \[1, 10000\], got 10001"),
+    (MULTI_TURN, {"conversations: 4": "conversations: 400000"}, "turns",
+     r"workload\[0\].turns: 400,000 conversations x 3 turns are 1,200,000 requests; at most 1,000,000 per stream"),
+    (MULTI_TURN, {"rate: 2": "rate: 100001"}, "rate",
+     r"workload\[0\].rate: must be a number in \(0, 100000\], got 100001"),
+    (MULTI_TURN, {"think_time: 0.5": "think_time: 86401"}, "think_time",
+     r"workload\[0\].think_time: must be a number in \[0, 86400\], got 86401"),
+    (MULTI_TURN, {"tokens: 16": "tokens: 1048577"}, "tokens",
+     r"workload\[0\].prefix.tokens: must be an integer in \[1, 1048576\], got 1048577"),
+    (MULTI_TURN, {"share: 0.5": "share: 1.5"}, "share",
+     r"workload\[0\].prefix.share: must be a number in \[0, 1\], got 1.5"),
+    (MULTI_TURN, {"variants: 2": "variants: 10001"}, "variants",
+     r"workload\[0\].prefix.variants: must be an integer in \[1, 10000\], got 10001"),
+    (MULTI_TURN, {"tokens: 16": "tokens: 1048576", "variants: 2": "variants: 17"}, "variants",
+     r"workload\[0\].prefix.variants: 17 system prompts of 1,048,576 tokens are 17,825,792 tokens; "
+     r"at most 16,777,216 together"),
+    (TRACE, {"start: 0": "start: 40000000"}, "start",
+     r"workload\[0\].start: must be a number in \[0, 3.1536e\+07\], got 40000000"),
+    (TRACE, {"hash_block_tokens: 512": "hash_block_tokens: 2000000"}, "hash_block_tokens",
+     r"workload\[0\].hash_block_tokens: must be an integer in \[1, 1048576\], got 2000000"),
+])
+def test_prefix_and_multi_turn_fields_are_bounded(tmp_path, text, edits, key, message):
+    """Every numeric field of the prefix / multi-turn / hash-id schema has an upper bound; a value past
+    it is refused naming the field, the value, the allowed range and its line."""
+    (tmp_path / "t.csv").write_text("t,i,o,ids\n0,4,2,[1]\n")
+    preset(text, tmp_path)  # the unchanged stream is valid
+    bad = text
+    for old, new in edits.items():
+        bad = bad.replace(old, new)
+    with pytest.raises(PresetError, match=message) as err:
+        preset(bad, tmp_path)
+    lines = (BASE + bad).splitlines()
+    assert err.value.line == next(i for i, ln in enumerate(lines, 1) if ln.strip().startswith(key + ":"))
+    assert str(err.value).startswith(f"t.yaml, line {err.value.line}: ")
 
 
 def test_trace_hash_ids_column_must_exist(tmp_path):
