@@ -27,11 +27,13 @@ the cost of hashing and look-ups when nothing is shared (output tok/s ratio, tar
 Every run is its own process on a fresh engine (CUDA graphs, Triton attention on CUDA) after an
 untimed warm-up. Reported per run: prompt tokens computed (the iterations' num_prefill_tokens) and
 served from the cache, hit rate, TTFT p50/p99, e2e p50/p99, output tok/s over the makespan (first
-arrival to last finish), preemptions, evictions.
+arrival to last finish), preemptions, evictions, the iterations' busy and scheduling seconds, and the
+garbage collections during the run (count per generation, seconds).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -114,6 +116,23 @@ def _distinct_items(args):
     return out
 
 
+class GCWatch:
+    """Garbage collections during the measured run: how many per generation and the seconds they took
+    (the prefix cache's per-block objects are allocations the uncached run does not make)."""
+
+    def __init__(self):
+        self.collections = [0, 0, 0]
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.collections[info["generation"]] += 1
+            self.seconds += time.perf_counter() - self._t0
+
+
 def run_one(args) -> dict:
     import torch
 
@@ -139,6 +158,8 @@ def run_one(args) -> dict:
     served = []
     engine.restart_clock()
     evictions0 = engine.blocks.prefix_cache_evictions
+    gc_watch = GCWatch()
+    gc.callbacks.append(gc_watch)
     n = 0
     t_wall = time.perf_counter()
     while pending or engine.has_unfinished:
@@ -162,6 +183,7 @@ def run_one(args) -> dict:
                     pending.append(nxt)
                     pending.sort(key=lambda it: it.arrival)
     wall = time.perf_counter() - t_wall
+    gc.callbacks.remove(gc_watch)
     makespan = max(r.finish_time for r in served) - min(r.arrival_time for r in served)
     ttft = [r.first_token_time - r.arrival_time for r in served]
     e2e = [r.finish_time - r.arrival_time for r in served]
@@ -183,6 +205,8 @@ def run_one(args) -> dict:
         "preemptions": sum(r.num_preemptions for r in served),
         "evictions": engine.blocks.prefix_cache_evictions - evictions0,
         "iterations": len(records), "busy_step_seconds": sum(x.step_time for x in records),
+        "schedule_seconds": sum(x.schedule_time for x in records),
+        "gc_collections_by_generation": gc_watch.collections, "gc_seconds": gc_watch.seconds,
     }
     log(f"[{args.run}] {res['output_tok_s']:.0f} out tok/s, computed {computed} of {prompt_tok} prompt tokens, "
         f"ttft p50 {res['ttft_s']['p50'] * 1e3:.1f} ms p99 {res['ttft_s']['p99'] * 1e3:.1f} ms")
