@@ -158,7 +158,7 @@ async def test_link_drop_keeps_the_picture_and_resumes_then_engine_goes_offline(
             down = await client.pause()
             assert not down.ok and "not connected" in down.error
             broker.start()
-            await wait_for(pilot, lambda: client.state == ConnectionState.CONNECTED, timeout=15, what="reconnected")
+            await wait_for(pilot, lambda: client.state == ConnectionState.CONNECTED, timeout=60, what="reconnected")
             await wait_for(pilot, lambda: app.state.latest.iteration > before, what="telemetry resuming")
             assert "● connected" in str(app.query_one("#status").render())
             # the engine goes away: its retained status says offline

@@ -137,7 +137,7 @@ async def _drive_and_terminate(broker, proc):
         assert reply["ok"], reply
         await probe.wait_for(lambda: probe.json_on("telemetry/gpu"), what="a gpu sample")
         proc.send_signal(signal.SIGTERM)
-        await probe.wait_for(lambda: probe.on("status")[-1:] == [b"offline"], timeout=30, what="offline")
+        await probe.wait_for(lambda: probe.on("status")[-1:] == [b"offline"], timeout=60, what="offline")
         records = [r for r in probe.json_on("telemetry/request") if r["request_id"] == "r1"]
         assert records and records[0]["finish_reason"] == "abort"
         assert json.loads(probe.on("telemetry/gpu")[0])["available"] in (True, False)

@@ -88,4 +88,4 @@ async def _drive(broker, proc, port):
                 if '"finish_reason":"' in line:
                     finish = line.split('"finish_reason":"')[1].split('"')[0]
         assert finish == "abort"
-        await probe.wait_for(lambda: probe.on("status")[-1:] == [b"offline"], timeout=30, what="offline")
+        await probe.wait_for(lambda: probe.on("status")[-1:] == [b"offline"], timeout=60, what="offline")
