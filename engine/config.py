@@ -51,6 +51,7 @@ class EngineConfig:
     # max_num_seqs_limit rows and mixed iterations up to max_batched_tokens_limit tokens (so the
     # live-config bounds are exactly the captured maxima); an iteration that fits no graph runs eagerly.
     cuda_graphs: bool = _d("cuda_graphs")
+    async_scheduling: bool = _d("async_scheduling")  # overlapped iterations (LLMEngine.step); on by default on cuda
     sim: str | None = _d("sim")  # a simulation profile (shipped name or path): engine/sim/engine.py runs it
 
     def validate(self) -> None:

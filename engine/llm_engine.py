@@ -1,4 +1,6 @@
-"""The synchronous engine: one `step()` is one iteration (schedule, forward, sample, bookkeeping).
+"""The engine: one `step()` is one iteration (schedule, forward, sample, bookkeeping); with
+overlapped iterations (async scheduling, on by default on CUDA) the next one is scheduled and
+launched before the current one is booked (see `LLMEngine.step`).
 
 Everything that changes engine state from outside (new requests, aborts, config changes) is
 either done between steps by the caller's thread or queued and applied at the next step's start;
@@ -18,12 +20,13 @@ from batchdeck.engine.attention.backend import make_backend
 from batchdeck.engine.block_manager import BlockManager, blocks_needed
 from batchdeck.engine.config import ConfigBounds, ConfigError, EngineConfig, LiveConfig, validate_changes
 from batchdeck.engine.kv_cache import KVCache, bytes_per_block
-from batchdeck.engine.model_runner import ModelRunner
+from batchdeck.engine.model_runner import LaunchedStep, ModelRunner
 from batchdeck.engine.models import LoadedModel, load_model
 from batchdeck.engine.request import (FinishReason, QueueFullError, Request, RequestError, RequestStatus,
                                       SamplingParams, check_request_fields)
 from batchdeck.engine.sampler import Sampler
 from batchdeck.engine.scheduler import Scheduler
+from batchdeck.engine.step_plan import StepPlan
 from batchdeck.engine.settings import CPU_KV_POOL_BYTES, START_KEYS
 from batchdeck.engine.slo import DEFAULT_SLO_TARGETS, SLOTarget, slo_met
 from batchdeck.engine.speculative.draft_model import DraftModelDrafter
@@ -52,6 +55,21 @@ class StepResult:
     outputs: list[RequestOutput] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)
     record: IterationRecord | None = None
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """An iteration launched and not booked yet, with what its record needs from the launch."""
+
+    iteration: int
+    plan: StepPlan
+    launched: LaunchedStep
+    preemptions: list[int]  # each chunk's request's preemption count at the launch
+    config_version: int  # the live config it was planned under
+    schedule_time: float = 0.0
+    draft_time: float = 0.0
+    launch_time: float = 0.0  # host time from the start of scheduling to the end of the launch
+    overlapped: bool = False  # the next iteration was launched before this one was booked
 
 
 def check_device(device: str) -> None:
@@ -128,7 +146,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}  # in flight, plus the most recent finished ones
         self.retain_finished = 10_000  # finished requests kept for look-up; older ones are forgotten
         self._finished_ids: deque[str] = deque()
-        self.iteration = 0
+        self.iteration = 0  # the next iteration to launch
+        self._inflight: _InFlight | None = None  # launched, not booked yet (overlapped iterations)
+        self._runner_launches = isinstance(self.runner, ModelRunner)  # a simulated executor runs synchronously
+        self.async_scheduling = config.async_scheduling and self._runner_launches
         self.num_requests_added = 0
         self._prefix_counts = (0, 0)  # the block manager's prefix-cache counters at the last record
 
@@ -269,7 +290,8 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        """Requests wait or run, or an iteration in flight is still to be booked."""
+        return self.scheduler.has_work or self._inflight is not None
 
     @property
     def num_unfinished(self) -> int:
@@ -316,13 +338,45 @@ class LLMEngine:
         return event
 
     # -- the iteration --------------------------------------------------------------------------
+    @property
+    def overlapping(self) -> bool:
+        """Whether the next iteration may be launched before the one in flight is booked: async
+        scheduling is on and nothing needs host values at planning time (a drafter reads the tokens;
+        static batching pads with finished slots), so speculating and static iterations stay synchronous."""
+        return self.async_scheduling and not self.live.spec_k and self.live.batching == "continuous"
+
     def step(self) -> StepResult | None:
-        """Run one iteration; None when there was nothing to compute (idle or a static batch forming)."""
+        """Run one iteration; None when there was nothing to compute (idle or a static batch forming).
+
+        With overlapped iterations (`overlapping`), it launches iteration N+1 before booking N and
+        returns N's result: N+1 was planned against the state N leaves (N's tokens are placeholders,
+        fed to N+1 on the device) while N ran. Pending config changes apply before the next launch
+        (`applied_iteration` is the first iteration planned under them); when they turn overlapping
+        off, the iteration in flight is booked first and nothing new is launched in that call."""
+        if self._pending:
+            self.apply_pending_config()
+        prev = self._inflight
+        overlap = self.overlapping
+        if prev is not None and not overlap:
+            self._inflight = None
+            return self._book(prev)
+        launched = self._launch(prev)
+        if prev is None:
+            if launched is None:
+                return None
+            if not overlap:
+                return self._book(launched)
+            prev, launched = launched, self._launch(launched)  # fill the pipeline
+        prev.overlapped = launched is not None
+        self._inflight = launched
+        return self._book(prev)
+
+    def _launch(self, prev: "_InFlight | None") -> "_InFlight | None":
+        """Schedule and launch the next iteration (None when nothing is scheduled); `prev`: the
+        iteration still in flight, whose sampled tokens are placeholders here."""
         perf = self.perf
         t_start = perf()
         now = self.clock()
-        if self._pending:
-            self.apply_pending_config(now)
         plan = self.scheduler.schedule(now)
         t_sched = perf()
         for victim in plan.preempted:
@@ -336,29 +390,60 @@ class LLMEngine:
             if drafting:
                 self._fill_drafts(drafting)
         t_draft = perf()
-        sampled, timings = self.runner.execute(plan, self.blocks)
-        now = self.clock()
-        result = StepResult(self.iteration)
+        if self._runner_launches:
+            launched = self.runner.launch(plan, self.blocks, prev.launched if prev is not None else None)
+        else:
+            sampled, timings = self.runner.execute(plan, self.blocks)
+            launched = LaunchedStep.completed(sampled, timings, self.sampler.logprobs)
+        preemptions = []
+        for chunk in plan.chunks:  # what the host knows already: positions computed, tokens coming
+            r = chunk.request
+            preemptions.append(r.num_preemptions)
+            if not chunk.padding:
+                r.num_computed_tokens += chunk.num_tokens
+        for chunk in launched.chunks:
+            chunk.request.add_placeholder()
         it = self.iteration
+        self.iteration += 1
+        return _InFlight(it, plan, launched, preemptions, self.live.version, schedule_time=t_sched - t_start,
+                         draft_time=t_draft - t_sched, launch_time=perf() - t_start)
+
+    def _book(self, flight: "_InFlight") -> StepResult:
+        """Wait for an iteration's sampled tokens and book them: append, stop checks, finishes,
+        prefix-cache commits, outputs and its telemetry record. A token of a request that finished
+        or was aborted since the launch is discarded."""
+        perf = self.perf
+        t_start = perf()
+        sampled = flight.launched.result()  # the iteration's one host sync
+        t_waited = perf()
+        now = self.clock()
+        plan, it = flight.plan, flight.iteration
+        timings = flight.launched.timings
+        result = StepResult(it)
         policy = self.scheduler.policy
         commit = self.blocks.commit
+        running = RequestStatus.RUNNING
         tenant_tokens: dict[str, int] = {}
         ttfts: list[float] = []
         itls: list[float] = []
-        for chunk in plan.chunks:
+        for chunk, preemptions in zip(plan.chunks, flight.preemptions):
             if chunk.padding:
                 continue
             r = chunk.request
-            r.num_computed_tokens += chunk.num_tokens
-            if not chunk.num_draft:
-                commit(r, r.num_computed_tokens)
             tenant_tokens[r.tenant] = tenant_tokens.get(r.tenant, 0) + chunk.num_tokens
+            if r.status is not running or r.num_preemptions != preemptions:
+                continue  # finished, aborted or preempted since the launch: its blocks are gone
+            if not chunk.num_draft:
+                commit(r, chunk.start + chunk.num_tokens)
             prompt_part = max(0, min(chunk.start + chunk.num_tokens, r.num_prompt_tokens) - chunk.start)
             # A speculating chunk's output service is known only after verification (below).
             policy.on_tokens_computed(r, prompt_part, 1 if chunk.samples and not chunk.draft else 0)
         spec_proposed = spec_accepted = num_generated = 0
+        logprobs_of = flight.launched.logprobs
         for chunk, tokens in sampled:
             r = chunk.request
+            if r.status is RequestStatus.FINISHED:
+                continue  # it stopped at the previous iteration, or was aborted: the token is discarded
             reason = None
             emitted: list[int] = []
             previous = r.token_times[-1] if r.token_times else None
@@ -390,12 +475,15 @@ class LLMEngine:
                 r.first_token_time, r.first_token_iteration = now, it
                 ttfts.append(now - r.arrival_time)
             if reason is not None:
-                self.scheduler.finish(r)
-                self._finish(r, reason, now)
+                if r.status is running:
+                    self.scheduler.finish(r)
+                else:  # preempted while its last token was in flight
+                    self.scheduler.remove(r)
+                self._finish(r, reason, now, it)
                 result.finished.append(r)
             logprobs = None
-            if r.sampling.logprobs and len(emitted) == 1 and r.request_id in self.sampler.logprobs:
-                logprobs = [self.sampler.logprobs[r.request_id]]
+            if r.sampling.logprobs and len(emitted) == 1 and r.request_id in logprobs_of:
+                logprobs = [logprobs_of[r.request_id]]
             result.outputs.append(RequestOutput(r.request_id, emitted, reason is not None,
                                                 reason.value if reason else None, logprobs))
         if self.check_invariants:
@@ -404,28 +492,28 @@ class LLMEngine:
         t_end = perf()
         blocks = self.blocks
         queries, hits = blocks.prefix_cache_queries, blocks.prefix_cache_hits
+        num_padding = sum(1 for c in plan.chunks if c.padding)
         record = IterationRecord(
-            iteration=it, time=now, step_time=t_end - t_start, schedule_time=t_sched - t_start,
-            draft_time=t_draft - t_sched,
+            iteration=it, time=now, step_time=flight.launch_time + (t_end - t_start),
+            schedule_time=flight.schedule_time, draft_time=flight.draft_time,
             prepare_time=timings.prepare, forward_time=timings.forward, sample_time=timings.sample,
             num_prefill_tokens=plan.num_prefill_tokens,
-            num_decode_tokens=plan.num_decode_tokens - sum(1 for c in plan.chunks if c.padding),
+            num_decode_tokens=plan.num_decode_tokens - num_padding,
             num_prefill_chunks=plan.num_prefill_chunks,
             num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting),
             num_preemptions=len(plan.preempted), kv_blocks_used=self.blocks.num_used,
             kv_blocks_total=self.blocks.num_blocks, kv_cache_usage=self.blocks.num_used / self.blocks.num_blocks,
-            config_version=self.live.version, num_padding_tokens=sum(1 for c in plan.chunks if c.padding),
+            config_version=flight.config_version, num_padding_tokens=num_padding,
             num_finished=len(result.finished), num_generated_tokens=num_generated, ttfts=ttfts,
             spec_proposed=spec_proposed, spec_accepted=spec_accepted,
             tenant_tokens=tenant_tokens, itls=itls,
             prefix_cache_queries=queries - self._prefix_counts[0], prefix_cache_hits=hits - self._prefix_counts[1],
             kv_blocks_cached=blocks.num_cached, kv_blocks_evictable=blocks.num_evictable,
-            kv_blocks_free=blocks.num_empty,
+            kv_blocks_free=blocks.num_empty, overlapped=flight.overlapped, sync_wait_time=t_waited - t_start,
         )
         self._prefix_counts = (queries, hits)
         result.record = record
         self.sink("iteration", record)
-        self.iteration += 1
         return result
 
     def _fill_drafts(self, drafting: list) -> None:
@@ -443,21 +531,24 @@ class LLMEngine:
 
     def _stop_reason(self, r: Request, token: int) -> FinishReason | None:
         s = r.sampling
-        if r.num_output_tokens < s.min_tokens and r.num_tokens < self.max_model_len:
+        known = r.num_known_tokens  # the tokens after a placeholder-free prefix (overlapped iterations)
+        if r.num_output_tokens < s.min_tokens and known < self.max_model_len:
             return None  # neither EOS nor a stop token ends a request before min_tokens
         if not s.ignore_eos and token in self.loaded.eos_token_ids:
             return FinishReason.STOP
         if token in s.stop_token_ids:
             return FinishReason.STOP
-        if r.num_output_tokens >= s.max_tokens or r.num_tokens >= self.max_model_len:
+        if r.num_output_tokens >= s.max_tokens or known >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
-    def _finish(self, r: Request, reason: FinishReason, now: float) -> None:
+    def _finish(self, r: Request, reason: FinishReason, now: float, iteration: int | None = None) -> None:
+        """`iteration`: the one whose token finished it (default: the next one, for an abort between them)."""
         r.status = RequestStatus.FINISHED
         r.finish_reason = reason
         r.finish_time = now
-        r.finish_iteration = self.iteration
+        r.finish_iteration = self.iteration if iteration is None else iteration
+        r.drop_placeholders()
         self.sampler.forget(r.request_id)
         self.drafter.release(r.request_id)
         self.sink("request", self.request_record(r))

@@ -9,6 +9,12 @@ On CUDA (when the runner is given its limits) the inputs go into the static buff
 forward is a CUDA-graph replay of the smallest captured bucket that fits (eager on exact-size views
 of the same buffers otherwise). The only host sync per iteration is reading the sampled ids.
 `build_inputs` stays the CPU path and the reference for `fill_step`.
+
+Overlapped iterations (async scheduling): `launch` enqueues an iteration and returns at once with
+its sampled ids still on the device (a non-blocking copy to pinned host memory is under way);
+`LaunchedStep.result()` waits for them. The next iteration can be launched before that: a token
+the running iteration samples is a placeholder on the host, and the next iteration's input for it
+is gathered on the device from the running iteration's sampled ids (`feed`), never read by the host.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from batchdeck.engine.attention.metadata import AttentionMetadata, StepContext
 from batchdeck.engine.cuda_graphs import CudaGraphRunner, StepBuffers
 from batchdeck.engine.block_manager import BlockManager
 from batchdeck.engine.kv_cache import KVCache
-from batchdeck.engine.sampler import Sampler
+from batchdeck.engine.sampler import Sampler, host_to_device
 from batchdeck.engine.speculative.verify import verify_chunks
 from batchdeck.engine.step_plan import ScheduledChunk, StepPlan
 
@@ -42,15 +48,84 @@ class StepInputs:
     sample_rows: torch.Tensor  # [S] flattened index of each sampling chunk's last token (all verified
     sampling_chunks: list[ScheduledChunk]  # positions of a speculating chunk)
     sample_counts: list[int] = field(default_factory=list)  # logits rows per sampling chunk
+    rows: list[ScheduledChunk] = field(default_factory=list)  # every chunk, in row order
 
 
 @dataclass
 class StepTimings:
     prepare: float = 0.0
-    forward: float = 0.0
-    sample: float = 0.0
+    forward: float = 0.0  # host time to run (CUDA: enqueue) the forward
+    sample: float = 0.0  # host time to sample (CUDA: enqueue the sampling and the copy of the ids)
+    wait: float = 0.0  # host time blocked until the sampled ids were on the host (`LaunchedStep.result`)
     graph: bool = False  # the forward was a CUDA-graph replay
     gpu_ms: float | None = None  # device time from the input upload to the sampled ids (profile_gpu)
+
+
+@dataclass
+class LaunchedStep:
+    """An iteration enqueued on the device: its sampling chunks (row order) and their sampled ids,
+    on the device (`ids`, one per chunk) and, once `result()` read them, on the host (`tokens`)."""
+
+    chunks: list[ScheduledChunk]
+    timings: StepTimings
+    ids: torch.Tensor | None = None  # None when the tokens were read at launch (speculation) or not sampled here
+    tokens: list[list[int]] | None = None
+    logprobs: dict[str, float] = field(default_factory=dict)  # request id -> the sampled token's log-probability
+    host_ids: torch.Tensor | None = None  # the ids' non-blocking copy to the host
+    done: object | None = None  # a CUDA event recorded after that copy
+    gpu_events: tuple | None = None  # (start, end) CUDA timing events (profile_gpu)
+
+    @classmethod
+    def completed(cls, sampled: list[tuple[ScheduledChunk, list[int]]], timings: StepTimings,
+                  logprobs: dict[str, float] | None = None) -> "LaunchedStep":
+        """An iteration that ran to completion (a synchronous executor's result)."""
+        return cls([c for c, _ in sampled], timings, tokens=[t for _, t in sampled], logprobs=dict(logprobs or {}))
+
+    def index(self) -> dict[int, int]:
+        """id(request) -> its row in `ids`: where the next iteration finds the token this one samples."""
+        return {id(c.request): i for i, c in enumerate(self.chunks)}
+
+    def result(self) -> list[tuple[ScheduledChunk, list[int]]]:
+        """(chunk, new token ids) for every chunk that sampled; waits for the device the first time."""
+        if self.tokens is None:
+            t0 = time.perf_counter()
+            if self.done is not None:
+                self.done.synchronize()
+            self.tokens = [[t] for t in self.host_ids.tolist()]
+            self.timings.wait = time.perf_counter() - t0
+        if self.gpu_events is not None and self.timings.gpu_ms is None:
+            self.gpu_events[1].synchronize()
+            self.timings.gpu_ms = self.gpu_events[0].elapsed_time(self.gpu_events[1])
+        return list(zip(self.chunks, self.tokens))
+
+
+def feed_positions(rows: list[ScheduledChunk], index: dict[int, int]) -> tuple[list[int], list[int]]:
+    """(flattened token positions, rows of the previous iteration's sampled ids) for the rows whose
+    input includes a token that iteration samples (the placeholder ending the request's tokens)."""
+    dst: list[int] = []
+    src: list[int] = []
+    offset = 0
+    for c in rows:
+        j = index.get(id(c.request))
+        if j is not None:
+            at = len(c.request.token_ids) - 1  # the placeholder's position
+            if c.start <= at < c.start + c.num_tokens - len(c.draft):
+                dst.append(offset + at - c.start)
+                src.append(j)
+        offset += c.num_tokens
+    return dst, src
+
+
+def feed(input_ids: torch.Tensor, prev_ids: torch.Tensor, dst: list[int], src: list[int]) -> None:
+    """input_ids[dst] = prev_ids[src] on the device (`input_ids` flat); one copy when the rows line up."""
+    k = len(dst)
+    if not k:
+        return
+    if dst[-1] == k - 1 and src[-1] == k - 1 and dst == src == list(range(k)):
+        input_ids[:k].copy_(prev_ids[:k])
+        return
+    dev = input_ids.device
+    input_ids[host_to_device(dst, torch.int64, dev)] = prev_ids[host_to_device(src, torch.int64, dev)]
 
 
 def order_rows(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
@@ -124,6 +199,7 @@ def build_inputs(chunks: list[ScheduledChunk], blocks: BlockManager, device: tor
         sample_rows=sample_rows.to(device, non_blocking=True),
         sampling_chunks=[rows[i] for i in sampling],
         sample_counts=sample_counts,
+        rows=rows,
     )
 
 
@@ -181,6 +257,7 @@ class PreparedStep:
     num_decodes: int
     row_ids: list[str] = field(default_factory=list)
     sample_counts: list[int] = field(default_factory=list)  # logits rows per sampling chunk (k + 1 when speculating)
+    rows: list[ScheduledChunk] = field(default_factory=list)  # every chunk, in row order
 
     @property
     def num_samples(self) -> int:
@@ -229,7 +306,7 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     buf.sample[:s] = sample_entries(cu[1:][sampling], counts)
     buf.sample[s:r] = 0
     return PreparedStep(t, r, decode_only, [rows[i] for i in sampling], lens, seq.tolist(),
-                        sum(1 for n in lens if n == 1), row_ids, counts)
+                        sum(1 for n in lens if n == 1), row_ids, counts, rows)
 
 
 class ModelRunner:
@@ -246,7 +323,6 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.profile_gpu = profile_gpu
-        self._events: tuple | None = None
         self.buffers: StepBuffers | None = None
         self.graphs: CudaGraphRunner | None = None
         self.tables: HostTables | None = None
@@ -297,11 +373,13 @@ class ModelRunner:
             query_lens_host=[1] * r, seq_lens_host=[1] * r)
         return self._model_logits(ids, pos, meta, self.buffers.sample_rows(kept))
 
-    def _logits_buffers(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings):
+    def _logits_buffers(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings,
+                        prev: LaunchedStep | None):
         t0 = time.perf_counter()
         buf = self.buffers
         buf.wait_host_free()
         step = fill_step(buf, chunks, blocks, self.tables)
+        dst, src = feed_positions(step.rows, prev.index()) if prev is not None and prev.ids is not None else ((), ())
         t, r = step.num_tokens, step.num_rows
         s = step.num_samples
         hit = self.graphs.lookup(t, r, step.decode_only, s) if self.graphs is not None else None
@@ -311,6 +389,8 @@ class ModelRunner:
             buf.pad(t, r, tb, rb, samples=s, kept=len(logits_all))
             rows_up = rb
         buf.upload(rows_up)
+        if dst:
+            feed(buf.dev64, prev.ids, dst, src)  # input_ids are the first tokens of dev64
         t1 = time.perf_counter()
         timings.prepare = t1 - t0
         if hit is not None:
@@ -329,9 +409,13 @@ class ModelRunner:
         timings.forward = time.perf_counter() - t1
         return logits, step.sampling_chunks, step.sample_counts
 
-    def _logits_eager(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings):
+    def _logits_eager(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings,
+                      prev: LaunchedStep | None):
         t0 = time.perf_counter()
         inputs = build_inputs(chunks, blocks, self.device)
+        if prev is not None and prev.ids is not None:
+            dst, src = feed_positions(inputs.rows, prev.index())
+            feed(inputs.input_ids.view(-1), prev.ids, dst, src)
         t1 = time.perf_counter()
         timings.prepare = t1 - t0
         step = StepContext(inputs.metadata, self.kv_cache, self.backend)
@@ -345,36 +429,52 @@ class ModelRunner:
         return out.logits[0][:sum(inputs.sample_counts)], inputs.sampling_chunks, inputs.sample_counts
 
     @torch.inference_mode()
-    def logits(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings | None = None
-               ) -> tuple[torch.Tensor, list[ScheduledChunk], list[int]]:
+    def logits(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings | None = None,
+               prev: LaunchedStep | None = None) -> tuple[torch.Tensor, list[ScheduledChunk], list[int]]:
         """One forward over `chunks`: (logits at every sample entry [sum(counts), V], the sampling
-        chunks in row order, logits rows per sampling chunk: 1, or k + 1 for a speculating chunk)."""
+        chunks in row order, logits rows per sampling chunk: 1, or k + 1 for a speculating chunk).
+        `prev`: the iteration still running, whose sampled ids feed the placeholders among the inputs."""
         timings = timings or StepTimings()
         buf = self.buffers
         if buf is not None and sum(c.num_tokens for c in chunks) <= buf.max_tokens and len(chunks) <= buf.max_rows:
-            return self._logits_buffers(chunks, blocks, timings)
-        return self._logits_eager(chunks, blocks, timings)
+            return self._logits_buffers(chunks, blocks, timings, prev)
+        return self._logits_eager(chunks, blocks, timings, prev)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, blocks: BlockManager) -> tuple[list[tuple[ScheduledChunk, list[int]]], StepTimings]:
-        """Run the plan; return (chunk, new token ids) for every chunk that samples: one token, or
-        for a speculating chunk its accepted drafts plus one corrected or bonus token."""
+    def launch(self, plan: StepPlan, blocks: BlockManager, prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Enqueue the plan's forward and sampling; return without waiting for the sampled ids (a
+        speculating iteration's verification reads them at once). `prev`: the iteration launched
+        before this one, if its sampled ids were not read yet: its placeholders are fed from them."""
         timings = StepTimings()
+        events = None
         if self.profile_gpu and self.device.type == "cuda":
-            if self._events is None:
-                self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            self._events[0].record()
-        logits, chunks, counts = self.logits(plan.chunks, blocks, timings)
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        logits, chunks, counts = self.logits(plan.chunks, blocks, timings, prev)
         t2 = time.perf_counter()
+        step = LaunchedStep(chunks, timings, gpu_events=events)
         if len(logits) > len(chunks):
-            tokens = verify_chunks(self.sampler, logits, chunks, counts)
+            step.tokens = verify_chunks(self.sampler, logits, chunks, counts)
+            step.logprobs = dict(self.sampler.logprobs)
+            if events is not None:
+                events[1].record()
         else:
-            ids = self.sampler.sample(logits, [c.request.request_id for c in chunks],
-                                      [c.request.sampling for c in chunks])
-            tokens = [[t] for t in ids]
-        if self._events is not None and self.profile_gpu:
-            self._events[1].record()
-            self._events[1].synchronize()
-            timings.gpu_ms = self._events[0].elapsed_time(self._events[1])
+            ids = self.sampler.sample_ids(logits, [c.request.request_id for c in chunks],
+                                          [c.request.sampling for c in chunks])
+            step.ids, step.logprobs = ids, dict(self.sampler.logprobs)
+            if self.device.type == "cuda":
+                if events is not None:
+                    events[1].record()
+                step.host_ids = ids.to("cpu", non_blocking=True)  # into pinned memory
+                step.done = torch.cuda.Event()
+                step.done.record()
+            else:
+                step.host_ids = ids
         timings.sample = time.perf_counter() - t2
-        return list(zip(chunks, tokens)), timings
+        return step
+
+    def execute(self, plan: StepPlan, blocks: BlockManager) -> tuple[list[tuple[ScheduledChunk, list[int]]], StepTimings]:
+        """Run the plan and wait for it; return (chunk, new token ids) for every chunk that samples: one
+        token, or for a speculating chunk its accepted drafts plus one corrected or bonus token."""
+        step = self.launch(plan, blocks)
+        return step.result(), step.timings

@@ -4,6 +4,12 @@ A request is a token list that the engine catches up: `num_computed_tokens` grow
 `num_tokens`, and each time it does, one new token is sampled and appended. A prefill chunk is a
 step of n > 1 tokens, a decode step is n = 1, a preempted request restarts from 0 (its streamed
 output stays valid and is recomputed, not re-sent).
+
+With overlapped iterations (async scheduling) a token sampled by an iteration still running on the
+device is already counted: `token_ids` ends with a `PLACEHOLDER` for it (at most two: the iteration
+being booked and the one launched after it), which `append_token` replaces with the sampled value.
+So `token_ids` is prompt + output + placeholders; `num_tokens` counts them (what the scheduler
+plans against), `num_known_tokens` does not.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ SLO_CLASSES = ("realtime", "interactive", "batch")
 INT32_MAX = 2**31 - 1  # token counts, token ids, top_k and priorities travel as int32 on the device
 MAX_TEMPERATURE = 100.0  # far past uniform sampling; a bound so that inf (and 1e400) are refused by name
 MAX_ID_CHARS = 256  # request ids and tenant names
+PLACEHOLDER = -1  # a token sampled on the device and not read yet (never fed to the model: see model_runner)
 
 
 class RequestError(ValueError):
@@ -159,6 +166,15 @@ class Request:
         return len(self.token_ids)
 
     @property
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens whose values the host has (placeholders excluded)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_placeholders(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids) - len(self.output_token_ids)
+
+    @property
     def num_pending_tokens(self) -> int:
         """Tokens still to compute before the next sample."""
         return self.num_tokens - self.num_computed_tokens
@@ -184,7 +200,20 @@ class Request:
             return None
         return (self.finish_time - self.first_token_time) / (self.num_output_tokens - 1)
 
+    def add_placeholder(self) -> None:
+        """A token of this request is being sampled on the device (its value comes with `append_token`)."""
+        self.token_ids.append(PLACEHOLDER)
+
     def append_token(self, token_id: int, now: float) -> None:
+        """Append a sampled token: it takes the place of the oldest placeholder, if there is one."""
+        known = len(self.prompt_token_ids) + len(self.output_token_ids)
+        if known < len(self.token_ids):
+            self.token_ids[known] = token_id
+        else:
+            self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
-        self.token_ids.append(token_id)
         self.token_times.append(now)
+
+    def drop_placeholders(self) -> None:
+        """Forget tokens still in flight (the request finished: their values are discarded)."""
+        del self.token_ids[len(self.prompt_token_ids) + len(self.output_token_ids):]

@@ -2,7 +2,8 @@
 
 Sampling uses the exponential-race form of the Gumbel trick: token = argmax(p / E), E ~ Exp(1).
 A seeded request draws its noise from its own generator, so its tokens do not depend on which
-other requests share the batch. The only host sync is reading the sampled ids: per-row parameters
+other requests share the batch. The only host sync is reading the sampled ids (`sample_ids` leaves
+them on the device, for overlapped iterations, unless a row asks for logprobs): per-row parameters
 reach the device through pinned, non-blocking copies, and an all-greedy batch is one argmax on the
 logits as they come (bf16 -> float32 is exact, so argmax is the same without the upcast).
 """
@@ -13,7 +14,7 @@ import torch
 from batchdeck.engine.request import SamplingParams
 
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small per-row tensor on `device` without a blocking copy (pinned + non_blocking on CUDA)."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
@@ -47,25 +48,34 @@ class Sampler:
     def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
         """One token id per row of `logits` [S, V]; `self.logprobs` gets the sampled tokens' log-probabilities
         (under the model's distribution, before temperature) for the rows whose params ask for them."""
+        if not params:
+            if self.logprobs:
+                self.logprobs = {}
+            return []
+        return self.sample_ids(logits, request_ids, params).tolist()
+
+    def sample_ids(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
+        """`sample` without reading the ids: an int64 tensor [S] on the device (no host sync unless a
+        row asks for logprobs, whose values `self.logprobs` then holds)."""
         if self.logprobs:
             self.logprobs = {}
         if not params:
-            return []
+            return torch.zeros(0, dtype=torch.int64, device=logits.device)
         ids = self._sample(logits, request_ids, params)
         if any(p.logprobs for p in params):
             self._record_logprobs(logits, ids, request_ids, params)
         return ids
 
-    def _record_logprobs(self, logits: torch.Tensor, ids: list[int], request_ids: list[str],
+    def _record_logprobs(self, logits: torch.Tensor, ids: torch.Tensor, request_ids: list[str],
                          params: list[SamplingParams]) -> None:
         rows = [i for i, p in enumerate(params) if p.logprobs]
-        picked = torch.tensor([ids[i] for i in rows], device=logits.device).unsqueeze(1)
+        picked = ids[rows].unsqueeze(1)
         values = torch.log_softmax(logits[rows].float(), dim=-1).gather(1, picked).squeeze(1).tolist()
         self.logprobs = {request_ids[i]: v for i, v in zip(rows, values)}
 
-    def _sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
         if all(p.greedy for p in params):
-            return logits.argmax(dim=-1).tolist()
+            return logits.argmax(dim=-1)
         logits = logits.float()
         greedy_ids = logits.argmax(dim=-1)
         probs = self._filtered_probs(logits, params)
@@ -74,24 +84,24 @@ class Sampler:
             if p.seed is not None and not p.greedy:
                 noise[row].exponential_(generator=self._generator_for(rid, p.seed))
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = _to_device([p.greedy for p in params], torch.bool, logits.device)
-        return torch.where(is_greedy, greedy_ids, sampled).tolist()
+        is_greedy = host_to_device([p.greedy for p in params], torch.bool, logits.device)
+        return torch.where(is_greedy, greedy_ids, sampled)
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         dev = logits.device
         vocab = logits.shape[-1]
-        temps = _to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
+        temps = host_to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
         logits = logits / temps.unsqueeze(1)
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
         if min(top_k) < vocab or min(top_p) < 1.0:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             ranks = torch.arange(vocab, device=dev).unsqueeze(0)
-            drop = ranks >= _to_device(top_k, torch.int64, dev).unsqueeze(1)
+            drop = ranks >= host_to_device(top_k, torch.int64, dev).unsqueeze(1)
             sorted_probs = sorted_logits.softmax(dim=-1)
             before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
-            drop |= before >= _to_device(top_p, torch.float32, dev).unsqueeze(1)
+            drop |= before >= host_to_device(top_p, torch.float32, dev).unsqueeze(1)
             drop[:, 0] = False
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

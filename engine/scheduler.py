@@ -191,13 +191,18 @@ class Scheduler:
         chunks = plan.chunks
         running_status = RequestStatus.RUNNING
         spec_k = self.config.spec_k if self.drafter is not None else 0
+        max_model_len = self.max_model_len
         for r in requests:
             if budget <= 0:
                 break
             if r.status is not running_status or id(r) in scheduled:
                 continue
+            ids = r.token_ids
+            outputs = len(ids) - len(r.prompt_token_ids)  # with the tokens still in flight (placeholders)
+            if outputs >= r.sampling.max_tokens or len(ids) >= max_model_len:
+                continue  # its token in flight is its last (overlapped iterations): it leaves when booked
             computed = r.num_computed_tokens
-            pending = len(r.token_ids) - computed  # r.num_pending_tokens
+            pending = len(ids) - computed  # r.num_pending_tokens
             n = pending if pending < chunk_size else chunk_size
             if n > budget:
                 n = budget
@@ -215,7 +220,7 @@ class Scheduler:
                 if r.status is not running_status:
                     continue
             chunks.append(ScheduledChunk(r, computed, n, n - num_draft == pending,
-                                         pending == 1 and len(r.output_token_ids) > 0, num_draft=num_draft))
+                                         pending == 1 and outputs > 0, num_draft=num_draft))
             scheduled.add(id(r))
             budget -= n
         return budget
@@ -325,7 +330,7 @@ class Scheduler:
         computed = r.num_computed_tokens
         pending = len(r.token_ids) - computed
         samples = n == pending  # the chunk brings r level with its token list
-        is_decode = n == 1 and pending == 1 and len(r.output_token_ids) > 0
+        is_decode = n == 1 and pending == 1 and len(r.token_ids) > len(r.prompt_token_ids)
         plan.chunks.append(ScheduledChunk(r, computed, n, samples, is_decode))
         self._in_plan.add(id(r))
 

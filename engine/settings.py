@@ -279,6 +279,10 @@ SETTINGS: tuple[Setting, ...] = (
             none_means="no bound", flags=("--max-waiting",)),
     Setting("cuda_graphs", "bool", "capture the forward in CUDA graphs at start (CUDA only; "
             "--no-cuda-graphs runs eagerly, like vLLM's --enforce-eager)", default=True, flags=("--cuda-graphs",)),
+    Setting("async_scheduling", "bool", "overlapped iterations: schedule and launch iteration N+1 while N runs on "
+            "the device, then book N (its next inputs are read on the device; speculating and static-batch "
+            "iterations run one at a time). On cpu, where every op waits for its result, it only delays outputs "
+            "by an iteration", default=False, cuda_default=True, flags=("--async-scheduling",)),
     Setting("sim", "str", "simulate instead of running the model: a calibration profile (a shipped name such as "
             "h200-qwen3-0.6b, or a JSON file from `batchdeck calibrate`); the model, dtype and KV pool are the "
             "profile's and the defaults those of cuda; no tensors are computed", default=None, optional=True,

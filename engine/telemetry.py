@@ -48,6 +48,13 @@ class IterationRecord:
     kv_blocks_cached: int = 0
     kv_blocks_evictable: int = 0
     kv_blocks_free: int = 0
+    # Overlapped iterations (async scheduling): whether the next iteration was launched before this one was
+    # booked. Then schedule/prepare/forward/sample_time are this iteration's own host times to plan and
+    # enqueue it (done while the previous iteration ran on the device), sync_wait_time is how long the host
+    # waited for this iteration's sampled ids (the tail of its own device time), and step_time is its launch
+    # plus its booking (the wait included); `time` is when it was booked.
+    overlapped: bool = False
+    sync_wait_time: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

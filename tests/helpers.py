@@ -49,9 +49,11 @@ def loaded(path: str):
     return load_model(path)
 
 
-def make_engine(path: str, *, num_blocks: int = 256, block_size: int = 16, sink=None, **live) -> LLMEngine:
+def make_engine(path: str, *, num_blocks: int = 256, block_size: int = 16, sink=None, overlap: bool = False,
+                **live) -> LLMEngine:
+    """`overlap`: async scheduling (overlapped iterations), off by default on cpu."""
     kwargs = {"sink": sink} if sink is not None else {}
-    return LLMEngine(EngineConfig(model=path, num_blocks=num_blocks, block_size=block_size),
+    return LLMEngine(EngineConfig(model=path, num_blocks=num_blocks, block_size=block_size, async_scheduling=overlap),
                      LiveConfig(**live), loaded=loaded(path), check_invariants=True, **kwargs)
 
 

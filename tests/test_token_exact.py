@@ -1,5 +1,6 @@
 """The engine's greedy output equals transformers' generate() for each prompt alone, whatever the
-batching knobs, pool size (preemption included) and batching mode."""
+batching knobs, pool size (preemption included) and batching mode, with iterations overlapped
+(async scheduling) or not."""
 from __future__ import annotations
 
 import random
@@ -29,24 +30,27 @@ def random_prompts(seed, count, max_len=48):
     return prompts, [rng.randrange(1, 12) for _ in range(count)]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
-def test_fixed_case_each_architecture(model_dirs, arch):
+def test_fixed_case_each_architecture(model_dirs, arch, overlap):
     prompts, max_tokens = random_prompts(1, 6)
     run_and_compare(model_dirs[arch], prompts, max_tokens, max_num_seqs=3, max_batched_tokens=20, chunk_size=7,
-                    block_size=4, num_blocks=64)
+                    block_size=4, num_blocks=64, overlap=overlap)
 
 
-def test_preemption_forced_and_exact(model_dirs):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preemption_forced_and_exact(model_dirs, overlap):
     prompts, max_tokens = random_prompts(2, 8)
     engine = run_and_compare(model_dirs["qwen3"], prompts, max_tokens, max_num_seqs=8, max_batched_tokens=64,
-                             chunk_size=16, block_size=4, num_blocks=16)
+                             chunk_size=16, block_size=4, num_blocks=16, overlap=overlap)
     assert sum(r.num_preemptions for r in engine.requests.values()) > 0, "pool was meant to force preemption"
 
 
-def test_static_batching_exact_and_pads(model_dirs):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_static_batching_exact_and_pads(model_dirs, overlap):
     prompts, max_tokens = random_prompts(3, 7)
     engine = run_and_compare(model_dirs["llama"], prompts, max_tokens, max_num_seqs=3, max_batched_tokens=64,
-                             chunk_size=64, batching="static", static_timeout=0.0)
+                             chunk_size=64, batching="static", static_timeout=0.0, overlap=overlap)
     assert engine.iteration > 0
 
 
@@ -61,13 +65,14 @@ def test_static_batching_exact_and_pads(model_dirs):
     block_size=st.sampled_from([1, 2, 4, 8, 16]),
     pool_tokens=st.integers(64, 512),
     batching=st.sampled_from(["continuous", "static"]),
+    overlap=st.booleans(),
 )
 def test_token_exact_over_knobs(model_dirs, arch, seed, count, max_num_seqs, max_batched_tokens, chunk_size,
-                                block_size, pool_tokens, batching):
+                                block_size, pool_tokens, batching, overlap):
     prompts, max_tokens = random_prompts(seed, count, max_len=40)
     chunk_size = min(chunk_size, max_batched_tokens)
     num_blocks = max(-(-pool_tokens // block_size), -(-52 // block_size))  # always room for one request
     max_num_seqs = min(max_num_seqs, num_blocks)  # the pool bounds the running cap
     run_and_compare(model_dirs[arch], prompts, max_tokens, max_num_seqs=max_num_seqs,
                     max_batched_tokens=max_batched_tokens, chunk_size=chunk_size, block_size=block_size,
-                    num_blocks=num_blocks, batching=batching, static_timeout=0.0)
+                    num_blocks=num_blocks, batching=batching, static_timeout=0.0, overlap=overlap)
