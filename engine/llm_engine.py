@@ -148,7 +148,6 @@ class LLMEngine:
         self._finished_ids: deque[str] = deque()
         self.iteration = 0  # the next iteration to launch
         self._inflight: _InFlight | None = None  # launched, not booked yet (overlapped iterations)
-        self._runner_launches = isinstance(self.runner, ModelRunner)  # a simulated executor runs synchronously
         self.async_scheduling = config.async_scheduling and self._runner_launches
         self.num_requests_added = 0
         self._prefix_counts = (0, 0)  # the block manager's prefix-cache counters at the last record
@@ -339,11 +338,17 @@ class LLMEngine:
 
     # -- the iteration --------------------------------------------------------------------------
     @property
+    def _runner_launches(self) -> bool:
+        """Whether the executor can launch without waiting (a simulated or wrapped one runs synchronously)."""
+        return isinstance(self.runner, ModelRunner)
+
+    @property
     def overlapping(self) -> bool:
         """Whether the next iteration may be launched before the one in flight is booked: async
         scheduling is on and nothing needs host values at planning time (a drafter reads the tokens;
         static batching pads with finished slots), so speculating and static iterations stay synchronous."""
-        return self.async_scheduling and not self.live.spec_k and self.live.batching == "continuous"
+        return (self.async_scheduling and not self.live.spec_k and self.live.batching == "continuous"
+                and self._runner_launches)
 
     def step(self) -> StepResult | None:
         """Run one iteration; None when there was nothing to compute (idle or a static batch forming).

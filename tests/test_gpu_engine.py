@@ -36,10 +36,10 @@ def _prompts(seed: int, count: int, max_len: int = 120):
 
 
 def _run(device: str, prompts, max_tokens, *, graphs: bool = True, num_blocks: int = 512, block_size: int = 16,
-         **live):
+         overlap: bool = False, **live):
     cfg = EngineConfig(model=MODEL, device=device, dtype="float32", num_blocks=num_blocks, block_size=block_size,
                        max_num_seqs_limit=16, max_batched_tokens_limit=256, cuda_graphs=graphs,
-                       attention_backend="auto")
+                       attention_backend="auto", async_scheduling=overlap)
     engine = LLMEngine(cfg, LiveConfig(**live), loaded=_loaded(device), check_invariants=True)
     for i, (p, n) in enumerate(zip(prompts, max_tokens)):
         engine.add_request(str(i), p, SamplingParams(max_tokens=n, ignore_eos=True))
@@ -55,12 +55,13 @@ KNOBS = [
 ]
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("knobs", range(len(KNOBS)))
 @pytest.mark.parametrize("graphs", [True, False])
-def test_greedy_float32_cuda_matches_cpu(knobs, graphs):
+def test_greedy_float32_cuda_matches_cpu(knobs, graphs, overlap):
     prompts, max_tokens = _prompts(knobs, 12)
     _, want = _run("cpu", prompts, max_tokens, **KNOBS[knobs])
-    engine, got = _run("cuda", prompts, max_tokens, graphs=graphs, **KNOBS[knobs])
+    engine, got = _run("cuda", prompts, max_tokens, graphs=graphs, overlap=overlap, **KNOBS[knobs])
     assert engine.backend.name == "triton"
     assert engine.runner.fused.get("attention") == engine.loaded.num_layers  # the fused layer path ran
     assert got == want
@@ -71,11 +72,12 @@ def test_greedy_float32_cuda_matches_cpu(knobs, graphs):
         assert stats is None
 
 
-def test_preemption_on_cuda_matches_cpu():
+@pytest.mark.parametrize("overlap", [True, False])
+def test_preemption_on_cuda_matches_cpu(overlap):
     prompts, max_tokens = _prompts(5, 10, max_len=60)
     knobs = dict(max_num_seqs=10, max_batched_tokens=128, chunk_size=32)
     cpu_engine, want = _run("cpu", prompts, max_tokens, num_blocks=12, block_size=8, **knobs)
-    engine, got = _run("cuda", prompts, max_tokens, num_blocks=12, block_size=8, **knobs)
+    engine, got = _run("cuda", prompts, max_tokens, num_blocks=12, block_size=8, overlap=overlap, **knobs)
     assert sum(r.num_preemptions for r in engine.requests.values()) > 0
     assert got == want
 

@@ -243,13 +243,17 @@ def shared_prompts(rng: random.Random, path: str, count: int, block_size: int) -
     spec_k=st.sampled_from([0, 0, 3]),
     stagger=st.integers(0, 4),
     abort_every=st.sampled_from([0, 3, 4]),
+    overlap=st.booleans(),
 )
 @example(arch="llama", seed=1, count=4, max_num_seqs=1, max_batched_tokens=4, chunk_size=1, block_size=1,
          pool_tokens=16, batching="continuous", mixing="selective", policy="fcfs", spec_k=0, stagger=0,
-         abort_every=0)  # selective mixing with the only seat taken by a long prefill: its turn every iteration
+         abort_every=0, overlap=False)  # selective mixing with the only seat taken by a long prefill: its turn every iteration
+@example(arch="qwen3", seed=5, count=6, max_num_seqs=4, max_batched_tokens=24, chunk_size=6, block_size=2,
+         pool_tokens=40, batching="continuous", mixing="stall-free", policy="cache-aware", spec_k=0, stagger=1,
+         abort_every=3, overlap=True)  # overlapped: preemption, aborts with tokens in flight, shared prefixes
 def test_token_exact_with_shared_prefixes_over_knobs(model_dirs, arch, seed, count, max_num_seqs, max_batched_tokens,
                                                      chunk_size, block_size, pool_tokens, batching, mixing, policy,
-                                                     spec_k, stagger, abort_every):
+                                                     spec_k, stagger, abort_every, overlap):
     """Requests arrive a few iterations apart, so they share prefixes with running, finished, preempted
     (small pools) and aborted ones; invariants (free + cached + used == total) are checked every iteration."""
     path = model_dirs[arch]
@@ -260,7 +264,7 @@ def test_token_exact_with_shared_prefixes_over_knobs(model_dirs, arch, seed, cou
     engine = make_engine(path, block_size=block_size, num_blocks=num_blocks,
                          max_num_seqs=min(max_num_seqs, num_blocks), max_batched_tokens=max_batched_tokens,
                          chunk_size=min(chunk_size, max_batched_tokens), batching=batching, static_timeout=0.0,
-                         mixing=mixing, selective_threshold=24, policy=policy, spec_k=spec_k)
+                         mixing=mixing, selective_threshold=24, policy=policy, spec_k=spec_k, overlap=overlap)
     aborted: set[str] = set()
     pending = list(enumerate(prompts))
     loop = 0
@@ -306,14 +310,16 @@ def test_token_exact_when_every_hash_collides(model_dirs, monkeypatch):
         assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), m)
 
 
-def test_sharing_with_preempted_requests_is_exact(model_dirs):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_sharing_with_preempted_requests_is_exact(model_dirs, overlap):
     """A pool too small for the batch: requests sharing a prefix preempt each other, readmissions
-    reuse what their own preempted run left cached."""
+    reuse what their own preempted run left cached (with iterations overlapped or not)."""
     path = model_dirs["qwen2"]
     rng = random.Random(11)
     prefix = [rng.randrange(256) for _ in range(24)]
     prompts = [prefix + [rng.randrange(256) for _ in range(rng.randrange(1, 10))] for _ in range(8)]
-    engine = make_engine(path, block_size=4, num_blocks=16, max_num_seqs=8, max_batched_tokens=64, chunk_size=16)
+    engine = make_engine(path, block_size=4, num_blocks=16, max_num_seqs=8, max_batched_tokens=64, chunk_size=16,
+                         overlap=overlap)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, greedy(10))
         engine.step()
@@ -326,8 +332,9 @@ def test_sharing_with_preempted_requests_is_exact(model_dirs):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("graphs", [True, False])
-def test_cuda_prefix_hits_match_the_cpu_without_caching(graphs):
+def test_cuda_prefix_hits_match_the_cpu_without_caching(graphs, overlap):
     """On CUDA (static buffers, CUDA graphs, Triton attention) requests admitted at a cached prefix
     (first computed position > 0, block tables naming shared blocks) give the CPU's uncached tokens."""
     from batchdeck.engine.config import EngineConfig, LiveConfig
@@ -343,7 +350,8 @@ def test_cuda_prefix_hits_match_the_cpu_without_caching(graphs):
         lm = load_model("synthetic:tiny", "cpu", "float32")
         lm.model.to(device)
         cfg = EngineConfig(model="synthetic:tiny", device=device, dtype="float32", num_blocks=96, block_size=16,
-                           max_num_seqs_limit=16, max_batched_tokens_limit=256, cuda_graphs=graphs and device == "cuda")
+                           max_num_seqs_limit=16, max_batched_tokens_limit=256, cuda_graphs=graphs and device == "cuda",
+                           async_scheduling=overlap and device == "cuda")
         engine = LLMEngine(cfg, LiveConfig(max_num_seqs=8, max_batched_tokens=128, chunk_size=64,
                                            prefix_caching=caching), loaded=lm, check_invariants=True)
         for i, p in enumerate(prompts):  # staggered: later requests hit running and finished ones
