@@ -12,7 +12,10 @@ greedy), all arriving at once; bf16. In the same run:
 - batchdeck (continuous batching, CUDA graphs, Triton attention, fused layer kernels), `--repeats`
   timed runs with telemetry records on (the reported one is the median), one more with CUDA events
   around every iteration for the per-iteration breakdown (schedule / prepare / forward / sample on
-  host clocks, GPU time per iteration) and the GPU idle fraction, optionally one with a null sink
+  host clocks, GPU time per iteration) and the GPU idle fraction (over the run, and between the
+  iterations of the steady decode phase); all of that with overlapped iterations
+  (`--async-scheduling`, the default) and again without (`--no-async-scheduling`; `--no-compare-async`
+  skips the second setting), optionally one with a null sink
   (`--telemetry-check`: telemetry's cost) and one with stock HF modules (`--compare-unfused`);
 - transformers `generate()` in static batches of 64 with left padding (`--hf-generate-batches`
   of them: scaled runs say so in the JSON), and `generate_batch()` continuous batching.
@@ -105,10 +108,37 @@ def roofline(cfg, prompts, out_tokens: int, weight_bytes: int, ceilings: dict) -
             "linear_params": linear_params}
 
 
+def sync(args) -> None:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def steady_decode_idle(records, gpu_log) -> dict:
+    """Device idle time between iterations in the steady decode phase: the decode-only iterations after
+    the last one with prefill tokens, over which every request decodes (a gap = the next iteration's
+    upload started after the previous one's sampled ids were ready)."""
+    prefill_its = [r.iteration for r in records if r.num_prefill_tokens > 0]
+    last_prefill = max(prefill_its) if prefill_its else -1
+    full = max((r.num_decode_tokens for r in records if r.iteration > last_prefill), default=0)
+    steady = {r.iteration for r in records if r.iteration > last_prefill and r.num_decode_tokens >= 0.9 * full}
+    spans = sorted((it, t.gpu_start_ms, t.gpu_end_ms) for it, t in gpu_log
+                   if it in steady and t.gpu_start_ms is not None)
+    if len(spans) < 2:
+        return {"steady_decode_iterations": len(spans)}
+    gaps = [max(0.0, b[1] - a[2]) for a, b in zip(spans, spans[1:]) if b[0] == a[0] + 1]
+    span_ms = spans[-1][2] - spans[0][1]
+    return {"steady_decode_iterations": len(spans), "steady_decode_rows_min": int(0.9 * full),
+            "steady_decode_gpu_idle_fraction": sum(gaps) / span_ms if span_ms > 0 else None,
+            "steady_decode_gap_ms_median": statistics.median(gaps) if gaps else None,
+            "steady_decode_iteration_ms_median": statistics.median(
+                (b[1] - a[1]) for a, b in zip(spans, spans[1:]) if b[0] == a[0] + 1)}
+
+
 def run_batchdeck(args, prompts, telemetry: bool, profile: bool) -> dict:
-    cfg = EngineConfig(model=args.model, device="cuda", dtype="bfloat16", block_size=args.block_size,
+    cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                        max_num_seqs_limit=args.max_num_seqs, max_batched_tokens_limit=args.max_batched_tokens,
-                       gpu_memory_fraction=args.gpu_memory_fraction, cuda_graphs=not args.no_graphs)
+                       gpu_memory_fraction=args.gpu_memory_fraction, cuda_graphs=not args.no_graphs,
+                       async_scheduling=args.async_scheduling)
     live = LiveConfig(max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                       chunk_size=min(args.chunk_size, args.max_batched_tokens))
     records = []
@@ -128,25 +158,26 @@ def run_batchdeck(args, prompts, telemetry: bool, profile: bool) -> dict:
     gpu_log = []
     if profile:
         engine.runner.profile_gpu = True
-        orig = engine.runner.execute
+        orig = engine.runner.launch
 
-        def wrapped(plan, blocks):
-            res = orig(plan, blocks)
-            gpu_log.append(res[1])
-            return res
-        engine.runner.execute = wrapped
+        def wrapped(plan, blocks, prev=None):
+            step = orig(plan, blocks, prev)
+            gpu_log.append((engine.iteration, step.timings))  # filled in when the engine books it
+            return step
+        engine.runner.launch = wrapped
     if graphs:
         graphs.stats.replays = graphs.stats.eager = 0
     engine.restart_clock()
-    torch.cuda.synchronize()
+    sync(args)
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(max_tokens=args.output_tokens, ignore_eos=True))
     engine.run_until_done()
-    torch.cuda.synchronize()
+    sync(args)
     wall = time.perf_counter() - t0
     out_tokens = sum(len(engine.requests[str(i)].output_token_ids) for i in range(len(prompts)))
     res = {"tok_s": out_tokens / wall, "seconds": wall, "output_tokens": out_tokens, "iterations": engine.iteration,
+           "async_scheduling": engine.async_scheduling,
            "engine_init_seconds": init_s, "kv_blocks": engine.blocks.num_blocks, "telemetry_records": telemetry,
            "fused_modules": dict(engine.runner.fused),
            "graphs_captured": len(graphs.graphs) if graphs else 0,
@@ -163,6 +194,8 @@ def run_batchdeck(args, prompts, telemetry: bool, profile: bool) -> dict:
         res["breakdown"]["bookkeeping"] = {"total_s": sum(r.step_time - r.schedule_time - r.prepare_time
                                                           - r.forward_time - r.sample_time for r in records)}
         res["breakdown"]["outside_step_s"] = wall - sum(r.step_time for r in records)
+        res["breakdown"]["sync_wait_time"] = agg("sync_wait_time")
+        res["iterations_overlapped"] = sum(1 for r in records if r.overlapped)
         res["iterations_decode_only"] = len(dec)
         res["iterations_with_prefill"] = len(mixed)
         if dec:
@@ -172,15 +205,19 @@ def run_batchdeck(args, prompts, telemetry: bool, profile: bool) -> dict:
         if mixed:
             res["mixed_step_ms_median"] = 1e3 * statistics.median(r.step_time for r in mixed)
     if gpu_log:
-        gpu_s = sum(t.gpu_ms for t in gpu_log if t.gpu_ms is not None) / 1e3
+        gpu_s = sum(t.gpu_ms for _, t in gpu_log if t.gpu_ms is not None) / 1e3
         res["gpu_busy_seconds"] = gpu_s
         res["gpu_idle_fraction"] = max(0.0, 1 - gpu_s / wall)
-        res["graph_iterations"] = sum(1 for t in gpu_log if t.graph)
-        per = [(t.gpu_ms, t.prepare, t.forward, t.sample) for t in gpu_log if t.gpu_ms is not None]
-        res["gpu_ms_per_iteration_median"] = statistics.median(p[0] for p in per)
+        res["graph_iterations"] = sum(1 for _, t in gpu_log if t.graph)
+        per = [t.gpu_ms for _, t in gpu_log if t.gpu_ms is not None]
+        if per:
+            res["gpu_ms_per_iteration_median"] = statistics.median(per)
+        if records and per:
+            res.update(steady_decode_idle(records, gpu_log))
     del engine
     gc.collect()
-    torch.cuda.empty_cache()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return res
 
 
@@ -249,9 +286,10 @@ def run_profile(args, prompts, path: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     short = argparse.Namespace(**{**vars(args), "output_tokens": args.profile_output_tokens})
-    cfg = EngineConfig(model=args.model, device="cuda", dtype="bfloat16", block_size=args.block_size,
+    cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                        max_num_seqs_limit=args.max_num_seqs, max_batched_tokens_limit=args.max_batched_tokens,
-                       gpu_memory_fraction=args.gpu_memory_fraction, cuda_graphs=not args.no_graphs)
+                       gpu_memory_fraction=args.gpu_memory_fraction, cuda_graphs=not args.no_graphs,
+                       async_scheduling=args.async_scheduling)
     live = LiveConfig(max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                       chunk_size=min(args.chunk_size, args.max_batched_tokens))
     engine = LLMEngine(cfg, live)
@@ -325,6 +363,10 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--gpu-memory-fraction", type=float, default=0.85)
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                    help="overlapped iterations in the headline runs (default on, as on CUDA)")
+    ap.add_argument("--compare-async", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run batchdeck with the other --async-scheduling setting (timed and GPU-idle runs)")
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--hf-generate-batches", type=int, default=None, help="default: all")
     ap.add_argument("--hf-generate-batch-requests", type=int, default=None, help="default: all")
@@ -333,6 +375,9 @@ def main() -> None:
     ap.add_argument("--compare-unfused", action="store_true", help="also run batchdeck with BATCHDECK_FUSED=0")
     ap.add_argument("--profile", default=None, help="write a torch.profiler kernel table of a short run here")
     ap.add_argument("--profile-output-tokens", type=int, default=16)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the batchdeck runs (no ceilings, "
+                    "no roofline, no transformers baselines)")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--out", default=None)
     ap.add_argument("--phase", choices=PHASES, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--phase-out", default=None, help=argparse.SUPPRESS)
@@ -341,6 +386,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="batchdeck timed runs (fresh process each)")
     args = ap.parse_args()
     args.max_num_seqs = args.max_num_seqs or min(args.requests, 256)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    on_cuda = args.device.startswith("cuda")
+    if not on_cuda:
+        args.skip_hf = True
     name = args.model.split(":", 1)[1]
     assert args.model.startswith("synthetic:") and name in SYNTHETIC_SHAPES, "a synthetic:<name> model"
     cfg = synthetic_config(name)
@@ -357,12 +406,15 @@ def main() -> None:
             json.dump(res, f, default=str)
         return
 
-    base_argv = argv_without("--out", "--profile")  # parent-only options that take a value
+    base_argv = [a for a in argv_without("--out", "--profile")  # parent-only options that take a value
+                 if a not in ("--async-scheduling", "--no-async-scheduling")]
+    mode_flag = "--async-scheduling" if args.async_scheduling else "--no-async-scheduling"
+    other_flag = "--no-async-scheduling" if args.async_scheduling else "--async-scheduling"
     result = {
         "benchmark": "gpu_offline", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": command_line("benchmarks/gpu_offline.py"),
-        "device": torch.cuda.get_device_name(), "versions": versions(),
-        "workload": {"model": args.model, "dtype": "bfloat16", "requests": args.requests,
+        "device": torch.cuda.get_device_name() if on_cuda else "cpu", "versions": versions(),
+        "workload": {"model": args.model, "dtype": args.dtype, "requests": args.requests,
                      "prompt_len": f"uniform integer in [{args.min_prompt}, {args.max_prompt}] (random.Random({args.seed}))",
                      "prompt_tokens": "uniform over the vocabulary", "output_tokens": args.output_tokens,
                      "ignore_eos": True, "sampling": "greedy", "arrival": "all at once",
@@ -370,62 +422,89 @@ def main() -> None:
         "batchdeck_config": {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens,
                              "chunk_size": min(args.chunk_size, args.max_batched_tokens), "block_size": args.block_size,
                              "mixing": "stall-free", "batching": "continuous", "cuda_graphs": not args.no_graphs,
+                             "async_scheduling": args.async_scheduling,
                              "attention_backend": "triton", "fused_kernels": os.environ.get("BATCHDECK_FUSED", "1") != "0",
                              "env": {k: os.environ[k] for k in ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_PREFILL",
                                                                 "BATCHDECK_FUSED") if k in os.environ}},
         "isolation": "each of batchdeck / transformers runs in its own process (clean GPU memory)",
     }
     log(f"device {result['device']}, torch {torch.__version__}, transformers {result['versions']['transformers']}")
-    result["ceilings"] = measure_ceilings()
-    log(f"ceilings: copy {result['ceilings']['hbm_copy_GB_s']:.0f} GB/s, "
-        f"matmul {result['ceilings']['bf16_matmul_TFLOP_s']:.0f} TFLOP/s")
-    torch.cuda.empty_cache()
+    roof = {"roofline_tok_s": None}
+    if on_cuda:
+        result["ceilings"] = measure_ceilings()
+        log(f"ceilings: copy {result['ceilings']['hbm_copy_GB_s']:.0f} GB/s, "
+            f"matmul {result['ceilings']['bf16_matmul_TFLOP_s']:.0f} TFLOP/s")
+        torch.cuda.empty_cache()
 
-    from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        meta_model = AutoModelForCausalLM.from_config(cfg)
-    # Unique parameters (tied embeddings counted once); an untied input embedding is only gathered.
-    weight_bytes = sum(p.numel() for p in meta_model.parameters()) * 2
-    if not getattr(cfg, "tie_word_embeddings", False):
-        weight_bytes -= meta_model.get_input_embeddings().weight.numel() * 2
-    del meta_model
-    roof = roofline(cfg, prompts, args.output_tokens, weight_bytes, result["ceilings"])
-    result["roofline"] = roof
+        with torch.device("meta"):
+            meta_model = AutoModelForCausalLM.from_config(cfg)
+        # Unique parameters (tied embeddings counted once); an untied input embedding is only gathered.
+        weight_bytes = sum(p.numel() for p in meta_model.parameters()) * 2
+        if not getattr(cfg, "tie_word_embeddings", False):
+            weight_bytes -= meta_model.get_input_embeddings().weight.numel() * 2
+        del meta_model
+        roof = roofline(cfg, prompts, args.output_tokens, weight_bytes, result["ceilings"])
+        result["roofline"] = roof
+        log(f"roofline {roof['roofline_tok_s']:.0f} tok/s")
     result["roofline_tok_s"] = roof["roofline_tok_s"]
-    log(f"roofline {roof['roofline_tok_s']:.0f} tok/s")
 
-    runs = []
-    for _ in range(max(1, args.repeats)):
-        one = child("batchdeck", base_argv)
-        runs.append(one)
-        if "tok_s" in one:
-            log(f"batchdeck: {one['tok_s']:.0f} tok/s ({one['seconds']:.2f}s, {one['iterations']} iterations)")
-        else:
-            log(f"batchdeck failed: {one}")
-    ok = sorted((r for r in runs if "tok_s" in r), key=lambda r: r["tok_s"])
-    bd = ok[(len(ok) - 1) // 2] if ok else runs[0]  # the median run (lower middle for an even count)
+    def of_roofline(run: dict) -> float | None:
+        return run["tok_s"] / roof["roofline_tok_s"] if "tok_s" in run and roof["roofline_tok_s"] else None
+
+    def timed_runs(flag: str) -> tuple[dict, list]:
+        runs = []
+        for _ in range(max(1, args.repeats)):
+            one = child("batchdeck", base_argv + [flag])
+            runs.append(one)
+            if "tok_s" in one:
+                log(f"batchdeck {flag}: {one['tok_s']:.0f} tok/s ({one['seconds']:.2f}s, {one['iterations']} iterations)")
+            else:
+                log(f"batchdeck {flag} failed: {one}")
+        ok = sorted((r for r in runs if "tok_s" in r), key=lambda r: r["tok_s"])
+        return (ok[(len(ok) - 1) // 2] if ok else runs[0]), runs  # the median run (lower middle for an even count)
+
+    def events_run(flag: str) -> dict:
+        prof = child("batchdeck", base_argv + [flag, "--gpu-events"])
+        if "tok_s" in prof:
+            steady = prof.get("steady_decode_gpu_idle_fraction")
+            log(f"batchdeck {flag} with per-iteration GPU events: {prof['tok_s']:.0f} tok/s, GPU idle "
+                f"{prof.get('gpu_idle_fraction', 0):.1%}, in the steady decode phase "
+                f"{'n/a' if steady is None else f'{steady:.1%}'}")
+        return prof
+
+    bd, runs = timed_runs(mode_flag)
     result["batchdeck"] = bd
     result["batchdeck_repeats_tok_s"] = [r.get("tok_s") for r in runs]
-    result["roofline_fraction"] = bd["tok_s"] / roof["roofline_tok_s"] if "tok_s" in bd else None
-    prof = child("batchdeck", base_argv + ["--gpu-events"])
+    result["roofline_fraction"] = of_roofline(bd)
+    prof = events_run(mode_flag)
     result["batchdeck_breakdown_run"] = prof
-    if "tok_s" in prof:
-        log(f"batchdeck with per-iteration GPU events: {prof['tok_s']:.0f} tok/s, GPU idle "
-            f"{prof.get('gpu_idle_fraction', 0):.1%}")
+    if args.compare_async:
+        other, other_runs = timed_runs(other_flag)
+        key = "batchdeck_" + ("sync" if args.async_scheduling else "async")
+        result[key] = other
+        result[key + "_repeats_tok_s"] = [r.get("tok_s") for r in other_runs]
+        result[key + "_roofline_fraction"] = of_roofline(other)
+        result[key + "_breakdown_run"] = events_run(other_flag)
+        on, off = (bd, other) if args.async_scheduling else (other, bd)
+        if "tok_s" in on and "tok_s" in off:
+            result["async_scheduling_speedup"] = on["tok_s"] / off["tok_s"]
+            log(f"async scheduling: {on['tok_s']:.0f} tok/s against {off['tok_s']:.0f} synchronous "
+                f"({result['async_scheduling_speedup']:.3f}x)")
     if args.compare_unfused:
-        un = child("batchdeck", base_argv, {"BATCHDECK_FUSED": "0"})
+        un = child("batchdeck", base_argv + [mode_flag], {"BATCHDECK_FUSED": "0"})
         result["batchdeck_unfused"] = un
         if "tok_s" in un:
             log(f"batchdeck with stock HF modules (BATCHDECK_FUSED=0): {un['tok_s']:.0f} tok/s")
     if args.telemetry_check and "tok_s" in bd:
-        bd2 = child("batchdeck", base_argv + ["--no-telemetry"])
+        bd2 = child("batchdeck", base_argv + [mode_flag, "--no-telemetry"])
         if "tok_s" in bd2:
             result["batchdeck_no_telemetry"] = {k: bd2[k] for k in ("tok_s", "seconds", "iterations")}
             result["telemetry_cost_fraction"] = 1 - bd["tok_s"] / bd2["tok_s"]
             log(f"batchdeck without telemetry records (null sink): {bd2['tok_s']:.0f} tok/s")
     if args.profile:
-        result["profile"] = child("profile", base_argv + ["--profile", args.profile])
+        result["profile"] = child("profile", base_argv + [mode_flag, "--profile", args.profile])
 
     result["speedup_vs_hf_generate"] = None
     result["speedup_vs_hf_generate_batch"] = None
@@ -440,7 +519,9 @@ def main() -> None:
             if "tok_s" in result.get("hf_generate_batch", {}):
                 result["speedup_vs_hf_generate_batch"] = bd["tok_s"] / result["hf_generate_batch"]["tok_s"]
     summary = {k: result.get(k) for k in ("roofline_tok_s", "roofline_fraction", "speedup_vs_hf_generate",
-                                          "speedup_vs_hf_generate_batch")}
+                                          "speedup_vs_hf_generate_batch", "async_scheduling_speedup",
+                                          "batchdeck_sync_roofline_fraction", "batchdeck_async_roofline_fraction")}
+    summary["steady_decode_gpu_idle_fraction"] = prof.get("steady_decode_gpu_idle_fraction")
     summary["batchdeck_tok_s"] = bd.get("tok_s")
     print(json.dumps(summary, indent=1))
     write_json(args.out, result)

@@ -58,7 +58,12 @@ class StepTimings:
     sample: float = 0.0  # host time to sample (CUDA: enqueue the sampling and the copy of the ids)
     wait: float = 0.0  # host time blocked until the sampled ids were on the host (`LaunchedStep.result`)
     graph: bool = False  # the forward was a CUDA-graph replay
-    gpu_ms: float | None = None  # device time from the input upload to the sampled ids (profile_gpu)
+    # profile_gpu: device time from the input upload to the sampled ids, and when both happened on the
+    # device (ms since the runner's first profiled iteration: gaps between iterations are device idle time)
+    gpu_ms: float | None = None
+    gpu_start_ms: float | None = None
+    gpu_end_ms: float | None = None
+    gpu_start: object | None = None  # the CUDA timing event recorded before the upload
 
 
 @dataclass
@@ -73,7 +78,7 @@ class LaunchedStep:
     logprobs: dict[str, float] = field(default_factory=dict)  # request id -> the sampled token's log-probability
     host_ids: torch.Tensor | None = None  # the ids' non-blocking copy to the host
     done: object | None = None  # a CUDA event recorded after that copy
-    gpu_events: tuple | None = None  # (start, end) CUDA timing events (profile_gpu)
+    gpu_events: tuple | None = None  # (start, end, epoch) CUDA timing events (profile_gpu)
 
     @classmethod
     def completed(cls, sampled: list[tuple[ScheduledChunk, list[int]]], timings: StepTimings,
@@ -94,8 +99,11 @@ class LaunchedStep:
             self.tokens = [[t] for t in self.host_ids.tolist()]
             self.timings.wait = time.perf_counter() - t0
         if self.gpu_events is not None and self.timings.gpu_ms is None:
-            self.gpu_events[1].synchronize()
-            self.timings.gpu_ms = self.gpu_events[0].elapsed_time(self.gpu_events[1])
+            start, end, epoch = self.gpu_events
+            end.synchronize()
+            t = self.timings
+            t.gpu_ms = start.elapsed_time(end)
+            t.gpu_start_ms, t.gpu_end_ms = epoch.elapsed_time(start), epoch.elapsed_time(end)
         return list(zip(self.chunks, self.tokens))
 
 
@@ -323,6 +331,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.profile_gpu = profile_gpu
+        self._gpu_epoch = None  # the first profiled iteration's start event (profile_gpu)
         self.buffers: StepBuffers | None = None
         self.graphs: CudaGraphRunner | None = None
         self.tables: HostTables | None = None
@@ -388,6 +397,8 @@ class ModelRunner:
             graph, logits_all, tb, rb = hit
             buf.pad(t, r, tb, rb, samples=s, kept=len(logits_all))
             rows_up = rb
+        if self.profile_gpu:
+            timings.gpu_start = self._gpu_event()
         buf.upload(rows_up)
         if dst:
             feed(buf.dev64, prev.ids, dst, src)  # input_ids are the first tokens of dev64
@@ -418,6 +429,8 @@ class ModelRunner:
             feed(inputs.input_ids.view(-1), prev.ids, dst, src)
         t1 = time.perf_counter()
         timings.prepare = t1 - t0
+        if self.profile_gpu and self.device.type == "cuda":
+            timings.gpu_start = self._gpu_event()
         step = StepContext(inputs.metadata, self.kv_cache, self.backend)
         if inputs.sampling_chunks:
             keep = inputs.sample_rows
@@ -446,25 +459,19 @@ class ModelRunner:
         speculating iteration's verification reads them at once). `prev`: the iteration launched
         before this one, if its sampled ids were not read yet: its placeholders are fed from them."""
         timings = StepTimings()
-        events = None
-        if self.profile_gpu and self.device.type == "cuda":
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            events[0].record()
         logits, chunks, counts = self.logits(plan.chunks, blocks, timings, prev)
         t2 = time.perf_counter()
-        step = LaunchedStep(chunks, timings, gpu_events=events)
+        step = LaunchedStep(chunks, timings)
         if len(logits) > len(chunks):
             step.tokens = verify_chunks(self.sampler, logits, chunks, counts)
             step.logprobs = dict(self.sampler.logprobs)
-            if events is not None:
-                events[1].record()
+            self._gpu_span(step)
         else:
             ids = self.sampler.sample_ids(logits, [c.request.request_id for c in chunks],
                                           [c.request.sampling for c in chunks])
             step.ids, step.logprobs = ids, dict(self.sampler.logprobs)
+            self._gpu_span(step)
             if self.device.type == "cuda":
-                if events is not None:
-                    events[1].record()
                 step.host_ids = ids.to("cpu", non_blocking=True)  # into pinned memory
                 step.done = torch.cuda.Event()
                 step.done.record()
@@ -472,6 +479,20 @@ class ModelRunner:
                 step.host_ids = ids
         timings.sample = time.perf_counter() - t2
         return step
+
+    def _gpu_event(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        if self._gpu_epoch is None:
+            self._gpu_epoch = event
+        return event
+
+    def _gpu_span(self, step: LaunchedStep) -> None:
+        """profile_gpu: close the iteration's device span (opened before its upload)."""
+        start = step.timings.gpu_start
+        if start is not None:
+            step.gpu_events = (start, self._gpu_event(), self._gpu_epoch)
+            step.timings.gpu_start = None
 
     def execute(self, plan: StepPlan, blocks: BlockManager) -> tuple[list[tuple[ScheduledChunk, list[int]]], StepTimings]:
         """Run the plan and wait for it; return (chunk, new token ids) for every chunk that samples: one

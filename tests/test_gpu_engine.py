@@ -123,3 +123,41 @@ def test_fused_modules_match_stock_bf16(arch):
         for a, b in ((fused.model.norm, stock.model.norm), (fused.model.layers[0].mlp, stock.model.layers[0].mlp)):
             got, want = a(x).double(), b(x).double()
             assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_overlapped_iterations_on_cuda_stop_abort_and_log_probabilities_match_the_cpu():
+    """Async scheduling on CUDA (graphs, tokens fed on the device): stop tokens met while the next
+    iteration is in flight, an abort with a token in flight and logprobs give the CPU's results."""
+    prompts, _ = _prompts(9, 10, max_len=80)
+    _, ref = _run("cpu", prompts, [20] * len(prompts), max_num_seqs=8, max_batched_tokens=64, chunk_size=32)
+    stops = [r[2 + i % 5] for i, r in enumerate(ref)]
+
+    def run(device: str, overlap: bool):
+        cfg = EngineConfig(model=MODEL, device=device, dtype="float32", num_blocks=512, max_num_seqs_limit=16,
+                           max_batched_tokens_limit=256, cuda_graphs=True, async_scheduling=overlap)
+        engine = LLMEngine(cfg, LiveConfig(max_num_seqs=8, max_batched_tokens=64, chunk_size=32),
+                           loaded=_loaded(device), check_invariants=True)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, SamplingParams(max_tokens=20, ignore_eos=True, stop_token_ids=(stops[i],),
+                                                         logprobs=i % 3 == 0))
+        logprobs: dict[str, list[float]] = {}
+        while engine.has_unfinished:
+            result = engine.step()
+            if engine.requests["1"].output_token_ids and not engine.requests["1"].is_finished:
+                engine.abort("1")  # after its first token (its second is in flight when overlapped)
+            for out in result.outputs if result else ():
+                if out.logprobs:
+                    logprobs.setdefault(out.request_id, []).extend(out.logprobs)
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+        return engine, [engine.requests[str(i)].output_token_ids for i in range(len(prompts))], logprobs
+
+    cpu, want, want_lp = run("cpu", False)
+    cuda, got, got_lp = run("cuda", True)
+    assert cuda.async_scheduling and cuda.runner.graphs.stats.replays > 0
+    assert got == want and len(got[1]) == 1
+    assert [r.finish_reason for r in cpu.requests.values()] == [r.finish_reason for r in cuda.requests.values()]
+    assert cuda.requests["1"].finish_reason.value == "abort"
+    assert all(cuda.requests[str(i)].finish_reason.value == "stop" for i in range(len(prompts)) if i != 1)
+    assert want_lp.keys() == got_lp.keys()
+    for rid in want_lp:
+        assert got_lp[rid] == pytest.approx(want_lp[rid], abs=1e-3)

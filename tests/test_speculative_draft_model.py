@@ -20,8 +20,9 @@ def draft_dir(tmp_path_factory):
     return save_tiny_model("llama", str(tmp_path_factory.mktemp("draft") / "llama"), seed=7)
 
 
-def draft_engine(path, draft, num_blocks=64, block_size=4, **live):
-    cfg = EngineConfig(model=path, num_blocks=num_blocks, block_size=block_size, drafter="model", draft_model=draft)
+def draft_engine(path, draft, num_blocks=64, block_size=4, overlap=False, **live):
+    cfg = EngineConfig(model=path, num_blocks=num_blocks, block_size=block_size, drafter="model", draft_model=draft,
+                       async_scheduling=overlap)
     return LLMEngine(cfg, LiveConfig(**live), loaded=loaded(path), check_invariants=True)
 
 
@@ -43,11 +44,13 @@ def test_greedy_output_is_token_identical_with_a_draft_model(model_dirs, draft_d
     assert sum(r.spec_proposed for r in engine.requests.values()) > 0
 
 
-def test_draft_model_under_preemption_and_live_k_changes(model_dirs, draft_dir):
+@pytest.mark.parametrize("overlap", [False, True])  # overlapped iterations while spec_k is 0
+def test_draft_model_under_preemption_and_live_k_changes(model_dirs, draft_dir, overlap):
     path = model_dirs["llama"]
     prompts, max_tokens = prompts_for(31, count=6)
     engine = run_prompts(draft_engine(path, draft_dir, max_num_seqs=6, max_batched_tokens=32, chunk_size=8,
-                                      num_blocks=16), prompts, max_tokens, k_schedule={0: 4, 4: 0, 7: 2, 11: 6})
+                                      num_blocks=16, overlap=overlap), prompts, max_tokens,
+                         k_schedule={0: 4, 4: 0, 7: 2, 11: 6})
     for i, (p, n) in enumerate(zip(prompts, max_tokens)):
         assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), n)
     assert sum(r.num_preemptions for r in engine.requests.values()) > 0

@@ -83,7 +83,8 @@ def test_greedy_speculation_is_token_identical(model_dirs, k, wrong_every):
     path = model_dirs["qwen3"]
     prompts, max_tokens = prompts_for(k + 10 * wrong_every)
     engine = run(path, prompts, max_tokens, oracle_drafter(path, prompts, max_tokens, wrong_every),
-                 spec_k=k, max_num_seqs=3, max_batched_tokens=24, chunk_size=8, block_size=4, num_blocks=40)
+                 spec_k=k, max_num_seqs=3, max_batched_tokens=24, chunk_size=8, block_size=4, num_blocks=40,
+                 overlap=k == 2)  # async scheduling on: speculating iterations run synchronously
     for i, (p, n) in enumerate(zip(prompts, max_tokens)):
         assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), n)
     proposed = sum(r.spec_proposed for r in engine.requests.values())
@@ -92,11 +93,12 @@ def test_greedy_speculation_is_token_identical(model_dirs, k, wrong_every):
     assert (accepted < proposed) == bool(wrong_every)
 
 
-def test_ngram_drafter_under_preemption_and_live_k_changes(model_dirs):
+@pytest.mark.parametrize("overlap", [False, True])  # overlapped iterations while spec_k is 0
+def test_ngram_drafter_under_preemption_and_live_k_changes(model_dirs, overlap):
     path = model_dirs["llama"]
     prompts, max_tokens = prompts_for(7, count=6)
     engine = run(path, prompts, max_tokens, propose_ngram, k_schedule={0: 3, 5: 0, 9: 2, 14: 4},
-                 max_num_seqs=6, max_batched_tokens=32, chunk_size=8, block_size=4, num_blocks=16)
+                 max_num_seqs=6, max_batched_tokens=32, chunk_size=8, block_size=4, num_blocks=16, overlap=overlap)
     for i, (p, n) in enumerate(zip(prompts, max_tokens)):
         assert tuple(engine.requests[str(i)].output_token_ids) == reference_tokens(path, tuple(p), n)
     assert sum(r.num_preemptions for r in engine.requests.values()) > 0
