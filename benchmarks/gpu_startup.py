@@ -8,7 +8,8 @@ engine runs them, with a fresh Triton cache directory so kernel compilation is c
 first run pays it):
 - imports: torch, transformers (lazy top level), transformers.modeling_utils (what any HF model class
   needs), then batchdeck's engine plus the model's modeling module (cumulative), and the slowest
-  modules of the last one from `python -X importtime`;
+  modules of the last one from `python -X importtime`; again with a primed private bytecode cache
+  (PYTHONPYCACHEPREFIX), which shows whether the install recompiles its sources at every start;
 - CUDA context: the first allocation on the device;
 - model build: `load_model` (synthetic weights created on the device in the target dtype);
 - KV pool: an engine without CUDA graphs (pool allocation + runner set-up, model reused);
@@ -44,14 +45,15 @@ def _seconds(cmd: list[str], env: dict | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def import_phases(model_module: str, repeats: int) -> tuple[float, dict[str, float], list[dict]]:
+def import_phases(model_module: str, repeats: int, env: dict | None = None) -> tuple[float, dict[str, float], list[dict]]:
     chain = ["import torch", "import torch, transformers", "import torch, transformers, transformers.modeling_utils",
              f"import torch, transformers, transformers.modeling_utils, batchdeck.engine.llm_engine, {model_module}"]
     names = ["torch", "transformers", "transformers_modeling_utils", "batchdeck_engine_and_model_module"]
     py = sys.executable
-    baseline = min(_seconds([py, "-c", "pass"]) for _ in range(repeats))
-    out = {n: min(_seconds([py, "-c", c]) for _ in range(repeats)) - baseline for n, c in zip(names, chain)}
-    proc = subprocess.run([py, "-X", "importtime", "-c", chain[-1]], capture_output=True, text=True, check=True)
+    baseline = min(_seconds([py, "-c", "pass"], env) for _ in range(repeats))
+    out = {n: min(_seconds([py, "-c", c], env) for _ in range(repeats)) - baseline for n, c in zip(names, chain)}
+    proc = subprocess.run([py, "-X", "importtime", "-c", chain[-1]], capture_output=True, text=True, check=True,
+                          env=env)
     rows = []
     for line in proc.stderr.splitlines():
         m = re.match(r"import time:\s*(\d+) \|\s*(\d+) \|( *)(\S+)", line)
@@ -104,8 +106,16 @@ def main() -> None:
     from batchdeck.engine.models import SYNTHETIC_SHAPES  # noqa: F401 - cheap after torch (config only below)
 
     model_type = SYNTHETIC_SHAPES[args.model.split(":", 1)[1]][0] if args.model.startswith("synthetic:") else "qwen3"
-    baseline, imports, import_top = import_phases(MODEL_MODULE.get(model_type, MODEL_MODULE["qwen3"]), args.repeats)
+    model_module = MODEL_MODULE.get(model_type, MODEL_MODULE["qwen3"])
+    baseline, imports, import_top = import_phases(model_module, args.repeats)
     log(f"imports (cumulative, s): { {k: round(v, 2) for k, v in imports.items()} }")
+    # The same with a private, primed bytecode cache: tells whether this install recompiles sources
+    # on every start (a read-only site-packages without .pyc files).
+    pyc_env = dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(tmp_root, "pycache"))
+    subprocess.run([sys.executable, "-c", f"import torch, transformers.modeling_utils, batchdeck.engine.llm_engine, "
+                    f"{model_module}"], check=True, env=pyc_env)  # primes the private cache
+    _, imports_pyc, _ = import_phases(model_module, 1, pyc_env)
+    log(f"imports with a primed PYTHONPYCACHEPREFIX (cumulative, s): { {k: round(v, 2) for k, v in imports_pyc.items()} }")
 
     import torch
     import transformers
@@ -176,6 +186,7 @@ def main() -> None:
         "command": command_line("benchmarks/gpu_startup.py"), "versions": versions(),
         "device": torch.cuda.get_device_name() if cuda else "cpu", "model": args.model, "dtype": dtype,
         "kv_blocks": num_blocks, "interpreter_start_s": baseline, "imports_cumulative_s": imports,
+        "imports_cumulative_primed_pycache_prefix_s": imports_pyc,
         "slowest_imports": import_top, "phases_s": phases, "graph_capture": graph_info,
         "sum_of_phases_to_first_iteration_s": to_first, "generate_one_request": end_to_end,
         "bytecode_cache_writable": {m.__name__: os.access(os.path.dirname(m.__file__), os.W_OK)
