@@ -284,3 +284,16 @@ def test_generate_imports_no_server_console_or_mqtt_stack(tmp_path):
              "openai", "matplotlib"}
     assert not loaded & heavy, f"generate imported {sorted(loaded & heavy)}"
     assert dst.read_text().count("\n") == 1
+
+
+def test_the_command_line_defers_transformers_modeling_until_a_model_loads():
+    """`transformers.modeling_utils` (seconds of imports) is paid by loading a model, not by
+    `batchdeck --help`, the console's process or a simulated run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, batchdeck.cli, batchdeck.engine.llm_engine\n"
+            "print(sorted(m for m in ('transformers.modeling_utils', 'torch._dynamo', 'sympy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
