@@ -138,6 +138,21 @@ class StepBuffers:
         return d64[:t].view(1, t), d64[T:T + t].view(1, t), meta
 
 
+def _capture(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream, fn):
+    """Capture fn() on `stream` into `graph` (allocations from the shared `pool`); returns fn()'s output.
+
+    What `torch.cuda.graph` does, less its per-capture device sync and `empty_cache` (the warm-up
+    ran on this same stream, so the capture is ordered after it; freeing and re-allocating the warm-ups'
+    cached memory before each of dozens of captures only costs time)."""
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool)
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    return out
+
+
 @dataclass
 class GraphStats:
     captured: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, tokens, rows)
@@ -192,6 +207,7 @@ class CudaGraphRunner:
     def _dummy(self, tb: int, rb: int, kept: int) -> bool:
         """Fill the host mirror with a valid iteration of tb tokens over rb rows (no K/V writes)."""
         buf = self.buffers
+        buf.wait_host_free()  # the previous bucket's upload may still be reading the pinned mirror
         qlens = np.full(rb, tb // rb, dtype=np.int64)
         qlens[: tb % rb] += 1
         if qlens.max() > self.max_model_len:
@@ -244,12 +260,12 @@ class CudaGraphRunner:
             torch.cuda.current_stream().wait_stream(stream)
             t_capture = time.perf_counter()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                logits = forward(tb, rb, mql, kept)
+            logits = _capture(graph, pool, stream, lambda: forward(tb, rb, mql, kept))
             self.graphs[(kind, tb)] = (graph, logits, rb)
             self.stats.captured.append((kind, tb, rb))
             self.stats.per_bucket.append((kind, tb, t_capture - t_warm, time.perf_counter() - t_capture))
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # what the warm-ups left cached
         self.stats.capture_seconds = time.perf_counter() - t0
         if log is not None:
             log(f"captured {len(self.graphs)} CUDA graphs in {self.stats.capture_seconds:.1f}s")
