@@ -228,8 +228,9 @@ def main() -> None:
             + "; " + ", ".join(f"{k.replace('_ms_median', '').replace('_ms', '')} {v:.3f}"
                                for k, v in p["breakdown"].items() if isinstance(v, float)))
     result["points"] = points
-    summary = [{**{k: p.get(k) for k in ("batch_size", "step_ms_median", "tok_s", "roofline_tok_s", "roofline_fraction")},
-                "graph_replay_gpu_ms": p["breakdown"].get("graph_replay_gpu_ms")} for p in points]
+    keys = ("batch_size", "step_ms_median", "tok_s", "roofline_tok_s", "roofline_fraction")
+    summary = [{**{k: p.get(k) for k in keys}, "graph_replay_gpu_ms": p["breakdown"].get("graph_replay_gpu_ms")}
+               for p in points]
     print(json.dumps(summary, indent=1))
     write_json(args.out, result)
 

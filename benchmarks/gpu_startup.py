@@ -35,8 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import command_line, log, versions, write_json  # noqa: E402
 
-MODEL_MODULE = {"qwen3": "transformers.models.qwen3.modeling_qwen3", "llama": "transformers.models.llama.modeling_llama",
-                "qwen2": "transformers.models.qwen2.modeling_qwen2", "mistral": "transformers.models.mistral.modeling_mistral"}
+MODEL_MODULE = {name: f"transformers.models.{name}.modeling_{name}" for name in ("qwen3", "llama", "qwen2", "mistral")}
 
 
 def _seconds(cmd: list[str], env: dict | None = None) -> float:
@@ -45,7 +44,8 @@ def _seconds(cmd: list[str], env: dict | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def import_phases(model_module: str, repeats: int, env: dict | None = None) -> tuple[float, dict[str, float], list[dict]]:
+def import_phases(model_module: str, repeats: int,
+                  env: dict | None = None) -> tuple[float, dict[str, float], list[dict]]:
     chain = ["import torch", "import torch, transformers", "import torch, transformers, transformers.modeling_utils",
              f"import torch, transformers, transformers.modeling_utils, batchdeck.engine.llm_engine, {model_module}"]
     names = ["torch", "transformers", "transformers_modeling_utils", "batchdeck_engine_and_model_module"]
@@ -115,7 +115,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", f"import torch, transformers.modeling_utils, batchdeck.engine.llm_engine, "
                     f"{model_module}"], check=True, env=pyc_env)  # primes the private cache
     _, imports_pyc, _ = import_phases(model_module, 1, pyc_env)
-    log(f"imports with a primed PYTHONPYCACHEPREFIX (cumulative, s): { {k: round(v, 2) for k, v in imports_pyc.items()} }")
+    log(f"imports, primed PYTHONPYCACHEPREFIX (cumulative, s): { {k: round(v, 2) for k, v in imports_pyc.items()} }")
 
     import torch
     import transformers

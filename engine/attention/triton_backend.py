@@ -65,7 +65,8 @@ class TritonBackend:
         self.decode_cfg = _env_ints("BATCHDECK_ATTN_DECODE", (64, 4, 2))  # BLOCK_N, warps, stages
         self.prefill_cfg = _env_ints("BATCHDECK_ATTN_PREFILL", (64, 64, 4, 3))  # BLOCK_M, BLOCK_N, warps, stages
         self.shrink_fp32_tiles = True  # float32 tiles are twice the bytes: keep shared memory in bounds
-        self.max_splits = min(MAX_DECODE_SPLITS, max(1, _env_ints("BATCHDECK_ATTN_MAX_SPLITS", (MAX_DECODE_SPLITS,))[0]))
+        cap = _env_ints("BATCHDECK_ATTN_MAX_SPLITS", (MAX_DECODE_SPLITS,))[0]
+        self.max_splits = min(MAX_DECODE_SPLITS, max(1, cap))
         self.num_sms: int | None = None  # of the device attention runs on (read at the first call)
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -138,7 +139,8 @@ class TritonBackend:
         block_q = block_m // gp
         grid = (t // block_q + rows, kvh)
         paged_attention_kernel[grid](
-            *args, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, ROWS_P2=max(_pow2(rows), MIN_ROWS_P2), DECODE=False,
+            *args, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, ROWS_P2=max(_pow2(rows), MIN_ROWS_P2),
+            DECODE=False,
             num_warps=warps, num_stages=stages, **common,
         )
 
