@@ -119,6 +119,7 @@ def main() -> None:
 
     import torch
     import transformers
+    import transformers.modeling_utils  # noqa: F401 - imported by load_model: counted with the imports, not the build
 
     from batchdeck.engine.config import EngineConfig
     from batchdeck.engine.llm_engine import LLMEngine
