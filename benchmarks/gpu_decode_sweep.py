@@ -9,6 +9,14 @@ decode, `--warmup-steps` decode iterations run untimed and `--steps` are timed o
 timed iteration is checked to be decode-only with B rows. One engine (CUDA graphs, Triton attention,
 fused layer kernels; the configuration of benchmark (a)) serves all points.
 
+Per-step breakdown of every point (medians over the timed steps, from the iteration records): schedule,
+prepare (host: fill the pinned mirror, upload), forward (host: launch the graph replay), sample (argmax,
+and the wait for the GPU until the ids reach the host), bookkeeping (the rest of `engine.step()`) and
+outside the step; then, on CUDA, the GPU time of the point's decode graph alone (CUDA events around
+`--replays` back-to-back replays on the buffers of the last timed step, which rewrite the same K/V)
+and of one replay followed by a sync. The step time minus the replay's GPU time is host time on the
+critical path. BATCHDECK_ATTN_MAX_SPLITS=1 turns split-KV decode attention off (for a before/after).
+
 Roofline of a point: a decode iteration reads the weights once (tied embeddings counted once) plus
 the KV cache of every running request (its context, incl. the token being decoded), at the HBM copy
 bandwidth measured in the same run (`measure_ceilings` of gpu_offline.py):
@@ -70,6 +78,8 @@ def sweep_point(engine: LLMEngine, b: int, args, vocab: int, rng: random.Random)
         prefill_iters += 1
     prefill_s = time.perf_counter() - t0
     times, bad, ctx = [], 0, []
+    parts: dict[str, list[float]] = {k: [] for k in ("schedule", "draft", "prepare", "forward", "sample",
+                                                      "bookkeeping", "outside_step")}
     for k in range(warm + steps):
         if engine.device.type == "cuda":
             torch.cuda.synchronize()
@@ -83,6 +93,13 @@ def sweep_point(engine: LLMEngine, b: int, args, vocab: int, rng: random.Random)
             times.append(dt)
             ctx.append(tokens_in_context / b)
             bad += not ok
+            known = rec.schedule_time + rec.draft_time + rec.prepare_time + rec.forward_time + rec.sample_time
+            for name, v in (("schedule", rec.schedule_time), ("draft", rec.draft_time), ("prepare", rec.prepare_time),
+                            ("forward", rec.forward_time), ("sample", rec.sample_time),
+                            ("bookkeeping", rec.step_time - known), ("outside_step", dt - rec.step_time)):
+                parts[name].append(v)
+    breakdown = {f"{name}_ms_median": 1e3 * statistics.median(v) for name, v in parts.items()}
+    breakdown.update(replay_gpu_time(engine, b, args.replays))
     mean_ctx = statistics.mean(ctx)
     engine.run_until_done()
     for rid in ids:
@@ -91,7 +108,34 @@ def sweep_point(engine: LLMEngine, b: int, args, vocab: int, rng: random.Random)
             "step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.mean(times),
             "tok_s": b * steps / sum(times), "tok_s_median_step": b / statistics.median(times),
             "context_tokens_first_timed_step": ctx[0], "context_tokens_mean": mean_ctx,
-            "non_decode_only_timed_steps": bad, "prefill_iterations": prefill_iters, "prefill_seconds": prefill_s}
+            "non_decode_only_timed_steps": bad, "prefill_iterations": prefill_iters, "prefill_seconds": prefill_s,
+            "breakdown": breakdown}
+
+
+def replay_gpu_time(engine: LLMEngine, b: int, replays: int) -> dict:
+    """GPU ms of the decode graph for b rows (events around back-to-back replays), and the wall ms of
+    one replay + argmax + copy of the ids to the host, on the buffers the last step left."""
+    graphs = engine.runner.graphs
+    hit = graphs.lookup(b, b, True) if graphs is not None else None
+    if hit is None or replays <= 0:
+        return {}
+    graph, logits, bucket, _ = hit
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    gpu_ms = start.elapsed_time(end) / replays
+    walls = []
+    for _ in range(replays):
+        t = time.perf_counter()
+        graph.replay()
+        logits[:b].argmax(dim=-1).tolist()
+        walls.append(time.perf_counter() - t)
+    return {"graph_bucket_rows": bucket, "graph_replay_gpu_ms": gpu_ms,
+            "replay_argmax_to_host_wall_ms_median": 1e3 * statistics.median(walls)}
 
 
 def main() -> None:
@@ -102,6 +146,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens of every request")
     ap.add_argument("--steps", type=int, default=16, help="timed decode iterations per point")
     ap.add_argument("--warmup-steps", type=int, default=3)
+    ap.add_argument("--replays", type=int, default=50, help="graph replays timed per point (CUDA)")
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
     ap.add_argument("--chunk-size", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=16)
@@ -131,7 +176,8 @@ def main() -> None:
         "batchdeck_config": {"max_num_seqs": max(sizes), "max_batched_tokens": args.max_batched_tokens,
                              "chunk_size": args.chunk_size, "block_size": args.block_size, "batching": "continuous",
                              "cuda_graphs": cuda and not args.no_graphs, "attention_backend": "auto (triton on cuda)",
-                             "fused_kernels": os.environ.get("BATCHDECK_FUSED", "1") != "0"},
+                             "fused_kernels": os.environ.get("BATCHDECK_FUSED", "1") != "0",
+                             "attention_max_splits": os.environ.get("BATCHDECK_ATTN_MAX_SPLITS", "default (32)")},
     }
     weight_bytes, kv_per_token = model_bytes(cfg, 2 if cuda else 4)
     result["model_bytes"] = {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token}
@@ -178,9 +224,12 @@ def main() -> None:
             p["achieved_GB_s"] = bytes_per_iter / (p["step_ms_mean"] / 1e3) / 1e9
         points.append(p)
         log(f"B={b:4d}: {p['step_ms_median']:.2f} ms/step, {p['tok_s']:.0f} tok/s"
-            + (f", roofline {p['roofline_tok_s']:.0f} tok/s ({p['roofline_fraction']:.0%})" if bw else ""))
+            + (f", roofline {p['roofline_tok_s']:.0f} tok/s ({p['roofline_fraction']:.0%})" if bw else "")
+            + "; " + ", ".join(f"{k.replace('_ms_median', '').replace('_ms', '')} {v:.3f}"
+                               for k, v in p["breakdown"].items() if isinstance(v, float)))
     result["points"] = points
-    summary = [{k: p.get(k) for k in ("batch_size", "step_ms_median", "tok_s", "roofline_tok_s", "roofline_fraction")}
+    keys = ("batch_size", "step_ms_median", "tok_s", "roofline_tok_s", "roofline_fraction")
+    summary = [{**{k: p.get(k) for k in keys}, "graph_replay_gpu_ms": p["breakdown"].get("graph_replay_gpu_ms")}
                for p in points]
     print(json.dumps(summary, indent=1))
     write_json(args.out, result)

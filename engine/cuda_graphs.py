@@ -8,7 +8,10 @@ that fits its bucket once the unused tail is padded (padded tokens: slot -1, id 
 padded rows: no query tokens, seq_len 0; see engine/attention/triton_kernels.py).
 
 Buckets, captured once at engine start within the live-config bounds:
-- decode-only iterations (every row one token): row counts 1, 2, 4, 8, 16, 32, ... up to max_rows;
+- decode-only iterations (every row one token): row counts 1, 2, 4, ..., 64, then steps of a quarter
+  of the power of two below (32 up to 256, 64 up to 512, ...), and max_rows: few graphs (each costs a
+  capture at start), with padding that stays cheap (padded rows skip attention, and at small row
+  counts the matmuls cost the weights' read whatever the rows);
 - mixed iterations (prefill chunks, with or without decodes): token counts 32, 64, ... up to
   max_tokens (steps of about x1.5), each with room for min(max_rows, tokens) rows, keeping logits
   for one sample entry per row;
@@ -30,8 +33,14 @@ from batchdeck.engine.attention.metadata import AttentionMetadata, StepContext
 
 
 def decode_buckets(max_rows: int) -> list[int]:
-    sizes = {n for n in (1, 2, 4, 8) if n <= max_rows}
-    sizes.update(range(16, max_rows + 1, 16))
+    sizes, n = set(), 1
+    while n <= min(64, max_rows):
+        sizes.add(n)
+        n *= 2
+    n = 64
+    while n <= max_rows:
+        sizes.add(n)
+        n += max(32, (1 << (n.bit_length() - 1)) // 4)
     sizes.add(max_rows)
     return sorted(sizes)
 
@@ -129,10 +138,27 @@ class StepBuffers:
         return d64[:t].view(1, t), d64[T:T + t].view(1, t), meta
 
 
+def _capture(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream, fn):
+    """Capture fn() on `stream` into `graph` (allocations from the shared `pool`); returns fn()'s output.
+
+    What `torch.cuda.graph` does, less its per-capture device sync and `empty_cache` (the warm-up
+    ran on this same stream, so the capture is ordered after it; freeing and re-allocating the warm-ups'
+    cached memory before each of dozens of captures only costs time)."""
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool)
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    return out
+
+
 @dataclass
 class GraphStats:
     captured: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, tokens, rows)
     capture_seconds: float = 0.0
+    # (kind, tokens, host seconds of the warm-up forward, host seconds of the capture), in capture order
+    per_bucket: list[tuple[str, int, float, float]] = field(default_factory=list)
     replays: int = 0
     eager: int = 0
 
@@ -181,6 +207,7 @@ class CudaGraphRunner:
     def _dummy(self, tb: int, rb: int, kept: int) -> bool:
         """Fill the host mirror with a valid iteration of tb tokens over rb rows (no K/V writes)."""
         buf = self.buffers
+        buf.wait_host_free()  # the previous bucket's upload may still be reading the pinned mirror
         qlens = np.full(rb, tb // rb, dtype=np.int64)
         qlens[: tb % rb] += 1
         if qlens.max() > self.max_model_len:
@@ -225,17 +252,20 @@ class CudaGraphRunner:
             if not self._dummy(tb, rb, kept):
                 continue
             mql = 1 if decode else tb
+            t_warm = time.perf_counter()
             stream.wait_stream(torch.cuda.current_stream())
             forward = self._forward()
             with torch.cuda.stream(stream):
                 forward(tb, rb, mql, kept)  # compiles kernels, warms allocator and cuBLAS
             torch.cuda.current_stream().wait_stream(stream)
+            t_capture = time.perf_counter()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                logits = forward(tb, rb, mql, kept)
+            logits = _capture(graph, pool, stream, lambda: forward(tb, rb, mql, kept))
             self.graphs[(kind, tb)] = (graph, logits, rb)
             self.stats.captured.append((kind, tb, rb))
+            self.stats.per_bucket.append((kind, tb, t_capture - t_warm, time.perf_counter() - t_capture))
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # what the warm-ups left cached
         self.stats.capture_seconds = time.perf_counter() - t0
         if log is not None:
             log(f"captured {len(self.graphs)} CUDA graphs in {self.stats.capture_seconds:.1f}s")

@@ -263,3 +263,37 @@ def test_generate_with_a_hub_id_from_the_local_cache(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "'Qwen/Qwen3-0.6B' is not a local directory and not in the local Hugging Face cache" in err
     assert str(tmp_path / "hub") in err and "--model /models/Qwen3-0.6B" in err and "Traceback" not in err
+
+
+def test_generate_imports_no_server_console_or_mqtt_stack(tmp_path):
+    """`batchdeck generate` (the start-up path of a short job) loads neither the HTTP server, the
+    console nor the MQTT client."""
+    import json
+    import subprocess
+    import sys
+
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": "hi", "max_tokens": 2}) + "\n")
+    code = ("import json, sys\nfrom batchdeck.cli import main\n"
+            f"rc = main(['generate', '--input', {str(src)!r}, '--output', {str(dst)!r}, '--model', 'synthetic:tiny'])\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\nsys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    heavy = {"fastapi", "starlette", "uvicorn", "textual", "textual_plotext", "aiomqtt", "paho", "prometheus_client",
+             "openai", "matplotlib"}
+    assert not loaded & heavy, f"generate imported {sorted(loaded & heavy)}"
+    assert dst.read_text().count("\n") == 1
+
+
+def test_the_command_line_defers_transformers_modeling_until_a_model_loads():
+    """`transformers.modeling_utils` (seconds of imports) is paid by loading a model, not by
+    `batchdeck --help`, the console's process or a simulated run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, batchdeck.cli, batchdeck.engine.llm_engine\n"
+            "print(sorted(m for m in ('transformers.modeling_utils', 'torch._dynamo', 'sympy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

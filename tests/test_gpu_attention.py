@@ -132,3 +132,25 @@ def test_sliding_window(seed):
 def test_long_context_decode_batch():
     """Many decode rows over long contexts (the shape of benchmark decode iterations)."""
     _check(7, torch.bfloat16, (16, 8), 128, 16, 2e-2, max_ctx=3000, max_chunk=2)
+
+
+def test_decode_splits_fill_the_gpu_only_for_few_rows():
+    from batchdeck.engine.attention.triton_backend import MAX_DECODE_SPLITS, decode_splits
+
+    assert decode_splits(1, 8, 132) == 32 and decode_splits(8, 8, 132) == 4
+    assert decode_splits(64, 8, 132) == 1 and decode_splits(1, 8, 132, max_splits=1) == 1
+    for rows in range(1, 300):
+        s = decode_splits(rows, 8, 132)
+        assert s & (s - 1) == 0 and 1 <= s <= MAX_DECODE_SPLITS
+        assert s == 1 or rows * 8 * s <= 2 * 132
+
+
+@pytest.mark.parametrize("max_splits", [1, 2, 32])
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_rows_split_or_not_match_the_reference(seed, max_splits, monkeypatch):
+    """One to a few decode rows over long contexts (split-KV decode), and the unsplit kernel."""
+    monkeypatch.setenv("BATCHDECK_ATTN_MAX_SPLITS", str(max_splits))
+    rng = random.Random(5000 + seed)
+    _check(seed, torch.bfloat16, rng.choice(HEADS), 128, 16, 2e-2, max_ctx=4000, max_chunk=2)
+    _check(seed, torch.float32, rng.choice(HEADS), 64, 16, 1e-5, max_ctx=1500, max_chunk=2,
+           sliding_window=rng.choice([None, 200]))

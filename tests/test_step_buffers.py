@@ -129,6 +129,20 @@ def test_buffer_execution_path_verifies_drafts_token_exact_on_cpu(model_dirs, tm
         assert sum(r.spec_proposed for r in engine.requests.values()) > 0
 
 
+def test_decode_buckets_are_few_and_pad_little_where_rows_cost():
+    from batchdeck.engine.cuda_graphs import decode_buckets, pick
+
+    assert decode_buckets(1) == [1] and decode_buckets(3) == [1, 2, 3]
+    assert decode_buckets(256) == [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256]
+    for max_rows in range(1, 1100, 7):
+        sizes = decode_buckets(max_rows)
+        assert sizes == sorted(set(sizes)) and sizes[0] == 1 and sizes[-1] == max_rows
+        for n in range(1, max_rows + 1):
+            b = pick(sizes, n)
+            assert b >= n and (b <= 2 * n if n <= 128 else b <= 1.25 * n + 1)
+    assert len(decode_buckets(1024)) <= 21
+
+
 def test_graph_lookup_sends_speculating_iterations_to_buckets_that_keep_every_position():
     from batchdeck.engine.cuda_graphs import CudaGraphRunner
 

@@ -2,11 +2,14 @@
 
 HF modules call it with q/k/v after RoPE as [1, heads, T, head_dim] (the whole iteration packed
 into batch 1) and pass our `StepContext` through the forward kwargs as `batchdeck_step`.
+
+`transformers.AttentionInterface` lives in `transformers.modeling_utils`, whose import brings
+transformers' loading, distributed and kernel-integration stacks (seconds): it is imported when a
+model is loaded (`register`), not when the engine's modules are.
 """
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
 
 ATTN_IMPLEMENTATION = "batchdeck_paged"
 
@@ -27,5 +30,7 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
 
 
 def register() -> str:
+    from transformers import AttentionInterface
+
     AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
     return ATTN_IMPLEMENTATION

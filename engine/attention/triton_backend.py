@@ -7,8 +7,12 @@ launches can be captured in CUDA graphs and replayed for any iteration that fits
 
 A decode-only iteration is one launch of the DECODE mode (one program per row and KV head). A
 mixed iteration is two launches: DECODE for its one-token rows and TILES for its prefill chunks.
-Tile sizes can be overridden for tuning with BATCHDECK_ATTN_DECODE="BLOCK_N,warps,stages" and
-BATCHDECK_ATTN_PREFILL="BLOCK_M,BLOCK_N,warps,stages".
+When rows x KV heads are too few to fill the GPU (small batches), the one-token rows run split-KV
+instead: `decode_splits` programs per (row, KV head) each attend a slice of the keys, and a second
+launch merges the slices' partial softmaxes (the split count depends only on the row count, so a
+captured graph keeps it). Tile sizes can be overridden for tuning with
+BATCHDECK_ATTN_DECODE="BLOCK_N,warps,stages" and BATCHDECK_ATTN_PREFILL="BLOCK_M,BLOCK_N,warps,stages";
+BATCHDECK_ATTN_MAX_SPLITS caps the split count (1: never split).
 """
 from __future__ import annotations
 
@@ -17,9 +21,26 @@ import os
 import torch
 
 from batchdeck.engine.attention.metadata import AttentionMetadata
-from batchdeck.engine.attention.triton_kernels import paged_attention_kernel, write_kv_kernel
+from batchdeck.engine.attention.triton_kernels import (decode_split_combine_kernel, paged_attention_kernel,
+                                                       paged_decode_split_kernel, write_kv_kernel)
 
 LOG2E = 1.4426950408889634
+MAX_DECODE_SPLITS = 32
+# The TILES launch finds each tile's row among ROWS_P2 >= rows entries: one value up to 256 rows keeps
+# every mixed bucket on one compiled variant (each new variant is a Triton compile at start-up).
+MIN_ROWS_P2 = 256
+
+
+def decode_splits(rows: int, kv_heads: int, num_sms: int, max_splits: int = MAX_DECODE_SPLITS) -> int:
+    """KV slices per (row, KV head) for one-token rows: a power of two that brings the programs to
+    about two per SM, 1 (no split) when rows x KV heads alone fill the GPU."""
+    if rows <= 0 or kv_heads <= 0:
+        return 1
+    want = (2 * num_sms) // (rows * kv_heads)
+    splits = 1
+    while splits * 2 <= min(want, max_splits):
+        splits *= 2
+    return splits
 
 
 def _pow2(n: int) -> int:
@@ -44,6 +65,9 @@ class TritonBackend:
         self.decode_cfg = _env_ints("BATCHDECK_ATTN_DECODE", (64, 4, 2))  # BLOCK_N, warps, stages
         self.prefill_cfg = _env_ints("BATCHDECK_ATTN_PREFILL", (64, 64, 4, 3))  # BLOCK_M, BLOCK_N, warps, stages
         self.shrink_fp32_tiles = True  # float32 tiles are twice the bytes: keep shared memory in bounds
+        cap = _env_ints("BATCHDECK_ATTN_MAX_SPLITS", (MAX_DECODE_SPLITS,))[0]
+        self.max_splits = min(MAX_DECODE_SPLITS, max(1, cap))
+        self.num_sms: int | None = None  # of the device attention runs on (read at the first call)
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -90,14 +114,22 @@ class TritonBackend:
                 float(scaling) * LOG2E, int(sliding_window or 0), rows,
                 query.stride(0), query.stride(1), out.stride(0), out.stride(1),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
-        # Decode rows (and one-token chunks): one program per (row, kv head).
+        # Decode rows (and one-token chunks): one program per (row, kv head), or per slice of its keys.
         block_n, warps, stages = self.decode_cfg
         if ieee and self.shrink_fp32_tiles:
             block_n, stages = min(block_n, 32), min(stages, 2)
-        paged_attention_kernel[(rows, kvh)](
-            *args, BLOCK_Q=1, BLOCK_M=max(16, gp), BLOCK_N=block_n, ROWS_P2=1, DECODE=True,
-            num_warps=warps, num_stages=stages, **common,
-        )
+        if self.num_sms is None:
+            self.num_sms = (torch.cuda.get_device_properties(query.device).multi_processor_count
+                            if query.is_cuda else 128)
+        splits = decode_splits(rows, kvh, self.num_sms, self.max_splits)
+        if splits > 1:
+            self._decode_split(query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scaling,
+                               sliding_window, splits, block_n, warps, stages, common)
+        else:
+            paged_attention_kernel[(rows, kvh)](
+                *args, BLOCK_Q=1, BLOCK_M=max(16, gp), BLOCK_N=block_n, ROWS_P2=1, DECODE=True,
+                num_warps=warps, num_stages=stages, **common,
+            )
         if decode_only:
             return
         block_m, block_n, warps, stages = self.prefill_cfg
@@ -107,6 +139,31 @@ class TritonBackend:
         block_q = block_m // gp
         grid = (t // block_q + rows, kvh)
         paged_attention_kernel[grid](
-            *args, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, ROWS_P2=_pow2(rows), DECODE=False,
+            *args, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, ROWS_P2=max(_pow2(rows), MIN_ROWS_P2),
+            DECODE=False,
             num_warps=warps, num_stages=stages, **common,
+        )
+
+    @staticmethod
+    def _decode_split(query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scaling: float,
+                      sliding_window: int | None, splits: int, block_n: int, warps: int, stages: int,
+                      common: dict) -> None:
+        rows = block_tables.shape[0]
+        num_heads, d = query.shape[1], query.shape[2]
+        kvh = k_cache.shape[2]
+        m_part = torch.empty((rows, num_heads, splits), dtype=torch.float32, device=query.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty((rows, num_heads, splits, d), dtype=torch.float32, device=query.device)
+        paged_decode_split_kernel[(rows, kvh, splits)](
+            query, k_cache, v_cache, m_part, l_part, acc_part, block_tables, query_start_loc, seq_lens,
+            float(scaling) * LOG2E, int(sliding_window or 0), splits,
+            query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            block_tables.stride(0), m_part.stride(0), m_part.stride(1),
+            G=common["G"], GP=common["GP"], D=d, BLOCK_D=common["BLOCK_D"], BS=common["BS"],
+            BLOCK_M=max(16, common["GP"]), BLOCK_N=block_n, USE_WINDOW=common["USE_WINDOW"],
+            IEEE=common["IEEE"], num_warps=warps, num_stages=stages,
+        )
+        decode_split_combine_kernel[(rows, num_heads)](
+            out, m_part, l_part, acc_part, query_start_loc, splits, out.stride(0), out.stride(1),
+            m_part.stride(0), m_part.stride(1), D=d, BLOCK_D=common["BLOCK_D"], MAX_SPLITS=MAX_DECODE_SPLITS,
         )

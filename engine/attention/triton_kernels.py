@@ -43,7 +43,7 @@ def write_kv_kernel(key, value, k_cache, v_cache, slot_mapping,
     tl.store(v_cache + dst, v.to(v_cache.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def paged_attention_kernel(
     Q, K, V, O, block_tables, query_start_loc, seq_lens,
     scale_log2,  # softmax scale * log2(e)
@@ -139,3 +139,118 @@ def paged_attention_kernel(
     out = acc / l_safe[:, None]
     tl.store(O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit(do_not_specialize=["num_splits", "stride_pr", "stride_ph"])
+def paged_decode_split_kernel(
+    Q, K, V, M_part, L_part, Acc_part, block_tables, query_start_loc, seq_lens,
+    scale_log2, sliding_window, num_splits,
+    stride_qt, stride_qh,
+    stride_cb, stride_cs, stride_ch,
+    stride_bt,
+    stride_pr, stride_ph,  # partials: [rows, H, num_splits] (M, L), [rows, H, num_splits, D] (Acc)
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Split-KV decode, phase 1: program (row, kv head, split) attends one slice of the row's keys.
+
+    The keys of a one-token row ([window start,] seq_len) are cut into num_splits slices of whole BLOCK_N
+    tiles; each program writes its slice's running max (log2 domain), softmax sum and unnormalized
+    output for the G query heads of its KV head. Rows whose query length is not 1 exit, as do slices
+    past the row's keys (their sum stays 0: `decode_split_combine_kernel` ignores them).
+    """
+    row = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(query_start_loc + row)
+    qlen = tl.load(query_start_loc + row + 1) - q_start
+    if qlen != 1:
+        return
+    seq_len = tl.load(seq_lens + row)
+    q_pos = seq_len - 1
+    kv_start = 0
+    if USE_WINDOW:
+        kv_start = tl.maximum(q_pos - sliding_window + 1, 0)
+        kv_start = (kv_start // BLOCK_N) * BLOCK_N
+    tiles = tl.cdiv(seq_len - kv_start, BLOCK_N)
+    per_split = tl.cdiv(tiles, num_splits)
+    lo = kv_start + split * per_split * BLOCK_N
+    hi = tl.minimum(lo + per_split * BLOCK_N, seq_len)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    hg = offs_m
+    m_valid = hg < G
+    head = kvh * G + hg
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    q = tl.load(Q + q_start.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bt_row = block_tables + row.to(tl.int64) * stride_bt
+    k_head = K + kvh * stride_ch
+    v_head = V + kvh * stride_ch
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        blk = tl.load(bt_row + offs_n // BS, mask=n_valid, other=0).to(tl.int64)
+        slot_off = blk * stride_cb + (offs_n % BS) * stride_cs
+        k = tl.load(k_head + slot_off[None, :] + offs_d[:, None],
+                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * scale_log2
+        allowed = n_valid[None, :] & (offs_n[None, :] <= q_pos)
+        if USE_WINDOW:
+            allowed = allowed & (offs_n[None, :] > q_pos - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_head + slot_off[:, None] + offs_d[None, :],
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    part = row.to(tl.int64) * stride_pr + head * stride_ph + split
+    tl.store(M_part + part, m_i, mask=m_valid)
+    tl.store(L_part + part, l_i, mask=m_valid)
+    tl.store(Acc_part + part[:, None] * D + offs_d[None, :], acc, mask=m_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit(do_not_specialize=["num_splits", "stride_pr", "stride_ph"])
+def decode_split_combine_kernel(
+    O, M_part, L_part, Acc_part, query_start_loc, num_splits,
+    stride_ot, stride_oh, stride_pr, stride_ph,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SPLITS: tl.constexpr,
+):
+    """Split-KV decode, phase 2: program (row, query head) merges its num_splits partial softmaxes
+    (num_splits <= MAX_SPLITS, a power of two: one compiled variant serves every split count)."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc + row)
+    qlen = tl.load(query_start_loc + row + 1) - q_start
+    if qlen != 1:
+        return
+    offs_s = tl.arange(0, MAX_SPLITS)
+    s_valid = offs_s < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    base = row.to(tl.int64) * stride_pr + head * stride_ph
+    m = tl.load(M_part + base + offs_s, mask=s_valid, other=-1.0e30)
+    l = tl.load(L_part + base + offs_s, mask=s_valid, other=0.0)
+    m_max = tl.max(tl.where(l > 0, m, -1.0e30), axis=0)
+    w = tl.where(l > 0, tl.exp2(m - m_max), 0.0)
+    total = tl.sum(l * w, axis=0)
+    acc = tl.load(Acc_part + (base + offs_s[:, None]) * D + offs_d[None, :], mask=s_valid[:, None] & d_valid[None, :],
+                  other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(O + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty),
+             mask=d_valid)
