@@ -85,10 +85,12 @@ def main() -> None:
         profile = load_profile(args.profile)
         profile_path = args.profile
     else:
-        profile = calibrate(args.model, device=device, dtype=dtype, quick=args.smoke, repeats=2 if args.smoke else 5,
-                            num_blocks=512 if args.smoke else None, **{k: v for k, v in (
-                                ("max_num_seqs", limits["max_num_seqs"]),
-                                ("max_batched_tokens", limits["max_batched_tokens"]))})
+        from batchdeck.engine.service.calibration_driver import drive_through_service
+
+        profile = calibrate(args.model, device=device, dtype=dtype, quick=args.smoke,
+                            num_blocks=512 if args.smoke else None, max_num_seqs=limits["max_num_seqs"],
+                            max_batched_tokens=limits["max_batched_tokens"], driver=drive_through_service,
+                            driver_name="serving loop (AsyncEngine)")
         profile_path = str(Path(args.out).with_suffix(".profile.json"))
         profile.save(profile_path)
     config = {"policy": "fcfs", "max_num_seqs": 8 if args.smoke else 64,
