@@ -22,6 +22,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--max-num-seqs", type=int, default=256, help="largest batch run (the simulated limit)")
     cal.add_argument("--max-batched-tokens", type=int, default=8192, help="largest iteration run")
     cal.add_argument("--num-blocks", type=int, default=None, help="KV pool (default: from free memory, as the engine)")
+    cal.add_argument("--budget", type=float, default=120.0, metavar="SECONDS",
+                     help="time for the workloads (each gets its share; default 120)")
     cal.add_argument("--inline", action="store_true", help="step the engine in one thread, without the serving "
                                                             "loop around it (default: the serving loop, as replay runs)")
     cal.add_argument("--quick", action="store_true", help="a small grid (CPU smoke runs)")
@@ -49,13 +51,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     from batchdeck.engine.service.calibration_driver import drive_through_service
 
+    if not args.budget > 0:
+        raise ValueError(f"--budget must be > 0 seconds, got {args.budget}")
     for flag in ("max_num_seqs", "max_batched_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     driver = {} if args.inline else {"driver": drive_through_service, "driver_name": "serving loop (AsyncEngine)"}
     profile = calibrate(args.model, device=args.device, dtype=args.dtype, name=args.name,
                         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
-                        quick=args.quick, num_blocks=args.num_blocks, **driver)
+                        quick=args.quick, num_blocks=args.num_blocks, budget_s=args.budget, **driver)
     out = args.out or f"{profile.name}.json"
     profile.save(out)
     print(f"profile {profile.name}: {out}")

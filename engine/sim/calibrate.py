@@ -63,48 +63,65 @@ class Workload:
 
 def design_workloads(max_rows: int, max_tokens: int, max_context: int, pool_tokens: int,
                      quick: bool = False) -> list[Workload]:
-    """Workloads covering the shape space within the limits and the pool (see the module docstring)."""
+    """Workloads covering the shape space within the limits and the pool (see the module docstring),
+    each sized to a few hundred iterations at most."""
     rows_set = sorted({r for r in (4, 16, 64, 256, max_rows) if r <= max_rows})
-    ctx_set = [c for c in (64, 512, 2048, 8192) if c * 2 < max_context]
+    ctx_set = [c for c in (64, 512, 2048, 8192) if c + 256 < max_context]
     chunk_set = sorted({n for n in (64, 256, 1024, 4096, max_tokens) if n <= max_tokens})
     if quick:
         rows_set, ctx_set, chunk_set = rows_set[-2:], ctx_set[:2], chunk_set[-2:]
     out_len = 16 if quick else 96
+    max_prefill = 1 << 17  # prompt tokens per workload (an 8B model prefills this in seconds)
     fits = lambda reqs: sum(p + o for p, o in reqs) + 16 * len(reqs) <= pool_tokens  # noqa: E731
     decode, mixed, prefill, idle = [], [], [], []
     for c in ctx_set:
         for b in rows_set:
-            while b > 1 and not fits([(c, out_len)] * b):
+            while b > 1 and (not fits([(c, max(out_len, b))] * b) or b * c > max_prefill):
                 b //= 2
             o_max = max(out_len, b) if not quick else out_len
             reqs = tuple((c, max(1, round(o_max * (i + 1) / b))) for i in range(b))
-            decode.append(Workload(f"decode b={b} ctx={c}", "decode", "batch", reqs, b, max_tokens, max_tokens))
+            w = Workload(f"decode b={b} ctx={c}", "decode", "batch", reqs, b, max_tokens, max_tokens)
+            if w not in decode:
+                decode.append(w)
+    iterations = 24 if quick else 160
     for n in chunk_set:
         for conc in sorted({max(1, max_rows // 4), max_rows}):
-            for p in sorted({ctx_set[len(ctx_set) // 2], ctx_set[-1]}):
+            for p in sorted({ctx_set[len(ctx_set) // 2], min(ctx_set[-1], (max_context - out_len) * 2 // 3)}):
                 o = out_len // 2
-                count = 2 * conc if quick else 3 * conc
+                count = max(2 * min(conc, 4), min(3 * conc, iterations * n // p, max_prefill // p))
                 rng = random.Random(n * 7919 + conc * 31 + p)
                 reqs = tuple((max(2, int(p * rng.uniform(0.5, 1.5))), max(2, int(o * rng.uniform(0.5, 1.5))))
                              for _ in range(count))
-                while conc > 1 and not fits(reqs[:conc]):
-                    conc //= 2
-                mixed.append(Workload(f"mixed n={conc} prompt~{p} chunk={n}", "mixed", "closed", reqs, conc,
-                                      max_tokens, n, concurrency=conc))
+                k = min(conc, count)
+                while k > 1 and not fits(reqs[:k]):
+                    k //= 2
+                mixed.append(Workload(f"mixed n={k} prompt~{p} chunk={n}", "mixed", "closed", reqs, k,
+                                      max_tokens, n, concurrency=k))
         for c in ctx_set:
-            k = max(1, min(max_rows, max_tokens // max(n, 1), 8))
-            reqs = tuple((c * 2, 1) for _ in range(k))
-            if fits(reqs):
-                prefill.append(Workload(f"prefill {k}x{c * 2} chunk={n}", "prefill", "batch", reqs, k, max_tokens, n))
+            p = min(2 * c, max_context - 2)
+            k = max(1, min(max_rows, 8, iterations * n // p, max_prefill // p))
+            reqs = tuple((p, 1) for _ in range(k))
+            if fits(reqs) and p // n <= 2 * iterations:
+                prefill.append(Workload(f"prefill {k}x{p} chunk={n}", "prefill", "batch", reqs, k, max_tokens, n))
     lengths = [c for c in (16, 128, 512, 2048) if c < max_context][: 2 if quick else 4]
     reqs = tuple((lengths[i % len(lengths)], 2) for i in range(8 if quick else 24))
     idle.append(Workload("spaced single requests", "idle", "spaced", reqs, max_rows, max_tokens,
-                         min(max_tokens, 512), gap_s=0.02 if quick else 0.03))
-    # interleave the kinds, so every fourth workload (held out) samples each of them
+                         min(max_tokens, 512), gap_s=0.02))
     design: list[Workload] = []
-    for group in zip(*(g + [None] * (max(map(len, (decode, mixed, prefill))) - len(g)) for g in (decode, mixed, prefill))):
+    longest = max(map(len, (decode, mixed, prefill)))
+    for group in zip(*(g + [None] * (longest - len(g)) for g in (decode, mixed, prefill))):
         design.extend(w for w in group if w is not None)
     return [replace(w, name=f"w{k} {w.name}") for k, w in enumerate(design + idle)]
+
+
+def held_out_workloads(workloads: list[Workload]) -> set[int]:
+    """Every third workload of each kind that has two or more (the second, fifth, ...): left out of a
+    first fit to measure the error on workloads it did not see."""
+    out: set[int] = set()
+    for kind in ("decode", "mixed", "prefill"):
+        idx = [i for i, w in enumerate(workloads) if w.kind == kind]
+        out.update(idx[1::3] if len(idx) >= 2 else ())
+    return out
 
 
 # -- recording the engine's iterations ------------------------------------------------------------------
@@ -165,20 +182,39 @@ class IterationTap:
         del self.engine.step
 
 
-def drive_inline(engine: LLMEngine, workload: Workload, vocab_rng: random.Random) -> None:
-    """Play a workload by stepping the engine in this thread (no serving loop around it)."""
+def deadlines(workloads: list[Workload], budget_s: float, start: float) -> list[float]:
+    """When each workload must stop (perf_counter seconds): its share of the budget, counted from
+    the start, so time a workload does not use goes to the next ones."""
+    n = len(workloads)
+    return [start + budget_s * (i + 1) / n for i in range(n)]
+
+
+def drive_inline(engine: LLMEngine, workload: Workload, vocab_rng: random.Random, deadline: float = float("inf")) -> None:
+    """Play a workload by stepping the engine in this thread (no serving loop around it). Past the
+    deadline no request is sent and those unfinished are aborted."""
     vocab = engine.loaded.config.vocab_size
     engine.update_config(workload.live_changes(), "calibrate")
     engine.apply_pending_config()
     pending = list(enumerate(workload.requests))
+    sent: list[str] = []
 
     def submit(arrival: float | None = None) -> None:
         i, (p, o) = pending.pop(0)
-        engine.add_request(f"cal-{workload.name}-{i}", [vocab_rng.randrange(3, vocab - 1) for _ in range(p)],
+        rid = f"cal-{workload.name}-{i}"
+        engine.add_request(rid, [vocab_rng.randrange(3, vocab - 1) for _ in range(p)],
                            SamplingParams(max_tokens=o, ignore_eos=True), arrival_time=arrival)
+        sent.append(rid)
+
+    def over() -> bool:
+        if time.perf_counter() < deadline:
+            return False
+        pending.clear()
+        for rid in sent:
+            engine.abort(rid)
+        return True
 
     if workload.mode == "spaced":
-        while pending:
+        while pending and not over():
             due = engine.clock() + workload.gap_s
             while engine.clock() < due:
                 time.sleep(min(0.001, max(0.0, due - engine.clock())))
@@ -189,7 +225,7 @@ def drive_inline(engine: LLMEngine, workload: Workload, vocab_rng: random.Random
     first = len(pending) if workload.mode == "batch" else workload.concurrency
     for _ in range(min(first, len(pending))):
         submit()
-    while engine.has_unfinished:
+    while engine.has_unfinished and not over():
         result = engine.step()
         if result is not None:
             for _ in result.finished:
@@ -197,17 +233,17 @@ def drive_inline(engine: LLMEngine, workload: Workload, vocab_rng: random.Random
                     submit()
 
 
-Driver = Callable[[LLMEngine, list[Workload], "IterationTap", Callable[[str], None]], None]
+Driver = Callable[[LLMEngine, list[Workload], "IterationTap", Callable[[str], None], float], None]
 
 
 def drive_all_inline(engine: LLMEngine, workloads: list[Workload], tap: IterationTap,
-                     log: Callable[[str], None]) -> None:
+                     log: Callable[[str], None], budget_s: float = float("inf")) -> None:
     rng = random.Random(0)
-    for i, w in enumerate(workloads):
+    for i, (w, deadline) in enumerate(zip(workloads, deadlines(workloads, budget_s, time.perf_counter()))):
         tap.workload = i
         tap.idle()
         t0 = time.perf_counter()
-        drive_inline(engine, w, rng)
+        drive_inline(engine, w, rng, deadline)
         log(f"calibrate: {i + 1}/{len(workloads)} {w.name} ({time.perf_counter() - t0:.1f} s)")
 
 
@@ -262,9 +298,10 @@ def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[in
 def calibrate(model: str, *, device: str | None = None, dtype: str | None = None, name: str | None = None,
               max_num_seqs: int = 256, max_batched_tokens: int = 8192, quick: bool = False,
               num_blocks: int | None = None, gpu_memory_fraction: float = 0.85, seed: int = 0,
-              driver: Driver | None = None, driver_name: str = "inline",
+              driver: Driver | None = None, driver_name: str = "inline", budget_s: float = 120.0,
               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> SimProfile:
-    """Build the engine, play `design_workloads` through `driver` (default: `drive_all_inline`), fit."""
+    """Build the engine, play `design_workloads` through `driver` (default: `drive_all_inline`) within
+    `budget_s` seconds (each workload its share; one that runs over is cut short), fit."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -285,11 +322,11 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
                "max_rows": int(graphs.max_rows) if graphs else 0}
     pool_tokens = engine.blocks.num_blocks * cfg.block_size
     workloads = design_workloads(max_num_seqs, max_batched_tokens, engine.max_model_len, pool_tokens, quick)
-    held_out = {i for i in range(len(workloads)) if i % 4 == 3}
+    held_out = held_out_workloads(workloads)
     tap = IterationTap(engine)
     t_run = time.perf_counter()
     try:
-        (driver or drive_all_inline)(engine, workloads, tap, log)
+        (driver or drive_all_inline)(engine, workloads, tap, log, budget_s)
     finally:
         tap.remove()
     run_s = time.perf_counter() - t_run
@@ -321,7 +358,7 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
         fit={"target": "engine iterations: gaps between consecutive busy iterations' time stamps",
              "driver": driver_name, **report, "num_workloads": len(workloads), "workloads_by_kind": kinds,
              "cuda_graphs": bool(graphs), "max_num_seqs_limit": max_num_seqs,
-             "max_batched_tokens_limit": max_batched_tokens, "run_time_s": round(run_s, 1),
+             "max_batched_tokens_limit": max_batched_tokens, "budget_s": budget_s, "run_time_s": round(run_s, 1),
              "wall_time_s": round(time.perf_counter() - t_start, 1)},
         versions=versions, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         gpu_memory_fraction=gpu_memory_fraction,
