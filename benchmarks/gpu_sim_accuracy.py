@@ -60,6 +60,8 @@ def main() -> None:
                                                                     "--duration-scale)")
     ap.add_argument("--sweep", default=None, help="max_num_seqs values of the ranking sweep (default 8,16,32,64; "
                                                   "smoke 1,2,4,8)")
+    ap.add_argument("--calibrate-budget", type=float, default=None,
+                    help="seconds of calibration workloads when no --profile is given (default 120; smoke 45)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: small sizes")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -87,7 +89,8 @@ def main() -> None:
     else:
         from batchdeck.engine.service.calibration_driver import drive_through_service
 
-        profile = calibrate(args.model, device=device, dtype=dtype, quick=args.smoke,
+        budget = args.calibrate_budget or (45.0 if args.smoke else 120.0)
+        profile = calibrate(args.model, device=device, dtype=dtype, budget_s=budget,
                             num_blocks=512 if args.smoke else None, max_num_seqs=limits["max_num_seqs"],
                             max_batched_tokens=limits["max_batched_tokens"], driver=drive_through_service,
                             driver_name="serving loop (AsyncEngine)")
