@@ -135,33 +135,31 @@ class Sample:
 
 
 class IterationTap:
-    """Installed on an engine: keeps each iteration's plan shape and time stamp (the hot path only
-    keeps a reference to the plan's chunks; shapes are computed when the workload is done)."""
+    """Installed on an engine: keeps each iteration's plan and time stamp (the hot path only keeps a
+    reference to the plan the scheduler returned; shapes are computed when the workloads are done)."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.runner = engine.runner
+        self.scheduler = engine.scheduler
+        self._schedule = self.scheduler.schedule
         self._step = engine.step
-        self._chunks: list = []
+        self._plan = None
         self._busy = False
-        self._raw: list[tuple[int, float, list, bool]] = []
+        self._raw: list[tuple[int, float, Any, bool]] = []
         self.workload = 0
-        engine.runner = self
+        self.scheduler.schedule = self.schedule
         engine.step = self.step
 
-    def __getattr__(self, name: str) -> Any:  # the rest of the runner's interface
-        return getattr(self.runner, name)
-
-    def execute(self, plan, blocks):
-        self._chunks = plan.chunks
-        return self.runner.execute(plan, blocks)
+    def schedule(self, now):
+        self._plan = plan = self._schedule(now)
+        return plan
 
     def step(self):
         result = self._step()
         if result is None:
             self._busy = False
             return result
-        self._raw.append((self.workload, result.record.time, self._chunks, not self._busy))
+        self._raw.append((self.workload, result.record.time, self._plan, not self._busy))
         self._busy = self.engine.has_unfinished
         return result
 
@@ -171,14 +169,14 @@ class IterationTap:
 
     def samples(self) -> list[Sample]:
         out = []
-        for w, t, chunks, after_idle in self._raw:
-            shape = IterationShape.of_chunks(c for c in chunks)
-            newest = max(c.request.arrival_time for c in chunks)
-            out.append(Sample(w, t, shape, after_idle, newest))
+        for w, t, plan, after_idle in self._raw:
+            chunks = plan.chunks
+            out.append(Sample(w, t, IterationShape.of_chunks(chunks), after_idle,
+                              max(c.request.arrival_time for c in chunks)))
         return out
 
     def remove(self) -> None:
-        self.engine.runner = self.runner
+        del self.scheduler.schedule
         del self.engine.step
 
 
