@@ -146,6 +146,7 @@ class IterationTap:
         self._plan = None
         self._busy = False
         self._raw: list[tuple[int, float, Any, bool]] = []
+        self._samples: list[Sample] = []
         self.workload = 0
         self.scheduler.schedule = self.schedule
         engine.step = self.step
@@ -164,16 +165,21 @@ class IterationTap:
         return result
 
     def idle(self) -> None:
-        """The driver waited between workloads: the next iteration follows an idle wait."""
+        """Between workloads (the engine idle): the next iteration follows an idle wait. The plans
+        kept so far become shapes here, so they do not pile up (and weigh on the garbage collector)."""
         self._busy = False
+        self._shape_up()
 
-    def samples(self) -> list[Sample]:
-        out = []
+    def _shape_up(self) -> None:
         for w, t, plan, after_idle in self._raw:
             chunks = plan.chunks
-            out.append(Sample(w, t, IterationShape.of_chunks(chunks), after_idle,
-                              max(c.request.arrival_time for c in chunks)))
-        return out
+            self._samples.append(Sample(w, t, IterationShape.of_chunks(chunks), after_idle,
+                                        max(c.request.arrival_time for c in chunks)))
+        self._raw.clear()
+
+    def samples(self) -> list[Sample]:
+        self._shape_up()
+        return list(self._samples)
 
     def remove(self) -> None:
         del self.scheduler.schedule
