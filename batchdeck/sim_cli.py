@@ -9,19 +9,23 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     from batchdeck.presets.cli import _key_value, _positive
     from batchdeck.presets.sweep import METRICS
 
-    cal = sub.add_parser("calibrate", help="time a grid of iteration shapes on this device and fit a simulation profile",
-                         description="Run a designed grid of iteration shapes through the real fast path (CUDA graphs, "
-                                     "fused kernels), fit the simulator's cost model and write the profile JSON "
-                                     "(use it with --sim PROFILE.json).")
+    cal = sub.add_parser("calibrate", help="run designed workloads on the real engine here and fit a simulation profile",
+                         description="Run designed workloads (decode batches, mixed prefill + decode, prefill, idle "
+                                     "arrivals) through the real engine as it serves (CUDA graphs, fused kernels, "
+                                     "chunked prefill, the serving loop), fit the simulator's cost model to the time "
+                                     "its iterations take and write the profile JSON (use it with --sim PROFILE.json).")
     cal.add_argument("--model", required=True, help="synthetic:<name> or a local HF model directory")
     cal.add_argument("--out", default=None, help="profile JSON (default: NAME.json)")
     cal.add_argument("--name", default=None, help="profile name (default: <gpu>-<model>, e.g. h200-qwen3-0.6b)")
     cal.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     cal.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    cal.add_argument("--max-num-seqs", type=int, default=256, help="largest decode batch timed (the simulated limit)")
-    cal.add_argument("--max-batched-tokens", type=int, default=8192, help="largest iteration timed")
+    cal.add_argument("--max-num-seqs", type=int, default=256, help="largest batch run (the simulated limit)")
+    cal.add_argument("--max-batched-tokens", type=int, default=8192, help="largest iteration run")
     cal.add_argument("--num-blocks", type=int, default=None, help="KV pool (default: from free memory, as the engine)")
-    cal.add_argument("--repeats", type=int, default=5, help="timed runs per shape (the median is kept)")
+    cal.add_argument("--budget", type=float, default=120.0, metavar="SECONDS",
+                     help="time for the workloads (each gets its share; default 120)")
+    cal.add_argument("--inline", action="store_true", help="step the engine in one thread, without the serving "
+                                                            "loop around it (default: the serving loop, as replay runs)")
     cal.add_argument("--quick", action="store_true", help="a small grid (CPU smoke runs)")
     cal.set_defaults(func=_cmd_calibrate)
 
@@ -45,12 +49,17 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from batchdeck.engine.sim.calibrate import calibrate
 
-    for flag in ("max_num_seqs", "max_batched_tokens", "repeats"):
+    from batchdeck.engine.service.calibration_driver import drive_through_service
+
+    if not args.budget > 0:
+        raise ValueError(f"--budget must be > 0 seconds, got {args.budget}")
+    for flag in ("max_num_seqs", "max_batched_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    driver = {} if args.inline else {"driver": drive_through_service, "driver_name": "serving loop (AsyncEngine)"}
     profile = calibrate(args.model, device=args.device, dtype=args.dtype, name=args.name,
                         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
-                        repeats=args.repeats, quick=args.quick, num_blocks=args.num_blocks)
+                        quick=args.quick, num_blocks=args.num_blocks, budget_s=args.budget, **driver)
     out = args.out or f"{profile.name}.json"
     profile.save(out)
     print(f"profile {profile.name}: {out}")

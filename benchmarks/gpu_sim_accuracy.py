@@ -60,6 +60,8 @@ def main() -> None:
                                                                     "--duration-scale)")
     ap.add_argument("--sweep", default=None, help="max_num_seqs values of the ranking sweep (default 8,16,32,64; "
                                                   "smoke 1,2,4,8)")
+    ap.add_argument("--calibrate-budget", type=float, default=None,
+                    help="seconds of calibration workloads when no --profile is given (default 120; smoke 45)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: small sizes")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -85,10 +87,13 @@ def main() -> None:
         profile = load_profile(args.profile)
         profile_path = args.profile
     else:
-        profile = calibrate(args.model, device=device, dtype=dtype, quick=args.smoke, repeats=2 if args.smoke else 5,
-                            num_blocks=512 if args.smoke else None, **{k: v for k, v in (
-                                ("max_num_seqs", limits["max_num_seqs"]),
-                                ("max_batched_tokens", limits["max_batched_tokens"]))})
+        from batchdeck.engine.service.calibration_driver import drive_through_service
+
+        budget = args.calibrate_budget or (45.0 if args.smoke else 120.0)
+        profile = calibrate(args.model, device=device, dtype=dtype, budget_s=budget,
+                            num_blocks=512 if args.smoke else None, max_num_seqs=limits["max_num_seqs"],
+                            max_batched_tokens=limits["max_batched_tokens"], driver=drive_through_service,
+                            driver_name="serving loop (AsyncEngine)")
         profile_path = str(Path(args.out).with_suffix(".profile.json"))
         profile.save(profile_path)
     config = {"policy": "fcfs", "max_num_seqs": 8 if args.smoke else 64,

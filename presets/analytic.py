@@ -2,9 +2,10 @@
 
 Throughput bound of continuous batching, from a profile's cost model (engine/sim/cost_model.py):
 with B running requests (B = min(max_num_seqs, KV pool tokens / (P + O))), mean prompt P and output O
-tokens, a decode iteration at mean context P + O/2 takes T_dec(B) = c_const + c_rows*B +
-c_ctx*B*(P + O/2)/1000, and each request's prefill adds T_pre = c_pt*P + c_pa*P(P+1)/2e6. Tokens per
-iteration / iteration time, with prefill amortised per request:
+tokens, a decode iteration of B rows at mean context P + O/2 takes T_dec(B) (the decode regime:
+c_const + c_rows*B + c_pad*bucket(B) + c_ctx*B*(P + O/2)/1000), and each request's prefill adds
+T_pre (the mixed regime's cost of a P-token chunk beyond its constant: c_tok*P + c_att*P(P+1)/2e6 + ...).
+Tokens per iteration / iteration time, with prefill amortised per request:
 
     X_max = O / (O * T_dec(B) / B + T_pre)   output tokens/s;   request rate bound = X_max / O
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+from batchdeck.engine.sim.cost_model import CostModel
 from batchdeck.engine.slo import DEFAULT_SLO_TARGETS
 
 
@@ -29,8 +31,9 @@ def throughput_bound(cost: Mapping[str, float], *, max_num_seqs: int, pool_token
     """X_max (output tokens/s) and the request-rate bound for a workload's mean lengths."""
     p, o = max(0.0, mean_prompt), max(1.0, mean_output)
     b = max(1, min(int(max_num_seqs), int(pool_tokens // max(1.0, p + o))))
-    t_dec = cost.get("constant", 0.0) + cost.get("decode_rows", 0.0) * b + cost.get("decode_context", 0.0) * b * (p + o / 2) / 1e3
-    t_pre = cost.get("prefill_tokens", 0.0) * p + cost.get("prefill_attention", 0.0) * p * (p + 1) / 2e6
+    model = CostModel(dict(cost))
+    t_dec = model.decode_iteration_seconds(b, p + o / 2)
+    t_pre = model.prefill_seconds(p)
     per_request = o * t_dec / b + t_pre
     x_max = o / per_request if per_request > 0 else math.inf
     return {"running": b, "decode_iteration_s": t_dec, "prefill_per_request_s": t_pre,

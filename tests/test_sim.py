@@ -12,7 +12,7 @@ from batchdeck.cli import main as batchdeck_main
 from batchdeck.engine.config import EngineConfig, LiveConfig
 from batchdeck.engine.request import SamplingParams
 from batchdeck.engine.sim.clock import VirtualClock
-from batchdeck.engine.sim.cost_model import CostModel, IterationShape, fit, relative_errors
+from batchdeck.engine.sim.cost_model import CostModel, IterationShape, fit, regime_errors, relative_errors
 from batchdeck.engine.sim.engine import SimulatedEngine, make_engine
 from batchdeck.engine.sim.profile import SimProfile, load_profile
 from batchdeck.presets.analytic import mg1_estimate, throughput_bound
@@ -52,14 +52,45 @@ def saturated_preset(tmp_path, name="sat", rate=200, duration=2.0):
 
 def test_fit_recovers_a_known_cost_model_and_reports_held_out_error():
     rng = np.random.default_rng(0)
-    truth = CostModel(dict(COST))
+    truth = CostModel(dict(COST))  # a first-format profile: one linear model, both regimes
     shapes = [IterationShape.of_rows([(int(rng.integers(0, 2000)), int(rng.choice([1, 1, 64, 512])))
                                       for _ in range(int(rng.integers(1, 64)))]) for _ in range(60)]
+    shapes += [IterationShape.of_rows([(int(rng.integers(0, 2000)), 1) for _ in range(int(rng.integers(1, 64)))])
+               for _ in range(40)]
     seconds = [truth.predict(s) * (1 + rng.normal(0, 0.01)) for s in shapes]
-    model = fit(shapes[:48], seconds[:48])
-    assert relative_errors(model, shapes[48:], seconds[48:]).mean() < 0.03
-    assert all(v >= 0 for v in model.coefficients.values())
-    assert model.coefficients["prefill_tokens"] == pytest.approx(COST["prefill_tokens"], rel=0.3)
+    model = fit(shapes[::2], seconds[::2])
+    assert relative_errors(model, shapes[1::2], seconds[1::2]).mean() < 0.03
+    for regime in ("decode", "mixed"):
+        assert all(v >= 0 for v in model.coefficients[regime].values())
+    per_token = sum(model.coefficients["mixed"][k] for k in ("prefill_tokens", "tokens", "padded_tokens"))
+    assert per_token == pytest.approx(COST["prefill_tokens"], rel=0.3)  # collinear without buckets: their sum
+    errs = regime_errors(model, shapes, seconds)
+    assert errs["decode"]["samples"] > 20 and abs(errs["mixed"]["total_bias"]) < 0.02
+
+
+def test_decode_cost_steps_with_the_cuda_graph_bucket():
+    cm = CostModel({"format": "regimes/1", "decode": {"constant": 1e-3, "padded_rows": 1e-4, "rows": 1e-6},
+                    "mixed": {"constant": 2e-3, "eager": 5e-3, "padded_tokens": 1e-5},
+                    "decode_buckets": [1, 2, 4, 8, 16, 32], "token_buckets": [32, 64, 128], "max_rows": 32})
+    d = lambda r: cm.predict(IterationShape.of_rows([(100, 1)] * r))  # noqa: E731
+    assert d(17) == pytest.approx(d(32) - 15e-6)  # 17 rows replay the 32-row graph
+    assert d(16) < d(17) - 1e-3
+    assert d(40) == pytest.approx(1e-3 + 40e-4 + 40e-6)  # past the largest bucket: eager, its own size
+    m = lambda rows: cm.predict(IterationShape.of_rows(rows))  # noqa: E731
+    assert m([(0, 40)]) == pytest.approx(2e-3 + 64e-5)  # pads to the 64-token graph
+    assert m([(0, 200)]) == pytest.approx(2e-3 + 5e-3 + 200e-5)  # fits no bucket: eager
+
+
+def test_first_format_cost_models_load_and_predict_as_before():
+    cm = CostModel(dict(COST))
+    rows = [(100, 1), (2000, 1), (0, 512), (512, 64)]
+    pt, pa = 512 + 64, (512 * 256.5 + 64 * (512 + 32.5)) / 1e6
+    old = COST["constant"] + COST["prefill_tokens"] * pt + COST["prefill_attention"] * pa + COST["decode_rows"] * 2 \
+        + COST["decode_context"] * 2.102
+    assert cm.predict(IterationShape.of_rows(rows)) == pytest.approx(old)
+    assert CostModel(cm.to_dict()).predict(IterationShape.of_rows(rows)) == pytest.approx(old)
+    with pytest.raises(ValueError, match="unknown decode feature"):
+        CostModel({"format": "regimes/1", "decode": {"nope": 1.0}, "mixed": {}})
 
 
 def test_plan_seconds_matches_predict():
@@ -84,7 +115,7 @@ def test_bad_profiles_are_refused_with_the_reason(tmp_path, profile_path):
     d = json.loads(profile_path.read_text())
     d["cost"]["warp_speed"] = 1.0
     bad.write_text(json.dumps(d))
-    with pytest.raises(ValueError, match="unknown feature"):
+    with pytest.raises(ValueError, match="unknown key"):
         load_profile(bad)
 
 
@@ -204,7 +235,7 @@ def test_analytic_formulas():
 
 def test_calibrate_on_cpu_writes_a_profile_the_simulator_runs(tmp_path):
     out = tmp_path / "cpu.json"
-    assert batchdeck_main(["calibrate", "--model", "synthetic:tiny", "--device", "cpu", "--quick", "--repeats", "1",
+    assert batchdeck_main(["calibrate", "--model", "synthetic:tiny", "--device", "cpu", "--quick",
                            "--max-num-seqs", "4", "--max-batched-tokens", "64", "--num-blocks", "256",
                            "--out", str(out)]) == 0
     p = load_profile(out)

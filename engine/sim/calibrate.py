@@ -1,13 +1,22 @@
-"""`batchdeck calibrate`: time a designed grid of iteration shapes on the real fast path and fit the
-cost model (engine/sim/cost_model.py) into a profile (engine/sim/profile.py).
+"""`batchdeck calibrate`: run designed workloads through the real engine's own loop and fit the cost
+model (engine/sim/cost_model.py) to the time its iterations take, into a profile (engine/sim/profile.py).
 
-The engine is built as `batchdeck` runs it (CUDA graphs captured, fused kernels, the KV pool sized
-from free memory). Each shape is a constructed `StepPlan` (rows of (context, new tokens), blocks
-allocated in the engine's pool) run through `engine.runner.execute`, timed from the host after the
-sampled ids come back, the median of `repeats` runs after a warm-up. Then a short real workload runs
-through `LLMEngine.step` and the host work around the executor (scheduling, bookkeeping, telemetry)
-is fitted per iteration and per row and added. Every fifth shape is held out of a first fit to
-report the fit's error on shapes it did not see; the shipped coefficients are fitted on all shapes.
+The engine is built as `batchdeck` runs it (CUDA graphs captured up to the limits, fused kernels,
+chunked prefill, the KV pool sized from free memory). What the simulator must reproduce is how far
+the engine's clock moves per iteration while it is busy: the gap between two consecutive iterations'
+time stamps (`IterationRecord.time`, taken after the forward), which holds scheduling, input
+preparation, the graph replay or eager forward, sampling, bookkeeping, telemetry and whatever the
+serving loop does between steps. So the workloads (`design_workloads`) are played through a driver:
+`drive_inline` steps the engine in this thread; the CLI passes the serving loop's driver
+(engine/service/calibration_driver.py: the AsyncEngine worker thread, output streams consumed on an
+asyncio loop, as `replay` and `serve` run). An `IterationTap` keeps each iteration's plan and time.
+
+Workloads: decode ramps (B requests with staggered output lengths: decode-only iterations at every
+batch size from B down to 1, at several contexts), closed loops (N requests in flight, each finished
+one replaced: mixed prefill + decode iterations, at several chunk sizes), prefill batches (one output
+token: prefill-only chunks), and spaced single requests (the engine idle between them: what an
+iteration after an idle wait adds, `idle_wake_s`). Every fourth workload is held out of a first fit
+to report the error per regime on workloads it did not see; the shipped model is fitted on all.
 """
 from __future__ import annotations
 
@@ -18,128 +27,285 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import numpy as np
 
 from batchdeck.engine.config import EngineConfig, LiveConfig
 from batchdeck.engine.llm_engine import LLMEngine
-from batchdeck.engine.request import Request, SamplingParams
-from batchdeck.engine.sim.cost_model import CostModel, IterationShape, fit, relative_errors
+from batchdeck.engine.request import SamplingParams
+from batchdeck.engine.sim.cost_model import CostModel, IterationShape, fit, regime_errors, relative_errors
 from batchdeck.engine.sim.profile import SimProfile
-from batchdeck.engine.step_plan import ScheduledChunk, StepPlan
-
-Rows = list[tuple[int, int]]  # (context, new tokens) per row
+from batchdeck.engine.telemetry import ListSink
 
 
-def design_grid(max_rows: int, max_tokens: int, max_context: int, pool_tokens: int, quick: bool = False) -> list[Rows]:
-    """Decode batches (rows x context), prefill chunks (size x context, one or several rows) and mixed
-    iterations (a decode batch plus a chunk), each within the limits and the pool."""
-    rows_set = [r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if r <= max_rows]
-    ctx_set = [c for c in (64, 256, 1024, 2048, 4096, 8192) if c < max_context]
-    chunk_set = [n for n in (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192) if n <= max_tokens]
+@dataclass(frozen=True)
+class Workload:
+    """Requests of (prompt tokens, output tokens), played as `mode`: `batch` (all at once), `closed`
+    (`concurrency` in flight, the next sent when one finishes) or `spaced` (one every `gap_s`
+    seconds, the engine idle in between); under the live settings given."""
+
+    name: str
+    kind: str  # decode | mixed | prefill | idle (what it is designed to cover)
+    mode: str
+    requests: tuple[tuple[int, int], ...]
+    max_num_seqs: int
+    max_batched_tokens: int
+    chunk_size: int
+    concurrency: int = 0
+    gap_s: float = 0.0
+
+    def live_changes(self) -> dict[str, int]:
+        return {"max_num_seqs": self.max_num_seqs, "max_batched_tokens": self.max_batched_tokens,
+                "chunk_size": self.chunk_size}
+
+
+def design_workloads(max_rows: int, max_tokens: int, max_context: int, pool_tokens: int,
+                     quick: bool = False) -> list[Workload]:
+    """Workloads covering the shape space within the limits and the pool (see the module docstring),
+    each sized to a few hundred iterations at most."""
+    rows_set = sorted({r for r in (4, 16, 64, 256, max_rows) if r <= max_rows})
+    ctx_set = [c for c in (64, 512, 2048, 8192) if c + 256 < max_context]
+    chunk_set = sorted({n for n in (64, 256, 1024, 4096, max_tokens) if n <= max_tokens})
     if quick:
-        rows_set, ctx_set, chunk_set = rows_set[::2][:4], ctx_set[:3], chunk_set[::2][:4]
-    grid: list[Rows] = []
-    for r in rows_set:
-        for c in ctx_set:
-            grid.append([(c, 1)] * r)
+        rows_set, ctx_set, chunk_set = rows_set[-2:], ctx_set[:2], chunk_set[-2:]
+    out_len = 16 if quick else 96
+    max_prefill = 1 << 17  # prompt tokens per workload (an 8B model prefills this in seconds)
+    fits = lambda reqs: sum(p + o for p, o in reqs) + 16 * len(reqs) <= pool_tokens  # noqa: E731
+    decode, mixed, prefill, idle = [], [], [], []
+    for c in ctx_set:
+        for b in rows_set:
+            while b > 1 and (not fits([(c, max(out_len, b))] * b) or b * c > max_prefill):
+                b //= 2
+            o_max = max(out_len, b) if not quick else out_len
+            reqs = tuple((c, max(1, round(o_max * (i + 1) / b))) for i in range(b))
+            w = Workload(f"decode b={b} ctx={c}", "decode", "batch", reqs, b, max_tokens, max_tokens)
+            if w not in decode:
+                decode.append(w)
+    iterations = 24 if quick else 160
     for n in chunk_set:
-        for c in (0, *ctx_set[::2]):
-            if c + n < max_context:
-                grid.append([(c, n)])
-        k = 4
-        if k * n <= max_tokens:
-            grid.append([(0, n)] * k)
-    for r in rows_set[2::2]:
-        for n in chunk_set[1::2]:
-            c = ctx_set[len(ctx_set) // 2]
-            if r + n <= max_tokens and r < max_rows:
-                grid.append([(c, 1)] * r + [(0, n)])
-    return [g for g in grid if sum(c + n for c, n in g) + 16 * len(g) <= pool_tokens]
+        for conc in sorted({max(1, max_rows // 4), max_rows}):
+            for p in sorted({ctx_set[len(ctx_set) // 2], min(ctx_set[-1], (max_context - out_len) * 2 // 3)}):
+                o = out_len // 2
+                count = max(2 * min(conc, 4), min(3 * conc, iterations * n // p, max_prefill // p))
+                rng = random.Random(n * 7919 + conc * 31 + p)
+                reqs = tuple((max(2, int(p * rng.uniform(0.5, 1.5))), max(2, int(o * rng.uniform(0.5, 1.5))))
+                             for _ in range(count))
+                k = min(conc, count)
+                while k > 1 and not fits(reqs[:k]):
+                    k //= 2
+                mixed.append(Workload(f"mixed n={k} prompt~{p} chunk={n}", "mixed", "closed", reqs, k,
+                                      max_tokens, n, concurrency=k))
+        for c in ctx_set:
+            p = min(2 * c, max_context - 2)
+            k = max(1, min(max_rows, 8, iterations * n // p, max_prefill // p))
+            reqs = tuple((p, 1) for _ in range(k))
+            if fits(reqs) and p // n <= 2 * iterations:
+                prefill.append(Workload(f"prefill {k}x{p} chunk={n}", "prefill", "batch", reqs, k, max_tokens, n))
+    lengths = [c for c in (16, 128, 512, 2048) if c < max_context][: 2 if quick else 4]
+    reqs = tuple((lengths[i % len(lengths)], 2) for i in range(8 if quick else 24))
+    idle.append(Workload("spaced single requests", "idle", "spaced", reqs, max_rows, max_tokens,
+                         min(max_tokens, 512), gap_s=0.02))
+    design: list[Workload] = []
+    longest = max(map(len, (decode, mixed, prefill)))
+    for group in zip(*(g + [None] * (longest - len(g)) for g in (decode, mixed, prefill))):
+        design.extend(w for w in group if w is not None)
+    return [replace(w, name=f"w{k} {w.name}") for k, w in enumerate(design + idle)]
 
 
+def held_out_workloads(workloads: list[Workload]) -> set[int]:
+    """Every third workload of each kind that has two or more (the second, fifth, ...): left out of a
+    first fit to measure the error on workloads it did not see."""
+    out: set[int] = set()
+    for kind in ("decode", "mixed", "prefill"):
+        idx = [i for i, w in enumerate(workloads) if w.kind == kind]
+        out.update(idx[1::3] if len(idx) >= 2 else ())
+    return out
+
+
+# -- recording the engine's iterations ------------------------------------------------------------------
 @dataclass
-class Timing:
-    rows: Rows
-    seconds: float
+class Sample:
+    workload: int
+    time: float  # IterationRecord.time: the engine clock after the forward
+    shape: IterationShape
+    after_idle: bool  # the engine waited (nothing to run) before this iteration
+    newest_arrival: float  # the latest arrival among its requests
 
 
-def time_shape(engine: LLMEngine, rows: Rows, repeats: int, sync: Callable[[], None]) -> float:
-    """Median seconds of `engine.runner.execute` over a plan of `rows`."""
+class IterationTap:
+    """Installed on an engine: keeps each iteration's plan and time stamp (the hot path only keeps a
+    reference to the plan the scheduler returned; shapes are computed when the workloads are done)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.scheduler = engine.scheduler
+        self._schedule = self.scheduler.schedule
+        self._step = engine.step
+        self._plan = None
+        self._busy = False
+        self._raw: list[tuple[int, float, Any, bool]] = []
+        self._samples: list[Sample] = []
+        self.workload = 0
+        self.scheduler.schedule = self.schedule
+        engine.step = self.step
+
+    def schedule(self, now):
+        self._plan = plan = self._schedule(now)
+        return plan
+
+    def step(self):
+        result = self._step()
+        if result is None:
+            self._busy = False
+            return result
+        self._raw.append((self.workload, result.record.time, self._plan, not self._busy))
+        self._busy = self.engine.has_unfinished
+        return result
+
+    def idle(self) -> None:
+        """Between workloads (the engine idle): the next iteration follows an idle wait. The plans
+        kept so far become shapes here, so they do not pile up (and weigh on the garbage collector)."""
+        self._busy = False
+        self._shape_up()
+
+    def _shape_up(self) -> None:
+        for w, t, plan, after_idle in self._raw:
+            chunks = plan.chunks
+            self._samples.append(Sample(w, t, IterationShape.of_chunks(chunks), after_idle,
+                                        max(c.request.arrival_time for c in chunks)))
+        self._raw.clear()
+
+    def samples(self) -> list[Sample]:
+        self._shape_up()
+        return list(self._samples)
+
+    def remove(self) -> None:
+        del self.scheduler.schedule
+        del self.engine.step
+
+
+def deadlines(workloads: list[Workload], budget_s: float, start: float) -> list[float]:
+    """When each workload must stop (perf_counter seconds): its share of the budget, counted from
+    the start, so time a workload does not use goes to the next ones."""
+    n = len(workloads)
+    return [start + budget_s * (i + 1) / n for i in range(n)]
+
+
+def drive_inline(engine: LLMEngine, workload: Workload, vocab_rng: random.Random, deadline: float = float("inf")) -> None:
+    """Play a workload by stepping the engine in this thread (no serving loop around it). Past the
+    deadline no request is sent and those unfinished are aborted."""
     vocab = engine.loaded.config.vocab_size
-    rng = random.Random(len(rows) * 1_000_003 + sum(c * 7 + n for c, n in rows))
-    plan = StepPlan()
-    made = []
-    for i, (ctx, n) in enumerate(rows):
-        rid = f"cal-{i}"
-        req = Request(rid, [rng.randrange(3, vocab - 1) for _ in range(ctx + n)], SamplingParams(max_tokens=1))
-        req.num_computed_tokens = ctx
-        if not engine.blocks.grow(rid, ctx + n):
-            raise RuntimeError(f"calibration shape does not fit the pool: {len(rows)} rows")
-        made.append(rid)
-        plan.chunks.append(ScheduledChunk(req, ctx, n, samples=True, is_decode=n == 1))
-    times = []
-    try:
-        for k in range(repeats + 2):
-            sync()
-            t0 = time.perf_counter()
-            engine.runner.execute(plan, engine.blocks)
-            sync()
-            if k >= 2:
-                times.append(time.perf_counter() - t0)
-    finally:
-        for rid in made:
-            engine.blocks.free(rid)
-    return statistics.median(times)
+    engine.update_config(workload.live_changes(), "calibrate")
+    engine.apply_pending_config()
+    pending = list(enumerate(workload.requests))
+    sent: list[str] = []
+
+    def submit(arrival: float | None = None) -> None:
+        i, (p, o) = pending.pop(0)
+        rid = f"cal-{workload.name}-{i}"
+        engine.add_request(rid, [vocab_rng.randrange(3, vocab - 1) for _ in range(p)],
+                           SamplingParams(max_tokens=o, ignore_eos=True), arrival_time=arrival)
+        sent.append(rid)
+
+    def over() -> bool:
+        if time.perf_counter() < deadline:
+            return False
+        pending.clear()
+        for rid in sent:
+            engine.abort(rid)
+        return True
+
+    if workload.mode == "spaced":
+        while pending and not over():
+            due = engine.clock() + workload.gap_s
+            while engine.clock() < due:
+                time.sleep(min(0.001, max(0.0, due - engine.clock())))
+            submit(due)
+            while engine.has_unfinished:
+                engine.step()
+        return
+    first = len(pending) if workload.mode == "batch" else workload.concurrency
+    for _ in range(min(first, len(pending))):
+        submit()
+    while engine.has_unfinished and not over():
+        result = engine.step()
+        if result is not None:
+            for _ in result.finished:
+                if pending:
+                    submit()
 
 
-class _ShapeRecorder:
-    """Wraps the engine's executor during the host-overhead run: each iteration's rows and executor time."""
-
-    def __init__(self, runner, sync):
-        self.runner, self.sync = runner, sync
-        self.last: tuple[int, float] | None = None
-
-    def execute(self, plan, blocks):
-        t0 = time.perf_counter()
-        out = self.runner.execute(plan, blocks)
-        self.sync()
-        self.last = (len(plan.chunks), time.perf_counter() - t0)
-        return out
+Driver = Callable[[LLMEngine, list[Workload], "IterationTap", Callable[[str], None], float], None]
 
 
-def host_overhead(engine: LLMEngine, num_requests: int, prompt: int, output: int, sync) -> tuple[float, float]:
-    """(seconds per iteration, seconds per row) the engine spends around its executor."""
-    rec = _ShapeRecorder(engine.runner, sync)
-    engine.runner = rec
-    samples: list[tuple[int, float]] = []
+def drive_all_inline(engine: LLMEngine, workloads: list[Workload], tap: IterationTap,
+                     log: Callable[[str], None], budget_s: float = float("inf")) -> None:
     rng = random.Random(0)
-    vocab = engine.loaded.config.vocab_size
-    try:
-        for i in range(num_requests):
-            engine.add_request(f"host-{i}", [rng.randrange(3, vocab - 1) for _ in range(prompt)],
-                               SamplingParams(max_tokens=output, ignore_eos=True))
-        while engine.has_unfinished:
-            t0 = time.perf_counter()
-            engine.step()
-            total = time.perf_counter() - t0
-            if rec.last is not None:
-                samples.append((rec.last[0], max(0.0, total - rec.last[1])))
-                rec.last = None
-    finally:
-        engine.runner = rec.runner
-    x = np.array([[1.0, r] for r, _ in samples])
-    y = np.array([s for _, s in samples])
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-    return max(0.0, float(coef[0])), max(0.0, float(coef[1]))
+    for i, (w, deadline) in enumerate(zip(workloads, deadlines(workloads, budget_s, time.perf_counter()))):
+        tap.workload = i
+        tap.idle()
+        t0 = time.perf_counter()
+        drive_inline(engine, w, rng, deadline)
+        log(f"calibrate: {i + 1}/{len(workloads)} {w.name} ({time.perf_counter() - t0:.1f} s)")
+
+
+# -- the fit --------------------------------------------------------------------------------------------
+def busy_gaps(samples: list[Sample]) -> list[tuple[Sample, float]]:
+    """(sample, seconds since the previous iteration's time stamp) for iterations that followed a
+    busy one of the same workload."""
+    out = []
+    for prev, s in zip(samples, samples[1:]):
+        if not s.after_idle and s.workload == prev.workload and s.time > prev.time:
+            out.append((s, s.time - prev.time))
+    return out
+
+
+def idle_wake(model: CostModel, samples: list[Sample], spaced: set[int]) -> tuple[float, int]:
+    """The median of (time from the arrival to the iteration's time stamp) - (the model's iteration
+    cost), over the iterations that followed an idle wait in the `spaced` workloads (whose requests
+    carry their due time, as replayed workloads do); and how many there were."""
+    extra = [s.time - s.newest_arrival - model.predict(s.shape) for s in samples if s.after_idle
+             and s.workload in spaced]
+    if not extra:
+        return 0.0, 0
+    return max(0.0, float(statistics.median(extra))), len(extra)
+
+
+def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[int],
+                spaced: set[int] = frozenset()) -> tuple[CostModel, dict[str, Any]]:
+    """The cost model fitted on every busy iteration, and the fit's report (held-out error per regime)."""
+    gaps = busy_gaps(samples)
+    if not gaps:
+        raise RuntimeError("calibrate: no busy iterations were recorded")
+    train = [(s, y) for s, y in gaps if s.workload not in held_out]
+    held = [(s, y) for s, y in gaps if s.workload in held_out]
+    report: dict[str, Any] = {"num_shapes": len(gaps), "num_held_out": len(held)}
+    if train and held:
+        first = fit([s.shape for s, _ in train], [y for _, y in train], **buckets)
+        err = relative_errors(first, [s.shape for s, _ in held], [y for _, y in held])
+        report.update(held_out_mean_rel_error=float(err.mean()), held_out_max_rel_error=float(err.max()),
+                      held_out_by_regime=regime_errors(first, [s.shape for s, _ in held], [y for _, y in held]))
+    else:
+        report.update(held_out_mean_rel_error=None, held_out_max_rel_error=None, held_out_by_regime={})
+    model = fit([s.shape for s, _ in gaps], [y for _, y in gaps], **buckets)
+    wake, n_idle = idle_wake(model, samples, spaced)
+    model = CostModel({**model.to_dict(), "idle_wake_s": wake})
+    err = relative_errors(model, [s.shape for s, _ in gaps], [y for _, y in gaps])
+    report.update(all_mean_rel_error=float(err.mean()), all_max_rel_error=float(err.max()),
+                  all_by_regime=regime_errors(model, [s.shape for s, _ in gaps], [y for _, y in gaps]),
+                  idle_wake_s=wake, idle_samples=n_idle)
+    return model, report
 
 
 def calibrate(model: str, *, device: str | None = None, dtype: str | None = None, name: str | None = None,
-              max_num_seqs: int = 256, max_batched_tokens: int = 8192, repeats: int = 5, quick: bool = False,
+              max_num_seqs: int = 256, max_batched_tokens: int = 8192, quick: bool = False,
               num_blocks: int | None = None, gpu_memory_fraction: float = 0.85, seed: int = 0,
+              driver: Driver | None = None, driver_name: str = "inline", budget_s: float = 120.0,
               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> SimProfile:
+    """Build the engine, play `design_workloads` through `driver` (default: `drive_all_inline`) within
+    `budget_s` seconds (each workload its share; one that runs over is cut short), fit."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -149,31 +315,29 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
                        max_batched_tokens_limit=max_batched_tokens, seed=seed, spec_k_limit=0)
     t_start = time.perf_counter()
     engine = LLMEngine(cfg, LiveConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
-                                       chunk_size=max_batched_tokens))
+                                       chunk_size=min(512, max_batched_tokens)),
+                       sink=ListSink())  # telemetry kept as a headless replay keeps it
     cuda = engine.device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(engine.device)) if cuda else (lambda: None)
     log(f"calibrate: {model} on {device} ({dtype}), {engine.blocks.num_blocks} KV blocks, "
         f"built in {time.perf_counter() - t_start:.1f} s")
+    graphs = getattr(engine.runner, "graphs", None)
+    buckets = {"decode_buckets": list(graphs.decode_sizes) if graphs else [],
+               "token_buckets": list(graphs.token_sizes) if graphs else [],
+               "max_rows": int(graphs.max_rows) if graphs else 0}
     pool_tokens = engine.blocks.num_blocks * cfg.block_size
-    grid = design_grid(max_num_seqs, max_batched_tokens, engine.max_model_len, pool_tokens, quick)
-    timings: list[Timing] = []
-    for i, rows in enumerate(grid):
-        timings.append(Timing(rows, time_shape(engine, rows, repeats, sync)))
-        if (i + 1) % 10 == 0 or i + 1 == len(grid):
-            log(f"calibrate: {i + 1}/{len(grid)} shapes timed")
-    shapes = [IterationShape.of_rows(t.rows) for t in timings]
-    seconds = [t.seconds for t in timings]
-    held = [i for i in range(len(shapes)) if i % 5 == 4]
-    train = [i for i in range(len(shapes)) if i % 5 != 4]
-    first = fit([shapes[i] for i in train], [seconds[i] for i in train])
-    held_err = relative_errors(first, [shapes[i] for i in held], [seconds[i] for i in held]) if held else np.zeros(0)
-    model_fit = fit(shapes, seconds)
-    all_err = relative_errors(model_fit, shapes, seconds)
-    n_host = 8 if quick else 64
-    per_it, per_row = host_overhead(engine, n_host, 64 if quick else 256, 8 if quick else 64, sync)
-    coef = model_fit.to_dict()
-    coef["constant"] += per_it
-    coef["decode_rows"] += per_row
+    workloads = design_workloads(max_num_seqs, max_batched_tokens, engine.max_model_len, pool_tokens, quick)
+    held_out = held_out_workloads(workloads)
+    tap = IterationTap(engine)
+    t_run = time.perf_counter()
+    try:
+        (driver or drive_all_inline)(engine, workloads, tap, log, budget_s)
+    finally:
+        tap.remove()
+    run_s = time.perf_counter() - t_run
+    samples = tap.samples()
+    spaced = {i for i, w in enumerate(workloads) if w.mode == "spaced"}
+    cost, report = fit_samples(samples, buckets, held_out, spaced)
+    cost = CostModel({**cost.to_dict(), "cuda_graphs": bool(graphs)})
     lm = engine.loaded
     per_block = engine.kv_cache.num_bytes // engine.blocks.num_blocks
     versions = {"python": platform.python_version(), "torch": torch.__version__}
@@ -185,36 +349,26 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     device_name = torch.cuda.get_device_name(engine.device) if cuda else f"CPU ({platform.processor() or platform.machine()})"
     short = model.split(":", 1)[-1].rstrip("/").split("/")[-1]
     gpu = device_name.replace("NVIDIA ", "").split()[0].lower() if cuda else "cpu"
+    kinds = {}
+    for w in workloads:
+        kinds[w.kind] = kinds.get(w.kind, 0) + 1
     profile = SimProfile(
         name=name or f"{gpu}-{short}", model=model, device_name=device_name, dtype=dtype, block_size=cfg.block_size,
         num_blocks=engine.blocks.num_blocks, kv_bytes_per_block=per_block,
         model_shape={"num_layers": lm.num_layers, "hidden_size": lm.config.hidden_size,
                      "num_kv_heads": lm.num_kv_heads, "head_dim": lm.head_dim, "vocab_size": lm.config.vocab_size,
                      "max_model_len": engine.max_model_len, "eos_token_ids": list(lm.eos_token_ids)},
-        cost=CostModel(coef),
-        fit={"num_shapes": len(shapes), "num_held_out": len(held),
-             "held_out_mean_rel_error": float(held_err.mean()) if len(held_err) else None,
-             "held_out_max_rel_error": float(held_err.max()) if len(held_err) else None,
-             "all_mean_rel_error": float(all_err.mean()), "all_max_rel_error": float(all_err.max()),
-             "host_overhead_s": {"per_iteration": per_it, "per_row": per_row},
-             "cuda_graphs": bool(getattr(engine.runner, "graphs", None)), "repeats": repeats,
-             "max_num_seqs_limit": max_num_seqs, "max_batched_tokens_limit": max_batched_tokens,
-             "shapes": [{"rows": _compact(t.rows), "seconds": t.seconds} for t in timings],
+        cost=cost,
+        fit={"target": "engine iterations: gaps between consecutive busy iterations' time stamps",
+             "driver": driver_name, **report, "num_workloads": len(workloads), "workloads_by_kind": kinds,
+             "cuda_graphs": bool(graphs), "max_num_seqs_limit": max_num_seqs,
+             "max_batched_tokens_limit": max_batched_tokens, "budget_s": budget_s, "run_time_s": round(run_s, 1),
              "wall_time_s": round(time.perf_counter() - t_start, 1)},
         versions=versions, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         gpu_memory_fraction=gpu_memory_fraction,
     )
-    log(f"calibrate: fit on {len(shapes)} shapes; held-out error mean {profile.fit['held_out_mean_rel_error']:.1%}, "
-        f"max {profile.fit['held_out_max_rel_error']:.1%}; {profile.fit['wall_time_s']} s")
+    held = profile.fit["held_out_by_regime"]
+    log(f"calibrate: fit on {report['num_shapes']} iterations of {len(workloads)} workloads; held-out error "
+        + ", ".join(f"{k} mean {v['mean_rel_error']:.1%} (total {v['total_bias']:+.1%})" for k, v in held.items())
+        + f"; idle wake {report['idle_wake_s'] * 1e3:.2f} ms; {profile.fit['wall_time_s']} s")
     return profile
-
-
-def _compact(rows: Rows) -> list[list[int]]:
-    """Runs of equal rows as [context, new tokens, count]."""
-    out: list[list[int]] = []
-    for ctx, n in rows:
-        if out and out[-1][0] == ctx and out[-1][1] == n:
-            out[-1][2] += 1
-        else:
-            out.append([ctx, n, 1])
-    return out

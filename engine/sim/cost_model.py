@@ -1,78 +1,218 @@
-"""Iteration time as a linear model of the iteration's shape, fitted by least squares.
+"""Iteration time by regime: what one turn of the engine's loop costs, as a function of its shape.
 
-An iteration (a `StepPlan`) is described by five features:
+The time a simulated iteration lasts is what virtual time must advance by between two iteration
+starts of a busy real engine: scheduling, input preparation, the forward (a CUDA-graph replay padded
+to its bucket, or an eager forward), sampling, bookkeeping and telemetry. `batchdeck calibrate`
+fits it to the gaps between the real engine's iterations (engine/sim/calibrate.py).
 
-- `constant`: 1 (launch and per-step overhead: the floor of a small decode step);
-- `prefill_tokens`: tokens of multi-token rows (prefill chunks, and speculative verifications, which
-  are a request catching up k + 1 tokens);
-- `prefill_attention`: the attention work of those rows, sum of n * (ctx + (n + 1) / 2) over rows of
-  n new tokens after ctx cached ones, in millions;
-- `decode_rows`: one-token rows (decodes and the padding rows of static batches, which are computed);
-- `decode_context`: the KV those rows read, sum of (ctx + 1), in thousands of tokens.
+Two regimes, each a linear model of its own features with non-negative coefficients:
 
-seconds = sum(coefficient[f] * feature[f]). `fit` keeps every coefficient but the constant >= 0
-(a feature that would get a negative one is dropped and the rest refitted).
+- `decode` (every row computes one token): `constant`; `rows` (host work is O(rows)); `padded_rows`
+  (the decode CUDA-graph bucket the rows pad to, from `decode_buckets`; the rows themselves when no
+  bucket fits or none were captured), so the cost moves in steps as the engine's does; `context`
+  (the KV the rows read, sum of (ctx + 1), in thousands of tokens).
+- `mixed` (some row computes several tokens: prefill chunks, speculative verification):
+  `constant`; `eager` (1 when the iteration fits no mixed bucket of `token_buckets`, which were
+  captured: it runs without a graph); `tokens` (all tokens computed); `padded_tokens` (the token
+  bucket they pad to, or the tokens when eager); `prefill_tokens` (tokens of multi-token rows);
+  `attention` (their attention work, sum of n * (ctx + (n + 1) / 2), in millions); `decode_rows`
+  and `decode_context` (the one-token rows riding along, context in thousands); `rows`.
+
+`idle_wake_s`: what an iteration after an idle wait adds (the engine waking for an arrival).
+
+The profile's `cost` is {"format": "regimes/1", "decode": {...}, "mixed": {...}, "decode_buckets":
+[...], "token_buckets": [...], "max_rows": N, "idle_wake_s": s, "cuda_graphs": bool} (with graphs, a
+simulated engine takes the buckets its own limits give: `for_limits`). A profile of the first format (five
+coefficients `constant, prefill_tokens, prefill_attention, decode_rows, decode_context` for every
+iteration) still loads: it becomes the same model in both regimes, without buckets.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-FEATURES = ("constant", "prefill_tokens", "prefill_attention", "decode_rows", "decode_context")
+COST_FORMAT = "regimes/1"
+DECODE_FEATURES = ("constant", "rows", "padded_rows", "context")
+MIXED_FEATURES = ("constant", "eager", "tokens", "padded_tokens", "prefill_tokens", "attention", "decode_rows",
+                  "decode_context", "rows")
+REGIMES = {"decode": DECODE_FEATURES, "mixed": MIXED_FEATURES}
+LEGACY_FEATURES = ("constant", "prefill_tokens", "prefill_attention", "decode_rows", "decode_context")
 
 
 @dataclass(frozen=True)
 class IterationShape:
-    """What an iteration computes, as the cost model sees it."""
+    """What an iteration computes, as the cost model sees it (before bucket padding)."""
 
-    prefill_tokens: int = 0
-    prefill_attention: float = 0.0  # sum n * (ctx + (n + 1) / 2), in millions
-    decode_rows: int = 0
+    prefill_tokens: int = 0  # tokens of multi-token rows
+    prefill_attention: float = 0.0  # sum n * (ctx + (n + 1) / 2) over those rows, in millions
+    decode_rows: int = 0  # one-token rows
     decode_context: float = 0.0  # sum (ctx + 1) over decode rows, in thousands
+    prefill_rows: int = 0
 
-    def features(self) -> tuple[float, ...]:
-        return (1.0, float(self.prefill_tokens), self.prefill_attention, float(self.decode_rows),
-                self.decode_context)
+    @property
+    def rows(self) -> int:
+        return self.decode_rows + self.prefill_rows
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill_tokens + self.decode_rows
+
+    @property
+    def decode_only(self) -> bool:
+        return self.prefill_rows == 0
 
     @classmethod
     def of_rows(cls, rows: Iterable[tuple[int, int]]) -> "IterationShape":
         """From (context, new tokens) per row."""
-        pt = dr = 0
+        pt = dr = pr = 0
         pa = dc = 0.0
         for ctx, n in rows:
             if n == 1:
                 dr += 1
                 dc += ctx + 1
             else:
+                pr += 1
                 pt += n
                 pa += n * (ctx + (n + 1) / 2)
-        return cls(pt, pa / 1e6, dr, dc / 1e3)
+        return cls(pt, pa / 1e6, dr, dc / 1e3, pr)
+
+    @classmethod
+    def of_chunks(cls, chunks) -> "IterationShape":
+        return cls.of_rows((c.start, c.num_tokens) for c in chunks)
+
+
+def _coefficients(d: Mapping[str, Any], names: Sequence[str], where: str) -> tuple[float, ...]:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"cost model: {where} must be an object of coefficients, got {d!r}")
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"cost model: unknown {where} feature(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    out = []
+    for k in names:
+        v = d.get(k, 0.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
+            raise ValueError(f"cost model: {where} coefficient {k}={v!r} is not a finite number")
+        out.append(float(v))
+    return tuple(out)
+
+
+def _buckets(v: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)) or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in v):
+        raise ValueError(f"cost model: {where} must be a list of positive integers, got {v!r}")
+    return tuple(sorted(set(v)))
 
 
 @dataclass(frozen=True)
 class CostModel:
-    coefficients: dict[str, float]
+    """`coefficients`: the profile's `cost` object (either format; see the module docstring)."""
+
+    coefficients: dict[str, Any]
+    _decode: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _mixed: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.coefficients) - set(FEATURES))
+        c = self.coefficients
+        if not isinstance(c, Mapping):
+            raise ValueError(f"cost model: expected an object, got {c!r}")
+        if "format" not in c:  # the first format: one linear model for every iteration
+            lc = _coefficients(c, LEGACY_FEATURES, "cost")
+            const, pt, pa, dr, dc = lc
+            c = {"format": COST_FORMAT, "decode": {"constant": const, "rows": dr, "context": dc},
+                 "mixed": {"constant": const, "prefill_tokens": pt, "attention": pa, "decode_rows": dr,
+                           "decode_context": dc}, "decode_buckets": [], "token_buckets": [], "max_rows": 0,
+                 "idle_wake_s": 0.0, "legacy": dict(zip(LEGACY_FEATURES, lc))}
+        elif c["format"] != COST_FORMAT:
+            raise ValueError(f"cost model: format {c['format']!r}, expected {COST_FORMAT!r}")
+        for regime in REGIMES:
+            if regime not in c:
+                raise ValueError(f"cost model: missing {regime!r} coefficients")
+        known = {"format", "decode", "mixed", "decode_buckets", "token_buckets", "max_rows", "idle_wake_s", "legacy",
+                 "cuda_graphs"}
+        unknown = sorted(set(c) - known)
         if unknown:
-            raise ValueError(f"cost model: unknown feature(s) {', '.join(unknown)}; known: {', '.join(FEATURES)}")
-        for k, v in self.coefficients.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
-                raise ValueError(f"cost model: coefficient {k}={v!r} is not a finite number")
-        object.__setattr__(self, "_c", tuple(float(self.coefficients.get(f, 0.0)) for f in FEATURES))
+            raise ValueError(f"cost model: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        dec = _coefficients(c["decode"], DECODE_FEATURES, "decode")
+        mix = _coefficients(c["mixed"], MIXED_FEATURES, "mixed")
+        db = _buckets(c.get("decode_buckets", []), "decode_buckets")
+        tb = _buckets(c.get("token_buckets", []), "token_buckets")
+        max_rows = c.get("max_rows", 0)
+        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0:
+            raise ValueError(f"cost model: max_rows must be an integer >= 0, got {max_rows!r}")
+        wake = c.get("idle_wake_s", 0.0)
+        if not isinstance(wake, (int, float)) or isinstance(wake, bool) or not 0.0 <= wake < 10.0:
+            raise ValueError(f"cost model: idle_wake_s must be in [0, 10) seconds, got {wake!r}")
+        object.__setattr__(self, "coefficients", {
+            **{k: v for k, v in c.items() if k not in REGIMES}, "decode": dict(zip(DECODE_FEATURES, dec)),
+            "mixed": dict(zip(MIXED_FEATURES, mix)), "decode_buckets": list(db), "token_buckets": list(tb),
+            "max_rows": max_rows, "idle_wake_s": float(wake), "cuda_graphs": bool(c.get("cuda_graphs", bool(db or tb)))})
+        object.__setattr__(self, "_decode", dec)
+        object.__setattr__(self, "_mixed", mix)
+        # padded rows per row count (index r), for the hot path
+        pad = list(range((db[-1] if db else 0) + 1))
+        for r in range(len(pad)):
+            i = bisect.bisect_left(db, r)
+            pad[r] = db[i] if i < len(db) else r
+        object.__setattr__(self, "_pad_rows", pad)
+        object.__setattr__(self, "_token_buckets", tb)
 
+    def for_limits(self, max_rows: int, max_tokens: int) -> "CostModel":
+        """The model as an engine started with these limits runs it: CUDA graphs are captured up to
+        the limits (engine/cuda_graphs.py), so the buckets follow them when the calibration used graphs."""
+        if not self.coefficients["cuda_graphs"]:
+            return self
+        from batchdeck.engine.cuda_graphs import decode_buckets, token_buckets
+
+        return CostModel({**self.to_dict(), "decode_buckets": decode_buckets(min(max_rows, max_tokens)),
+                          "token_buckets": token_buckets(max_tokens), "max_rows": int(max_rows)})
+
+    @property
+    def idle_wake_s(self) -> float:
+        return self.coefficients["idle_wake_s"]
+
+    @property
+    def legacy(self) -> bool:
+        return "legacy" in self.coefficients
+
+    # -- features ---------------------------------------------------------------------------------
+    def padded_rows(self, rows: int) -> int:
+        pad = self._pad_rows
+        return pad[rows] if rows < len(pad) else rows
+
+    def mixed_bucket(self, tokens: int, rows: int) -> int | None:
+        """The mixed graph bucket an iteration of `tokens` over `rows` replays (None: it runs eagerly);
+        a bucket of tb tokens holds min(max_rows, tb) rows (engine/cuda_graphs.py)."""
+        tb = self._token_buckets
+        i = bisect.bisect_left(tb, tokens)
+        max_rows = self.coefficients["max_rows"]
+        while i < len(tb):
+            if min(max_rows, tb[i]) >= rows:
+                return tb[i]
+            i += 1
+        return None
+
+    def features(self, s: IterationShape) -> tuple[str, tuple[float, ...]]:
+        """(regime, feature values in that regime's order)."""
+        if s.decode_only:
+            return "decode", (1.0, float(s.decode_rows), float(self.padded_rows(s.decode_rows)), s.decode_context)
+        t = s.tokens
+        b = self.mixed_bucket(t, s.rows) if self._token_buckets else None
+        eager = 1.0 if (self._token_buckets and b is None) else 0.0
+        return "mixed", (1.0, eager, float(t), float(b if b is not None else t), float(s.prefill_tokens),
+                         s.prefill_attention, float(s.decode_rows), s.decode_context, float(s.rows))
+
+    # -- prediction -----------------------------------------------------------------------------
     def predict(self, shape: IterationShape) -> float:
-        c = self._c
-        return max(0.0, c[0] + c[1] * shape.prefill_tokens + c[2] * shape.prefill_attention
-                   + c[3] * shape.decode_rows + c[4] * shape.decode_context)
+        regime, x = self.features(shape)
+        c = self._decode if regime == "decode" else self._mixed
+        t = sum(a * b for a, b in zip(c, x))
+        return t if t > 0.0 else 0.0
 
     def plan_seconds(self, chunks) -> float:
-        """The modelled duration of a plan's chunks (the hot path: one pass, no objects)."""
-        c0, c1, c2, c3, c4 = self._c
-        pt = dr = 0
+        """The modelled duration of a plan's chunks (the hot path: one pass, no objects for decode steps)."""
+        pt = dr = pr = 0
         pa = dc = 0.0
         for ch in chunks:
             n = ch.num_tokens
@@ -80,40 +220,104 @@ class CostModel:
                 dr += 1
                 dc += ch.start + 1
             else:
+                pr += 1
                 pt += n
-                pa += n * (ch.start + (n + 1) * 0.5)
-        t = c0 + c1 * pt + c2 * pa * 1e-6 + c3 * dr + c4 * dc * 1e-3
-        return t if t > 0.0 else 0.0
+                pa += n * (ch.start + (n + 1) / 2)
+        if not pr:
+            c0, c_rows, c_pad, c_ctx = self._decode
+            pad = self._pad_rows
+            t = c0 + c_rows * dr + c_pad * (pad[dr] if dr < len(pad) else dr) + c_ctx * dc * 1e-3
+            return t if t > 0.0 else 0.0
+        return self.predict(IterationShape(pt, pa / 1e6, dr, dc / 1e3, pr))
 
-    def to_dict(self) -> dict[str, float]:
-        return {f: float(self.coefficients.get(f, 0.0)) for f in FEATURES}
+    # -- the analytic model's two quantities ------------------------------------------------------
+    def decode_iteration_seconds(self, rows: int, mean_context: float) -> float:
+        """A decode-only iteration of `rows` rows at `mean_context` tokens each."""
+        return self.predict(IterationShape(decode_rows=rows, decode_context=rows * mean_context / 1e3))
+
+    def prefill_seconds(self, tokens: float, chunk: int | None = None) -> float:
+        """What a prompt of `tokens` adds to the iterations that compute it, in chunks of `chunk`
+        (default one chunk): each chunk's mixed-iteration cost beyond its constant."""
+        if tokens < 1:
+            return 0.0
+        chunk = int(max(1, chunk or tokens))
+        total, done = 0.0, 0
+        c0 = self._mixed[0]
+        while done < tokens:
+            n = int(min(chunk, tokens - done))
+            if n < 2:
+                n = 2
+            total += self.predict(IterationShape(prefill_tokens=n, prefill_attention=n * (done + (n + 1) / 2) / 1e6,
+                                                 prefill_rows=1)) - c0
+            done += n
+        return max(0.0, total)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+                for k, v in self.coefficients.items()}
 
 
-def fit(shapes: Sequence[IterationShape], seconds: Sequence[float]) -> CostModel:
-    """Least squares of `seconds` on the shapes' features, coefficients other than the constant >= 0,
-    each sample weighted by 1 / seconds (so the fit minimizes relative, not absolute, error)."""
-    if len(shapes) != len(seconds) or not shapes:
-        raise ValueError(f"fit needs as many timings as shapes (got {len(shapes)} shapes, {len(seconds)} timings)")
-    x = np.array([s.features() for s in shapes], dtype=np.float64)
-    y = np.asarray(seconds, dtype=np.float64)
-    if not np.all(y > 0):
-        raise ValueError("fit: every timing must be > 0 seconds")
-    w = 1.0 / y
-    active = [i for i in range(len(FEATURES)) if i == 0 or np.any(x[:, i] != 0)]
-    while True:
+# -- fitting --------------------------------------------------------------------------------------------
+def nonnegative_lstsq(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """Weighted least squares with every coefficient >= 0 (an active set: a feature that would get a
+    negative coefficient is dropped and the rest refitted)."""
+    w = np.ones_like(y) if w is None else w
+    active = [i for i in range(x.shape[1]) if np.any(x[:, i] != 0)]
+    coef = np.zeros(x.shape[1])
+    while active:
         xa = x[:, active] * w[:, None]
         scale = np.abs(xa).max(axis=0)
         scale[scale == 0] = 1.0
-        coef, *_ = np.linalg.lstsq(xa / scale, y * w, rcond=None)
-        coef = coef / scale
-        negative = [(coef[j], active[j]) for j in range(len(active)) if active[j] != 0 and coef[j] < 0]
-        if not negative:
+        sol, *_ = np.linalg.lstsq(xa / scale, y * w, rcond=None)
+        sol = sol / scale
+        if np.all(sol >= 0):
+            coef[:] = 0
+            coef[active] = sol
             break
-        active.remove(min(negative)[1])
-    full = {f: 0.0 for f in FEATURES}
-    for j, i in enumerate(active):
-        full[FEATURES[i]] = float(coef[j])
-    return CostModel(full)
+        active.remove(active[int(np.argmin(sol))])
+    return coef
+
+
+def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_buckets: Sequence[int] = (),
+        token_buckets: Sequence[int] = (), max_rows: int = 0, idle_wake_s: float = 0.0) -> CostModel:
+    """Fit each regime by least squares on the relative error, coefficients >= 0. The weights are
+    1 / predicted seconds (iterated from 1 / measured): weighting by the measured time itself would
+    pull the fit toward the iterations that happened to run fast, and a simulated latency is a sum of
+    iteration times, which must come out right on average.
+    A regime without samples takes the other's coefficients where the features mean the same."""
+    if len(shapes) != len(seconds) or not shapes:
+        raise ValueError(f"fit needs as many timings as shapes (got {len(shapes)} shapes, {len(seconds)} timings)")
+    y_all = np.asarray(seconds, dtype=np.float64)
+    if not np.all(y_all > 0):
+        raise ValueError("fit: every timing must be > 0 seconds")
+    skeleton = CostModel({"format": COST_FORMAT, "decode": {}, "mixed": {}, "decode_buckets": list(decode_buckets),
+                          "token_buckets": list(token_buckets), "max_rows": int(max_rows)})
+    rows: dict[str, list[tuple[float, ...]]] = {"decode": [], "mixed": []}
+    ys: dict[str, list[float]] = {"decode": [], "mixed": []}
+    for s, y in zip(shapes, y_all):
+        regime, x = skeleton.features(s)
+        rows[regime].append(x)
+        ys[regime].append(float(y))
+    coefs: dict[str, dict[str, float]] = {}
+    for regime, names in REGIMES.items():
+        if not rows[regime]:
+            continue
+        x, y = np.array(rows[regime]), np.array(ys[regime])
+        coef = nonnegative_lstsq(x, y, 1.0 / y)
+        for _ in range(3):  # weights 1 / predicted: relative error, without pulling toward the fast samples
+            pred = np.maximum(x @ coef, 0.05 * y.mean())
+            coef = nonnegative_lstsq(x, y, 1.0 / pred)
+        coefs[regime] = dict(zip(names, (float(v) for v in coef)))
+    if "decode" not in coefs:
+        m = coefs["mixed"]
+        coefs["decode"] = {"constant": m["constant"], "rows": m["rows"] + m["decode_rows"],
+                           "context": m["decode_context"]}
+    if "mixed" not in coefs:
+        d = coefs["decode"]
+        coefs["mixed"] = {"constant": d["constant"], "rows": d["rows"], "decode_rows": d["padded_rows"],
+                          "decode_context": d["context"]}
+    return CostModel({"format": COST_FORMAT, **coefs, "decode_buckets": list(decode_buckets),
+                      "token_buckets": list(token_buckets), "max_rows": int(max_rows), "idle_wake_s": float(idle_wake_s)})
 
 
 def relative_errors(model: CostModel, shapes: Sequence[IterationShape], seconds: Sequence[float]) -> np.ndarray:
@@ -121,3 +325,19 @@ def relative_errors(model: CostModel, shapes: Sequence[IterationShape], seconds:
     pred = np.array([model.predict(s) for s in shapes])
     y = np.asarray(seconds, dtype=np.float64)
     return np.abs(pred - y) / y
+
+
+def regime_errors(model: CostModel, shapes: Sequence[IterationShape], seconds: Sequence[float]) -> dict[str, Any]:
+    """Per regime: samples, mean and median relative error, and the bias of the total time
+    (sum predicted / sum measured - 1: what accumulates into a request's latency)."""
+    out: dict[str, Any] = {}
+    for regime in REGIMES:
+        idx = [i for i, s in enumerate(shapes) if (regime == "decode") == s.decode_only]
+        if not idx:
+            continue
+        y = np.array([seconds[i] for i in idx])
+        p = np.array([model.predict(shapes[i]) for i in idx])
+        err = np.abs(p - y) / y
+        out[regime] = {"samples": len(idx), "mean_rel_error": float(err.mean()),
+                       "median_rel_error": float(np.median(err)), "total_bias": float(p.sum() / y.sum() - 1)}
+    return out

@@ -48,8 +48,22 @@ class SimulatedEngine(LLMEngine):
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.backend = None
         self.sampler = SimSampler()
-        self.runner = SimExecutor(p.cost, self.clock, p.vocab_size, p.eos_token_ids, p.spec_acceptance, cfg.seed)
+        cost = p.cost.for_limits(cfg.max_num_seqs_limit, cfg.max_batched_tokens_limit)
+        self.runner = SimExecutor(cost, self.clock, p.vocab_size, p.eos_token_ids, p.spec_acceptance, cfg.seed)
         return num_blocks
+
+    def add_request(self, *args: Any, **kwargs: Any):
+        idle = not self.has_unfinished
+        request = super().add_request(*args, **kwargs)
+        if idle:
+            self.runner.waking = True  # a real engine waits for work here: its next iteration starts late
+        return request
+
+    def step(self):
+        result = super().step()
+        if result is None:
+            self.runner.waking = True
+        return result
 
     def sleep(self, seconds: float) -> None:
         self.clock.sleep(seconds)

@@ -32,6 +32,9 @@ class SimExecutor:
         self._keys: dict[str, int] = {}
         self.iterations = 0
         self.simulated_seconds = 0.0
+        # The engine waited for work before this iteration (it was idle): the iteration also lasts the
+        # profile's `idle_wake_s`, the time a real engine takes to wake up for an arrival.
+        self.waking = False
 
     def _key(self, request_id: str) -> int:
         k = self._keys.get(request_id)
@@ -58,6 +61,9 @@ class SimExecutor:
     def execute(self, plan: StepPlan, blocks: Any) -> tuple[list[tuple[Any, list[int]]], StepTimings]:
         start = self.clock()
         dt = self.cost.plan_seconds(plan.chunks)
+        if self.waking:
+            dt += self.cost.idle_wake_s
+            self.waking = False
         out = []
         token_at = self.token_at
         for c in plan.chunks:

@@ -1,0 +1,116 @@
+"""Calibration from the engine's own iterations: the designed workloads, the tap, the fit to
+iteration gaps, the idle wake, and the simulated engine applying them. No GPU needed."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from batchdeck.engine.config import EngineConfig, LiveConfig
+from batchdeck.engine.request import SamplingParams
+from batchdeck.engine.sim.calibrate import (IterationTap, Sample, busy_gaps, design_workloads, drive_inline,
+                                            fit_samples, held_out_workloads)
+from batchdeck.engine.sim.clock import VirtualClock
+from batchdeck.engine.sim.cost_model import CostModel, IterationShape
+from batchdeck.engine.sim.engine import SimulatedEngine
+from batchdeck.engine.sim.profile import SimProfile
+
+TRUTH = {"format": "regimes/1",
+         "decode": {"constant": 2e-3, "rows": 1e-5, "padded_rows": 3e-5, "context": 2e-5},
+         "mixed": {"constant": 4e-3, "padded_tokens": 2e-5, "attention": 1e-3, "decode_rows": 2e-5, "rows": 1e-5},
+         "decode_buckets": [1, 2, 4, 8, 16, 32, 48, 64], "token_buckets": [32, 64, 128, 256, 512],
+         "max_rows": 64, "idle_wake_s": 0.0, "cuda_graphs": True}
+
+
+@pytest.mark.parametrize("limits", [(256, 8192, 40960, 870_000), (64, 2048, 4096, 200_000), (4, 64, 2048, 4096)])
+def test_designed_workloads_stay_within_the_limits_and_cover_every_regime(limits):
+    max_rows, max_tokens, max_len, pool = limits
+    ws = design_workloads(max_rows, max_tokens, max_len, pool)
+    assert {w.kind for w in ws} == {"decode", "mixed", "prefill", "idle"}
+    assert len({w.name for w in ws}) == len(ws)
+    for w in ws:
+        assert 1 <= w.max_num_seqs <= max_rows and w.chunk_size <= w.max_batched_tokens <= max_tokens
+        assert all(p + o < max_len for p, o in w.requests)
+        live = {"closed": w.requests[: w.concurrency], "spaced": w.requests[:1]}.get(w.mode, w.requests)
+        assert sum(p + o for p, o in live) <= pool
+    held = held_out_workloads(ws)
+    for kind in ("decode", "mixed", "prefill"):
+        of_kind = [i for i, w in enumerate(ws) if w.kind == kind]
+        assert (len(of_kind) >= 2) == bool(held & set(of_kind))  # held out where the kind has two or more
+        assert set(of_kind) - held
+
+
+def synthetic_samples(truth: CostModel, noise: float, seed: int = 0) -> list[Sample]:
+    """Workloads of iterations whose gaps follow `truth`, with an idle-start iteration in each."""
+    rng = np.random.default_rng(seed)
+    out, t = [], 0.0
+    for w in range(16):
+        for k in range(40):
+            if w % 2:
+                rows = [(int(rng.integers(10, 3000)), 1) for _ in range(int(rng.integers(1, 64)))]
+            else:
+                rows = [(int(rng.integers(0, 2000)), int(rng.choice([32, 100, 400])))] + \
+                       [(int(rng.integers(10, 3000)), 1) for _ in range(int(rng.integers(0, 30)))]
+            shape = IterationShape.of_rows(rows)
+            arrival = t
+            t += truth.predict(shape) * (1 + rng.normal(0, noise)) + (0.0015 if k == 0 else 0.0)
+            out.append(Sample(w, t, shape, after_idle=k == 0, newest_arrival=arrival))
+        t += 1.0
+    return out
+
+
+def test_the_fit_recovers_iteration_costs_and_the_idle_wake_from_iteration_time_stamps():
+    truth = CostModel(TRUTH)
+    samples = synthetic_samples(truth, 0.02)
+    buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
+    model, report = fit_samples(samples, buckets, held_out={3, 6, 11, 14}, spaced=set(range(16)))
+    assert report["num_shapes"] == 16 * 39  # the idle-start iteration of each workload is not a busy gap
+    for regime in ("decode", "mixed"):
+        r = report["held_out_by_regime"][regime]
+        assert r["mean_rel_error"] < 0.05 and abs(r["total_bias"]) < 0.02, (regime, r)
+    assert model.idle_wake_s == pytest.approx(0.0015, abs=3e-4)
+    assert report["idle_samples"] == 16
+
+
+def test_busy_gaps_skip_idle_starts_and_workload_boundaries():
+    s = [Sample(0, 1.0, IterationShape(decode_rows=1, decode_context=0.1), True, 0.9),
+         Sample(0, 1.01, IterationShape(decode_rows=1, decode_context=0.1), False, 0.9),
+         Sample(1, 3.0, IterationShape(decode_rows=1, decode_context=0.1), False, 2.9)]
+    gaps = busy_gaps(s)
+    assert len(gaps) == 1 and gaps[0][1] == pytest.approx(0.01)
+
+
+def test_the_tap_records_each_iteration_of_a_real_engine_and_gives_it_back():
+    from batchdeck.engine.llm_engine import LLMEngine
+
+    cfg = EngineConfig(model="synthetic:tiny", device="cpu", dtype="float32", num_blocks=128,
+                       max_num_seqs_limit=4, max_batched_tokens_limit=64, spec_k_limit=0)
+    engine = LLMEngine(cfg, LiveConfig(max_num_seqs=4, max_batched_tokens=64, chunk_size=64))
+    tap = IterationTap(engine)
+    w = design_workloads(4, 64, engine.max_model_len, 128 * 16, quick=True)[0]
+    drive_inline(engine, w, random.Random(0))
+    tap.remove()
+    assert "step" not in vars(engine) and "schedule" not in vars(engine.scheduler)
+    samples = tap.samples()
+    assert len(samples) == engine.iteration and samples[0].after_idle
+    assert sum(s.shape.tokens for s in samples) == sum(p + o - 1 for p, o in w.requests)
+    assert all(b.time > a.time for a, b in zip(samples, samples[1:]))
+
+
+def test_the_simulator_adds_the_idle_wake_to_an_iteration_after_idle_only():
+    profile = SimProfile(name="t", model="synthetic:tiny", device_name="Test GPU", dtype="bfloat16", block_size=16,
+                         num_blocks=4096, kv_bytes_per_block=1024,
+                         model_shape={"vocab_size": 512, "max_model_len": 4096, "eos_token_ids": [1]},
+                         cost=CostModel({**TRUTH, "idle_wake_s": 0.004}))
+    e = SimulatedEngine(EngineConfig(sim="unused", max_num_seqs_limit=64, max_batched_tokens_limit=512),
+                        LiveConfig(max_num_seqs=8, max_batched_tokens=512, chunk_size=512), profile=profile,
+                        clock=VirtualClock())
+    e.add_request("a", [5] * 100, SamplingParams(max_tokens=3, ignore_eos=True))
+    first = e.step().record.time
+    assert first == pytest.approx(0.004 + e.runner.cost.predict(IterationShape.of_rows([(0, 100)])))
+    t = e.clock()
+    e.add_request("b", [6] * 100, SamplingParams(max_tokens=3, ignore_eos=True))  # the engine is busy: no wake
+    e.step()
+    assert e.clock() - t == pytest.approx(e.runner.cost.predict(IterationShape.of_rows([(100, 1), (0, 100)])))
+    assert e.runner.cost.coefficients["decode_buckets"][-1] == 64  # buckets follow the engine's own limits
