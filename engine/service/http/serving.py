@@ -27,7 +27,9 @@ from batchdeck.engine.request import QueueFullError, RequestError, SamplingParam
 from batchdeck.engine.service.async_engine import AsyncEngine, RequestStream
 from batchdeck.engine.service.http.chat import chat_messages, chat_prompt_ids
 from batchdeck.engine.service.http.detokenizer import IncrementalDetokenizer
-from batchdeck.engine.service.http.errors import OpenAIError, bad_request, model_not_found, unavailable
+from batchdeck.engine.service.http.errors import (OpenAIError, bad_request, engine_dead, model_not_found,
+                                                  unavailable)
+from batchdeck.engine.service.served_model import EngineDeadError
 from batchdeck.engine.service.http.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 
 # Fields the engine cannot honour: refused with a 400 instead of silently ignored.
@@ -78,6 +80,16 @@ class _Job:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+async def _ending_on_engine_death(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's chunks; if the engine dies mid-stream, an OpenAI error event ends it (the status
+    line went out long ago), without [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except EngineDeadError as exc:
+        yield sse(engine_dead(exc).body())
+
+
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -111,13 +123,17 @@ def completion_prompts(prompt: Any, tokenizer: Any, vocab_size: int) -> list[lis
 
 
 class OpenAIServing:
+    """`engine`: an AsyncEngine, or an EngineProcess (engine/service/engine_process.py): the same
+    add_request / abort / error / clock / served_model, with the engine in another process."""
+
     def __init__(self, engine: AsyncEngine, served_model_name: str, *, is_draining: Callable[[], bool] = lambda: False):
         self.engine = engine
-        self.llm = engine.engine
+        served = engine.served_model()
+        self.clock = engine.clock  # the engine's clock, as add_request's arrival_time takes it
         self.model_name = served_model_name
-        self.tokenizer = self.llm.loaded.tokenizer
-        self.vocab_size = self.llm.loaded.config.vocab_size
-        self.max_model_len = self.llm.max_model_len
+        self.tokenizer = served.tokenizer
+        self.vocab_size = served.vocab_size
+        self.max_model_len = served.max_model_len
         self.is_draining = is_draining
         self._background: set[asyncio.Task] = set()
 
@@ -130,8 +146,7 @@ class OpenAIServing:
         if self.is_draining():
             raise unavailable("the server is shutting down and takes no new requests")
         if self.engine.error is not None:
-            raise OpenAIError(503, f"the engine failed: {self.engine.error}", None, "server_error",
-                              "engine_failed")
+            raise engine_dead(self.engine.error)
 
     def _sampling(self, req: _Sampling, max_tokens: int, choice: int, logprobs: bool) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -173,6 +188,8 @@ class OpenAIServing:
         if error is None:
             return
         self._abort_all(job)
+        if isinstance(error, EngineDeadError):
+            raise engine_dead(error) from None
         if isinstance(error, QueueFullError):
             raise unavailable(str(error)) from None
         if isinstance(error, RequestError):
@@ -261,7 +278,10 @@ class OpenAIServing:
         finally:
             watch.cancel()
         if work in done:
-            return work.result()
+            try:
+                return work.result()
+            except EngineDeadError as exc:
+                raise engine_dead(exc) from None
         work.cancel()
         self._abort_all(job)
         raise OpenAIError(499, "the client closed the connection", None, "client_closed_request")
@@ -294,7 +314,7 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, disconnected: Callable[[], Awaitable[None]],
                           arrival: float | None = None) -> dict[str, Any] | AsyncIterator[str]:
         """`arrival`: engine time the HTTP request came in (default: now)."""
-        arrival = self.llm.clock() if arrival is None else arrival
+        arrival = self.clock() if arrival is None else arrival
         self._check_request(req)
         prompts = completion_prompts(req.prompt, self.tokenizer, self.vocab_size)
         limits = [self._max_tokens(req.max_tokens, len(p), "max_tokens", "prompt") for p in prompts]
@@ -302,7 +322,7 @@ class OpenAIServing:
                    logprobs=req.logprobs is not None)
         await self._start(job, req, prompts, limits, arrival)
         if req.stream:
-            return self._stream_completion(job, req.include_usage)
+            return _ending_on_engine_death(self._stream_completion(job, req.include_usage))
         return await self._until_disconnect(self._collect_completion(job), disconnected, job)
 
     def _completion_head(self, job: _Job) -> dict[str, Any]:
@@ -342,7 +362,7 @@ class OpenAIServing:
     # -- /v1/chat/completions ------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, disconnected: Callable[[], Awaitable[None]],
                    arrival: float | None = None) -> dict[str, Any] | AsyncIterator[str]:
-        arrival = self.llm.clock() if arrival is None else arrival
+        arrival = self.clock() if arrival is None else arrival
         self._check_request(req)
         ids = chat_prompt_ids(self.tokenizer, chat_messages(req.messages))
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -351,7 +371,7 @@ class OpenAIServing:
         job = _Job(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), len(ids), logprobs=req.logprobs)
         await self._start(job, req, [ids], [limit], arrival)
         if req.stream:
-            return self._stream_chat(job, req.include_usage)
+            return _ending_on_engine_death(self._stream_chat(job, req.include_usage))
         return await self._until_disconnect(self._collect_chat(job), disconnected, job)
 
     def _chat_head(self, job: _Job, obj: str) -> dict[str, Any]:
