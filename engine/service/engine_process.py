@@ -324,8 +324,8 @@ class EngineProcess:
         """Until the child has ended; its exit status (1 if it died without saying)."""
         assert self._ended is not None, "start() first"
         await self._ended.wait()
-        await asyncio.to_thread(self.process.join, EXIT_TIMEOUT_S)
-        if self.exit_code is None:  # it died (killed by a signal: a negative exitcode): a failure
+        if self.exit_code is None:
+            await asyncio.to_thread(self.process.join, EXIT_TIMEOUT_S)  # it died (killed by a signal: a negative exitcode): a failure
             code = self.process.exitcode
             self.exit_code = code if code is not None and code > 0 else 1
         return self.exit_code
@@ -421,8 +421,9 @@ class EngineProcess:
                     fut.set_exception(value.rebuild())
         elif kind == "failed":
             self._fail(EngineDeadError(msg[1]))
-        elif kind == "exit":
+        elif kind == "exit":  # its last word: it is done (its interpreter may take a moment to go)
             self.exit_code = msg[1]
+            self._gone()
 
     def _deliver(self, outputs: list[tuple], finished: list[tuple[str, list[float]]],
                  records: list[tuple[str, Any]]) -> None:
@@ -452,6 +453,8 @@ class EngineProcess:
             stream._fail(self.error)
 
     def _gone(self) -> None:
+        if self._ended.is_set():  # EOF after ("exit", rc)
+            return
         if self.exit_code is None:  # no ("exit", rc): it died
             self.died = True
             self.process.join(1)
