@@ -113,8 +113,6 @@ def make_workload(args: argparse.Namespace, path: str) -> list[dict]:
 def phase_generate(args: argparse.Namespace) -> dict:
     from batchdeck.cli import build_parser
     from batchdeck.engine.service.flags import build_engine
-    from batchdeck.engine.service.generate import run_generate
-
     ns = build_parser().parse_args(["generate", "--input", args.workload, "--output", os.devnull,
                                     *engine_flags(args)])
     engine = build_engine(ns)
@@ -123,10 +121,10 @@ def phase_generate(args: argparse.Namespace) -> dict:
         with open(args.workload) as f, open(warm_in, "w") as w:
             for _, line in zip(range(min(args.clients, 32)), f):
                 w.write(json.dumps({**json.loads(line), "id": "warm-" + json.loads(line)["id"]}) + "\n")
-        run_generate(engine, warm_in, warm_out, progress=False)
+        _generate_file(engine, warm_in, warm_out)
         out = os.path.join(tmp, "out.jsonl")
         cpu0, t0 = time.process_time(), time.perf_counter()
-        rc = run_generate(engine, args.workload, out, progress=False)
+        rc = _generate_file(engine, args.workload, out)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         rows = [json.loads(line) for line in open(out)]
     tokens = sum(len(r["output_token_ids"]) for r in rows)
@@ -140,6 +138,13 @@ def phase_generate(args: argparse.Namespace) -> dict:
     return {"rc": rc, "requests": len(rows), "output_tokens": tokens, "span_s": span, "wall_s": wall,
             "output_tok_s": tokens / span, "cpu_s": cpu, "device": str(device), "gpu": name,
             "ttft": dist([r["metrics"]["ttft"] for r in rows if r["metrics"]["ttft"] is not None])}
+
+
+def _generate_file(engine, src: str, dst: str) -> int:
+    from batchdeck.engine.service.generate import run_generate
+
+    with open(src, "rb") as f_in, open(dst, "w") as f_out:
+        return run_generate(engine, f_in, f_out, input_name=src, output_name=dst, progress=False)
 
 
 # -- phase 2 and 3: the server ----------------------------------------------------------------------

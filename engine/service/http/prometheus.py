@@ -25,9 +25,12 @@ batchdeck's own:
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from bisect import bisect_left
+from typing import Any, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the route
 
 from batchdeck.engine.request import SLO_CLASSES, Request
@@ -46,6 +49,44 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class BulkHistogram:
+    """A histogram fed many values at once (every inter-token gap of a finished request, one per
+    streamed token): counts per bucket in a list, exposed by a collector, at a fraction of the cost
+    of one prometheus_client Histogram.observe per value."""
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...], labels: tuple[str, ...],
+                 registry: CollectorRegistry):
+        self.name, self.doc, self.labels = name, doc, list(labels)
+        self.bounds = list(buckets)
+        self._series: dict[tuple[str, ...], list] = {}  # label values -> [counts per bucket (+Inf last), sum]
+        registry.register(self)
+
+    def series(self, *label_values: str) -> list:
+        return self._series.setdefault(label_values, [[0] * (len(self.bounds) + 1), 0.0])
+
+    def observe_many(self, label_values: tuple[str, ...], values: Iterable[float]) -> None:
+        series = self.series(*label_values)
+        counts, bounds = series[0], self.bounds
+        total = 0.0
+        for v in values:
+            counts[bisect_left(bounds, v)] += 1  # the first bucket whose upper bound is >= v
+            total += v
+        series[1] += total
+
+    def describe(self) -> list:
+        return [HistogramMetricFamily(self.name, self.doc, labels=self.labels)]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for label_values, (counts, total) in self._series.items():
+            cumulative, buckets = 0, []
+            for bound, n in zip([*self.bounds, float("inf")], counts):
+                cumulative += n
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric(list(label_values), buckets, total)
+        yield family
 
 
 class ServerMetrics:
@@ -88,8 +129,8 @@ class ServerMetrics:
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds", "Every gap between consecutive output tokens",
-                             ITL_BUCKETS)
+        self.itl = BulkHistogram(name("inter_token_latency_seconds"), "Every gap between consecutive output tokens",
+                                 ITL_BUCKETS, tuple(m), self.registry)
         self.tpot = histogram("request_time_per_output_token_seconds", "Mean gap after the first token, per request",
                               ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token", REQUEST_LATENCY_BUCKETS)
@@ -115,10 +156,11 @@ class ServerMetrics:
         self.tenant_tokens = counter("tenant_service_tokens", "Tokens computed per tenant (prompt + output)",
                                      ("tenant",))
         self._m = model_name
+        self.itl.series(model_name)
         # every series exists from the start (at 0), so dashboards and rate() see it before the first event
         for collector in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
                           self.prompt_tokens, self.generation_tokens, self.num_preemptions, self.prefix_cache_queries,
-                          self.prefix_cache_hits, self.ttft, self.itl, self.tpot, self.e2e, self.queue_time,
+                          self.prefix_cache_hits, self.ttft, self.tpot, self.e2e, self.queue_time,
                           self.request_prompt_tokens, self.request_generation_tokens, self.iteration_tokens,
                           self.iterations, self.config_version):
             collector.labels(model_name)
@@ -238,9 +280,8 @@ class ServerMetrics:
     def observe_finished(self, r: Request) -> None:
         """Every inter-token gap of a finished request (called on the loop by AsyncEngine)."""
         times = r.token_times
-        hist = self.itl.labels(self._m)
-        for a, b in zip(times, times[1:]):
-            hist.observe(b - a)
+        if len(times) > 1:
+            self.itl.observe_many((self._m,), [b - a for a, b in zip(times, times[1:])])
 
     def set_policy(self, policy: str) -> None:
         if self._policy:

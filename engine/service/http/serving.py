@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -80,14 +81,12 @@ class _Job:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-async def _ending_on_engine_death(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """A stream's chunks; if the engine dies mid-stream, an OpenAI error event ends it (the status
-    line went out long ago), without [DONE]."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except EngineDeadError as exc:
-        yield sse(engine_dead(exc).body())
+_PLAIN = re.compile(r'[ !#-\[\]-~]*')  # printable ASCII but '"' and '\\': its JSON string is itself in quotes
+
+
+def json_string(text: str) -> str:
+    """json.dumps(text) (ASCII-escaped, as json.dumps writes it), without the encoder for plain text."""
+    return f'"{text}"' if _PLAIN.fullmatch(text) else json.dumps(text)
 
 
 def sse(obj: Any) -> str:
@@ -322,7 +321,7 @@ class OpenAIServing:
                    logprobs=req.logprobs is not None)
         await self._start(job, req, prompts, limits, arrival)
         if req.stream:
-            return _ending_on_engine_death(self._stream_completion(job, req.include_usage))
+            return self._stream_completion(job, req.include_usage)
         return await self._until_disconnect(self._collect_completion(job), disconnected, job)
 
     def _completion_head(self, job: _Job) -> dict[str, Any]:
@@ -342,19 +341,22 @@ class OpenAIServing:
         # each chunk is the same JSON as sse({...}) would give, formatted around the pre-encoded head
         prefix = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
         suffix = "}]" + (',"usage":null' if include_usage else "") + "}\n\n"
-        dumps = json.dumps
         offsets = {c.index: 0 for c in job.choices}
-        async for choice, text, finish in self._events(job):
-            if job.logprobs:  # the generic (slower) form, with this chunk's tokens and their logprobs
-                extra = {"usage": None} if include_usage else {}
-                lp = self._completion_logprobs(choice, offsets[choice.index], choice.lp_sent)
-                choice.lp_sent = len(choice.lp_ids)
-                offsets[choice.index] += len(text)
-                yield sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": lp,
-                                                "finish_reason": finish}], **extra})
-                continue
-            yield (f'{prefix}{choice.index},"text":{dumps(text)},"logprobs":null,"finish_reason":'
-                   f'{"null" if finish is None else dumps(finish)}{suffix}')
+        try:
+            async for choice, text, finish in self._events(job):
+                if job.logprobs:  # the generic (slower) form, with this chunk's tokens and their logprobs
+                    extra = {"usage": None} if include_usage else {}
+                    lp = self._completion_logprobs(choice, offsets[choice.index], choice.lp_sent)
+                    choice.lp_sent = len(choice.lp_ids)
+                    offsets[choice.index] += len(text)
+                    yield sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": lp,
+                                                    "finish_reason": finish}], **extra})
+                    continue
+                yield (f'{prefix}{choice.index},"text":{json_string(text)},"logprobs":null,"finish_reason":'
+                       f'{"null" if finish is None else json_string(finish)}{suffix}')
+        except EngineDeadError as exc:  # mid-stream the status went out long ago: an error event ends it
+            yield sse(engine_dead(exc).body())
+            return
         if include_usage:
             yield sse({**head, "choices": [], "usage": job.usage()})
         yield "data: [DONE]\n\n"
@@ -371,7 +373,7 @@ class OpenAIServing:
         job = _Job(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), len(ids), logprobs=req.logprobs)
         await self._start(job, req, [ids], [limit], arrival)
         if req.stream:
-            return _ending_on_engine_death(self._stream_chat(job, req.include_usage))
+            return self._stream_chat(job, req.include_usage)
         return await self._until_disconnect(self._collect_chat(job), disconnected, job)
 
     def _chat_head(self, job: _Job, obj: str) -> dict[str, Any]:
@@ -394,16 +396,19 @@ class OpenAIServing:
                                             "logprobs": None, "finish_reason": None}], **extra})
         prefix = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
         suffix = "}]" + (',"usage":null' if include_usage else "") + "}\n\n"
-        dumps = json.dumps
-        async for choice, text, finish in self._events(job):
-            if job.logprobs:
-                lp = self._chat_logprobs(choice, choice.lp_sent)
-                choice.lp_sent = len(choice.lp_ids)
-                yield sse({**head, "choices": [{"index": choice.index, "delta": {"content": text}, "logprobs": lp,
-                                                "finish_reason": finish}], **extra})
-                continue
-            yield (f'{prefix}{choice.index},"delta":{{"content":{dumps(text)}}},"logprobs":null,"finish_reason":'
-                   f'{"null" if finish is None else dumps(finish)}{suffix}')
+        try:
+            async for choice, text, finish in self._events(job):
+                if job.logprobs:
+                    lp = self._chat_logprobs(choice, choice.lp_sent)
+                    choice.lp_sent = len(choice.lp_ids)
+                    yield sse({**head, "choices": [{"index": choice.index, "delta": {"content": text}, "logprobs": lp,
+                                                    "finish_reason": finish}], **extra})
+                    continue
+                yield (f'{prefix}{choice.index},"delta":{{"content":{json_string(text)}}},"logprobs":null,'
+                       f'"finish_reason":{"null" if finish is None else json_string(finish)}{suffix}')
+        except EngineDeadError as exc:
+            yield sse(engine_dead(exc).body())
+            return
         if include_usage:
             yield sse({**head, "choices": [], "usage": job.usage()})
         yield "data: [DONE]\n\n"
