@@ -226,7 +226,7 @@ class _ChildBridge:
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
-        self.llm_bus_listener = self.runner.bus.add_listener(lambda t, r: self._records.append((t, r)), TOPICS,
+        self._listener = self.runner.bus.add_listener(lambda t, r: self._records.append((t, r)), TOPICS,
                                                              name="engine-process")
         self.engine.finished_observers.append(self._observe_finished)
         run = asyncio.create_task(self.runner.run())
@@ -246,8 +246,8 @@ class _ChildBridge:
                 monitor = asyncio.create_task(
                     GpuMonitor(self.llm.device.index or 0, self.runner.gpu_interval, self.llm.kv_cache.num_bytes,
                                clock=self.llm.clock).run(self.runner.bus.publish))
+            self.sender.send(("ready", {"served": self.engine.served_model(), "pid": os.getpid()}))  # first
             self.sender.start()
-            self.sender.send(("ready", {"served": self.engine.served_model(), "pid": os.getpid()}))
             read_to_loop(self.conn, self._loop, self._on_message, "engine-process-control")
             flusher = asyncio.create_task(self._flush_loop())
             rc = 1

@@ -173,6 +173,17 @@ class ServerMetrics:
             self.iteration_tokens_by_kind.labels(model_name, kind)
         self.set_policy(policy)
         self.config_version.labels(model_name).set(config_version)
+        # the series every iteration record updates, looked up once (labels() costs a lock and a dict)
+        m0 = model_name
+        self._children = {
+            "running": self.num_requests_running.labels(m0), "waiting": self.num_requests_waiting.labels(m0),
+            "kv": self.kv_cache_usage_perc.labels(m0), "prompt": self.prompt_tokens.labels(m0),
+            "generation": self.generation_tokens.labels(m0), "preemptions": self.num_preemptions.labels(m0),
+            "iterations": self.iterations.labels(m0), "iteration_tokens": self.iteration_tokens.labels(m0),
+            "prefill": self.iteration_tokens_by_kind.labels(m0, "prefill"),
+            "decode": self.iteration_tokens_by_kind.labels(m0, "decode"),
+            "padding": self.iteration_tokens_by_kind.labels(m0, "padding"),
+            "config_version": self.config_version.labels(m0), "ttft": self.ttft.labels(m0)}
 
     # -- feeding -------------------------------------------------------------------------------
     def start(self, bus: Any, engine: Any = None, drain_interval_s: float = 0.5) -> None:
@@ -215,24 +226,26 @@ class ServerMetrics:
             self._gpu(record)
 
     def _iteration(self, it: IterationRecord) -> None:
-        m = self._m
-        self.num_requests_running.labels(m).set(it.num_requests_running)
-        self.num_requests_waiting.labels(m).set(it.num_requests_waiting)
-        self.kv_cache_usage_perc.labels(m).set(it.kv_cache_usage)
-        self.prompt_tokens.labels(m).inc(it.num_prefill_tokens)
-        self.generation_tokens.labels(m).inc(it.num_generated_tokens)
+        c = self._children
+        c["running"].set(it.num_requests_running)
+        c["waiting"].set(it.num_requests_waiting)
+        c["kv"].set(it.kv_cache_usage)
+        c["prompt"].inc(it.num_prefill_tokens)
+        c["generation"].inc(it.num_generated_tokens)
         if it.num_preemptions:
-            self.num_preemptions.labels(m).inc(it.num_preemptions)
-        self.iterations.labels(m).inc()
-        self.iteration_tokens.labels(m).observe(it.num_prefill_tokens + it.num_decode_tokens)
-        self.iteration_tokens_by_kind.labels(m, "prefill").observe(it.num_prefill_tokens)
-        self.iteration_tokens_by_kind.labels(m, "decode").observe(it.num_decode_tokens)
-        self.iteration_tokens_by_kind.labels(m, "padding").observe(it.num_padding_tokens)
-        self.config_version.labels(m).set(it.config_version)
-        for ttft in it.ttfts:
-            self.ttft.labels(m).observe(ttft)
+            c["preemptions"].inc(it.num_preemptions)
+        c["iterations"].inc()
+        c["iteration_tokens"].observe(it.num_prefill_tokens + it.num_decode_tokens)
+        c["prefill"].observe(it.num_prefill_tokens)
+        c["decode"].observe(it.num_decode_tokens)
+        c["padding"].observe(it.num_padding_tokens)
+        c["config_version"].set(it.config_version)
+        if it.ttfts:
+            ttft = c["ttft"]
+            for value in it.ttfts:
+                ttft.observe(value)
         for tenant, tokens in it.tenant_tokens.items():
-            self.tenant_tokens.labels(m, self._tenant_label(tenant)).inc(tokens)
+            self.tenant_tokens.labels(self._m, self._tenant_label(tenant)).inc(tokens)
         self._observe_prefix_cache(it)
 
     def _observe_prefix_cache(self, it: IterationRecord) -> None:
