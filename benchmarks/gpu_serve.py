@@ -15,10 +15,13 @@ One command does everything, each engine in a fresh process:
    --clients closed-loop streaming clients (httpx, one connection each, spread over --client-procs
    processes so that parsing the streams is not the bottleneck) that share the same request list
    (client i sends requests i, i + clients, ...); output tok/s = streamed tokens (usage) / the span
-   from the common start to the last finish. The server process's CPU seconds over the run come
-   from /proc/PID/stat; the clients' from time.process_time in each client process.
-   HTTP path CPU per streamed token = (server CPU - generate CPU) / output tokens: what the server
-   spends beyond the engine's own work (parsing, detokenizing, SSE, the event loop, metrics).
+   from the common start to the last finish. The server's CPU seconds over the run come from
+   /proc/PID/stat: the HTTP process's and (by default `serve` runs its engine in a child process)
+   the engine process's; the clients' from time.process_time in each client process.
+   HTTP path CPU per streamed token = the HTTP process's CPU / output tokens (parsing,
+   detokenizing, SSE, the event loop, metrics, reading the engine's outputs off the pipe); with
+   --engine-in-process it is estimated as (server CPU - generate CPU) / output tokens, which is
+   also reported as http_cpu_us_per_token_by_difference in both layouts.
 3. sweep: against the same server, `batchdeck bench`'s run_bench plays a poisson workload of
    --sweep-requests requests at each rate of --sweep-rates (inf = all at once): TTFT and ITL
    (every gap between streamed chunks) p50/p99 against rate.
@@ -60,16 +63,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep-rates", default="8,16,32,64,inf")
     p.add_argument("--sweep-requests", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="CPU smoke test: synthetic:tiny and small sizes")
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="serve with --engine-in-process (the engine's thread shares the HTTP process's GIL)")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU smoke test: synthetic:tiny and small sizes (sizes given explicitly are kept)")
     p.add_argument("--out", default=None)
     p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     p.add_argument("--phase-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workload", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.smoke:
-        args.model, args.device, args.clients, args.requests = "synthetic:tiny", "cpu", 8, 24
-        args.prompt_min, args.prompt_max, args.output_tokens = 16, 64, 16
-        args.sweep_rates, args.sweep_requests, args.num_blocks, args.client_procs = "10,inf", 16, 1024, 2
+        smoke = dict(model="synthetic:tiny", device="cpu", clients=8, requests=24, prompt_min=16, prompt_max=64,
+                     output_tokens=16, sweep_rates="10,inf", sweep_requests=16, num_blocks=1024, client_procs=2)
+        for name, value in smoke.items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
     return args
 
 
@@ -105,8 +113,6 @@ def make_workload(args: argparse.Namespace, path: str) -> list[dict]:
 def phase_generate(args: argparse.Namespace) -> dict:
     from batchdeck.cli import build_parser
     from batchdeck.engine.service.flags import build_engine
-    from batchdeck.engine.service.generate import run_generate
-
     ns = build_parser().parse_args(["generate", "--input", args.workload, "--output", os.devnull,
                                     *engine_flags(args)])
     engine = build_engine(ns)
@@ -115,10 +121,10 @@ def phase_generate(args: argparse.Namespace) -> dict:
         with open(args.workload) as f, open(warm_in, "w") as w:
             for _, line in zip(range(min(args.clients, 32)), f):
                 w.write(json.dumps({**json.loads(line), "id": "warm-" + json.loads(line)["id"]}) + "\n")
-        run_generate(engine, warm_in, warm_out, progress=False)
+        _generate_file(engine, warm_in, warm_out)
         out = os.path.join(tmp, "out.jsonl")
         cpu0, t0 = time.process_time(), time.perf_counter()
-        rc = run_generate(engine, args.workload, out, progress=False)
+        rc = _generate_file(engine, args.workload, out)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         rows = [json.loads(line) for line in open(out)]
     tokens = sum(len(r["output_token_ids"]) for r in rows)
@@ -132,6 +138,13 @@ def phase_generate(args: argparse.Namespace) -> dict:
     return {"rc": rc, "requests": len(rows), "output_tokens": tokens, "span_s": span, "wall_s": wall,
             "output_tok_s": tokens / span, "cpu_s": cpu, "device": str(device), "gpu": name,
             "ttft": dist([r["metrics"]["ttft"] for r in rows if r["metrics"]["ttft"] is not None])}
+
+
+def _generate_file(engine, src: str, dst: str) -> int:
+    from batchdeck.engine.service.generate import run_generate
+
+    with open(src, "rb") as f_in, open(dst, "w") as f_out:
+        return run_generate(engine, f_in, f_out, input_name=src, output_name=dst, progress=False)
 
 
 # -- phase 2 and 3: the server ----------------------------------------------------------------------
@@ -149,9 +162,27 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def engine_children(pid: int) -> list[int]:
+    """The engine process(es) `batchdeck serve` spawned (not multiprocessing's resource tracker)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+    out = []
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    out.append(kid)
+        except OSError:
+            pass
+    return out
+
+
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "batchdeck.cli", "serve", *engine_flags(args), "--port", str(port),
-           "--status-interval", "0"]
+           "--status-interval", "0", *(["--engine-in-process"] if args.engine_in_process else [])]
     log("starting: " + " ".join(cmd))
     proc = subprocess.Popen(cmd, env={**os.environ, **(smoke_env(args) or {})})
     import httpx
@@ -285,9 +316,14 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}/v1"
         try:
             log(f"phase 2: {args.clients} streaming clients, {args.requests} requests")
-            cpu0 = proc_cpu_s(server.pid)
+            engines = engine_children(server.pid)
+            cpu0, engine0 = proc_cpu_s(server.pid), sum(proc_cpu_s(pid) for pid in engines)
             result["http"] = run_clients(base, reqs, args.clients, args.client_procs)
-            result["http"]["server_cpu_s"] = proc_cpu_s(server.pid) - cpu0
+            http_cpu = proc_cpu_s(server.pid) - cpu0
+            engine_cpu = sum(proc_cpu_s(pid) for pid in engines) - engine0
+            result["http"].update(server_cpu_s=http_cpu + engine_cpu, http_process_cpu_s=http_cpu,
+                                  engine_process_cpu_s=engine_cpu if engines else None,
+                                  engine_in_child=bool(engines))
             log("phase 3: rate sweep")
             result["sweep"] = sweep(args, base)
         finally:
@@ -299,8 +335,13 @@ def main() -> None:
     gen, http = result["generate"], result["http"]
     if "output_tok_s" in gen:
         result["ratio"] = http["output_tok_s"] / gen["output_tok_s"]
+        tokens = max(1, http["output_tokens"])
         extra = http["server_cpu_s"] - gen["cpu_s"]
-        result["http_cpu_us_per_token"] = 1e6 * extra / max(1, http["output_tokens"])
+        result["http_cpu_us_per_token_by_difference"] = 1e6 * extra / tokens
+        # with the engine in its own process the HTTP process's CPU is measured directly; in one
+        # process only the difference to generate's CPU estimates it
+        result["http_cpu_us_per_token"] = (1e6 * http["http_process_cpu_s"] / tokens if http["engine_in_child"]
+                                           else result["http_cpu_us_per_token_by_difference"])
         result["server_cpu_us_per_token"] = 1e6 * http["server_cpu_s"] / max(1, http["output_tokens"])
         result["generate_cpu_us_per_token"] = 1e6 * gen["cpu_s"] / max(1, gen["output_tokens"])
         log(f"generate {gen['output_tok_s']:.0f} tok/s, http {http['output_tok_s']:.0f} tok/s "

@@ -3,7 +3,7 @@
 The in-process console costs the engine's worker thread a share of the interpreter every repaint;
 here the child process builds exactly what the in-process mode builds (`console.cli._inprocess`: the
 LLMEngine, its AsyncEngine, the telemetry Bus, the GPU monitor and the steady workload or preset
-player) and the parent keeps only the UI. They talk over one `multiprocessing.Pipe` (spawn context):
+player) and the parent keeps only the UI. They talk over one pipe (engine/service/process_link.py):
 
   child -> parent  ("ready", info) | ("error", ExceptionBlob) once, at start;
                    ("telemetry", [(topic, record), ...], dropped, engine_clock) every `interval_s`;
@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import multiprocessing
-import pickle
-import queue
 import signal
 import sys
 import threading
@@ -39,6 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from batchdeck.console.client import Client, CommandResult, ConnectionState, TelemetryMessage
+from batchdeck.engine.service.process_link import (ExceptionBlob, Sender, await_ready, read_to_loop, spawn_child,
+                                                   stop_process)
+
+__all__ = ["EngineProcessClient", "EngineSpec", "ExceptionBlob", "child_main"]
 
 INTERVAL_S = 0.05  # telemetry batches per second: 20, twice the fastest repaint
 START_TIMEOUT_S = 600.0  # loading a large model on a slow disk
@@ -64,49 +65,6 @@ class EngineSpec:
     builder: Callable[[], tuple[Any, list, str | None]] | None = None
 
 
-@dataclass
-class ExceptionBlob:
-    """An exception from the child, rebuilt in the parent as the same type with the same message even
-    when its class cannot be unpickled (a custom `__init__`, as ConfigError has)."""
-
-    module: str
-    name: str
-    message: str
-    attrs: dict[str, Any]
-    pickled: bytes | None
-
-    @classmethod
-    def of(cls, exc: BaseException) -> ExceptionBlob:
-        try:
-            pickled = pickle.dumps(exc)
-        except Exception:
-            pickled = None
-        attrs = {}
-        for k, v in vars(exc).items():
-            try:
-                pickle.dumps(v)
-            except Exception:
-                continue
-            attrs[k] = v
-        return cls(type(exc).__module__, type(exc).__qualname__, str(exc), attrs, pickled)
-
-    def rebuild(self) -> BaseException:
-        if self.pickled is not None:
-            try:
-                exc = pickle.loads(self.pickled)
-                if str(exc) == self.message:
-                    return exc
-            except Exception:
-                pass
-        cls = getattr(sys.modules.get(self.module), self.name, None)
-        if isinstance(cls, type) and issubclass(cls, Exception):
-            exc = cls.__new__(cls)
-            Exception.__init__(exc, self.message)
-            exc.__dict__.update(self.attrs)
-            return exc
-        return RuntimeError(f"{self.name}: {self.message}")
-
-
 # -- the child --------------------------------------------------------------------------------------
 def child_main(conn: Any, spec: EngineSpec) -> None:
     """The child process's entry point (module-level, so the spawn context can import it)."""
@@ -120,26 +78,11 @@ def child_main(conn: Any, spec: EngineSpec) -> None:
 async def _serve(conn: Any, spec: EngineSpec) -> None:
     from batchdeck.console.cli import _inprocess
 
-    send_lock = threading.Lock()
-
-    def send(msg: tuple) -> bool:
-        try:
-            with send_lock:
-                conn.send(msg)
-            return True
-        except (OSError, EOFError, BrokenPipeError):
-            return False
-
     # Once the engine runs, messages leave through a sender thread, so a parent that reads slowly (or
     # not at all) never holds up this loop, which delivers the engine's outputs and runs the drivers.
-    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    sender = Sender(conn)
+    send, outbox = sender.send, sender
     lost = 0  # telemetry records dropped here because the parent fell MAX_PENDING_BATCHES behind
-
-    def sender() -> None:
-        while (msg := outbox.get()) is not None:
-            send(msg)
-
-    sending = threading.Thread(target=sender, name="engine-process-sender", daemon=True)
 
     def say(line: str) -> None:
         if spec.announce:
@@ -159,20 +102,8 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
     # from now on the parent's UI owns the terminal: what would be printed goes to it as ("output", text)
     sys.stdout = sys.stderr = _Forwarded(outbox.put)
 
-    loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
-
-    def read() -> None:  # a thread: the pipe's reads block, and EOF means the parent is gone
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                msg = None
-            loop.call_soon_threadsafe(inbox.put_nowait, msg)
-            if msg is None:
-                return
-
-    threading.Thread(target=read, name="engine-process-control", daemon=True).start()
+    read_to_loop(conn, asyncio.get_running_loop(), inbox.put_nowait, "engine-process-control")
     tasks: list[asyncio.Task] = []
     forwarder: asyncio.Task | None = None
 
@@ -181,7 +112,7 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
         msgs = client.drain()
         if not msgs:
             return
-        if outbox.qsize() >= MAX_PENDING_BATCHES:
+        if outbox.pending() >= MAX_PENDING_BATCHES:
             lost += len(msgs)
             return
         outbox.put(("telemetry", [(m.topic, m.record) for m in msgs], client.dropped + lost, client.now()))
@@ -205,7 +136,7 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
             result = CommandResult(False, op, error=f"{type(exc).__name__}: {exc}")
         outbox.put(("reply", cid, result, client.config_snapshot))
 
-    sending.start()
+    sender.start()
     pending: set[asyncio.Task] = set()
     stop_id = None
     try:
@@ -232,8 +163,7 @@ async def _serve(conn: Any, spec: EngineSpec) -> None:
         flush()  # the last records, before the reply that says the engine has stopped
         if stop_id is not None:
             outbox.put(("reply", stop_id, CommandResult(True, "stop"), client.config_snapshot))
-        outbox.put(None)
-        await asyncio.to_thread(sending.join, STOP_TIMEOUT_S)
+        await sender.close(STOP_TIMEOUT_S)
 
 
 class _Forwarded:
@@ -269,11 +199,7 @@ class EngineProcessClient(Client):
         self.spec = spec
         self.reply_timeout = reply_timeout
         self.state = ConnectionState.CONNECTING
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=child_main, args=(child_conn, spec), name="batchdeck-engine", daemon=True)
-        self.process.start()
-        child_conn.close()  # ours is the only parent end: the child sees EOF when we go
+        self.process, self._conn = spawn_child(child_main, spec)
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
@@ -293,31 +219,10 @@ class EngineProcessClient(Client):
         self._reader.start()
 
     def _await_ready(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while not self._conn.poll(0.05):
-            if not self.process.is_alive() and not self._conn.poll(0):
-                raise RuntimeError(f"the engine process exited (code {self.process.exitcode}) before its engine was ready")
-            if time.monotonic() > deadline:
-                self._kill()
-                raise RuntimeError(f"the engine process was not ready within {timeout:g}s")
-        try:
-            msg = self._conn.recv()
-        except EOFError:
-            self.process.join(5)
-            raise RuntimeError(f"the engine process exited (code {self.process.exitcode}) before its engine was ready") from None
-        if msg[0] == "error":
-            self.process.join(10)
-            self._kill()
-            raise msg[1].rebuild()
-        return msg[1]
+        return await_ready(self.process, self._conn, timeout)
 
     def _kill(self) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
+        stop_process(self.process, 0)
 
     # -- the reader thread ------------------------------------------------------------------------
     def _read(self) -> None:

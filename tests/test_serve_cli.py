@@ -74,8 +74,10 @@ async def _drive(broker, proc, port):
                              what="the HTTP request's record over MQTT")
         reply = await probe.command({"op": "set", "params": {"policy": "sjf"}})
         assert reply["ok"], reply
-        metrics = (await http.get(base + "/metrics")).text
-        assert 'batchdeck:policy_info{model_name="tiny",policy="sjf"} 1.0' in metrics
+        # the engine (in its own process) answered over MQTT; its telemetry reaches /metrics within a flush
+        while 'batchdeck:policy_info{model_name="tiny",policy="sjf"} 1.0' not in (await http.get(base + "/metrics")).text:
+            assert time.monotonic() < deadline, "the policy change never reached /metrics"
+            await asyncio.sleep(0.02)
         body = {"prompt": "long", "max_tokens": 3000, "ignore_eos": True, "stream": True}
         finish = None
         async with http.stream("POST", base + "/v1/completions", json=body) as resp:

@@ -71,6 +71,28 @@ def test_streamed_text_stops_at_a_stop_string_and_never_contains_one(text, stop,
         assert text[len(out):].startswith(d.stopped)
 
 
+class WindowDecoded(ByteTokenizer):
+    """The same tokenizer, not recognized as byte-level: the detokenizer's generic window path."""
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.one_of(st.integers(0, 255), st.integers(0, 300), st.sampled_from([0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xF0, 0x9F])),
+                    max_size=40),
+       stop=st.lists(st.text(min_size=1, max_size=3), max_size=2), chunk=st.integers(1, 5), min_tokens=st.integers(0, 4))
+def test_the_byte_level_fast_path_releases_what_the_window_path_releases_in_total(ids, stop, chunk, min_tokens):
+    fast, slow = IncrementalDetokenizer(TOK, stop, min_tokens), IncrementalDetokenizer(WindowDecoded(), stop, min_tokens)
+    assert fast._bytes is not None and slow._bytes is None
+    for i in range(0, len(ids), chunk):
+        fast.add(ids[i:i + chunk])
+        slow.add(ids[i:i + chunk])
+    fast.flush()
+    slow.flush()
+    if not stop:  # the same text in total; with stop strings also the same verdict when no U+FFFD is involved
+        assert fast.text == slow.text == TOK.decode(ids)
+    elif "\ufffd" not in TOK.decode(ids):
+        assert (fast.text, fast.stopped) == (slow.text, slow.stopped)
+
+
 class TemplateTokenizer(ByteTokenizer):
     chat_template = "{% for m in messages %}...{% endfor %}"
 

@@ -10,35 +10,66 @@ import asyncio
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Mapping
 
 from batchdeck.engine.llm_engine import LLMEngine, RequestOutput
 from batchdeck.engine.request import FinishReason, Request, RequestError, SamplingParams
 from batchdeck.engine.service.request_table import requests_message
+from batchdeck.engine.service.served_model import ServedModel
 
 
 class RequestStream:
-    """Async iterator of a request's output deltas; ends after the finishing delta."""
+    """Async iterator of a request's output deltas; ends after the finishing delta, or raises the
+    error handed to `_fail` (EngineDeadError: the engine can no longer serve it).
+
+    One buffer and at most one waiting future, settled by the first delta put: no queue machinery
+    on the per-token path (the loop that puts is the loop that reads)."""
+
+    __slots__ = ("request_id", "_items", "_waiter", "finished", "token_ids", "finish_reason")
 
     def __init__(self, request_id: str):
         self.request_id = request_id
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._waiter: asyncio.Future | None = None
         self.finished = False
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
 
-    def _put(self, out: RequestOutput) -> None:
-        self._queue.put_nowait(out)
+    def _put(self, out: RequestOutput | BaseException) -> None:
+        self._items.append(out)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        """End the stream with `exc` (after the deltas already put)."""
+        self._put(exc)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self.finished and self._queue.empty():
-            raise StopAsyncIteration
-        out = await self._queue.get()
-        self.token_ids.extend(out.new_token_ids)
+        items = self._items
+        while not items:
+            if self.finished:
+                raise StopAsyncIteration
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        out = items.popleft()
+        if isinstance(out, BaseException):
+            self.finished = True
+            items.clear()
+            raise out
+        if out.new_token_ids:
+            self.token_ids.extend(out.new_token_ids)
         if out.finished:
             self.finished = True
             self.finish_reason = out.finish_reason
@@ -98,12 +129,22 @@ class AsyncEngine:
         self._wake.set()
         return await fut
 
+    def clock(self) -> float:
+        """Now on the engine clock (what `add_request(arrival_time=...)` takes)."""
+        return self.engine.clock()
+
+    def served_model(self) -> ServedModel:
+        return ServedModel.of(self.engine)
+
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
-                          sampling: SamplingParams | None = None, **kwargs: Any) -> RequestStream:
-        """Queue a request; raises RequestError for bad input. Returns its output stream."""
+                          sampling: SamplingParams | None = None, *, stream: Any = None,
+                          **kwargs: Any) -> RequestStream:
+        """Queue a request; raises RequestError for bad input. Returns its output stream (`stream`:
+        instead of a new RequestStream, any object with `_put(RequestOutput)`, which then receives
+        the request's outputs on the loop, e.g. to forward them to another process)."""
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
-        stream = RequestStream(request_id)
+        stream = RequestStream(request_id) if stream is None else stream
         self._streams[request_id] = stream
         try:
             await self.call(lambda e: e.add_request(request_id, prompt_token_ids, sampling, **kwargs))

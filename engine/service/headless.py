@@ -264,6 +264,11 @@ class HeadlessRunner:
         self.driver: Any = None
         self.bridge: Any = None
         self.aborted: list[str] = []
+        self._started = asyncio.Event()  # set once the engine runs and its clock restarted
+
+    async def wait_started(self) -> None:
+        """Until run() has started the engine (and restarted its clock): requests may come."""
+        await self._started.wait()
 
     def say(self, line: str) -> None:
         """Log a line about the run (the `batchdeck` logger; the status line prints instead)."""
@@ -286,6 +291,7 @@ class HeadlessRunner:
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
         await self.engine.start()
         await self.engine.call(lambda e: e.restart_clock())
+        self._started.set()
         background: list[asyncio.Task] = []
         status_sub = self.bus.subscribe({"iteration", "request"}, maxsize=8192, name="status-line")
         if self.status_interval > 0:

@@ -3,7 +3,7 @@
     GET  /v1/models            the served model
     POST /v1/completions       text completions (streaming with server-sent events)
     POST /v1/chat/completions  chat completions (streaming with server-sent events)
-    GET  /health               200 while serving, 503 while draining
+    GET  /health               200 while serving, 503 while draining or once the engine failed
     GET  /version              {"version": ...}
     GET  /metrics              Prometheus exposition (engine/service/http/prometheus.py)
 
@@ -125,6 +125,9 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics | None, *, api_key:
         if serving.is_draining():
             return JSONResponse(error_body("draining: the server is shutting down", "server_error"),
                                 status_code=503)
+        if serving.engine.error is not None:
+            return JSONResponse(error_body(f"the engine failed: {serving.engine.error}", "server_error",
+                                           code="engine_failed"), status_code=503)
         return Response(status_code=200)
 
     @app.get("/version")
@@ -145,13 +148,13 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics | None, *, api_key:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        arrival = serving.llm.clock()  # the request's arrival on the engine clock, before its body is read
+        arrival = serving.clock()  # the request's arrival on the engine clock, before its body is read
         body = await parse_body(request, CompletionRequest)
         return _respond(await serving.completions(body, lambda: _disconnected(request), arrival))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        arrival = serving.llm.clock()
+        arrival = serving.clock()
         body = await parse_body(request, ChatCompletionRequest)
         return _respond(await serving.chat(body, lambda: _disconnected(request), arrival))
 

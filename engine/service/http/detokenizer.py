@@ -6,16 +6,21 @@ token's leading space or merge decodes as it does in context). A window that
 ends in U+FFFD is an unfinished multi-byte character (a byte-level token split it), so nothing is
 released until the next token completes it: text is never cut inside a character.
 
+Byte-level tokenizers (the synthetic models') take a faster path with the same result: their ids
+are bytes, so an incremental UTF-8 decoder releases exactly the completed characters, one call per
+step instead of two window decodes.
+
 Stop strings: text that could still be the start of a stop string is held back (at most the longest
 stop string's length minus one characters); once a stop string appears, the text before it is
 released, the stop string itself never is, and `stopped` is set (the caller aborts the request).
 """
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
-from batchdeck.engine.tokenizer import Tokenizer
+from batchdeck.engine.tokenizer import BYTE_BOS, BYTE_EOS, ByteTokenizer, Tokenizer
 
 REPLACEMENT = "\ufffd"
 
@@ -32,15 +37,30 @@ class IncrementalDetokenizer:
     _read_offset: int = 0
     _held: str = ""  # decoded, not yet released (could begin a stop string)
 
+    _bytes: Any = None  # the incremental UTF-8 decoder of a byte-level tokenizer
+
     def __post_init__(self) -> None:
         self.stop = tuple(s for s in self.stop if s)
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+        if type(self.tokenizer) is ByteTokenizer:
+            self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, new_token_ids: Sequence[int]) -> str:
         """Take new tokens; return the text they release (possibly empty)."""
         if self.stopped is not None:
             return ""
         self.token_ids.extend(new_token_ids)
+        if self._bytes is not None:
+            new = self._bytes.decode(_as_bytes(new_token_ids))
+            if not new:
+                return ""
+            self._held += new
+            self._read_offset = len(self.token_ids)
+            if not self.stop:  # nothing to hold back or cut
+                self._held = ""
+                self.text += new
+                return new
+            return self._release(final=False)
         ids = self.token_ids
         prefix = self.tokenizer.decode(ids[self._prefix_offset:self._read_offset])
         full = self.tokenizer.decode(ids[self._prefix_offset:])
@@ -54,7 +74,9 @@ class IncrementalDetokenizer:
         """The request finished without a stop string: release everything held."""
         if self.stopped is not None:
             return ""
-        if self._read_offset < len(self.token_ids):  # a trailing partial character: decode what there is
+        if self._bytes is not None:
+            self._held += self._bytes.decode(b"", final=True)
+        elif self._read_offset < len(self.token_ids):  # a trailing partial character: decode what there is
             prefix = self.tokenizer.decode(self.token_ids[self._prefix_offset:self._read_offset])
             full = self.tokenizer.decode(self.token_ids[self._prefix_offset:])
             if len(full) > len(prefix):
@@ -83,3 +105,11 @@ class IncrementalDetokenizer:
         out, self._held = held[:len(held) - keep], held[len(held) - keep:]
         self.text += out
         return out
+
+
+def _as_bytes(ids: Sequence[int]) -> bytes:
+    """Byte-level ids as ByteTokenizer.decode reads them: bytes, BOS/EOS dropped, other ids as a
+    printable ASCII character."""
+    if len(ids) == 1 and ids[0] < 256:
+        return bytes(ids)
+    return bytes(i if i < 256 else 33 + i % 94 for i in ids if i != BYTE_BOS and i != BYTE_EOS)

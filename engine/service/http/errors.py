@@ -46,3 +46,8 @@ def unauthorized() -> OpenAIError:
 def unavailable(message: str, retry_after_s: int = 1) -> OpenAIError:
     return OpenAIError(503, message, None, type="server_error", code="service_unavailable",
                        headers={"Retry-After": str(retry_after_s)})
+
+
+def engine_dead(why: Any) -> OpenAIError:
+    """The engine can no longer serve (its process ended, or a step failed): 503, no Retry-After."""
+    return OpenAIError(503, f"the engine failed: {why}", None, type="server_error", code="engine_failed")

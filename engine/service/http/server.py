@@ -4,8 +4,10 @@
                     [--api-key KEY] [--metrics-prefix batchdeck|vllm] [--max-waiting N] [engine flags]
                     [--mqtt HOST:PORT --engine-id ID [mqtt flags]] [--drain-timeout S] [--status-interval S]
 
-The HTTP event loop only parses, detokenizes and streams; the engine's iterations run in its worker
-thread (AsyncEngine). The run itself is a `HeadlessRunner` (engine/service/headless.py): with
+The HTTP event loop only parses, detokenizes and streams. By default the engine runs in its own
+process (engine/service/engine_process.py: outputs come back once per iteration, telemetry record
+for record), so the two never share one interpreter lock; `--engine-in-process` keeps it in this
+process, in its worker thread (AsyncEngine). The run itself is a `HeadlessRunner` (engine/service/headless.py): with
 `--mqtt` the same process publishes telemetry and obeys control exactly as `batchdeck engine`
 does, it prints vLLM-style status lines, and on SIGINT/SIGTERM it drains: /health answers 503, new
 requests 503, in-flight ones get `--drain-timeout` seconds, the rest are aborted, then it exits 0.
@@ -20,9 +22,11 @@ import asyncio
 import os
 import socket
 from dataclasses import dataclass
+import logging
 from typing import Any, Callable
 
 PROG = "batchdeck serve"
+log = logging.getLogger(__name__)
 
 
 def register_cli(subparsers: Any) -> None:
@@ -40,6 +44,9 @@ def register_cli(subparsers: Any) -> None:
     add_engine_flags(p)
     add_serve_flags(p)
     add_runner_flags(p)
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine in the server's own process (default: its own process, so the HTTP "
+                        "event loop and the engine do not share one interpreter lock)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -121,12 +128,12 @@ async def start_http_server(engine: Any, bus: Any, *, host: str = "127.0.0.1", p
     from batchdeck.engine.service.http.prometheus import ServerMetrics
     from batchdeck.engine.service.http.serving import OpenAIServing
 
-    llm = engine.engine
-    name = served_model_name or llm.config.model
-    metrics = ServerMetrics(name, metrics_prefix, policy=llm.live.policy, config_version=llm.live.version)
+    served = engine.served_model()
+    name = served_model_name or served.model
+    metrics = ServerMetrics(name, metrics_prefix, policy=served.policy, config_version=served.config_version)
     metrics.start(bus, engine)
     serving = OpenAIServing(engine, name, is_draining=is_draining)
-    app = build_app(serving, metrics, api_key=api_key, model_root=llm.config.model)
+    app = build_app(serving, metrics, api_key=api_key, model_root=served.model)
     sock = listen_socket(host, port)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=graceful_shutdown_s, timeout_keep_alive=30)
@@ -168,7 +175,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from batchdeck.engine.service.bus import Bus
     from batchdeck.engine.service.flags import engine_configs
-    from batchdeck.engine.sim.engine import make_engine
     from batchdeck.engine.service.headless import (HeadlessRunner, _default_engine_id, check_runner_args,
                                                    mqtt_settings)
 
@@ -180,19 +186,98 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cfg, live = engine_configs(args)
     sock_check = listen_socket(args.host, args.port)  # fail before loading the model if the port is taken
     sock_check.close()
+    runner_kw = dict(settings=settings, engine_id=args.engine_id or _default_engine_id(), read_only=args.read_only,
+                     publish_results=not args.no_results, status_interval=args.status_interval,
+                     gpu_interval=args.gpu_interval, drain_timeout=args.drain_timeout)
+    serve_kw = dict(host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=api_key(args),
+                    metrics_prefix=args.metrics_prefix)
+    if not args.engine_in_process:
+        from batchdeck.engine.service.engine_process import EngineProcess, ServeEngineSpec
+
+        engine = EngineProcess(ServeEngineSpec(cfg, live, runner_kw, log_level=args.log_level, prog=PROG))
+        return asyncio.run(run_serve_process(engine, **serve_kw))
+
+    from batchdeck.engine.sim.engine import make_engine
+
     bus = Bus()
     t0 = time.monotonic()
     llm = make_engine(cfg, live, sink=bus)  # a simulated engine with --sim (paced at wall time)
-    runner = HeadlessRunner(llm, bus, settings=settings, engine_id=args.engine_id or _default_engine_id(),
-                            read_only=args.read_only, publish_results=not args.no_results,
-                            status_interval=args.status_interval,
-                            gpu_interval=args.gpu_interval, drain_timeout=args.drain_timeout, prog=PROG)
+    runner = HeadlessRunner(llm, bus, prog=PROG, **runner_kw)
     where = llm.profile.label() if cfg.sim else f"on {cfg.device}"
     runner.say(f"model {cfg.model} {where} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
                f"{llm.blocks.num_blocks} KV blocks of {cfg.block_size} tokens"
                + (f"; MQTT {settings.host}:{settings.port} as {runner.engine_id}" if settings else ""))
-    return asyncio.run(run_serve(runner, host=args.host, port=args.port, served_model_name=args.served_model_name,
-                                 api_key=api_key(args), metrics_prefix=args.metrics_prefix))
+    return asyncio.run(run_serve(runner, **serve_kw))
+
+
+DEAD_ENGINE_GRACE_S = 5.0  # after the engine process died: /health and new requests answer 503, then exit 1
+
+
+async def run_serve_process(engine: Any, *, host: str, port: int, served_model_name: str | None = None,
+                            api_key: str | None = None, metrics_prefix: str = "batchdeck",
+                            on_ready: Callable[[HttpServer], None] | None = None,
+                            install_signals: bool = True, stop: asyncio.Event | None = None) -> int:
+    """Serve HTTP in this process in front of an EngineProcess until the engine process ends: after
+    SIGINT/SIGTERM (it drains as `batchdeck engine` does: /health and new requests answer 503, in-flight
+    requests get --drain-timeout, the rest are aborted; exit 0), or when it dies (every open stream gets
+    an error event, /health and new requests 503 for DEAD_ENGINE_GRACE_S or until a signal, exit 1).
+    A second signal exits at once (130). `stop` (an Event): setting it acts as the first signal does."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    draining = asyncio.Event()
+    drains: set[asyncio.Task] = set()
+
+    def on_signal(name: str) -> None:
+        if draining.is_set():
+            log.warning(f"{name} again: exiting now")
+            os._exit(130)
+        draining.set()
+        if not engine.running:
+            return
+        log.info(f"{name}: draining")
+        task = loop.create_task(engine.drain(name))
+        drains.add(task)
+        task.add_done_callback(drains.discard)
+
+    if install_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+    watch = None
+    if stop is not None:
+        async def stop_when_set() -> None:
+            await stop.wait()
+            on_signal("stop")
+
+        watch = loop.create_task(stop_when_set())
+    await engine.start()
+    try:
+        server = await start_http_server(engine, engine.bus, host=host, port=port,
+                                         served_model_name=served_model_name, api_key=api_key,
+                                         metrics_prefix=metrics_prefix, is_draining=draining.is_set)
+    except BaseException:
+        await engine.stop()
+        raise
+    log.info(f"serving {server.serving.model_name!r} at {server.url}/v1 (metrics at {server.url}/metrics; "
+             f"engine process {engine.pid})" + ("; API key required" if api_key else ""))
+    if on_ready is not None:
+        on_ready(server)
+    try:
+        rc = await engine.wait()
+        if engine.died or (rc != 0 and not draining.is_set()):
+            try:  # clients and health checks see the 503s; a signal ends this early
+                await asyncio.wait_for(draining.wait(), DEAD_ENGINE_GRACE_S)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        if watch is not None:
+            watch.cancel()
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        await server.stop()
+        await engine.stop()
+    return rc
 
 
 async def run_serve(runner: Any, *, host: str, port: int, served_model_name: str | None = None,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from batchdeck.engine.request import QueueFullError, RequestError, SamplingParam
 from batchdeck.engine.service.async_engine import AsyncEngine, RequestStream
 from batchdeck.engine.service.http.chat import chat_messages, chat_prompt_ids
 from batchdeck.engine.service.http.detokenizer import IncrementalDetokenizer
-from batchdeck.engine.service.http.errors import OpenAIError, bad_request, model_not_found, unavailable
+from batchdeck.engine.service.http.errors import (OpenAIError, bad_request, engine_dead, model_not_found,
+                                                  unavailable)
+from batchdeck.engine.service.served_model import EngineDeadError
 from batchdeck.engine.service.http.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 
 # Fields the engine cannot honour: refused with a 400 instead of silently ignored.
@@ -78,6 +81,14 @@ class _Job:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+_PLAIN = re.compile(r'[ !#-\[\]-~]*')  # printable ASCII but '"' and '\\': its JSON string is itself in quotes
+
+
+def json_string(text: str) -> str:
+    """json.dumps(text) (ASCII-escaped, as json.dumps writes it), without the encoder for plain text."""
+    return f'"{text}"' if _PLAIN.fullmatch(text) else json.dumps(text)
+
+
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -111,13 +122,17 @@ def completion_prompts(prompt: Any, tokenizer: Any, vocab_size: int) -> list[lis
 
 
 class OpenAIServing:
+    """`engine`: an AsyncEngine, or an EngineProcess (engine/service/engine_process.py): the same
+    add_request / abort / error / clock / served_model, with the engine in another process."""
+
     def __init__(self, engine: AsyncEngine, served_model_name: str, *, is_draining: Callable[[], bool] = lambda: False):
         self.engine = engine
-        self.llm = engine.engine
+        served = engine.served_model()
+        self.clock = engine.clock  # the engine's clock, as add_request's arrival_time takes it
         self.model_name = served_model_name
-        self.tokenizer = self.llm.loaded.tokenizer
-        self.vocab_size = self.llm.loaded.config.vocab_size
-        self.max_model_len = self.llm.max_model_len
+        self.tokenizer = served.tokenizer
+        self.vocab_size = served.vocab_size
+        self.max_model_len = served.max_model_len
         self.is_draining = is_draining
         self._background: set[asyncio.Task] = set()
 
@@ -130,8 +145,7 @@ class OpenAIServing:
         if self.is_draining():
             raise unavailable("the server is shutting down and takes no new requests")
         if self.engine.error is not None:
-            raise OpenAIError(503, f"the engine failed: {self.engine.error}", None, "server_error",
-                              "engine_failed")
+            raise engine_dead(self.engine.error)
 
     def _sampling(self, req: _Sampling, max_tokens: int, choice: int, logprobs: bool) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -173,6 +187,8 @@ class OpenAIServing:
         if error is None:
             return
         self._abort_all(job)
+        if isinstance(error, EngineDeadError):
+            raise engine_dead(error) from None
         if isinstance(error, QueueFullError):
             raise unavailable(str(error)) from None
         if isinstance(error, RequestError):
@@ -261,7 +277,10 @@ class OpenAIServing:
         finally:
             watch.cancel()
         if work in done:
-            return work.result()
+            try:
+                return work.result()
+            except EngineDeadError as exc:
+                raise engine_dead(exc) from None
         work.cancel()
         self._abort_all(job)
         raise OpenAIError(499, "the client closed the connection", None, "client_closed_request")
@@ -294,7 +313,7 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest, disconnected: Callable[[], Awaitable[None]],
                           arrival: float | None = None) -> dict[str, Any] | AsyncIterator[str]:
         """`arrival`: engine time the HTTP request came in (default: now)."""
-        arrival = self.llm.clock() if arrival is None else arrival
+        arrival = self.clock() if arrival is None else arrival
         self._check_request(req)
         prompts = completion_prompts(req.prompt, self.tokenizer, self.vocab_size)
         limits = [self._max_tokens(req.max_tokens, len(p), "max_tokens", "prompt") for p in prompts]
@@ -322,19 +341,22 @@ class OpenAIServing:
         # each chunk is the same JSON as sse({...}) would give, formatted around the pre-encoded head
         prefix = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
         suffix = "}]" + (',"usage":null' if include_usage else "") + "}\n\n"
-        dumps = json.dumps
         offsets = {c.index: 0 for c in job.choices}
-        async for choice, text, finish in self._events(job):
-            if job.logprobs:  # the generic (slower) form, with this chunk's tokens and their logprobs
-                extra = {"usage": None} if include_usage else {}
-                lp = self._completion_logprobs(choice, offsets[choice.index], choice.lp_sent)
-                choice.lp_sent = len(choice.lp_ids)
-                offsets[choice.index] += len(text)
-                yield sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": lp,
-                                                "finish_reason": finish}], **extra})
-                continue
-            yield (f'{prefix}{choice.index},"text":{dumps(text)},"logprobs":null,"finish_reason":'
-                   f'{"null" if finish is None else dumps(finish)}{suffix}')
+        try:
+            async for choice, text, finish in self._events(job):
+                if job.logprobs:  # the generic (slower) form, with this chunk's tokens and their logprobs
+                    extra = {"usage": None} if include_usage else {}
+                    lp = self._completion_logprobs(choice, offsets[choice.index], choice.lp_sent)
+                    choice.lp_sent = len(choice.lp_ids)
+                    offsets[choice.index] += len(text)
+                    yield sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": lp,
+                                                    "finish_reason": finish}], **extra})
+                    continue
+                yield (f'{prefix}{choice.index},"text":{json_string(text)},"logprobs":null,"finish_reason":'
+                       f'{"null" if finish is None else json_string(finish)}{suffix}')
+        except EngineDeadError as exc:  # mid-stream the status went out long ago: an error event ends it
+            yield sse(engine_dead(exc).body())
+            return
         if include_usage:
             yield sse({**head, "choices": [], "usage": job.usage()})
         yield "data: [DONE]\n\n"
@@ -342,7 +364,7 @@ class OpenAIServing:
     # -- /v1/chat/completions ------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, disconnected: Callable[[], Awaitable[None]],
                    arrival: float | None = None) -> dict[str, Any] | AsyncIterator[str]:
-        arrival = self.llm.clock() if arrival is None else arrival
+        arrival = self.clock() if arrival is None else arrival
         self._check_request(req)
         ids = chat_prompt_ids(self.tokenizer, chat_messages(req.messages))
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -374,16 +396,19 @@ class OpenAIServing:
                                             "logprobs": None, "finish_reason": None}], **extra})
         prefix = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
         suffix = "}]" + (',"usage":null' if include_usage else "") + "}\n\n"
-        dumps = json.dumps
-        async for choice, text, finish in self._events(job):
-            if job.logprobs:
-                lp = self._chat_logprobs(choice, choice.lp_sent)
-                choice.lp_sent = len(choice.lp_ids)
-                yield sse({**head, "choices": [{"index": choice.index, "delta": {"content": text}, "logprobs": lp,
-                                                "finish_reason": finish}], **extra})
-                continue
-            yield (f'{prefix}{choice.index},"delta":{{"content":{dumps(text)}}},"logprobs":null,"finish_reason":'
-                   f'{"null" if finish is None else dumps(finish)}{suffix}')
+        try:
+            async for choice, text, finish in self._events(job):
+                if job.logprobs:
+                    lp = self._chat_logprobs(choice, choice.lp_sent)
+                    choice.lp_sent = len(choice.lp_ids)
+                    yield sse({**head, "choices": [{"index": choice.index, "delta": {"content": text}, "logprobs": lp,
+                                                    "finish_reason": finish}], **extra})
+                    continue
+                yield (f'{prefix}{choice.index},"delta":{{"content":{json_string(text)}}},"logprobs":null,'
+                       f'"finish_reason":{"null" if finish is None else json_string(finish)}{suffix}')
+        except EngineDeadError as exc:
+            yield sse(engine_dead(exc).body())
+            return
         if include_usage:
             yield sse({**head, "choices": [], "usage": job.usage()})
         yield "data: [DONE]\n\n"

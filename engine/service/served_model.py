@@ -1,0 +1,28 @@
+"""`ServedModel`: what the HTTP server needs to know of the engine's model, wherever the engine runs
+(in this process, or in its own: engine/service/engine_process.py). Picklable: an engine process
+sends it, tokenizer included, once its model is loaded (detokenization stays with the server)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class EngineDeadError(RuntimeError):
+    """The engine can no longer serve: its process ended, or a step failed. Raised by a request's
+    stream and by the commands still waiting for it."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model: str  # the engine's --model (a synthetic:<name> or a directory)
+    tokenizer: Any
+    vocab_size: int
+    max_model_len: int
+    policy: str  # the live config at start (later changes arrive as config_change events)
+    config_version: int
+
+    @classmethod
+    def of(cls, llm: Any) -> ServedModel:
+        """The ServedModel of an LLMEngine (or a simulated one)."""
+        return cls(llm.config.model, llm.loaded.tokenizer, llm.loaded.config.vocab_size, llm.max_model_len,
+                   llm.live.policy, llm.live.version)
