@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -92,12 +93,14 @@ def test_bench_report_compare_reads_and_times_agree(server, preset_file, tmp_pat
     # Within 50 ms on loopback: the typical request, and none far off. Timing on a 2-core box shared
     # with other work (server, engine thread and client competing for the cores; load average ~10
     # while this was written) is noisy, so the best of three runs counts; each run is checked in full.
+    # BATCHDECK_STRICT_TIMING=1 (an idle machine with cores to spare) asks every request within 50 ms.
+    strict = os.environ.get("BATCHDECK_STRICT_TIMING") == "1"
     for attempt in range(3):
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         report = json.loads(path.read_text())
         diffs = check_report(preset, report, server)
-        if all(percentile(d, 50) < 0.05 and max(d) < 0.25 for d in diffs.values()):
+        if all(max(d) < 0.05 if strict else percentile(d, 50) < 0.05 and max(d) < 0.25 for d in diffs.values()):
             break
     else:
         raise AssertionError(f"client and server times disagree: { {k: sorted(v) for k, v in diffs.items()} }")
