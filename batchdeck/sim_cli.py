@@ -26,6 +26,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                      help="time for the workloads (each gets its share; default 120)")
     cal.add_argument("--inline", action="store_true", help="step the engine in one thread, without the serving "
                                                             "loop around it (default: the serving loop, as replay runs)")
+    cal.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                     help="calibrate with overlapped iterations (default: the device's default, on for cuda): the "
+                          "profile must come from the engine as it will serve")
     cal.add_argument("--quick", action="store_true", help="a small grid (CPU smoke runs)")
     cal.set_defaults(func=_cmd_calibrate)
 
@@ -59,7 +62,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     driver = {} if args.inline else {"driver": drive_through_service, "driver_name": "serving loop (AsyncEngine)"}
     profile = calibrate(args.model, device=args.device, dtype=args.dtype, name=args.name,
                         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
-                        quick=args.quick, num_blocks=args.num_blocks, budget_s=args.budget, **driver)
+                        quick=args.quick, num_blocks=args.num_blocks, budget_s=args.budget,
+                        async_scheduling=args.async_scheduling, **driver)
     out = args.out or f"{profile.name}.json"
     profile.save(out)
     print(f"profile {profile.name}: {out}")

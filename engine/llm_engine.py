@@ -55,6 +55,7 @@ class StepResult:
     outputs: list[RequestOutput] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)
     record: IterationRecord | None = None
+    plan: StepPlan | None = None  # the plan this iteration executed (with overlap, not the last one scheduled)
 
 
 @dataclass(slots=True)
@@ -424,7 +425,7 @@ class LLMEngine:
         now = self.clock()
         plan, it = flight.plan, flight.iteration
         timings = flight.launched.timings
-        result = StepResult(it)
+        result = StepResult(it, plan=plan)
         policy = self.scheduler.policy
         commit = self.blocks.commit
         running = RequestStatus.RUNNING

@@ -98,6 +98,33 @@ def test_the_tap_records_each_iteration_of_a_real_engine_and_gives_it_back():
     assert all(b.time > a.time for a, b in zip(samples, samples[1:]))
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_tap_pairs_each_iteration_with_the_plan_it_executed(overlap):
+    """With overlapped iterations the scheduler has planned iteration N+1 when N is booked: each
+    sample must still carry N's own shape (here checked against N's telemetry record)."""
+    from batchdeck.engine.llm_engine import LLMEngine
+    from batchdeck.engine.telemetry import ListSink
+
+    cfg = EngineConfig(model="synthetic:tiny", device="cpu", dtype="float32", num_blocks=128,
+                       max_num_seqs_limit=4, max_batched_tokens_limit=64, spec_k_limit=0, async_scheduling=overlap)
+    sink = ListSink()
+    engine = LLMEngine(cfg, LiveConfig(max_num_seqs=4, max_batched_tokens=64, chunk_size=32), sink=sink)
+    tap = IterationTap(engine)
+    for i, (p, o) in enumerate([(40, 3), (70, 5), (10, 2)]):
+        engine.add_request(f"r{i}", [7 + i] * p, SamplingParams(max_tokens=o, ignore_eos=True))
+    engine.run_until_done()
+    tap.remove()
+    assert "step" not in vars(engine) and "launch" not in vars(engine.runner)
+    samples, records = tap.samples(), sink.iterations
+    assert any(r.overlapped for r in records) == overlap
+    assert len(samples) == len(records) == engine.iteration
+    for s, r in zip(samples, records):
+        assert (s.shape.prefill_tokens, s.shape.prefill_rows) == (r.num_prefill_tokens, r.num_prefill_chunks)
+        assert s.shape.decode_rows == r.num_decode_tokens
+        assert s.time <= r.time  # a CPU launch computes the iteration: it ended when the launch returned
+    assert all(b.time > a.time for a, b in zip(samples, samples[1:]))
+
+
 def test_the_simulator_adds_the_idle_wake_to_an_iteration_after_idle_only():
     profile = SimProfile(name="t", model="synthetic:tiny", device_name="Test GPU", dtype="bfloat16", block_size=16,
                          num_blocks=4096, kv_bytes_per_block=1024,

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from batchdeck.engine.config import EngineConfig, LiveConfig
+from batchdeck.engine.settings import defaults_for
 from batchdeck.engine.llm_engine import LLMEngine
 from batchdeck.engine.request import SamplingParams
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape, fit, regime_errors, relative_errors
@@ -135,32 +136,40 @@ class Sample:
 
 
 class IterationTap:
-    """Installed on an engine: keeps each iteration's plan and time stamp (the hot path only keeps a
-    reference to the plan the scheduler returned; shapes are computed when the workloads are done)."""
+    """Installed on an engine: keeps each iteration's executed plan (`StepResult.plan`: with
+    overlapped iterations the scheduler has planned the next one by the time an iteration is booked)
+    and when it ended. On a CUDA device an iteration ends when the engine has waited for its tokens
+    (`IterationRecord.time`); on a device whose launch computes the iteration before it returns (CPU),
+    when its launch returned, which with overlap comes before the previous iteration is booked. The
+    hot path keeps only references; shapes are computed when the workloads are done."""
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.scheduler = engine.scheduler
-        self._schedule = self.scheduler.schedule
         self._step = engine.step
-        self._plan = None
         self._busy = False
         self._raw: list[tuple[int, float, Any, bool]] = []
         self._samples: list[Sample] = []
         self.workload = 0
-        self.scheduler.schedule = self.schedule
+        self._launch_end: dict[int, float] | None = None
+        if engine.device.type != "cuda" and hasattr(engine.runner, "launch"):
+            self._launch_end = {}
+            self._launch = engine.runner.launch
+            engine.runner.launch = self.launch
         engine.step = self.step
 
-    def schedule(self, now):
-        self._plan = plan = self._schedule(now)
-        return plan
+    def launch(self, plan, *args, **kwargs):
+        launched = self._launch(plan, *args, **kwargs)
+        self._launch_end[id(plan)] = self.engine.clock()
+        return launched
 
     def step(self):
         result = self._step()
         if result is None:
             self._busy = False
             return result
-        self._raw.append((self.workload, result.record.time, self._plan, not self._busy))
+        plan = result.plan
+        t = result.record.time if self._launch_end is None else self._launch_end.pop(id(plan), result.record.time)
+        self._raw.append((self.workload, t, plan, not self._busy))
         self._busy = self.engine.has_unfinished
         return result
 
@@ -182,8 +191,10 @@ class IterationTap:
         return list(self._samples)
 
     def remove(self) -> None:
-        del self.scheduler.schedule
         del self.engine.step
+        if self._launch_end is not None:
+            del self.engine.runner.launch
+            self._launch_end.clear()
 
 
 def deadlines(workloads: list[Workload], budget_s: float, start: float) -> list[float]:
@@ -301,16 +312,21 @@ def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[in
 
 def calibrate(model: str, *, device: str | None = None, dtype: str | None = None, name: str | None = None,
               max_num_seqs: int = 256, max_batched_tokens: int = 8192, quick: bool = False,
+              async_scheduling: bool | None = None,
               num_blocks: int | None = None, gpu_memory_fraction: float = 0.85, seed: int = 0,
               driver: Driver | None = None, driver_name: str = "inline", budget_s: float = 120.0,
               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> SimProfile:
     """Build the engine, play `design_workloads` through `driver` (default: `drive_all_inline`) within
-    `budget_s` seconds (each workload its share; one that runs over is cut short), fit."""
+    `budget_s` seconds (each workload its share; one that runs over is cut short), fit. The engine runs
+    with overlapped iterations (`async_scheduling`) as it would serve on the device (default: the
+    device's default, on for cuda), since overlap changes what an iteration costs."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    cfg = EngineConfig(model=model, device=device, dtype=dtype, num_blocks=num_blocks,
+    if async_scheduling is None:
+        async_scheduling = defaults_for(device)["async_scheduling"]
+    cfg = EngineConfig(model=model, device=device, dtype=dtype, num_blocks=num_blocks, async_scheduling=async_scheduling,
                        gpu_memory_fraction=gpu_memory_fraction, max_num_seqs_limit=max_num_seqs,
                        max_batched_tokens_limit=max_batched_tokens, seed=seed, spec_k_limit=0)
     t_start = time.perf_counter()
@@ -319,7 +335,7 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
                        sink=ListSink())  # telemetry kept as a headless replay keeps it
     cuda = engine.device.type == "cuda"
     log(f"calibrate: {model} on {device} ({dtype}), {engine.blocks.num_blocks} KV blocks, "
-        f"built in {time.perf_counter() - t_start:.1f} s")
+        f"async scheduling {'on' if engine.async_scheduling else 'off'}, built in {time.perf_counter() - t_start:.1f} s")
     graphs = getattr(engine.runner, "graphs", None)
     buckets = {"decode_buckets": list(graphs.decode_sizes) if graphs else [],
                "token_buckets": list(graphs.token_sizes) if graphs else [],
@@ -361,7 +377,7 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
         cost=cost,
         fit={"target": "engine iterations: gaps between consecutive busy iterations' time stamps",
              "driver": driver_name, **report, "num_workloads": len(workloads), "workloads_by_kind": kinds,
-             "cuda_graphs": bool(graphs), "max_num_seqs_limit": max_num_seqs,
+             "cuda_graphs": bool(graphs), "async_scheduling": engine.async_scheduling, "max_num_seqs_limit": max_num_seqs,
              "max_batched_tokens_limit": max_batched_tokens, "budget_s": budget_s, "run_time_s": round(run_s, 1),
              "wall_time_s": round(time.perf_counter() - t_start, 1)},
         versions=versions, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
