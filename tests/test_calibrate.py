@@ -141,3 +141,49 @@ def test_the_simulator_adds_the_idle_wake_to_an_iteration_after_idle_only():
     e.step()
     assert e.clock() - t == pytest.approx(e.runner.cost.predict(IterationShape.of_rows([(100, 1), (0, 100)])))
     assert e.runner.cost.coefficients["decode_buckets"][-1] == 64  # buckets follow the engine's own limits
+
+
+def _sim(device_name: str, overlap: bool) -> SimulatedEngine:
+    profile = SimProfile(name="t", model="synthetic:tiny", device_name=device_name, dtype="bfloat16", block_size=16,
+                         num_blocks=4096, kv_bytes_per_block=1024,
+                         model_shape={"vocab_size": 512, "max_model_len": 4096, "eos_token_ids": [1]},
+                         cost=CostModel(TRUTH))
+    return SimulatedEngine(EngineConfig(sim="unused", max_num_seqs_limit=64, max_batched_tokens_limit=512,
+                                        async_scheduling=overlap),
+                           LiveConfig(max_num_seqs=8, max_batched_tokens=512, chunk_size=512), profile=profile,
+                           clock=VirtualClock())
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_simulator_overlaps_iterations_as_the_gpu_engine_does(overlap):
+    """On a GPU profile with async scheduling, the iteration launched while another runs starts when
+    that one ends and was planned before it: a request arriving while iteration N runs is computed in
+    N + 2 (N + 1 was planned already), not N + 1. Busy gaps stay each booked iteration's own cost."""
+    e = _sim("Test GPU", overlap)
+    assert e.overlapping == overlap
+    e.add_request("a", [5] * 100, SamplingParams(max_tokens=6, ignore_eos=True))
+    results = [e.step()]
+    e.add_request("b", [6] * 100, SamplingParams(max_tokens=2, ignore_eos=True))  # while the next one runs
+    while e.has_unfinished:
+        r = e.step()
+        if r is not None:
+            results.append(r)
+    cost = e.runner.cost
+    t = 0.0
+    for r in results:
+        t += cost.plan_seconds(r.plan.chunks)
+        assert r.record.time == pytest.approx(t)
+    b = e.requests["b"]
+    assert b.first_token_iteration == (2 if overlap else 1)
+    assert b.ttft == pytest.approx(sum(cost.plan_seconds(r.plan.chunks) for r in results[1:b.first_token_iteration + 1]))
+
+
+def test_a_cpu_profile_with_overlap_books_an_iteration_after_the_next_one_computed():
+    """A CPU launch computes the iteration: with overlap, N is booked once N + 1 has run."""
+    e = _sim("CPU (x86_64)", True)
+    e.add_request("a", [5] * 100, SamplingParams(max_tokens=4, ignore_eos=True))
+    first = e.step()
+    cost = e.runner.cost
+    assert first.iteration == 0 and e._inflight is not None
+    assert first.record.time == pytest.approx(cost.plan_seconds(first.plan.chunks)
+                                              + cost.plan_seconds(e._inflight.plan.chunks))

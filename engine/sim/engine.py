@@ -49,8 +49,15 @@ class SimulatedEngine(LLMEngine):
         self.backend = None
         self.sampler = SimSampler()
         cost = p.cost.for_limits(cfg.max_num_seqs_limit, cfg.max_batched_tokens_limit)
-        self.runner = SimExecutor(cost, self.clock, p.vocab_size, p.eos_token_ids, p.spec_acceptance, cfg.seed)
+        self.runner = SimExecutor(cost, self.clock, p.vocab_size, p.eos_token_ids, p.spec_acceptance, cfg.seed,
+                                  device_async=not p.device_name.startswith("CPU"))
         return num_blocks
+
+    @property
+    def _runner_launches(self) -> bool:
+        """The simulated executor launches as the model runner does: overlapped iterations
+        (async scheduling) run as on the device the profile was measured on."""
+        return True
 
     def add_request(self, *args: Any, **kwargs: Any):
         idle = not self.has_unfinished

@@ -7,22 +7,42 @@ speculating chunk's drafts (the real drafter's proposals) are verified against t
 draft is accepted when it equals the stand-in at its position, or else with the profile's
 `spec_acceptance` chance (a deterministic draw); the first rejection emits the stand-in and stops,
 as rejection sampling does, so acceptance, rollback and KV accounting run as on the GPU.
+
+Iterations are launched as the engine launches them on its device (`launch`), so overlapped
+iterations (async scheduling) run here as there: on a GPU (`device_async`) an iteration launched while
+another is in flight starts on the simulated device when that one ends, and the engine's clock
+reaches its end when the engine waits for its tokens (`SimLaunchedStep.result`), so an iteration
+planned during the previous one's run admits only what had arrived by then; on a CPU the launch
+computes the iteration, so the clock moves at the launch.
 """
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
-from batchdeck.engine.model_runner import StepTimings
+from batchdeck.engine.model_runner import LaunchedStep, StepTimings
 from batchdeck.engine.sim.cost_model import CostModel
 from batchdeck.engine.step_plan import StepPlan
 
 _MIX = 0x9E3779B1
 
 
+@dataclass
+class SimLaunchedStep(LaunchedStep):
+    """A simulated iteration in flight: its tokens are known; the clock reaches `end` when they are read."""
+
+    end: float = 0.0
+    clock: Any = None
+
+    def result(self):
+        self.clock.wait_until(self.end)
+        return super().result()
+
+
 class SimExecutor:
     def __init__(self, cost: CostModel, clock: Any, vocab_size: int, avoid: tuple[int, ...] = (),
-                 spec_acceptance: float = 0.0, seed: int = 0):
+                 spec_acceptance: float = 0.0, seed: int = 0, device_async: bool = True):
         self.cost = cost
         self.clock = clock
         self.vocab = vocab_size
@@ -35,6 +55,8 @@ class SimExecutor:
         # The engine waited for work before this iteration (it was idle): the iteration also lasts the
         # profile's `idle_wake_s`, the time a real engine takes to wake up for an arrival.
         self.waking = False
+        self.device_async = device_async
+        self._device_free = float("-inf")  # when the simulated device finishes what was launched
 
     def _key(self, request_id: str) -> int:
         k = self._keys.get(request_id)
@@ -58,19 +80,37 @@ class SimExecutor:
         h = ((self._key(request.request_id) * 31 + position * 0x85EBCA6B) & 0xFFFFFF) / float(1 << 24)
         return h < self.spec_acceptance
 
-    def execute(self, plan: StepPlan, blocks: Any) -> tuple[list[tuple[Any, list[int]]], StepTimings]:
-        start = self.clock()
+    def launch(self, plan: StepPlan, blocks: Any, prev: Any = None) -> SimLaunchedStep:
+        """Enqueue the iteration on the simulated device (see the module docstring); `prev`, the
+        iteration in flight, needs nothing here (its tokens are known already)."""
+        now = self.clock()
         dt = self.cost.plan_seconds(plan.chunks)
         if self.waking:
             dt += self.cost.idle_wake_s
             self.waking = False
+        sampled = self._sample(plan)
+        end = (max(now, self._device_free) if self.device_async else now) + dt
+        self._device_free = end
+        if not self.device_async:
+            self.clock.wait_until(end)
+        self.iterations += 1
+        self.simulated_seconds += dt
+        return SimLaunchedStep([c for c, _ in sampled], StepTimings(forward=dt), tokens=[t for _, t in sampled],
+                               end=end, clock=self.clock)
+
+    def execute(self, plan: StepPlan, blocks: Any) -> tuple[list[tuple[Any, list[int]]], StepTimings]:
+        """Run one iteration to its end (a synchronous executor's interface)."""
+        launched = self.launch(plan, blocks)
+        return launched.result(), launched.timings
+
+    def _sample(self, plan: StepPlan) -> list[tuple[Any, list[int]]]:
         out = []
         token_at = self.token_at
         for c in plan.chunks:
             if not c.samples:
                 continue
             r = c.request
-            pos = r.num_tokens  # the position of the token this step produces
+            pos = r.num_tokens  # the position of the token this step produces (after those in flight)
             if c.draft:
                 tokens = []
                 for d in c.draft:
@@ -86,10 +126,7 @@ class SimExecutor:
                 out.append((c, tokens))
             else:
                 out.append((c, [token_at(r, pos)]))
-        self.clock.wait_until(start + dt)
-        self.iterations += 1
-        self.simulated_seconds += dt
-        return out, StepTimings(forward=dt)
+        return out
 
 
 class SimSampler:
