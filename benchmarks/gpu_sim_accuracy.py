@@ -5,7 +5,12 @@ Scenarios (shipped presets, timelines dropped, one config throughout):
   steady  quickstart's Poisson/gamma mix, rates scaled to --load (0.8) of the profile's throughput bound
   burst   fair-noisy-tenant (a steady tenant and a 40-request burst)
   azure   azure-conversation at its real pace and real lengths (length_scale 1)
-For each: output throughput (target within 5%), TTFT and e2e p50/p99 (within 10%). Then a sweep of
+For each: output throughput (target within 5%), TTFT and e2e p50/p99 (within 10%), and an iteration
+check: the busy iterations of both runs (each with the plan it executed and the gap since the previous
+one), per regime (decode / mixed), with the cost model's prediction bias on the real ones, so one run
+says whether the model misprices the workload's iterations or the simulated engine runs other ones.
+Async scheduling (overlapped iterations) is the device's default (on for cuda) on both sides, in the
+calibration too; --async-scheduling / --no-async-scheduling sets it. Then a sweep of
 max_num_seqs on `steady` (4+ settings) on both, and whether the simulator orders every pair of
 settings the same way as the GPU by output throughput and by TTFT p99.
 
@@ -49,6 +54,18 @@ def scenario_presets(load_preset, resolve_preset, config, smoke, azure_requests)
     return {k: dataclasses.replace(p, timeline=[], config={**p.config, **config}) for k, p in out.items()}
 
 
+def iteration_table(checks):
+    """One line per side and regime: busy iterations, mean measured and predicted gap, bias, mean shape."""
+    lines = []
+    for side, c in checks.items():
+        for regime, e in (c.get("by_regime") or {}).items():
+            lines.append(f"  {side:3} {regime:6} n={e['samples']:5d} gap {e['measured_mean_s'] * 1e3:7.3f} ms "
+                         f"model {e['predicted_mean_s'] * 1e3:7.3f} ms bias {e['total_bias']:+7.1%} "
+                         f"err {e['mean_rel_error']:6.1%} rows {e['mean_rows']:6.1f} tokens {e['mean_tokens']:7.1f} "
+                         f"ctx {e['mean_context_k'] * 1e3:6.0f}")
+    return "\n" + "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="synthetic:qwen3-0.6b")
@@ -62,13 +79,17 @@ def main() -> None:
                                                   "smoke 1,2,4,8)")
     ap.add_argument("--calibrate-budget", type=float, default=None,
                     help="seconds of calibration workloads when no --profile is given (default 120; smoke 45)")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="overlapped iterations in the real runs, the calibration and the simulator (default: the "
+                         "device's default, on for cuda)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: small sizes")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     import torch
 
-    from batchdeck.engine.sim.calibrate import calibrate
+    from batchdeck.engine.settings import defaults_for
+    from batchdeck.engine.sim.calibrate import IterationTap, calibrate, check_iterations
     from batchdeck.engine.sim.profile import load_profile
     from batchdeck.presets import load_preset, resolve_preset
     from batchdeck.presets.analytic import throughput_bound
@@ -79,6 +100,7 @@ def main() -> None:
     if device == "cpu":
         torch.set_num_threads(1)  # shared CPUs: timings with several threads per process are noise
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    overlap = defaults_for(device)["async_scheduling"] if args.async_scheduling is None else args.async_scheduling
     scale = args.duration_scale or (0.05 if args.smoke else 0.5)
     # the runs' start-time limits (CUDA graphs are captured up to them); the profile is calibrated up to the same
     limits = {"max_num_seqs": 8, "max_batched_tokens": 128} if args.smoke else {"max_num_seqs": 64,
@@ -93,7 +115,7 @@ def main() -> None:
         profile = calibrate(args.model, device=device, dtype=dtype, budget_s=budget,
                             num_blocks=512 if args.smoke else None, max_num_seqs=limits["max_num_seqs"],
                             max_batched_tokens=limits["max_batched_tokens"], driver=drive_through_service,
-                            driver_name="serving loop (AsyncEngine)")
+                            driver_name="serving loop (AsyncEngine)", async_scheduling=overlap)
         profile_path = str(Path(args.out).with_suffix(".profile.json"))
         profile.save(profile_path)
     config = {"policy": "fcfs", "max_num_seqs": 8 if args.smoke else 64,
@@ -101,9 +123,10 @@ def main() -> None:
     presets = scenario_presets(load_preset, resolve_preset, config, args.smoke, args.azure_requests)
     real_over = {"model": args.model, "device": device, "dtype": dtype, "num_blocks": profile.num_blocks,
                  "block_size": profile.block_size, "max_num_seqs_limit": limits["max_num_seqs"],
-                 "max_batched_tokens_limit": limits["max_batched_tokens"]}
+                 "max_batched_tokens_limit": limits["max_batched_tokens"], "async_scheduling": overlap}
     sim_over = {"sim": profile_path, "max_num_seqs_limit": limits["max_num_seqs"],
-                "max_batched_tokens_limit": limits["max_batched_tokens"]}
+                "max_batched_tokens_limit": limits["max_batched_tokens"], "async_scheduling": overlap}
+    cost = profile.cost.for_limits(limits["max_num_seqs"], limits["max_batched_tokens"])  # as the simulator prices
 
     # steady: offer --load of the bound (mean lengths from a simulated run at the preset's own rates)
     probe = run_preset(presets["steady"], overrides=sim_over, duration_scale=scale).report()["analytic"]
@@ -118,9 +141,16 @@ def main() -> None:
 
     loaded = load_model(args.model, device, dtype, 0)  # one load for every real run (speed does not depend on weights)
 
-    def run(preset, over, extra=None):
+    def run(preset, over, extra=None, check=None):
+        """The run's summary; `check`: a dict to fill with the iteration check of its busy iterations."""
         kw = {"loaded": loaded} if over is real_over else {}
+        taps = []
+        if check is not None:
+            kw["on_start"] = lambda driver: taps.append(IterationTap(driver.engine.engine))
         rep = run_preset(preset, overrides={**over, **(extra or {})}, duration_scale=scale, **kw).report()
+        if taps:
+            check.update(check_iterations(cost, taps[0].samples()))
+            taps[0].remove()
         gc.collect()  # the finished engine's KV pool is returned before the next run allocates its own
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -128,17 +158,19 @@ def main() -> None:
 
     scenarios = {}
     for name, preset in presets.items():
-        real = run(preset, real_over)
-        sim = run(preset, sim_over)
+        checks = {"gpu": {}, "sim": {}}
+        real = run(preset, real_over, check=checks["gpu"])
+        sim = run(preset, sim_over, check=checks["sim"])
         rows = {}
         for m, (path, tol) in METRICS.items():
             r, s = pick(real, path), pick(sim, path)
             err = None if not r else abs(s - r) / r
             rows[m] = {"gpu": r, "sim": s, "rel_error": err, "target": tol, "within": err is not None and err <= tol}
-        scenarios[name] = {"num_requests": real.get("num_requests"), "metrics": rows}
+        scenarios[name] = {"num_requests": real.get("num_requests"), "metrics": rows, "iterations": checks}
         print(name, json.dumps({m: (round(v["gpu"] or 0, 4), round(v["sim"] or 0, 4),
                                     None if v["rel_error"] is None else round(v["rel_error"], 3))
                                 for m, v in rows.items()}), flush=True)
+        print(f"{name} iterations:", iteration_table(checks), flush=True)
 
     values = sorted({min(int(v), limits["max_num_seqs"]) for v in (args.sweep or ("1,2,4,8" if args.smoke
                                                                                  else "8,16,32,64")).split(",")})
@@ -156,6 +188,7 @@ def main() -> None:
                  and (g[a][metric] > g[b][metric]) == (m[a][metric] > m[b][metric])]
         ranking[metric] = {"pairs": len(pairs), "agree": len(agree), "all_agree": len(agree) == len(pairs)}
     out = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "model": args.model,
+           "async_scheduling": overlap,
            "profile": profile.name, "profile_path": profile_path, "profile_fit": {k: v for k, v in profile.fit.items() if k != "shapes"},
            "duration_scale": scale, "config": config, "steady_rate_scale": k, "steady_bound": bound,
            "scenarios": scenarios, "sweep": {"max_num_seqs": values, **sweep}, "ranking": ranking,

@@ -238,7 +238,10 @@ def _origin(name: str, value: Any, given: Mapping[str, Any], preset: Mapping[str
 
 def _simulated(sim: str, given: dict[str, Any], preset: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A simulated engine's settings: the profile's model, dtype, block size and KV pool (a preset's
-    sizing for its own device does not apply; what the operator gives still does), on no device."""
+    sizing for its own device does not apply; what the operator gives still does), on no device; unless
+    given, async scheduling as the profile's engine ran it when calibrated (off for a profile that does
+    not say: those were measured before iterations overlapped), since its iteration costs are that
+    engine's."""
     from batchdeck.engine.sim.profile import load_profile
 
     p = load_profile(sim)
@@ -249,6 +252,8 @@ def _simulated(sim: str, given: dict[str, Any], preset: dict[str, Any]) -> tuple
     block = given.get("block_size", p.block_size)
     pool = given.get("num_blocks", max(1, p.num_blocks * p.block_size // block) if isinstance(block, int) and block > 0
                      else p.num_blocks)
+    if "async_scheduling" not in preset:
+        preset["async_scheduling"] = bool(p.fit.get("async_scheduling", False))
     return {**given, "model": p.model, "device": "cpu", "dtype": p.dtype, "block_size": block, "num_blocks": pool,
             "sim": sim}, preset
 

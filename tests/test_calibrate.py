@@ -187,3 +187,18 @@ def test_a_cpu_profile_with_overlap_books_an_iteration_after_the_next_one_comput
     assert first.iteration == 0 and e._inflight is not None
     assert first.record.time == pytest.approx(cost.plan_seconds(first.plan.chunks)
                                               + cost.plan_seconds(e._inflight.plan.chunks))
+
+
+def test_a_simulated_engine_overlaps_iterations_as_its_profile_was_calibrated_unless_told(tmp_path):
+    from batchdeck.engine.config import resolve_configs
+
+    for fit, given, want in (({"async_scheduling": True}, {}, True), ({}, {}, False),
+                             ({"async_scheduling": True}, {"async_scheduling": False}, False),
+                             ({}, {"async_scheduling": True}, True)):
+        profile = _sim("Test GPU", False).profile
+        path = tmp_path / "p.json"
+        SimProfile(**{**{k: getattr(profile, k) for k in ("name", "model", "device_name", "dtype", "block_size",
+                                                         "num_blocks", "kv_bytes_per_block", "model_shape", "cost")},
+                      "fit": fit}).save(path)
+        cfg, _ = resolve_configs({"sim": str(path), **given}, cuda_available=False)
+        assert cfg.async_scheduling is want, (fit, given)

@@ -151,7 +151,8 @@ class IterationTap:
         self._samples: list[Sample] = []
         self.workload = 0
         self._launch_end: dict[int, float] | None = None
-        if engine.device.type != "cuda" and hasattr(engine.runner, "launch"):
+        device_async = getattr(engine.runner, "device_async", engine.device.type == "cuda")  # a simulated one says
+        if not device_async and hasattr(engine.runner, "launch"):
             self._launch_end = {}
             self._launch = engine.runner.launch
             engine.runner.launch = self.launch
@@ -282,6 +283,33 @@ def idle_wake(model: CostModel, samples: list[Sample], spaced: set[int]) -> tupl
     if not extra:
         return 0.0, 0
     return max(0.0, float(statistics.median(extra))), len(extra)
+
+
+def check_iterations(model: CostModel, samples: list[Sample]) -> dict[str, Any]:
+    """How `model` prices iterations an engine ran (a workload's busy iterations, as the tap kept
+    them), per regime: how many, their mean measured gap and shape, the mean predicted, the relative
+    error and the bias of the total (sum predicted / sum measured - 1). On a real run it says whether
+    the cost model misprices the workload's own iterations; compared with the same table of a
+    simulated run, whether the simulated engine ran other iterations (dynamics)."""
+    gaps = busy_gaps(samples)
+    out: dict[str, Any] = {"busy_iterations": len(gaps), "iterations": len(samples)}
+    if not gaps:
+        return out
+    shapes, seconds = [s.shape for s, _ in gaps], [y for _, y in gaps]
+    errors = regime_errors(model, shapes, seconds)
+    for regime, e in errors.items():
+        idx = [i for i, sh in enumerate(shapes) if (regime == "decode") == sh.decode_only]
+        e.update(measured_mean_s=float(np.mean([seconds[i] for i in idx])),
+                 predicted_mean_s=float(np.mean([model.predict(shapes[i]) for i in idx])),
+                 mean_rows=float(np.mean([shapes[i].rows for i in idx])),
+                 mean_tokens=float(np.mean([shapes[i].tokens for i in idx])),
+                 mean_context_k=float(np.mean([shapes[i].decode_context / max(1, shapes[i].decode_rows)
+                                               for i in idx])))
+    out["by_regime"] = errors
+    pred = np.array([model.predict(s) for s in shapes])
+    out["total_bias"] = float(pred.sum() / np.sum(seconds) - 1)
+    out["busy_time_s"] = float(np.sum(seconds))
+    return out
 
 
 def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[int],
