@@ -202,3 +202,42 @@ def test_a_simulated_engine_overlaps_iterations_as_its_profile_was_calibrated_un
                       "fit": fit}).save(path)
         cfg, _ = resolve_configs({"sim": str(path), **given}, cuda_available=False)
         assert cfg.async_scheduling is want, (fit, given)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_arrival_on_virtual_time_is_seen_by_the_next_iteration_that_starts(overlap):
+    """On virtual time, what is due when an iteration ends (an arrival's timer, the task it wakes, the
+    task that submits) runs before the next iteration starts, as a real engine's next step sees what
+    arrived while the previous one ran: the request is planned at the first iteration boundary after
+    its arrival, however many loop turns its submission takes."""
+    import asyncio
+
+    from batchdeck.engine.service.virtual_loop import InlineAsyncEngine, run_virtual
+
+    e = _sim("Test GPU", overlap)
+    clock = e.clock
+    step_s = e.runner.cost.predict(IterationShape.of_rows([(200, 1)]))
+
+    async def main():
+        engine = InlineAsyncEngine(e)
+        await engine.start()
+        long = await engine.add_request("long", [5] * 20, SamplingParams(max_tokens=400, ignore_eos=True))
+        arrivals = [0.0101 + 0.0137 * k for k in range(6)]
+        streams = []
+
+        async def submit(k, at):
+            streams.append(await engine.add_request(f"r{k}", [6] * 20, SamplingParams(max_tokens=2, ignore_eos=True),
+                                                    arrival_time=at))
+
+        for k, at in enumerate(arrivals):
+            await asyncio.sleep(at - clock())
+            asyncio.get_running_loop().create_task(submit(k, at))  # one more loop turn, as the workload player
+        await long.collect()
+        for s in streams:
+            await s.collect()
+        await engine.stop()
+
+    run_virtual(main(), clock)
+    for k in range(6):
+        r = e.requests[f"r{k}"]
+        assert r.first_scheduled_time - r.arrival_time <= 1.5 * step_s, (k, r.first_scheduled_time - r.arrival_time)

@@ -18,6 +18,7 @@ from batchdeck.engine.llm_engine import LLMEngine, RequestOutput
 from batchdeck.engine.service.async_engine import AsyncEngine
 
 T = TypeVar("T")
+DRAIN_TURNS = 64  # loop turns at most between two iterations for work due by then (a bound against a busy poll)
 
 
 class _VirtualSelector:
@@ -70,7 +71,9 @@ class InlineAsyncEngine(AsyncEngine):
     callback, no timer due), and a request's stream gets its tokens in one delta when it finishes
     (virtual time has no wall-clock moments in between to stream them at; nothing waits on a partial
     stream but a console, which runs on a paced clock instead). Both only cut the CPU per iteration;
-    what runs, and at which simulated time, is unchanged.
+    what runs, and at which simulated time, is unchanged. Between two iterations it yields until
+    nothing due by the current simulated time is left to run, so an arrival is planned at the first
+    iteration boundary after it, however many loop turns its submission takes.
     """
 
     def __init__(self, engine: LLMEngine, snapshot_interval: float = 0.25):
@@ -158,6 +161,13 @@ class InlineAsyncEngine(AsyncEngine):
             self._publish_requests(time.monotonic())
             if result.outputs:
                 self._deliver(result.outputs, result.finished)
-            if quiet_until is not None and not self.paused and clock() + resolution < quiet_until():
-                continue  # nothing else can run yet: the next iteration starts at once
-            await sleep(0)
+            if quiet_until is None:
+                await sleep(0)
+                continue
+            # Before the next iteration starts, let run whatever is due by now: an arrival's timer, the
+            # task it wakes, the task that submits the request, each a turn of the loop (a real engine's
+            # next step sees what arrived while the previous one ran). Nothing due: it starts at once.
+            for _ in range(DRAIN_TURNS):
+                if self.paused or clock() + resolution < quiet_until():
+                    break
+                await sleep(0)
