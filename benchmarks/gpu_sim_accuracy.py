@@ -60,7 +60,7 @@ def iteration_table(checks):
     for side, c in checks.items():
         for regime, e in (c.get("by_regime") or {}).items():
             lines.append(f"  {side:3} {regime:6} n={e['samples']:5d} gap {e['measured_mean_s'] * 1e3:7.3f} ms "
-                         f"model {e['predicted_mean_s'] * 1e3:7.3f} ms bias {e['total_bias']:+7.1%} "
+                         f"model {e['predicted_mean_s'] * 1e3:7.3f} ms bias {e['total_bias']:+7.1%} (median {e['median_bias']:+7.1%}) "
                          f"err {e['mean_rel_error']:6.1%} rows {e['mean_rows']:6.1f} tokens {e['mean_tokens']:7.1f} "
                          f"ctx {e['mean_context_k'] * 1e3:6.0f}")
     return "\n" + "\n".join(lines)

@@ -241,3 +241,16 @@ def test_an_arrival_on_virtual_time_is_seen_by_the_next_iteration_that_starts(ov
     for k in range(6):
         r = e.requests[f"r{k}"]
         assert r.first_scheduled_time - r.arrival_time <= 1.5 * step_s, (k, r.first_scheduled_time - r.arrival_time)
+
+
+def test_check_iterations_reports_the_models_bias_per_regime():
+    from batchdeck.engine.sim.calibrate import check_iterations
+
+    truth = CostModel(TRUTH)
+    samples = synthetic_samples(truth, 0.0)
+    slow = CostModel({**TRUTH, "decode": {k: 1.25 * v for k, v in TRUTH["decode"].items()}})
+    check = check_iterations(slow, samples)
+    assert check["busy_iterations"] == 16 * 39
+    dec, mix = check["by_regime"]["decode"], check["by_regime"]["mixed"]
+    assert dec["total_bias"] == pytest.approx(0.25) and dec["median_bias"] == pytest.approx(0.25)
+    assert abs(mix["total_bias"]) < 1e-9 and mix["mean_rows"] >= 1 and mix["mean_tokens"] > dec["mean_tokens"]
