@@ -17,7 +17,7 @@ outside the step; then, on CUDA, the GPU time of the point's decode graph alone 
 and of one replay followed by a sync. The step time minus the replay's GPU time is host time on the
 critical path. BATCHDECK_ATTN_MAX_SPLITS=1 turns split-KV decode attention off (for a before/after).
 `--fusion-levels 2,1` also sweeps each further BATCHDECK_FUSED level (engine/triton_fused.py: 0 stock
-modules, 1 per-module fusions, 2 across modules) in a child process and saves its summary beside
+modules, 1 per-module fusions, 2 across modules, 3 also gate|up+SiLU in one Triton matmul) in a child process and saves its summary beside
 the main run's under "fusion_comparison" (the main run uses the first level).
 
 Roofline of a point: a decode iteration reads the weights once (tied embeddings counted once) plus
@@ -160,12 +160,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--fusion-levels", default=None,
-                    help="comma-separated BATCHDECK_FUSED levels (0, 1, 2); the first is this run's, each "
+                    help="comma-separated BATCHDECK_FUSED levels (0-3); the first is this run's, each "
                          "further one is swept in a child process (default: the environment's, else 2)")
     args = ap.parse_args()
     levels = args.fusion_levels.split(",") if args.fusion_levels else [os.environ.get("BATCHDECK_FUSED", "2")]
-    if any(lv not in ("0", "1", "2") for lv in levels):
-        ap.error(f"--fusion-levels {args.fusion_levels!r}: allowed levels 0, 1, 2")
+    if any(lv not in ("0", "1", "2", "3") for lv in levels):
+        ap.error(f"--fusion-levels {args.fusion_levels!r}: allowed levels 0, 1, 2, 3")
     os.environ["BATCHDECK_FUSED"] = levels[0]
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     name = args.model.split(":", 1)[1]

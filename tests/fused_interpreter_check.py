@@ -43,4 +43,4 @@ def run(model: str, level: str | None):
 
 if __name__ == "__main__":
     name = sys.argv[1]
-    print(json.dumps({str(lv): run(name, lv) for lv in (None, "1", "2")}))
+    print(json.dumps({str(lv): run(name, lv) for lv in (None, "1", "2", "3")}))

@@ -156,6 +156,38 @@ def test_cross_module_fusions_match_per_module_fusions(monkeypatch, model, dtype
     assert max(abs(a - b) for k in want_lp for a, b in zip(want_lp[k], got_lp[k])) < 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_up_silu_kernel_matches_matmul_then_silu_mul(dtype):
+    """BATCHDECK_FUSED=3's one-kernel gate|up matmul + SiLU-mul at decode row counts, qwen3-0.6b's MLP shape."""
+    import torch.nn.functional as F
+
+    from batchdeck.engine.triton_fused import GATE_UP_SILU_MAX_ROWS, gate_up_silu, silu_mul
+
+    torch.manual_seed(0)
+    w = torch.randn(2 * 3072, 1024, device="cuda", dtype=dtype) * 0.03
+    for m in (1, 3, GATE_UP_SILU_MAX_ROWS):
+        x = torch.randn(1, m, 1024, device="cuda", dtype=dtype)
+        got, want = gate_up_silu(x, w).double(), silu_mul(F.linear(x, w)).double()
+        assert got.shape == want.shape
+        assert ((got - want).norm() / want.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_gate_up_silu_level_keeps_float32_tokens(monkeypatch):
+    prompts, _ = _prompts(22, 6, max_len=50)
+
+    def run(level: str):
+        monkeypatch.setenv("BATCHDECK_FUSED", level)
+        cfg = EngineConfig(model=MODEL, device="cuda", dtype="float32", num_blocks=256, max_num_seqs_limit=8,
+                           max_batched_tokens_limit=128, cuda_graphs=True)
+        engine = LLMEngine(cfg, LiveConfig(max_num_seqs=8, max_batched_tokens=64, chunk_size=32), loaded=_loaded("cuda"))
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, SamplingParams(max_tokens=12, ignore_eos=True))
+        engine.run_until_done()
+        return [engine.requests[str(i)].output_token_ids for i in range(len(prompts))]
+
+    assert run("3") == run("1")
+
+
 def test_overlapped_iterations_on_cuda_stop_abort_and_log_probabilities_match_the_cpu():
     """Async scheduling on CUDA (graphs, tokens fed on the device): stop tokens met while the next
     iteration is in flight, an abort with a token in flight and logprobs give the CPU's results."""
