@@ -16,6 +16,9 @@ outside the step; then, on CUDA, the GPU time of the point's decode graph alone 
 `--replays` back-to-back replays on the buffers of the last timed step, which rewrite the same K/V)
 and of one replay followed by a sync. The step time minus the replay's GPU time is host time on the
 critical path. BATCHDECK_ATTN_MAX_SPLITS=1 turns split-KV decode attention off (for a before/after).
+`--fusion-levels 2,1` also sweeps each further BATCHDECK_FUSED level (engine/triton_fused.py: 0 stock
+modules, 1 per-module fusions, 2 across modules, 3 also gate|up+SiLU in one Triton matmul) in a child process and saves its summary beside
+the main run's under "fusion_comparison" (the main run uses the first level).
 
 Roofline of a point: a decode iteration reads the weights once (tied embeddings counted once) plus
 the KV cache of every running request (its context, incl. the token being decoded), at the HBM copy
@@ -30,7 +33,9 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -154,7 +159,14 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fusion-levels", default=None,
+                    help="comma-separated BATCHDECK_FUSED levels (0-3); the first is this run's, each "
+                         "further one is swept in a child process (default: the environment's, else 2)")
     args = ap.parse_args()
+    levels = args.fusion_levels.split(",") if args.fusion_levels else [os.environ.get("BATCHDECK_FUSED", "2")]
+    if any(lv not in ("0", "1", "2", "3") for lv in levels):
+        ap.error(f"--fusion-levels {args.fusion_levels!r}: allowed levels 0, 1, 2, 3")
+    os.environ["BATCHDECK_FUSED"] = levels[0]
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     name = args.model.split(":", 1)[1]
     assert args.model.startswith("synthetic:") and name in SYNTHETIC_SHAPES, "a synthetic:<name> model"
@@ -176,7 +188,7 @@ def main() -> None:
         "batchdeck_config": {"max_num_seqs": max(sizes), "max_batched_tokens": args.max_batched_tokens,
                              "chunk_size": args.chunk_size, "block_size": args.block_size, "batching": "continuous",
                              "cuda_graphs": cuda and not args.no_graphs, "attention_backend": "auto (triton on cuda)",
-                             "fused_kernels": os.environ.get("BATCHDECK_FUSED", "1") != "0",
+                             "fused_kernels": levels[0] != "0", "fusion_level": int(levels[0]),
                              "attention_max_splits": os.environ.get("BATCHDECK_ATTN_MAX_SPLITS", "default (32)")},
     }
     weight_bytes, kv_per_token = model_bytes(cfg, 2 if cuda else 4)
@@ -232,7 +244,41 @@ def main() -> None:
     summary = [{**{k: p.get(k) for k in keys}, "graph_replay_gpu_ms": p["breakdown"].get("graph_replay_gpu_ms")}
                for p in points]
     print(json.dumps(summary, indent=1))
+    if len(levels) > 1:
+        result["fusion_comparison"] = {levels[0]: summary}
+        for lv in levels[1:]:
+            result["fusion_comparison"][lv] = fusion_level_run(lv, args)
+        log("graph replay GPU ms by fusion level: " + "; ".join(
+            f"level {lv}: " + ", ".join(f"B={p['batch_size']} {p['graph_replay_gpu_ms']}" for p in pts)
+            for lv, pts in result["fusion_comparison"].items()))
     write_json(args.out, result)
+
+
+def fusion_level_run(level: str, args) -> list[dict]:
+    """The sweep's summary at another BATCHDECK_FUSED level, from a child process (a fresh engine and pool)."""
+    argv = sys.argv[1:]
+    drop = {"--out", "--fusion-levels"}
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in drop:
+            skip = True
+            continue
+        if a.split("=", 1)[0] in drop:
+            continue
+        kept.append(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "child.json")
+        log(f"fusion level {level}: child run")
+        subprocess.run([sys.executable, os.path.abspath(__file__), *kept, "--fusion-levels", level, "--out", out],
+                       env={**os.environ, "BATCHDECK_FUSED": level}, check=True)
+        with open(out) as f:
+            child = json.load(f)
+    keys = ("batch_size", "step_ms_median", "tok_s", "roofline_tok_s", "roofline_fraction")
+    return [{**{k: p.get(k) for k in keys}, "graph_replay_gpu_ms": p["breakdown"].get("graph_replay_gpu_ms")}
+            for p in child["points"]]
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Fewer, fused kernels inside each layer: Triton replacements of HF module forwards (CUDA only).
 
 In a CUDA graph the GPU still pays a few microseconds per kernel, and a stock HF decoder layer
-launches about 50 of them (RMSNorm alone is 6-7 elementwise kernels, q/k norm and the rotary
+launches about 80 of them (RMSNorm alone is 6-7 elementwise kernels, q/k norm and the rotary
 embedding about 25). `fuse_model` swaps, per module instance (never the classes, so other models
-in the process stay stock):
+in the process stay stock), at BATCHDECK_FUSED level 1:
 
 - every `*RMSNorm` forward -> one kernel;
 - Qwen3 / Llama attention -> one q|k|v matmul (weights concatenated, the three Linear weights
@@ -12,9 +12,25 @@ in the process stay stock):
 - SiLU MLPs -> one gate|up matmul (concatenated the same way), one SiLU-mul kernel, down_proj;
 - Qwen3 / Llama decoder layers -> the post-attention residual add fused into the RMSNorm after it.
 
-That is about 11 kernels per layer instead of about 50. The kernels reproduce the HF modules'
-rounding steps (each HF op that returns the model dtype is rounded the same way here), so float32
-results differ only by reduction order. Disable with BATCHDECK_FUSED=0.
+and at level 2 (the default) also across modules, on the Qwen3 / Llama base model:
+
+- each layer's closing residual add fused into the next layer's input RMSNorm (the last one into
+  the final norm);
+- cos/sin read from a [max_position_embeddings, head_dim] table by position inside the q/k kernel
+  (no per-step rotary kernels);
+- the q/k kernel also writes k and v into the paged KV pool (no separate K/V-write kernel).
+
+Kernels of one decode step with L layers and split-KV attention (counted on the CPU through Triton's
+interpreter): stock about 80 L; level 1 12 L + 14 (per layer: RMSNorm, qkv GEMM, q/k norm+rope,
+K/V write, split attention, combine, o_proj, add+RMSNorm, gate|up GEMM, SiLU-mul, down GEMM,
+residual add; per step: embedding, 7 rotary ops, final norm, logits row select, lm_head); level 2
+10 L + 4 (per layer: add+RMSNorm, qkv GEMM, q/k norm+rope+K/V write, split attention, combine,
+o_proj, add+RMSNorm, gate|up GEMM, SiLU-mul, down GEMM; per step: embedding, final add+RMSNorm,
+logits row select, lm_head). The kernels reproduce the HF modules' rounding steps (each HF op
+that returns the model dtype is rounded the same way here), so float32 results differ only by
+reduction order, and levels 1 and 2 give identical results. Level 3 (opt-in, to measure against
+cuBLAS) also runs the gate|up matmul + SiLU-mul as one Triton kernel for at most 16 rows (9 kernels per
+layer; its own reduction order). BATCHDECK_FUSED=0 keeps the stock modules.
 """
 from __future__ import annotations
 
@@ -57,11 +73,15 @@ def add_rmsnorm_kernel(X, H, W, R, Y, stride_x, stride_h, stride_r, stride_y, N,
 
 
 @triton.jit
-def qk_norm_rope_kernel(QKV, COS, SIN, QW, KW, Q, K, stride_qkv, stride_cos, eps,
-                        H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                        NH_P2: tl.constexpr, HAS_NORM: tl.constexpr):
+def qk_norm_rope_kernel(QKV, COS, SIN, POS, QW, KW, Q, K, KC, VC, SLOT, stride_qkv, stride_cos, stride_cs, stride_ch,
+                        eps, max_pos, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                        NH_P2: tl.constexpr, KVH_P2: tl.constexpr, HAS_NORM: tl.constexpr, USE_POS: tl.constexpr,
+                        WRITE_CACHE: tl.constexpr):
     """One program per token: every q and k head of it (q heads first), RMSNorm on each head's
-    D values (Qwen3), then the rotary embedding (rotate-half form), written to Q [T, H, D], K [T, KVH, D]."""
+    D values (Qwen3), then the rotary embedding (rotate-half form). q goes to Q [T, H, D]; k goes to
+    K [T, KVH, D], or with WRITE_CACHE, k and v go straight into the paged pool at the token's slot
+    (slot -1: padding, skipped). USE_POS: COS/SIN are [max_pos, D] tables indexed by POS[t]; else
+    they hold one row per token."""
     t = tl.program_id(0).to(tl.int64)
     hh = tl.arange(0, NH_P2)[:, None]
     offs = tl.arange(0, HALF)[None, :]
@@ -80,21 +100,39 @@ def qk_norm_rope_kernel(QKV, COS, SIN, QW, KW, Q, K, stride_qkv, stride_cos, eps
         w2 = tl.where(is_q, tl.load(QW + HALF + offs), tl.load(KW + HALF + offs)).to(tl.float32)
         x1 = (w1 * (f1 * r).to(dt).to(tl.float32)).to(dt)
         x2 = (w2 * (f2 * r).to(dt).to(tl.float32)).to(dt)
-    c1 = tl.load(COS + t * stride_cos + offs).to(tl.float32)
-    c2 = tl.load(COS + t * stride_cos + HALF + offs).to(tl.float32)
-    s1 = tl.load(SIN + t * stride_cos + offs).to(tl.float32)
-    s2 = tl.load(SIN + t * stride_cos + HALF + offs).to(tl.float32)
+    if USE_POS:
+        p = tl.load(POS + t).to(tl.int64)
+        crow = tl.minimum(tl.maximum(p, 0), max_pos - 1) * stride_cos
+    else:
+        crow = t * stride_cos
+    c1 = tl.load(COS + crow + offs).to(tl.float32)
+    c2 = tl.load(COS + crow + HALF + offs).to(tl.float32)
+    s1 = tl.load(SIN + crow + offs).to(tl.float32)
+    s2 = tl.load(SIN + crow + HALF + offs).to(tl.float32)
     y1 = x1.to(tl.float32)
     y2 = x2.to(tl.float32)
     o1 = ((y1 * c1).to(dt).to(tl.float32) + (-y2 * s1).to(dt).to(tl.float32)).to(dt)
     o2 = ((y2 * c2).to(dt).to(tl.float32) + (y1 * s2).to(dt).to(tl.float32)).to(dt)
     q_dst = Q + t * (H * D) + hh * D + offs
-    k_mask = hmask & (hh >= H)
-    k_dst = K + t * (KVH * D) + tl.where(k_mask, hh - H, 0) * D + offs
     tl.store(q_dst, o1, mask=is_q)
     tl.store(q_dst + HALF, o2, mask=is_q)
-    tl.store(k_dst, o1, mask=k_mask)
-    tl.store(k_dst + HALF, o2, mask=k_mask)
+    kh = tl.where(hh >= H, hh - H, 0)
+    if WRITE_CACHE:
+        slot = tl.load(SLOT + t + tl.zeros([1, 1], dtype=tl.int64)).to(tl.int64)  # [1, 1]: broadcasts
+        k_mask = hmask & (hh >= H) & (slot >= 0)
+        k_dst = KC + slot * stride_cs + kh * stride_ch + offs
+        tl.store(k_dst, o1.to(KC.dtype.element_ty), mask=k_mask)
+        tl.store(k_dst + HALF, o2.to(KC.dtype.element_ty), mask=k_mask)
+        vh = tl.arange(0, KVH_P2)[:, None]
+        dd = tl.arange(0, D)[None, :]
+        v_mask = (vh < KVH) & (slot >= 0)
+        v = tl.load(QKV + t * stride_qkv + (H + KVH) * D + vh * D + dd, mask=v_mask, other=0.0)
+        tl.store(VC + slot * stride_cs + vh * stride_ch + dd, v.to(VC.dtype.element_ty), mask=v_mask)
+    else:
+        k_mask = hmask & (hh >= H)
+        k_dst = K + t * (KVH * D) + kh * D + offs
+        tl.store(k_dst, o1, mask=k_mask)
+        tl.store(k_dst + HALF, o2, mask=k_mask)
 
 
 @triton.jit
@@ -106,6 +144,62 @@ def silu_mul_kernel(GU, OUT, stride_gu, stride_out, I, BLOCK: tl.constexpr):
     u = tl.load(GU + row * stride_gu + I + offs, mask=mask, other=0.0).to(tl.float32)
     a = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)
     tl.store(OUT + row * stride_out + offs, (a * u).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gate_up_silu_kernel(X, W, OUT, stride_x, stride_w, stride_out, M, K, I,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """OUT[:, n] = SiLU(X @ Wg[n]) * (X @ Wu[n]) for a few rows (decode): W is the gate|up weight
+    [2I, K]; gate, up and SiLU(gate) are rounded to the model dtype as the HF MLP rounds them."""
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < I
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < K
+        x = tl.load(X + offs_m[:, None] * stride_x + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        wmask = k_mask[:, None] & n_mask[None, :]
+        wg = tl.load(W + offs_n[None, :].to(tl.int64) * stride_w + kk[:, None], mask=wmask, other=0.0)
+        wu = tl.load(W + (offs_n[None, :] + I).to(tl.int64) * stride_w + kk[:, None], mask=wmask, other=0.0)
+        if IEEE:
+            acc_g += tl.dot(x, wg, input_precision="ieee")
+            acc_u += tl.dot(x, wu, input_precision="ieee")
+        else:
+            acc_g += tl.dot(x, wg)
+            acc_u += tl.dot(x, wu)
+    dt = OUT.dtype.element_ty
+    g = acc_g.to(dt).to(tl.float32)
+    u = acc_u.to(dt).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    tl.store(OUT + offs_m[:, None] * stride_out + offs_n[None, :], (a * u).to(dt),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+# Level 3 runs the gate|up matmul + SiLU-mul as one Triton kernel for at most this many rows (decode buckets).
+GATE_UP_SILU_MAX_ROWS = 16
+
+
+def gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """SiLU(x @ Wg.T) * (x @ Wu.T) in one launch, x [M <= GATE_UP_SILU_MAX_ROWS, K], w [2I, K]."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    i = w.shape[0] // 2
+    out = torch.empty((x2.shape[0], i), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        ieee = x.dtype == torch.float32
+        block_n = 16
+        gate_up_silu_kernel[(triton.cdiv(i, block_n),)](
+            x2, w, out, x2.stride(0), w.stride(0), out.stride(0), x2.shape[0], k, i,
+            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=64 if ieee else 128, IEEE=ieee, num_warps=4,
+            num_stages=2 if ieee else 4)
+    return out.view(*x.shape[:-1], i)
 
 
 def _pow2(n: int) -> int:
@@ -175,6 +269,8 @@ def _layer_forward(self, hidden_states, attention_mask=None, position_ids=None, 
 
 
 def _mlp_forward(self, x):
+    if self._bd_gate_up_silu and x.numel() <= GATE_UP_SILU_MAX_ROWS * x.shape[-1]:
+        return self.down_proj(gate_up_silu(x, self._bd_gate_up))
     return self.down_proj(silu_mul(F.linear(x, self._bd_gate_up)))
 
 
@@ -186,23 +282,111 @@ def _attn_forward(self, hidden_states, position_embeddings=None, attention_mask=
     qkv = F.linear(x, self._bd_qkv_weight, self._bd_qkv_bias)
     t = x.shape[0]
     h, kvh, d = self._bd_heads
-    cos, sin = position_embeddings
-    cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
+    rope = kwargs.get("batchdeck_rope")  # (cos table, sin table, flat positions) from _model_forward
+    if rope is not None:
+        cos, sin, pos = rope
+    else:
+        cos, sin = position_embeddings
+        cos, sin = cos.reshape(-1, d), sin.reshape(-1, d)
+        pos = cos
+    layer = self.layer_idx
+    k_cache, v_cache = step.kv_cache.keys[layer], step.kv_cache.values[layer]
+    meta = step.metadata
+    write_cache = self._bd_write_cache and hasattr(step.backend, "attend")
     q = torch.empty((t, h, d), dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty((t, kvh, d), dtype=qkv.dtype, device=qkv.device)
+    k = q if write_cache else torch.empty((t, kvh, d), dtype=qkv.dtype, device=qkv.device)
     if t:
         norm = getattr(self, "q_norm", None)
         nh = _pow2(h + kvh)
         qk_norm_rope_kernel[(t,)](
-            qkv, cos, sin, norm.weight if norm is not None else qkv, self.k_norm.weight if norm is not None else qkv,
-            q, k, qkv.stride(0), cos.stride(0), norm.variance_epsilon if norm is not None else 0.0,
-            H=h, KVH=kvh, D=d, HALF=d // 2, NH_P2=nh, HAS_NORM=norm is not None,
-            num_warps=4 if nh * d <= 4096 else 8)
-    v = qkv[:, (h + kvh) * d:].view(t, kvh, d)
-    layer = self.layer_idx
-    out = step.backend.forward(q, k, v, step.kv_cache.keys[layer], step.kv_cache.values[layer], step.metadata,
-                               self.scaling, getattr(self, "sliding_window", None))
+            qkv, cos, sin, pos, norm.weight if norm is not None else qkv,
+            self.k_norm.weight if norm is not None else qkv, q, k, k_cache, v_cache, meta.slot_mapping,
+            qkv.stride(0), cos.stride(0), k_cache.stride(1), k_cache.stride(2),
+            norm.variance_epsilon if norm is not None else 0.0, cos.shape[0],
+            H=h, KVH=kvh, D=d, HALF=d // 2, NH_P2=nh, KVH_P2=_pow2(kvh), HAS_NORM=norm is not None,
+            USE_POS=rope is not None, WRITE_CACHE=write_cache, num_warps=4 if nh * d <= 4096 else 8)
+    window = getattr(self, "sliding_window", None)
+    if write_cache:
+        out = torch.empty_like(q)
+        step.backend.attend(q, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                            self.scaling, window, decode_only=meta.max_query_len == 1)
+    else:
+        v = qkv[:, (h + kvh) * d:].view(t, kvh, d)
+        out = step.backend.forward(q, k, v, k_cache, v_cache, meta, self.scaling, window)
     return self.o_proj(out.reshape(*shape, h * d)), None
+
+
+def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                   use_cache=None, **kwargs):
+    """The HF base model's forward for engine steps, every layer's end-of-layer residual add fused
+    into the next RMSNorm (the last one into the final norm), the rotary embedding read from a table
+    inside the q/k kernel. Anything else (no step context, embeddings given, a cache asked for, hidden
+    states or attentions asked for) runs the stock forward."""
+    step = kwargs.get("batchdeck_step")
+    if step is None or input_ids is None or inputs_embeds is not None or position_ids is None or use_cache \
+            or kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    h = self.embed_tokens(input_ids)
+    cos, sin = self._bd_rope
+    rope = (cos, sin, position_ids.reshape(-1))
+    residual = None
+    for layer in self.layers[: self.config.num_hidden_layers]:
+        norm = layer.input_layernorm
+        if residual is None:
+            residual, x = h, rmsnorm(h, norm.weight, norm.variance_epsilon)
+        else:
+            residual, x = add_rmsnorm(residual, h, norm.weight, norm.variance_epsilon)
+        a, _ = layer.self_attn(hidden_states=x, position_embeddings=None, attention_mask=None,
+                               batchdeck_step=step, batchdeck_rope=rope)
+        norm = layer.post_attention_layernorm
+        residual, x = add_rmsnorm(residual, a, norm.weight, norm.variance_epsilon)
+        h = layer.mlp(x)
+    if residual is None:
+        out = rmsnorm(h, self.norm.weight, self.norm.variance_epsilon)
+    else:
+        _, out = add_rmsnorm(residual, h, self.norm.weight, self.norm.variance_epsilon)
+    return BaseModelOutputWithPast(last_hidden_state=out)
+
+
+# Rotary types whose cos/sin depend on the position only (not on the sequence length): a table serves them.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def _rope_table(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cos and sin [max_position_embeddings, head_dim] from the model's own rotary module (the same
+    elementwise ops per position as a step computes, so the values are identical), or None."""
+    rotary = getattr(model, "rotary_emb", None)
+    n = getattr(model.config, "max_position_embeddings", None)
+    if rotary is None or not n or getattr(rotary, "rope_type", "default") not in STATIC_ROPE_TYPES:
+        return None
+    w = model.embed_tokens.weight
+    with torch.inference_mode(False), torch.no_grad():
+        cos, sin = rotary(torch.empty(1, dtype=w.dtype, device=w.device), torch.arange(n, device=w.device)[None])
+    return cos[0].contiguous(), sin[0].contiguous()
+
+
+def _fuse_base_model(model: torch.nn.Module) -> bool:
+    """Install _model_forward on a Qwen3/Llama base model whose every layer, attention, MLP and norm
+    runs fused in the model's dtype."""
+    layers = getattr(model, "layers", None)
+    if layers is None or not all(hasattr(model, a) for a in ("embed_tokens", "norm", "config")):
+        return False
+    dtype = model.embed_tokens.weight.dtype
+    norms = [model.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if not all(getattr(n.forward, "__func__", None) is _norm_forward and n.weight.dtype == dtype for n in norms):
+        return False
+    if not all(getattr(layer.self_attn.forward, "__func__", None) is _attn_forward
+               and getattr(layer.mlp.forward, "__func__", None) is _mlp_forward for layer in layers):
+        return False
+    table = _rope_table(model)
+    if table is None:
+        return False
+    model._bd_rope = table
+    model.forward = types.MethodType(_model_forward, model)
+    return True
 
 
 def _concat(linears: list[torch.nn.Linear], attr: str) -> torch.Tensor | None:
@@ -221,10 +405,21 @@ def _concat(linears: list[torch.nn.Linear], attr: str) -> torch.Tensor | None:
     return whole
 
 
+def fusion_level() -> int:
+    """BATCHDECK_FUSED: 0 stock modules, 1 per-module fusions, 2 (default) also across modules, 3 (opt-in,
+    to measure) also the gate|up matmul + SiLU-mul as one Triton kernel for decode-sized batches."""
+    raw = os.environ.get("BATCHDECK_FUSED", "2")
+    if raw not in ("0", "1", "2", "3"):
+        raise ValueError(f"BATCHDECK_FUSED={raw!r}: allowed 0 (stock), 1 (per module), 2 (across modules, default), "
+                         "3 (also a Triton gate|up+SiLU matmul for at most 16 rows)")
+    return int(raw)
+
+
 def fuse_model(model: torch.nn.Module) -> dict[str, int]:
     """Swap module forwards for the fused versions; returns how many of each were swapped."""
-    counts = {"rmsnorm": 0, "attention": 0, "mlp": 0, "layer": 0}
-    if os.environ.get("BATCHDECK_FUSED", "1") == "0":
+    counts = {"rmsnorm": 0, "attention": 0, "mlp": 0, "layer": 0, "model": 0}
+    level = fusion_level()
+    if level == 0:
         return counts
     config = getattr(model, "config", None)
     act = getattr(config, "hidden_act", None)
@@ -247,6 +442,7 @@ def fuse_model(model: torch.nn.Module) -> dict[str, int]:
                 continue
             module._bd_qkv_weight = _concat([module.q_proj, module.k_proj, module.v_proj], "weight")
             module._bd_heads = (h, kvh, d)
+            module._bd_write_cache = level >= 2
             module.forward = types.MethodType(_attn_forward, module)
             counts["attention"] += 1
         elif name in ("Qwen3DecoderLayer", "LlamaDecoderLayer") and all(
@@ -258,8 +454,13 @@ def fuse_model(model: torch.nn.Module) -> dict[str, int]:
                 hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")) \
                 and module.gate_proj.bias is None and module.up_proj.bias is None:
             module._bd_gate_up = _concat([module.gate_proj, module.up_proj], "weight")
+            module._bd_gate_up_silu = level >= 3
             module.forward = types.MethodType(_mlp_forward, module)
             counts["mlp"] += 1
+    if level >= 2:
+        for module in model.modules():
+            if type(module).__name__ in ("Qwen3Model", "LlamaModel") and _fuse_base_model(module):
+                counts["model"] += 1
     return counts
 
 
@@ -267,5 +468,5 @@ def unfuse_model(model: torch.nn.Module) -> None:
     """Back to the stock forwards (the concatenated weights stay: the modules hold views of them)."""
     for module in model.modules():
         if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) in (
-                _norm_forward, _attn_forward, _mlp_forward, _layer_forward):
+                _norm_forward, _attn_forward, _mlp_forward, _layer_forward, _model_forward):
             del module.forward

@@ -118,11 +118,74 @@ def test_fused_modules_match_stock_bf16(arch):
     fused = copy.deepcopy(stock)
     counts = fuse_model(fused)
     assert counts["rmsnorm"] >= 5 and counts["mlp"] == 2 and counts["attention"] == 2 and counts["layer"] == 2
+    assert counts["model"] == 1
     x = torch.randn(37, 512, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         for a, b in ((fused.model.norm, stock.model.norm), (fused.model.layers[0].mlp, stock.model.layers[0].mlp)):
             got, want = a(x).double(), b(x).double()
             assert ((got - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("model", ["synthetic:tiny", "synthetic:tiny-llama"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cross_module_fusions_match_per_module_fusions(monkeypatch, model, dtype):
+    """BATCHDECK_FUSED=2 (residual add fused into the next RMSNorm, rotary table, K/V written by the
+    q/k kernel) against =1, CUDA graphs on, mixed and decode-only iterations: the same rounding steps,
+    so the same tokens and log-probabilities."""
+    prompts, _ = _prompts(21, 8, max_len=60)
+
+    def run(level: str):
+        monkeypatch.setenv("BATCHDECK_FUSED", level)
+        cfg = EngineConfig(model=model, device="cuda", dtype=dtype, num_blocks=256, max_num_seqs_limit=8,
+                           max_batched_tokens_limit=128, cuda_graphs=True)
+        engine = LLMEngine(cfg, LiveConfig(max_num_seqs=8, max_batched_tokens=64, chunk_size=32),
+                           loaded=load_model(model, "cuda", dtype))
+        assert engine.runner.fused.get("model") == (1 if level == "2" else 0)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, SamplingParams(max_tokens=12, ignore_eos=True, logprobs=True))
+        logprobs: dict[str, list[float]] = {}
+        while engine.has_unfinished:
+            result = engine.step()
+            for out in result.outputs if result else ():
+                logprobs.setdefault(out.request_id, []).extend(out.logprobs or [])
+        return [engine.requests[str(i)].output_token_ids for i in range(len(prompts))], logprobs
+
+    want, want_lp = run("1")
+    got, got_lp = run("2")
+    assert got == want
+    assert max(abs(a - b) for k in want_lp for a, b in zip(want_lp[k], got_lp[k])) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_up_silu_kernel_matches_matmul_then_silu_mul(dtype):
+    """BATCHDECK_FUSED=3's one-kernel gate|up matmul + SiLU-mul at decode row counts, qwen3-0.6b's MLP shape."""
+    import torch.nn.functional as F
+
+    from batchdeck.engine.triton_fused import GATE_UP_SILU_MAX_ROWS, gate_up_silu, silu_mul
+
+    torch.manual_seed(0)
+    w = torch.randn(2 * 3072, 1024, device="cuda", dtype=dtype) * 0.03
+    for m in (1, 3, GATE_UP_SILU_MAX_ROWS):
+        x = torch.randn(1, m, 1024, device="cuda", dtype=dtype)
+        got, want = gate_up_silu(x, w).double(), silu_mul(F.linear(x, w)).double()
+        assert got.shape == want.shape
+        assert ((got - want).norm() / want.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_gate_up_silu_level_keeps_float32_tokens(monkeypatch):
+    prompts, _ = _prompts(22, 6, max_len=50)
+
+    def run(level: str):
+        monkeypatch.setenv("BATCHDECK_FUSED", level)
+        cfg = EngineConfig(model=MODEL, device="cuda", dtype="float32", num_blocks=256, max_num_seqs_limit=8,
+                           max_batched_tokens_limit=128, cuda_graphs=True)
+        engine = LLMEngine(cfg, LiveConfig(max_num_seqs=8, max_batched_tokens=64, chunk_size=32), loaded=_loaded("cuda"))
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, SamplingParams(max_tokens=12, ignore_eos=True))
+        engine.run_until_done()
+        return [engine.requests[str(i)].output_token_ids for i in range(len(prompts))]
+
+    assert run("3") == run("1")
 
 
 def test_overlapped_iterations_on_cuda_stop_abort_and_log_probabilities_match_the_cpu():

@@ -31,7 +31,7 @@ def write_kv_kernel(key, value, k_cache, v_cache, slot_mapping,
                     stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
                     KVH: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     t = tl.program_id(0)
-    slot = tl.load(slot_mapping + t).to(tl.int64)
+    slot = tl.load(slot_mapping + t + tl.zeros([1, 1], dtype=tl.int32)).to(tl.int64)  # [1, 1]: broadcasts
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < KVH) & (d < D) & (slot >= 0)
