@@ -271,6 +271,17 @@ class _ChildBridge:
         return rc
 
 
+def deliver_outputs(streams: dict[str, RequestStream], outputs: list[tuple]) -> None:
+    """One iteration's (request_id, token ids, done, reason, logprobs) tuples from the engine process
+    into each open request's stream; a finished request's stream is forgotten."""
+    for request_id, ids, done, reason, logprobs in outputs:
+        stream = streams.get(request_id)
+        if stream is not None:
+            stream._put(RequestOutput(request_id, ids, done, reason, logprobs))
+            if done:
+                del streams[request_id]
+
+
 def _engine_state(e: Any) -> dict[str, int]:
     """What tests and tools ask of the child's engine: its requests and KV blocks right now."""
     return {"num_running": len(e.scheduler.running), "num_waiting": len(e.scheduler.waiting),
@@ -434,13 +445,7 @@ class EngineProcess:
             for observe in self.finished_observers:
                 for request_id, times in finished:
                     observe(FinishedRequest(request_id, times))
-        streams = self._streams
-        for request_id, ids, done, reason, logprobs in outputs:
-            stream = streams.get(request_id)
-            if stream is not None:
-                stream._put(RequestOutput(request_id, ids, done, reason, logprobs))
-                if done:
-                    del streams[request_id]
+        deliver_outputs(self._streams, outputs)
 
     def _fail(self, error: EngineDeadError, quiet: bool = False) -> None:
         """The engine can serve no more: every open stream and waiting command gets `error`."""
