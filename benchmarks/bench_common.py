@@ -1,6 +1,7 @@
 """Helpers the GPU benchmark scripts share: logging, percentiles, versions, writing results."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -73,3 +74,16 @@ def run_script(script: str, argv: list[str], timeout: float | None = None, env: 
         return {"error": f"exited with {proc.returncode}"}
     with open(path) as f:
         return json.load(f)
+
+
+def add_async_scheduling_flag(ap: argparse.ArgumentParser) -> None:
+    """`--async-scheduling/--no-async-scheduling` for scripts that build their EngineConfig directly
+    (the settings table's per-device defaults apply only through the command line's resolver)."""
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="overlapped iterations (default: the device's, from the settings table: on for cuda)")
+
+
+def async_scheduling_for(args: argparse.Namespace) -> bool:
+    from batchdeck.engine.settings import defaults_for
+
+    return defaults_for(args.device)["async_scheduling"] if args.async_scheduling is None else args.async_scheduling

@@ -28,7 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import argv_without, command_line, dist, log, run_script, versions, write_json  # noqa: E402
+from bench_common import (add_async_scheduling_flag, argv_without, async_scheduling_for, command_line, dist,  # noqa: E402
+                          log, run_script, versions, write_json)
 
 
 def run_phase(args) -> dict:
@@ -45,7 +46,8 @@ def run_phase(args) -> dict:
     max_seqs = args.decoders + 8
     ecfg = EngineConfig(model=args.model, device=args.device, dtype="bfloat16" if cuda else "float32",
                         max_num_seqs_limit=max_seqs, max_batched_tokens_limit=args.budget,
-                        num_blocks=None if cuda else args.cpu_num_blocks, cuda_graphs=cuda)
+                        num_blocks=None if cuda else args.cpu_num_blocks, cuda_graphs=cuda,
+                        async_scheduling=async_scheduling_for(args))
     live = LiveConfig(max_num_seqs=max_seqs, max_batched_tokens=args.budget, chunk_size=chunk)
     t0 = time.perf_counter()
     engine = LLMEngine(ecfg, live)
@@ -126,6 +128,7 @@ def main() -> None:
     ap.add_argument("--cpu-num-blocks", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=240.0)
+    add_async_scheduling_flag(ap)
     ap.add_argument("--out", default=None)
     ap.add_argument("--phase-chunk", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--phase-out", default=None, help=argparse.SUPPRESS)
@@ -143,7 +146,7 @@ def main() -> None:
               "workload": {k: getattr(args, k) for k in ("model", "decoders", "decode_prompt", "decode_tokens",
                                                         "long_prompt", "long_output", "long_every", "duration",
                                                         "budget", "seed")},
-              "phases": phases}
+              "async_scheduling": async_scheduling_for(args), "phases": phases}
     small, whole = min(phases), max(phases)
     a, b = phases[small], phases[whole]
     if a.get("decode_itl_s") and b.get("decode_itl_s"):

@@ -42,7 +42,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import command_line, log, versions, write_json  # noqa: E402
+from benchmarks.bench_common import (add_async_scheduling_flag, async_scheduling_for, command_line, log,  # noqa: E402
+                                     versions, write_json)
 from benchmarks.gpu_offline import measure_ceilings  # noqa: E402
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
 from batchdeck.engine.llm_engine import LLMEngine  # noqa: E402
@@ -158,6 +159,7 @@ def main() -> None:
     ap.add_argument("--gpu-memory-fraction", type=float, default=0.85)
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    add_async_scheduling_flag(ap)
     ap.add_argument("--out", default=None)
     ap.add_argument("--fusion-levels", default=None,
                     help="comma-separated BATCHDECK_FUSED levels (0-3); the first is this run's, each "
@@ -188,6 +190,7 @@ def main() -> None:
         "batchdeck_config": {"max_num_seqs": max(sizes), "max_batched_tokens": args.max_batched_tokens,
                              "chunk_size": args.chunk_size, "block_size": args.block_size, "batching": "continuous",
                              "cuda_graphs": cuda and not args.no_graphs, "attention_backend": "auto (triton on cuda)",
+                             "async_scheduling": async_scheduling_for(args),
                              "fused_kernels": levels[0] != "0", "fusion_level": int(levels[0]),
                              "attention_max_splits": os.environ.get("BATCHDECK_ATTN_MAX_SPLITS", "default (32)")},
     }
@@ -205,7 +208,8 @@ def main() -> None:
     ecfg = EngineConfig(model=args.model, device=args.device, dtype=dtype, block_size=args.block_size,
                         max_num_seqs_limit=max(sizes), max_batched_tokens_limit=args.max_batched_tokens,
                         gpu_memory_fraction=args.gpu_memory_fraction, cuda_graphs=cuda and not args.no_graphs,
-                        num_blocks=None if cuda else max(sizes) * (-(-(args.context + 64) // args.block_size)) + 64)
+                        num_blocks=None if cuda else max(sizes) * (-(-(args.context + 64) // args.block_size)) + 64,
+                        async_scheduling=async_scheduling_for(args))
     live = LiveConfig(max_num_seqs=max(sizes), max_batched_tokens=args.max_batched_tokens,
                       chunk_size=min(args.chunk_size, args.max_batched_tokens))
     t0 = time.perf_counter()

@@ -42,7 +42,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import argv_without, command_line, dist, log, run_script, versions, write_json  # noqa: E402
+from benchmarks.bench_common import (add_async_scheduling_flag, argv_without, async_scheduling_for,  # noqa: E402
+                                     command_line, dist, log, run_script, versions, write_json)
 
 RUNS = {
     "multi-turn/off/fcfs": ("multi-turn", False, "fcfs"),
@@ -70,7 +71,8 @@ def _engine(args, prefix_caching: bool, policy: str, records: list):
     ecfg = EngineConfig(model=args.model, device=args.device, dtype="bfloat16" if cuda else "float32",
                         block_size=args.block_size, num_blocks=args.num_blocks or None,
                         max_num_seqs_limit=args.max_num_seqs, max_batched_tokens_limit=args.max_batched_tokens,
-                        gpu_memory_fraction=args.gpu_memory_fraction, cuda_graphs=cuda)
+                        gpu_memory_fraction=args.gpu_memory_fraction, cuda_graphs=cuda,
+                        async_scheduling=async_scheduling_for(args))
     live = LiveConfig(policy=policy, prefix_caching=prefix_caching, max_num_seqs=args.max_num_seqs,
                       max_batched_tokens=args.max_batched_tokens,
                       chunk_size=min(args.chunk_size, args.max_batched_tokens))
@@ -238,6 +240,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated: " + ", ".join(RUNS))
     ap.add_argument("--timeout", type=float, default=300.0, help="per-run process timeout (s)")
+    add_async_scheduling_flag(ap)
     ap.add_argument("--out", default=None)
     ap.add_argument("--run", choices=list(RUNS), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--phase-out", default=None, help=argparse.SUPPRESS)
@@ -268,7 +271,8 @@ def main() -> None:
         "batchdeck_config": {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens,
                              "chunk_size": min(args.chunk_size, args.max_batched_tokens),
                              "block_size": args.block_size, "num_blocks": args.num_blocks or "from memory",
-                             "mixing": "stall-free", "cuda_graphs": args.device.startswith("cuda")},
+                             "mixing": "stall-free", "cuda_graphs": args.device.startswith("cuda"),
+                             "async_scheduling": async_scheduling_for(args)},
         "isolation": "each run in its own process on a fresh engine",
     }
     runs = {name: run_script(__file__, [*raw_argv, "--run", name], args.timeout) for name in args.runs.split(",")}
