@@ -16,12 +16,14 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import pytest
 
@@ -94,6 +96,41 @@ class Broker:
 
 
 DEADLINE_S = 60.0  # generous: only a broken run waits this long
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_batchdeck(args: list[str], drive: Callable[[subprocess.Popen], Awaitable[None]], *, sigterm: bool = True,
+                  env_drop: tuple[str, ...] = ()) -> tuple[int, str]:
+    """Run `python -m batchdeck ARGS` (this checkout on PYTHONPATH, one OpenMP thread), await `drive(proc)`
+    on a fresh loop, then SIGTERM it (unless `sigterm` is False: the drive ends it) and wait for its exit.
+    On any failure the process is killed and its stderr's tail printed. Returns (exit status, stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for name in env_drop:
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, "-m", "batchdeck", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        asyncio.run(drive(proc))
+        if sigterm:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        print(f"batchdeck {args[0]} stderr:", proc.communicate()[1].decode()[-3000:])
+        raise
+    return proc.returncode, err.decode()
+
+
+async def wait_online(probe: "MqttProbe", proc: subprocess.Popen, timeout: float = 90.0, what: str = "the engine") -> None:
+    """Wait for the retained `online` status of the engine `proc` runs (failing at once if it exits)."""
+    deadline = time.monotonic() + timeout
+    while b"online" not in probe.on("status"):
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, f"{what} never came online"
+        await asyncio.sleep(0.05)
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float = DEADLINE_S, what: str = "condition") -> Any:

@@ -2,11 +2,7 @@
 import asyncio
 import logging
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +14,7 @@ from batchdeck.engine.telemetry import ListSink
 from batchdeck.presets import parse_preset
 from batchdeck.presets.preset_driver import headless_driver
 from tests.helpers import make_engine
-from tests.mqtt_broker import MqttProbe, broker, one_torch_thread, retained  # noqa: F401 - fixtures
+from tests.mqtt_broker import MqttProbe, broker, one_torch_thread, retained, run_batchdeck, wait_online  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,21 +95,10 @@ async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path, caplog):
 
 @pytest.mark.mqtt
 def test_sigterm_aborts_in_flight_publishes_offline_and_exits_0(model_dirs, broker):
-    cmd = [sys.executable, "-m", "batchdeck", "engine", "--model", model_dirs["llama"], "--device", "cpu",
-           "--mqtt", broker.address, "--engine-id", "hl", "--num-blocks", "64", "--status-interval", "0.5",
-           "--gpu-interval", "0.5"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        asyncio.run(_drive_and_terminate(broker, proc))
-        out, err = proc.communicate(timeout=60)
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-        print("engine stderr:", proc.communicate()[1].decode()[-3000:])
-        raise
-    text = err.decode()
-    assert proc.returncode == 0, text
+    args = ["engine", "--model", model_dirs["llama"], "--device", "cpu", "--mqtt", broker.address, "--engine-id", "hl",
+            "--num-blocks", "64", "--status-interval", "0.5", "--gpu-interval", "0.5"]
+    status, text = run_batchdeck(args, lambda proc: _drive_and_terminate(broker, proc), sigterm=False)
+    assert status == 0, text
     assert "SIGTERM: aborted 1 in-flight request(s): r1" in text, text
     assert "WARNING" in text and "no broker credentials given" in text and "batchdeck/hl/control" in text, text
     assert "Avg prompt throughput" in text
@@ -122,11 +107,7 @@ def test_sigterm_aborts_in_flight_publishes_offline_and_exits_0(model_dirs, brok
 
 async def _drive_and_terminate(broker, proc):
     async with MqttProbe(broker, "hl") as probe:
-        deadline = time.monotonic() + 90
-        while b"online" not in probe.on("status"):
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "the engine never came online"
-            await asyncio.sleep(0.05)
+        await wait_online(probe, proc)
         config = await probe.wait_for(lambda: probe.json_on("config"), what="retained config")
         assert config[-1]["version"] == 0 and "bounds" in config[-1]
         reply = await probe.command({"op": "submit", "request": {"id": "r1", "prompt_token_ids": [5, 6, 7],

@@ -1,12 +1,8 @@
 """Who may steer the engine: the engine behind a mosquitto password file + the README's ACL, the
 password never on the command line, --no-results, and the warning for an engine without credentials."""
-import asyncio
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ from batchdeck.engine.service.mqtt_bridge import MqttBridge, MqttSettings
 from batchdeck.engine.service.protocol import CONFIG, CONTROL_REPLY, STATUS, TELEMETRY_TOPICS, topic_prefix
 from tests.helpers import make_engine
 from tests.mqtt_broker import (Broker, MqttProbe, ThreadProbe, broker, eventually, mosquitto_binary,  # noqa: F401
-                               one_torch_thread, retained)
+                               one_torch_thread, retained, run_batchdeck)
 
 REPO = Path(__file__).resolve().parents[1]
 ACL = REPO / "docs" / "mosquitto" / "acl.conf"
@@ -121,25 +117,14 @@ def test_engine_behind_the_readme_acl(model_dirs, tmp_path):
     broker.start()
     pw_file = tmp_path / "engine.pw"
     pw_file.write_text(USERS["engine"] + "\n")
-    cmd = [sys.executable, "-m", "batchdeck", "engine", "--model", model_dirs["llama"], "--device", "cpu",
-           "--mqtt", broker.address, "--engine-id", "lab1", "--num-blocks", "64", "--status-interval", "0",
-           "--gpu-interval", "0", "--mqtt-username", "engine", "--mqtt-password-file", str(pw_file)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("BATCHDECK_MQTT_PASSWORD", None)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = ["engine", "--model", model_dirs["llama"], "--device", "cpu", "--mqtt", broker.address, "--engine-id", "lab1",
+            "--num-blocks", "64", "--status-interval", "0", "--gpu-interval", "0", "--mqtt-username", "engine",
+            "--mqtt-password-file", str(pw_file)]
     try:
-        asyncio.run(_check_acl(broker, proc))
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-        print("engine stderr:", proc.communicate()[1].decode()[-3000:])
-        raise
+        status, text = run_batchdeck(args, lambda proc: _check_acl(broker, proc), env_drop=("BATCHDECK_MQTT_PASSWORD",))
     finally:
         broker.stop()
-    text = err.decode()
-    assert proc.returncode == 0, text
+    assert status == 0, text
     assert "warning" not in text.lower() and "mqtt: connected" in text, text
 
 

@@ -3,17 +3,14 @@ exactly as `batchdeck engine` does; SIGINT drains and exits 0."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.mqtt_broker import MqttProbe, broker, free_port, retained  # noqa: F401 - fixtures
+from tests.mqtt_broker import MqttProbe, broker, free_port, retained, run_batchdeck, wait_online  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,21 +27,10 @@ def test_serve_flag_errors(capsys):
 @pytest.mark.mqtt
 def test_serve_with_mqtt_is_steered_like_the_headless_engine(broker):
     port = free_port()
-    cmd = [sys.executable, "-m", "batchdeck.cli", "serve", "synthetic:tiny", "--device", "cpu", "--port", str(port),
-           "--num-blocks", "256", "--mqtt", broker.address, "--engine-id", "sv", "--status-interval", "0",
-           "--served-model-name", "tiny"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        asyncio.run(_drive(broker, proc, port))
-        out, err = proc.communicate(timeout=60)
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-        print("serve stderr:", proc.communicate()[1].decode()[-3000:])
-        raise
-    text = err.decode()
-    assert proc.returncode == 0, text
+    args = ["serve", "synthetic:tiny", "--device", "cpu", "--port", str(port), "--num-blocks", "256",
+            "--mqtt", broker.address, "--engine-id", "sv", "--status-interval", "0", "--served-model-name", "tiny"]
+    status, text = run_batchdeck(args, lambda proc: _drive(broker, proc, port), sigterm=False)
+    assert status == 0, text
     assert "serving 'tiny' at http://127.0.0.1:" in text
     assert "SIGINT: aborted 1 in-flight request(s)" in text, text
     assert asyncio.run(retained(broker, "batchdeck/sv/status")) == b"offline"
@@ -53,11 +39,8 @@ def test_serve_with_mqtt_is_steered_like_the_headless_engine(broker):
 async def _drive(broker, proc, port):
     base = f"http://127.0.0.1:{port}"
     async with MqttProbe(broker, "sv") as probe, httpx.AsyncClient(timeout=60) as http:
+        await wait_online(probe, proc, timeout=120, what="the server")
         deadline = time.monotonic() + 120
-        while b"online" not in probe.on("status"):
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "the server never came online"
-            await asyncio.sleep(0.05)
         while True:  # MQTT is up before HTTP: wait for the listener too
             try:
                 if (await http.get(base + "/health")).status_code == 200:

@@ -2,45 +2,20 @@
 pause, resume and SIGTERM work as on the real engine."""
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-from tests.mqtt_broker import MqttProbe, broker  # noqa: F401 - fixtures
+from tests.mqtt_broker import MqttProbe, broker, run_batchdeck, wait_online  # noqa: F401 - fixtures
 from tests.test_sim import profile_path  # noqa: F401 - a fixture
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_simulated_engine_over_mqtt(broker, profile_path):  # noqa: F811
-    cmd = [sys.executable, "-m", "batchdeck", "engine", "--sim", str(profile_path), "--mqtt", broker.address,
-           "--engine-id", "sim1", "--status-interval", "0.5"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        asyncio.run(_drive(broker, proc))
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    except BaseException:
-        if proc.poll() is None:
-            proc.kill()
-        print("engine stderr:", proc.communicate()[1].decode()[-3000:])
-        raise
-    assert proc.returncode == 0, err.decode()
-    assert "simulated Test GPU (profile test-tiny)" in err.decode()
+    status, err = run_batchdeck(["engine", "--sim", str(profile_path), "--mqtt", broker.address, "--engine-id", "sim1",
+                                 "--status-interval", "0.5"], lambda proc: _drive(broker, proc))
+    assert status == 0, err
+    assert "simulated Test GPU (profile test-tiny)" in err
 
 
 async def _drive(broker, proc):  # noqa: F811
     async with MqttProbe(broker, "sim1") as probe:
-        deadline = time.monotonic() + 90
-        while b"online" not in probe.on("status"):
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline, "the engine never came online"
-            await asyncio.sleep(0.05)
+        await wait_online(probe, proc)
         config = await probe.wait_for(lambda: probe.json_on("config"), what="retained config")
         engine = config[-1]["engine"]
         assert engine["simulation"]["profile"] == "test-tiny" and engine["device"].startswith("simulated")
