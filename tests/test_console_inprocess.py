@@ -56,19 +56,23 @@ def quiet_app():
     return app, app.client, app.client.engine.engine
 
 
+async def pause_burst_resume(pilot, app, client, engine) -> None:
+    """The first steering paths of a fresh console: pause (key p) stops iterating, a burst (key b)
+    while paused is queued and not run, p again resumes."""
+    await wait_for(pilot, lambda: app.state.config is not None, what="config")
+    await pilot.press("p")
+    await wait_for(pilot, lambda: client.engine.paused and app.state.paused, what="paused")
+    await pilot.press("b")
+    await wait_for(pilot, lambda: engine.num_requests_added == app.burst_size, what="the burst")
+    assert engine.iteration == 0
+    await pilot.press("p")
+    await wait_for(pilot, lambda: not client.engine.paused and engine.iteration > 0, what="resumed")
+
+
 async def test_every_steering_path_on_the_real_engine():
     app, client, engine = quiet_app()
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.state.config is not None, what="config")
-        # pause / resume (key p) - the engine stops iterating, then goes on
-        await pilot.press("p")
-        await wait_for(pilot, lambda: client.engine.paused and app.state.paused, what="paused")
-        # burst (key b) while paused: queued, not run
-        await pilot.press("b")
-        await wait_for(pilot, lambda: engine.num_requests_added == app.burst_size, what="the burst")
-        assert engine.iteration == 0
-        await pilot.press("p")
-        await wait_for(pilot, lambda: not client.engine.paused and engine.iteration > 0, what="resumed")
+        await pause_burst_resume(pilot, app, client, engine)
         # the pause event reaches the log through the telemetry stream, possibly a frame later
         await wait_for(pilot, lambda: [e for e in log_texts(app) if "paused before it 0 (console)" in e],
                        what="the pause in the event log")

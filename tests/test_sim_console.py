@@ -7,6 +7,7 @@ import pytest
 from batchdeck.console.cli import build_app
 from tests.test_console_app import busy_process_pilot  # noqa: F401 - a fixture
 from tests.test_console_app import SIZE, log_texts, notes, palette, set_in_panel, wait_for
+from tests.test_console_inprocess import pause_burst_resume
 from tests.test_sim import profile_path  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.usefixtures("busy_process_pilot")
@@ -20,14 +21,7 @@ async def test_every_steering_path_on_the_simulator(profile_path):  # noqa: F811
     assert engine.simulation["profile"] == "test-tiny"
     assert "SIMULATED" in client.description and "SIMULATED" in app.title
     async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.state.config is not None, what="config")
-        await pilot.press("p")
-        await wait_for(pilot, lambda: client.engine.paused and app.state.paused, what="paused")
-        await pilot.press("b")
-        await wait_for(pilot, lambda: engine.num_requests_added == app.burst_size, what="the burst")
-        assert engine.iteration == 0
-        await pilot.press("p")
-        await wait_for(pilot, lambda: not client.engine.paused and engine.iteration > 0, what="resumed")
+        await pause_burst_resume(pilot, app, client, engine)
         long = await client.submit({"id": "long-1", "prompt_token_ids": [5] * 16, "max_tokens": 6000,
                                     "ignore_eos": True})
         assert long.ok
