@@ -6,6 +6,8 @@ import sys
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
+    from batchdeck.engine.service.flags import add_setting_flag
+    from batchdeck.engine.settings import BY_NAME
     from batchdeck.presets.cli import _key_value, _positive
     from batchdeck.presets.sweep import METRICS
 
@@ -26,9 +28,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                      help="time for the workloads (each gets its share; default 120)")
     cal.add_argument("--inline", action="store_true", help="step the engine in one thread, without the serving "
                                                             "loop around it (default: the serving loop, as replay runs)")
-    cal.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                     help="calibrate with overlapped iterations (default: the device's default, on for cuda): the "
-                          "profile must come from the engine as it will serve")
+    add_setting_flag(cal, BY_NAME["async_scheduling"])  # the profile must come from the engine as it will serve
     cal.add_argument("--quick", action="store_true", help="a small grid (CPU smoke runs)")
     cal.set_defaults(func=_cmd_calibrate)
 

@@ -41,7 +41,8 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _add_flag(p: argparse.ArgumentParser, s: Setting) -> None:
+def add_setting_flag(p: argparse.ArgumentParser, s: Setting) -> None:
+    """The flag(s) of one table setting, defaulting to None (not given: the per-device default applies)."""
     kw: dict[str, Any] = {"dest": s.name, "default": None, "help": s.help_text()}
     if s.kind == "bool":
         kw["action"] = argparse.BooleanOptionalAction
@@ -61,7 +62,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("engine settings (live ones can also be changed while it runs)")
     for s in SETTINGS:
         if s.flags:
-            _add_flag(group, s)
+            add_setting_flag(group, s)
     group.add_argument("--enable-chunked-prefill", action="store_true", dest="enable_chunked_prefill",
                        help="accepted for vLLM compatibility: chunked prefill is always on (for whole-prompt "
                             "prefill set --chunk-size to --max-batched-tokens)")
