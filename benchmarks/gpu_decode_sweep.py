@@ -15,7 +15,7 @@ and the wait for the GPU until the ids reach the host), bookkeeping (the rest of
 outside the step; then, on CUDA, the GPU time of the point's decode graph alone (CUDA events around
 `--replays` back-to-back replays on the buffers of the last timed step, which rewrite the same K/V)
 and of one replay followed by a sync. The step time minus the replay's GPU time is host time on the
-critical path. BATCHDECK_ATTN_MAX_SPLITS=1 turns split-KV decode attention off (for a before/after).
+critical path; `--kernel-profile` lists that graph's kernels by GPU time per replay. BATCHDECK_ATTN_MAX_SPLITS=1 turns split-KV decode attention off (for a before/after).
 `--fusion-levels 2,1` also sweeps each further BATCHDECK_FUSED level (engine/triton_fused.py: 0 stock
 modules, 1 per-module fusions, 2 across modules, 3 also gate|up+SiLU in one Triton matmul) in a child process and saves its summary beside
 the main run's under "fusion_comparison" (the main run uses the first level).
@@ -105,7 +105,7 @@ def sweep_point(engine: LLMEngine, b: int, args, vocab: int, rng: random.Random)
                             ("bookkeeping", rec.step_time - known), ("outside_step", dt - rec.step_time)):
                 parts[name].append(v)
     breakdown = {f"{name}_ms_median": 1e3 * statistics.median(v) for name, v in parts.items()}
-    breakdown.update(replay_gpu_time(engine, b, args.replays))
+    breakdown.update(replay_gpu_time(engine, b, args.replays, args.kernel_profile))
     mean_ctx = statistics.mean(ctx)
     engine.run_until_done()
     for rid in ids:
@@ -118,7 +118,7 @@ def sweep_point(engine: LLMEngine, b: int, args, vocab: int, rng: random.Random)
             "breakdown": breakdown}
 
 
-def replay_gpu_time(engine: LLMEngine, b: int, replays: int) -> dict:
+def replay_gpu_time(engine: LLMEngine, b: int, replays: int, kernel_profile: bool = False) -> dict:
     """GPU ms of the decode graph for b rows (events around back-to-back replays), and the wall ms of
     one replay + argmax + copy of the ids to the host, on the buffers the last step left."""
     graphs = engine.runner.graphs
@@ -140,8 +140,32 @@ def replay_gpu_time(engine: LLMEngine, b: int, replays: int) -> dict:
         graph.replay()
         logits[:b].argmax(dim=-1).tolist()
         walls.append(time.perf_counter() - t)
-    return {"graph_bucket_rows": bucket, "graph_replay_gpu_ms": gpu_ms,
-            "replay_argmax_to_host_wall_ms_median": 1e3 * statistics.median(walls)}
+    out = {"graph_bucket_rows": bucket, "graph_replay_gpu_ms": gpu_ms,
+           "replay_argmax_to_host_wall_ms_median": 1e3 * statistics.median(walls)}
+    if kernel_profile:
+        out["kernels_per_replay"] = graph_kernels(graph, replays)
+    return out
+
+
+def graph_kernels(graph, replays: int, top: int = 25) -> list[dict]:
+    """The kernels of one decode-graph replay, by GPU time (torch.profiler over `replays` replays):
+    name, launches and microseconds per replay, the largest first; the rest summed as "(other)"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = sorted(((e.key, e.count, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0),
+                  key=lambda r: -r[2])
+    table = [{"kernel": k[:90], "launches_per_replay": n / replays, "us_per_replay": t / replays}
+             for k, n, t in rows[:top]]
+    rest = rows[top:]
+    if rest:
+        table.append({"kernel": "(other)", "launches_per_replay": sum(r[1] for r in rest) / replays,
+                      "us_per_replay": sum(r[2] for r in rest) / replays})
+    return table
 
 
 def main() -> None:
@@ -160,6 +184,8 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     add_async_scheduling_flag(ap)
+    ap.add_argument("--kernel-profile", action="store_true",
+                    help="also list each point's decode-graph kernels by GPU time per replay (torch.profiler)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--fusion-levels", default=None,
                     help="comma-separated BATCHDECK_FUSED levels (0-3); the first is this run's, each "
@@ -243,6 +269,8 @@ def main() -> None:
             + (f", roofline {p['roofline_tok_s']:.0f} tok/s ({p['roofline_fraction']:.0%})" if bw else "")
             + "; " + ", ".join(f"{k.replace('_ms_median', '').replace('_ms', '')} {v:.3f}"
                                for k, v in p["breakdown"].items() if isinstance(v, float)))
+        for k in p["breakdown"].get("kernels_per_replay", [])[:12]:
+            log(f"    {k['us_per_replay']:9.1f} us  x{k['launches_per_replay']:6.1f}  {k['kernel']}")
     result["points"] = points
     keys = ("batch_size", "step_ms_median", "tok_s", "roofline_tok_s", "roofline_fraction")
     summary = [{**{k: p.get(k) for k in keys}, "graph_replay_gpu_ms": p["breakdown"].get("graph_replay_gpu_ms")}

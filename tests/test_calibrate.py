@@ -254,3 +254,20 @@ def test_check_iterations_reports_the_models_bias_per_regime():
     dec, mix = check["by_regime"]["decode"], check["by_regime"]["mixed"]
     assert dec["total_bias"] == pytest.approx(0.25) and dec["median_bias"] == pytest.approx(0.25)
     assert abs(mix["total_bias"]) < 1e-9 and mix["mean_rows"] >= 1 and mix["mean_tokens"] > dec["mean_tokens"]
+
+
+def test_check_iterations_names_the_longest_gaps():
+    from batchdeck.engine.sim.calibrate import check_iterations
+
+    truth = CostModel(TRUTH)
+    samples = synthetic_samples(truth, 0.0)
+    stalled = samples[100]
+    for s in samples[100:]:  # a 0.2 s stall before iteration 100 of its workload shifts it and all after it
+        s.time += 0.2 if s.workload == stalled.workload else 0.0
+    check = check_iterations(truth, samples)
+    top = check["largest_gaps"][0]
+    assert len(check["largest_gaps"]) == 5
+    assert top["gap_s"] == pytest.approx(0.2 + truth.predict(stalled.shape))
+    assert top["predicted_s"] == pytest.approx(truth.predict(stalled.shape))
+    assert top["rows"] == stalled.shape.rows
+    assert check["largest_gaps"][1]["gap_s"] < 0.2

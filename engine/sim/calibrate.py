@@ -291,7 +291,8 @@ def check_iterations(model: CostModel, samples: list[Sample]) -> dict[str, Any]:
     error, the bias of the total (sum predicted / sum measured - 1) and the median of predicted /
     measured - 1 (robust to the odd slow iteration of a shared machine). On a real run it says whether
     the cost model misprices the workload's own iterations; compared with the same table of a
-    simulated run, whether the simulated engine ran other iterations (dynamics)."""
+    simulated run, whether the simulated engine ran other iterations (dynamics). `largest_gaps`: the five
+    longest busy gaps, when they happened and how the model priced them (a stall shows there)."""
     gaps = busy_gaps(samples)
     out: dict[str, Any] = {"busy_iterations": len(gaps), "iterations": len(samples)}
     if not gaps:
@@ -311,6 +312,10 @@ def check_iterations(model: CostModel, samples: list[Sample]) -> dict[str, Any]:
     pred = np.array([model.predict(s) for s in shapes])
     out["total_bias"] = float(pred.sum() / np.sum(seconds) - 1)
     out["busy_time_s"] = float(np.sum(seconds))
+    t0 = samples[0].time
+    out["largest_gaps"] = [{"at_s": gaps[i][0].time - t0, "gap_s": seconds[i], "predicted_s": float(pred[i]),
+                            "rows": shapes[i].rows, "tokens": shapes[i].tokens}
+                           for i in np.argsort(seconds)[::-1][:5]]
     return out
 
 
