@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -87,3 +88,40 @@ def async_scheduling_for(args: argparse.Namespace) -> bool:
     from batchdeck.engine.settings import defaults_for
 
     return defaults_for(args.device)["async_scheduling"] if args.async_scheduling is None else args.async_scheduling
+
+
+class GCWatch:
+    """Garbage collections while it is entered: how many per generation, the seconds they took and the
+    longest pause (a full collection over a large heap stalls the engine's thread for that long)."""
+
+    def __init__(self, long_pause_s: float = 0.01):
+        self.collections = [0, 0, 0]
+        self.seconds = 0.0
+        self.longest_s = 0.0
+        self.long_pause_s = long_pause_s
+        self.long_pauses: list[tuple[float, float, int]] = []  # (seconds since entered, pause, generation)
+        self._entered = self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            pause = time.perf_counter() - self._t0
+            self.collections[info["generation"]] += 1
+            self.seconds += pause
+            self.longest_s = max(self.longest_s, pause)
+            if pause >= self.long_pause_s:
+                self.long_pauses.append((self._t0 - self._entered, pause, info["generation"]))
+
+    def __enter__(self) -> "GCWatch":
+        self._entered = time.perf_counter()
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> dict:
+        return {"gc_collections_by_generation": list(self.collections), "gc_seconds": self.seconds,
+                "gc_longest_pause_s": self.longest_s,
+                "gc_long_pauses": [{"at_s": t, "pause_s": p, "generation": g} for t, p, g in self.long_pauses]}

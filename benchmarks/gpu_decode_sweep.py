@@ -5,7 +5,9 @@
 For every batch size B in `--batch-sizes`: B requests with `--context`-token prompts (token ids
 uniform over the vocabulary, random.Random(seed)) are prefilled (chunked, untimed); once all of them
 decode, `--warmup-steps` decode iterations run untimed and `--steps` are timed one by one
-(perf_counter around `engine.step()`, which returns after the sampled tokens reach the host). Every
+(perf_counter around `engine.step()`, which returns after the sampled tokens reach the host; with
+overlapped iterations, --async-scheduling, the steps run back to back without a sync between them, so a
+step's time is the steady cost of one iteration, host and GPU overlapped). Every
 timed iteration is checked to be decode-only with B rows. One engine (CUDA graphs, Triton attention,
 fused layer kernels; the configuration of benchmark (a)) serves all points.
 
@@ -86,8 +88,14 @@ def sweep_point(engine: LLMEngine, b: int, args, vocab: int, rng: random.Random)
     times, bad, ctx = [], 0, []
     parts: dict[str, list[float]] = {k: [] for k in ("schedule", "draft", "prepare", "forward", "sample",
                                                       "bookkeeping", "outside_step")}
+    # Synchronous steps are timed one by one from an idle GPU. Overlapped steps are not synced between:
+    # step() returns once the previous iteration's ids are read and the next one is launched, so the
+    # time between two returns is one iteration's cost in a steady decode (max of host and GPU).
+    sync_each = engine.device.type == "cuda" and not engine.async_scheduling
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
     for k in range(warm + steps):
-        if engine.device.type == "cuda":
+        if sync_each:
             torch.cuda.synchronize()
         tokens_in_context = sum(r.num_tokens for r in reqs)  # incl. the token this step decodes
         t = time.perf_counter()

@@ -33,7 +33,6 @@ garbage collections during the run (count per generation, seconds).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import random
@@ -43,7 +42,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_common import (add_async_scheduling_flag, argv_without, async_scheduling_for,  # noqa: E402
-                                     command_line, dist, log, run_script, versions, write_json)
+                                     command_line, dist, log, run_script, versions, write_json, GCWatch)
 
 RUNS = {
     "multi-turn/off/fcfs": ("multi-turn", False, "fcfs"),
@@ -118,23 +117,6 @@ def _distinct_items(args):
     return out
 
 
-class GCWatch:
-    """Garbage collections during the measured run: how many per generation and the seconds they took
-    (the prefix cache's per-block objects are allocations the uncached run does not make)."""
-
-    def __init__(self):
-        self.collections = [0, 0, 0]
-        self.seconds = 0.0
-        self._t0 = 0.0
-
-    def __call__(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._t0 = time.perf_counter()
-        else:
-            self.collections[info["generation"]] += 1
-            self.seconds += time.perf_counter() - self._t0
-
-
 def run_one(args) -> dict:
     import torch
 
@@ -160,32 +142,30 @@ def run_one(args) -> dict:
     served = []
     engine.restart_clock()
     evictions0 = engine.blocks.prefix_cache_evictions
-    gc_watch = GCWatch()
-    gc.callbacks.append(gc_watch)
-    n = 0
-    t_wall = time.perf_counter()
-    while pending or engine.has_unfinished:
-        now = engine.clock()
-        while pending and pending[0].arrival <= now:
-            it = pending.pop(0)
-            rid = str(n)
-            n += 1
-            item_of[rid] = it
-            served.append(engine.add_request(rid, it.prompt_token_ids,
-                                             SamplingParams(max_tokens=it.max_tokens, ignore_eos=True),
-                                             arrival_time=it.arrival))
-        result = engine.step()
-        if result is None:
-            time.sleep(min(max(pending[0].arrival - engine.clock(), 0.0), 0.05) + 1e-4 if pending else 1e-4)
-            continue
-        if stream is not None:
-            for r in result.finished:
-                nxt = stream.on_finished(engine.clock(), item_of[r.request_id], r.output_token_ids)
-                if nxt is not None:
-                    pending.append(nxt)
-                    pending.sort(key=lambda it: it.arrival)
-    wall = time.perf_counter() - t_wall
-    gc.callbacks.remove(gc_watch)
+    with GCWatch() as gc_watch:
+        n = 0
+        t_wall = time.perf_counter()
+        while pending or engine.has_unfinished:
+            now = engine.clock()
+            while pending and pending[0].arrival <= now:
+                it = pending.pop(0)
+                rid = str(n)
+                n += 1
+                item_of[rid] = it
+                served.append(engine.add_request(rid, it.prompt_token_ids,
+                                                 SamplingParams(max_tokens=it.max_tokens, ignore_eos=True),
+                                                 arrival_time=it.arrival))
+            result = engine.step()
+            if result is None:
+                time.sleep(min(max(pending[0].arrival - engine.clock(), 0.0), 0.05) + 1e-4 if pending else 1e-4)
+                continue
+            if stream is not None:
+                for r in result.finished:
+                    nxt = stream.on_finished(engine.clock(), item_of[r.request_id], r.output_token_ids)
+                    if nxt is not None:
+                        pending.append(nxt)
+                        pending.sort(key=lambda it: it.arrival)
+        wall = time.perf_counter() - t_wall
     makespan = max(r.finish_time for r in served) - min(r.arrival_time for r in served)
     ttft = [r.first_token_time - r.arrival_time for r in served]
     e2e = [r.finish_time - r.arrival_time for r in served]
@@ -208,7 +188,7 @@ def run_one(args) -> dict:
         "evictions": engine.blocks.prefix_cache_evictions - evictions0,
         "iterations": len(records), "busy_step_seconds": sum(x.step_time for x in records),
         "schedule_seconds": sum(x.schedule_time for x in records),
-        "gc_collections_by_generation": gc_watch.collections, "gc_seconds": gc_watch.seconds,
+        **gc_watch.summary(),
     }
     log(f"[{args.run}] {res['output_tok_s']:.0f} out tok/s, computed {computed} of {prompt_tok} prompt tokens, "
         f"ttft p50 {res['ttft_s']['p50'] * 1e3:.1f} ms p99 {res['ttft_s']['p99'] * 1e3:.1f} ms")

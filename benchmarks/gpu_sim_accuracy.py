@@ -63,6 +63,14 @@ def iteration_table(checks):
                          f"model {e['predicted_mean_s'] * 1e3:7.3f} ms bias {e['total_bias']:+7.1%} (median {e['median_bias']:+7.1%}) "
                          f"err {e['mean_rel_error']:6.1%} rows {e['mean_rows']:6.1f} tokens {e['mean_tokens']:7.1f} "
                          f"ctx {e['mean_context_k'] * 1e3:6.0f}")
+        if c.get("largest_gaps"):
+            top = c["largest_gaps"][0]
+            lines.append(f"  {side:3} longest gap {top['gap_s'] * 1e3:.1f} ms at {top['at_s']:.2f} s (model "
+                         f"{top['predicted_s'] * 1e3:.1f} ms)"
+                         + (f"; gc {c['gc_collections_by_generation']}, pauses >= 10 ms (s into the run, incl. "
+                            f"the engine's build and start): " + (", ".join(
+                                f"{p['pause_s'] * 1e3:.0f} ms at {p['at_s']:.2f}" for p in c["gc_long_pauses"])
+                                or "none") if "gc_seconds" in c else ""))
     return "\n" + "\n".join(lines)
 
 
@@ -88,6 +96,7 @@ def main() -> None:
 
     import torch
 
+    from benchmarks.bench_common import GCWatch
     from batchdeck.engine.settings import defaults_for
     from batchdeck.engine.sim.calibrate import IterationTap, calibrate, check_iterations
     from batchdeck.engine.sim.profile import load_profile
@@ -147,9 +156,10 @@ def main() -> None:
         taps = []
         if check is not None:
             kw["on_start"] = lambda driver: taps.append(IterationTap(driver.engine.engine))
-        rep = run_preset(preset, overrides={**over, **(extra or {})}, duration_scale=scale, **kw).report()
+        with GCWatch() as gc_watch:
+            rep = run_preset(preset, overrides={**over, **(extra or {})}, duration_scale=scale, **kw).report()
         if taps:
-            check.update(check_iterations(cost, taps[0].samples()))
+            check.update(check_iterations(cost, taps[0].samples()), **gc_watch.summary())
             taps[0].remove()
         gc.collect()  # the finished engine's KV pool is returned before the next run allocates its own
         if device.startswith("cuda"):

@@ -109,3 +109,26 @@ def test_max_waiting_must_be_positive():
 
     with pytest.raises(ConfigError, match="max_waiting"):
         EngineConfig(max_waiting=0).validate()
+
+
+async def test_serving_keeps_the_start_up_heap_out_of_the_collector_until_the_last_engine_stops(model_dirs):
+    import gc
+
+    llm = make_engine(model_dirs["llama"], max_num_seqs=2)
+    assert gc.get_freeze_count() == 0
+    first, second = AsyncEngine(llm), AsyncEngine(llm)
+    await first.start()
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000  # the model's modules and tensors, the engine, the imported modules
+        assert not any(o is llm for o in gc.get_objects())  # frozen objects are not tracked by collections
+        await second.start()
+        assert gc.get_freeze_count() <= frozen  # one freeze for the process, not one per engine
+        stream = await second.add_request("a", [1, 2, 3], greedy(3))
+        assert len(await stream.collect()) == 3
+    finally:
+        await first.stop()
+    assert gc.get_freeze_count() > frozen // 2  # the second engine still serves (frozen objects may be freed)
+    await second.stop()
+    assert gc.get_freeze_count() == 0
+    assert any(o is llm for o in gc.get_objects())
