@@ -184,16 +184,19 @@ def candidate_configs(m: int, n: int, k: int) -> list[SmallMConfig]:
 
 
 def pick_config(m: int, n: int, k: int, sms: int) -> SmallMConfig | None:
-    """The launch rule (shapes only): enough programs to keep every SM streaming — about four per SM,
-    from the feature tiles and, where those are too few, slices of K — and `dot` tiles of 32 features.
-    None: cuBLAS (more rows than MAX_ROWS)."""
+    """The launch rule (shapes only): at least two programs per SM — `dot` tiles of 32 features, 16 where
+    32 give fewer, then slices of K (2, 4 or 8, each at least two 128-wide K steps) where the tiles alone
+    are still fewer — and K steps of 256 where a slice holds at least two of them. None: cuBLAS (more
+    rows than MAX_ROWS)."""
     if m < 1 or m > MAX_ROWS:
         return None
-    block_n, block_k = 32, 256 if k >= 2048 else 128
+    want = 2 * sms
+    block_n = 32 if triton.cdiv(n, 32) >= want else 16
     tiles = triton.cdiv(n, block_n)
     split = 1
-    while split < 8 and tiles * split < 4 * sms and k // (2 * split) >= 2 * block_k:
+    while split < 8 and tiles * split < want and k // (2 * split) >= 2 * 128:
         split *= 2
+    block_k = min(256 if k // split >= 512 else 128, max(16, _pow2(k)))
     return SmallMConfig("dot", block_n, block_k, split, 4, 4)
 
 
