@@ -41,7 +41,7 @@ DOT_ROWS = 16  # the row tile of the `dot` mode (tl.dot's smallest)
 FMA_MAX_ROWS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel for 1 row and for several
 def small_m_linear_kernel(X, W, B, OUT, WS, CNT, M, N, K, k_per_split, stride_x, stride_w, stride_out,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           USE_DOT: tl.constexpr, SPLIT: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -100,7 +100,6 @@ def small_m_linear_kernel(X, W, B, OUT, WS, CNT, M, N, K, k_per_split, stride_x,
 
     out_ptrs = OUT + offs_m[None, :] * stride_out + offs_n[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
-    dt = OUT.dtype.element_ty
     if SPLIT:
         # partial of slice s, accumulator a at WS[(s * n_acc + a) * N + n, m] (n_acc = 2 with SILU)
         n_acc: tl.constexpr = 2 if SILU else 1
@@ -119,14 +118,15 @@ def small_m_linear_kernel(X, W, B, OUT, WS, CNT, M, N, K, k_per_split, stride_x,
                 if SILU:
                     acc_u += tl.load(ws + (s * n_acc + 1) * N * BLOCK_M, mask=tile_mask, other=0.0,
                                      cache_modifier=".cg")
-            _epilogue(acc, acc_u, B, offs_n, n_mask, out_ptrs, out_mask, dt, SILU, HAS_BIAS)
+            _epilogue(acc, acc_u, B, offs_n, n_mask, out_ptrs, out_mask, SILU, HAS_BIAS)
             tl.atomic_xchg(CNT + pid_n, 0)
     else:
-        _epilogue(acc, acc_u, B, offs_n, n_mask, out_ptrs, out_mask, dt, SILU, HAS_BIAS)
+        _epilogue(acc, acc_u, B, offs_n, n_mask, out_ptrs, out_mask, SILU, HAS_BIAS)
 
 
 @triton.jit
-def _epilogue(acc, acc_u, B, offs_n, n_mask, out_ptrs, out_mask, dt, SILU: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _epilogue(acc, acc_u, B, offs_n, n_mask, out_ptrs, out_mask, SILU: tl.constexpr, HAS_BIAS: tl.constexpr):
+    dt = out_ptrs.dtype.element_ty
     if SILU:
         g = acc.to(dt).to(tl.float32)
         u = acc_u.to(dt).to(tl.float32)
@@ -172,13 +172,14 @@ def fits(config: SmallMConfig, m: int, n: int, k: int) -> bool:
 
 
 # Candidates the GPU benchmark measures; `pick_config` chooses among them by shape.
-DOT_TILES = [(16, 128), (16, 256), (32, 128), (32, 256), (64, 128), (64, 256)]
-FMA_TILES = [(8, 256), (16, 128), (16, 256), (32, 128)]
+# (BLOCK_N, BLOCK_K, num_stages): 4 K steps in flight, or 2 with a smaller shared-memory footprint
+DOT_TILES = [(16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (16, 256, 2), (32, 256, 2)]
+FMA_TILES = [(8, 256), (16, 128), (8, 512), (8, 1024)]  # (BLOCK_N, BLOCK_K)
 SPLITS = (1, 2, 4, 8)
 
 
 def candidate_configs(m: int, n: int, k: int) -> list[SmallMConfig]:
-    out = [SmallMConfig("dot", bn, bk, s, 4, 4) for bn, bk in DOT_TILES for s in SPLITS]
+    out = [SmallMConfig("dot", bn, bk, s, 4, st) for bn, bk, st in DOT_TILES for s in SPLITS]
     out += [SmallMConfig("fma", bn, bk, s, 4, 1) for bn, bk in FMA_TILES for s in SPLITS]
     return [c for c in out if fits(c, m, n, k)]
 
@@ -200,6 +201,14 @@ def pick_config(m: int, n: int, k: int, sms: int) -> SmallMConfig | None:
     return SmallMConfig("dot", block_n, block_k, split, 4, 4)
 
 
+def _indexed(device) -> torch.device:
+    """'cuda' -> 'cuda:<current>' (a tensor's device always carries its index)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 COUNTER_SLOTS = 8192  # feature tiles of one call: N / BLOCK_N
 
@@ -207,7 +216,7 @@ COUNTER_SLOTS = 8192  # feature tiles of one call: N / BLOCK_N
 def counters(device: torch.device) -> torch.Tensor:
     """The split-K arrival counters of a device (zeros; every call leaves them zero). Allocate before a
     graph capture (`fuse_model` does): a capture must not be the first call on a device."""
-    device = torch.device(device)
+    device = _indexed(device)
     buf = _COUNTERS.get(device)
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -222,7 +231,7 @@ _SMS: dict[torch.device, int] = {}
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (132 on an H100/H200 SXM; 132 assumed off CUDA, so the
     interpreter runs the configs an H200 would)."""
-    device = torch.device(device)
+    device = _indexed(device)
     if device.type != "cuda":
         return 132
     if device not in _SMS:

@@ -118,3 +118,66 @@ def test_bias_and_split_k_inside_a_cuda_graph():
         want = F.linear(x, w, b).double()
         assert ((y.double() - want).norm() / want.norm()).item() < 1e-2
     assert int(counters("cuda").abs().sum()) == 0
+
+
+# Hopper's shared memory per block (227 KiB): a kernel over it fails to launch.
+HOPPER_SMEM_BYTES = 232448
+
+
+def _compile_for_hopper(config: SmallMConfig, m: int, silu: bool):
+    """Triton's ahead-of-time compile of the kernel for sm_90 (no GPU needed: ptxas ships with Triton)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from batchdeck.engine.small_m_linear import block_m_for, small_m_linear_kernel
+
+    pointers = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "OUT": "*bf16", "WS": "*fp32", "CNT": "*i32"}
+    ints = ["M", "N", "K", "k_per_split", "stride_x", "stride_w", "stride_out"]
+    constexprs = {"BLOCK_M": block_m_for(config.mode, m), "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+                  "USE_DOT": config.mode == "dot", "SPLIT": config.split_k > 1, "SILU": silu, "HAS_BIAS": False,
+                  "EVEN_K": True, "IEEE": False}
+    signature = {**pointers, **{i: "i32" for i in ints}, **{c: "constexpr" for c in constexprs}}
+    divisible = [i for i, name in enumerate(signature) if name in pointers or (name in ints and name != "M")]
+    src = ASTSource(fn=small_m_linear_kernel, signature=signature, constexprs=constexprs,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def test_the_rules_picks_build_for_hopper_within_shared_memory():
+    """What the rule picks for qwen3-0.6b and llama-3.1-8b compiles for sm_90 and fits its shared memory."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"Triton's CUDA backend is not importable: {exc}")
+    llama = [(6144, 4096, False), (4096, 4096, False), (14336, 4096, True), (4096, 14336, False)]
+    picks = {(pick_config(m, n, k, 132), silu) for n, k, silu in QWEN3_SHAPES + llama for m in (1, 16)}
+    for config, silu in sorted(picks, key=lambda p: (p[0].label(), p[1])):
+        kernel = _compile_for_hopper(config, 16, silu)
+        assert kernel.metadata.shared <= HOPPER_SMEM_BYTES, (config.label(), silu, kernel.metadata.shared)
+        if config.mode == "dot":
+            assert "mma" in kernel.asm["ptx"]  # the tensor cores do the arithmetic
+
+
+def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu_gemv_bench.py --smoke: its measuring code path through the interpreter, outputs checked."""
+    reason = interpreter_broken_reason()
+    if reason:
+        pytest.skip(reason)
+    root = os.path.dirname(HERE)
+    out_path = tmp_path / "gemv.json"
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_gemv_bench.py"), "--smoke",
+                          "--rows", "1,16", "--smoke-stride", "9", "--out", str(out_path)],
+                         capture_output=True, text=True, timeout=600, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out_path.read_text())
+    assert result["device"].startswith("cpu")
+    points = result["points"]
+    assert {(p["linear"], p["M"]) for p in points} == {(name, m) for name in ("qkv", "o_proj", "gate_up", "down_proj")
+                                                         for m in (1, 16)}
+    for p in points:
+        assert p["rule_pick"] and p["rule_us"] is not None and p["best"] is not None
+        assert all(r["rel_err"] < 1e-5 for r in p["configs"])
