@@ -29,8 +29,10 @@ o_proj, add+RMSNorm, gate|up GEMM, SiLU-mul, down GEMM; per step: embedding, fin
 logits row select, lm_head). The kernels reproduce the HF modules' rounding steps (each HF op
 that returns the model dtype is rounded the same way here), so float32 results differ only by
 reduction order, and levels 1 and 2 give identical results. Level 3 (opt-in, to measure against
-cuBLAS) also runs the gate|up matmul + SiLU-mul as one Triton kernel for at most 16 rows (9 kernels per
-layer; its own reduction order). BATCHDECK_FUSED=0 keeps the stock modules.
+cuBLAS) also runs the qkv, o_proj, gate|up and down_proj linears through the weight-streaming
+small-M kernel of engine/small_m_linear.py when a step has at most its MAX_ROWS (16) rows, the
+SiLU-mul in the gate|up kernel's epilogue (9 kernels per layer; its own reduction order, the same
+rounding steps). BATCHDECK_FUSED=0 keeps the stock modules.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from batchdeck.engine.small_m_linear import counters, num_sms, pick_config, small_m_linear
 
 
 @triton.jit
@@ -146,62 +150,6 @@ def silu_mul_kernel(GU, OUT, stride_gu, stride_out, I, BLOCK: tl.constexpr):
     tl.store(OUT + row * stride_out + offs, (a * u).to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def gate_up_silu_kernel(X, W, OUT, stride_x, stride_w, stride_out, M, K, I,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """OUT[:, n] = SiLU(X @ Wg[n]) * (X @ Wu[n]) for a few rows (decode): W is the gate|up weight
-    [2I, K]; gate, up and SiLU(gate) are rounded to the model dtype as the HF MLP rounds them."""
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < I
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < K
-        x = tl.load(X + offs_m[:, None] * stride_x + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wmask = k_mask[:, None] & n_mask[None, :]
-        wg = tl.load(W + offs_n[None, :].to(tl.int64) * stride_w + kk[:, None], mask=wmask, other=0.0)
-        wu = tl.load(W + (offs_n[None, :] + I).to(tl.int64) * stride_w + kk[:, None], mask=wmask, other=0.0)
-        if IEEE:
-            acc_g += tl.dot(x, wg, input_precision="ieee")
-            acc_u += tl.dot(x, wu, input_precision="ieee")
-        else:
-            acc_g += tl.dot(x, wg)
-            acc_u += tl.dot(x, wu)
-    dt = OUT.dtype.element_ty
-    g = acc_g.to(dt).to(tl.float32)
-    u = acc_u.to(dt).to(tl.float32)
-    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    tl.store(OUT + offs_m[:, None] * stride_out + offs_n[None, :], (a * u).to(dt),
-             mask=m_mask[:, None] & n_mask[None, :])
-
-
-# Level 3 runs the gate|up matmul + SiLU-mul as one Triton kernel for at most this many rows (decode buckets).
-GATE_UP_SILU_MAX_ROWS = 16
-
-
-def gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """SiLU(x @ Wg.T) * (x @ Wu.T) in one launch, x [M <= GATE_UP_SILU_MAX_ROWS, K], w [2I, K]."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    i = w.shape[0] // 2
-    out = torch.empty((x2.shape[0], i), dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
-        ieee = x.dtype == torch.float32
-        block_n = 16
-        gate_up_silu_kernel[(triton.cdiv(i, block_n),)](
-            x2, w, out, x2.stride(0), w.stride(0), out.stride(0), x2.shape[0], k, i,
-            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=64 if ieee else 128, IEEE=ieee, num_warps=4,
-            num_stages=2 if ieee else 4)
-    return out.view(*x.shape[:-1], i)
-
-
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -268,10 +216,23 @@ def _layer_forward(self, hidden_states, attention_mask=None, position_ids=None, 
     return residual + self.mlp(h)
 
 
+def _linear(small_m: bool, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+            silu: bool = False) -> torch.Tensor:
+    """F.linear (then SiLU-mul with `silu`), or at level 3 the small-M kernel where its rule takes the shape."""
+    if small_m and x.dtype == w.dtype:
+        k = x.shape[-1]
+        m = x.numel() // k if k else 0
+        config = pick_config(m, w.shape[0] // 2 if silu else w.shape[0], k, num_sms(x.device))
+        if config is not None:
+            return small_m_linear(x, w, b, silu_mul=silu, config=config)
+    y = F.linear(x, w, b)
+    return silu_mul(y) if silu else y
+
+
 def _mlp_forward(self, x):
-    if self._bd_gate_up_silu and x.numel() <= GATE_UP_SILU_MAX_ROWS * x.shape[-1]:
-        return self.down_proj(gate_up_silu(x, self._bd_gate_up))
-    return self.down_proj(silu_mul(F.linear(x, self._bd_gate_up)))
+    small_m = self._bd_small_m
+    h = _linear(small_m, x, self._bd_gate_up, silu=True)
+    return _linear(small_m, h, self.down_proj.weight, self.down_proj.bias)
 
 
 def _attn_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
@@ -279,7 +240,7 @@ def _attn_forward(self, hidden_states, position_embeddings=None, attention_mask=
     step = kwargs["batchdeck_step"]
     shape = hidden_states.shape[:-1]
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    qkv = F.linear(x, self._bd_qkv_weight, self._bd_qkv_bias)
+    qkv = _linear(self._bd_small_m, x, self._bd_qkv_weight, self._bd_qkv_bias)
     t = x.shape[0]
     h, kvh, d = self._bd_heads
     rope = kwargs.get("batchdeck_rope")  # (cos table, sin table, flat positions) from _model_forward
@@ -313,7 +274,7 @@ def _attn_forward(self, hidden_states, position_embeddings=None, attention_mask=
     else:
         v = qkv[:, (h + kvh) * d:].view(t, kvh, d)
         out = step.backend.forward(q, k, v, k_cache, v_cache, meta, self.scaling, window)
-    return self.o_proj(out.reshape(*shape, h * d)), None
+    return _linear(self._bd_small_m, out.reshape(*shape, h * d), self.o_proj.weight, self.o_proj.bias), None
 
 
 def _model_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -407,11 +368,12 @@ def _concat(linears: list[torch.nn.Linear], attr: str) -> torch.Tensor | None:
 
 def fusion_level() -> int:
     """BATCHDECK_FUSED: 0 stock modules, 1 per-module fusions, 2 (default) also across modules, 3 (opt-in,
-    to measure) also the gate|up matmul + SiLU-mul as one Triton kernel for decode-sized batches."""
+    to measure) also the layer's linears through the small-M kernel (engine/small_m_linear.py) for
+    decode-sized batches."""
     raw = os.environ.get("BATCHDECK_FUSED", "2")
     if raw not in ("0", "1", "2", "3"):
         raise ValueError(f"BATCHDECK_FUSED={raw!r}: allowed 0 (stock), 1 (per module), 2 (across modules, default), "
-                         "3 (also a Triton gate|up+SiLU matmul for at most 16 rows)")
+                         "3 (also the small-M Triton linears for at most 16 rows)")
     return int(raw)
 
 
@@ -421,6 +383,10 @@ def fuse_model(model: torch.nn.Module) -> dict[str, int]:
     level = fusion_level()
     if level == 0:
         return counts
+    if level >= 3:
+        param = next(model.parameters(), None)
+        if param is not None:
+            counters(param.device)  # the split-K counters exist before any graph capture
     config = getattr(model, "config", None)
     act = getattr(config, "hidden_act", None)
     for module in model.modules():
@@ -443,6 +409,7 @@ def fuse_model(model: torch.nn.Module) -> dict[str, int]:
             module._bd_qkv_weight = _concat([module.q_proj, module.k_proj, module.v_proj], "weight")
             module._bd_heads = (h, kvh, d)
             module._bd_write_cache = level >= 2
+            module._bd_small_m = level >= 3
             module.forward = types.MethodType(_attn_forward, module)
             counts["attention"] += 1
         elif name in ("Qwen3DecoderLayer", "LlamaDecoderLayer") and all(
@@ -454,7 +421,7 @@ def fuse_model(model: torch.nn.Module) -> dict[str, int]:
                 hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj")) \
                 and module.gate_proj.bias is None and module.up_proj.bias is None:
             module._bd_gate_up = _concat([module.gate_proj, module.up_proj], "weight")
-            module._bd_gate_up_silu = level >= 3
+            module._bd_small_m = level >= 3
             module.forward = types.MethodType(_mlp_forward, module)
             counts["mlp"] += 1
     if level >= 2:

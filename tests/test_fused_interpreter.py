@@ -1,8 +1,9 @@
 """The fused Triton kernels (engine/triton_fused.py) on the CPU through Triton's interpreter: float32
 greedy tokens equal the stock modules', and the cross-module fusions (level 2: residual add fused into
 the next RMSNorm, rotary table, K/V written by the q/k kernel) give bit-identical log-probabilities to
-the per-module ones (level 1); level 3 (gate|up matmul + SiLU-mul in one Triton kernel) keeps the
-tokens. Skipped where Triton is not installed."""
+the per-module ones (level 1); level 3 (the layer's linears through the small-M kernel at decode row
+counts, SiLU-mul in the gate|up epilogue) keeps the tokens. Skipped where Triton is not installed or its
+interpreter cannot run."""
 from __future__ import annotations
 
 import json
@@ -14,11 +15,16 @@ import pytest
 
 pytest.importorskip("triton")
 
+from tests.triton_interpreter import interpreter_broken_reason  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("model", ["synthetic:tiny", "synthetic:tiny-llama"])
 def test_fusion_levels_match_stock_in_float32(model):
+    reason = interpreter_broken_reason()
+    if reason:
+        pytest.skip(reason)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, os.path.join(HERE, "fused_interpreter_check.py"), model], env=env,
                          capture_output=True, text=True, timeout=600)
