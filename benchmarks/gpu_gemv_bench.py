@@ -41,8 +41,8 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_common import command_line, log, versions, write_json  # noqa: E402
 from batchdeck.engine.models import synthetic_config  # noqa: E402
-from batchdeck.engine.small_m_linear import (MAX_ROWS, SmallMConfig, candidate_configs, counters,  # noqa: E402
-                                             num_sms, pick_config, small_m_linear)
+from batchdeck.engine.small_m_linear import counters, num_sms, small_m_linear  # noqa: E402
+from batchdeck.engine.small_m_rule import MAX_ROWS, SmallMConfig, candidate_configs, pick_config  # noqa: E402
 
 
 def layer_linears(model: str) -> list[tuple[str, int, int, bool]]:

@@ -22,23 +22,20 @@ Epilogues: bias; or, for a gate|up weight [2I, K] (gate rows first), SiLU(gate) 
 and SiLU(gate) each rounded to the model dtype as the HF MLP rounds them, so the SiLU-mul kernel
 goes away.
 
-Launch decisions depend on shapes only (`pick_config(M, N, K, ...)`, no autotuning at call time), so
+Launch decisions depend on shapes only (`pick_config(M, N, K, ...)` in engine/small_m_rule.py, no
+autotuning at call time), so
 calls are CUDA-graph safe once each config is compiled (the graph warm-up call compiles it).
 `benchmarks/gpu_gemv_bench.py` times every candidate of `candidate_configs` against cuBLAS and the
 rule's pick.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
-# At most this many rows take the small-M kernel; more go to cuBLAS (tl.dot pads rows to 16).
-MAX_ROWS = 16
-DOT_ROWS = 16  # the row tile of the `dot` mode (tl.dot's smallest)
-FMA_MAX_ROWS = 4
+from batchdeck.engine.small_m_rule import MAX_ROWS, SmallMConfig, block_m_for, fits, pick_config
+
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel for 1 row and for several
@@ -139,68 +136,6 @@ def _epilogue(acc, acc_u, B, offs_n, n_mask, out_ptrs, out_mask, SILU: tl.conste
     tl.store(out_ptrs, y, mask=out_mask)
 
 
-@dataclass(frozen=True)
-class SmallMConfig:
-    """One launch configuration. mode 'dot' (tensor cores, rows padded to 16) or 'fma' (M <= 4)."""
-    mode: str
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def label(self) -> str:
-        return f"{self.mode} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def block_m_for(mode: str, m: int) -> int:
-    return DOT_ROWS if mode == "dot" else _pow2(m)
-
-
-def fits(config: SmallMConfig, m: int, n: int, k: int) -> bool:
-    """Whether the config can run (m, n, k): rows within its mode, register tile of the fma mode bounded,
-    every K slice at least one BLOCK_K step."""
-    if m < 1 or m > MAX_ROWS or (config.mode == "fma" and m > FMA_MAX_ROWS):
-        return False
-    if config.mode == "fma" and config.block_n * _pow2(m) * config.block_k > 64 * 32 * config.num_warps:
-        return False
-    return config.split_k == 1 or triton.cdiv(k, config.split_k) >= config.block_k
-
-
-# Candidates the GPU benchmark measures; `pick_config` chooses among them by shape.
-# (BLOCK_N, BLOCK_K, num_stages): 4 K steps in flight, or 2 with a smaller shared-memory footprint
-DOT_TILES = [(16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (16, 256, 2), (32, 256, 2)]
-FMA_TILES = [(8, 256), (16, 128), (8, 512), (8, 1024)]  # (BLOCK_N, BLOCK_K)
-SPLITS = (1, 2, 4, 8)
-
-
-def candidate_configs(m: int, n: int, k: int) -> list[SmallMConfig]:
-    out = [SmallMConfig("dot", bn, bk, s, 4, st) for bn, bk, st in DOT_TILES for s in SPLITS]
-    out += [SmallMConfig("fma", bn, bk, s, 4, 1) for bn, bk in FMA_TILES for s in SPLITS]
-    return [c for c in out if fits(c, m, n, k)]
-
-
-def pick_config(m: int, n: int, k: int, sms: int) -> SmallMConfig | None:
-    """The launch rule (shapes only): at least two programs per SM — `dot` tiles of 32 features, 16 where
-    32 give fewer, then slices of K (2, 4 or 8, each at least two 128-wide K steps) where the tiles alone
-    are still fewer — and K steps of 256 where a slice holds at least two of them. None: cuBLAS (more
-    rows than MAX_ROWS)."""
-    if m < 1 or m > MAX_ROWS:
-        return None
-    want = 2 * sms
-    block_n = 32 if triton.cdiv(n, 32) >= want else 16
-    tiles = triton.cdiv(n, block_n)
-    split = 1
-    while split < 8 and tiles * split < want and k // (2 * split) >= 2 * 128:
-        split *= 2
-    block_k = min(256 if k // split >= 512 else 128, max(16, _pow2(k)))
-    return SmallMConfig("dot", block_n, block_k, split, 4, 4)
-
-
 def _indexed(device) -> torch.device:
     """'cuda' -> 'cuda:<current>' (a tensor's device always carries its index)."""
     device = torch.device(device)
@@ -258,7 +193,7 @@ def small_m_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None =
     if m == 0:
         return out.view(*x.shape[:-1], n)
     if config is None:
-        config = pick_config(m, n, k, num_sms(x.device))
+        config = pick_config(m, n, k, num_sms(x.device), x.element_size())
         if config is None:
             raise ValueError(f"small_m_linear: {m} rows, at most {MAX_ROWS}")
     if not fits(config, m, n, k):

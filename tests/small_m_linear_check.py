@@ -9,7 +9,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from batchdeck.engine.small_m_linear import SmallMConfig, counters, pick_config, small_m_linear
+from batchdeck.engine.small_m_linear import counters, small_m_linear
+from batchdeck.engine.small_m_rule import SmallMConfig, pick_config
 
 # (M, N, K): M=1, ragged N and K (not multiples of the tiles), K over several splits, the most rows
 SHAPES = [(1, 96, 256), (1, 33, 80), (2, 64, 512), (3, 50, 200), (4, 40, 96), (5, 72, 160), (8, 128, 384),

@@ -1,4 +1,4 @@
-"""The small-M linear (engine/small_m_linear.py): its launch rule (pure), its kernel on the CPU through
+"""The small-M linear (engine/small_m_linear.py; its launch rule: tests/test_small_m_rule.py): its kernel on the CPU through
 Triton's interpreter in float32 against F.linear, and on CUDA in bf16/float32 at the qwen3-0.6b layer
 shapes, inside a CUDA graph too. Skipped where Triton is not installed (the CUDA tests without a GPU)."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from batchdeck.engine.small_m_linear import (MAX_ROWS, SmallMConfig, candidate_configs, counters,  # noqa: E402
-                                             fits, pick_config, small_m_linear)
+from batchdeck.engine.small_m_linear import counters, small_m_linear  # noqa: E402
+from batchdeck.engine.small_m_rule import MAX_ROWS, SmallMConfig, candidate_configs, pick_config  # noqa: E402
 from tests.triton_interpreter import interpreter_broken_reason  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,25 +25,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 QWEN3_SHAPES = [(4096, 1024, False), (1024, 2048, False), (3072, 1024, True), (1024, 3072, False)]
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
-@pytest.mark.parametrize("n, k, silu", QWEN3_SHAPES)
-def test_rule_picks_a_fitting_config_with_enough_programs(m, n, k, silu):
-    config = pick_config(m, n, k, 132)
-    assert config is not None and fits(config, m, n, k)
-    assert pick_config(m, n, k, 132) == config  # shapes only
-    programs = -(-n // config.block_n) * config.split_k
-    assert programs >= 132  # every SM of an H200 gets work
-    assert config in candidate_configs(m, n, k)  # the GPU benchmark measures what the rule picks
-
-
-def test_rule_leaves_larger_batches_to_cublas():
-    assert pick_config(MAX_ROWS + 1, 4096, 1024, 132) is None
-    assert pick_config(0, 4096, 1024, 132) is None
-
-
-def test_configs_refuse_what_they_cannot_run():
-    assert not fits(SmallMConfig("fma", 16, 128, 1), 5, 64, 256)  # fma takes at most 4 rows
-    assert not fits(SmallMConfig("dot", 32, 256, 8), 1, 64, 1024)  # slices shorter than one K block
+def test_the_kernel_refuses_what_it_cannot_run():
     x, w = torch.randn(MAX_ROWS + 1, 64), torch.randn(32, 64)
     with pytest.raises(ValueError, match="at most 16"):
         small_m_linear(x, w)
@@ -88,7 +70,8 @@ def test_every_candidate_matches_f_linear_on_cuda(dtype, n, k, silu):
     for m in (1, 3, 8, 16):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         want = _reference(x, w, None, silu).double()
-        for config in [pick_config(m, n, k, 132)] + candidate_configs(m, n, k):
+        elem = torch.tensor([], dtype=dtype).element_size()
+        for config in [pick_config(m, n, k, 132, elem)] + candidate_configs(m, n, k, elem, silu):
             got = small_m_linear(x, w, silu_mul=silu, config=config).double()
             err = ((got - want).norm() / want.norm()).item()
             assert err < (1e-5 if dtype == torch.float32 else 1e-2), (m, config.label(), err)
