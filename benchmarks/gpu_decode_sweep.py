@@ -176,6 +176,15 @@ def graph_kernels(graph, replays: int, top: int = 25) -> list[dict]:
     return table
 
 
+def default_fusion_level(cuda: bool) -> str:
+    """The engine's BATCHDECK_FUSED default (the fused kernels run on CUDA only: 0 elsewhere)."""
+    if not cuda:
+        return "0"
+    from batchdeck.engine.triton_fused import DEFAULT_FUSION_LEVEL
+
+    return str(DEFAULT_FUSION_LEVEL)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="synthetic:qwen3-0.6b")
@@ -197,9 +206,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--fusion-levels", default=None,
                     help="comma-separated BATCHDECK_FUSED levels (0-3); the first is this run's, each "
-                         "further one is swept in a child process (default: the environment's, else 2)")
+                         "further one is swept in a child process (default: the environment's, else the engine's)")
     args = ap.parse_args()
-    levels = args.fusion_levels.split(",") if args.fusion_levels else [os.environ.get("BATCHDECK_FUSED", "2")]
+    cuda = args.device.startswith("cuda")
+    levels = (args.fusion_levels.split(",") if args.fusion_levels
+              else [os.environ.get("BATCHDECK_FUSED") or default_fusion_level(cuda)])
     if any(lv not in ("0", "1", "2", "3") for lv in levels):
         ap.error(f"--fusion-levels {args.fusion_levels!r}: allowed levels 0, 1, 2, 3")
     os.environ["BATCHDECK_FUSED"] = levels[0]
@@ -207,7 +218,6 @@ def main() -> None:
     name = args.model.split(":", 1)[1]
     assert args.model.startswith("synthetic:") and name in SYNTHETIC_SHAPES, "a synthetic:<name> model"
     cfg = synthetic_config(name)
-    cuda = args.device.startswith("cuda")
     dtype = "bfloat16" if cuda else "float32"
 
     result = {
