@@ -43,6 +43,45 @@ def write_kv_kernel(key, value, k_cache, v_cache, slot_mapping,
     tl.store(v_cache + dst, v.to(v_cache.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _attend_keys(q, q_pos, m_i, l_i, acc, lo, hi, bt_row, k_head, v_head, scale_log2, sliding_window,
+                 stride_cb, stride_cs, offs_d, d_valid,
+                 BS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    """Walk keys [lo, hi) of one row through its block table in BLOCK_N tiles, with an online softmax
+    (log2 domain) over the M query rows of q whose positions are q_pos ([BLOCK_M]); returns the
+    updated running max, sum and unnormalized output. The inner loop of both attention kernels."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        blk = tl.load(bt_row + offs_n // BS, mask=n_valid, other=0).to(tl.int64)
+        slot_off = blk * stride_cb + (offs_n % BS) * stride_cs
+        k = tl.load(k_head + slot_off[None, :] + offs_d[:, None],
+                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = _dot(q, k, IEEE) * scale_log2
+        allowed = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_head + slot_off[:, None] + offs_d[None, :],
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def paged_attention_kernel(
     Q, K, V, O, block_tables, query_start_loc, seq_lens,
@@ -108,33 +147,9 @@ def paged_attention_kernel(
     bt_row = block_tables + row.to(tl.int64) * stride_bt
     k_head = K + kvh * stride_ch
     v_head = V + kvh * stride_ch
-    for start_n in range(kv_start, kv_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < kv_end
-        blk = tl.load(bt_row + offs_n // BS, mask=n_valid, other=0).to(tl.int64)
-        slot_off = blk * stride_cb + (offs_n % BS) * stride_cs
-        k = tl.load(k_head + slot_off[None, :] + offs_d[:, None],
-                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = s * scale_log2
-        allowed = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            allowed = allowed & (offs_n[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_head + slot_off[:, None] + offs_d[None, :],
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_start, kv_end, bt_row, k_head, v_head, scale_log2,
+                                 sliding_window, stride_cb, stride_cs, offs_d, d_valid,
+                                 BS=BS, BLOCK_N=BLOCK_N, USE_WINDOW=USE_WINDOW, IEEE=IEEE)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -192,33 +207,10 @@ def paged_decode_split_kernel(
     bt_row = block_tables + row.to(tl.int64) * stride_bt
     k_head = K + kvh * stride_ch
     v_head = V + kvh * stride_ch
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < hi
-        blk = tl.load(bt_row + offs_n // BS, mask=n_valid, other=0).to(tl.int64)
-        slot_off = blk * stride_cb + (offs_n % BS) * stride_cs
-        k = tl.load(k_head + slot_off[None, :] + offs_d[:, None],
-                    mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        s = s * scale_log2
-        allowed = n_valid[None, :] & (offs_n[None, :] <= q_pos)
-        if USE_WINDOW:
-            allowed = allowed & (offs_n[None, :] > q_pos - sliding_window)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_head + slot_off[:, None] + offs_d[None, :],
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    q_pos_m = tl.full([BLOCK_M], 0, tl.int32) + q_pos
+    m_i, l_i, acc = _attend_keys(q, q_pos_m, m_i, l_i, acc, lo, hi, bt_row, k_head, v_head, scale_log2,
+                                 sliding_window, stride_cb, stride_cs, offs_d, d_valid,
+                                 BS=BS, BLOCK_N=BLOCK_N, USE_WINDOW=USE_WINDOW, IEEE=IEEE)
     part = row.to(tl.int64) * stride_pr + head * stride_ph + split
     tl.store(M_part + part, m_i, mask=m_valid)
     tl.store(L_part + part, l_i, mask=m_valid)
