@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from batchdeck.engine.pdl import pdl_launch, pdl_prologue
+
 from batchdeck.engine.small_m_rule import MAX_ROWS, SmallMConfig, block_m_for, fits, pick_config
 
 
@@ -42,9 +44,10 @@ from batchdeck.engine.small_m_rule import MAX_ROWS, SmallMConfig, block_m_for, f
 def small_m_linear_kernel(X, W, B, OUT, WS, CNT, M, N, K, k_per_split, stride_x, stride_w, stride_out,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           USE_DOT: tl.constexpr, SPLIT: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+                          EVEN_K: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Program (pid_n, pid_k): output features [pid_n * BLOCK_N, +BLOCK_N) over K slice pid_k.
     Accumulators are [BLOCK_N, BLOCK_M] (features x rows). SILU: W is [2N, K], gate rows then up rows."""
+    pdl_prologue(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -210,10 +213,11 @@ def small_m_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None =
         cnt = counters(x.device)
     else:
         ws = cnt = out
+    pdl = pdl_launch(x.device)
     small_m_linear_kernel[(tiles, split)](
         x2, w, bias if bias is not None else w, out, ws, cnt, m, n, k, k_per_split, x2.stride(0), w.stride(0),
         out.stride(0), BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         USE_DOT=config.mode == "dot", SPLIT=split > 1, SILU=silu_mul, HAS_BIAS=bias is not None,
         EVEN_K=k % k_per_split == 0, IEEE=x.dtype == torch.float32,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
     return out.view(*x.shape[:-1], n)

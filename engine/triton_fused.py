@@ -45,12 +45,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from batchdeck.engine.pdl import pdl_launch, pdl_prologue
+
 from batchdeck.engine.small_m_linear import counters, num_sms, small_m_linear
 from batchdeck.engine.small_m_rule import pick_config
 
 
 @triton.jit
-def rmsnorm_kernel(X, W, Y, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+def rmsnorm_kernel(X, W, Y, stride_x, stride_y, N, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -62,8 +65,10 @@ def rmsnorm_kernel(X, W, Y, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def add_rmsnorm_kernel(X, H, W, R, Y, stride_x, stride_h, stride_r, stride_y, N, eps, BLOCK: tl.constexpr):
+def add_rmsnorm_kernel(X, H, W, R, Y, stride_x, stride_h, stride_r, stride_y, N, eps, BLOCK: tl.constexpr,
+                       USE_PDL: tl.constexpr = False):
     """R = X + H (rounded to the model dtype, as the HF residual add), Y = RMSNorm(R)."""
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -82,12 +87,13 @@ def add_rmsnorm_kernel(X, H, W, R, Y, stride_x, stride_h, stride_r, stride_y, N,
 def qk_norm_rope_kernel(QKV, COS, SIN, POS, QW, KW, Q, K, KC, VC, SLOT, stride_qkv, stride_cos, stride_cs, stride_ch,
                         eps, max_pos, H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
                         NH_P2: tl.constexpr, KVH_P2: tl.constexpr, HAS_NORM: tl.constexpr, USE_POS: tl.constexpr,
-                        WRITE_CACHE: tl.constexpr):
+                        WRITE_CACHE: tl.constexpr, USE_PDL: tl.constexpr = False):
     """One program per token: every q and k head of it (q heads first), RMSNorm on each head's
     D values (Qwen3), then the rotary embedding (rotate-half form). q goes to Q [T, H, D]; k goes to
     K [T, KVH, D], or with WRITE_CACHE, k and v go straight into the paged pool at the token's slot
     (slot -1: padding, skipped). USE_POS: COS/SIN are [max_pos, D] tables indexed by POS[t]; else
     they hold one row per token."""
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     hh = tl.arange(0, NH_P2)[:, None]
     offs = tl.arange(0, HALF)[None, :]
@@ -142,7 +148,8 @@ def qk_norm_rope_kernel(QKV, COS, SIN, POS, QW, KW, Q, K, KC, VC, SLOT, stride_q
 
 
 @triton.jit
-def silu_mul_kernel(GU, OUT, stride_gu, stride_out, I, BLOCK: tl.constexpr):
+def silu_mul_kernel(GU, OUT, stride_gu, stride_out, I, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -164,8 +171,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = _pow2(n)
+        pdl = pdl_launch(x2.device)
         rmsnorm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), n, eps, BLOCK=block,
-                                       num_warps=4 if block <= 2048 else 8)
+                                       num_warps=4 if block <= 2048 else 8, **pdl)
     return y.view(x.shape)
 
 
@@ -181,8 +189,10 @@ def add_rmsnorm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: flo
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = _pow2(n)
+        pdl = pdl_launch(x2.device)
         add_rmsnorm_kernel[(x2.shape[0],)](x2, h2, weight, r, y, x2.stride(0), h2.stride(0), r.stride(0), y.stride(0),
-                                           n, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+                                           n, eps, BLOCK=block, num_warps=4 if block <= 2048 else 8,
+                                           **pdl)
     return r.view(x.shape), y.view(x.shape)
 
 
@@ -192,7 +202,9 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     out = torch.empty((g2.shape[0], i), dtype=gu.dtype, device=gu.device)
     if g2.shape[0]:
         block = 1024
-        silu_mul_kernel[(g2.shape[0], triton.cdiv(i, block))](g2, out, g2.stride(0), out.stride(0), i, BLOCK=block)
+        pdl = pdl_launch(g2.device)
+        silu_mul_kernel[(g2.shape[0], triton.cdiv(i, block))](g2, out, g2.stride(0), out.stride(0), i, BLOCK=block,
+                                                               **pdl)
     return out.view(*gu.shape[:-1], i)
 
 
@@ -261,13 +273,15 @@ def _attn_forward(self, hidden_states, position_embeddings=None, attention_mask=
     if t:
         norm = getattr(self, "q_norm", None)
         nh = _pow2(h + kvh)
+        pdl = pdl_launch(qkv.device)
         qk_norm_rope_kernel[(t,)](
             qkv, cos, sin, pos, norm.weight if norm is not None else qkv,
             self.k_norm.weight if norm is not None else qkv, q, k, k_cache, v_cache, meta.slot_mapping,
             qkv.stride(0), cos.stride(0), k_cache.stride(1), k_cache.stride(2),
             norm.variance_epsilon if norm is not None else 0.0, cos.shape[0],
             H=h, KVH=kvh, D=d, HALF=d // 2, NH_P2=nh, KVH_P2=_pow2(kvh), HAS_NORM=norm is not None,
-            USE_POS=rope is not None, WRITE_CACHE=write_cache, num_warps=4 if nh * d <= 4096 else 8)
+            USE_POS=rope is not None, WRITE_CACHE=write_cache, num_warps=4 if nh * d <= 4096 else 8,
+            **pdl)
     window = getattr(self, "sliding_window", None)
     if write_cache:
         out = torch.empty_like(q)

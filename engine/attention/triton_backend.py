@@ -21,6 +21,7 @@ import os
 import torch
 
 from batchdeck.engine.attention.metadata import AttentionMetadata
+from batchdeck.engine.pdl import pdl_launch
 from batchdeck.engine.attention.triton_kernels import (decode_split_combine_kernel, paged_attention_kernel,
                                                        paged_decode_split_kernel, write_kv_kernel)
 
@@ -79,10 +80,11 @@ class TritonBackend:
         if value.stride(-1) != 1:
             value = value.contiguous()
         # The pool is [num_blocks, block_size, KVH, D], contiguous: slot stride = KVH * D.
+        pdl = pdl_launch(key.device)
         write_kv_kernel[(t,)](
             key, value, k_cache, v_cache, slot_mapping,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1), k_cache.stride(1), k_cache.stride(2),
-            KVH=kvh, D=d, BLOCK_H=_pow2(kvh), BLOCK_D=_pow2(max(d, 16)),
+            KVH=kvh, D=d, BLOCK_H=_pow2(kvh), BLOCK_D=_pow2(max(d, 16)), **pdl,
         )
 
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scaling: float,
@@ -107,8 +109,10 @@ class TritonBackend:
         block_d = _pow2(max(d, 16))
         ieee = query.dtype == torch.float32
         use_window = sliding_window is not None and sliding_window > 0
+        pdl = pdl_launch(query.device)
         common = dict(
             G=group, GP=gp, D=d, BLOCK_D=block_d, BS=k_cache.shape[1], USE_WINDOW=use_window, IEEE=ieee,
+            **pdl,
         )
         args = (query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
                 float(scaling) * LOG2E, int(sliding_window or 0), rows,
@@ -161,9 +165,10 @@ class TritonBackend:
             block_tables.stride(0), m_part.stride(0), m_part.stride(1),
             G=common["G"], GP=common["GP"], D=d, BLOCK_D=common["BLOCK_D"], BS=common["BS"],
             BLOCK_M=max(16, common["GP"]), BLOCK_N=block_n, USE_WINDOW=common["USE_WINDOW"],
-            IEEE=common["IEEE"], num_warps=warps, num_stages=stages,
+            IEEE=common["IEEE"], num_warps=warps, num_stages=stages, **pdl_launch(query.device),
         )
         decode_split_combine_kernel[(rows, num_heads)](
             out, m_part, l_part, acc_part, query_start_loc, splits, out.stride(0), out.stride(1),
             m_part.stride(0), m_part.stride(1), D=d, BLOCK_D=common["BLOCK_D"], MAX_SPLITS=MAX_DECODE_SPLITS,
+            **pdl_launch(query.device),
         )

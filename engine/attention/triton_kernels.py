@@ -25,11 +25,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from batchdeck.engine.pdl import pdl_prologue
+
 
 @triton.jit
 def write_kv_kernel(key, value, k_cache, v_cache, slot_mapping,
                     stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
-                    KVH: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                    KVH: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                    USE_PDL: tl.constexpr = False):
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t + tl.zeros([1, 1], dtype=tl.int32)).to(tl.int64)  # [1, 1]: broadcasts
     h = tl.arange(0, BLOCK_H)[:, None]
@@ -94,7 +98,9 @@ def paged_attention_kernel(
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_P2: tl.constexpr,
     DECODE: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     if DECODE:
@@ -166,6 +172,7 @@ def paged_decode_split_kernel(
     stride_pr, stride_ph,  # partials: [rows, H, num_splits] (M, L), [rows, H, num_splits, D] (Acc)
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Split-KV decode, phase 1: program (row, kv head, split) attends one slice of the row's keys.
 
@@ -174,6 +181,7 @@ def paged_decode_split_kernel(
     output for the G query heads of its KV head. Rows whose query length is not 1 exit, as do slices
     past the row's keys (their sum stays 0: `decode_split_combine_kernel` ignores them).
     """
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -222,9 +230,11 @@ def decode_split_combine_kernel(
     O, M_part, L_part, Acc_part, query_start_loc, num_splits,
     stride_ot, stride_oh, stride_pr, stride_ph,
     D: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Split-KV decode, phase 2: program (row, query head) merges its num_splits partial softmaxes
     (num_splits <= MAX_SPLITS, a power of two: one compiled variant serves every split count)."""
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc + row)
