@@ -236,7 +236,8 @@ def main() -> None:
                              "cuda_graphs": cuda and not args.no_graphs, "attention_backend": "auto (triton on cuda)",
                              "async_scheduling": async_scheduling_for(args),
                              "fused_kernels": levels[0] != "0", "fusion_level": int(levels[0]),
-                             "attention_max_splits": os.environ.get("BATCHDECK_ATTN_MAX_SPLITS", "default (32)")},
+                             "attention_max_splits": os.environ.get("BATCHDECK_ATTN_MAX_SPLITS", "default (32)"),
+                             "programmatic_dependent_launch": os.environ.get("BATCHDECK_PDL", "default (1: on Hopper)")},
     }
     weight_bytes, kv_per_token = model_bytes(cfg, 2 if cuda else 4)
     result["model_bytes"] = {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token}
