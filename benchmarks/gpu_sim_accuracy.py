@@ -55,14 +55,16 @@ def scenario_presets(load_preset, resolve_preset, config, smoke, azure_requests)
 
 
 def iteration_table(checks):
-    """One line per side and regime: busy iterations, mean measured and predicted gap, bias, mean shape."""
+    """One line per side and regime: busy iterations, mean measured and predicted gap, bias, mean shape,
+    and of the gap, how long the host waited for the tokens (the device bounded the iteration) and the rest."""
     lines = []
     for side, c in checks.items():
         for regime, e in (c.get("by_regime") or {}).items():
             lines.append(f"  {side:3} {regime:6} n={e['samples']:5d} gap {e['measured_mean_s'] * 1e3:7.3f} ms "
                          f"model {e['predicted_mean_s'] * 1e3:7.3f} ms bias {e['total_bias']:+7.1%} (median {e['median_bias']:+7.1%}) "
                          f"err {e['mean_rel_error']:6.1%} rows {e['mean_rows']:6.1f} tokens {e['mean_tokens']:7.1f} "
-                         f"ctx {e['mean_context_k'] * 1e3:6.0f}")
+                         f"ctx {e['mean_context_k'] * 1e3:6.0f} max {e['mean_max_context_k'] * 1e3:6.0f} "
+                         f"wait {e['sync_wait_mean_s'] * 1e3:6.3f} host {e['host_mean_s'] * 1e3:6.3f} ms")
         if c.get("largest_gaps"):
             top = c["largest_gaps"][0]
             lines.append(f"  {side:3} longest gap {top['gap_s'] * 1e3:.1f} ms at {top['at_s']:.2f} s (model "

@@ -271,3 +271,103 @@ def test_check_iterations_names_the_longest_gaps():
     assert top["predicted_s"] == pytest.approx(truth.predict(stalled.shape))
     assert top["rows"] == stalled.shape.rows
     assert check["largest_gaps"][1]["gap_s"] < 0.2
+
+
+SPLITS = {"kv_heads": 8, "num_sms": 132, "max_splits": 32}  # an H200's 132 SMs, a model with 8 KV heads
+
+
+def test_the_decode_kernels_split_rule_is_the_attention_backends():
+    pytest.importorskip("triton")
+    from batchdeck.engine.attention.triton_backend import decode_splits
+    from batchdeck.engine.sim.cost_model import split_count
+
+    for rows in range(0, 80):
+        for kvh in (1, 2, 4, 8, 32):
+            assert split_count(rows, kvh, 132, 32) == decode_splits(rows, kvh, 132, 32)
+
+
+def test_a_batch_of_mixed_lengths_costs_what_its_longest_row_costs_while_the_kernel_does_not_fill_the_gpu():
+    """`max_context`: the longest decode row over the KV slices the kernel splits rows into (split
+    count from the graph bucket's rows: 16 rows x 8 KV heads = 128 programs -> 2 slices on 132 SMs;
+    32 rows -> 1)."""
+    from batchdeck.engine.request import Request
+    from batchdeck.engine.step_plan import ScheduledChunk
+    from batchdeck.engine.sim.cost_model import split_count
+
+    assert [split_count(r, 8, 132, 32) for r in (1, 2, 4, 8, 16, 17, 32, 64)] == [32, 16, 8, 4, 2, 1, 1, 1]
+    cm = CostModel({**TRUTH, "decode": {"constant": 1e-3, "context": 1e-5, "max_context": 2e-4},
+                    "decode_splits": SPLITS})
+    even = [(500, 1)] * 24
+    skewed = [(100, 1)] * 20 + [(2500, 1)] * 4  # the same total context, four long rows
+    d = lambda rows: cm.predict(IterationShape.of_rows(rows))  # noqa: E731
+    assert d(skewed) - d(even) == pytest.approx(2e-4 * (2.501 - 0.501))  # 24 rows pad to 32: one slice
+    assert d([(999, 1)] * 10) == pytest.approx(1e-3 + 1e-5 * 10 + 2e-4 * 1.0 / 2)  # 10 rows pad to 16: two slices
+    chunks = [ScheduledChunk(Request(str(i), [1] * (c + 1)), c, 1, True, True) for i, (c, _) in enumerate(skewed)]
+    random.Random(0).shuffle(chunks)
+    assert cm.plan_seconds(chunks) == pytest.approx(d(skewed))  # the simulator's hot path charges it too
+    mixed = CostModel({**TRUTH, "mixed": {"constant": 4e-3, "decode_max_context": 1e-3}, "decode_splits": SPLITS})
+    # 100 prefill tokens over 5 rows: the 128-token graph (its decode kernel runs 64 rows: one slice)
+    assert mixed.predict(IterationShape.of_rows([(0, 100)] + [(1999, 1)] * 4)) == pytest.approx(4e-3 + 2e-3)
+    # a profile written before the feature (no max_context, no decode_splits) prices both batches alike
+    assert CostModel(TRUTH).predict(IterationShape.of_rows(skewed)) == pytest.approx(
+        CostModel(TRUTH).predict(IterationShape.of_rows(even)))
+    with pytest.raises(ValueError, match="decode_splits"):
+        CostModel({**TRUTH, "decode_splits": {"kv_heads": 8}})
+
+
+def test_the_fit_recovers_the_longest_row_term_from_ramps_whose_contexts_spread():
+    """Iteration times whose decode part follows the longest row (over its split count): fitted on
+    ramps of equal contexts and ramps of spread contexts, the model prices a serving load's batches
+    (short rows and a few long ones) within 3%; the sum-of-context model without that term cannot."""
+    from batchdeck.engine.sim.cost_model import fit
+
+    truth = CostModel({**TRUTH, "decode": {"constant": 1.3e-3, "rows": 5e-6, "context": 1e-5, "max_context": 4e-4},
+                       "decode_splits": SPLITS})
+    buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
+    rng = np.random.default_rng(1)
+    shapes = []
+    for b in (4, 16, 48, 64):
+        for c in (64, 512, 2048):  # even contexts, the batch shrinking from b to 1
+            shapes += [IterationShape.of_rows([(c + k, 1)] * r) for k, r in enumerate(range(b, 0, -1))]
+        ctxs = [int(64 * 32 ** (i / (b - 1))) for i in range(b)]  # 64 .. 2048
+        rng.shuffle(ctxs)
+        shapes += [IterationShape.of_rows([(c + k, 1) for c in ctxs[:r]]) for k, r in enumerate(range(b, 0, -1))]
+    seconds = [truth.predict(s) * (1 + rng.normal(0, 0.01)) for s in shapes]
+    serving = [IterationShape.of_rows([(int(rng.integers(50, 400)), 1) for _ in range(30)]
+                                      + [(int(rng.integers(900, 1500)), 1) for _ in range(3)]) for _ in range(50)]
+    want = np.array([truth.predict(s) for s in serving])
+    model = fit(shapes, seconds, decode_splits=SPLITS, **buckets)
+    got = np.array([model.predict(s) for s in serving])
+    assert abs(got.sum() / want.sum() - 1) < 0.03
+    assert model.coefficients["decode"]["max_context"] == pytest.approx(4e-4, rel=0.15)
+    assert model.coefficients["decode_splits"] == SPLITS
+    no_max = CostModel({**model.to_dict(), "decode": {**model.coefficients["decode"], "max_context": 0.0}})
+    refit = fit([IterationShape(s.prefill_tokens, s.prefill_attention, s.decode_rows, s.decode_context, s.prefill_rows)
+                 for s in shapes], seconds, **buckets)  # no longest-row values: the old model's view
+    assert abs(np.array([refit.predict(s) for s in serving]).sum() / want.sum() - 1) > 0.05
+    assert no_max.predict(serving[0]) < model.predict(serving[0])
+
+
+def test_the_designed_decode_ramps_include_batches_whose_longest_row_is_far_above_the_mean():
+    ws = design_workloads(64, 2048, 8192, 200_000 * 16)
+    spread = [w for w in ws if w.kind == "decode" and len({p for p, _ in w.requests}) > 1]
+    assert len(spread) >= 4 and max(len(w.requests) for w in spread) >= 32
+    for w in spread:
+        ctx = [p for p, _ in w.requests]
+        assert max(ctx) >= 2.5 * (sum(ctx) / len(ctx))
+        by_ctx = sorted(range(len(ctx)), key=ctx.__getitem__)
+        by_out = sorted(range(len(ctx)), key=lambda i: w.requests[i][1])
+        assert by_ctx != by_out and by_ctx != by_out[::-1]  # the batch's longest row changes as rows finish
+
+
+def test_check_iterations_splits_the_gap_into_the_wait_for_the_device_and_the_host():
+    from batchdeck.engine.sim.calibrate import check_iterations
+
+    truth = CostModel(TRUTH)
+    samples = synthetic_samples(truth, 0.0)
+    for s in samples:
+        s.sync_wait = 0.6 * truth.predict(s.shape)  # the device bounded each iteration; the host took 40%
+    dec = check_iterations(truth, samples)["by_regime"]["decode"]
+    assert dec["sync_wait_mean_s"] == pytest.approx(0.6 * dec["measured_mean_s"], rel=0.02)
+    assert dec["host_mean_s"] == pytest.approx(0.4 * dec["measured_mean_s"], rel=0.02)
+    assert dec["mean_max_context_k"] >= dec["mean_context_k"]

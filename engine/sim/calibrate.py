@@ -12,7 +12,10 @@ serving loop does between steps. So the workloads (`design_workloads`) are playe
 asyncio loop, as `replay` and `serve` run). An `IterationTap` keeps each iteration's plan and time.
 
 Workloads: decode ramps (B requests with staggered output lengths: decode-only iterations at every
-batch size from B down to 1, at several contexts), closed loops (N requests in flight, each finished
+batch size from B down to 1, at several contexts; and ramps whose rows' contexts spread from 64 tokens
+to several thousand, as a serving load's do, so the fit sees batches whose longest row is far above
+their mean: the decode kernel's time follows the longest row while its programs do not fill the
+GPU, `max_context` in engine/sim/cost_model.py), closed loops (N requests in flight, each finished
 one replaced: mixed prefill + decode iterations, at several chunk sizes), prefill batches (one output
 token: prefill-only chunks), and spaced single requests (the engine idle between them: what an
 iteration after an idle wait adds, `idle_wake_s`). Every fourth workload is held out of a first fit
@@ -75,6 +78,22 @@ def design_workloads(max_rows: int, max_tokens: int, max_context: int, pool_toke
     max_prefill = 1 << 17  # prompt tokens per workload (an 8B model prefills this in seconds)
     fits = lambda reqs: sum(p + o for p, o in reqs) + 16 * len(reqs) <= pool_tokens  # noqa: E731
     decode, mixed, prefill, idle = [], [], [], []
+    spreads = sorted({ctx_set[-1], min(4 * ctx_set[-1], max_context - 2 * max(out_len, max_rows))})
+    for c_hi in (spreads if not quick else spreads[:1]):
+        for b in rows_set:
+            while True:  # contexts spread geometrically from 64 to c_hi, in a random order
+                ctxs = [round(64 * (c_hi / 64) ** (i / max(1, b - 1))) for i in range(b)]
+                if b == 1 or (fits([(c, max(out_len, b)) for c in ctxs]) and sum(ctxs) <= max_prefill):
+                    break
+                b //= 2
+            if b < 4 or c_hi <= 64:
+                continue
+            random.Random(b * 104729 + c_hi).shuffle(ctxs)
+            o_max = max(out_len, b) if not quick else out_len
+            reqs = tuple((c, max(1, round(o_max * (i + 1) / b))) for i, c in enumerate(ctxs))
+            w = Workload(f"decode b={b} ctx=64..{c_hi}", "decode", "batch", reqs, b, max_tokens, max_tokens)
+            if w not in decode:
+                decode.append(w)
     for c in ctx_set:
         for b in rows_set:
             while b > 1 and (not fits([(c, max(out_len, b))] * b) or b * c > max_prefill):
@@ -133,6 +152,7 @@ class Sample:
     shape: IterationShape
     after_idle: bool  # the engine waited (nothing to run) before this iteration
     newest_arrival: float  # the latest arrival among its requests
+    sync_wait: float = 0.0  # IterationRecord.sync_wait_time: how long the host waited for its tokens
 
 
 class IterationTap:
@@ -147,7 +167,7 @@ class IterationTap:
         self.engine = engine
         self._step = engine.step
         self._busy = False
-        self._raw: list[tuple[int, float, Any, bool]] = []
+        self._raw: list[tuple[int, float, Any, bool, float]] = []
         self._samples: list[Sample] = []
         self.workload = 0
         self._launch_end: dict[int, float] | None = None
@@ -170,7 +190,7 @@ class IterationTap:
             return result
         plan = result.plan
         t = result.record.time if self._launch_end is None else self._launch_end.pop(id(plan), result.record.time)
-        self._raw.append((self.workload, t, plan, not self._busy))
+        self._raw.append((self.workload, t, plan, not self._busy, result.record.sync_wait_time))
         self._busy = self.engine.has_unfinished
         return result
 
@@ -181,10 +201,10 @@ class IterationTap:
         self._shape_up()
 
     def _shape_up(self) -> None:
-        for w, t, plan, after_idle in self._raw:
+        for w, t, plan, after_idle, wait in self._raw:
             chunks = plan.chunks
             self._samples.append(Sample(w, t, IterationShape.of_chunks(chunks), after_idle,
-                                        max(c.request.arrival_time for c in chunks)))
+                                        max(c.request.arrival_time for c in chunks), wait))
         self._raw.clear()
 
     def samples(self) -> list[Sample]:
@@ -292,7 +312,11 @@ def check_iterations(model: CostModel, samples: list[Sample]) -> dict[str, Any]:
     measured - 1 (robust to the odd slow iteration of a shared machine). On a real run it says whether
     the cost model misprices the workload's own iterations; compared with the same table of a
     simulated run, whether the simulated engine ran other iterations (dynamics). `largest_gaps`: the five
-    longest busy gaps, when they happened and how the model priced them (a stall shows there)."""
+    longest busy gaps, when they happened and how the model priced them (a stall shows there).
+    `sync_wait_mean_s`: how long the host waited for the tokens, per gap (with overlapped iterations
+    on a GPU: near the gap when the device bounds the iteration, near 0 when the host does), and
+    `host_mean_s` the rest of the gap; `mean_max_context_k`: the longest decode row's context (the
+    decode kernel's time follows it while its programs do not fill the GPU)."""
     gaps = busy_gaps(samples)
     out: dict[str, Any] = {"busy_iterations": len(gaps), "iterations": len(samples)}
     if not gaps:
@@ -307,7 +331,10 @@ def check_iterations(model: CostModel, samples: list[Sample]) -> dict[str, Any]:
                  mean_rows=float(np.mean([shapes[i].rows for i in idx])),
                  mean_tokens=float(np.mean([shapes[i].tokens for i in idx])),
                  mean_context_k=float(np.mean([shapes[i].decode_context / max(1, shapes[i].decode_rows)
-                                               for i in idx])))
+                                               for i in idx])),
+                 mean_max_context_k=float(np.mean([shapes[i].decode_max_context for i in idx])),
+                 sync_wait_mean_s=float(np.mean([gaps[i][0].sync_wait for i in idx])),
+                 host_mean_s=float(np.mean([seconds[i] - min(seconds[i], gaps[i][0].sync_wait) for i in idx])))
     out["by_regime"] = errors
     pred = np.array([model.predict(s) for s in shapes])
     out["total_bias"] = float(pred.sum() / np.sum(seconds) - 1)
@@ -343,6 +370,16 @@ def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[in
                   all_by_regime=regime_errors(model, [s.shape for s, _ in gaps], [y for _, y in gaps]),
                   idle_wake_s=wake, idle_samples=n_idle)
     return model, report
+
+
+def decode_split_rule(engine: LLMEngine) -> dict[str, int] | None:
+    """How the engine's decode attention splits each row's keys (engine/attention/triton_backend.py),
+    for the cost model's `max_context` (None: the backend does not split, or never ran on a GPU)."""
+    backend = engine.backend
+    num_sms = getattr(backend, "num_sms", None)
+    if getattr(backend, "name", None) != "triton" or not num_sms or engine.device.type != "cuda":
+        return None
+    return {"kv_heads": int(engine.loaded.num_kv_heads), "num_sms": int(num_sms), "max_splits": int(backend.max_splits)}
 
 
 def calibrate(model: str, *, device: str | None = None, dtype: str | None = None, name: str | None = None,
@@ -385,6 +422,7 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     finally:
         tap.remove()
     run_s = time.perf_counter() - t_run
+    buckets["decode_splits"] = decode_split_rule(engine)
     samples = tap.samples()
     spaced = {i for i, w in enumerate(workloads) if w.mode == "spaced"}
     cost, report = fit_samples(samples, buckets, held_out, spaced)
