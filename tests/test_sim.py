@@ -241,6 +241,10 @@ def test_calibrate_on_cpu_writes_a_profile_the_simulator_runs(tmp_path):
     p = load_profile(out)
     assert p.num_blocks == 256 and p.fit["num_shapes"] >= 5 and p.fit["held_out_mean_rel_error"] is not None
     assert p.device_name.startswith("CPU") and p.versions["torch"]
+    split = p.fit["gap_split_by_regime"]  # where the busy gaps' time went: the wait for the device, the host
+    assert split and all(v["host_mean_s"] + v["sync_wait_mean_s"] == pytest.approx(v["measured_mean_s"])
+                         for v in split.values())
+    assert "decode_splits" not in p.cost.to_dict()  # no GPU kernel ran: its longest-row term has no split rule
     e = make_engine(EngineConfig(sim=str(out)), LiveConfig(max_num_seqs=4, max_batched_tokens=64, chunk_size=64),
                     clock=VirtualClock())
     e.add_request("x", [5] * 30, SamplingParams(max_tokens=5, ignore_eos=True))

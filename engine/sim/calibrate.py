@@ -366,6 +366,11 @@ def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[in
     wake, n_idle = idle_wake(model, samples, spaced)
     model = CostModel({**model.to_dict(), "idle_wake_s": wake})
     err = relative_errors(model, [s.shape for s, _ in gaps], [y for _, y in gaps])
+    # where the iterations' time went: the host's wait for the device, and the rest (the host's own work)
+    report["gap_split_by_regime"] = {
+        regime: {k: e[k] for k in ("samples", "measured_mean_s", "sync_wait_mean_s", "host_mean_s", "mean_rows",
+                                   "mean_context_k", "mean_max_context_k")}
+        for regime, e in check_iterations(model, samples).get("by_regime", {}).items()}
     report.update(all_mean_rel_error=float(err.mean()), all_max_rel_error=float(err.max()),
                   all_by_regime=regime_errors(model, [s.shape for s, _ in gaps], [y for _, y in gaps]),
                   idle_wake_s=wake, idle_samples=n_idle)
@@ -460,4 +465,7 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     log(f"calibrate: fit on {report['num_shapes']} iterations of {len(workloads)} workloads; held-out error "
         + ", ".join(f"{k} mean {v['mean_rel_error']:.1%} (total {v['total_bias']:+.1%})" for k, v in held.items())
         + f"; idle wake {report['idle_wake_s'] * 1e3:.2f} ms; {profile.fit['wall_time_s']} s")
+    log("calibrate: busy gaps " + ", ".join(
+        f"{k} {v['measured_mean_s'] * 1e3:.3f} ms = wait for the device {v['sync_wait_mean_s'] * 1e3:.3f} + host "
+        f"{v['host_mean_s'] * 1e3:.3f} (rows {v['mean_rows']:.1f})" for k, v in report["gap_split_by_regime"].items()))
     return profile
