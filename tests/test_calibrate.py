@@ -371,3 +371,71 @@ def test_check_iterations_splits_the_gap_into_the_wait_for_the_device_and_the_ho
     assert dec["sync_wait_mean_s"] == pytest.approx(0.6 * dec["measured_mean_s"], rel=0.02)
     assert dec["host_mean_s"] == pytest.approx(0.4 * dec["measured_mean_s"], rel=0.02)
     assert dec["mean_max_context_k"] >= dec["mean_context_k"]
+
+
+def test_a_profile_calibrated_on_a_device_whose_decode_follows_the_longest_row_prices_a_steady_replay(tmp_path):
+    """End to end on a simulated device whose iteration time has a longest-row term (`truth`): the
+    designed workloads played on it and fitted give a model that prices a steady Poisson replay's own
+    iterations (short chats and a few long jobs in every batch) without bias; the model as fitted
+    before the term existed (no longest-row values, no spread ramps) underprices its decode iterations,
+    as the real steady replay's were."""
+    import textwrap
+
+    from batchdeck.engine.sim.calibrate import check_iterations
+    from batchdeck.presets.replay import run_preset
+
+    truth = {**TRUTH, "decode": {"constant": 1.3e-3, "rows": 5e-6, "context": 1e-5, "max_context": 4e-4},
+             "mixed": {"constant": 2.3e-3, "padded_tokens": 1e-6, "attention": 1.5e-3, "decode_context": 1e-5,
+                       "decode_max_context": 4e-4},
+             "token_buckets": [32, 64, 128, 256, 512, 768, 1024, 1536, 2048], "decode_splits": SPLITS}
+    profile = SimProfile(name="truth", model="synthetic:tiny", device_name="Test GPU", dtype="bfloat16",
+                         block_size=16, num_blocks=20000, kv_bytes_per_block=1024,
+                         model_shape={"vocab_size": 512, "max_model_len": 8192, "eos_token_ids": [1]},
+                         cost=CostModel(truth))
+    e = SimulatedEngine(EngineConfig(sim="unused", max_num_seqs_limit=64, max_batched_tokens_limit=2048),
+                        LiveConfig(max_num_seqs=64, max_batched_tokens=2048, chunk_size=512), profile=profile,
+                        clock=VirtualClock())
+    ws = [w for w in design_workloads(64, 2048, e.max_model_len, 20000 * 16) if w.kind != "idle"]
+    tap = IterationTap(e)
+    rng = random.Random(0)
+    for i, w in enumerate(ws):
+        tap.workload = i
+        tap.idle()
+        drive_inline(e, w, rng)
+    tap.remove()
+    samples = tap.samples()
+    buckets = {k: truth[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
+    model, _ = fit_samples(samples, {**buckets, "decode_splits": SPLITS}, held_out_workloads(ws))
+    spread = {i for i, w in enumerate(ws) if ".." in w.name}
+    before = [Sample(s.workload, s.time, IterationShape(s.shape.prefill_tokens, s.shape.prefill_attention,
+                                                        s.shape.decode_rows, s.shape.decode_context,
+                                                        s.shape.prefill_rows), s.after_idle, s.newest_arrival)
+              for s in samples if s.workload not in spread]
+    old, _ = fit_samples(before, buckets, set())
+
+    profile.save(path := tmp_path / "truth.json")
+    preset = tmp_path / "steady.yaml"
+    preset.write_text(textwrap.dedent("""\
+        name: steady
+        description: chats and a few long jobs, Poisson
+        model: synthetic:tiny
+        config: {policy: fcfs, max_num_seqs: 64, max_batched_tokens: 2048, chunk_size: 512}
+        workload:
+          - {kind: poisson, rate: 120, duration: 3, input_tokens: {dist: lognormal, mean: 192, sigma: 0.6, max: 1024},
+             output_tokens: {dist: uniform, min: 16, max: 128}}
+          - {kind: poisson, rate: 20, duration: 3, input_tokens: {dist: normal, mean: 768, std: 200, min: 256, max: 1536},
+             output_tokens: {dist: uniform, min: 64, max: 192}}
+        timeline: []
+        seed: 42
+        """))
+    taps = []
+    run_preset(str(preset), overrides={"sim": str(path), "max_num_seqs_limit": 64, "max_batched_tokens_limit": 2048},
+               on_start=lambda d: taps.append(IterationTap(d.engine.engine)))
+    replayed = taps[0].samples()
+    new_check = check_iterations(model.for_limits(64, 2048), replayed)["by_regime"]
+    old_check = check_iterations(old.for_limits(64, 2048), replayed)["by_regime"]
+    dec = new_check["decode"]
+    assert dec["samples"] > 200 and dec["mean_max_context_k"] > 2 * dec["mean_context_k"]  # short rows, long ones
+    for regime in ("decode", "mixed"):
+        assert abs(new_check[regime]["total_bias"]) < 0.02, (regime, new_check[regime])
+    assert old_check["decode"]["total_bias"] < -0.08, old_check["decode"]
