@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--profile", default=None, help="a profile to use (default: calibrate one now, on this device)")
     ap.add_argument("--load", type=float, default=0.8, help="steady scenario: share of the throughput bound offered")
+    ap.add_argument("--steady-rate-scale", type=float, default=None, metavar="K",
+                    help="steady scenario: multiply quickstart's rates by K instead of deriving K from --load and the "
+                         "profile's bound (to replay the load of an earlier result, its steady_rate_scale)")
     ap.add_argument("--duration-scale", type=float, default=None, help="shorten the presets (default 0.5; smoke 0.05)")
     ap.add_argument("--azure-requests", type=int, default=600, help="azure scenario: first N trace requests (before "
                                                                     "--duration-scale)")
@@ -145,7 +148,7 @@ def main() -> None:
                              pool_tokens=profile.num_blocks * profile.block_size,
                              mean_prompt=probe["mean_prompt_tokens"], mean_output=probe["mean_output_tokens"])
     offered = sum(s.rate for s in presets["steady"].workload if getattr(s, "rate", None))
-    k = args.load * bound["requests_per_s"] / offered
+    k = args.steady_rate_scale or args.load * bound["requests_per_s"] / offered
     presets["steady"] = scaled_rates(presets["steady"], k)
 
     from batchdeck.engine.models import load_model
