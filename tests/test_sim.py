@@ -93,6 +93,23 @@ def test_first_format_cost_models_load_and_predict_as_before():
         CostModel({"format": "regimes/1", "decode": {"nope": 1.0}, "mixed": {}})
 
 
+def test_profiles_written_before_the_longest_row_terms_predict_as_before():
+    """The h200-qwen3-0.6b profile as shipped before them names no `max_context` and no
+    `decode_splits`: a batch costs what the sum of its contexts says, whatever its longest row."""
+    cost = CostModel({"format": "regimes/1", "decode_buckets": [1, 2, 4, 8, 16, 32, 64, 96, 128],
+                      "token_buckets": [32, 64, 128, 256, 512], "max_rows": 256, "idle_wake_s": 0.000865,
+                      "cuda_graphs": True,
+                      "decode": {"constant": 0.0013, "rows": 4.9e-06, "padded_rows": 0.0, "context": 4.2e-05},
+                      "mixed": {"constant": 0.0023, "padded_tokens": 1.08e-06, "attention": 0.00152,
+                                "decode_context": 3.4e-05}})
+    d = cost.coefficients["decode"]
+    assert "decode_splits" not in cost.to_dict() and d["max_context"] == 0.0
+    even, skewed = [(379, 1)] * 34, [(99, 1)] * 30 + [(2479, 1)] * 4  # the same total context
+    want = d["constant"] + d["rows"] * 34 + d["padded_rows"] * 64 + d["context"] * 34 * 0.38
+    assert cost.predict(IterationShape.of_rows(even)) == pytest.approx(want)
+    assert cost.predict(IterationShape.of_rows(skewed)) == pytest.approx(want)
+
+
 def test_plan_seconds_matches_predict():
     from batchdeck.engine.request import Request
     from batchdeck.engine.step_plan import ScheduledChunk
