@@ -27,7 +27,7 @@ TRUTH = {"format": "regimes/1",
 def test_designed_workloads_stay_within_the_limits_and_cover_every_regime(limits):
     max_rows, max_tokens, max_len, pool = limits
     ws = design_workloads(max_rows, max_tokens, max_len, pool)
-    assert {w.kind for w in ws} == {"decode", "mixed", "prefill", "idle"}
+    assert {w.kind for w in ws} == {"decode", "mixed", "prefill", "serving", "idle"}
     assert len({w.name for w in ws}) == len(ws)
     for w in ws:
         assert 1 <= w.max_num_seqs <= max_rows and w.chunk_size <= w.max_batched_tokens <= max_tokens
@@ -35,7 +35,7 @@ def test_designed_workloads_stay_within_the_limits_and_cover_every_regime(limits
         live = {"closed": w.requests[: w.concurrency], "spaced": w.requests[:1]}.get(w.mode, w.requests)
         assert sum(p + o for p, o in live) <= pool
     held = held_out_workloads(ws)
-    for kind in ("decode", "mixed", "prefill"):
+    for kind in ("decode", "mixed", "prefill", "serving"):
         of_kind = [i for i, w in enumerate(ws) if w.kind == kind]
         assert (len(of_kind) >= 2) == bool(held & set(of_kind))  # held out where the kind has two or more
         assert set(of_kind) - held
@@ -376,9 +376,10 @@ def test_check_iterations_splits_the_gap_into_the_wait_for_the_device_and_the_ho
 def test_a_profile_calibrated_on_a_device_whose_decode_follows_the_longest_row_prices_a_steady_replay(tmp_path):
     """End to end on a simulated device whose iteration time has a longest-row term (`truth`): the
     designed workloads played on it and fitted give a model that prices a steady Poisson replay's own
-    iterations (short chats and a few long jobs in every batch) without bias; the model as fitted
-    before the term existed (no longest-row values, no spread ramps) underprices its decode iterations,
-    as the real steady replay's were."""
+    iterations (short chats and a few long jobs in every batch) without bias, as it prices the held-out
+    serving mix; the model as fitted before the term existed (no longest-row values, no spread ramps,
+    no serving mix) underprices the replay's decode iterations, as the real steady replay's were, and
+    its error on the held-out serving mix says so before any replay."""
     import textwrap
 
     from batchdeck.engine.sim.calibrate import check_iterations
@@ -405,13 +406,18 @@ def test_a_profile_calibrated_on_a_device_whose_decode_follows_the_longest_row_p
     tap.remove()
     samples = tap.samples()
     buckets = {k: truth[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
-    model, _ = fit_samples(samples, {**buckets, "decode_splits": SPLITS}, held_out_workloads(ws))
-    spread = {i for i, w in enumerate(ws) if ".." in w.name}
+    kinds = {i: w.kind for i, w in enumerate(ws)}
+    held = held_out_workloads(ws)
+    model, report = fit_samples(samples, {**buckets, "decode_splits": SPLITS}, held, kinds=kinds)
+    new_designs = {i for i, w in enumerate(ws) if ".." in w.name or (w.kind == "serving" and i not in held)}
     before = [Sample(s.workload, s.time, IterationShape(s.shape.prefill_tokens, s.shape.prefill_attention,
                                                         s.shape.decode_rows, s.shape.decode_context,
                                                         s.shape.prefill_rows), s.after_idle, s.newest_arrival)
-              for s in samples if s.workload not in spread]
-    old, _ = fit_samples(before, buckets, set())
+              for s in samples if s.workload not in new_designs]
+    _, old_report = fit_samples(before, buckets, held, kinds=kinds)  # its first fit sees no serving mix
+    old, _ = fit_samples([s for s in before if kinds[s.workload] != "serving"], buckets, set())
+    assert abs(report["held_out_by_kind"]["serving"]["decode"]["total_bias"]) < 0.02
+    assert old_report["held_out_by_kind"]["serving"]["decode"]["total_bias"] < -0.08
 
     profile.save(path := tmp_path / "truth.json")
     preset = tmp_path / "steady.yaml"
@@ -439,3 +445,15 @@ def test_a_profile_calibrated_on_a_device_whose_decode_follows_the_longest_row_p
     for regime in ("decode", "mixed"):
         assert abs(new_check[regime]["total_bias"]) < 0.02, (regime, new_check[regime])
     assert old_check["decode"]["total_bias"] < -0.08, old_check["decode"]
+
+
+def test_the_fit_reports_its_held_out_error_per_workload_kind():
+    truth = CostModel(TRUTH)
+    samples = synthetic_samples(truth, 0.02)
+    buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
+    kinds = {w: "serving" if w in (3, 11) else "mixed" if w % 2 == 0 else "decode" for w in range(16)}
+    _, report = fit_samples(samples, buckets, held_out={3, 6, 11, 14}, kinds=kinds)
+    by_kind = report["held_out_by_kind"]
+    assert set(by_kind) == {"serving", "mixed"}  # the kinds of the held-out workloads
+    assert by_kind["serving"]["decode"]["samples"] == 2 * 39  # workloads 3 and 11: decode-only (odd)
+    assert "held_out_by_kind" not in fit_samples(samples, buckets, held_out={3, 6})[1]

@@ -17,14 +17,18 @@ to several thousand, as a serving load's do, so the fit sees batches whose longe
 their mean: the decode kernel's time follows the longest row while its programs do not fill the
 GPU, `max_context` in engine/sim/cost_model.py), closed loops (N requests in flight, each finished
 one replaced: mixed prefill + decode iterations, at several chunk sizes), prefill batches (one output
-token: prefill-only chunks), and spaced single requests (the engine idle between them: what an
-iteration after an idle wait adds, `idle_wake_s`). Every fourth workload is held out of a first fit
-to report the error per regime on workloads it did not see; the shipped model is fitted on all.
+token: prefill-only chunks), closed loops of a serving load's length mix (`serving_workloads`: the
+iterations a replayed load runs, admissions, finishes and rows of spread contexts together, and with
+one held out, the fit's error on such a load), and spaced single requests (the engine idle between them: what an
+iteration after an idle wait adds, `idle_wake_s`). Every third workload of each kind is held out of a
+first fit to report the error per regime (and per kind) on workloads it did not see; the shipped model
+is fitted on all.
 """
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import math
 import platform
 import random
 import statistics
@@ -51,7 +55,7 @@ class Workload:
     seconds, the engine idle in between); under the live settings given."""
 
     name: str
-    kind: str  # decode | mixed | prefill | idle (what it is designed to cover)
+    kind: str  # decode | mixed | prefill | serving | idle (what it is designed to cover)
     mode: str
     requests: tuple[tuple[int, int], ...]
     max_num_seqs: int
@@ -127,18 +131,45 @@ def design_workloads(max_rows: int, max_tokens: int, max_context: int, pool_toke
     reqs = tuple((lengths[i % len(lengths)], 2) for i in range(8 if quick else 24))
     idle.append(Workload("spaced single requests", "idle", "spaced", reqs, max_rows, max_tokens,
                          min(max_tokens, 512), gap_s=0.02))
+    serving = serving_workloads(max_rows, max_tokens, max_context, fits, quick)
     design: list[Workload] = []
-    longest = max(map(len, (decode, mixed, prefill)))
-    for group in zip(*(g + [None] * (longest - len(g)) for g in (decode, mixed, prefill))):
+    longest = max(map(len, (decode, mixed, prefill, serving)))
+    for group in zip(*(g + [None] * (longest - len(g)) for g in (decode, mixed, prefill, serving))):
         design.extend(w for w in group if w is not None)
     return [replace(w, name=f"w{k} {w.name}") for k, w in enumerate(design + idle)]
+
+
+def serving_workloads(max_rows: int, max_tokens: int, max_context: int, fits: Callable[[Any], bool],
+                      quick: bool = False) -> list[Workload]:
+    """Closed loops of a serving load's mix (the quickstart preset's lengths: chats of lognormal prompts
+    around 192 tokens and 16-128 output tokens beside a few long jobs of ~768-token prompts and 64-192
+    output tokens), `max_rows` / 2 and `max_rows` / 8 in flight: every iteration admits, finishes
+    and decodes rows of spread contexts together, as a replayed load's do."""
+    out = []
+    cap = max(8, min(1536, max_context - 256))
+    for conc in sorted({max(1, max_rows // 8), max(1, max_rows // 2)}):
+        rng = random.Random(7 * conc + 1)
+        count = max(2 * conc, (24 if quick else 240) * conc // 80)  # about that many iterations
+        reqs = []
+        for _ in range(count):
+            if rng.random() < 0.15:  # a long job
+                reqs.append((min(cap, max(256, int(rng.gauss(768, 200)))), rng.randint(64, 192 if not quick else 64)))
+            else:
+                reqs.append((min(cap, max(8, int(rng.lognormvariate(math.log(192) - 0.18, 0.6)))),
+                             rng.randint(16, 128 if not quick else 32)))
+        k = conc
+        while k > 1 and not fits(reqs[:k]):
+            k //= 2
+        out.append(Workload(f"serving mix n={k}", "serving", "closed", tuple(reqs), k, max_tokens,
+                            min(512, max_tokens), concurrency=k))
+    return out
 
 
 def held_out_workloads(workloads: list[Workload]) -> set[int]:
     """Every third workload of each kind that has two or more (the second, fifth, ...): left out of a
     first fit to measure the error on workloads it did not see."""
     out: set[int] = set()
-    for kind in ("decode", "mixed", "prefill"):
+    for kind in ("decode", "mixed", "prefill", "serving"):
         idx = [i for i, w in enumerate(workloads) if w.kind == kind]
         out.update(idx[1::3] if len(idx) >= 2 else ())
     return out
@@ -347,8 +378,9 @@ def check_iterations(model: CostModel, samples: list[Sample]) -> dict[str, Any]:
 
 
 def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[int],
-                spaced: set[int] = frozenset()) -> tuple[CostModel, dict[str, Any]]:
-    """The cost model fitted on every busy iteration, and the fit's report (held-out error per regime)."""
+                spaced: set[int] = frozenset(), kinds: dict[int, str] | None = None) -> tuple[CostModel, dict[str, Any]]:
+    """The cost model fitted on every busy iteration, and the fit's report (held-out error per regime,
+    and per workload kind when `kinds` names each workload's)."""
     gaps = busy_gaps(samples)
     if not gaps:
         raise RuntimeError("calibrate: no busy iterations were recorded")
@@ -360,6 +392,11 @@ def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[in
         err = relative_errors(first, [s.shape for s, _ in held], [y for _, y in held])
         report.update(held_out_mean_rel_error=float(err.mean()), held_out_max_rel_error=float(err.max()),
                       held_out_by_regime=regime_errors(first, [s.shape for s, _ in held], [y for _, y in held]))
+        if kinds:
+            report["held_out_by_kind"] = {
+                kind: regime_errors(first, [s.shape for s, _ in of], [y for _, y in of])
+                for kind in sorted({kinds[s.workload] for s, _ in held})
+                if (of := [(s, y) for s, y in held if kinds[s.workload] == kind])}
     else:
         report.update(held_out_mean_rel_error=None, held_out_max_rel_error=None, held_out_by_regime={})
     model = fit([s.shape for s, _ in gaps], [y for _, y in gaps], **buckets)
@@ -430,7 +467,7 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     buckets["decode_splits"] = decode_split_rule(engine)
     samples = tap.samples()
     spaced = {i for i, w in enumerate(workloads) if w.mode == "spaced"}
-    cost, report = fit_samples(samples, buckets, held_out, spaced)
+    cost, report = fit_samples(samples, buckets, held_out, spaced, {i: w.kind for i, w in enumerate(workloads)})
     cost = CostModel({**cost.to_dict(), "cuda_graphs": bool(graphs)})
     lm = engine.loaded
     per_block = engine.kv_cache.num_bytes // engine.blocks.num_blocks
@@ -465,6 +502,10 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     log(f"calibrate: fit on {report['num_shapes']} iterations of {len(workloads)} workloads; held-out error "
         + ", ".join(f"{k} mean {v['mean_rel_error']:.1%} (total {v['total_bias']:+.1%})" for k, v in held.items())
         + f"; idle wake {report['idle_wake_s'] * 1e3:.2f} ms; {profile.fit['wall_time_s']} s")
+    serving = report.get("held_out_by_kind", {}).get("serving")
+    if serving:
+        log("calibrate: held-out serving mix (a replayed load's iterations) "
+            + ", ".join(f"{k} mean {v['mean_rel_error']:.1%} (total {v['total_bias']:+.1%})" for k, v in serving.items()))
     log("calibrate: busy gaps " + ", ".join(
         f"{k} {v['measured_mean_s'] * 1e3:.3f} ms = wait for the device {v['sync_wait_mean_s'] * 1e3:.3f} + host "
         f"{v['host_mean_s'] * 1e3:.3f} (rows {v['mean_rows']:.1f})" for k, v in report["gap_split_by_regime"].items()))
