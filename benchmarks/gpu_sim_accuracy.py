@@ -55,14 +55,16 @@ def scenario_presets(load_preset, resolve_preset, config, smoke, azure_requests)
 
 
 def iteration_table(checks):
-    """One line per side and regime: busy iterations, mean measured and predicted gap, bias, mean shape."""
+    """One line per side and regime: busy iterations, mean measured and predicted gap, bias, mean shape,
+    and of the gap, how long the host waited for the tokens (the device bounded the iteration) and the rest."""
     lines = []
     for side, c in checks.items():
         for regime, e in (c.get("by_regime") or {}).items():
             lines.append(f"  {side:3} {regime:6} n={e['samples']:5d} gap {e['measured_mean_s'] * 1e3:7.3f} ms "
                          f"model {e['predicted_mean_s'] * 1e3:7.3f} ms bias {e['total_bias']:+7.1%} (median {e['median_bias']:+7.1%}) "
                          f"err {e['mean_rel_error']:6.1%} rows {e['mean_rows']:6.1f} tokens {e['mean_tokens']:7.1f} "
-                         f"ctx {e['mean_context_k'] * 1e3:6.0f}")
+                         f"ctx {e['mean_context_k'] * 1e3:6.0f} max {e['mean_max_context_k'] * 1e3:6.0f} "
+                         f"wait {e['sync_wait_mean_s'] * 1e3:6.3f} host {e['host_mean_s'] * 1e3:6.3f} ms")
         if c.get("largest_gaps"):
             top = c["largest_gaps"][0]
             lines.append(f"  {side:3} longest gap {top['gap_s'] * 1e3:.1f} ms at {top['at_s']:.2f} s (model "
@@ -80,6 +82,9 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--profile", default=None, help="a profile to use (default: calibrate one now, on this device)")
     ap.add_argument("--load", type=float, default=0.8, help="steady scenario: share of the throughput bound offered")
+    ap.add_argument("--steady-rate-scale", type=float, default=None, metavar="K",
+                    help="steady scenario: multiply quickstart's rates by K instead of deriving K from --load and the "
+                         "profile's bound (to replay the load of an earlier result, its steady_rate_scale)")
     ap.add_argument("--duration-scale", type=float, default=None, help="shorten the presets (default 0.5; smoke 0.05)")
     ap.add_argument("--azure-requests", type=int, default=600, help="azure scenario: first N trace requests (before "
                                                                     "--duration-scale)")
@@ -143,7 +148,7 @@ def main() -> None:
                              pool_tokens=profile.num_blocks * profile.block_size,
                              mean_prompt=probe["mean_prompt_tokens"], mean_output=probe["mean_output_tokens"])
     offered = sum(s.rate for s in presets["steady"].workload if getattr(s, "rate", None))
-    k = args.load * bound["requests_per_s"] / offered
+    k = args.steady_rate_scale or args.load * bound["requests_per_s"] / offered
     presets["steady"] = scaled_rates(presets["steady"], k)
 
     from batchdeck.engine.models import load_model

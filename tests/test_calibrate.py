@@ -27,7 +27,7 @@ TRUTH = {"format": "regimes/1",
 def test_designed_workloads_stay_within_the_limits_and_cover_every_regime(limits):
     max_rows, max_tokens, max_len, pool = limits
     ws = design_workloads(max_rows, max_tokens, max_len, pool)
-    assert {w.kind for w in ws} == {"decode", "mixed", "prefill", "idle"}
+    assert {w.kind for w in ws} == {"decode", "mixed", "prefill", "serving", "idle"}
     assert len({w.name for w in ws}) == len(ws)
     for w in ws:
         assert 1 <= w.max_num_seqs <= max_rows and w.chunk_size <= w.max_batched_tokens <= max_tokens
@@ -35,7 +35,7 @@ def test_designed_workloads_stay_within_the_limits_and_cover_every_regime(limits
         live = {"closed": w.requests[: w.concurrency], "spaced": w.requests[:1]}.get(w.mode, w.requests)
         assert sum(p + o for p, o in live) <= pool
     held = held_out_workloads(ws)
-    for kind in ("decode", "mixed", "prefill"):
+    for kind in ("decode", "mixed", "prefill", "serving"):
         of_kind = [i for i, w in enumerate(ws) if w.kind == kind]
         assert (len(of_kind) >= 2) == bool(held & set(of_kind))  # held out where the kind has two or more
         assert set(of_kind) - held
@@ -271,3 +271,189 @@ def test_check_iterations_names_the_longest_gaps():
     assert top["predicted_s"] == pytest.approx(truth.predict(stalled.shape))
     assert top["rows"] == stalled.shape.rows
     assert check["largest_gaps"][1]["gap_s"] < 0.2
+
+
+SPLITS = {"kv_heads": 8, "num_sms": 132, "max_splits": 32}  # an H200's 132 SMs, a model with 8 KV heads
+
+
+def test_the_decode_kernels_split_rule_is_the_attention_backends():
+    pytest.importorskip("triton")
+    from batchdeck.engine.attention.triton_backend import decode_splits
+    from batchdeck.engine.sim.cost_model import split_count
+
+    for rows in range(0, 80):
+        for kvh in (1, 2, 4, 8, 32):
+            assert split_count(rows, kvh, 132, 32) == decode_splits(rows, kvh, 132, 32)
+
+
+def test_a_batch_of_mixed_lengths_costs_what_its_longest_row_costs_while_the_kernel_does_not_fill_the_gpu():
+    """`max_context`: the longest decode row over the KV slices the kernel splits rows into (split
+    count from the graph bucket's rows: 16 rows x 8 KV heads = 128 programs -> 2 slices on 132 SMs;
+    32 rows -> 1)."""
+    from batchdeck.engine.request import Request
+    from batchdeck.engine.step_plan import ScheduledChunk
+    from batchdeck.engine.sim.cost_model import split_count
+
+    assert [split_count(r, 8, 132, 32) for r in (1, 2, 4, 8, 16, 17, 32, 64)] == [32, 16, 8, 4, 2, 1, 1, 1]
+    cm = CostModel({**TRUTH, "decode": {"constant": 1e-3, "context": 1e-5, "max_context": 2e-4},
+                    "decode_splits": SPLITS})
+    even = [(500, 1)] * 24
+    skewed = [(100, 1)] * 20 + [(2500, 1)] * 4  # the same total context, four long rows
+    d = lambda rows: cm.predict(IterationShape.of_rows(rows))  # noqa: E731
+    assert d(skewed) - d(even) == pytest.approx(2e-4 * (2.501 - 0.501))  # 24 rows pad to 32: one slice
+    assert d([(999, 1)] * 10) == pytest.approx(1e-3 + 1e-5 * 10 + 2e-4 * 1.0 / 2)  # 10 rows pad to 16: two slices
+    chunks = [ScheduledChunk(Request(str(i), [1] * (c + 1)), c, 1, True, True) for i, (c, _) in enumerate(skewed)]
+    random.Random(0).shuffle(chunks)
+    assert cm.plan_seconds(chunks) == pytest.approx(d(skewed))  # the simulator's hot path charges it too
+    mixed = CostModel({**TRUTH, "mixed": {"constant": 4e-3, "decode_max_context": 1e-3}, "decode_splits": SPLITS})
+    # 100 prefill tokens over 5 rows: the 128-token graph (its decode kernel runs 64 rows: one slice)
+    assert mixed.predict(IterationShape.of_rows([(0, 100)] + [(1999, 1)] * 4)) == pytest.approx(4e-3 + 2e-3)
+    # a profile written before the feature (no max_context, no decode_splits) prices both batches alike
+    assert CostModel(TRUTH).predict(IterationShape.of_rows(skewed)) == pytest.approx(
+        CostModel(TRUTH).predict(IterationShape.of_rows(even)))
+    with pytest.raises(ValueError, match="decode_splits"):
+        CostModel({**TRUTH, "decode_splits": {"kv_heads": 8}})
+
+
+def test_the_fit_recovers_the_longest_row_term_from_ramps_whose_contexts_spread():
+    """Iteration times whose decode part follows the longest row (over its split count): fitted on
+    ramps of equal contexts and ramps of spread contexts, the model prices a serving load's batches
+    (short rows and a few long ones) within 3%; the sum-of-context model without that term cannot."""
+    from batchdeck.engine.sim.cost_model import fit
+
+    truth = CostModel({**TRUTH, "decode": {"constant": 1.3e-3, "rows": 5e-6, "context": 1e-5, "max_context": 4e-4},
+                       "decode_splits": SPLITS})
+    buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
+    rng = np.random.default_rng(1)
+    shapes = []
+    for b in (4, 16, 48, 64):
+        for c in (64, 512, 2048):  # even contexts, the batch shrinking from b to 1
+            shapes += [IterationShape.of_rows([(c + k, 1)] * r) for k, r in enumerate(range(b, 0, -1))]
+        ctxs = [int(64 * 32 ** (i / (b - 1))) for i in range(b)]  # 64 .. 2048
+        rng.shuffle(ctxs)
+        shapes += [IterationShape.of_rows([(c + k, 1) for c in ctxs[:r]]) for k, r in enumerate(range(b, 0, -1))]
+    seconds = [truth.predict(s) * (1 + rng.normal(0, 0.01)) for s in shapes]
+    serving = [IterationShape.of_rows([(int(rng.integers(50, 400)), 1) for _ in range(30)]
+                                      + [(int(rng.integers(900, 1500)), 1) for _ in range(3)]) for _ in range(50)]
+    want = np.array([truth.predict(s) for s in serving])
+    model = fit(shapes, seconds, decode_splits=SPLITS, **buckets)
+    got = np.array([model.predict(s) for s in serving])
+    assert abs(got.sum() / want.sum() - 1) < 0.03
+    assert model.coefficients["decode"]["max_context"] == pytest.approx(4e-4, rel=0.15)
+    assert model.coefficients["decode_splits"] == SPLITS
+    no_max = CostModel({**model.to_dict(), "decode": {**model.coefficients["decode"], "max_context": 0.0}})
+    refit = fit([IterationShape(s.prefill_tokens, s.prefill_attention, s.decode_rows, s.decode_context, s.prefill_rows)
+                 for s in shapes], seconds, **buckets)  # no longest-row values: the old model's view
+    assert abs(np.array([refit.predict(s) for s in serving]).sum() / want.sum() - 1) > 0.05
+    assert no_max.predict(serving[0]) < model.predict(serving[0])
+
+
+def test_the_designed_decode_ramps_include_batches_whose_longest_row_is_far_above_the_mean():
+    ws = design_workloads(64, 2048, 8192, 200_000 * 16)
+    spread = [w for w in ws if w.kind == "decode" and len({p for p, _ in w.requests}) > 1]
+    assert len(spread) >= 4 and max(len(w.requests) for w in spread) >= 32
+    for w in spread:
+        ctx = [p for p, _ in w.requests]
+        assert max(ctx) >= 2.5 * (sum(ctx) / len(ctx))
+        by_ctx = sorted(range(len(ctx)), key=ctx.__getitem__)
+        by_out = sorted(range(len(ctx)), key=lambda i: w.requests[i][1])
+        assert by_ctx != by_out and by_ctx != by_out[::-1]  # the batch's longest row changes as rows finish
+
+
+def test_check_iterations_splits_the_gap_into_the_wait_for_the_device_and_the_host():
+    from batchdeck.engine.sim.calibrate import check_iterations
+
+    truth = CostModel(TRUTH)
+    samples = synthetic_samples(truth, 0.0)
+    for s in samples:
+        s.sync_wait = 0.6 * truth.predict(s.shape)  # the device bounded each iteration; the host took 40%
+    dec = check_iterations(truth, samples)["by_regime"]["decode"]
+    assert dec["sync_wait_mean_s"] == pytest.approx(0.6 * dec["measured_mean_s"], rel=0.02)
+    assert dec["host_mean_s"] == pytest.approx(0.4 * dec["measured_mean_s"], rel=0.02)
+    assert dec["mean_max_context_k"] >= dec["mean_context_k"]
+
+
+def test_a_profile_calibrated_on_a_device_whose_decode_follows_the_longest_row_prices_a_steady_replay(tmp_path):
+    """End to end on a simulated device whose iteration time has a longest-row term (`truth`): the
+    designed workloads played on it and fitted give a model that prices a steady Poisson replay's own
+    iterations (short chats and a few long jobs in every batch) without bias, as it prices the held-out
+    serving mix; the model as fitted before the term existed (no longest-row values, no spread ramps,
+    no serving mix) underprices the replay's decode iterations, as the real steady replay's were, and
+    its error on the held-out serving mix says so before any replay."""
+    import textwrap
+
+    from batchdeck.engine.sim.calibrate import check_iterations
+    from batchdeck.presets.replay import run_preset
+
+    truth = {**TRUTH, "decode": {"constant": 1.3e-3, "rows": 5e-6, "context": 1e-5, "max_context": 4e-4},
+             "mixed": {"constant": 2.3e-3, "padded_tokens": 1e-6, "attention": 1.5e-3, "decode_context": 1e-5,
+                       "decode_max_context": 4e-4},
+             "token_buckets": [32, 64, 128, 256, 512, 768, 1024, 1536, 2048], "decode_splits": SPLITS}
+    profile = SimProfile(name="truth", model="synthetic:tiny", device_name="Test GPU", dtype="bfloat16",
+                         block_size=16, num_blocks=20000, kv_bytes_per_block=1024,
+                         model_shape={"vocab_size": 512, "max_model_len": 8192, "eos_token_ids": [1]},
+                         cost=CostModel(truth))
+    e = SimulatedEngine(EngineConfig(sim="unused", max_num_seqs_limit=64, max_batched_tokens_limit=2048),
+                        LiveConfig(max_num_seqs=64, max_batched_tokens=2048, chunk_size=512), profile=profile,
+                        clock=VirtualClock())
+    ws = [w for w in design_workloads(64, 2048, e.max_model_len, 20000 * 16) if w.kind != "idle"]
+    tap = IterationTap(e)
+    rng = random.Random(0)
+    for i, w in enumerate(ws):
+        tap.workload = i
+        tap.idle()
+        drive_inline(e, w, rng)
+    tap.remove()
+    samples = tap.samples()
+    buckets = {k: truth[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
+    kinds = {i: w.kind for i, w in enumerate(ws)}
+    held = held_out_workloads(ws)
+    model, report = fit_samples(samples, {**buckets, "decode_splits": SPLITS}, held, kinds=kinds)
+    new_designs = {i for i, w in enumerate(ws) if ".." in w.name or (w.kind == "serving" and i not in held)}
+    before = [Sample(s.workload, s.time, IterationShape(s.shape.prefill_tokens, s.shape.prefill_attention,
+                                                        s.shape.decode_rows, s.shape.decode_context,
+                                                        s.shape.prefill_rows), s.after_idle, s.newest_arrival)
+              for s in samples if s.workload not in new_designs]
+    _, old_report = fit_samples(before, buckets, held, kinds=kinds)  # its first fit sees no serving mix
+    old, _ = fit_samples([s for s in before if kinds[s.workload] != "serving"], buckets, set())
+    assert abs(report["held_out_by_kind"]["serving"]["decode"]["total_bias"]) < 0.02
+    assert old_report["held_out_by_kind"]["serving"]["decode"]["total_bias"] < -0.08
+
+    profile.save(path := tmp_path / "truth.json")
+    preset = tmp_path / "steady.yaml"
+    preset.write_text(textwrap.dedent("""\
+        name: steady
+        description: chats and a few long jobs, Poisson
+        model: synthetic:tiny
+        config: {policy: fcfs, max_num_seqs: 64, max_batched_tokens: 2048, chunk_size: 512}
+        workload:
+          - {kind: poisson, rate: 120, duration: 3, input_tokens: {dist: lognormal, mean: 192, sigma: 0.6, max: 1024},
+             output_tokens: {dist: uniform, min: 16, max: 128}}
+          - {kind: poisson, rate: 20, duration: 3, input_tokens: {dist: normal, mean: 768, std: 200, min: 256, max: 1536},
+             output_tokens: {dist: uniform, min: 64, max: 192}}
+        timeline: []
+        seed: 42
+        """))
+    taps = []
+    run_preset(str(preset), overrides={"sim": str(path), "max_num_seqs_limit": 64, "max_batched_tokens_limit": 2048},
+               on_start=lambda d: taps.append(IterationTap(d.engine.engine)))
+    replayed = taps[0].samples()
+    new_check = check_iterations(model.for_limits(64, 2048), replayed)["by_regime"]
+    old_check = check_iterations(old.for_limits(64, 2048), replayed)["by_regime"]
+    dec = new_check["decode"]
+    assert dec["samples"] > 200 and dec["mean_max_context_k"] > 2 * dec["mean_context_k"]  # short rows, long ones
+    for regime in ("decode", "mixed"):
+        assert abs(new_check[regime]["total_bias"]) < 0.02, (regime, new_check[regime])
+    assert old_check["decode"]["total_bias"] < -0.08, old_check["decode"]
+
+
+def test_the_fit_reports_its_held_out_error_per_workload_kind():
+    truth = CostModel(TRUTH)
+    samples = synthetic_samples(truth, 0.02)
+    buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
+    kinds = {w: "serving" if w in (3, 11) else "mixed" if w % 2 == 0 else "decode" for w in range(16)}
+    _, report = fit_samples(samples, buckets, held_out={3, 6, 11, 14}, kinds=kinds)
+    by_kind = report["held_out_by_kind"]
+    assert set(by_kind) == {"serving", "mixed"}  # the kinds of the held-out workloads
+    assert by_kind["serving"]["decode"]["samples"] == 2 * 39  # workloads 3 and 11: decode-only (odd)
+    assert "held_out_by_kind" not in fit_samples(samples, buckets, held_out={3, 6})[1]

@@ -93,6 +93,23 @@ def test_first_format_cost_models_load_and_predict_as_before():
         CostModel({"format": "regimes/1", "decode": {"nope": 1.0}, "mixed": {}})
 
 
+def test_profiles_written_before_the_longest_row_terms_predict_as_before():
+    """The h200-qwen3-0.6b profile as shipped before them names no `max_context` and no
+    `decode_splits`: a batch costs what the sum of its contexts says, whatever its longest row."""
+    cost = CostModel({"format": "regimes/1", "decode_buckets": [1, 2, 4, 8, 16, 32, 64, 96, 128],
+                      "token_buckets": [32, 64, 128, 256, 512], "max_rows": 256, "idle_wake_s": 0.000865,
+                      "cuda_graphs": True,
+                      "decode": {"constant": 0.0013, "rows": 4.9e-06, "padded_rows": 0.0, "context": 4.2e-05},
+                      "mixed": {"constant": 0.0023, "padded_tokens": 1.08e-06, "attention": 0.00152,
+                                "decode_context": 3.4e-05}})
+    d = cost.coefficients["decode"]
+    assert "decode_splits" not in cost.to_dict() and d["max_context"] == 0.0
+    even, skewed = [(379, 1)] * 34, [(99, 1)] * 30 + [(2479, 1)] * 4  # the same total context
+    want = d["constant"] + d["rows"] * 34 + d["padded_rows"] * 64 + d["context"] * 34 * 0.38
+    assert cost.predict(IterationShape.of_rows(even)) == pytest.approx(want)
+    assert cost.predict(IterationShape.of_rows(skewed)) == pytest.approx(want)
+
+
 def test_plan_seconds_matches_predict():
     from batchdeck.engine.request import Request
     from batchdeck.engine.step_plan import ScheduledChunk
@@ -241,6 +258,10 @@ def test_calibrate_on_cpu_writes_a_profile_the_simulator_runs(tmp_path):
     p = load_profile(out)
     assert p.num_blocks == 256 and p.fit["num_shapes"] >= 5 and p.fit["held_out_mean_rel_error"] is not None
     assert p.device_name.startswith("CPU") and p.versions["torch"]
+    split = p.fit["gap_split_by_regime"]  # where the busy gaps' time went: the wait for the device, the host
+    assert split and all(v["host_mean_s"] + v["sync_wait_mean_s"] == pytest.approx(v["measured_mean_s"])
+                         for v in split.values())
+    assert "decode_splits" not in p.cost.to_dict()  # no GPU kernel ran: its longest-row term has no split rule
     e = make_engine(EngineConfig(sim=str(out)), LiveConfig(max_num_seqs=4, max_batched_tokens=64, chunk_size=64),
                     clock=VirtualClock())
     e.add_request("x", [5] * 30, SamplingParams(max_tokens=5, ignore_eos=True))

@@ -12,16 +12,23 @@ serving loop does between steps. So the workloads (`design_workloads`) are playe
 asyncio loop, as `replay` and `serve` run). An `IterationTap` keeps each iteration's plan and time.
 
 Workloads: decode ramps (B requests with staggered output lengths: decode-only iterations at every
-batch size from B down to 1, at several contexts), closed loops (N requests in flight, each finished
+batch size from B down to 1, at several contexts; and ramps whose rows' contexts spread from 64 tokens
+to several thousand, as a serving load's do, so the fit sees batches whose longest row is far above
+their mean: the decode kernel's time follows the longest row while its programs do not fill the
+GPU, `max_context` in engine/sim/cost_model.py), closed loops (N requests in flight, each finished
 one replaced: mixed prefill + decode iterations, at several chunk sizes), prefill batches (one output
-token: prefill-only chunks), and spaced single requests (the engine idle between them: what an
-iteration after an idle wait adds, `idle_wake_s`). Every fourth workload is held out of a first fit
-to report the error per regime on workloads it did not see; the shipped model is fitted on all.
+token: prefill-only chunks), closed loops of a serving load's length mix (`serving_workloads`: the
+iterations a replayed load runs, admissions, finishes and rows of spread contexts together, and with
+one held out, the fit's error on such a load), and spaced single requests (the engine idle between them: what an
+iteration after an idle wait adds, `idle_wake_s`). Every third workload of each kind is held out of a
+first fit to report the error per regime (and per kind) on workloads it did not see; the shipped model
+is fitted on all.
 """
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import math
 import platform
 import random
 import statistics
@@ -48,7 +55,7 @@ class Workload:
     seconds, the engine idle in between); under the live settings given."""
 
     name: str
-    kind: str  # decode | mixed | prefill | idle (what it is designed to cover)
+    kind: str  # decode | mixed | prefill | serving | idle (what it is designed to cover)
     mode: str
     requests: tuple[tuple[int, int], ...]
     max_num_seqs: int
@@ -75,6 +82,22 @@ def design_workloads(max_rows: int, max_tokens: int, max_context: int, pool_toke
     max_prefill = 1 << 17  # prompt tokens per workload (an 8B model prefills this in seconds)
     fits = lambda reqs: sum(p + o for p, o in reqs) + 16 * len(reqs) <= pool_tokens  # noqa: E731
     decode, mixed, prefill, idle = [], [], [], []
+    spreads = sorted({ctx_set[-1], min(4 * ctx_set[-1], max_context - 2 * max(out_len, max_rows))})
+    for c_hi in (spreads if not quick else spreads[:1]):
+        for b in rows_set:
+            while True:  # contexts spread geometrically from 64 to c_hi, in a random order
+                ctxs = [round(64 * (c_hi / 64) ** (i / max(1, b - 1))) for i in range(b)]
+                if b == 1 or (fits([(c, max(out_len, b)) for c in ctxs]) and sum(ctxs) <= max_prefill):
+                    break
+                b //= 2
+            if b < 4 or c_hi <= 64:
+                continue
+            random.Random(b * 104729 + c_hi).shuffle(ctxs)
+            o_max = max(out_len, b) if not quick else out_len
+            reqs = tuple((c, max(1, round(o_max * (i + 1) / b))) for i, c in enumerate(ctxs))
+            w = Workload(f"decode b={b} ctx=64..{c_hi}", "decode", "batch", reqs, b, max_tokens, max_tokens)
+            if w not in decode:
+                decode.append(w)
     for c in ctx_set:
         for b in rows_set:
             while b > 1 and (not fits([(c, max(out_len, b))] * b) or b * c > max_prefill):
@@ -108,18 +131,45 @@ def design_workloads(max_rows: int, max_tokens: int, max_context: int, pool_toke
     reqs = tuple((lengths[i % len(lengths)], 2) for i in range(8 if quick else 24))
     idle.append(Workload("spaced single requests", "idle", "spaced", reqs, max_rows, max_tokens,
                          min(max_tokens, 512), gap_s=0.02))
+    serving = serving_workloads(max_rows, max_tokens, max_context, fits, quick)
     design: list[Workload] = []
-    longest = max(map(len, (decode, mixed, prefill)))
-    for group in zip(*(g + [None] * (longest - len(g)) for g in (decode, mixed, prefill))):
+    longest = max(map(len, (decode, mixed, prefill, serving)))
+    for group in zip(*(g + [None] * (longest - len(g)) for g in (decode, mixed, prefill, serving))):
         design.extend(w for w in group if w is not None)
     return [replace(w, name=f"w{k} {w.name}") for k, w in enumerate(design + idle)]
+
+
+def serving_workloads(max_rows: int, max_tokens: int, max_context: int, fits: Callable[[Any], bool],
+                      quick: bool = False) -> list[Workload]:
+    """Closed loops of a serving load's mix (the quickstart preset's lengths: chats of lognormal prompts
+    around 192 tokens and 16-128 output tokens beside a few long jobs of ~768-token prompts and 64-192
+    output tokens), `max_rows` / 2 and `max_rows` / 8 in flight: every iteration admits, finishes
+    and decodes rows of spread contexts together, as a replayed load's do."""
+    out = []
+    cap = max(8, min(1536, max_context - 256))
+    for conc in sorted({max(1, max_rows // 8), max(1, max_rows // 2)}):
+        rng = random.Random(7 * conc + 1)
+        count = max(2 * conc, (24 if quick else 240) * conc // 80)  # about that many iterations
+        reqs = []
+        for _ in range(count):
+            if rng.random() < 0.15:  # a long job
+                reqs.append((min(cap, max(256, int(rng.gauss(768, 200)))), rng.randint(64, 192 if not quick else 64)))
+            else:
+                reqs.append((min(cap, max(8, int(rng.lognormvariate(math.log(192) - 0.18, 0.6)))),
+                             rng.randint(16, 128 if not quick else 32)))
+        k = conc
+        while k > 1 and not fits(reqs[:k]):
+            k //= 2
+        out.append(Workload(f"serving mix n={k}", "serving", "closed", tuple(reqs), k, max_tokens,
+                            min(512, max_tokens), concurrency=k))
+    return out
 
 
 def held_out_workloads(workloads: list[Workload]) -> set[int]:
     """Every third workload of each kind that has two or more (the second, fifth, ...): left out of a
     first fit to measure the error on workloads it did not see."""
     out: set[int] = set()
-    for kind in ("decode", "mixed", "prefill"):
+    for kind in ("decode", "mixed", "prefill", "serving"):
         idx = [i for i, w in enumerate(workloads) if w.kind == kind]
         out.update(idx[1::3] if len(idx) >= 2 else ())
     return out
@@ -133,6 +183,7 @@ class Sample:
     shape: IterationShape
     after_idle: bool  # the engine waited (nothing to run) before this iteration
     newest_arrival: float  # the latest arrival among its requests
+    sync_wait: float = 0.0  # IterationRecord.sync_wait_time: how long the host waited for its tokens
 
 
 class IterationTap:
@@ -147,7 +198,7 @@ class IterationTap:
         self.engine = engine
         self._step = engine.step
         self._busy = False
-        self._raw: list[tuple[int, float, Any, bool]] = []
+        self._raw: list[tuple[int, float, Any, bool, float]] = []
         self._samples: list[Sample] = []
         self.workload = 0
         self._launch_end: dict[int, float] | None = None
@@ -170,7 +221,7 @@ class IterationTap:
             return result
         plan = result.plan
         t = result.record.time if self._launch_end is None else self._launch_end.pop(id(plan), result.record.time)
-        self._raw.append((self.workload, t, plan, not self._busy))
+        self._raw.append((self.workload, t, plan, not self._busy, result.record.sync_wait_time))
         self._busy = self.engine.has_unfinished
         return result
 
@@ -181,10 +232,10 @@ class IterationTap:
         self._shape_up()
 
     def _shape_up(self) -> None:
-        for w, t, plan, after_idle in self._raw:
+        for w, t, plan, after_idle, wait in self._raw:
             chunks = plan.chunks
             self._samples.append(Sample(w, t, IterationShape.of_chunks(chunks), after_idle,
-                                        max(c.request.arrival_time for c in chunks)))
+                                        max(c.request.arrival_time for c in chunks), wait))
         self._raw.clear()
 
     def samples(self) -> list[Sample]:
@@ -292,7 +343,11 @@ def check_iterations(model: CostModel, samples: list[Sample]) -> dict[str, Any]:
     measured - 1 (robust to the odd slow iteration of a shared machine). On a real run it says whether
     the cost model misprices the workload's own iterations; compared with the same table of a
     simulated run, whether the simulated engine ran other iterations (dynamics). `largest_gaps`: the five
-    longest busy gaps, when they happened and how the model priced them (a stall shows there)."""
+    longest busy gaps, when they happened and how the model priced them (a stall shows there).
+    `sync_wait_mean_s`: how long the host waited for the tokens, per gap (with overlapped iterations
+    on a GPU: near the gap when the device bounds the iteration, near 0 when the host does), and
+    `host_mean_s` the rest of the gap; `mean_max_context_k`: the longest decode row's context (the
+    decode kernel's time follows it while its programs do not fill the GPU)."""
     gaps = busy_gaps(samples)
     out: dict[str, Any] = {"busy_iterations": len(gaps), "iterations": len(samples)}
     if not gaps:
@@ -307,7 +362,10 @@ def check_iterations(model: CostModel, samples: list[Sample]) -> dict[str, Any]:
                  mean_rows=float(np.mean([shapes[i].rows for i in idx])),
                  mean_tokens=float(np.mean([shapes[i].tokens for i in idx])),
                  mean_context_k=float(np.mean([shapes[i].decode_context / max(1, shapes[i].decode_rows)
-                                               for i in idx])))
+                                               for i in idx])),
+                 mean_max_context_k=float(np.mean([shapes[i].decode_max_context for i in idx])),
+                 sync_wait_mean_s=float(np.mean([gaps[i][0].sync_wait for i in idx])),
+                 host_mean_s=float(np.mean([seconds[i] - min(seconds[i], gaps[i][0].sync_wait) for i in idx])))
     out["by_regime"] = errors
     pred = np.array([model.predict(s) for s in shapes])
     out["total_bias"] = float(pred.sum() / np.sum(seconds) - 1)
@@ -320,8 +378,9 @@ def check_iterations(model: CostModel, samples: list[Sample]) -> dict[str, Any]:
 
 
 def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[int],
-                spaced: set[int] = frozenset()) -> tuple[CostModel, dict[str, Any]]:
-    """The cost model fitted on every busy iteration, and the fit's report (held-out error per regime)."""
+                spaced: set[int] = frozenset(), kinds: dict[int, str] | None = None) -> tuple[CostModel, dict[str, Any]]:
+    """The cost model fitted on every busy iteration, and the fit's report (held-out error per regime,
+    and per workload kind when `kinds` names each workload's)."""
     gaps = busy_gaps(samples)
     if not gaps:
         raise RuntimeError("calibrate: no busy iterations were recorded")
@@ -333,16 +392,36 @@ def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[in
         err = relative_errors(first, [s.shape for s, _ in held], [y for _, y in held])
         report.update(held_out_mean_rel_error=float(err.mean()), held_out_max_rel_error=float(err.max()),
                       held_out_by_regime=regime_errors(first, [s.shape for s, _ in held], [y for _, y in held]))
+        if kinds:
+            report["held_out_by_kind"] = {
+                kind: regime_errors(first, [s.shape for s, _ in of], [y for _, y in of])
+                for kind in sorted({kinds[s.workload] for s, _ in held})
+                if (of := [(s, y) for s, y in held if kinds[s.workload] == kind])}
     else:
         report.update(held_out_mean_rel_error=None, held_out_max_rel_error=None, held_out_by_regime={})
     model = fit([s.shape for s, _ in gaps], [y for _, y in gaps], **buckets)
     wake, n_idle = idle_wake(model, samples, spaced)
     model = CostModel({**model.to_dict(), "idle_wake_s": wake})
     err = relative_errors(model, [s.shape for s, _ in gaps], [y for _, y in gaps])
+    # where the iterations' time went: the host's wait for the device, and the rest (the host's own work)
+    report["gap_split_by_regime"] = {
+        regime: {k: e[k] for k in ("samples", "measured_mean_s", "sync_wait_mean_s", "host_mean_s", "mean_rows",
+                                   "mean_context_k", "mean_max_context_k")}
+        for regime, e in check_iterations(model, samples).get("by_regime", {}).items()}
     report.update(all_mean_rel_error=float(err.mean()), all_max_rel_error=float(err.max()),
                   all_by_regime=regime_errors(model, [s.shape for s, _ in gaps], [y for _, y in gaps]),
                   idle_wake_s=wake, idle_samples=n_idle)
     return model, report
+
+
+def decode_split_rule(engine: LLMEngine) -> dict[str, int] | None:
+    """How the engine's decode attention splits each row's keys (engine/attention/triton_backend.py),
+    for the cost model's `max_context` (None: the backend does not split, or never ran on a GPU)."""
+    backend = engine.backend
+    num_sms = getattr(backend, "num_sms", None)
+    if getattr(backend, "name", None) != "triton" or not num_sms or engine.device.type != "cuda":
+        return None
+    return {"kv_heads": int(engine.loaded.num_kv_heads), "num_sms": int(num_sms), "max_splits": int(backend.max_splits)}
 
 
 def calibrate(model: str, *, device: str | None = None, dtype: str | None = None, name: str | None = None,
@@ -385,9 +464,10 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     finally:
         tap.remove()
     run_s = time.perf_counter() - t_run
+    buckets["decode_splits"] = decode_split_rule(engine)
     samples = tap.samples()
     spaced = {i for i, w in enumerate(workloads) if w.mode == "spaced"}
-    cost, report = fit_samples(samples, buckets, held_out, spaced)
+    cost, report = fit_samples(samples, buckets, held_out, spaced, {i: w.kind for i, w in enumerate(workloads)})
     cost = CostModel({**cost.to_dict(), "cuda_graphs": bool(graphs)})
     lm = engine.loaded
     per_block = engine.kv_cache.num_bytes // engine.blocks.num_blocks
@@ -422,4 +502,11 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     log(f"calibrate: fit on {report['num_shapes']} iterations of {len(workloads)} workloads; held-out error "
         + ", ".join(f"{k} mean {v['mean_rel_error']:.1%} (total {v['total_bias']:+.1%})" for k, v in held.items())
         + f"; idle wake {report['idle_wake_s'] * 1e3:.2f} ms; {profile.fit['wall_time_s']} s")
+    serving = report.get("held_out_by_kind", {}).get("serving")
+    if serving:
+        log("calibrate: held-out serving mix (a replayed load's iterations) "
+            + ", ".join(f"{k} mean {v['mean_rel_error']:.1%} (total {v['total_bias']:+.1%})" for k, v in serving.items()))
+    log("calibrate: busy gaps " + ", ".join(
+        f"{k} {v['measured_mean_s'] * 1e3:.3f} ms = wait for the device {v['sync_wait_mean_s'] * 1e3:.3f} + host "
+        f"{v['host_mean_s'] * 1e3:.3f} (rows {v['mean_rows']:.1f})" for k, v in report["gap_split_by_regime"].items()))
     return profile

@@ -10,21 +10,33 @@ Two regimes, each a linear model of its own features with non-negative coefficie
 - `decode` (every row computes one token): `constant`; `rows` (host work is O(rows)); `padded_rows`
   (the decode CUDA-graph bucket the rows pad to, from `decode_buckets`; the rows themselves when no
   bucket fits or none were captured), so the cost moves in steps as the engine's does; `context`
-  (the KV the rows read, sum of (ctx + 1), in thousands of tokens).
+  (the KV the rows read, sum of (ctx + 1), in thousands of tokens: what bounds the attention kernel
+  when its programs fill the GPU); `max_context` (the longest row's ctx + 1 over the KV slices the
+  decode kernel splits each row into, in thousands: what bounds it when rows x KV heads are fewer
+  than the GPU runs at once, as every program runs concurrently and the kernel ends with its
+  longest one; a batch of mixed lengths then costs what its longest row costs, not its mean).
 - `mixed` (some row computes several tokens: prefill chunks, speculative verification):
   `constant`; `eager` (1 when the iteration fits no mixed bucket of `token_buckets`, which were
   captured: it runs without a graph); `tokens` (all tokens computed); `padded_tokens` (the token
   bucket they pad to, or the tokens when eager); `prefill_tokens` (tokens of multi-token rows);
   `attention` (their attention work, sum of n * (ctx + (n + 1) / 2), in millions); `decode_rows`
-  and `decode_context` (the one-token rows riding along, context in thousands); `rows`.
+  and `decode_context` (the one-token rows riding along, context in thousands); `rows`;
+  `decode_max_context` (their longest, as `max_context`).
+
+`decode_splits` ({"kv_heads", "num_sms", "max_splits"}, recorded by a calibration on the Triton
+attention backend): how many KV slices the decode kernel gives each (row, KV head) at a row count
+(`split_count`, the rule of engine/attention/triton_backend.py `decode_splits`, over the rows the
+graph bucket pads to); absent, one slice.
 
 `idle_wake_s`: what an iteration after an idle wait adds (the engine waking for an arrival).
 
 The profile's `cost` is {"format": "regimes/1", "decode": {...}, "mixed": {...}, "decode_buckets":
-[...], "token_buckets": [...], "max_rows": N, "idle_wake_s": s, "cuda_graphs": bool} (with graphs, a
-simulated engine takes the buckets its own limits give: `for_limits`). A profile of the first format (five
-coefficients `constant, prefill_tokens, prefill_attention, decode_rows, decode_context` for every
-iteration) still loads: it becomes the same model in both regimes, without buckets.
+[...], "token_buckets": [...], "max_rows": N, "idle_wake_s": s, "cuda_graphs": bool, "decode_splits":
+{...}} (with graphs, a simulated engine takes the buckets its own limits give: `for_limits`). A
+coefficient a profile does not name is 0, so a profile written before a feature existed predicts as
+before. A profile of the first format (five coefficients `constant, prefill_tokens, prefill_attention,
+decode_rows, decode_context` for every iteration) still loads: it becomes the same model in both
+regimes, without buckets.
 """
 from __future__ import annotations
 
@@ -35,9 +47,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 COST_FORMAT = "regimes/1"
-DECODE_FEATURES = ("constant", "rows", "padded_rows", "context")
+DECODE_FEATURES = ("constant", "rows", "padded_rows", "context", "max_context")
 MIXED_FEATURES = ("constant", "eager", "tokens", "padded_tokens", "prefill_tokens", "attention", "decode_rows",
-                  "decode_context", "rows")
+                  "decode_context", "rows", "decode_max_context")
+SPLIT_KEYS = ("kv_heads", "num_sms", "max_splits")
 REGIMES = {"decode": DECODE_FEATURES, "mixed": MIXED_FEATURES}
 LEGACY_FEATURES = ("constant", "prefill_tokens", "prefill_attention", "decode_rows", "decode_context")
 
@@ -51,6 +64,7 @@ class IterationShape:
     decode_rows: int = 0  # one-token rows
     decode_context: float = 0.0  # sum (ctx + 1) over decode rows, in thousands
     prefill_rows: int = 0
+    decode_max_context: float = 0.0  # the longest decode row's ctx + 1, in thousands
 
     @property
     def rows(self) -> int:
@@ -69,15 +83,18 @@ class IterationShape:
         """From (context, new tokens) per row."""
         pt = dr = pr = 0
         pa = dc = 0.0
+        mx = -1
         for ctx, n in rows:
             if n == 1:
                 dr += 1
                 dc += ctx + 1
+                if ctx > mx:
+                    mx = ctx
             else:
                 pr += 1
                 pt += n
                 pa += n * (ctx + (n + 1) / 2)
-        return cls(pt, pa / 1e6, dr, dc / 1e3, pr)
+        return cls(pt, pa / 1e6, dr, dc / 1e3, pr, (mx + 1) / 1e3)
 
     @classmethod
     def of_chunks(cls, chunks) -> "IterationShape":
@@ -97,6 +114,29 @@ def _coefficients(d: Mapping[str, Any], names: Sequence[str], where: str) -> tup
             raise ValueError(f"cost model: {where} coefficient {k}={v!r} is not a finite number")
         out.append(float(v))
     return tuple(out)
+
+
+def split_count(rows: int, kv_heads: int, num_sms: int, max_splits: int) -> int:
+    """KV slices per (row, KV head) the decode kernel runs at `rows` rows: a power of two bringing
+    its programs to about two per SM, 1 when rows x KV heads alone fill the GPU (the rule of
+    engine/attention/triton_backend.py `decode_splits`, which needs Triton to import)."""
+    if rows <= 0 or kv_heads <= 0:
+        return 1
+    want = (2 * num_sms) // (rows * kv_heads)
+    splits = 1
+    while splits * 2 <= min(want, max_splits):
+        splits *= 2
+    return splits
+
+
+def _splits(v: Any) -> dict[str, int] | None:
+    if v is None:
+        return None
+    if (not isinstance(v, Mapping) or set(v) != set(SPLIT_KEYS)
+            or any(not isinstance(v[k], int) or isinstance(v[k], bool) or v[k] < 1 for k in SPLIT_KEYS)):
+        raise ValueError(f"cost model: decode_splits must be an object of positive integers "
+                         f"{', '.join(SPLIT_KEYS)}, got {v!r}")
+    return {k: int(v[k]) for k in SPLIT_KEYS}
 
 
 def _buckets(v: Any, where: str) -> tuple[int, ...]:
@@ -130,7 +170,7 @@ class CostModel:
             if regime not in c:
                 raise ValueError(f"cost model: missing {regime!r} coefficients")
         known = {"format", "decode", "mixed", "decode_buckets", "token_buckets", "max_rows", "idle_wake_s", "legacy",
-                 "cuda_graphs"}
+                 "cuda_graphs", "decode_splits"}
         unknown = sorted(set(c) - known)
         if unknown:
             raise ValueError(f"cost model: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -148,6 +188,11 @@ class CostModel:
             **{k: v for k, v in c.items() if k not in REGIMES}, "decode": dict(zip(DECODE_FEATURES, dec)),
             "mixed": dict(zip(MIXED_FEATURES, mix)), "decode_buckets": list(db), "token_buckets": list(tb),
             "max_rows": max_rows, "idle_wake_s": float(wake), "cuda_graphs": bool(c.get("cuda_graphs", bool(db or tb)))})
+        splits = _splits(c.get("decode_splits"))
+        if splits is not None:
+            self.coefficients["decode_splits"] = splits
+        else:
+            self.coefficients.pop("decode_splits", None)
         object.__setattr__(self, "_decode", dec)
         object.__setattr__(self, "_mixed", mix)
         # padded rows per row count (index r), for the hot path
@@ -157,6 +202,13 @@ class CostModel:
             pad[r] = db[i] if i < len(db) else r
         object.__setattr__(self, "_pad_rows", pad)
         object.__setattr__(self, "_token_buckets", tb)
+        # 1 / the decode kernel's KV slices per row count (index r: the rows it runs, padded), for the hot path
+        sp = self.coefficients.get("decode_splits")
+        inv = [1.0] * (len(pad) if sp is None else max(len(pad), (2 * sp["num_sms"]) // sp["kv_heads"] + 2))
+        if sp is not None:
+            for r in range(len(inv)):
+                inv[r] = 1.0 / split_count(pad[r] if r < len(pad) else r, **sp)
+        object.__setattr__(self, "_inv_splits", inv)
 
     def for_limits(self, max_rows: int, max_tokens: int) -> "CostModel":
         """The model as an engine started with these limits runs it: CUDA graphs are captured up to
@@ -181,6 +233,12 @@ class CostModel:
         pad = self._pad_rows
         return pad[rows] if rows < len(pad) else rows
 
+    def split_share(self, rows: int) -> float:
+        """1 / the KV slices per row of the decode kernel over `rows` rows as the engine pads them
+        (1.0 without `decode_splits`)."""
+        inv = self._inv_splits
+        return inv[rows] if rows < len(inv) else 1.0
+
     def mixed_bucket(self, tokens: int, rows: int) -> int | None:
         """The mixed graph bucket an iteration of `tokens` over `rows` replays (None: it runs eagerly);
         a bucket of tb tokens holds min(max_rows, tb) rows (engine/cuda_graphs.py)."""
@@ -196,12 +254,19 @@ class CostModel:
     def features(self, s: IterationShape) -> tuple[str, tuple[float, ...]]:
         """(regime, feature values in that regime's order)."""
         if s.decode_only:
-            return "decode", (1.0, float(s.decode_rows), float(self.padded_rows(s.decode_rows)), s.decode_context)
+            return "decode", (1.0, float(s.decode_rows), float(self.padded_rows(s.decode_rows)), s.decode_context,
+                              s.decode_max_context * self.split_share(s.decode_rows))
         t = s.tokens
         b = self.mixed_bucket(t, s.rows) if self._token_buckets else None
         eager = 1.0 if (self._token_buckets and b is None) else 0.0
+        kernel_rows = s.rows if b is None else min(self.coefficients["max_rows"] or b, b)  # the bucket's rows
         return "mixed", (1.0, eager, float(t), float(b if b is not None else t), float(s.prefill_tokens),
-                         s.prefill_attention, float(s.decode_rows), s.decode_context, float(s.rows))
+                         s.prefill_attention, float(s.decode_rows), s.decode_context, float(s.rows),
+                         s.decode_max_context * self._split_share_unpadded(kernel_rows))
+
+    def _split_share_unpadded(self, rows: int) -> float:
+        sp = self.coefficients.get("decode_splits")
+        return 1.0 if sp is None else 1.0 / split_count(rows, **sp)
 
     # -- prediction -----------------------------------------------------------------------------
     def predict(self, shape: IterationShape) -> float:
@@ -214,26 +279,33 @@ class CostModel:
         """The modelled duration of a plan's chunks (the hot path: one pass, no objects for decode steps)."""
         pt = dr = pr = 0
         pa = dc = 0.0
+        mx = -1
         for ch in chunks:
             n = ch.num_tokens
             if n == 1:
                 dr += 1
-                dc += ch.start + 1
+                start = ch.start
+                dc += start + 1
+                if start > mx:
+                    mx = start
             else:
                 pr += 1
                 pt += n
                 pa += n * (ch.start + (n + 1) / 2)
         if not pr:
-            c0, c_rows, c_pad, c_ctx = self._decode
+            c0, c_rows, c_pad, c_ctx, c_max = self._decode
             pad = self._pad_rows
             t = c0 + c_rows * dr + c_pad * (pad[dr] if dr < len(pad) else dr) + c_ctx * dc * 1e-3
+            if c_max:
+                t += c_max * (mx + 1) * 1e-3 * self.split_share(dr)
             return t if t > 0.0 else 0.0
-        return self.predict(IterationShape(pt, pa / 1e6, dr, dc / 1e3, pr))
+        return self.predict(IterationShape(pt, pa / 1e6, dr, dc / 1e3, pr, (mx + 1) / 1e3))
 
     # -- the analytic model's two quantities ------------------------------------------------------
     def decode_iteration_seconds(self, rows: int, mean_context: float) -> float:
         """A decode-only iteration of `rows` rows at `mean_context` tokens each."""
-        return self.predict(IterationShape(decode_rows=rows, decode_context=rows * mean_context / 1e3))
+        return self.predict(IterationShape(decode_rows=rows, decode_context=rows * mean_context / 1e3,
+                                           decode_max_context=mean_context / 1e3))
 
     def prefill_seconds(self, tokens: float, chunk: int | None = None) -> float:
         """What a prompt of `tokens` adds to the iterations that compute it, in chunks of `chunk`
@@ -279,7 +351,8 @@ def nonnegative_lstsq(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None)
 
 
 def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_buckets: Sequence[int] = (),
-        token_buckets: Sequence[int] = (), max_rows: int = 0, idle_wake_s: float = 0.0) -> CostModel:
+        token_buckets: Sequence[int] = (), max_rows: int = 0, idle_wake_s: float = 0.0,
+        decode_splits: Mapping[str, int] | None = None) -> CostModel:
     """Fit each regime by least squares on the relative error, coefficients >= 0. The weights are
     1 / predicted seconds (iterated from 1 / measured): weighting by the measured time itself would
     pull the fit toward the iterations that happened to run fast, and a simulated latency is a sum of
@@ -290,8 +363,9 @@ def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_bu
     y_all = np.asarray(seconds, dtype=np.float64)
     if not np.all(y_all > 0):
         raise ValueError("fit: every timing must be > 0 seconds")
+    splits = dict(decode_splits) if decode_splits else None
     skeleton = CostModel({"format": COST_FORMAT, "decode": {}, "mixed": {}, "decode_buckets": list(decode_buckets),
-                          "token_buckets": list(token_buckets), "max_rows": int(max_rows)})
+                          "token_buckets": list(token_buckets), "max_rows": int(max_rows), "decode_splits": splits})
     rows: dict[str, list[tuple[float, ...]]] = {"decode": [], "mixed": []}
     ys: dict[str, list[float]] = {"decode": [], "mixed": []}
     for s, y in zip(shapes, y_all):
@@ -311,13 +385,14 @@ def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_bu
     if "decode" not in coefs:
         m = coefs["mixed"]
         coefs["decode"] = {"constant": m["constant"], "rows": m["rows"] + m["decode_rows"],
-                           "context": m["decode_context"]}
+                           "context": m["decode_context"], "max_context": m["decode_max_context"]}
     if "mixed" not in coefs:
         d = coefs["decode"]
         coefs["mixed"] = {"constant": d["constant"], "rows": d["rows"], "decode_rows": d["padded_rows"],
-                          "decode_context": d["context"]}
+                          "decode_context": d["context"], "decode_max_context": d["max_context"]}
     return CostModel({"format": COST_FORMAT, **coefs, "decode_buckets": list(decode_buckets),
-                      "token_buckets": list(token_buckets), "max_rows": int(max_rows), "idle_wake_s": float(idle_wake_s)})
+                      "token_buckets": list(token_buckets), "max_rows": int(max_rows), "idle_wake_s": float(idle_wake_s),
+                      "decode_splits": splits})
 
 
 def relative_errors(model: CostModel, shapes: Sequence[IterationShape], seconds: Sequence[float]) -> np.ndarray:
