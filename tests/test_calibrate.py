@@ -276,14 +276,15 @@ def test_check_iterations_names_the_longest_gaps():
 SPLITS = {"kv_heads": 8, "num_sms": 132, "max_splits": 32}  # an H200's 132 SMs, a model with 8 KV heads
 
 
-def test_the_decode_kernels_split_rule_is_the_attention_backends():
+def test_the_cost_model_prices_with_the_attention_backends_split_rule():
+    """One rule, imported by both (engine/attention/decode_splits.py): the backend cuts a row's keys the
+    way the cost model assumes."""
     pytest.importorskip("triton")
-    from batchdeck.engine.attention.triton_backend import decode_splits
-    from batchdeck.engine.sim.cost_model import split_count
+    from batchdeck.engine.attention import triton_backend
+    from batchdeck.engine.attention.decode_splits import decode_splits
+    from batchdeck.engine.sim import cost_model
 
-    for rows in range(0, 80):
-        for kvh in (1, 2, 4, 8, 32):
-            assert split_count(rows, kvh, 132, 32) == decode_splits(rows, kvh, 132, 32)
+    assert triton_backend.decode_splits is decode_splits and cost_model.split_count is decode_splits
 
 
 def test_a_batch_of_mixed_lengths_costs_what_its_longest_row_costs_while_the_kernel_does_not_fill_the_gpu():

@@ -20,28 +20,16 @@ import os
 
 import torch
 
+from batchdeck.engine.attention.decode_splits import MAX_DECODE_SPLITS, decode_splits
 from batchdeck.engine.attention.metadata import AttentionMetadata
 from batchdeck.engine.pdl import pdl_launch
 from batchdeck.engine.attention.triton_kernels import (decode_split_combine_kernel, paged_attention_kernel,
                                                        paged_decode_split_kernel, write_kv_kernel)
 
 LOG2E = 1.4426950408889634
-MAX_DECODE_SPLITS = 32
 # The TILES launch finds each tile's row among ROWS_P2 >= rows entries: one value up to 256 rows keeps
 # every mixed bucket on one compiled variant (each new variant is a Triton compile at start-up).
 MIN_ROWS_P2 = 256
-
-
-def decode_splits(rows: int, kv_heads: int, num_sms: int, max_splits: int = MAX_DECODE_SPLITS) -> int:
-    """KV slices per (row, KV head) for one-token rows: a power of two that brings the programs to
-    about two per SM, 1 (no split) when rows x KV heads alone fill the GPU."""
-    if rows <= 0 or kv_heads <= 0:
-        return 1
-    want = (2 * num_sms) // (rows * kv_heads)
-    splits = 1
-    while splits * 2 <= min(want, max_splits):
-        splits *= 2
-    return splits
 
 
 def _pow2(n: int) -> int:

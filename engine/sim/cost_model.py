@@ -25,7 +25,7 @@ Two regimes, each a linear model of its own features with non-negative coefficie
 
 `decode_splits` ({"kv_heads", "num_sms", "max_splits"}, recorded by a calibration on the Triton
 attention backend): how many KV slices the decode kernel gives each (row, KV head) at a row count
-(`split_count`, the rule of engine/attention/triton_backend.py `decode_splits`, over the rows the
+(`decode_splits` of engine/attention/decode_splits.py, the Triton backend's rule, over the rows the
 graph bucket pads to); absent, one slice.
 
 `idle_wake_s`: what an iteration after an idle wait adds (the engine waking for an arrival).
@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from batchdeck.engine.attention.decode_splits import decode_splits as split_count
 
 COST_FORMAT = "regimes/1"
 DECODE_FEATURES = ("constant", "rows", "padded_rows", "context", "max_context")
@@ -114,19 +116,6 @@ def _coefficients(d: Mapping[str, Any], names: Sequence[str], where: str) -> tup
             raise ValueError(f"cost model: {where} coefficient {k}={v!r} is not a finite number")
         out.append(float(v))
     return tuple(out)
-
-
-def split_count(rows: int, kv_heads: int, num_sms: int, max_splits: int) -> int:
-    """KV slices per (row, KV head) the decode kernel runs at `rows` rows: a power of two bringing
-    its programs to about two per SM, 1 when rows x KV heads alone fill the GPU (the rule of
-    engine/attention/triton_backend.py `decode_splits`, which needs Triton to import)."""
-    if rows <= 0 or kv_heads <= 0:
-        return 1
-    want = (2 * num_sms) // (rows * kv_heads)
-    splits = 1
-    while splits * 2 <= min(want, max_splits):
-        splits *= 2
-    return splits
 
 
 def _splits(v: Any) -> dict[str, int] | None:
