@@ -458,3 +458,16 @@ def test_the_fit_reports_its_held_out_error_per_workload_kind():
     assert set(by_kind) == {"serving", "mixed"}  # the kinds of the held-out workloads
     assert by_kind["serving"]["decode"]["samples"] == 2 * 39  # workloads 3 and 11: decode-only (odd)
     assert "held_out_by_kind" not in fit_samples(samples, buckets, held_out={3, 6})[1]
+
+
+@pytest.mark.parametrize("max_context", [330, 400, 511, 600])
+def test_workloads_fit_a_short_max_model_len(max_context):
+    """A context limit too short for the spread ramps at 256 rows leaves them out (no complex power of a
+    negative ratio); every request still fits the limit."""
+    ws = design_workloads(256, 8192, max_context, 1 << 20)
+    assert ws and all(p + o <= max_context for w in ws for p, o in w.requests)
+
+
+def test_a_max_model_len_too_short_for_any_workload_is_refused_by_name():
+    with pytest.raises(ValueError, match="max_model_len is 300 tokens.*at least 321"):
+        design_workloads(16, 512, 300, 1 << 20)

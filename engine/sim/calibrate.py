@@ -75,6 +75,9 @@ def design_workloads(max_rows: int, max_tokens: int, max_context: int, pool_toke
     each sized to a few hundred iterations at most."""
     rows_set = sorted({r for r in (4, 16, 64, 256, max_rows) if r <= max_rows})
     ctx_set = [c for c in (64, 512, 2048, 8192) if c + 256 < max_context]
+    if not ctx_set:
+        raise ValueError(f"calibrate: the engine's max_model_len is {max_context} tokens; the designed "
+                         f"workloads need at least 321 (64-token contexts plus their outputs)")
     chunk_set = sorted({n for n in (64, 256, 1024, 4096, max_tokens) if n <= max_tokens})
     if quick:
         rows_set, ctx_set, chunk_set = rows_set[-2:], ctx_set[:2], chunk_set[-2:]
@@ -82,7 +85,10 @@ def design_workloads(max_rows: int, max_tokens: int, max_context: int, pool_toke
     max_prefill = 1 << 17  # prompt tokens per workload (an 8B model prefills this in seconds)
     fits = lambda reqs: sum(p + o for p, o in reqs) + 16 * len(reqs) <= pool_tokens  # noqa: E731
     decode, mixed, prefill, idle = [], [], [], []
-    spreads = sorted({ctx_set[-1], min(4 * ctx_set[-1], max_context - 2 * max(out_len, max_rows))})
+    # the spread ramps' longest contexts: above 64 (a ramp from 64 to 64 is no spread) and leaving room
+    # for the outputs within max_model_len
+    spreads = sorted(c for c in {ctx_set[-1], min(4 * ctx_set[-1], max_context - 2 * max(out_len, max_rows))}
+                     if c > 64)
     for c_hi in (spreads if not quick else spreads[:1]):
         for b in rows_set:
             while True:  # contexts spread geometrically from 64 to c_hi, in a random order
