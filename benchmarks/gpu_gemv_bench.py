@@ -72,9 +72,9 @@ def reference(x, w, silu: bool):
 
 def all_configs(shapes, rows) -> list[SmallMConfig]:
     seen: dict[SmallMConfig, None] = {}
-    for _, n, k, _ in shapes:
+    for _, n, k, silu in shapes:
         for m in rows:
-            for c in candidate_configs(m, n, k):
+            for c in candidate_configs(m, n, k, silu=silu):
                 seen.setdefault(c, None)
     return list(seen)
 
@@ -88,7 +88,7 @@ def compile_task(args) -> str:
     for _, n, k, silu in shapes:
         w = torch.empty(2 * n if silu else n, k, device="cuda", dtype=dtype).normal_(0, k ** -0.5)
         for m in rows:
-            if config not in candidate_configs(m, n, k):
+            if config not in candidate_configs(m, n, k, silu=silu):
                 continue
             try:
                 small_m_linear(torch.randn(m, k, device="cuda", dtype=dtype), w, silu_mul=silu, config=config)
@@ -185,8 +185,8 @@ def bench(args, shapes_by_model, device: str) -> dict:
                         lambda i: cublas(x, ws[i % copies], silu, True), args.calls, args.replays, stream)
                 base = point.get("cublas_plus_silu_mul_us", us)
                 configs = []
-                pick = pick_config(m, n, k, sms)
-                for c in candidate_configs(m, n, k)[:: 1 if cuda else args.smoke_stride]:
+                pick = pick_config(m, n, k, sms, silu=silu)
+                for c in candidate_configs(m, n, k, silu=silu)[:: 1 if cuda else args.smoke_stride]:
                     row = {"config": c.label(), "mode": c.mode, "block_n": c.block_n, "block_k": c.block_k,
                            "split_k": c.split_k, "num_warps": c.num_warps, "num_stages": c.num_stages}
                     try:

@@ -2,7 +2,8 @@
 
 At a few rows a linear reads its whole weight to do almost no arithmetic, so it runs at the speed
 weights stream from memory. cuBLAS picks tiles sized for larger M: on an H200 its kernels for the
-qwen3-0.6b layer shapes (4-12 MB weights) launch 64-96 programs and stream 0.9-1.5 TB/s. This kernel
+qwen3-0.6b layer shapes (4-12 MB weights) stream them at 0.3-2.1 TB/s at one row
+(benchmarks/results/gpu_gemv_h200.json). This kernel
 spreads the weight over many programs (BLOCK_N output features each; with SPLIT_K > 1 also over
 slices of K), loads it along K in wide coalesced tiles, accumulates in float32 and rounds once to the
 model dtype, as F.linear does (results differ from it only by reduction order).
@@ -196,18 +197,18 @@ def small_m_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None =
     if m == 0:
         return out.view(*x.shape[:-1], n)
     if config is None:
-        config = pick_config(m, n, k, num_sms(x.device), x.element_size())
+        config = pick_config(m, n, k, num_sms(x.device), x.element_size(), silu_mul)
         if config is None:
             raise ValueError(f"small_m_linear: {m} rows, at most {MAX_ROWS}")
-    if not fits(config, m, n, k):
+    if not fits(config, m, n, k, silu_mul):
         raise ValueError(f"small_m_linear: config {config.label()} does not fit M={m}, N={n}, K={k}")
     block_m = block_m_for(config.mode, m)
     split = config.split_k
     k_per_split = triton.cdiv(triton.cdiv(k, split), config.block_k) * config.block_k
     split = triton.cdiv(k, k_per_split)  # no empty slice
     tiles = triton.cdiv(n, config.block_n)
-    if split > 1 and tiles > COUNTER_SLOTS:
-        split, k_per_split = 1, k
+    if split > 1 and tiles > COUNTER_SLOTS:  # more tiles than arrival counters: one slice, whole K steps
+        split, k_per_split = 1, triton.cdiv(k, config.block_k) * config.block_k
     if split > 1:
         ws = torch.empty((split * (2 if silu_mul else 1) * n * block_m,), dtype=torch.float32, device=x.device)
         cnt = counters(x.device)

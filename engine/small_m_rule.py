@@ -37,12 +37,14 @@ def block_m_for(mode: str, m: int) -> int:
     return DOT_ROWS if mode == "dot" else _pow2(m)
 
 
-def fits(config: SmallMConfig, m: int, n: int, k: int) -> bool:
-    """Whether the config can run (m, n, k): rows within its mode, register tile of the fma mode bounded,
-    every K slice at least one BLOCK_K step."""
+def fits(config: SmallMConfig, m: int, n: int, k: int, silu: bool = False) -> bool:
+    """Whether the config can run (m, n, k): rows within its mode, register tile of the fma mode bounded
+    (twice the tile with `silu`: a gate and an up accumulator), every K slice at least one BLOCK_K step."""
     if m < 1 or m > MAX_ROWS or (config.mode == "fma" and m > FMA_MAX_ROWS):
         return False
-    if config.mode == "fma" and config.block_n * _pow2(m) * config.block_k > 64 * 32 * config.num_warps:
+    accumulators = 2 if silu else 1
+    if (config.mode == "fma"
+            and accumulators * config.block_n * _pow2(m) * config.block_k > 64 * 32 * config.num_warps):
         return False
     return config.split_k == 1 or _cdiv(k, config.split_k) >= config.block_k
 
@@ -69,22 +71,22 @@ def shared_memory_estimate(config: SmallMConfig, elem_bytes: int = 2, silu: bool
 def candidate_configs(m: int, n: int, k: int, elem_bytes: int = 2, silu: bool = False) -> list[SmallMConfig]:
     out = [SmallMConfig("dot", bn, bk, s, 4, st) for bn, bk, st in DOT_TILES for s in SPLITS]
     out += [SmallMConfig("fma", bn, bk, s, 4, 1) for bn, bk in FMA_TILES for s in SPLITS]
-    return [c for c in out if fits(c, m, n, k)
+    return [c for c in out if fits(c, m, n, k, silu)
             and shared_memory_estimate(c, elem_bytes, silu) <= SHARED_MEMORY_BYTES]
 
 
-def pick_config(m: int, n: int, k: int, sms: int, elem_bytes: int = 2) -> SmallMConfig | None:
+def pick_config(m: int, n: int, k: int, sms: int, elem_bytes: int = 2, silu: bool = False) -> SmallMConfig | None:
     """The launch rule (shapes only), set from `benchmarks/gpu_gemv_bench.py` on an H200
     (benchmarks/results/gpu_gemv_h200.json: the best candidate of every qwen3-0.6b / llama-3.1-8b layer
     linear at 1-16 rows). One row and at most 8192 features: `fma` tiles of 8 features, K steps of 1024
-    from K = 2048 (else 512), no split. Otherwise `dot` tiles of 64 features and 128-wide K steps, split
+    from K = 2048 (else, and for a gate|up's two accumulators, 512), no split. Otherwise `dot` tiles of 64 features and 128-wide K steps, split
     over K (2, 4 or 8) while the tiles are fewer than a third of the SMs or a slice is longer than 4096;
     4 K steps in flight for 16-bit weights, 2 for float32 (shared memory). None: cuBLAS (more rows
     than MAX_ROWS)."""
     if m < 1 or m > MAX_ROWS:
         return None
     if m == 1 and n <= 8192:
-        return SmallMConfig("fma", 8, 1024 if k >= 2048 else 512, 1, 4, 1)
+        return SmallMConfig("fma", 8, 1024 if k >= 2048 and not silu else 512, 1, 4, 1)
     tiles = _cdiv(n, 64)
     split = 1
     while split < 8 and (tiles * split < sms // 3 or _cdiv(k, split) > 4096) and k // (2 * split) >= 128:

@@ -236,7 +236,7 @@ def _linear(small_m: bool, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
     if small_m and x.dtype == w.dtype:
         k = x.shape[-1]
         m = x.numel() // k if k else 0
-        config = pick_config(m, w.shape[0] // 2 if silu else w.shape[0], k, num_sms(x.device), x.element_size())
+        config = pick_config(m, w.shape[0] // 2 if silu else w.shape[0], k, num_sms(x.device), x.element_size(), silu)
         if config is not None:
             return small_m_linear(x, w, b, silu_mul=silu, config=config)
     y = F.linear(x, w, b)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from batchdeck.engine.small_m_linear import counters, small_m_linear  # noqa: E402
-from batchdeck.engine.small_m_rule import MAX_ROWS, SmallMConfig, candidate_configs, pick_config  # noqa: E402
+from batchdeck.engine.small_m_rule import (MAX_ROWS, SHARED_MEMORY_BYTES, SmallMConfig,  # noqa: E402
+                                           candidate_configs, pick_config)
 from tests.triton_interpreter import interpreter_broken_reason  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,7 +72,7 @@ def test_every_candidate_matches_f_linear_on_cuda(dtype, n, k, silu):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         want = _reference(x, w, None, silu).double()
         elem = torch.tensor([], dtype=dtype).element_size()
-        for config in [pick_config(m, n, k, 132, elem)] + candidate_configs(m, n, k, elem, silu):
+        for config in [pick_config(m, n, k, 132, elem, silu)] + candidate_configs(m, n, k, elem, silu):
             got = small_m_linear(x, w, silu_mul=silu, config=config).double()
             err = ((got - want).norm() / want.norm()).item()
             assert err < (1e-5 if dtype == torch.float32 else 1e-2), (m, config.label(), err)
@@ -103,10 +104,6 @@ def test_bias_and_split_k_inside_a_cuda_graph():
     assert int(counters("cuda").abs().sum()) == 0
 
 
-# Hopper's shared memory per block (227 KiB): a kernel over it fails to launch.
-HOPPER_SMEM_BYTES = 232448
-
-
 def _compile_for_hopper(config: SmallMConfig, m: int, silu: bool):
     """Triton's ahead-of-time compile of the kernel for sm_90 (no GPU needed: ptxas ships with Triton)."""
     import triton
@@ -136,10 +133,10 @@ def test_the_rules_picks_build_for_hopper_within_shared_memory():
     except ImportError as exc:
         pytest.skip(f"Triton's CUDA backend is not importable: {exc}")
     llama = [(6144, 4096, False), (4096, 4096, False), (14336, 4096, True), (4096, 14336, False)]
-    picks = {(pick_config(m, n, k, 132), silu) for n, k, silu in QWEN3_SHAPES + llama for m in (1, 16)}
+    picks = {(pick_config(m, n, k, 132, silu=silu), silu) for n, k, silu in QWEN3_SHAPES + llama for m in (1, 16)}
     for config, silu in sorted(picks, key=lambda p: (p[0].label(), p[1])):
         kernel = _compile_for_hopper(config, 16, silu)
-        assert kernel.metadata.shared <= HOPPER_SMEM_BYTES, (config.label(), silu, kernel.metadata.shared)
+        assert kernel.metadata.shared <= SHARED_MEMORY_BYTES, (config.label(), silu, kernel.metadata.shared)
         if config.mode == "dot":
             assert "mma" in kernel.asm["ptx"]  # the tensor cores do the arithmetic
 
