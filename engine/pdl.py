@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # the launch rule below is pure; the prologue is Triton code (CUDA builds of torch ship Triton)
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: no Triton kernel runs, and none imports the prologue
+    triton = None
 
 _LAUNCH: dict[torch.device, dict[str, bool]] = {}
 _ON = {"USE_PDL": True, "launch_pdl": True}
@@ -33,8 +37,9 @@ def pdl_launch(device: torch.device) -> dict[str, bool]:
     return kw
 
 
-@triton.jit
-def pdl_prologue(USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+if triton is not None:
+    @triton.jit
+    def pdl_prologue(USE_PDL: tl.constexpr):
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
