@@ -114,10 +114,16 @@ def test_max_waiting_must_be_positive():
 async def test_serving_keeps_the_start_up_heap_out_of_the_collector_until_the_last_engine_stops(model_dirs):
     import gc
 
+    from batchdeck.engine.service import async_engine
+
     llm = make_engine(model_dirs["llama"], max_num_seqs=2)
+    if async_engine._frozen_by:  # an engine another test left running holds the freeze
+        pytest.skip(f"{async_engine._frozen_by} engine(s) of an earlier test still hold the freeze")
     assert gc.get_freeze_count() == 0
     first, second = AsyncEngine(llm), AsyncEngine(llm)
     await first.start()
+    with pytest.raises(RuntimeError, match="already running"):
+        await first.start()  # refused: the freeze stays counted once for this engine
     try:
         frozen = gc.get_freeze_count()
         assert frozen > 1000  # the model's modules and tensors, the engine, the imported modules

@@ -131,9 +131,12 @@ class AsyncEngine:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.running:
+            raise RuntimeError("AsyncEngine.start: the engine is already running (stop it first)")
         self._loop = asyncio.get_running_loop()
-        _freeze_start_up_heap()
-        self._frozen = True
+        if not self._frozen:
+            _freeze_start_up_heap()
+            self._frozen = True
         self._thread = threading.Thread(target=self._worker, name="batchdeck-engine", daemon=True)
         self._thread.start()
 
