@@ -19,7 +19,8 @@ outside the step; then, on CUDA, the GPU time of the point's decode graph alone 
 and of one replay followed by a sync. The step time minus the replay's GPU time is host time on the
 critical path; `--kernel-profile` lists that graph's kernels by GPU time per replay. BATCHDECK_ATTN_MAX_SPLITS=1 turns split-KV decode attention off (for a before/after).
 `--fusion-levels 2,1` also sweeps each further BATCHDECK_FUSED level (engine/triton_fused.py: 0 stock
-modules, 1 per-module fusions, 2 across modules, 3 also gate|up+SiLU in one Triton matmul) in a child process and saves its summary beside
+modules, 1 per-module fusions, 2 across modules, 3 also the small-M linears at decode row counts) in a
+child process and saves its summary beside
 the main run's under "fusion_comparison" (the main run uses the first level).
 
 Roofline of a point: a decode iteration reads the weights once (tied embeddings counted once) plus
@@ -47,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_common import (add_async_scheduling_flag, async_scheduling_for, command_line, log,  # noqa: E402
                                      versions, write_json)
 from benchmarks.gpu_offline import measure_ceilings  # noqa: E402
+from batchdeck.engine.attention.decode_splits import MAX_DECODE_SPLITS  # noqa: E402
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
 from batchdeck.engine.llm_engine import LLMEngine  # noqa: E402
 from batchdeck.engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
@@ -236,7 +238,8 @@ def main() -> None:
                              "cuda_graphs": cuda and not args.no_graphs, "attention_backend": "auto (triton on cuda)",
                              "async_scheduling": async_scheduling_for(args),
                              "fused_kernels": levels[0] != "0", "fusion_level": int(levels[0]),
-                             "attention_max_splits": os.environ.get("BATCHDECK_ATTN_MAX_SPLITS", "default (32)"),
+                             "attention_max_splits": os.environ.get("BATCHDECK_ATTN_MAX_SPLITS",
+                                                                    f"default ({MAX_DECODE_SPLITS})"),
                              "programmatic_dependent_launch": os.environ.get("BATCHDECK_PDL", "default (1: on Hopper)")},
     }
     weight_bytes, kv_per_token = model_bytes(cfg, 2 if cuda else 4)

@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: small sizes")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.steady_rate_scale is not None and not args.steady_rate_scale > 0:
+        ap.error(f"--steady-rate-scale {args.steady_rate_scale}: must be a positive multiple of the preset's rates")
 
     import torch
 
@@ -148,7 +150,7 @@ def main() -> None:
                              pool_tokens=profile.num_blocks * profile.block_size,
                              mean_prompt=probe["mean_prompt_tokens"], mean_output=probe["mean_output_tokens"])
     offered = sum(s.rate for s in presets["steady"].workload if getattr(s, "rate", None))
-    k = args.steady_rate_scale or args.load * bound["requests_per_s"] / offered
+    k = args.steady_rate_scale if args.steady_rate_scale is not None else args.load * bound["requests_per_s"] / offered
     presets["steady"] = scaled_rates(presets["steady"], k)
 
     from batchdeck.engine.models import load_model
