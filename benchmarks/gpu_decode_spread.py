@@ -98,7 +98,7 @@ def main() -> None:
     max_rows = max(rows)
     t0 = time.perf_counter()
     pool = max_rows * (args.long + args.steps + args.warmup_steps + 64) // 16 + 64
-    cfg = EngineConfig(model=args.model, device=device, dtype=dtype, num_blocks=pool, max_num_seqs_limit=64,
+    cfg = EngineConfig(model=args.model, device=device, dtype=dtype, num_blocks=pool, max_num_seqs_limit=max_rows,
                        max_batched_tokens_limit=2048, spec_k_limit=0, seed=0,
                        async_scheduling=device.startswith("cuda"))
     engine = LLMEngine(cfg, LiveConfig(max_num_seqs=max_rows, max_batched_tokens=2048, chunk_size=512))
