@@ -120,7 +120,8 @@ async def test_serving_keeps_the_start_up_heap_out_of_the_collector_until_the_la
     if async_engine._frozen_by:  # an engine another test left running holds the freeze
         pytest.skip(f"{async_engine._frozen_by} engine(s) of an earlier test still hold the freeze")
     assert gc.get_freeze_count() == 0
-    first, second = AsyncEngine(llm), AsyncEngine(llm)
+    first = AsyncEngine(llm)
+    second = AsyncEngine(make_engine(model_dirs["llama"], max_num_seqs=2))  # its own engine: one worker each
     await first.start()
     with pytest.raises(RuntimeError, match="already running"):
         await first.start()  # refused: the freeze stays counted once for this engine
