@@ -3,8 +3,7 @@
 At a few rows a linear reads its whole weight to do almost no arithmetic, so it runs at the speed
 weights stream from memory. cuBLAS picks tiles sized for larger M: on an H200 its kernels for the
 qwen3-0.6b layer shapes (4-12 MB weights) stream them at 0.3-2.1 TB/s at one row
-(benchmarks/results/gpu_gemv_h200.json). This kernel
-spreads the weight over many programs (BLOCK_N output features each; with SPLIT_K > 1 also over
+(benchmarks/results/gpu_gemv_h200.json). This kernel spreads the weight over many programs (BLOCK_N output features each; with SPLIT_K > 1 also over
 slices of K), loads it along K in wide coalesced tiles, accumulates in float32 and rounds once to the
 model dtype, as F.linear does (results differ from it only by reduction order).
 
@@ -24,8 +23,7 @@ and SiLU(gate) each rounded to the model dtype as the HF MLP rounds them, so the
 goes away.
 
 Launch decisions depend on shapes only (`pick_config(M, N, K, ...)` in engine/small_m_rule.py, no
-autotuning at call time), so
-calls are CUDA-graph safe once each config is compiled (the graph warm-up call compiles it).
+autotuning at call time), so calls are CUDA-graph safe once each config is compiled (the graph warm-up call compiles it).
 `benchmarks/gpu_gemv_bench.py` times every candidate of `candidate_configs` against cuBLAS and the
 rule's pick.
 """
@@ -36,9 +34,7 @@ import triton
 import triton.language as tl
 
 from batchdeck.engine.pdl import pdl_launch, pdl_prologue
-
 from batchdeck.engine.small_m_rule import MAX_ROWS, SmallMConfig, block_m_for, fits, pick_config
-
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel for 1 row and for several

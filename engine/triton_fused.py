@@ -32,7 +32,7 @@ reduction order, and levels 1 and 2 give identical results. Level 3 (the default
 o_proj, gate|up and down_proj linears through the weight-streaming small-M kernel of
 engine/small_m_linear.py when a step has at most its MAX_ROWS (16) rows, the SiLU-mul in the gate|up
 kernel's epilogue (9 kernels per layer; its own reduction order, the same rounding steps): on an H200
-a qwen3-0.6b layer's linears at one row take 20 us there against 31.6 us through cuBLAS
+a qwen3-0.6b layer's linears at one row take 20.1 us there against 31.6 us through cuBLAS
 (benchmarks/results/gpu_gemv_h200.json). BATCHDECK_FUSED=0 keeps the stock modules.
 """
 from __future__ import annotations
@@ -46,7 +46,6 @@ import triton
 import triton.language as tl
 
 from batchdeck.engine.pdl import pdl_launch, pdl_prologue
-
 from batchdeck.engine.small_m_linear import counters, num_sms, small_m_linear
 from batchdeck.engine.small_m_rule import pick_config
 
