@@ -39,8 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from batchdeck.engine.config import EngineConfig, LiveConfig
-from batchdeck.engine.settings import defaults_for
+from batchdeck.engine.config import resolve_configs
 from batchdeck.engine.llm_engine import LLMEngine
 from batchdeck.engine.request import SamplingParams
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape, fit, regime_errors, relative_errors
@@ -442,17 +441,16 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     device's default, on for cuda), since overlap changes what an iteration costs."""
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if async_scheduling is None:
-        async_scheduling = defaults_for(device)["async_scheduling"]
-    cfg = EngineConfig(model=model, device=device, dtype=dtype, num_blocks=num_blocks, async_scheduling=async_scheduling,
-                       gpu_memory_fraction=gpu_memory_fraction, max_num_seqs_limit=max_num_seqs,
-                       max_batched_tokens_limit=max_batched_tokens, seed=seed, spec_k_limit=0)
+    # the one resolver every command uses: the device's defaults for what is not given here
+    cfg, live = resolve_configs({
+        "model": model, "device": device, "dtype": dtype, "num_blocks": num_blocks,
+        "async_scheduling": async_scheduling, "gpu_memory_fraction": gpu_memory_fraction, "seed": seed,
+        "max_num_seqs_limit": max_num_seqs, "max_batched_tokens_limit": max_batched_tokens, "spec_k_limit": 0,
+        "max_num_seqs": max_num_seqs, "max_batched_tokens": max_batched_tokens,
+        "chunk_size": min(512, max_batched_tokens)})
+    device, dtype = cfg.device, cfg.dtype
     t_start = time.perf_counter()
-    engine = LLMEngine(cfg, LiveConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
-                                       chunk_size=min(512, max_batched_tokens)),
-                       sink=ListSink())  # telemetry kept as a headless replay keeps it
+    engine = LLMEngine(cfg, live, sink=ListSink())  # telemetry kept as a headless replay keeps it
     cuda = engine.device.type == "cuda"
     log(f"calibrate: {model} on {device} ({dtype}), {engine.blocks.num_blocks} KV blocks, "
         f"async scheduling {'on' if engine.async_scheduling else 'off'}, built in {time.perf_counter() - t_start:.1f} s")
