@@ -125,3 +125,17 @@ class GCWatch:
         return {"gc_collections_by_generation": list(self.collections), "gc_seconds": self.seconds,
                 "gc_longest_pause_s": self.longest_s,
                 "gc_long_pauses": [{"at_s": t, "pause_s": p, "generation": g} for t, p, g in self.long_pauses]}
+
+
+def replay_gpu_ms(graph, replays: int) -> float:
+    """GPU milliseconds per replay of a captured CUDA graph: CUDA events around `replays` back-to-back
+    replays (the caller has warmed it; the events wait for the device, not the host)."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays

@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_common import (add_async_scheduling_flag, async_scheduling_for, command_line, log,  # noqa: E402
-                                     versions, write_json)
+                                     replay_gpu_ms, versions, write_json)
 from benchmarks.gpu_offline import measure_ceilings  # noqa: E402
 from batchdeck.engine.attention.decode_splits import MAX_DECODE_SPLITS  # noqa: E402
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
@@ -137,13 +137,7 @@ def replay_gpu_time(engine: LLMEngine, b: int, replays: int, kernel_profile: boo
         return {}
     graph, logits, bucket, _ = hit
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    gpu_ms = start.elapsed_time(end) / replays
+    gpu_ms = replay_gpu_ms(graph, replays)
     walls = []
     for _ in range(replays):
         t = time.perf_counter()
@@ -294,9 +288,7 @@ def main() -> None:
         for k in p["breakdown"].get("kernels_per_replay", [])[:12]:
             log(f"    {k['us_per_replay']:9.1f} us  x{k['launches_per_replay']:6.1f}  {k['kernel']}")
     result["points"] = points
-    keys = ("batch_size", "step_ms_median", "tok_s", "roofline_tok_s", "roofline_fraction")
-    summary = [{**{k: p.get(k) for k in keys}, "graph_replay_gpu_ms": p["breakdown"].get("graph_replay_gpu_ms")}
-               for p in points]
+    summary = points_summary(points)
     print(json.dumps(summary, indent=1))
     if len(levels) > 1:
         result["fusion_comparison"] = {levels[0]: summary}
@@ -330,9 +322,14 @@ def fusion_level_run(level: str, args) -> list[dict]:
                        env={**os.environ, "BATCHDECK_FUSED": level}, check=True)
         with open(out) as f:
             child = json.load(f)
+    return points_summary(child["points"])
+
+
+def points_summary(points: list[dict]) -> list[dict]:
+    """The per-point lines printed and kept under fusion_comparison."""
     keys = ("batch_size", "step_ms_median", "tok_s", "roofline_tok_s", "roofline_fraction")
     return [{**{k: p.get(k) for k in keys}, "graph_replay_gpu_ms": p["breakdown"].get("graph_replay_gpu_ms")}
-            for p in child["points"]]
+            for p in points]
 
 
 if __name__ == "__main__":

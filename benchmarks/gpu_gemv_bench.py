@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_common import command_line, log, versions, write_json  # noqa: E402
+from benchmarks.bench_common import command_line, log, replay_gpu_ms, versions, write_json  # noqa: E402
 from batchdeck.engine.models import synthetic_config  # noqa: E402
 from batchdeck.engine.small_m_linear import counters, num_sms, small_m_linear  # noqa: E402
 from batchdeck.engine.small_m_rule import MAX_ROWS, SmallMConfig, candidate_configs, pick_config  # noqa: E402
@@ -140,14 +140,9 @@ def time_graph(fn, calls: int, replays: int, stream) -> float:
             graph.capture_end()
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
+    us_per_call = replay_gpu_ms(graph, replays) * 1e3 / calls
     del graph
-    return start.elapsed_time(end) * 1e3 / (replays * calls)
+    return us_per_call
 
 
 def rel_err(got, want) -> float:
