@@ -432,8 +432,10 @@ class LLMEngine:
         tenant_tokens: dict[str, int] = {}
         ttfts: list[float] = []
         itls: list[float] = []
+        num_padding = 0
         for chunk, preemptions in zip(plan.chunks, flight.preemptions):
             if chunk.padding:
+                num_padding += 1
                 continue
             r = chunk.request
             tenant_tokens[r.tenant] = tenant_tokens.get(r.tenant, 0) + chunk.num_tokens
@@ -498,7 +500,6 @@ class LLMEngine:
         t_end = perf()
         blocks = self.blocks
         queries, hits = blocks.prefix_cache_queries, blocks.prefix_cache_hits
-        num_padding = sum(1 for c in plan.chunks if c.padding)
         record = IterationRecord(
             iteration=it, time=now, step_time=flight.launch_time + (t_end - t_start),
             schedule_time=flight.schedule_time, draft_time=flight.draft_time,
@@ -507,8 +508,8 @@ class LLMEngine:
             num_decode_tokens=plan.num_decode_tokens - num_padding,
             num_prefill_chunks=plan.num_prefill_chunks,
             num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting),
-            num_preemptions=len(plan.preempted), kv_blocks_used=self.blocks.num_used,
-            kv_blocks_total=self.blocks.num_blocks, kv_cache_usage=self.blocks.num_used / self.blocks.num_blocks,
+            num_preemptions=len(plan.preempted), kv_blocks_used=blocks.num_used,
+            kv_blocks_total=blocks.num_blocks, kv_cache_usage=blocks.num_used / blocks.num_blocks,
             config_version=flight.config_version, num_padding_tokens=num_padding,
             num_finished=len(result.finished), num_generated_tokens=num_generated, ttfts=ttfts,
             spec_proposed=spec_proposed, spec_accepted=spec_accepted,

@@ -76,3 +76,21 @@ def test_token_exact_over_knobs(model_dirs, arch, seed, count, max_num_seqs, max
     run_and_compare(model_dirs[arch], prompts, max_tokens, max_num_seqs=max_num_seqs,
                     max_batched_tokens=max_batched_tokens, chunk_size=chunk_size, block_size=block_size,
                     num_blocks=num_blocks, batching=batching, static_timeout=0.0, overlap=overlap)
+
+
+
+def test_a_static_batchs_padding_rows_are_counted_apart_from_its_decode_tokens(model_dirs):
+    """Records of a static batch after its short request finished: that row keeps computing as padding
+    (num_padding_tokens), and num_decode_tokens counts only the rows still generating."""
+    from batchdeck.engine.telemetry import ListSink
+
+    sink = ListSink()
+    e = make_engine(model_dirs["llama"], sink=sink, max_num_seqs=2, batching="static", static_timeout=0.0)
+    e.add_request("short", [1, 2, 3], greedy(2))
+    e.add_request("long", [4, 5, 6], greedy(6))
+    e.run_until_done()
+    records = sink.iterations
+    padded = [r for r in records if r.num_padding_tokens]
+    assert padded, "the finished short request pads the batch until the long one ends"
+    assert all(r.num_padding_tokens == 1 and r.num_decode_tokens == 1 for r in padded)
+    assert sum(r.num_generated_tokens for r in records) == 2 + 6
