@@ -149,7 +149,7 @@ class LLMEngine:
         self._finished_ids: deque[str] = deque()
         self.iteration = 0  # the next iteration to launch
         self._inflight: _InFlight | None = None  # launched, not booked yet (overlapped iterations)
-        self.async_scheduling = config.async_scheduling and self._runner_launches
+        self.async_scheduling = config.async_scheduling
         self.num_requests_added = 0
         self._prefix_counts = (0, 0)  # the block manager's prefix-cache counters at the last record
 
@@ -339,17 +339,11 @@ class LLMEngine:
 
     # -- the iteration --------------------------------------------------------------------------
     @property
-    def _runner_launches(self) -> bool:
-        """Whether the executor can launch without waiting (a simulated or wrapped one runs synchronously)."""
-        return isinstance(self.runner, ModelRunner)
-
-    @property
     def overlapping(self) -> bool:
         """Whether the next iteration may be launched before the one in flight is booked: async
         scheduling is on and nothing needs host values at planning time (a drafter reads the tokens;
         static batching pads with finished slots), so speculating and static iterations stay synchronous."""
-        return (self.async_scheduling and not self.live.spec_k and self.live.batching == "continuous"
-                and self._runner_launches)
+        return self.async_scheduling and not self.live.spec_k and self.live.batching == "continuous"
 
     def step(self) -> StepResult | None:
         """Run one iteration; None when there was nothing to compute (idle or a static batch forming).
@@ -396,11 +390,7 @@ class LLMEngine:
             if drafting:
                 self._fill_drafts(drafting)
         t_draft = perf()
-        if self._runner_launches:
-            launched = self.runner.launch(plan, self.blocks, prev.launched if prev is not None else None)
-        else:
-            sampled, timings = self.runner.execute(plan, self.blocks)
-            launched = LaunchedStep.completed(sampled, timings, self.sampler.logprobs)
+        launched = self.runner.launch(plan, self.blocks, prev.launched if prev is not None else None)
         preemptions = []
         for chunk in plan.chunks:  # what the host knows already: positions computed, tokens coming
             r = chunk.request

@@ -56,7 +56,6 @@ class StepTimings:
     prepare: float = 0.0
     forward: float = 0.0  # host time to run (CUDA: enqueue) the forward
     sample: float = 0.0  # host time to sample (CUDA: enqueue the sampling and the copy of the ids)
-    wait: float = 0.0  # host time blocked until the sampled ids were on the host (`LaunchedStep.result`)
     graph: bool = False  # the forward was a CUDA-graph replay
     # profile_gpu: device time from the input upload to the sampled ids, and when both happened on the
     # device (ms since the runner's first profiled iteration: gaps between iterations are device idle time)
@@ -80,24 +79,16 @@ class LaunchedStep:
     done: object | None = None  # a CUDA event recorded after that copy
     gpu_events: tuple | None = None  # (start, end, epoch) CUDA timing events (profile_gpu)
 
-    @classmethod
-    def completed(cls, sampled: list[tuple[ScheduledChunk, list[int]]], timings: StepTimings,
-                  logprobs: dict[str, float] | None = None) -> "LaunchedStep":
-        """An iteration that ran to completion (a synchronous executor's result)."""
-        return cls([c for c, _ in sampled], timings, tokens=[t for _, t in sampled], logprobs=dict(logprobs or {}))
-
     def index(self) -> dict[int, int]:
         """id(request) -> its row in `ids`: where the next iteration finds the token this one samples."""
         return {id(c.request): i for i, c in enumerate(self.chunks)}
 
     def result(self) -> list[tuple[ScheduledChunk, list[int]]]:
         """(chunk, new token ids) for every chunk that sampled; waits for the device the first time."""
-        if self.tokens is None:
-            t0 = time.perf_counter()
+        if self.tokens is None:  # the host's wait is timed by the engine (its record's sync_wait_time)
             if self.done is not None:
                 self.done.synchronize()
             self.tokens = [[t] for t in self.host_ids.tolist()]
-            self.timings.wait = time.perf_counter() - t0
         if self.gpu_events is not None and self.timings.gpu_ms is None:
             start, end, epoch = self.gpu_events
             end.synchronize()
@@ -464,12 +455,12 @@ class ModelRunner:
         step = LaunchedStep(chunks, timings)
         if len(logits) > len(chunks):
             step.tokens = verify_chunks(self.sampler, logits, chunks, counts)
-            step.logprobs = dict(self.sampler.logprobs)
+            step.logprobs = self.sampler.logprobs
             self._gpu_span(step)
         else:
             ids = self.sampler.sample_ids(logits, [c.request.request_id for c in chunks],
                                           [c.request.sampling for c in chunks])
-            step.ids, step.logprobs = ids, dict(self.sampler.logprobs)
+            step.ids, step.logprobs = ids, self.sampler.logprobs
             self._gpu_span(step)
             if self.device.type == "cuda":
                 step.host_ids = ids.to("cpu", non_blocking=True)  # into pinned memory
@@ -494,8 +485,3 @@ class ModelRunner:
             step.gpu_events = (start, self._gpu_event(), self._gpu_epoch)
             step.timings.gpu_start = None
 
-    def execute(self, plan: StepPlan, blocks: BlockManager) -> tuple[list[tuple[ScheduledChunk, list[int]]], StepTimings]:
-        """Run the plan and wait for it; return (chunk, new token ids) for every chunk that samples: one
-        token, or for a speculating chunk its accepted drafts plus one corrected or bonus token."""
-        step = self.launch(plan, blocks)
-        return step.result(), step.timings

@@ -48,15 +48,12 @@ class Sampler:
     def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
         """One token id per row of `logits` [S, V]; `self.logprobs` gets the sampled tokens' log-probabilities
         (under the model's distribution, before temperature) for the rows whose params ask for them."""
-        if not params:
-            if self.logprobs:
-                self.logprobs = {}
-            return []
         return self.sample_ids(logits, request_ids, params).tolist()
 
     def sample_ids(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
         """`sample` without reading the ids: an int64 tensor [S] on the device (no host sync unless a
-        row asks for logprobs, whose values `self.logprobs` then holds)."""
+        row asks for logprobs, whose values `self.logprobs` then holds: a new dict each time, never
+        changed in place, so a launched step may keep a reference to it)."""
         if self.logprobs:
             self.logprobs = {}
         if not params:

@@ -53,12 +53,6 @@ class SimulatedEngine(LLMEngine):
                                   device_async=not p.device_name.startswith("CPU"))
         return num_blocks
 
-    @property
-    def _runner_launches(self) -> bool:
-        """The simulated executor launches as the model runner does: overlapped iterations
-        (async scheduling) run as on the device the profile was measured on."""
-        return True
-
     def add_request(self, *args: Any, **kwargs: Any):
         idle = not self.has_unfinished
         request = super().add_request(*args, **kwargs)

@@ -1,4 +1,4 @@
-"""The simulated executor: stands where `ModelRunner` stands (same `execute(plan, blocks)`), computes
+"""The simulated executor: stands where `ModelRunner` stands (same `launch(plan, blocks, prev)`), computes
 no tensors, and lets the iteration last what the cost model says.
 
 Output tokens are deterministic stand-ins, a function of the request id and the position (never an
@@ -97,11 +97,6 @@ class SimExecutor:
         self.simulated_seconds += dt
         return SimLaunchedStep([c for c, _ in sampled], StepTimings(forward=dt), tokens=[t for _, t in sampled],
                                end=end, clock=self.clock)
-
-    def execute(self, plan: StepPlan, blocks: Any) -> tuple[list[tuple[Any, list[int]]], StepTimings]:
-        """Run one iteration to its end (a synchronous executor's interface)."""
-        launched = self.launch(plan, blocks)
-        return launched.result(), launched.timings
 
     def _sample(self, plan: StepPlan) -> list[tuple[Any, list[int]]]:
         out = []
