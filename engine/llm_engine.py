@@ -535,7 +535,7 @@ class LLMEngine:
             return FinishReason.STOP
         if token in s.stop_token_ids:
             return FinishReason.STOP
-        if r.num_output_tokens >= s.max_tokens or known >= self.max_model_len:
+        if r.reaches_length_limit(known, self.max_model_len):
             return FinishReason.LENGTH
         return None
 

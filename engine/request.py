@@ -170,6 +170,12 @@ class Request:
         """Prompt and output tokens whose values the host has (placeholders excluded)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    def reaches_length_limit(self, num_tokens: int, max_model_len: int) -> bool:
+        """Whether `num_tokens` tokens (prompt included) reach `max_tokens` or `max_model_len`. The
+        scheduler asks with the tokens in flight counted (no iteration after the last one), the stop
+        check with the tokens the host has (`num_known_tokens`)."""
+        return num_tokens - len(self.prompt_token_ids) >= self.sampling.max_tokens or num_tokens >= max_model_len
+
     @property
     def num_placeholders(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids) - len(self.output_token_ids)
@@ -206,7 +212,7 @@ class Request:
 
     def append_token(self, token_id: int, now: float) -> None:
         """Append a sampled token: it takes the place of the oldest placeholder, if there is one."""
-        known = len(self.prompt_token_ids) + len(self.output_token_ids)
+        known = self.num_known_tokens
         if known < len(self.token_ids):
             self.token_ids[known] = token_id
         else:
@@ -216,4 +222,4 @@ class Request:
 
     def drop_placeholders(self) -> None:
         """Forget tokens still in flight (the request finished: their values are discarded)."""
-        del self.token_ids[len(self.prompt_token_ids) + len(self.output_token_ids):]
+        del self.token_ids[self.num_known_tokens:]

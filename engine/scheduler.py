@@ -198,8 +198,7 @@ class Scheduler:
             if r.status is not running_status or id(r) in scheduled:
                 continue
             ids = r.token_ids
-            outputs = len(ids) - len(r.prompt_token_ids)  # with the tokens still in flight (placeholders)
-            if outputs >= r.sampling.max_tokens or len(ids) >= max_model_len:
+            if r.reaches_length_limit(len(ids), max_model_len):  # counting the tokens in flight (placeholders)
                 continue  # its token in flight is its last (overlapped iterations): it leaves when booked
             computed = r.num_computed_tokens
             pending = len(ids) - computed  # r.num_pending_tokens
@@ -220,7 +219,7 @@ class Scheduler:
                 if r.status is not running_status:
                     continue
             chunks.append(ScheduledChunk(r, computed, n, n - num_draft == pending,
-                                         pending == 1 and outputs > 0, num_draft=num_draft))
+                                         pending == 1 and len(ids) > len(r.prompt_token_ids), num_draft=num_draft))
             scheduled.add(id(r))
             budget -= n
         return budget
