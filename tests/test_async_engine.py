@@ -117,8 +117,7 @@ async def test_serving_keeps_the_start_up_heap_out_of_the_collector_until_the_la
     from batchdeck.engine.service import async_engine
 
     llm = make_engine(model_dirs["llama"], max_num_seqs=2)
-    if async_engine._frozen_by:  # an engine another test left running holds the freeze
-        pytest.skip(f"{async_engine._frozen_by} engine(s) of an earlier test still hold the freeze")
+    assert not async_engine._frozen_by, f"{async_engine._frozen_by} engine(s) an earlier test left running"
     assert gc.get_freeze_count() == 0
     first = AsyncEngine(llm)
     second = AsyncEngine(make_engine(model_dirs["llama"], max_num_seqs=2))  # its own engine: one worker each

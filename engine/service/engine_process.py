@@ -49,11 +49,11 @@ from batchdeck.engine.service.async_engine import ConfigReply, RequestStream
 from batchdeck.engine.service.bus import Bus
 from batchdeck.engine.service.process_link import (ExceptionBlob, Sender, await_ready, read_to_loop, spawn_child,
                                                    stop_process)
+from batchdeck.engine.service.protocol import METRICS_TOPICS
 from batchdeck.engine.service.served_model import EngineDeadError, ServedModel
 
 log = logging.getLogger(__name__)
 
-TOPICS = ("iteration", "request", "event", "gpu")  # what the server's /metrics is fed from
 FLUSH_INTERVAL_S = 0.05  # telemetry without outputs (idle engine, events, GPU samples) waits at most this
 START_TIMEOUT_S = 900.0  # loading a large model on a slow disk
 EXIT_TIMEOUT_S = 60.0
@@ -226,7 +226,7 @@ class _ChildBridge:
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
-        self._listener = self.runner.bus.add_listener(lambda t, r: self._records.append((t, r)), TOPICS,
+        self._listener = self.runner.bus.add_listener(lambda t, r: self._records.append((t, r)), METRICS_TOPICS,
                                                              name="engine-process")
         self.engine.finished_observers.append(self._observe_finished)
         run = asyncio.create_task(self.runner.run())

@@ -34,11 +34,11 @@ from prometheus_client.utils import floatToGoString
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the route
 
 from batchdeck.engine.request import SLO_CLASSES, Request
+from batchdeck.engine.service.protocol import METRICS_TOPICS
 from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord
 
 PREFIXES = ("batchdeck", "vllm")
 MAX_TENANT_LABELS = 100
-TOPICS = ("iteration", "request", "event", "gpu")
 
 # vLLM's bucket boundaries
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -188,7 +188,7 @@ class ServerMetrics:
     # -- feeding -------------------------------------------------------------------------------
     def start(self, bus: Any, engine: Any = None, drain_interval_s: float = 0.5) -> None:
         """Subscribe to `bus` on the running loop (and to `engine`'s finished requests)."""
-        self._sub = bus.subscribe(TOPICS, maxsize=65536, name="prometheus")
+        self._sub = bus.subscribe(METRICS_TOPICS, maxsize=65536, name="prometheus")
         if engine is not None:
             engine.finished_observers.append(self.observe_finished)
         self._task = asyncio.get_running_loop().create_task(self._drain_loop(drain_interval_s))
