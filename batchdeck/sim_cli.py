@@ -19,11 +19,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--model", required=True, help="synthetic:<name> or a local HF model directory")
     cal.add_argument("--out", default=None, help="profile JSON (default: NAME.json)")
     cal.add_argument("--name", default=None, help="profile name (default: <gpu>-<model>, e.g. h200-qwen3-0.6b)")
-    cal.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    cal.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    cal.add_argument("--max-num-seqs", type=int, default=256, help="largest batch run (the simulated limit)")
-    cal.add_argument("--max-batched-tokens", type=int, default=8192, help="largest iteration run")
-    cal.add_argument("--num-blocks", type=int, default=None, help="KV pool (default: from free memory, as the engine)")
+    # the engine's own settings: the table's flags and per-device defaults (the largest batch and
+    # iteration run are --max-num-seqs and --max-batched-tokens, the limits the profile serves up to)
+    for name in ("device", "dtype", "max_num_seqs", "max_batched_tokens", "num_blocks", "gpu_memory_fraction"):
+        add_setting_flag(cal, BY_NAME[name])
     cal.add_argument("--budget", type=float, default=120.0, metavar="SECONDS",
                      help="time for the workloads (each gets its share; default 120)")
     cal.add_argument("--inline", action="store_true", help="step the engine in one thread, without the serving "
@@ -56,13 +55,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not args.budget > 0:
         raise ValueError(f"--budget must be > 0 seconds, got {args.budget}")
-    for flag in ("max_num_seqs", "max_batched_tokens"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     driver = {} if args.inline else {"driver": drive_through_service, "driver_name": "serving loop (AsyncEngine)"}
     profile = calibrate(args.model, device=args.device, dtype=args.dtype, name=args.name,
                         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
-                        quick=args.quick, num_blocks=args.num_blocks, budget_s=args.budget,
+                        quick=args.quick, num_blocks=args.num_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
+                        budget_s=args.budget,
                         async_scheduling=args.async_scheduling, **driver)
     out = args.out or f"{profile.name}.json"
     profile.save(out)

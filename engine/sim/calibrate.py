@@ -430,9 +430,9 @@ def decode_split_rule(engine: LLMEngine) -> dict[str, int] | None:
 
 
 def calibrate(model: str, *, device: str | None = None, dtype: str | None = None, name: str | None = None,
-              max_num_seqs: int = 256, max_batched_tokens: int = 8192, quick: bool = False,
+              max_num_seqs: int | None = None, max_batched_tokens: int | None = None, quick: bool = False,
               async_scheduling: bool | None = None,
-              num_blocks: int | None = None, gpu_memory_fraction: float = 0.85, seed: int = 0,
+              num_blocks: int | None = None, gpu_memory_fraction: float | None = None, seed: int = 0,
               driver: Driver | None = None, driver_name: str = "inline", budget_s: float = 120.0,
               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> SimProfile:
     """Build the engine, play `design_workloads` through `driver` (default: `drive_all_inline`) within
@@ -441,14 +441,15 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     device's default, on for cuda), since overlap changes what an iteration costs."""
     import torch
 
-    # the one resolver every command uses: the device's defaults for what is not given here
+    # the one resolver every command uses: the device's defaults for what is not given here (the largest
+    # batch and iteration run are the limits the engine captures graphs up to, as it would serve)
     cfg, live = resolve_configs({
         "model": model, "device": device, "dtype": dtype, "num_blocks": num_blocks,
         "async_scheduling": async_scheduling, "gpu_memory_fraction": gpu_memory_fraction, "seed": seed,
-        "max_num_seqs_limit": max_num_seqs, "max_batched_tokens_limit": max_batched_tokens, "spec_k_limit": 0,
-        "max_num_seqs": max_num_seqs, "max_batched_tokens": max_batched_tokens,
-        "chunk_size": min(512, max_batched_tokens)})
+        "spec_k_limit": 0, "max_num_seqs": max_num_seqs, "max_batched_tokens": max_batched_tokens})
     device, dtype = cfg.device, cfg.dtype
+    max_num_seqs, max_batched_tokens = live.max_num_seqs, live.max_batched_tokens
+    cfg = replace(cfg, max_num_seqs_limit=max_num_seqs, max_batched_tokens_limit=max_batched_tokens)
     t_start = time.perf_counter()
     engine = LLMEngine(cfg, live, sink=ListSink())  # telemetry kept as a headless replay keeps it
     cuda = engine.device.type == "cuda"
