@@ -29,6 +29,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                                                             "loop around it (default: the serving loop, as replay runs)")
     add_setting_flag(cal, BY_NAME["async_scheduling"])  # the profile must come from the engine as it will serve
     cal.add_argument("--quick", action="store_true", help="a small grid (CPU smoke runs)")
+    cal.add_argument("--samples-out", default=None, metavar="OUT.jsonl",
+                     help="also write the iterations the fit saw (shape, gap, wait for the device), one JSON per line")
     cal.set_defaults(func=_cmd_calibrate)
 
     sw = sub.add_parser("sweep", help="replay a preset on the simulator for a grid of settings; table + HTML plot",
@@ -59,7 +61,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     profile = calibrate(args.model, device=args.device, dtype=args.dtype, name=args.name,
                         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                         quick=args.quick, num_blocks=args.num_blocks, gpu_memory_fraction=args.gpu_memory_fraction,
-                        budget_s=args.budget,
+                        budget_s=args.budget, samples_out=args.samples_out,
                         async_scheduling=args.async_scheduling, **driver)
     out = args.out or f"{profile.name}.json"
     profile.save(out)

@@ -135,7 +135,7 @@ def replay_gpu_time(engine: LLMEngine, b: int, replays: int, kernel_profile: boo
     hit = graphs.lookup(b, b, True) if graphs is not None else None
     if hit is None or replays <= 0:
         return {}
-    graph, logits, bucket, _ = hit
+    graph, logits, bucket = hit.graph, hit.logits, hit.rows
     torch.cuda.synchronize()
     gpu_ms = replay_gpu_ms(graph, replays)
     walls = []

@@ -96,6 +96,8 @@ def main() -> None:
                     help="overlapped iterations in the real runs, the calibration and the simulator (default: the "
                          "device's default, on for cuda)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: small sizes")
+    ap.add_argument("--samples-dir", default=None, help="write the busy iterations (shape, gap, wait for the device) "
+                    "of the calibration and of each real scenario here, as JSON lines, for analysis")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.steady_rate_scale is not None and not args.steady_rate_scale > 0:
@@ -105,7 +107,7 @@ def main() -> None:
 
     from benchmarks.bench_common import GCWatch
     from batchdeck.engine.settings import defaults_for
-    from batchdeck.engine.sim.calibrate import IterationTap, calibrate, check_iterations
+    from batchdeck.engine.sim.calibrate import IterationTap, calibrate, check_iterations, write_samples
     from batchdeck.engine.sim.profile import load_profile
     from batchdeck.presets import load_preset, resolve_preset
     from batchdeck.presets.analytic import throughput_bound
@@ -121,6 +123,12 @@ def main() -> None:
     # the runs' start-time limits (CUDA graphs are captured up to them); the profile is calibrated up to the same
     limits = {"max_num_seqs": 8, "max_batched_tokens": 128} if args.smoke else {"max_num_seqs": 64,
                                                                                "max_batched_tokens": 2048}
+    def samples_path(name: str) -> str | None:
+        if not args.samples_dir:
+            return None
+        Path(args.samples_dir).mkdir(parents=True, exist_ok=True)
+        return str(Path(args.samples_dir) / f"{name}.jsonl")
+
     if args.profile:
         profile = load_profile(args.profile)
         profile_path = args.profile
@@ -131,7 +139,8 @@ def main() -> None:
         profile = calibrate(args.model, device=device, dtype=dtype, budget_s=budget,
                             num_blocks=512 if args.smoke else None, max_num_seqs=limits["max_num_seqs"],
                             max_batched_tokens=limits["max_batched_tokens"], driver=drive_through_service,
-                            driver_name="serving loop (AsyncEngine)", async_scheduling=overlap)
+                            driver_name="serving loop (AsyncEngine)", async_scheduling=overlap,
+                            samples_out=samples_path("calibration"))
         profile_path = str(Path(args.out).with_suffix(".profile.json"))
         profile.save(profile_path)
     config = {"policy": "fcfs", "max_num_seqs": 8 if args.smoke else 64,
@@ -157,8 +166,9 @@ def main() -> None:
 
     loaded = load_model(args.model, device, dtype, 0)  # one load for every real run (speed does not depend on weights)
 
-    def run(preset, over, extra=None, check=None):
-        """The run's summary; `check`: a dict to fill with the iteration check of its busy iterations."""
+    def run(preset, over, extra=None, check=None, samples_to=None):
+        """The run's summary; `check`: a dict to fill with the iteration check of its busy iterations
+        (`samples_to`: a path to write them to)."""
         kw = {"loaded": loaded} if over is real_over else {}
         taps = []
         if check is not None:
@@ -167,6 +177,8 @@ def main() -> None:
             rep = run_preset(preset, overrides={**over, **(extra or {})}, duration_scale=scale, **kw).report()
         if taps:
             check.update(check_iterations(cost, taps[0].samples()), **gc_watch.summary())
+            if samples_to:
+                write_samples(samples_to, taps[0].samples())
             taps[0].remove()
         gc.collect()  # the finished engine's KV pool is returned before the next run allocates its own
         if device.startswith("cuda"):
@@ -176,7 +188,7 @@ def main() -> None:
     scenarios = {}
     for name, preset in presets.items():
         checks = {"gpu": {}, "sim": {}}
-        real = run(preset, real_over, check=checks["gpu"])
+        real = run(preset, real_over, check=checks["gpu"], samples_to=samples_path(f"real-{name}"))
         sim = run(preset, sim_over, check=checks["sim"])
         rows = {}
         for m, (path, tol) in METRICS.items():

@@ -2,10 +2,13 @@
 
 Every CUDA iteration writes its inputs (token ids, positions, slot mapping, sample rows, query
 start locations, sequence lengths, block tables) into one pinned host mirror, copies it to static
-device buffers in two transfers, and runs the model on views of those buffers. The views a
-captured graph reads are prefixes of the same buffers, so replaying a graph serves any iteration
-that fits its bucket once the unused tail is padded (padded tokens: slot -1, id 0, position 0;
-padded rows: no query tokens, seq_len 0; see engine/attention/triton_kernels.py).
+device buffers in two transfers, and runs the model on views of those buffers. The int64 inputs
+of an iteration of t tokens (t: its bucket's, or its own when it runs eagerly) lie packed at the
+front, [ids t | positions t | slots t | sample entries], so the upload copies what the iteration
+reads and no more (a decode step of one row copies 32 bytes, not the [3T + T] mirror). A captured
+graph reads its bucket's layout, so replaying it serves any iteration that fits the bucket once
+the unused tail is padded (padded tokens: slot -1, id 0, position 0; padded rows: no query tokens,
+seq_len 0; see engine/attention/triton_kernels.py).
 
 Buckets, captured once at engine start within the live-config bounds:
 - decode-only iterations (every row one token): row counts 1, 2, 4, ..., 64, then steps of a quarter
@@ -25,11 +28,12 @@ import gc
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from batchdeck.engine.attention.metadata import AttentionMetadata, StepContext
+from batchdeck.engine.attention.metadata import AttentionMetadata
 
 
 def decode_buckets(max_rows: int) -> list[int]:
@@ -66,7 +70,8 @@ def pick(buckets: list[int], n: int) -> int | None:
 class StepBuffers:
     """Host (pinned) and device buffers for one iteration's inputs, sized for the largest one.
 
-    int64 section: input_ids [T] | positions [T] | slot_mapping [T] | sample_rows [max(T, R)]
+    int64 section, laid out for the iteration's token count t (`layout`):
+        input_ids [t] | positions [t] | slot_mapping [t] | sample_rows [up to max(T, R)]
     int32 section: query_start_loc [R + 1] | seq_lens [R] | context_lens [R] | block_tables [R, MB]
     """
 
@@ -81,21 +86,31 @@ class StepBuffers:
         self.host64 = torch.zeros(self.n64, dtype=torch.int64, pin_memory=pin)
         self.host32 = torch.zeros(self.n32, dtype=torch.int32, pin_memory=pin)
         h64, h32 = self.host64.numpy(), self.host32.numpy()
-        self.ids, self.pos, self.slots = h64[:t], h64[t:2 * t], h64[2 * t:3 * t]
-        self.sample = h64[3 * t:]
+        self._h64 = h64
+        self.layout(t)
         self.qsl, self.seq, self.ctx = h32[:r + 1], h32[r + 1:2 * r + 1], h32[2 * r + 1:3 * r + 1]
         self.bt = h32[self.off32_bt:].reshape(r, mb)
         self.dev64 = torch.zeros(self.n64, dtype=torch.int64, device=device)
         self.dev32 = torch.zeros(self.n32, dtype=torch.int32, device=device)
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
+    def layout(self, t: int) -> None:
+        """Point the host views (`ids`, `pos`, `slots`, `sample`) at the layout of an iteration of t
+        tokens (the views `views` and `sample_rows` give the device for the same t)."""
+        h64 = self._h64
+        self.tokens = t
+        self.ids, self.pos, self.slots = h64[:t], h64[t:2 * t], h64[2 * t:3 * t]
+        self.sample = h64[3 * t:]
+
     def wait_host_free(self) -> None:
         """The previous upload read the pinned mirror asynchronously: wait until it is done."""
         if self._copied is not None:
             self._copied.synchronize()
 
-    def upload(self, rows: int) -> None:
-        self.dev64.copy_(self.host64, non_blocking=True)
+    def upload(self, rows: int, samples: int) -> None:
+        """Copy what an iteration of `rows` rows and `samples` sample entries reads, in the current layout."""
+        n64 = 3 * self.tokens + samples
+        self.dev64[:n64].copy_(self.host64[:n64], non_blocking=True)
         n32 = self.off32_bt + rows * self.max_blocks
         self.dev32[:n32].copy_(self.host32[:n32], non_blocking=True)
         if self._copied is not None:
@@ -116,18 +131,19 @@ class StepBuffers:
         if kept > max(r, samples):
             self.sample[max(r, samples):kept] = 0
 
-    def sample_rows(self, n: int) -> torch.Tensor:
-        """The first n sample entries on the device (a speculating iteration may need more than its rows)."""
-        return self.dev64[3 * self.max_tokens:3 * self.max_tokens + n]
+    def sample_rows(self, t: int, n: int) -> torch.Tensor:
+        """The first n sample entries on the device, in the layout of t tokens (a speculating iteration
+        may need more than its rows)."""
+        return self.dev64[3 * t:3 * t + n]
 
     def views(self, t: int, r: int, *, num_decodes: int, max_query_len: int, max_seq_len: int, block_size: int,
               query_lens_host: list[int], seq_lens_host: list[int]):
-        """(input_ids [1, t], positions [1, t], metadata over r rows) on the device; the sample
-        entries are `sample_rows(n)`."""
-        T, R = self.max_tokens, self.max_rows
+        """(input_ids [1, t], positions [1, t], metadata over r rows) on the device, in the layout of
+        t tokens; the sample entries are `sample_rows(t, n)`."""
+        R = self.max_rows
         d64, d32 = self.dev64, self.dev32
         meta = AttentionMetadata(
-            slot_mapping=d64[2 * T:2 * T + t],
+            slot_mapping=d64[2 * t:3 * t],
             block_tables=d32[self.off32_bt:].view(R, self.max_blocks)[:r],
             query_start_loc=d32[:r + 1],
             seq_lens=d32[R + 1:R + 1 + r],
@@ -135,7 +151,7 @@ class StepBuffers:
             num_decodes=num_decodes, max_query_len=max_query_len, max_seq_len=max_seq_len,
             block_size=block_size, query_lens_host=query_lens_host, seq_lens_host=seq_lens_host,
         )
-        return d64[:t].view(1, t), d64[T:T + t].view(1, t), meta
+        return d64[:t].view(1, t), d64[t:2 * t].view(1, t), meta
 
 
 def _capture(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream, fn):
@@ -153,6 +169,16 @@ def _capture(graph: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream, fn):
     return out
 
 
+class GraphHit(NamedTuple):
+    """A captured bucket an iteration fits: replay `graph`, then read `logits` [kept, V]."""
+
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor
+    tokens: int  # the bucket's tokens (the layout its inputs take) and rows
+    rows: int
+    every_row: bool  # a decode bucket: logits of every row in row order, not of the sample entries
+
+
 @dataclass
 class GraphStats:
     captured: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, tokens, rows)
@@ -161,6 +187,7 @@ class GraphStats:
     per_bucket: list[tuple[str, int, float, float]] = field(default_factory=list)
     replays: int = 0
     eager: int = 0
+    row_picks: int = 0  # decode-graph replays where some row sampled nothing (its logits were left out)
 
 
 class CudaGraphRunner:
@@ -184,30 +211,30 @@ class CudaGraphRunner:
     def rows_for(self, tokens: int) -> int:
         return min(self.max_rows, tokens)
 
-    def lookup(self, t: int, r: int, decode_only: bool, samples: int | None = None):
-        """(graph, logits [kept, V], tb, rb) of the smallest bucket that fits t tokens, r rows and
-        `samples` sample entries (default r), or None."""
+    def lookup(self, t: int, r: int, decode_only: bool, samples: int | None = None) -> GraphHit | None:
+        """The smallest bucket that fits t tokens, r rows and `samples` sample entries (default r), or None."""
         samples = r if samples is None else samples
         if decode_only:
             b = pick(self.decode_sizes, r)
             if b is not None and ("decode", b) in self.graphs:
                 g, logits, _ = self.graphs[("decode", b)]
-                return g, logits, b, b
+                return GraphHit(g, logits, b, b, True)
         if samples <= r:
             for tb in self.token_sizes:
                 if tb >= t and self.rows_for(tb) >= r and ("mixed", tb) in self.graphs:
                     g, logits, rb = self.graphs[("mixed", tb)]
-                    return g, logits, tb, rb
+                    return GraphHit(g, logits, tb, rb, False)
         for tb in self.verify_sizes:
             if tb >= t and self.rows_for(tb) >= r and ("verify", tb) in self.graphs:
                 g, logits, rb = self.graphs[("verify", tb)]
-                return g, logits, tb, rb
+                return GraphHit(g, logits, tb, rb, False)
         return None
 
     def _dummy(self, tb: int, rb: int, kept: int) -> bool:
         """Fill the host mirror with a valid iteration of tb tokens over rb rows (no K/V writes)."""
         buf = self.buffers
         buf.wait_host_free()  # the previous bucket's upload may still be reading the pinned mirror
+        buf.layout(tb)
         qlens = np.full(rb, tb // rb, dtype=np.int64)
         qlens[: tb % rb] += 1
         if qlens.max() > self.max_model_len:
@@ -221,7 +248,7 @@ class CudaGraphRunner:
         buf.pos[:tb] = 0
         buf.slots[:tb] = -1
         buf.sample[:kept] = np.cumsum(qlens) - 1 if kept == rb else np.arange(kept)
-        buf.upload(rb)
+        buf.upload(rb, kept)
         return True
 
     @torch.inference_mode()

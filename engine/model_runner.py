@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from batchdeck.engine.attention.metadata import AttentionMetadata, StepContext
-from batchdeck.engine.cuda_graphs import CudaGraphRunner, StepBuffers
+from batchdeck.engine.cuda_graphs import CudaGraphRunner, GraphHit, StepBuffers
 from batchdeck.engine.block_manager import BlockManager
 from batchdeck.engine.kv_cache import KVCache
 from batchdeck.engine.sampler import Sampler, host_to_device
@@ -257,14 +257,19 @@ class PreparedStep:
     row_ids: list[str] = field(default_factory=list)
     sample_counts: list[int] = field(default_factory=list)  # logits rows per sampling chunk (k + 1 when speculating)
     rows: list[ScheduledChunk] = field(default_factory=list)  # every chunk, in row order
+    graph: GraphHit | None = None  # the captured bucket it fits, or None: eager
+    sampling_rows: list[int] = field(default_factory=list)  # the rows of `sampling_chunks`
 
     @property
     def num_samples(self) -> int:
         return sum(self.sample_counts)
 
 
-def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManager, tables: HostTables) -> PreparedStep:
-    """Write one iteration's inputs into the host mirror `buf` (rows [0, R), tokens [0, T)).
+def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManager, tables: HostTables,
+              graphs: CudaGraphRunner | None = None) -> PreparedStep:
+    """Write one iteration's inputs into the host mirror `buf` (rows [0, R), tokens [0, T)), laid out
+    for the captured bucket that fits it (`graphs`; `PreparedStep.graph` is its lookup), else for its
+    own token count.
 
     Same values as `build_inputs`; sample entries past the last one (up to R) are 0. A speculating
     chunk's drafted tokens follow its last token and every position it verifies is a sample entry,
@@ -276,6 +281,11 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     starts = [c.start for c in rows]
     t = sum(lens)
     decode_only = t == r
+    sampling = [i for i, c in enumerate(rows) if c.samples]
+    counts = [1 + len(rows[i].draft) for i in sampling]
+    s = sum(counts)
+    hit = graphs.lookup(t, r, decode_only, s) if graphs is not None else None
+    buf.layout(t if hit is None else hit.tokens)
     if decode_only:
         buf.ids[:t] = [c.request.token_ids[c.start] for c in rows]
     else:
@@ -299,13 +309,10 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     buf.qsl[:r + 1] = cu
     buf.seq[:r] = seq
     buf.ctx[:r] = starts_np
-    sampling = [i for i, c in enumerate(rows) if c.samples]
-    counts = [1 + len(rows[i].draft) for i in sampling]
-    s = sum(counts)
     buf.sample[:s] = sample_entries(cu[1:][sampling], counts)
     buf.sample[s:r] = 0
     return PreparedStep(t, r, decode_only, [rows[i] for i in sampling], lens, seq.tolist(),
-                        sum(1 for n in lens if n == 1), row_ids, counts, rows)
+                        sum(1 for n in lens if n == 1), row_ids, counts, rows, hit, sampling)
 
 
 class ModelRunner:
@@ -366,38 +373,44 @@ class ModelRunner:
         return out.logits[0]
 
     def _graph_forward(self, t: int, r: int, max_query_len: int, kept: int) -> torch.Tensor:
-        """The captured function: a bucket of t tokens and r rows, logits at `kept` sample entries."""
+        """The captured function: a bucket of t tokens and r rows, logits at `kept` sample entries;
+        a decode bucket keeps every row's logits in row order (no gather of the hidden states)."""
         ids, pos, meta = self.buffers.views(
             t, r, num_decodes=r if max_query_len == 1 else 0, max_query_len=max_query_len,
             max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size,
             query_lens_host=[1] * r, seq_lens_host=[1] * r)
-        return self._model_logits(ids, pos, meta, self.buffers.sample_rows(kept))
+        keep = 0 if max_query_len == 1 else self.buffers.sample_rows(t, kept)  # 0: every row
+        return self._model_logits(ids, pos, meta, keep)
 
     def _logits_buffers(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings,
                         prev: LaunchedStep | None):
         t0 = time.perf_counter()
         buf = self.buffers
         buf.wait_host_free()
-        step = fill_step(buf, chunks, blocks, self.tables)
+        step = fill_step(buf, chunks, blocks, self.tables, self.graphs)
         dst, src = feed_positions(step.rows, prev.index()) if prev is not None and prev.ids is not None else ((), ())
         t, r = step.num_tokens, step.num_rows
         s = step.num_samples
-        hit = self.graphs.lookup(t, r, step.decode_only, s) if self.graphs is not None else None
-        rows_up = r
+        hit = step.graph
+        rows_up, samples_up = r, max(s, 1)
         if hit is not None:
-            graph, logits_all, tb, rb = hit
+            graph, logits_all, tb, rb = hit.graph, hit.logits, hit.tokens, hit.rows
             buf.pad(t, r, tb, rb, samples=s, kept=len(logits_all))
-            rows_up = rb
+            rows_up, samples_up = rb, len(logits_all)
         if self.profile_gpu:
             timings.gpu_start = self._gpu_event()
-        buf.upload(rows_up)
+        buf.upload(rows_up, samples_up)
         if dst:
             feed(buf.dev64, prev.ids, dst, src)  # input_ids are the first tokens of dev64
         t1 = time.perf_counter()
         timings.prepare = t1 - t0
         if hit is not None:
             graph.replay()
-            logits = logits_all[:s]
+            if not hit.every_row or s == r:
+                logits = logits_all[:s]
+            else:  # a decode graph keeps every row; a one-token chunk of a prompt samples nothing
+                logits = logits_all.index_select(0, host_to_device(step.sampling_rows, torch.int64, self.device))
+                self.graphs.stats.row_picks += 1
             timings.graph = True
             self.graphs.stats.replays += 1
         else:
@@ -405,7 +418,7 @@ class ModelRunner:
                 t, r, num_decodes=step.num_decodes, max_query_len=max(step.query_lens),
                 max_seq_len=max(step.seq_lens), block_size=blocks.block_size,
                 query_lens_host=step.query_lens, seq_lens_host=step.seq_lens)
-            logits = self._model_logits(ids, pos, meta, buf.sample_rows(max(s, 1)))[:s]
+            logits = self._model_logits(ids, pos, meta, buf.sample_rows(t, max(s, 1)))[:s]
             if self.graphs is not None:
                 self.graphs.stats.eager += 1
         timings.forward = time.perf_counter() - t1

@@ -81,6 +81,22 @@ def test_busy_gaps_skip_idle_starts_and_workload_boundaries():
     assert len(gaps) == 1 and gaps[0][1] == pytest.approx(0.01)
 
 
+def test_the_samples_a_fit_saw_are_written_as_json_lines(tmp_path):
+    import json
+
+    from batchdeck.engine.sim.calibrate import write_samples
+
+    s = [Sample(0, 1.0, IterationShape(decode_rows=1, decode_context=0.1), True, 0.9),
+         Sample(0, 1.01, IterationShape(prefill_tokens=30, prefill_rows=1, decode_rows=2), False, 0.9, 0.004),
+         Sample(1, 3.0, IterationShape(decode_rows=1, decode_context=0.1), False, 2.9)]
+    path = tmp_path / "samples.jsonl"
+    assert write_samples(str(path), s, {0: "serving", 1: "decode"}) == 1  # the busy gaps only
+    (row,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert row["gap_s"] == pytest.approx(0.01) and row["sync_wait_s"] == 0.004 and row["kind"] == "serving"
+    assert IterationShape(**{k: row[k] for k in ("prefill_tokens", "prefill_attention", "decode_rows",
+                                                 "decode_context", "prefill_rows", "decode_max_context")}) == s[1].shape
+
+
 def test_the_tap_records_each_iteration_of_a_real_engine_and_gives_it_back():
     from batchdeck.engine.llm_engine import LLMEngine
 

@@ -73,6 +73,18 @@ def test_greedy_float32_cuda_matches_cpu(knobs, graphs, overlap):
 
 
 @pytest.mark.parametrize("overlap", [True, False])
+def test_decode_graphs_pick_the_sampling_rows(overlap):
+    """A token budget of one more than the decoding rows: a prompt's one-token chunk (it samples
+    nothing) rides with the decode rows in a decode-only iteration, whose graph keeps every row."""
+    prompts, max_tokens = _prompts(7, 8, max_len=40)
+    knobs = dict(max_num_seqs=4, max_batched_tokens=4, chunk_size=4)
+    _, want = _run("cpu", prompts, max_tokens, **knobs)
+    engine, got = _run("cuda", prompts, max_tokens, overlap=overlap, **knobs)
+    assert got == want
+    assert engine.runner.graphs.stats.row_picks > 0
+
+
+@pytest.mark.parametrize("overlap", [True, False])
 def test_preemption_on_cuda_matches_cpu(overlap):
     prompts, max_tokens = _prompts(5, 10, max_len=60)
     knobs = dict(max_num_seqs=10, max_batched_tokens=128, chunk_size=32)

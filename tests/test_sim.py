@@ -254,9 +254,10 @@ def test_calibrate_on_cpu_writes_a_profile_the_simulator_runs(tmp_path):
     out = tmp_path / "cpu.json"
     assert batchdeck_main(["calibrate", "--model", "synthetic:tiny", "--device", "cpu", "--quick",
                            "--max-num-seqs", "4", "--max-batched-tokens", "64", "--num-blocks", "256",
-                           "--out", str(out)]) == 0
+                           "--out", str(out), "--samples-out", str(tmp_path / "samples.jsonl")]) == 0
     p = load_profile(out)
     assert p.num_blocks == 256 and p.fit["num_shapes"] >= 5 and p.fit["held_out_mean_rel_error"] is not None
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == p.fit["num_shapes"]  # what it fitted
     assert p.device_name.startswith("CPU") and p.versions["torch"]
     split = p.fit["gap_split_by_regime"]  # where the busy gaps' time went: the wait for the device, the host
     assert split and all(v["host_mean_s"] + v["sync_wait_mean_s"] == pytest.approx(v["measured_mean_s"])

@@ -39,11 +39,50 @@ def _check_same(buf: StepBuffers, prepared, reference) -> None:
         c.request.request_id for c in reference.sampling_chunks]
 
 
+def _stand_in_graphs(buf: StepBuffers, max_rows: int, max_tokens: int, verify_tokens: int):
+    """A graph runner whose 'captured' buckets are stand-ins: lookups and layouts as on a GPU."""
+    from batchdeck.engine.cuda_graphs import CudaGraphRunner
+
+    runner = CudaGraphRunner(lambda t, r, q, kept: None, buf, BLOCK_SIZE, 512, max_rows=max_rows,
+                             max_tokens=max_tokens, verify_tokens=verify_tokens)
+    for kind, sizes in (("decode", runner.decode_sizes), ("mixed", runner.token_sizes), ("verify", runner.verify_sizes)):
+        for n in sizes:  # (graph, logits [kept, V], rows)
+            rows = n if kind == "decode" else runner.rows_for(n)
+            kept = n if kind == "verify" else rows
+            runner.graphs[(kind, n)] = (f"{kind}{n}", torch.zeros(kept, 2), rows)
+    return runner
+
+
+def _check_uploaded(buf: StepBuffers, prepared, reference) -> None:
+    """What the device views of the iteration's layout read after the upload: the reference inputs,
+    the bucket's padding, and nothing of the mirror past the layout's end copied."""
+    t, r, s = prepared.num_tokens, prepared.num_rows, prepared.num_samples
+    hit = prepared.graph
+    tb, rb, kept = (t, r, max(s, 1)) if hit is None else (hit.tokens, hit.rows, len(hit.logits))
+    if hit is not None:
+        buf.pad(t, r, tb, rb, samples=s, kept=kept)
+    buf.dev64.fill_(-7)
+    buf.upload(rb, kept)
+    ids, pos, meta = buf.views(tb, rb, num_decodes=0, max_query_len=1, max_seq_len=1, block_size=BLOCK_SIZE,
+                               query_lens_host=[], seq_lens_host=[])
+    assert ids[0, :t].tolist() == reference.input_ids[0].tolist()
+    assert pos[0, :t].tolist() == reference.positions[0].tolist()
+    assert meta.slot_mapping[:t].tolist() == reference.metadata.slot_mapping.tolist()
+    assert meta.slot_mapping[t:].tolist() == [-1] * (tb - t)  # padded tokens write no K/V
+    samples = buf.sample_rows(tb, kept)
+    if hit is None or not hit.every_row:
+        assert samples[:s].tolist() == reference.sample_rows.tolist()
+    else:  # a decode bucket keeps every row; the sampling rows pick theirs
+        assert prepared.sampling_rows == reference.sample_rows.tolist()  # decode rows: token i is row i
+    assert (buf.dev64[3 * tb + kept:] == -7).all(), "the upload copied past the iteration's layout"
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), num_blocks=st.integers(12, 48), max_num_seqs=st.integers(1, 6),
-       budget=st.integers(4, 40), spec_k=st.sampled_from([0, 0, 2, 5, 9]))
-def test_fill_step_matches_build_inputs_across_iterations(seed, num_blocks, max_num_seqs, budget, spec_k):
-    """Includes speculating iterations: random drafts, random acceptance, rolled-back blocks."""
+       budget=st.integers(4, 40), spec_k=st.sampled_from([0, 0, 2, 5, 9]), buckets=st.booleans())
+def test_fill_step_matches_build_inputs_across_iterations(seed, num_blocks, max_num_seqs, budget, spec_k, buckets):
+    """Includes speculating iterations: random drafts, random acceptance, rolled-back blocks; with
+    `buckets`, the inputs are laid out for the (stand-in) captured bucket each iteration fits."""
     rng = random.Random(seed)
     blocks = BlockManager(num_blocks, BLOCK_SIZE)
     sched = Scheduler(blocks, make_policy("fcfs"), LiveConfig(max_num_seqs=max_num_seqs, max_batched_tokens=budget,
@@ -52,6 +91,7 @@ def test_fill_step_matches_build_inputs_across_iterations(seed, num_blocks, max_
     buf = StepBuffers(max_tokens=budget, max_rows=max_num_seqs * (spec_k + 1), max_blocks=num_blocks,
                       device=torch.device("cpu"))
     tables = HostTables(num_blocks, max_num_seqs)
+    graphs = _stand_in_graphs(buf, buf.max_rows, budget, budget if spec_k else 0) if buckets else None
     pending = [Request(str(i), [rng.randrange(256) for _ in range(rng.randrange(1, 20))],
                        SamplingParams(max_tokens=rng.randrange(1, 12))) for i in range(10)]
     for step in range(200):
@@ -63,8 +103,10 @@ def test_fill_step_matches_build_inputs_across_iterations(seed, num_blocks, max_
                 break
             continue
         sched.drafter.fill([c for c in plan.chunks if c.num_draft])
-        prepared = fill_step(buf, plan.chunks, blocks, tables)
-        _check_same(buf, prepared, build_inputs(plan.chunks, blocks, torch.device("cpu")))
+        prepared = fill_step(buf, plan.chunks, blocks, tables, graphs)
+        reference = build_inputs(plan.chunks, blocks, torch.device("cpu"))
+        _check_same(buf, prepared, reference)
+        _check_uploaded(buf, prepared, reference)
         for c in plan.chunks:  # pretend the model ran (accepting a random prefix of the drafts)
             r = c.request
             r.num_computed_tokens += c.num_tokens

@@ -34,7 +34,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -330,6 +330,22 @@ def busy_gaps(samples: list[Sample]) -> list[tuple[Sample, float]]:
     return out
 
 
+def write_samples(path: str, samples: list[Sample], kinds: dict[int, str] | None = None) -> int:
+    """Write each busy iteration as a JSON line (its workload, and its kind when `kinds` names it; the gap
+    the fit explains; the host's wait for the device within it; the shape's features): the data behind a
+    fit, for analysis outside it. Returns the number of lines."""
+    import json
+
+    gaps = busy_gaps(samples)
+    with open(path, "w", encoding="utf-8") as f:
+        for s, gap in gaps:
+            row = {"workload": s.workload, "gap_s": gap, "sync_wait_s": s.sync_wait, **asdict(s.shape)}
+            if kinds is not None:
+                row["kind"] = kinds.get(s.workload)
+            f.write(json.dumps(row) + "\n")
+    return len(gaps)
+
+
 def idle_wake(model: CostModel, samples: list[Sample], spaced: set[int]) -> tuple[float, int]:
     """The median of (time from the arrival to the iteration's time stamp) - (the model's iteration
     cost), over the iterations that followed an idle wait in the `spaced` workloads (whose requests
@@ -434,11 +450,13 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
               async_scheduling: bool | None = None,
               num_blocks: int | None = None, gpu_memory_fraction: float | None = None, seed: int = 0,
               driver: Driver | None = None, driver_name: str = "inline", budget_s: float = 120.0,
+              samples_out: str | None = None,
               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> SimProfile:
     """Build the engine, play `design_workloads` through `driver` (default: `drive_all_inline`) within
     `budget_s` seconds (each workload its share; one that runs over is cut short), fit. The engine runs
     with overlapped iterations (`async_scheduling`) as it would serve on the device (default: the
-    device's default, on for cuda), since overlap changes what an iteration costs."""
+    device's default, on for cuda), since overlap changes what an iteration costs. `samples_out`: a path
+    to write the iterations the fit saw to (`write_samples`)."""
     import torch
 
     # the one resolver every command uses: the device's defaults for what is not given here (the largest
@@ -472,7 +490,10 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     buckets["decode_splits"] = decode_split_rule(engine)
     samples = tap.samples()
     spaced = {i for i, w in enumerate(workloads) if w.mode == "spaced"}
-    cost, report = fit_samples(samples, buckets, held_out, spaced, {i: w.kind for i, w in enumerate(workloads)})
+    kinds = {i: w.kind for i, w in enumerate(workloads)}
+    if samples_out:
+        log(f"calibrate: wrote {write_samples(samples_out, samples, kinds)} iterations to {samples_out}")
+    cost, report = fit_samples(samples, buckets, held_out, spaced, kinds)
     cost = CostModel({**cost.to_dict(), "cuda_graphs": bool(graphs)})
     lm = engine.loaded
     per_block = engine.kv_cache.num_bytes // engine.blocks.num_blocks
@@ -485,9 +506,9 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     device_name = torch.cuda.get_device_name(engine.device) if cuda else f"CPU ({platform.processor() or platform.machine()})"
     short = model.split(":", 1)[-1].rstrip("/").split("/")[-1]
     gpu = device_name.replace("NVIDIA ", "").split()[0].lower() if cuda else "cpu"
-    kinds = {}
+    per_kind: dict[str, int] = {}
     for w in workloads:
-        kinds[w.kind] = kinds.get(w.kind, 0) + 1
+        per_kind[w.kind] = per_kind.get(w.kind, 0) + 1
     profile = SimProfile(
         name=name or f"{gpu}-{short}", model=model, device_name=device_name, dtype=dtype, block_size=cfg.block_size,
         num_blocks=engine.blocks.num_blocks, kv_bytes_per_block=per_block,
@@ -496,7 +517,7 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
                      "max_model_len": engine.max_model_len, "eos_token_ids": list(lm.eos_token_ids)},
         cost=cost,
         fit={"target": "engine iterations: gaps between consecutive busy iterations' time stamps",
-             "driver": driver_name, **report, "num_workloads": len(workloads), "workloads_by_kind": kinds,
+             "driver": driver_name, **report, "num_workloads": len(workloads), "workloads_by_kind": per_kind,
              "cuda_graphs": bool(graphs), "async_scheduling": engine.async_scheduling, "max_num_seqs_limit": max_num_seqs,
              "max_batched_tokens_limit": max_batched_tokens, "budget_s": budget_s, "run_time_s": round(run_s, 1),
              "wall_time_s": round(time.perf_counter() - t_start, 1)},
