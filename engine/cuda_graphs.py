@@ -177,6 +177,7 @@ class GraphHit(NamedTuple):
     tokens: int  # the bucket's tokens (the layout its inputs take) and rows
     rows: int
     every_row: bool  # a decode bucket: logits of every row in row order, not of the sample entries
+    greedy_ids: torch.Tensor | None = None  # the argmax of every row of `logits`, computed in the graph
 
 
 @dataclass
@@ -191,7 +192,8 @@ class GraphStats:
 
 
 class CudaGraphRunner:
-    """Captures `forward(t, r, max_query_len, kept) -> logits [kept, V]` per bucket and replays it."""
+    """Captures `forward(t, r, max_query_len, kept) -> logits [kept, V]` (or (logits, their argmax per
+    row)) per bucket and replays it."""
 
     def __init__(self, forward, buffers: StepBuffers, block_size: int, max_model_len: int,
                  max_rows: int, max_tokens: int, verify_tokens: int = 0):
@@ -205,7 +207,8 @@ class CudaGraphRunner:
         self.token_sizes = token_buckets(max_tokens)
         self.verify_sizes = token_buckets(verify_tokens) if verify_tokens else []
         self.max_rows = max_rows
-        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, int]] = {}  # logits [kept, V]
+        # (kind, tokens) -> (graph, logits [kept, V], rows, greedy ids [kept] or None)
+        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, int, torch.Tensor | None]] = {}
         self.stats = GraphStats()
 
     def rows_for(self, tokens: int) -> int:
@@ -217,17 +220,17 @@ class CudaGraphRunner:
         if decode_only:
             b = pick(self.decode_sizes, r)
             if b is not None and ("decode", b) in self.graphs:
-                g, logits, _ = self.graphs[("decode", b)]
-                return GraphHit(g, logits, b, b, True)
+                g, logits, _, greedy = self.graphs[("decode", b)]
+                return GraphHit(g, logits, b, b, True, greedy)
         if samples <= r:
             for tb in self.token_sizes:
                 if tb >= t and self.rows_for(tb) >= r and ("mixed", tb) in self.graphs:
-                    g, logits, rb = self.graphs[("mixed", tb)]
-                    return GraphHit(g, logits, tb, rb, False)
+                    g, logits, rb, greedy = self.graphs[("mixed", tb)]
+                    return GraphHit(g, logits, tb, rb, False, greedy)
         for tb in self.verify_sizes:
             if tb >= t and self.rows_for(tb) >= r and ("verify", tb) in self.graphs:
-                g, logits, rb = self.graphs[("verify", tb)]
-                return GraphHit(g, logits, tb, rb, False)
+                g, logits, rb, greedy = self.graphs[("verify", tb)]
+                return GraphHit(g, logits, tb, rb, False, greedy)
         return None
 
     def _dummy(self, tb: int, rb: int, kept: int) -> bool:
@@ -287,8 +290,9 @@ class CudaGraphRunner:
             torch.cuda.current_stream().wait_stream(stream)
             t_capture = time.perf_counter()
             graph = torch.cuda.CUDAGraph()
-            logits = _capture(graph, pool, stream, lambda: forward(tb, rb, mql, kept))
-            self.graphs[(kind, tb)] = (graph, logits, rb)
+            out = _capture(graph, pool, stream, lambda: forward(tb, rb, mql, kept))
+            logits, greedy = out if isinstance(out, tuple) else (out, None)
+            self.graphs[(kind, tb)] = (graph, logits, rb, greedy)
             self.stats.captured.append((kind, tb, rb))
             self.stats.per_bucket.append((kind, tb, t_capture - t_warm, time.perf_counter() - t_capture))
         torch.cuda.synchronize()

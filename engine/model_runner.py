@@ -374,13 +374,16 @@ class ModelRunner:
 
     def _graph_forward(self, t: int, r: int, max_query_len: int, kept: int) -> torch.Tensor:
         """The captured function: a bucket of t tokens and r rows, logits at `kept` sample entries;
-        a decode bucket keeps every row's logits in row order (no gather of the hidden states)."""
+        a decode bucket keeps every row's logits in row order (no gather of the hidden states) and
+        their argmax (a greedy batch's tokens, sampled without a launch after the replay)."""
         ids, pos, meta = self.buffers.views(
             t, r, num_decodes=r if max_query_len == 1 else 0, max_query_len=max_query_len,
             max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size,
             query_lens_host=[1] * r, seq_lens_host=[1] * r)
-        keep = 0 if max_query_len == 1 else self.buffers.sample_rows(t, kept)  # 0: every row
-        return self._model_logits(ids, pos, meta, keep)
+        if max_query_len != 1:
+            return self._model_logits(ids, pos, meta, self.buffers.sample_rows(t, kept))
+        logits = self._model_logits(ids, pos, meta, 0)  # 0: every row
+        return logits, logits.argmax(dim=-1)
 
     def _logits_buffers(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings,
                         prev: LaunchedStep | None):
@@ -393,6 +396,7 @@ class ModelRunner:
         s = step.num_samples
         hit = step.graph
         rows_up, samples_up = r, max(s, 1)
+        greedy = None
         if hit is not None:
             graph, logits_all, tb, rb = hit.graph, hit.logits, hit.tokens, hit.rows
             buf.pad(t, r, tb, rb, samples=s, kept=len(logits_all))
@@ -408,6 +412,8 @@ class ModelRunner:
             graph.replay()
             if not hit.every_row or s == r:
                 logits = logits_all[:s]
+                if hit.greedy_ids is not None:
+                    greedy = hit.greedy_ids[:s]
             else:  # a decode graph keeps every row; a one-token chunk of a prompt samples nothing
                 logits = logits_all.index_select(0, host_to_device(step.sampling_rows, torch.int64, self.device))
                 self.graphs.stats.row_picks += 1
@@ -422,7 +428,7 @@ class ModelRunner:
             if self.graphs is not None:
                 self.graphs.stats.eager += 1
         timings.forward = time.perf_counter() - t1
-        return logits, step.sampling_chunks, step.sample_counts
+        return logits, step.sampling_chunks, step.sample_counts, greedy
 
     def _logits_eager(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings,
                       prev: LaunchedStep | None):
@@ -443,13 +449,14 @@ class ModelRunner:
         out = self.model(input_ids=inputs.input_ids, position_ids=inputs.positions, use_cache=False,
                          logits_to_keep=keep, batchdeck_step=step)
         timings.forward = time.perf_counter() - t1
-        return out.logits[0][:sum(inputs.sample_counts)], inputs.sampling_chunks, inputs.sample_counts
+        return out.logits[0][:sum(inputs.sample_counts)], inputs.sampling_chunks, inputs.sample_counts, None
 
     @torch.inference_mode()
     def logits(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings | None = None,
-               prev: LaunchedStep | None = None) -> tuple[torch.Tensor, list[ScheduledChunk], list[int]]:
+               prev: LaunchedStep | None = None) -> tuple[torch.Tensor, list[ScheduledChunk], list[int], torch.Tensor | None]:
         """One forward over `chunks`: (logits at every sample entry [sum(counts), V], the sampling
-        chunks in row order, logits rows per sampling chunk: 1, or k + 1 for a speculating chunk).
+        chunks in row order, logits rows per sampling chunk: 1, or k + 1 for a speculating chunk,
+        the argmax of every logits row when the replayed graph computed it, else None).
         `prev`: the iteration still running, whose sampled ids feed the placeholders among the inputs."""
         timings = timings or StepTimings()
         buf = self.buffers
@@ -463,7 +470,7 @@ class ModelRunner:
         speculating iteration's verification reads them at once). `prev`: the iteration launched
         before this one, if its sampled ids were not read yet: its placeholders are fed from them."""
         timings = StepTimings()
-        logits, chunks, counts = self.logits(plan.chunks, blocks, timings, prev)
+        logits, chunks, counts, greedy = self.logits(plan.chunks, blocks, timings, prev)
         t2 = time.perf_counter()
         step = LaunchedStep(chunks, timings)
         if len(logits) > len(chunks):
@@ -472,7 +479,7 @@ class ModelRunner:
             self._gpu_span(step)
         else:
             ids = self.sampler.sample_ids(logits, [c.request.request_id for c in chunks],
-                                          [c.request.sampling for c in chunks])
+                                          [c.request.sampling for c in chunks], greedy)
             step.ids, step.logprobs = ids, self.sampler.logprobs
             self._gpu_span(step)
             if self.device.type == "cuda":

@@ -50,15 +50,17 @@ class Sampler:
         (under the model's distribution, before temperature) for the rows whose params ask for them."""
         return self.sample_ids(logits, request_ids, params).tolist()
 
-    def sample_ids(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
+    def sample_ids(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
+                   greedy_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`sample` without reading the ids: an int64 tensor [S] on the device (no host sync unless a
         row asks for logprobs, whose values `self.logprobs` then holds: a new dict each time, never
-        changed in place, so a launched step may keep a reference to it)."""
+        changed in place, so a launched step may keep a reference to it). `greedy_ids`: the argmax of
+        every row of `logits`, when already computed (a decode CUDA graph's)."""
         if self.logprobs:
             self.logprobs = {}
         if not params:
             return torch.zeros(0, dtype=torch.int64, device=logits.device)
-        ids = self._sample(logits, request_ids, params)
+        ids = self._sample(logits, request_ids, params, greedy_ids)
         if any(p.logprobs for p in params):
             self._record_logprobs(logits, ids, request_ids, params)
         return ids
@@ -70,11 +72,13 @@ class Sampler:
         values = torch.log_softmax(logits[rows].float(), dim=-1).gather(1, picked).squeeze(1).tolist()
         self.logprobs = {request_ids[i]: v for i, v in zip(rows, values)}
 
-    def _sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
+                greedy_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if greedy_ids is None:
+            greedy_ids = logits.argmax(dim=-1)  # bf16 -> float32 is exact: the same argmax either way
         if all(p.greedy for p in params):
-            return logits.argmax(dim=-1)
+            return greedy_ids
         logits = logits.float()
-        greedy_ids = logits.argmax(dim=-1)
         probs = self._filtered_probs(logits, params)
         noise = torch.empty_like(probs).exponential_(generator=self._generator)
         for row, (rid, p) in enumerate(zip(request_ids, params)):

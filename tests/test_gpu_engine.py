@@ -68,16 +68,18 @@ def test_greedy_float32_cuda_matches_cpu(knobs, graphs, overlap):
     stats = engine.runner.graphs.stats if engine.runner.graphs is not None else None
     if graphs:
         assert stats is not None and stats.replays > 0 and stats.eager == 0
+        decode = [v for (kind, _), v in engine.runner.graphs.graphs.items() if kind == "decode"]
+        assert decode and all(greedy is not None for *_, greedy in decode)  # the argmax is in the graph
     else:
         assert stats is None
 
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_decode_graphs_pick_the_sampling_rows(overlap):
-    """A token budget of one more than the decoding rows: a prompt's one-token chunk (it samples
-    nothing) rides with the decode rows in a decode-only iteration, whose graph keeps every row."""
+    """A token budget equal to the row cap: a prompt's one-token chunk (it samples nothing) rides
+    with the decode rows in a decode-only iteration, whose graph keeps every row."""
     prompts, max_tokens = _prompts(7, 8, max_len=40)
-    knobs = dict(max_num_seqs=4, max_batched_tokens=4, chunk_size=4)
+    knobs = dict(max_num_seqs=3, max_batched_tokens=3, chunk_size=3)
     _, want = _run("cpu", prompts, max_tokens, **knobs)
     engine, got = _run("cuda", prompts, max_tokens, overlap=overlap, **knobs)
     assert got == want

@@ -49,7 +49,7 @@ def _stand_in_graphs(buf: StepBuffers, max_rows: int, max_tokens: int, verify_to
         for n in sizes:  # (graph, logits [kept, V], rows)
             rows = n if kind == "decode" else runner.rows_for(n)
             kept = n if kind == "verify" else rows
-            runner.graphs[(kind, n)] = (f"{kind}{n}", torch.zeros(kept, 2), rows)
+            runner.graphs[(kind, n)] = (f"{kind}{n}", torch.zeros(kept, 2), rows, None)
     return runner
 
 
@@ -196,7 +196,7 @@ def test_graph_lookup_sends_speculating_iterations_to_buckets_that_keep_every_po
         for n in sizes:  # stand-ins for captured graphs: (graph, logits [kept, V], rows)
             rows = n if kind == "decode" else runner.rows_for(n)
             kept = n if kind == "verify" else rows
-            runner.graphs[(kind, n)] = (f"{kind}{n}", torch.zeros(kept, 2), rows)
+            runner.graphs[(kind, n)] = (f"{kind}{n}", torch.zeros(kept, 2), rows, None)
     assert runner.lookup(5, 5, decode_only=True)[0] == "decode8"
     assert runner.lookup(20, 3, decode_only=False, samples=3)[0] == "mixed32"  # one sample per row
     assert runner.lookup(20, 5, decode_only=False, samples=20)[0] == "verify32"  # 5 rows verifying 3 drafts each

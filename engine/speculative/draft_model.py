@@ -181,7 +181,7 @@ class DraftModelDrafter(Drafter):
                 chunks.append(c)
                 row_of[id(c)] = row
                 left -= n
-        logits, sampling, _counts = self.runner.logits(chunks, self.blocks)
+        logits, sampling, _counts, _greedy = self.runner.logits(chunks, self.blocks)
         for c in chunks:
             row_of[id(c)].pos += c.num_tokens
         if not sampling:
