@@ -31,6 +31,7 @@ bandwidth measured in the same run (`measure_ceilings` of gpu_offline.py):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -199,6 +200,9 @@ def main() -> None:
     add_async_scheduling_flag(ap)
     ap.add_argument("--kernel-profile", action="store_true",
                     help="also list each point's decode-graph kernels by GPU time per replay (torch.profiler)")
+    ap.add_argument("--attn-max-splits", default=None, metavar="CAPS",
+                    help="comma-separated BATCHDECK_ATTN_MAX_SPLITS values: the first is the main run, each further "
+                         "one a fresh engine in this process (splits_comparison)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--fusion-levels", default=None,
                     help="comma-separated BATCHDECK_FUSED levels (0-3); the first is this run's, each "
@@ -210,6 +214,11 @@ def main() -> None:
     if any(lv not in ("0", "1", "2", "3") for lv in levels):
         ap.error(f"--fusion-levels {args.fusion_levels!r}: allowed levels 0, 1, 2, 3")
     os.environ["BATCHDECK_FUSED"] = levels[0]
+    caps = args.attn_max_splits.split(",") if args.attn_max_splits else [os.environ.get("BATCHDECK_ATTN_MAX_SPLITS")]
+    if args.attn_max_splits and any(not c.isdigit() or not 1 <= int(c) <= MAX_DECODE_SPLITS for c in caps):
+        ap.error(f"--attn-max-splits {args.attn_max_splits!r}: integers in [1, {MAX_DECODE_SPLITS}]")
+    if caps[0] is not None:
+        os.environ["BATCHDECK_ATTN_MAX_SPLITS"] = caps[0]
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     name = args.model.split(":", 1)[1]
     assert args.model.startswith("synthetic:") and name in SYNTHETIC_SHAPES, "a synthetic:<name> model"
@@ -247,6 +256,34 @@ def main() -> None:
         result["ceilings"] = None
         bw = None
 
+    result["engine"], points = run_points(args, sizes, cfg, bw, weight_bytes, kv_per_token)
+    result["points"] = points
+    summary = points_summary(points)
+    print(json.dumps(summary, indent=1))
+    if len(caps) > 1:  # each further split cap: a fresh engine in this process (its graphs captured under it)
+        result["splits_comparison"] = {caps[0]: summary}
+        for cap in caps[1:]:
+            os.environ["BATCHDECK_ATTN_MAX_SPLITS"] = cap
+            result["splits_comparison"][cap] = points_summary(
+                run_points(args, sizes, cfg, bw, weight_bytes, kv_per_token)[1])
+        os.environ["BATCHDECK_ATTN_MAX_SPLITS"] = caps[0]
+        log("graph replay GPU ms / step ms by split cap: " + "; ".join(
+            f"cap {c}: " + ", ".join(f"B={p['batch_size']} {p['graph_replay_gpu_ms'] or 0:.3f}/{p['step_ms_median']:.3f}"
+                                     for p in pts) for c, pts in result["splits_comparison"].items()))
+    if len(levels) > 1:
+        result["fusion_comparison"] = {levels[0]: summary}
+        for lv in levels[1:]:
+            result["fusion_comparison"][lv] = fusion_level_run(lv, args)
+        log("graph replay GPU ms by fusion level: " + "; ".join(
+            f"level {lv}: " + ", ".join(f"B={p['batch_size']} {p['graph_replay_gpu_ms']}" for p in pts)
+            for lv, pts in result["fusion_comparison"].items()))
+    write_json(args.out, result)
+
+
+def run_points(args, sizes: list[int], cfg, bw: float | None, weight_bytes: int, kv_per_token: int) -> tuple[dict, list[dict]]:
+    """Build an engine (the environment's kernel settings), sweep `sizes`: (engine facts, points)."""
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    cuda = args.device.startswith("cuda")
     ecfg = EngineConfig(model=args.model, device=args.device, dtype=dtype, block_size=args.block_size,
                         max_num_seqs_limit=max(sizes), max_batched_tokens_limit=args.max_batched_tokens,
                         gpu_memory_fraction=args.gpu_memory_fraction, cuda_graphs=cuda and not args.no_graphs,
@@ -257,10 +294,9 @@ def main() -> None:
     t0 = time.perf_counter()
     engine = LLMEngine(ecfg, live)
     graphs = engine.runner.graphs
-    result["engine"] = {"init_seconds": time.perf_counter() - t0, "kv_blocks": engine.blocks.num_blocks,
-                        "graphs_captured": len(graphs.graphs) if graphs else 0,
-                        "fused_modules": dict(engine.runner.fused)}
-    log(f"engine up: {engine.blocks.num_blocks} KV blocks, {result['engine']['graphs_captured']} graphs")
+    engine_info = {"init_seconds": time.perf_counter() - t0, "kv_blocks": engine.blocks.num_blocks,
+                   "graphs_captured": len(graphs.graphs) if graphs else 0, "fused_modules": dict(engine.runner.fused)}
+    log(f"engine up: {engine.blocks.num_blocks} KV blocks, {engine_info['graphs_captured']} graphs")
     rng = random.Random(args.seed)
     # warm-up: a short mixed run so first-call costs (allocator, odd shapes) are paid untimed
     for i in range(4):
@@ -287,17 +323,11 @@ def main() -> None:
                                for k, v in p["breakdown"].items() if isinstance(v, float)))
         for k in p["breakdown"].get("kernels_per_replay", [])[:12]:
             log(f"    {k['us_per_replay']:9.1f} us  x{k['launches_per_replay']:6.1f}  {k['kernel']}")
-    result["points"] = points
-    summary = points_summary(points)
-    print(json.dumps(summary, indent=1))
-    if len(levels) > 1:
-        result["fusion_comparison"] = {levels[0]: summary}
-        for lv in levels[1:]:
-            result["fusion_comparison"][lv] = fusion_level_run(lv, args)
-        log("graph replay GPU ms by fusion level: " + "; ".join(
-            f"level {lv}: " + ", ".join(f"B={p['batch_size']} {p['graph_replay_gpu_ms']}" for p in pts)
-            for lv, pts in result["fusion_comparison"].items()))
-    write_json(args.out, result)
+    del engine, graphs
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()  # the pool goes back before another engine allocates its own
+    return engine_info, points
 
 
 def fusion_level_run(level: str, args) -> list[dict]:
