@@ -15,6 +15,7 @@ from batchdeck.engine.service.async_engine import AsyncEngine
 from batchdeck.engine.service.bus import Bus, Subscription
 from batchdeck.engine.config import ConfigError
 from batchdeck.engine.service.gpu_monitor import GpuMonitor
+from batchdeck.engine.service.served_model import EngineDeadError
 from batchdeck.engine.request import RequestError
 from batchdeck.engine.request_spec import parse_request
 from batchdeck.engine.telemetry import null_sink
@@ -142,6 +143,8 @@ class InProcessClient(Client):
                                               slo_class=spec.slo_class)
             except RequestError as exc:
                 results.append(CommandResult(False, "submit", error=str(exc)))
+            except EngineDeadError as exc:
+                results.append(CommandResult(False, "submit", error=f"the engine failed: {exc}"))
             else:
                 results.append(CommandResult(True, "submit", data=spec.request_id))
         return merge_submit_results(results)

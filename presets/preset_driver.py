@@ -237,10 +237,10 @@ class PresetDriver:
         watchdog = asyncio.create_task(self._watch_engine())
         try:
             done, _ = await asyncio.wait([player, watchdog], return_when=asyncio.FIRST_COMPLETED)
+            if self.engine.error is not None:  # the failure itself, not the EngineDeadError it ended the
+                raise self.engine.error        # open requests' streams with (the player raises that one)
             for t in done:
                 t.result()
-            if self.engine.error is not None:
-                raise self.engine.error
         finally:
             self.done = True
             for t in [timeline, watchdog, player, *self._resume_tasks]:

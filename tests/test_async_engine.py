@@ -138,3 +138,34 @@ async def test_serving_keeps_the_start_up_heap_out_of_the_collector_until_the_la
     await second.stop()
     assert gc.get_freeze_count() == 0
     assert any(o is llm for o in gc.get_objects())
+
+
+async def test_a_failed_step_ends_every_open_stream_naming_the_failure():
+    from batchdeck.engine.config import EngineConfig, LiveConfig
+    from batchdeck.engine.llm_engine import LLMEngine
+    from batchdeck.engine.service.served_model import EngineDeadError
+
+    llm = LLMEngine(EngineConfig(model="synthetic:tiny", device="cpu", dtype="float32", block_size=16,
+                                 num_blocks=256), LiveConfig())
+    real = llm.step
+
+    def step():
+        if llm.iteration >= 3:
+            raise RuntimeError("injected step failure")
+        return real()
+
+    llm.step = step
+    eng = AsyncEngine(llm)
+    await eng.start()
+    try:
+        streams = [await eng.add_request(f"r{i}", [1, 2, 3 + i], greedy(400)) for i in range(3)]
+        for stream in streams:
+            with pytest.raises(EngineDeadError, match=r"^RuntimeError: injected step failure$") as err:
+                await asyncio.wait_for(stream.collect(), 60)
+            assert err.value.__cause__ is eng.error and stream.finished
+            assert 0 < len(stream.token_ids) < 400  # the tokens delivered before the failure came first
+        with pytest.raises(EngineDeadError, match="injected step failure"):  # never queued into a dead engine
+            await eng.add_request("late", [1, 2], greedy(4))
+        assert "late" not in llm.requests
+    finally:
+        await eng.stop()

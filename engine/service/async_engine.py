@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 from batchdeck.engine.llm_engine import LLMEngine, RequestOutput
 from batchdeck.engine.request import FinishReason, Request, RequestError, SamplingParams
 from batchdeck.engine.service.request_table import requests_message
-from batchdeck.engine.service.served_model import ServedModel
+from batchdeck.engine.service.served_model import EngineDeadError, ServedModel
 
 
 class RequestStream:
@@ -171,9 +171,12 @@ class AsyncEngine:
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           sampling: SamplingParams | None = None, *, stream: Any = None,
                           **kwargs: Any) -> RequestStream:
-        """Queue a request; raises RequestError for bad input. Returns its output stream (`stream`:
-        instead of a new RequestStream, any object with `_put(RequestOutput)`, which then receives
-        the request's outputs on the loop, e.g. to forward them to another process)."""
+        """Queue a request; raises RequestError for bad input, EngineDeadError once the engine has
+        failed. Returns its output stream (`stream`: instead of a new RequestStream, any object with
+        `_put(RequestOutput)` and `_fail(EngineDeadError)`, which then receives the request's outputs
+        on the loop, e.g. to forward them to another process)."""
+        if self.error is not None:
+            raise EngineDeadError.of(self.error)
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id) if stream is None else stream
@@ -237,10 +240,24 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(_settle, fut, result, error)
 
     def _report_failure(self, exc: BaseException) -> None:
-        """A step raised: keep the error, report it as an event, stop stepping (paused)."""
+        """A step raised: keep the error, report it as an event, stop stepping (paused), and end every
+        open request's stream, after the outputs already delivered, with an EngineDeadError naming it
+        (what an engine process's failure gives its streams: the server sends `engine_failed`)."""
         self.error = exc
         self.engine.emit_event("error", message=f"{type(exc).__name__}: {exc}")
         self.paused = True
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._fail_streams)
+            except RuntimeError:
+                pass  # loop closed under us: nobody is listening any more
+
+    def _fail_streams(self) -> None:
+        """(On the loop) the engine failed: every open stream ends with an EngineDeadError. A request
+        added later is refused (add_request), so none is left waiting."""
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._fail(EngineDeadError.of(self.error))
 
     def _idle_wait_s(self) -> float:
         """How long to wait when nothing could be scheduled: until a static batch is due, at most 50 ms."""

@@ -12,6 +12,7 @@ from typing import Callable
 from batchdeck.engine.llm_engine import LLMEngine
 from batchdeck.engine.request import SamplingParams
 from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.service.served_model import EngineDeadError
 from batchdeck.engine.sim.calibrate import IterationTap, Workload, deadlines
 
 
@@ -35,7 +36,11 @@ async def _play_all(llm: LLMEngine, workloads: list[Workload], tap: IterationTap
             await engine.call(begin)
             await engine.update_config(w.live_changes(), "calibrate")
             t0 = time.perf_counter()
-            await _play(engine, w, rng, ends[i])
+            try:
+                await _play(engine, w, rng, ends[i])
+            except EngineDeadError:  # the engine failed with requests open: named below
+                if engine.error is None:
+                    raise
             if engine.error is not None:
                 raise RuntimeError(f"calibrate: the engine failed in workload {w.name!r}") from engine.error
             log(f"calibrate: {i + 1}/{len(workloads)} {w.name} ({time.perf_counter() - t0:.1f} s)")

@@ -23,6 +23,7 @@ from batchdeck.engine.config import ConfigError
 from batchdeck.engine.request import RequestError
 from batchdeck.engine.request_spec import MAX_ARRIVAL_AHEAD_S  # one bound for generate and MQTT
 from batchdeck.engine.service.protocol import CHANGING_OPS, MAX_SEED, Command, Invalid, error_reply, parse_control
+from batchdeck.engine.service.served_model import EngineDeadError
 
 if TYPE_CHECKING:
     from batchdeck.engine.service.async_engine import AsyncEngine, RequestStream
@@ -170,7 +171,10 @@ class ControlHandler:
             await self.engine.call(lambda e: e.emit_event("error", message=message, source=self.source))
 
     async def _watch(self, spec: Any, stream: "RequestStream") -> None:
-        await stream.collect()
+        try:
+            await stream.collect()
+        except EngineDeadError:
+            return  # the engine failed: its error event reports it, there is no result to send
         if self.on_result is None:
             return
         req = self.engine.engine.requests.get(spec.request_id)

@@ -128,6 +128,9 @@ class _Forward:
     def _put(self, out: RequestOutput) -> None:
         self._bridge.output(out)
 
+    def _fail(self, error: BaseException) -> None:
+        """Nothing to forward: the ("failed", message) the bridge sends ends every stream in the parent."""
+
 
 class _ChildBridge:
     def __init__(self, runner: Any, conn: Any, sender: Sender, spec: ServeEngineSpec):
@@ -176,7 +179,7 @@ class _ChildBridge:
             self.flush()
             if self.engine.error is not None and not self._failed_sent:
                 self._failed_sent = True
-                self.sender.put(("failed", f"{type(self.engine.error).__name__}: {self.engine.error}"))
+                self.sender.put(("failed", str(EngineDeadError.of(self.engine.error))))
 
     # -- commands from the parent ---------------------------------------------------------------------
     def _on_message(self, msg: Any) -> None:
@@ -265,7 +268,7 @@ class _ChildBridge:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.flush()
         if self.engine.error is not None and not self._failed_sent:
-            self.sender.put(("failed", f"{type(self.engine.error).__name__}: {self.engine.error}"))
+            self.sender.put(("failed", str(EngineDeadError.of(self.engine.error))))
         self.sender.put(("exit", rc))
         await self.sender.close(EXIT_TIMEOUT_S)
         return rc
@@ -367,7 +370,7 @@ class EngineProcess:
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
         if self.error is not None:
-            raise EngineDeadError(str(self.error))
+            raise EngineDeadError.of(self.error)
         stamp = kwargs.pop("arrival_time", None)
         stream = RequestStream(request_id)
         self._streams[request_id] = stream

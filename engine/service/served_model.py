@@ -11,6 +11,16 @@ class EngineDeadError(RuntimeError):
     """The engine can no longer serve: its process ended, or a step failed. Raised by a request's
     stream and by the commands still waiting for it."""
 
+    @classmethod
+    def of(cls, error: BaseException) -> EngineDeadError:
+        """A new EngineDeadError for the engine's failure `error`: "<type>: <message>" of the exception a
+        step raised (its __cause__), the message of one that is already an EngineDeadError."""
+        if isinstance(error, EngineDeadError):
+            return cls(str(error))
+        dead = cls(f"{type(error).__name__}: {error}")
+        dead.__cause__ = error
+        return dead
+
 
 @dataclass(frozen=True)
 class ServedModel:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchdeck import __version__
-from batchdeck.engine.service.http.errors import OpenAIError, bad_request, error_body, unauthorized
+from batchdeck.engine.service.http.errors import OpenAIError, bad_request, engine_dead, error_body, unauthorized
 from batchdeck.engine.service.http.prometheus import CONTENT_TYPE_LATEST, ServerMetrics
 from batchdeck.engine.service.http.protocol import ChatCompletionRequest, CompletionRequest
 from batchdeck.engine.service.http.serving import OpenAIServing
@@ -126,8 +126,7 @@ def build_app(serving: OpenAIServing, metrics: ServerMetrics | None, *, api_key:
             return JSONResponse(error_body("draining: the server is shutting down", "server_error"),
                                 status_code=503)
         if serving.engine.error is not None:
-            return JSONResponse(error_body(f"the engine failed: {serving.engine.error}", "server_error",
-                                           code="engine_failed"), status_code=503)
+            return JSONResponse(engine_dead(serving.engine.error).body(), status_code=503)
         return Response(status_code=200)
 
     @app.get("/version")

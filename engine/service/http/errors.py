@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchdeck.engine.service.served_model import EngineDeadError
+
 
 @dataclass
 class OpenAIError(Exception):
@@ -48,6 +50,8 @@ def unavailable(message: str, retry_after_s: int = 1) -> OpenAIError:
                        headers={"Retry-After": str(retry_after_s)})
 
 
-def engine_dead(why: Any) -> OpenAIError:
-    """The engine can no longer serve (its process ended, or a step failed): 503, no Retry-After."""
-    return OpenAIError(503, f"the engine failed: {why}", None, type="server_error", code="engine_failed")
+def engine_dead(error: BaseException) -> OpenAIError:
+    """The engine can no longer serve (its process ended, or a step failed): 503, no Retry-After; the
+    message names the failure as EngineDeadError.of does, wherever the engine runs."""
+    return OpenAIError(503, f"the engine failed: {EngineDeadError.of(error)}", None, type="server_error",
+                       code="engine_failed")

@@ -249,6 +249,8 @@ class OpenAIServing:
                             queue.put_nowait(item)
                             if item[2] is not None:
                                 return
+                except Exception as exc:  # noqa: BLE001 - raised by the reader below (EngineDeadError)
+                    queue.put_nowait(exc)
                 finally:
                     queue.put_nowait(None)
 
@@ -260,6 +262,8 @@ class OpenAIServing:
                     if item is None:
                         open_pumps -= 1
                         continue
+                    if isinstance(item, Exception):
+                        raise item
                     yield item
             finally:
                 for t in pumps:
