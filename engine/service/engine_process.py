@@ -66,7 +66,6 @@ class ServeEngineSpec:
     cfg: Any  # EngineConfig
     live: Any  # LiveConfig
     runner: dict[str, Any] = field(default_factory=dict)  # HeadlessRunner keywords (settings, engine_id, ...)
-    gpu_for_metrics: bool = True  # without MQTT, sample NVML every runner["gpu_interval"] s for /metrics
     log_level: str = "info"
     prog: str = "batchdeck serve"
 
@@ -93,26 +92,17 @@ def child_main(conn: Any, spec: ServeEngineSpec) -> None:
 
 
 async def _child(conn: Any, spec: ServeEngineSpec) -> int:
-    from batchdeck.engine.service.headless import HeadlessRunner
     from batchdeck.engine.service.logs import configure_logging
-    from batchdeck.engine.sim.engine import make_engine
+    from batchdeck.engine.service.serve_runner import build_serve_runner
 
     sender = Sender(conn)
     try:
         configure_logging(spec.log_level)
-        bus = Bus()
-        t0 = time.monotonic()
-        llm = make_engine(spec.cfg, spec.live, sink=bus)  # a simulated engine with --sim (paced at wall time)
-        runner = HeadlessRunner(llm, bus, install_signals=False, prog=spec.prog, **spec.runner)
+        runner = build_serve_runner(spec.cfg, spec.live, spec.runner, prog=spec.prog, install_signals=False,
+                                    engine_process=os.getpid())
     except BaseException as exc:  # noqa: BLE001 - every startup failure goes to the parent as is
         sender.send(("error", ExceptionBlob.of(exc)))
         return 1
-    cfg = spec.cfg
-    where = llm.profile.label() if cfg.sim else f"on {cfg.device}"
-    settings = spec.runner.get("settings")
-    runner.say(f"model {cfg.model} {where} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
-               f"{llm.blocks.num_blocks} KV blocks of {cfg.block_size} tokens; engine process {os.getpid()}"
-               + (f"; MQTT {settings.host}:{settings.port} as {runner.engine_id}" if settings else ""))
     return await _ChildBridge(runner, conn, sender, spec).run()
 
 
@@ -242,13 +232,9 @@ class _ChildBridge:
                 exc = run.exception() or RuntimeError(f"the engine runner exited with status {run.result()}")
                 self.sender.send(("error", ExceptionBlob.of(exc)))
                 return 1
-            if self.runner.settings is None and self.spec.gpu_for_metrics and self.runner.gpu_interval > 0 \
-                    and self.llm.device.type == "cuda":
-                from batchdeck.engine.service.gpu_monitor import GpuMonitor  # MQTT runs its own; /metrics needs one
+            from batchdeck.engine.service.serve_runner import start_metrics_gpu_monitor
 
-                monitor = asyncio.create_task(
-                    GpuMonitor(self.llm.device.index or 0, self.runner.gpu_interval, self.llm.kv_cache.num_bytes,
-                               clock=self.llm.clock).run(self.runner.bus.publish))
+            monitor = start_metrics_gpu_monitor(self.runner)
             self.sender.send(("ready", {"served": self.engine.served_model(), "pid": os.getpid()}))  # first
             self.sender.start()
             read_to_loop(self.conn, self._loop, self._on_message, "engine-process-control")

@@ -171,12 +171,8 @@ def _quiet_server(config: Any) -> Any:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import time
-
-    from batchdeck.engine.service.bus import Bus
     from batchdeck.engine.service.flags import engine_configs
-    from batchdeck.engine.service.headless import (HeadlessRunner, _default_engine_id, check_runner_args,
-                                                   mqtt_settings)
+    from batchdeck.engine.service.headless import _default_engine_id, check_runner_args, mqtt_settings
 
     if args.model_positional is not None:
         args.model = args.model_positional
@@ -197,17 +193,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         engine = EngineProcess(ServeEngineSpec(cfg, live, runner_kw, log_level=args.log_level, prog=PROG))
         return asyncio.run(run_serve_process(engine, **serve_kw))
 
-    from batchdeck.engine.sim.engine import make_engine
+    from batchdeck.engine.service.serve_runner import build_serve_runner
 
-    bus = Bus()
-    t0 = time.monotonic()
-    llm = make_engine(cfg, live, sink=bus)  # a simulated engine with --sim (paced at wall time)
-    runner = HeadlessRunner(llm, bus, prog=PROG, **runner_kw)
-    where = llm.profile.label() if cfg.sim else f"on {cfg.device}"
-    runner.say(f"model {cfg.model} {where} ({cfg.dtype}) loaded in {time.monotonic() - t0:.1f} s; "
-               f"{llm.blocks.num_blocks} KV blocks of {cfg.block_size} tokens"
-               + (f"; MQTT {settings.host}:{settings.port} as {runner.engine_id}" if settings else ""))
-    return asyncio.run(run_serve(runner, **serve_kw))
+    return asyncio.run(run_serve(build_serve_runner(cfg, live, runner_kw, prog=PROG), **serve_kw))
 
 
 DEAD_ENGINE_GRACE_S = 5.0  # after the engine process died: /health and new requests answer 503, then exit 1
@@ -299,13 +287,9 @@ async def run_serve(runner: Any, *, host: str, port: int, served_model_name: str
         runner.request_stop("error")
         await asyncio.gather(run, return_exceptions=True)
         raise
-    if runner.settings is None and runner.gpu_interval > 0 and runner.llm.device.type == "cuda":
-        from batchdeck.engine.service.gpu_monitor import GpuMonitor  # MQTT runs its own; /metrics needs one
+    from batchdeck.engine.service.serve_runner import start_metrics_gpu_monitor
 
-        llm = runner.llm
-        monitor = asyncio.get_running_loop().create_task(
-            GpuMonitor(llm.device.index or 0, runner.gpu_interval, llm.kv_cache.num_bytes, clock=llm.clock)
-            .run(runner.bus.publish))
+    monitor = start_metrics_gpu_monitor(runner)
     runner.say(f"serving {server.serving.model_name!r} at {server.url}/v1 (metrics at {server.url}/metrics)"
                + ("; API key required" if api_key else ""))
     if on_ready is not None:
