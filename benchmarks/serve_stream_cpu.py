@@ -1,7 +1,7 @@
 """CPU per streamed token of the HTTP process's own streaming path, without sockets or an engine:
 `--streams` streaming /v1/completions jobs (OpenAIServing) fed by an engine stand-in that hands out
 one output per stream per iteration, the way an engine process's batched message arrives
-(`deliver_outputs` of engine/service/engine_process.py, as EngineProcess uses it); every SSE chunk is
+(`deliver_outputs` of engine/service/async_engine.py, as EngineProcess uses it); every SSE chunk is
 produced and dropped. Deterministic enough to compare code changes on a busy CPU, which the whole
 server's CPU (benchmarks/gpu_serve.py) is not.
 
@@ -48,9 +48,12 @@ class StandInEngine:
         return self.streams.pop(request_id, None) is not None
 
     def iteration(self, outputs: list[tuple]) -> None:
-        from batchdeck.engine.service.engine_process import deliver_outputs
+        from itertools import starmap
 
-        deliver_outputs(self.streams, outputs)
+        from batchdeck.engine.llm_engine import RequestOutput
+        from batchdeck.engine.service.async_engine import deliver_outputs
+
+        deliver_outputs(self.streams, starmap(RequestOutput, outputs))
 
 
 async def run_once(streams: int, tokens: int) -> tuple[float, int]:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Mapping
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 from batchdeck.engine.llm_engine import LLMEngine, RequestOutput
 from batchdeck.engine.request import FinishReason, Request, RequestError, SamplingParams
@@ -305,18 +305,24 @@ class AsyncEngine:
         for observe in self.finished_observers:
             for r in finished:
                 observe(r)
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream._put(out)
-                if out.finished:
-                    del self._streams[out.request_id]
+        deliver_outputs(self._streams, outputs)
 
     def deliver_abort(self, request_id: str, reason: str = "abort") -> None:
         """Close a request's stream after an abort (called on the loop)."""
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream._put(RequestOutput(request_id, [], True, reason))
+
+
+def deliver_outputs(streams: dict[str, Any], outputs: Iterable[RequestOutput]) -> None:
+    """One iteration's outputs into each open request's stream; a finished request's stream is
+    forgotten. (An AsyncEngine's streams, and the server's streams of an engine process: EngineProcess.)"""
+    for out in outputs:
+        stream = streams.get(out.request_id)
+        if stream is not None:
+            stream._put(out)
+            if out.finished:
+                del streams[out.request_id]
 
 
 def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping
 
 from batchdeck.engine.llm_engine import RequestOutput
 from batchdeck.engine.request import RequestError, SamplingParams
-from batchdeck.engine.service.async_engine import ConfigReply, RequestStream
+from batchdeck.engine.service.async_engine import ConfigReply, RequestStream, deliver_outputs
 from batchdeck.engine.service.bus import Bus
 from batchdeck.engine.service.process_link import (ExceptionBlob, Sender, await_ready, read_to_loop, spawn_child,
                                                    stop_process)
@@ -139,6 +139,7 @@ class _ChildBridge:
 
     # -- what goes to the parent ------------------------------------------------------------------
     def output(self, out: RequestOutput) -> None:
+        # RequestOutput's fields in order: the parent rebuilds it with RequestOutput(*fields)
         self._outputs.append((out.request_id, out.new_token_ids, out.finished, out.finish_reason, out.logprobs))
         self._schedule()
 
@@ -258,17 +259,6 @@ class _ChildBridge:
         self.sender.put(("exit", rc))
         await self.sender.close(EXIT_TIMEOUT_S)
         return rc
-
-
-def deliver_outputs(streams: dict[str, RequestStream], outputs: list[tuple]) -> None:
-    """One iteration's (request_id, token ids, done, reason, logprobs) tuples from the engine process
-    into each open request's stream; a finished request's stream is forgotten."""
-    for request_id, ids, done, reason, logprobs in outputs:
-        stream = streams.get(request_id)
-        if stream is not None:
-            stream._put(RequestOutput(request_id, ids, done, reason, logprobs))
-            if done:
-                del streams[request_id]
 
 
 def _engine_state(e: Any) -> dict[str, int]:
@@ -434,7 +424,7 @@ class EngineProcess:
             for observe in self.finished_observers:
                 for request_id, times in finished:
                     observe(FinishedRequest(request_id, times))
-        deliver_outputs(self._streams, outputs)
+        deliver_outputs(self._streams, itertools.starmap(RequestOutput, outputs))
 
     def _fail(self, error: EngineDeadError, quiet: bool = False) -> None:
         """The engine can serve no more: every open stream and waiting command gets `error`."""
