@@ -1,14 +1,14 @@
 """Static step buffers and CUDA-graph capture/replay of the whole model forward.
 
 Every CUDA iteration writes its inputs (token ids, positions, slot mapping, sample rows, query
-start locations, sequence lengths, block tables) into one pinned host mirror, copies it to static
-device buffers in two transfers, and runs the model on views of those buffers. The int64 inputs
-of an iteration of t tokens (t: its bucket's, or its own when it runs eagerly) lie packed at the
-front, [ids t | positions t | slots t | sample entries], so the upload copies what the iteration
-reads and no more (a decode step of one row copies 32 bytes, not the [3T + T] mirror). A captured
-graph reads its bucket's layout, so replaying it serves any iteration that fits the bucket once
-the unused tail is padded (padded tokens: slot -1, id 0, position 0; padded rows: no query tokens,
-seq_len 0; see engine/attention/triton_kernels.py).
+start locations, sequence lengths, block tables) into pinned host mirrors, copies them to static
+device buffers, and runs the model on views of those buffers. An iteration's inputs are packed for
+its bucket (t tokens, r rows, k sample entries: its own when it runs eagerly) and go up in one copy
+of what it reads (a one-row decode step: 48 bytes, not a mirror sized for the largest budget); the
+block tables keep their own buffer, uploaded only when a row's table changed (see `StepBuffers`).
+A captured graph reads its bucket's layout, so replaying it serves any iteration that fits the
+bucket once the unused tail is padded (padded tokens: slot -1, id 0, position 0; padded rows: no
+query tokens, seq_len 0; see engine/attention/triton_kernels.py).
 
 Buckets, captured once at engine start within the live-config bounds:
 - decode-only iterations (every row one token): row counts 1, 2, 4, ..., 64, then steps of a quarter
@@ -70,9 +70,12 @@ def pick(buckets: list[int], n: int) -> int | None:
 class StepBuffers:
     """Host (pinned) and device buffers for one iteration's inputs, sized for the largest one.
 
-    int64 section, laid out for the iteration's token count t (`layout`):
-        input_ids [t] | positions [t] | slot_mapping [t] | sample_rows [up to max(T, R)]
-    int32 section: query_start_loc [R + 1] | seq_lens [R] | context_lens [R] | block_tables [R, MB]
+    The iteration's own inputs, laid out for its bucket (`layout`: t tokens, r rows, k sample entries)
+    and uploaded in one copy:
+        int64: input_ids [t] | positions [t] | slot_mapping [t] | sample_rows [k]
+        int32: query_start_loc [r + 1] | seq_lens [r] | context_lens [r]
+    The block tables [R, MB] (int32) keep a buffer of their own, updated row by row (`HostTables`) and
+    uploaded only when a row's table changed: in steady decoding, once per block_size tokens.
     """
 
     def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, device: torch.device):
@@ -80,39 +83,46 @@ class StepBuffers:
         self.device = device
         t, r, mb = max_tokens, max_rows, max_blocks
         self.n64 = 3 * t + max(t, r)  # at most one sample entry per token (speculating rows have several)
-        self.off32_bt = 3 * r + 1
-        self.n32 = self.off32_bt + r * mb
+        nbytes = 8 * self.n64 + 8 * (-(-(3 * r + 1) // 2))
         pin = device.type == "cuda"
-        self.host64 = torch.zeros(self.n64, dtype=torch.int64, pin_memory=pin)
-        self.host32 = torch.zeros(self.n32, dtype=torch.int32, pin_memory=pin)
-        h64, h32 = self.host64.numpy(), self.host32.numpy()
-        self._h64 = h64
-        self.layout(t)
-        self.qsl, self.seq, self.ctx = h32[:r + 1], h32[r + 1:2 * r + 1], h32[2 * r + 1:3 * r + 1]
-        self.bt = h32[self.off32_bt:].reshape(r, mb)
-        self.dev64 = torch.zeros(self.n64, dtype=torch.int64, device=device)
-        self.dev32 = torch.zeros(self.n32, dtype=torch.int32, device=device)
+        self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.host_bt = torch.zeros(r * mb, dtype=torch.int32, pin_memory=pin)
+        self._hbytes = self.host.numpy()
+        self.bt = self.host_bt.numpy().reshape(r, mb)
+        self.dev = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self.dev64 = self.dev[:8 * self.n64].view(torch.int64)  # input_ids are its first tokens
+        self.dev_bt = torch.zeros(r * mb, dtype=torch.int32, device=device)
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
+        self.layout(t, max(t, r), r)
 
-    def layout(self, t: int) -> None:
-        """Point the host views (`ids`, `pos`, `slots`, `sample`) at the layout of an iteration of t
-        tokens (the views `views` and `sample_rows` give the device for the same t)."""
-        h64 = self._h64
-        self.tokens = t
-        self.ids, self.pos, self.slots = h64[:t], h64[t:2 * t], h64[2 * t:3 * t]
-        self.sample = h64[3 * t:]
+    @staticmethod
+    def _offsets(t: int, k: int, r: int) -> tuple[int, int]:
+        """(byte offset of the int32 part, bytes to upload) of the layout for t tokens, k samples, r rows."""
+        off = 8 * (3 * t + k)
+        return off, off + 4 * (3 * r + 1)
+
+    def layout(self, t: int, k: int, r: int) -> None:
+        """Point the host views (`ids`, `pos`, `slots`, `sample`, `qsl`, `seq`, `ctx`) at the layout of an
+        iteration of t tokens, k sample entries and r rows (`views` gives the device the same)."""
+        off, end = self._offsets(t, k, r)
+        h64, h32 = self._hbytes[:off].view(np.int64), self._hbytes[off:end].view(np.int32)
+        self.tokens, self.samples, self.rows, self._upload_bytes = t, k, r, end
+        self.ids, self.pos, self.slots, self.sample = h64[:t], h64[t:2 * t], h64[2 * t:3 * t], h64[3 * t:]
+        self.qsl, self.seq, self.ctx = h32[:r + 1], h32[r + 1:2 * r + 1], h32[2 * r + 1:]
 
     def wait_host_free(self) -> None:
         """The previous upload read the pinned mirror asynchronously: wait until it is done."""
         if self._copied is not None:
             self._copied.synchronize()
 
-    def upload(self, rows: int, samples: int) -> None:
-        """Copy what an iteration of `rows` rows and `samples` sample entries reads, in the current layout."""
-        n64 = 3 * self.tokens + samples
-        self.dev64[:n64].copy_(self.host64[:n64], non_blocking=True)
-        n32 = self.off32_bt + rows * self.max_blocks
-        self.dev32[:n32].copy_(self.host32[:n32], non_blocking=True)
+    def upload(self, tables_changed: bool = True) -> None:
+        """Copy the current layout's inputs and, when a row's block table changed, the block tables of
+        its rows."""
+        n = self._upload_bytes
+        self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        if tables_changed:
+            n = self.rows * self.max_blocks
+            self.dev_bt[:n].copy_(self.host_bt[:n], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 
@@ -131,23 +141,23 @@ class StepBuffers:
         if kept > max(r, samples):
             self.sample[max(r, samples):kept] = 0
 
-    def sample_rows(self, t: int, n: int) -> torch.Tensor:
-        """The first n sample entries on the device, in the layout of t tokens (a speculating iteration
-        may need more than its rows)."""
-        return self.dev64[3 * t:3 * t + n]
+    def sample_rows(self, t: int, k: int) -> torch.Tensor:
+        """The k sample entries on the device, in the layout of t tokens (a speculating iteration may
+        need more than its rows)."""
+        return self.dev64[3 * t:3 * t + k]
 
-    def views(self, t: int, r: int, *, num_decodes: int, max_query_len: int, max_seq_len: int, block_size: int,
-              query_lens_host: list[int], seq_lens_host: list[int]):
+    def views(self, t: int, r: int, k: int, *, num_decodes: int, max_query_len: int, max_seq_len: int,
+              block_size: int, query_lens_host: list[int], seq_lens_host: list[int]):
         """(input_ids [1, t], positions [1, t], metadata over r rows) on the device, in the layout of
-        t tokens; the sample entries are `sample_rows(t, n)`."""
-        R = self.max_rows
-        d64, d32 = self.dev64, self.dev32
+        t tokens, k sample entries and r rows; the sample entries are `sample_rows(t, k)`."""
+        off, end = self._offsets(t, k, r)
+        d64, d32 = self.dev64, self.dev[off:end].view(torch.int32)
         meta = AttentionMetadata(
             slot_mapping=d64[2 * t:3 * t],
-            block_tables=d32[self.off32_bt:].view(R, self.max_blocks)[:r],
+            block_tables=self.dev_bt.view(self.max_rows, self.max_blocks)[:r],
             query_start_loc=d32[:r + 1],
-            seq_lens=d32[R + 1:R + 1 + r],
-            context_lens=d32[2 * R + 1:2 * R + 1 + r],
+            seq_lens=d32[r + 1:2 * r + 1],
+            context_lens=d32[2 * r + 1:3 * r + 1],
             num_decodes=num_decodes, max_query_len=max_query_len, max_seq_len=max_seq_len,
             block_size=block_size, query_lens_host=query_lens_host, seq_lens_host=seq_lens_host,
         )
@@ -237,7 +247,7 @@ class CudaGraphRunner:
         """Fill the host mirror with a valid iteration of tb tokens over rb rows (no K/V writes)."""
         buf = self.buffers
         buf.wait_host_free()  # the previous bucket's upload may still be reading the pinned mirror
-        buf.layout(tb)
+        buf.layout(tb, kept, rb)
         qlens = np.full(rb, tb // rb, dtype=np.int64)
         qlens[: tb % rb] += 1
         if qlens.max() > self.max_model_len:
@@ -251,7 +261,7 @@ class CudaGraphRunner:
         buf.pos[:tb] = 0
         buf.slots[:tb] = -1
         buf.sample[:kept] = np.cumsum(qlens) - 1 if kept == rb else np.arange(kept)
-        buf.upload(rb, kept)
+        buf.upload()
         return True
 
     @torch.inference_mode()

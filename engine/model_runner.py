@@ -5,7 +5,8 @@ input_ids [1, T], position_ids [1, T], the attention metadata, and `logits_to_ke
 position of every chunk that samples, so the LM head runs only there.
 
 On CUDA (when the runner is given its limits) the inputs go into the static buffers of
-`engine/cuda_graphs.py` instead: one pinned host mirror filled with numpy, two uploads, and the
+`engine/cuda_graphs.py` instead: one pinned host mirror filled with numpy, one upload (and one of the
+block tables when a row's changed), and the
 forward is a CUDA-graph replay of the smallest captured bucket that fits (eager on exact-size views
 of the same buffers otherwise). The only host sync per iteration is reading the sampled ids.
 `build_inputs` stays the CPU path and the reference for `fill_step`.
@@ -222,10 +223,12 @@ class HostTables:
         self.rid = [None] * len(self.rid)
         self.obj = [None] * len(self.obj)
 
-    def fill(self, bt: np.ndarray, rows: list[ScheduledChunk], blocks: BlockManager) -> list[str]:
+    def fill(self, bt: np.ndarray, rows: list[ScheduledChunk], blocks: BlockManager) -> tuple[list[str], bool]:
+        """(the rows' request ids, whether any row of `bt` was written)."""
         tables = blocks.tables
         rid_at, obj_at, n_at = self.rid, self.obj, self.n
         row_ids = []
+        changed = False
         for i, c in enumerate(rows):
             rid = c.request.request_id
             row_ids.append(rid)
@@ -237,12 +240,14 @@ class HostTables:
             if rid_at[i] == rid and obj_at[i] is tab and m <= n and (m == 0 or bt[i, m - 1] == tab[m - 1]):
                 if n > m:
                     bt[i, m:n] = tab[m:n]
+                    changed = True
             else:
                 bt[i, :n] = tab
                 rid_at[i] = rid
                 obj_at[i] = tab
+                changed = True
             n_at[i] = n
-        return row_ids
+        return row_ids, changed
 
 
 @dataclass
@@ -259,6 +264,7 @@ class PreparedStep:
     rows: list[ScheduledChunk] = field(default_factory=list)  # every chunk, in row order
     graph: GraphHit | None = None  # the captured bucket it fits, or None: eager
     sampling_rows: list[int] = field(default_factory=list)  # the rows of `sampling_chunks`
+    tables_changed: bool = True  # a row's block table was written (the block tables must be uploaded)
 
     @property
     def num_samples(self) -> int:
@@ -285,7 +291,10 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     counts = [1 + len(rows[i].draft) for i in sampling]
     s = sum(counts)
     hit = graphs.lookup(t, r, decode_only, s) if graphs is not None else None
-    buf.layout(t if hit is None else hit.tokens)
+    if hit is None:
+        buf.layout(t, max(s, 1), r)
+    else:
+        buf.layout(hit.tokens, len(hit.logits), hit.rows)
     if decode_only:
         buf.ids[:t] = [c.request.token_ids[c.start] for c in rows]
     else:
@@ -301,7 +310,7 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
         row_of_token = np.repeat(np.arange(r), lens_np)
         positions = np.arange(t) - (cu[:-1] - starts_np)[row_of_token]
     bt = buf.bt
-    row_ids = tables.fill(bt, rows, blocks)
+    row_ids, tables_changed = tables.fill(bt, rows, blocks)
     bs = blocks.block_size
     buf.pos[:t] = positions
     buf.slots[:t] = bt[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
@@ -312,7 +321,7 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     buf.sample[:s] = sample_entries(cu[1:][sampling], counts)
     buf.sample[s:r] = 0
     return PreparedStep(t, r, decode_only, [rows[i] for i in sampling], lens, seq.tolist(),
-                        sum(1 for n in lens if n == 1), row_ids, counts, rows, hit, sampling)
+                        sum(1 for n in lens if n == 1), row_ids, counts, rows, hit, sampling, tables_changed)
 
 
 class ModelRunner:
@@ -377,7 +386,7 @@ class ModelRunner:
         a decode bucket keeps every row's logits in row order (no gather of the hidden states) and
         their argmax (a greedy batch's tokens, sampled without a launch after the replay)."""
         ids, pos, meta = self.buffers.views(
-            t, r, num_decodes=r if max_query_len == 1 else 0, max_query_len=max_query_len,
+            t, r, kept, num_decodes=r if max_query_len == 1 else 0, max_query_len=max_query_len,
             max_seq_len=self.max_model_len, block_size=self.kv_cache.block_size,
             query_lens_host=[1] * r, seq_lens_host=[1] * r)
         if max_query_len != 1:
@@ -395,15 +404,13 @@ class ModelRunner:
         t, r = step.num_tokens, step.num_rows
         s = step.num_samples
         hit = step.graph
-        rows_up, samples_up = r, max(s, 1)
         greedy = None
         if hit is not None:
             graph, logits_all, tb, rb = hit.graph, hit.logits, hit.tokens, hit.rows
             buf.pad(t, r, tb, rb, samples=s, kept=len(logits_all))
-            rows_up, samples_up = rb, len(logits_all)
         if self.profile_gpu:
             timings.gpu_start = self._gpu_event()
-        buf.upload(rows_up, samples_up)
+        buf.upload(step.tables_changed)
         if dst:
             feed(buf.dev64, prev.ids, dst, src)  # input_ids are the first tokens of dev64
         t1 = time.perf_counter()
@@ -421,7 +428,7 @@ class ModelRunner:
             self.graphs.stats.replays += 1
         else:
             ids, pos, meta = buf.views(
-                t, r, num_decodes=step.num_decodes, max_query_len=max(step.query_lens),
+                t, r, max(s, 1), num_decodes=step.num_decodes, max_query_len=max(step.query_lens),
                 max_seq_len=max(step.seq_lens), block_size=blocks.block_size,
                 query_lens_host=step.query_lens, seq_lens_host=step.seq_lens)
             logits = self._model_logits(ids, pos, meta, buf.sample_rows(t, max(s, 1)))[:s]

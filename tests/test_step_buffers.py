@@ -55,26 +55,36 @@ def _stand_in_graphs(buf: StepBuffers, max_rows: int, max_tokens: int, verify_to
 
 def _check_uploaded(buf: StepBuffers, prepared, reference) -> None:
     """What the device views of the iteration's layout read after the upload: the reference inputs,
-    the bucket's padding, and nothing of the mirror past the layout's end copied."""
+    the bucket's padding, block tables current for every row (uploaded only when one changed), and
+    nothing of the mirror past the layout's end copied."""
     t, r, s = prepared.num_tokens, prepared.num_rows, prepared.num_samples
     hit = prepared.graph
     tb, rb, kept = (t, r, max(s, 1)) if hit is None else (hit.tokens, hit.rows, len(hit.logits))
     if hit is not None:
         buf.pad(t, r, tb, rb, samples=s, kept=kept)
-    buf.dev64.fill_(-7)
-    buf.upload(rb, kept)
-    ids, pos, meta = buf.views(tb, rb, num_decodes=0, max_query_len=1, max_seq_len=1, block_size=BLOCK_SIZE,
-                               query_lens_host=[], seq_lens_host=[])
+    buf.dev.fill_(0xA5)
+    buf.upload(prepared.tables_changed)
+    meta = reference.metadata
+    ids, pos, dev = buf.views(tb, rb, kept, num_decodes=0, max_query_len=1, max_seq_len=1, block_size=BLOCK_SIZE,
+                              query_lens_host=[], seq_lens_host=[])
     assert ids[0, :t].tolist() == reference.input_ids[0].tolist()
     assert pos[0, :t].tolist() == reference.positions[0].tolist()
-    assert meta.slot_mapping[:t].tolist() == reference.metadata.slot_mapping.tolist()
-    assert meta.slot_mapping[t:].tolist() == [-1] * (tb - t)  # padded tokens write no K/V
+    assert dev.slot_mapping[:t].tolist() == meta.slot_mapping.tolist()
+    assert dev.slot_mapping[t:].tolist() == [-1] * (tb - t)  # padded tokens write no K/V
+    assert dev.query_start_loc[:r + 1].tolist() == meta.query_start_loc.tolist()
+    assert dev.query_start_loc[r + 1:].tolist() == [int(meta.query_start_loc[-1])] * (rb - r)  # no queries
+    assert dev.seq_lens[:r].tolist() == meta.seq_lens.tolist() and not dev.seq_lens[r:].any()
+    assert dev.context_lens[:r].tolist() == meta.context_lens.tolist()
+    for row in range(r):
+        n = -(-int(meta.seq_lens[row]) // BLOCK_SIZE)
+        assert dev.block_tables[row, :n].tolist() == meta.block_tables[row, :n].tolist(), f"row {row}'s table"
     samples = buf.sample_rows(tb, kept)
     if hit is None or not hit.every_row:
         assert samples[:s].tolist() == reference.sample_rows.tolist()
     else:  # a decode bucket keeps every row; the sampling rows pick theirs
         assert prepared.sampling_rows == reference.sample_rows.tolist()  # decode rows: token i is row i
-    assert (buf.dev64[3 * tb + kept:] == -7).all(), "the upload copied past the iteration's layout"
+    end = 8 * (3 * tb + kept) + 4 * (3 * rb + 1)
+    assert (buf.dev[end:] == 0xA5).all(), "the upload copied past the iteration's layout"
 
 
 @settings(max_examples=40, deadline=None)
