@@ -487,3 +487,119 @@ def test_workloads_fit_a_short_max_model_len(max_context):
 def test_a_max_model_len_too_short_for_any_workload_is_refused_by_name():
     with pytest.raises(ValueError, match="max_model_len is 300 tokens.*at least 321"):
         design_workloads(16, 512, 300, 1 << 20)
+
+
+# -- playing the workloads: the inline driver, the budget's deadlines --------------------------------------
+SMALL = ["--model", "synthetic:tiny", "--device", "cpu", "--quick", "--max-num-seqs", "4",
+         "--max-batched-tokens", "64", "--num-blocks", "256"]  # the CPU smoke settings of tests/test_sim.py
+
+
+def test_deadlines_give_each_workload_its_share_of_the_budget_counted_from_the_start():
+    from batchdeck.engine.sim.calibrate import deadlines
+
+    ws = design_workloads(4, 64, 2048, 256 * 16, quick=True)[:4]
+    assert deadlines(ws, 8.0, 100.0) == [102.0, 104.0, 106.0, 108.0]
+
+
+def test_calibrate_inline_plays_every_workload_to_the_end_by_stepping_the_engine_in_the_calling_thread(
+        tmp_path, monkeypatch):
+    """`batchdeck calibrate --inline`: no serving loop, the engine stepped in this thread, every
+    request of every designed workload computed to its last token, and the profile says so."""
+    import threading
+
+    from batchdeck.cli import main
+    from batchdeck.engine.llm_engine import LLMEngine
+    from batchdeck.engine.service import calibration_driver
+    from batchdeck.engine.sim.profile import load_profile
+
+    def serving_loop(*args, **kwargs):
+        raise AssertionError("--inline played the workloads through the serving loop")
+
+    monkeypatch.setattr(calibration_driver, "drive_through_service", serving_loop)
+    threads, tokens, limits = set(), [0], {}
+    step = LLMEngine.step
+
+    def step_here(engine):
+        threads.add(threading.get_ident())
+        limits["max_model_len"] = engine.max_model_len
+        result = step(engine)
+        if result is not None:
+            tokens[0] += result.record.num_prefill_tokens + result.record.num_decode_tokens
+        return result
+
+    monkeypatch.setattr(LLMEngine, "step", step_here)
+    out = tmp_path / "inline.json"
+    assert main(["calibrate", "--inline", *SMALL, "--out", str(out)]) == 0
+    p = load_profile(out)
+    ws = design_workloads(4, 64, limits["max_model_len"], 256 * 16, quick=True)
+    assert p.fit["driver"] == "inline" and p.fit["num_workloads"] == len(ws) and p.fit["cut_short"] == []
+    assert threads == {threading.get_ident()}
+    assert tokens[0] == sum(pr + o - 1 for w in ws for pr, o in w.requests)  # every request to its last token
+    spaced = [w for w in ws if w.mode == "spaced"]
+    assert p.fit["idle_samples"] == sum(len(w.requests) for w in spaced)  # each spaced request woke an idle engine
+    assert p.fit["num_shapes"] >= 5 and p.fit["held_out_mean_rel_error"] is not None
+
+
+def test_a_workload_past_its_share_of_the_budget_is_cut_short_and_the_fit_report_names_it():
+    """The inline driver on a clock of the test's own (one tick per engine iteration) with a budget of
+    ten ticks a workload: a workload that needs more iterations than its deadline leaves (the first, a
+    decode ramp over contexts up to 512 tokens at 64 tokens an iteration, certainly does) stops there,
+    its unfinished requests aborted and the rest never sent; one within it (4 prompts of 128 tokens in
+    8 iterations) finishes. The fit report names exactly the workloads whose requests did not all finish."""
+    from batchdeck.engine.request import FinishReason
+    from batchdeck.engine.sim.calibrate import calibrate, drive_all_inline
+
+    added: dict[str, list] = {}
+    seen: dict = {}
+
+    def driver(engine, workloads, tap, log, budget_s):
+        tick = budget_s / (10 * len(workloads))
+        add = engine.add_request
+
+        def add_request(rid, *args, **kwargs):
+            req = add(rid, *args, **kwargs)
+            added.setdefault(rid[len("cal-"):].rsplit("-", 1)[0], []).append(req)
+            return req
+
+        engine.add_request = add_request
+        try:
+            cut = drive_all_inline(engine, workloads, tap, log, budget_s, clock=lambda: engine.iteration * tick)
+        finally:
+            del engine.add_request
+        seen.update(workloads=workloads, iterations=engine.iteration, unfinished=engine.has_unfinished)
+        return cut
+
+    lines: list[str] = []
+    p = calibrate("synthetic:tiny", device="cpu", quick=True, max_num_seqs=4, max_batched_tokens=64, num_blocks=256,
+                  budget_s=60.0, driver=driver, log=lines.append)
+    ws = seen["workloads"]
+    incomplete = [w.name for w in ws if len(added.get(w.name, ())) < len(w.requests)
+                  or any(r.finish_reason != FinishReason.LENGTH for r in added[w.name])]
+    assert ws[0].name in incomplete and ws[2].name not in incomplete and ws[2].kind == "prefill"
+    assert p.fit["cut_short"] == incomplete and p.fit["budget_s"] == 60.0
+    assert any(r.finish_reason == FinishReason.ABORT for r in added[ws[0].name])  # cut mid-way, not skipped
+    assert not seen["unfinished"] and all(r.is_finished for reqs in added.values() for r in reqs)
+    assert seen["iterations"] <= 10 * len(ws) + 2  # the budget held (the spaced workload ends its request)
+    assert sum("cut short by the budget" in line for line in lines) == len(incomplete)
+    assert any(f"cut {len(incomplete)} of {len(ws)} workloads short" in line for line in lines)
+    assert p.fit["num_shapes"] > 0  # the fit still ran on what the workloads did
+
+
+def test_the_serving_loops_driver_past_every_deadline_cuts_each_workload_short_and_aborts_what_it_sent():
+    """The serving loop's watchdog (engine/service/calibration_driver.py): a budget long over before
+    any workload could finish cuts every one short; nothing stays in flight and each is named."""
+    from batchdeck.engine.llm_engine import LLMEngine
+    from batchdeck.engine.service.calibration_driver import drive_through_service
+
+    cfg = EngineConfig(model="synthetic:tiny", device="cpu", dtype="float32", num_blocks=256,
+                       max_num_seqs_limit=4, max_batched_tokens_limit=64, spec_k_limit=0)
+    engine = LLMEngine(cfg, LiveConfig(max_num_seqs=4, max_batched_tokens=64, chunk_size=64))
+    ws = design_workloads(4, 64, engine.max_model_len, 256 * 16, quick=True)
+    tap = IterationTap(engine)
+    lines: list[str] = []
+    cut = drive_through_service(engine, ws, tap, lines.append, budget_s=1e-9)
+    tap.remove()
+    assert cut == list(range(len(ws)))
+    assert not engine.has_unfinished and all(r.is_finished for r in engine.requests.values())
+    assert engine.num_requests_added < sum(len(w.requests) for w in ws)
+    assert len(lines) == len(ws) and all(line.endswith("cut short by the budget)") for line in lines)

@@ -17,16 +17,18 @@ from batchdeck.engine.sim.calibrate import IterationTap, Workload, deadlines
 
 
 def drive_through_service(llm: LLMEngine, workloads: list[Workload], tap: IterationTap,
-                          log: Callable[[str], None], budget_s: float = float("inf")) -> None:
-    asyncio.run(_play_all(llm, workloads, tap, log, budget_s))
+                          log: Callable[[str], None], budget_s: float = float("inf")) -> list[int]:
+    """Play the workloads within `budget_s` seconds; the indices of those the budget cut short."""
+    return asyncio.run(_play_all(llm, workloads, tap, log, budget_s))
 
 
 async def _play_all(llm: LLMEngine, workloads: list[Workload], tap: IterationTap, log: Callable[[str], None],
-                    budget_s: float) -> None:
+                    budget_s: float) -> list[int]:
     engine = AsyncEngine(llm)
     await engine.start()
     rng = random.Random(0)
     ends = deadlines(workloads, budget_s, time.perf_counter())
+    cut = []
     try:
         for i, w in enumerate(workloads):
             def begin(e: LLMEngine, i: int = i) -> None:
@@ -36,24 +38,29 @@ async def _play_all(llm: LLMEngine, workloads: list[Workload], tap: IterationTap
             await engine.call(begin)
             await engine.update_config(w.live_changes(), "calibrate")
             t0 = time.perf_counter()
+            cut_short = False
             try:
-                await _play(engine, w, rng, ends[i])
+                cut_short = await _play(engine, w, rng, ends[i])
             except EngineDeadError:  # the engine failed with requests open: named below
                 if engine.error is None:
                     raise
             if engine.error is not None:
                 raise RuntimeError(f"calibrate: the engine failed in workload {w.name!r}") from engine.error
-            log(f"calibrate: {i + 1}/{len(workloads)} {w.name} ({time.perf_counter() - t0:.1f} s)")
+            cut += [i] if cut_short else []
+            log(f"calibrate: {i + 1}/{len(workloads)} {w.name} ({time.perf_counter() - t0:.1f} s"
+                f"{', cut short by the budget' if cut_short else ''})")
     finally:
         await engine.stop()
+    return cut
 
 
-async def _play(engine: AsyncEngine, w: Workload, rng: random.Random, deadline: float) -> None:
+async def _play(engine: AsyncEngine, w: Workload, rng: random.Random, deadline: float) -> bool:
     """Play one workload; past the deadline (perf_counter seconds) no request is sent and those
-    unfinished are aborted."""
+    unfinished are aborted. True when it was cut short so."""
     vocab = engine.engine.loaded.config.vocab_size
     pending = list(enumerate(w.requests))
     live: set[str] = set()
+    cut = False
 
     async def send(arrival: float | None = None) -> None:
         i, (p, o) = pending.pop(0)
@@ -66,7 +73,9 @@ async def _play(engine: AsyncEngine, w: Workload, rng: random.Random, deadline: 
         live.discard(rid)
 
     async def cut_short() -> None:
+        nonlocal cut
         await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
+        cut = bool(pending or live)
         pending.clear()
         for rid in list(live):
             await engine.abort(rid)
@@ -91,3 +100,4 @@ async def _play(engine: AsyncEngine, w: Workload, rng: random.Random, deadline: 
             await asyncio.gather(*(client() for _ in range(max(1, w.concurrency))))
     finally:
         watchdog.cancel()
+    return cut

@@ -261,9 +261,11 @@ def deadlines(workloads: list[Workload], budget_s: float, start: float) -> list[
     return [start + budget_s * (i + 1) / n for i in range(n)]
 
 
-def drive_inline(engine: LLMEngine, workload: Workload, vocab_rng: random.Random, deadline: float = float("inf")) -> None:
+def drive_inline(engine: LLMEngine, workload: Workload, vocab_rng: random.Random, deadline: float = float("inf"),
+                 clock: Callable[[], float] = time.perf_counter) -> bool:
     """Play a workload by stepping the engine in this thread (no serving loop around it). Past the
-    deadline no request is sent and those unfinished are aborted."""
+    deadline (on `clock`) no request is sent and those unfinished are aborted. True when it was cut
+    short so."""
     vocab = engine.loaded.config.vocab_size
     engine.update_config(workload.live_changes(), "calibrate")
     engine.apply_pending_config()
@@ -278,7 +280,7 @@ def drive_inline(engine: LLMEngine, workload: Workload, vocab_rng: random.Random
         sent.append(rid)
 
     def over() -> bool:
-        if time.perf_counter() < deadline:
+        if clock() < deadline:
             return False
         pending.clear()
         for rid in sent:
@@ -286,37 +288,48 @@ def drive_inline(engine: LLMEngine, workload: Workload, vocab_rng: random.Random
         return True
 
     if workload.mode == "spaced":
-        while pending and not over():
+        while pending:
+            if over():
+                return True
             due = engine.clock() + workload.gap_s
             while engine.clock() < due:
                 time.sleep(min(0.001, max(0.0, due - engine.clock())))
             submit(due)
             while engine.has_unfinished:
                 engine.step()
-        return
+        return False
     first = len(pending) if workload.mode == "batch" else workload.concurrency
     for _ in range(min(first, len(pending))):
         submit()
-    while engine.has_unfinished and not over():
+    while engine.has_unfinished:
+        if over():
+            return True
         result = engine.step()
         if result is not None:
             for _ in result.finished:
                 if pending:
                     submit()
+    return False
 
 
-Driver = Callable[[LLMEngine, list[Workload], "IterationTap", Callable[[str], None], float], None]
+# plays the workloads within the budget (seconds); returns the indices of those the budget cut short
+Driver = Callable[[LLMEngine, list[Workload], "IterationTap", Callable[[str], None], float], list[int]]
 
 
 def drive_all_inline(engine: LLMEngine, workloads: list[Workload], tap: IterationTap,
-                     log: Callable[[str], None], budget_s: float = float("inf")) -> None:
+                     log: Callable[[str], None], budget_s: float = float("inf"),
+                     clock: Callable[[], float] = time.perf_counter) -> list[int]:
     rng = random.Random(0)
-    for i, (w, deadline) in enumerate(zip(workloads, deadlines(workloads, budget_s, time.perf_counter()))):
+    cut = []
+    for i, (w, deadline) in enumerate(zip(workloads, deadlines(workloads, budget_s, clock()))):
         tap.workload = i
         tap.idle()
         t0 = time.perf_counter()
-        drive_inline(engine, w, rng, deadline)
-        log(f"calibrate: {i + 1}/{len(workloads)} {w.name} ({time.perf_counter() - t0:.1f} s)")
+        cut_short = drive_inline(engine, w, rng, deadline, clock)
+        cut += [i] if cut_short else []
+        log(f"calibrate: {i + 1}/{len(workloads)} {w.name} ({time.perf_counter() - t0:.1f} s"
+            f"{', cut short by the budget' if cut_short else ''})")
+    return cut
 
 
 # -- the fit --------------------------------------------------------------------------------------------
@@ -453,10 +466,10 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
               samples_out: str | None = None,
               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> SimProfile:
     """Build the engine, play `design_workloads` through `driver` (default: `drive_all_inline`) within
-    `budget_s` seconds (each workload its share; one that runs over is cut short), fit. The engine runs
-    with overlapped iterations (`async_scheduling`) as it would serve on the device (default: the
-    device's default, on for cuda), since overlap changes what an iteration costs. `samples_out`: a path
-    to write the iterations the fit saw to (`write_samples`)."""
+    `budget_s` seconds (each workload its share; one that runs over is cut short, and the fit report's
+    `cut_short` names it), fit. The engine runs with overlapped iterations (`async_scheduling`) as it
+    would serve on the device (default: the device's default, on for cuda), since overlap changes what
+    an iteration costs. `samples_out`: a path to write the iterations the fit saw to (`write_samples`)."""
     import torch
 
     # the one resolver every command uses: the device's defaults for what is not given here (the largest
@@ -483,7 +496,7 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     tap = IterationTap(engine)
     t_run = time.perf_counter()
     try:
-        (driver or drive_all_inline)(engine, workloads, tap, log, budget_s)
+        cut = (driver or drive_all_inline)(engine, workloads, tap, log, budget_s)
     finally:
         tap.remove()
     run_s = time.perf_counter() - t_run
@@ -519,7 +532,8 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
         fit={"target": "engine iterations: gaps between consecutive busy iterations' time stamps",
              "driver": driver_name, **report, "num_workloads": len(workloads), "workloads_by_kind": per_kind,
              "cuda_graphs": bool(graphs), "async_scheduling": engine.async_scheduling, "max_num_seqs_limit": max_num_seqs,
-             "max_batched_tokens_limit": max_batched_tokens, "budget_s": budget_s, "run_time_s": round(run_s, 1),
+             "max_batched_tokens_limit": max_batched_tokens, "budget_s": budget_s,
+             "cut_short": [workloads[i].name for i in cut], "run_time_s": round(run_s, 1),
              "wall_time_s": round(time.perf_counter() - t_start, 1)},
         versions=versions, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         gpu_memory_fraction=gpu_memory_fraction,
@@ -528,6 +542,9 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     log(f"calibrate: fit on {report['num_shapes']} iterations of {len(workloads)} workloads; held-out error "
         + ", ".join(f"{k} mean {v['mean_rel_error']:.1%} (total {v['total_bias']:+.1%})" for k, v in held.items())
         + f"; idle wake {report['idle_wake_s'] * 1e3:.2f} ms; {profile.fit['wall_time_s']} s")
+    if cut:
+        log(f"calibrate: the budget ({budget_s:g} s) cut {len(cut)} of {len(workloads)} workloads short "
+            f"(unfinished requests aborted; the profile's fit.cut_short names them): a larger --budget covers them")
     serving = report.get("held_out_by_kind", {}).get("serving")
     if serving:
         log("calibrate: held-out serving mix (a replayed load's iterations) "
