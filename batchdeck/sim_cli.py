@@ -8,6 +8,7 @@ import sys
 def register_cli(sub: argparse._SubParsersAction) -> None:
     from batchdeck.engine.service.flags import add_setting_flag
     from batchdeck.engine.settings import BY_NAME
+    from batchdeck.engine.sim.calibrate import DEFAULT_BUDGET_S
     from batchdeck.presets.cli import _key_value, _positive
     from batchdeck.presets.sweep import METRICS
 
@@ -23,8 +24,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     # iteration run are --max-num-seqs and --max-batched-tokens, the limits the profile serves up to)
     for name in ("device", "dtype", "max_num_seqs", "max_batched_tokens", "num_blocks", "gpu_memory_fraction"):
         add_setting_flag(cal, BY_NAME[name])
-    cal.add_argument("--budget", type=float, default=120.0, metavar="SECONDS",
-                     help="time for the workloads (each gets its share; default 120)")
+    cal.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, metavar="SECONDS",
+                     help=f"time for the workloads (each gets its share; default {DEFAULT_BUDGET_S:g})")
     cal.add_argument("--inline", action="store_true", help="step the engine in one thread, without the serving "
                                                             "loop around it (default: the serving loop, as replay runs)")
     add_setting_flag(cal, BY_NAME["async_scheduling"])  # the profile must come from the engine as it will serve

@@ -46,6 +46,8 @@ from batchdeck.engine.sim.cost_model import CostModel, IterationShape, fit, regi
 from batchdeck.engine.sim.profile import SimProfile
 from batchdeck.engine.telemetry import ListSink
 
+DEFAULT_BUDGET_S = 120.0  # seconds of designed workloads a calibration plays (`batchdeck calibrate --budget`)
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -462,7 +464,7 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
               max_num_seqs: int | None = None, max_batched_tokens: int | None = None, quick: bool = False,
               async_scheduling: bool | None = None,
               num_blocks: int | None = None, gpu_memory_fraction: float | None = None, seed: int = 0,
-              driver: Driver | None = None, driver_name: str = "inline", budget_s: float = 120.0,
+              driver: Driver | None = None, driver_name: str = "inline", budget_s: float = DEFAULT_BUDGET_S,
               samples_out: str | None = None,
               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> SimProfile:
     """Build the engine, play `design_workloads` through `driver` (default: `drive_all_inline`) within
