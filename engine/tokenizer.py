@@ -6,7 +6,7 @@ real vocabulary samples them) decode to a printable ASCII character, so text out
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 BYTE_BOS, BYTE_EOS = 256, 257
 
@@ -32,13 +32,15 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        out = bytearray()
-        for i in ids:
-            if i < 256:
-                out.append(i)
-            elif i not in (BYTE_BOS, BYTE_EOS):
-                out.append(33 + i % 94)
-        return out.decode("utf-8", errors="replace")
+        return self.to_bytes(ids).decode("utf-8", errors="replace")
+
+    @staticmethod
+    def to_bytes(ids: Sequence[int]) -> bytes:
+        """The bytes the ids stand for (what `decode` reads as UTF-8, and a streaming detokenizer feeds
+        its incremental decoder): 0..255 themselves, BOS/EOS nothing, other ids a printable ASCII character."""
+        if len(ids) == 1 and ids[0] < 256:  # one byte: a streamed decode step's usual case
+            return bytes(ids)
+        return bytes(i if i < 256 else 33 + i % 94 for i in ids if i != BYTE_BOS and i != BYTE_EOS)
 
 
 class HFTokenizer:

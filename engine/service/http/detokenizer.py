@@ -7,8 +7,8 @@ ends in U+FFFD is an unfinished multi-byte character (a byte-level token split i
 released until the next token completes it: text is never cut inside a character.
 
 Byte-level tokenizers (the synthetic models') take a faster path with the same result: their ids
-are bytes, so an incremental UTF-8 decoder releases exactly the completed characters, one call per
-step instead of two window decodes.
+are bytes (`ByteTokenizer.to_bytes`, the mapping its `decode` reads), so an incremental UTF-8 decoder
+releases exactly the completed characters, one call per step instead of two window decodes.
 
 Stop strings: text that could still be the start of a stop string is held back (at most the longest
 stop string's length minus one characters); once a stop string appears, the text before it is
@@ -20,7 +20,7 @@ import codecs
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from batchdeck.engine.tokenizer import BYTE_BOS, BYTE_EOS, ByteTokenizer, Tokenizer
+from batchdeck.engine.tokenizer import ByteTokenizer, Tokenizer
 
 REPLACEMENT = "\ufffd"
 
@@ -51,7 +51,7 @@ class IncrementalDetokenizer:
             return ""
         self.token_ids.extend(new_token_ids)
         if self._bytes is not None:
-            new = self._bytes.decode(_as_bytes(new_token_ids))
+            new = self._bytes.decode(ByteTokenizer.to_bytes(new_token_ids))
             if not new:
                 return ""
             self._held += new
@@ -105,11 +105,3 @@ class IncrementalDetokenizer:
         out, self._held = held[:len(held) - keep], held[len(held) - keep:]
         self.text += out
         return out
-
-
-def _as_bytes(ids: Sequence[int]) -> bytes:
-    """Byte-level ids as ByteTokenizer.decode reads them: bytes, BOS/EOS dropped, other ids as a
-    printable ASCII character."""
-    if len(ids) == 1 and ids[0] < 256:
-        return bytes(ids)
-    return bytes(i if i < 256 else 33 + i % 94 for i in ids if i != BYTE_BOS and i != BYTE_EOS)
