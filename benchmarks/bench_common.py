@@ -84,6 +84,14 @@ def add_async_scheduling_flag(ap: argparse.ArgumentParser) -> None:
                     help="overlapped iterations (default: the device's, from the settings table: on for cuda)")
 
 
+def default_dtype(device: str) -> str:
+    """The engine's dtype default on `device` ("cpu", "cuda", "cuda:N"): the settings table's (bfloat16 on
+    cuda, float32 on cpu), for scripts that build their EngineConfig or load a model directly."""
+    from batchdeck.engine.settings import defaults_for
+
+    return defaults_for(device)["dtype"]
+
+
 def async_scheduling_for(args: argparse.Namespace) -> bool:
     from batchdeck.engine.settings import defaults_for
 

@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import argv_without, command_line, log, run_script, write_json  # noqa: E402
+from benchmarks.bench_common import argv_without, command_line, default_dtype, log, run_script, write_json  # noqa: E402
 
 MODES = ("headless", "console", "console-process")
 SCREEN = (180, 50)
@@ -59,7 +59,7 @@ def build_engine(args):
     from batchdeck.engine.service.bus import Bus
 
     cuda = args.device.startswith("cuda")
-    cfg = EngineConfig(model=args.model, device=args.device, dtype="bfloat16" if cuda else "float32",
+    cfg = EngineConfig(model=args.model, device=args.device, dtype=default_dtype(args.device),
                        block_size=args.block_size, num_blocks=None if cuda else args.cpu_blocks,
                        max_num_seqs_limit=args.max_num_seqs, max_batched_tokens_limit=args.max_batched_tokens,
                        gpu_memory_fraction=args.gpu_memory_fraction, cuda_graphs=cuda and not args.no_graphs)
@@ -261,7 +261,7 @@ def main() -> None:
         "command": command_line("benchmarks/console_overhead.py"),
         "device": torch.cuda.get_device_name() if cuda else "cpu", "cpu_count": os.cpu_count(),
         "versions": {"torch": torch.__version__, "textual": _version("textual"), "python": sys.version.split()[0]},
-        "workload": {"model": args.model, "dtype": "bfloat16" if cuda else "float32", "requests": args.requests,
+        "workload": {"model": args.model, "dtype": default_dtype(args.device), "requests": args.requests,
                      "prompt_len": f"uniform integer in [{args.min_prompt}, {args.max_prompt}] (random.Random({args.seed}))",
                      "output_tokens": args.output_tokens, "ignore_eos": True, "sampling": "greedy",
                      "arrival": "all at once"},

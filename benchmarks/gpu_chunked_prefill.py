@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import (add_async_scheduling_flag, argv_without, async_scheduling_for, command_line, dist,  # noqa: E402
+from bench_common import (add_async_scheduling_flag, argv_without, async_scheduling_for, command_line, default_dtype, dist,  # noqa: E402
                           log, run_script, versions, write_json)
 
 
@@ -44,7 +44,7 @@ def run_phase(args) -> dict:
     chunk = args.phase_chunk
     vocab = synthetic_config(args.model.split(":", 1)[1]).vocab_size
     max_seqs = args.decoders + 8
-    ecfg = EngineConfig(model=args.model, device=args.device, dtype="bfloat16" if cuda else "float32",
+    ecfg = EngineConfig(model=args.model, device=args.device, dtype=default_dtype(args.device),
                         max_num_seqs_limit=max_seqs, max_batched_tokens_limit=args.budget,
                         num_blocks=None if cuda else args.cpu_num_blocks, cuda_graphs=cuda,
                         async_scheduling=async_scheduling_for(args))

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
+from benchmarks.bench_common import default_dtype  # noqa: E402
 from batchdeck.engine.llm_engine import LLMEngine  # noqa: E402
 from batchdeck.engine.request import SamplingParams  # noqa: E402
 from batchdeck.engine.sim.cost_model import IterationShape  # noqa: E402
@@ -93,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype = default_dtype(device)
     rows = sorted({int(r) for r in args.rows.split(",")})
     max_rows = max(rows)
     t0 = time.perf_counter()

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import argv_without, command_line, log, run_script, versions, write_json  # noqa: E402
+from benchmarks.bench_common import argv_without, command_line, default_dtype, log, run_script, versions, write_json  # noqa: E402
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
 from batchdeck.engine.llm_engine import LLMEngine  # noqa: E402
 from batchdeck.engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
@@ -386,7 +386,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="batchdeck timed runs (fresh process each)")
     args = ap.parse_args()
     args.max_num_seqs = args.max_num_seqs or min(args.requests, 256)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.dtype = args.dtype or default_dtype(args.device)
     on_cuda = args.device.startswith("cuda")
     if not on_cuda:
         args.skip_hf = True

@@ -42,7 +42,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_common import (add_async_scheduling_flag, argv_without, async_scheduling_for,  # noqa: E402
-                                     command_line, dist, log, run_script, versions, write_json, GCWatch)
+                                     command_line, default_dtype, dist, log, run_script, versions, write_json, GCWatch)
 
 RUNS = {
     "multi-turn/off/fcfs": ("multi-turn", False, "fcfs"),
@@ -67,7 +67,7 @@ def _engine(args, prefix_caching: bool, policy: str, records: list):
     from batchdeck.engine.llm_engine import LLMEngine
 
     cuda = args.device.startswith("cuda")
-    ecfg = EngineConfig(model=args.model, device=args.device, dtype="bfloat16" if cuda else "float32",
+    ecfg = EngineConfig(model=args.model, device=args.device, dtype=default_dtype(args.device),
                         block_size=args.block_size, num_blocks=args.num_blocks or None,
                         max_num_seqs_limit=args.max_num_seqs, max_batched_tokens_limit=args.max_batched_tokens,
                         gpu_memory_fraction=args.gpu_memory_fraction, cuda_graphs=cuda,
@@ -239,7 +239,7 @@ def main() -> None:
         "benchmark": "gpu_prefix_cache", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": command_line("benchmarks/gpu_prefix_cache.py"), "versions": versions(),
         "workload": {
-            "model": args.model, "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
+            "model": args.model, "dtype": default_dtype(args.device),
             "multi_turn": {"conversations": args.conversations, "turns": args.turns, "rate": args.rate,
                            "think_time_s": args.think_time, "system_tokens": args.system_tokens,
                            "user_tokens": args.user_tokens, "output_tokens": args.output_tokens,

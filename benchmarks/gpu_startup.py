@@ -33,7 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import command_line, log, versions, write_json  # noqa: E402
+from bench_common import command_line, default_dtype, log, versions, write_json  # noqa: E402
 
 MODEL_MODULE = {name: f"transformers.models.{name}.modeling_{name}" for name in ("qwen3", "llama", "qwen2", "mistral")}
 
@@ -127,7 +127,7 @@ def main() -> None:
     from batchdeck.engine.request import SamplingParams
 
     cuda = args.device.startswith("cuda")
-    dtype = "bfloat16" if cuda else "float32"
+    dtype = default_dtype(args.device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     phases: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -29,7 +29,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import argv_without, command_line, dist, log, percentile, run_script, versions, write_json  # noqa: E402
+from benchmarks.bench_common import (argv_without, command_line, default_dtype, dist, log, percentile, run_script,  # noqa: E402
+                                     versions, write_json)
 
 TRACE_COLUMNS = {"time": "TIMESTAMP", "input": "ContextTokens", "output": "GeneratedTokens"}
 
@@ -58,7 +59,7 @@ def run_mode(args) -> dict:
     cuda = args.device.startswith("cuda")
     name = args.model.split(":", 1)[1]
     vocab = synthetic_config(name).vocab_size
-    ecfg = EngineConfig(model=args.model, device=args.device, dtype="bfloat16" if cuda else "float32",
+    ecfg = EngineConfig(model=args.model, device=args.device, dtype=default_dtype(args.device),
                         block_size=args.block_size, max_num_seqs_limit=args.max_num_seqs,
                         max_batched_tokens_limit=args.max_batched_tokens, gpu_memory_fraction=args.gpu_memory_fraction,
                         cuda_graphs=cuda, num_blocks=None if cuda else args.cpu_num_blocks)
@@ -172,7 +173,7 @@ def main() -> None:
         "benchmark": "gpu_static_vs_continuous", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": command_line("benchmarks/gpu_static_vs_continuous.py"), "versions": versions(),
         "workload": {
-            "model": args.model, "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
+            "model": args.model, "dtype": default_dtype(args.device),
             "trace": args.trace, "trace_columns": TRACE_COLUMNS, "time_unit": "datetime",
             "rows": f"first {args.requests} rows (load_trace limit)", "time_scale": args.time_scale,
             "arrival_span_s": span, "offered_requests_per_s": (len(rows) - 1) / span if span else None,

@@ -134,8 +134,9 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if real:
         from batchdeck.engine.models import load_model
+        from benchmarks.bench_common import default_dtype
 
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        dtype = default_dtype(device)
         loaded = load_model(args.model, device, dtype, 0)
         over = {"model": args.model, "device": device, "dtype": dtype, "num_blocks": min(profile.num_blocks, 8192),
                 "async_scheduling": True, **LIMITS}
