@@ -46,8 +46,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import (add_async_scheduling_flag, async_scheduling_for, command_line, log,  # noqa: E402
-                                     replay_gpu_ms, versions, write_json)
+from benchmarks.bench_common import (add_async_scheduling_flag, async_scheduling_for, command_line,  # noqa: E402
+                                     default_dtype, log, replay_gpu_ms, versions, write_json)
 from benchmarks.gpu_offline import measure_ceilings  # noqa: E402
 from batchdeck.engine.attention.decode_splits import MAX_DECODE_SPLITS  # noqa: E402
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
@@ -223,7 +223,7 @@ def main() -> None:
     name = args.model.split(":", 1)[1]
     assert args.model.startswith("synthetic:") and name in SYNTHETIC_SHAPES, "a synthetic:<name> model"
     cfg = synthetic_config(name)
-    dtype = "bfloat16" if cuda else "float32"
+    dtype = default_dtype(args.device)
 
     result = {
         "benchmark": "gpu_decode_sweep", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -282,7 +282,7 @@ def main() -> None:
 
 def run_points(args, sizes: list[int], cfg, bw: float | None, weight_bytes: int, kv_per_token: int) -> tuple[dict, list[dict]]:
     """Build an engine (the environment's kernel settings), sweep `sizes`: (engine facts, points)."""
-    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    dtype = default_dtype(args.device)
     cuda = args.device.startswith("cuda")
     ecfg = EngineConfig(model=args.model, device=args.device, dtype=dtype, block_size=args.block_size,
                         max_num_seqs_limit=max(sizes), max_batched_tokens_limit=args.max_batched_tokens,

@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--sweep", default=None, help="max_num_seqs values of the ranking sweep (default 8,16,32,64; "
                                                   "smoke 1,2,4,8)")
     ap.add_argument("--calibrate-budget", type=float, default=None,
-                    help="seconds of calibration workloads when no --profile is given (default 120; smoke 45)")
+                    help="seconds of calibration workloads when no --profile is given (default: calibrate's; smoke 45)")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="overlapped iterations in the real runs, the calibration and the simulator (default: the "
                          "device's default, on for cuda)")
@@ -105,9 +105,9 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.bench_common import GCWatch
+    from benchmarks.bench_common import GCWatch, default_dtype
     from batchdeck.engine.settings import defaults_for
-    from batchdeck.engine.sim.calibrate import IterationTap, calibrate, check_iterations, write_samples
+    from batchdeck.engine.sim.calibrate import DEFAULT_BUDGET_S, IterationTap, calibrate, check_iterations, write_samples
     from batchdeck.engine.sim.profile import load_profile
     from batchdeck.presets import load_preset, resolve_preset
     from batchdeck.presets.analytic import throughput_bound
@@ -117,7 +117,7 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         torch.set_num_threads(1)  # shared CPUs: timings with several threads per process are noise
-    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype = default_dtype(device)
     overlap = defaults_for(device)["async_scheduling"] if args.async_scheduling is None else args.async_scheduling
     scale = args.duration_scale or (0.05 if args.smoke else 0.5)
     # the runs' start-time limits (CUDA graphs are captured up to them); the profile is calibrated up to the same
@@ -135,7 +135,7 @@ def main() -> None:
     else:
         from batchdeck.engine.service.calibration_driver import drive_through_service
 
-        budget = args.calibrate_budget or (45.0 if args.smoke else 120.0)
+        budget = args.calibrate_budget or (45.0 if args.smoke else DEFAULT_BUDGET_S)
         profile = calibrate(args.model, device=device, dtype=dtype, budget_s=budget,
                             num_blocks=512 if args.smoke else None, max_num_seqs=limits["max_num_seqs"],
                             max_batched_tokens=limits["max_batched_tokens"], driver=drive_through_service,

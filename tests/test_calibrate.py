@@ -81,6 +81,31 @@ def test_busy_gaps_skip_idle_starts_and_workload_boundaries():
     assert len(gaps) == 1 and gaps[0][1] == pytest.approx(0.01)
 
 
+def test_calibrate_lets_its_engine_go_before_it_returns(monkeypatch):
+    """A caller may build an engine right after (the accuracy benchmark does): the calibration's engine,
+    and with it its KV pool, must be gone by then, without the caller collecting cycles."""
+    import gc
+    import weakref
+
+    from batchdeck.engine.sim import calibrate as cal
+
+    built = []
+
+    class Recorded(cal.LLMEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(weakref.ref(self))
+
+    monkeypatch.setattr(cal, "LLMEngine", Recorded)
+    gc.disable()  # no collection by chance: only calibrate's own
+    try:
+        cal.calibrate("synthetic:tiny", device="cpu", quick=True, max_num_seqs=4, max_batched_tokens=64,
+                      num_blocks=256, budget_s=30.0, log=lambda line: None)
+        assert built and all(ref() is None for ref in built)
+    finally:
+        gc.enable()
+
+
 def test_the_samples_a_fit_saw_are_written_as_json_lines(tmp_path):
     import json
 
@@ -94,7 +119,8 @@ def test_the_samples_a_fit_saw_are_written_as_json_lines(tmp_path):
     (row,) = [json.loads(line) for line in path.read_text().splitlines()]
     assert row["gap_s"] == pytest.approx(0.01) and row["sync_wait_s"] == 0.004 and row["kind"] == "serving"
     assert IterationShape(**{k: row[k] for k in ("prefill_tokens", "prefill_attention", "decode_rows",
-                                                 "decode_context", "prefill_rows", "decode_max_context")}) == s[1].shape
+                                                 "decode_context", "prefill_rows", "decode_max_context",
+                                                 "prefill_max_context")}) == s[1].shape
 
 
 def test_the_tap_records_each_iteration_of_a_real_engine_and_gives_it_back():
@@ -363,6 +389,38 @@ def test_the_fit_recovers_the_longest_row_term_from_ramps_whose_contexts_spread(
                  for s in shapes], seconds, **buckets)  # no longest-row values: the old model's view
     assert abs(np.array([refit.predict(s) for s in serving]).sum() / want.sum() - 1) > 0.05
     assert no_max.predict(serving[0]) < model.predict(serving[0])
+
+
+def test_the_fit_recovers_the_longest_prefill_walk_from_chunks_of_long_prompts():
+    """Mixed iterations whose attention ends with the longest key walk of a prefill chunk (ctx + n):
+    fitted on chunked prompts of several lengths beside decode rows, the model prices a serving load's
+    iterations (short prompts' chunks beside decode rows) within 3% and a short chunk late in a long
+    prompt within 5%; without the term it cannot."""
+    from batchdeck.engine.sim.cost_model import fit
+
+    truth = CostModel({**TRUTH, "mixed": {**TRUTH["mixed"], "constant": 1e-3, "prefill_max_context": 8e-4}})
+    buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
+    rng = np.random.default_rng(2)
+    shapes = []
+    for prompt in (256, 1024, 2048, 4096):
+        for chunk in (32, 128, 512):
+            for start in range(0, prompt - chunk + 1, chunk):
+                decodes = [(int(rng.integers(50, 1500)), 1) for _ in range(int(rng.integers(0, 40)))]
+                shapes.append(IterationShape.of_rows([(start, chunk)] + decodes))
+    seconds = [truth.predict(s) * (1 + rng.normal(0, 0.01)) for s in shapes]
+    serving = [IterationShape.of_rows([(0, int(rng.integers(40, 400)))]
+                                      + [(int(rng.integers(50, 600)), 1) for _ in range(30)]) for _ in range(50)]
+    want = np.array([truth.predict(s) for s in serving])
+    model = fit(shapes, seconds, **buckets)
+    assert abs(np.array([model.predict(s) for s in serving]).sum() / want.sum() - 1) < 0.03
+    assert model.coefficients["mixed"]["prefill_max_context"] == pytest.approx(8e-4, rel=0.15)
+    late = IterationShape.of_rows([(3900, 128)])  # a short chunk at the end of a long prompt
+    assert model.predict(late) == pytest.approx(truth.predict(late), rel=0.05)
+    blind = fit([IterationShape(s.prefill_tokens, s.prefill_attention, s.decode_rows, s.decode_context,
+                                s.prefill_rows, s.decode_max_context) for s in shapes], seconds, **buckets)
+    assert abs(np.array([blind.predict(s) for s in serving]).sum() / want.sum() - 1) > 0.05
+    blind_late = IterationShape(late.prefill_tokens, late.prefill_attention, prefill_rows=1)
+    assert abs(blind.predict(blind_late) / truth.predict(late) - 1) > 0.1
 
 
 def test_the_designed_decode_ramps_include_batches_whose_longest_row_is_far_above_the_mean():

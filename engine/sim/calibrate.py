@@ -27,6 +27,7 @@ is fitted on all.
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib.metadata
 import math
 import platform
@@ -554,4 +555,8 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     log("calibrate: busy gaps " + ", ".join(
         f"{k} {v['measured_mean_s'] * 1e3:.3f} ms = wait for the device {v['sync_wait_mean_s'] * 1e3:.3f} + host "
         f"{v['host_mean_s'] * 1e3:.3f} (rows {v['mean_rows']:.1f})" for k, v in report["gap_split_by_regime"].items()))
+    del tap, engine, graphs, lm
+    gc.collect()  # the engine and its KV pool go back now (a caller may build another engine at once)
+    if cuda:
+        torch.cuda.empty_cache()
     return profile

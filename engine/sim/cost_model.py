@@ -21,7 +21,10 @@ Two regimes, each a linear model of its own features with non-negative coefficie
   bucket they pad to, or the tokens when eager); `prefill_tokens` (tokens of multi-token rows);
   `attention` (their attention work, sum of n * (ctx + (n + 1) / 2), in millions); `decode_rows`
   and `decode_context` (the one-token rows riding along, context in thousands); `rows`;
-  `decode_max_context` (their longest, as `max_context`).
+  `decode_max_context` (their longest, as `max_context`); `prefill_max_context` (the longest key walk
+  of a multi-token row, its ctx + n, in thousands: a chunk of a long prompt is attended by few
+  programs, each walking every key before it, so a 128-token chunk at 2k context can cost more than
+  a 512-token one at the start of a prompt).
 
 `decode_splits` ({"kv_heads", "num_sms", "max_splits"}, recorded by a calibration on the Triton
 attention backend): how many KV slices the decode kernel gives each (row, KV head) at a row count
@@ -51,7 +54,7 @@ from batchdeck.engine.attention.decode_splits import decode_splits as split_coun
 COST_FORMAT = "regimes/1"
 DECODE_FEATURES = ("constant", "rows", "padded_rows", "context", "max_context")
 MIXED_FEATURES = ("constant", "eager", "tokens", "padded_tokens", "prefill_tokens", "attention", "decode_rows",
-                  "decode_context", "rows", "decode_max_context")
+                  "decode_context", "rows", "decode_max_context", "prefill_max_context")
 SPLIT_KEYS = ("kv_heads", "num_sms", "max_splits")
 REGIMES = {"decode": DECODE_FEATURES, "mixed": MIXED_FEATURES}
 LEGACY_FEATURES = ("constant", "prefill_tokens", "prefill_attention", "decode_rows", "decode_context")
@@ -67,6 +70,7 @@ class IterationShape:
     decode_context: float = 0.0  # sum (ctx + 1) over decode rows, in thousands
     prefill_rows: int = 0
     decode_max_context: float = 0.0  # the longest decode row's ctx + 1, in thousands
+    prefill_max_context: float = 0.0  # the longest multi-token row's ctx + n, in thousands
 
     @property
     def rows(self) -> int:
@@ -86,6 +90,7 @@ class IterationShape:
         pt = dr = pr = 0
         pa = dc = 0.0
         mx = -1
+        walk = 0
         for ctx, n in rows:
             if n == 1:
                 dr += 1
@@ -96,7 +101,9 @@ class IterationShape:
                 pr += 1
                 pt += n
                 pa += n * (ctx + (n + 1) / 2)
-        return cls(pt, pa / 1e6, dr, dc / 1e3, pr, (mx + 1) / 1e3)
+                if ctx + n > walk:
+                    walk = ctx + n
+        return cls(pt, pa / 1e6, dr, dc / 1e3, pr, (mx + 1) / 1e3, walk / 1e3)
 
     @classmethod
     def of_chunks(cls, chunks) -> "IterationShape":
@@ -251,7 +258,7 @@ class CostModel:
         kernel_rows = s.rows if b is None else min(self.coefficients["max_rows"] or b, b)  # the bucket's rows
         return "mixed", (1.0, eager, float(t), float(b if b is not None else t), float(s.prefill_tokens),
                          s.prefill_attention, float(s.decode_rows), s.decode_context, float(s.rows),
-                         s.decode_max_context * self._split_share_unpadded(kernel_rows))
+                         s.decode_max_context * self._split_share_unpadded(kernel_rows), s.prefill_max_context)
 
     def _split_share_unpadded(self, rows: int) -> float:
         sp = self.coefficients.get("decode_splits")
@@ -269,6 +276,7 @@ class CostModel:
         pt = dr = pr = 0
         pa = dc = 0.0
         mx = -1
+        walk = 0
         for ch in chunks:
             n = ch.num_tokens
             if n == 1:
@@ -280,7 +288,10 @@ class CostModel:
             else:
                 pr += 1
                 pt += n
-                pa += n * (ch.start + (n + 1) / 2)
+                start = ch.start
+                pa += n * (start + (n + 1) / 2)
+                if start + n > walk:
+                    walk = start + n
         if not pr:
             c0, c_rows, c_pad, c_ctx, c_max = self._decode
             pad = self._pad_rows
@@ -288,7 +299,7 @@ class CostModel:
             if c_max:
                 t += c_max * (mx + 1) * 1e-3 * self.split_share(dr)
             return t if t > 0.0 else 0.0
-        return self.predict(IterationShape(pt, pa / 1e6, dr, dc / 1e3, pr, (mx + 1) / 1e3))
+        return self.predict(IterationShape(pt, pa / 1e6, dr, dc / 1e3, pr, (mx + 1) / 1e3, walk / 1e3))
 
     # -- the analytic model's two quantities ------------------------------------------------------
     def decode_iteration_seconds(self, rows: int, mean_context: float) -> float:
@@ -309,7 +320,7 @@ class CostModel:
             if n < 2:
                 n = 2
             total += self.predict(IterationShape(prefill_tokens=n, prefill_attention=n * (done + (n + 1) / 2) / 1e6,
-                                                 prefill_rows=1)) - c0
+                                                 prefill_rows=1, prefill_max_context=(done + n) / 1e3)) - c0
             done += n
         return max(0.0, total)
 
