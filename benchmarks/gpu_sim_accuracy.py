@@ -14,7 +14,12 @@ calibration too; --async-scheduling / --no-async-scheduling sets it. Then a swee
 max_num_seqs on `steady` (4+ settings) on both, and whether the simulator orders every pair of
 settings the same way as the GPU by output throughput and by TTFT p99.
 
+With --gpu-from RESULT.json and --profile, the GPU side is read from an earlier result and only the
+simulator runs (no GPU needed): a new profile is scored against recorded GPU runs, with their
+duration scale, steady rate and overlap.
+
     PYTHONPATH=. python benchmarks/gpu_sim_accuracy.py --out benchmarks/results/gpu_sim_accuracy_qwen3-0.6b.json
+    PYTHONPATH=. python benchmarks/gpu_sim_accuracy.py --profile NEW.json --gpu-from benchmarks/results/gpu_sim_accuracy_qwen3-0.6b.json --out /tmp/rescored.json
     PYTHONPATH=. python benchmarks/gpu_sim_accuracy.py --model synthetic:tiny --device cpu --smoke --out /tmp/acc.json
 """
 from __future__ import annotations
@@ -98,14 +103,28 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: small sizes")
     ap.add_argument("--samples-dir", default=None, help="write the busy iterations (shape, gap, wait for the device) "
                     "of the calibration and of each real scenario here, as JSON lines, for analysis")
+    ap.add_argument("--gpu-from", default=None, metavar="RESULT.json",
+                    help="read the GPU side from an earlier result of this benchmark and run only the simulator "
+                         "(needs --profile; the recorded duration scale, steady rate and overlap are used)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    recorded = None
+    if args.gpu_from:
+        if not args.profile:
+            ap.error("--gpu-from needs --profile (the profile to score against the recorded GPU runs)")
+        recorded = json.loads(Path(args.gpu_from).read_text())
+        for flag, key in (("duration_scale", "duration_scale"), ("steady_rate_scale", "steady_rate_scale")):
+            given = getattr(args, flag)
+            if given is not None and given != recorded[key]:
+                ap.error(f"--{flag.replace('_', '-')} {given}: {args.gpu_from} was run with {recorded[key]}")
+        args.duration_scale, args.steady_rate_scale = recorded["duration_scale"], recorded["steady_rate_scale"]
+        args.async_scheduling = recorded["async_scheduling"]
     if args.steady_rate_scale is not None and not args.steady_rate_scale > 0:
         ap.error(f"--steady-rate-scale {args.steady_rate_scale}: must be a positive multiple of the preset's rates")
 
     import torch
 
-    from benchmarks.bench_common import GCWatch, default_dtype
+    from benchmarks.bench_common import GCWatch, command_line, default_dtype
     from batchdeck.engine.settings import defaults_for
     from batchdeck.engine.sim.calibrate import DEFAULT_BUDGET_S, IterationTap, calibrate, check_iterations, write_samples
     from batchdeck.engine.sim.profile import load_profile
@@ -162,9 +181,10 @@ def main() -> None:
     k = args.steady_rate_scale if args.steady_rate_scale is not None else args.load * bound["requests_per_s"] / offered
     presets["steady"] = scaled_rates(presets["steady"], k)
 
-    from batchdeck.engine.models import load_model
+    if recorded is None:
+        from batchdeck.engine.models import load_model
 
-    loaded = load_model(args.model, device, dtype, 0)  # one load for every real run (speed does not depend on weights)
+        loaded = load_model(args.model, device, dtype, 0)  # one load for every real run (speed does not depend on weights)
 
     def run(preset, over, extra=None, check=None, samples_to=None):
         """The run's summary; `check`: a dict to fill with the iteration check of its busy iterations
@@ -188,14 +208,25 @@ def main() -> None:
     scenarios = {}
     for name, preset in presets.items():
         checks = {"gpu": {}, "sim": {}}
-        real = run(preset, real_over, check=checks["gpu"], samples_to=samples_path(f"real-{name}"))
+        if recorded is None:
+            real = run(preset, real_over, check=checks["gpu"], samples_to=samples_path(f"real-{name}"))
+            real_metrics = {m: pick(real, path) for m, (path, _) in METRICS.items()}
+            num_requests = real.get("num_requests")
+        else:
+            was = recorded["scenarios"][name]
+            real_metrics = {m: was["metrics"][m]["gpu"] for m in METRICS}
+            num_requests = was["num_requests"]
+            checks["gpu"] = {"recorded_with_profile": recorded["profile_path"]}
         sim = run(preset, sim_over, check=checks["sim"])
+        if recorded is not None and sim.get("num_requests") != num_requests:
+            raise SystemExit(f"{name}: the recorded GPU run had {num_requests} requests, this replay "
+                             f"{sim.get('num_requests')}: run with the flags the recorded result was made with")
         rows = {}
         for m, (path, tol) in METRICS.items():
-            r, s = pick(real, path), pick(sim, path)
+            r, s = real_metrics[m], pick(sim, path)
             err = None if not r else abs(s - r) / r
             rows[m] = {"gpu": r, "sim": s, "rel_error": err, "target": tol, "within": err is not None and err <= tol}
-        scenarios[name] = {"num_requests": real.get("num_requests"), "metrics": rows, "iterations": checks}
+        scenarios[name] = {"num_requests": num_requests, "metrics": rows, "iterations": checks}
         print(name, json.dumps({m: (round(v["gpu"] or 0, 4), round(v["sim"] or 0, 4),
                                     None if v["rel_error"] is None else round(v["rel_error"], 3))
                                 for m, v in rows.items()}), flush=True)
@@ -206,6 +237,9 @@ def main() -> None:
     sweep = {"gpu": {}, "sim": {}}
     for v in values:
         for side, over in (("gpu", real_over), ("sim", sim_over)):
+            if side == "gpu" and recorded is not None:
+                sweep["gpu"][v] = recorded["sweep"]["gpu"][str(v)]
+                continue
             s = run(presets["steady"], over, {"max_num_seqs": v})
             sweep[side][v] = {"output_throughput": s["generation_throughput"],
                               "ttft_p99": pick(s, ("time_to_first_token", "p99"))}
@@ -216,7 +250,10 @@ def main() -> None:
         agree = [(a, b) for a, b in pairs if None not in (g[a][metric], g[b][metric], m[a][metric], m[b][metric])
                  and (g[a][metric] > g[b][metric]) == (m[a][metric] > m[b][metric])]
         ranking[metric] = {"pairs": len(pairs), "agree": len(agree), "all_agree": len(agree) == len(pairs)}
-    out = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "model": args.model,
+    out = {"command": command_line("benchmarks/gpu_sim_accuracy.py"), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "device": (recorded["device"] if recorded is not None
+                      else torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"), "model": args.model,
+           **({"gpu_from": args.gpu_from, "simulated_on": "cpu" if device == "cpu" else device} if recorded else {}),
            "async_scheduling": overlap,
            "profile": profile.name, "profile_path": profile_path, "profile_fit": {k: v for k, v in profile.fit.items() if k != "shapes"},
            "duration_scale": scale, "config": config, "steady_rate_scale": k, "steady_bound": bound,
