@@ -83,7 +83,7 @@ def iteration_table(checks):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="synthetic:qwen3-0.6b")
+    ap.add_argument("--model", default=None, help="default synthetic:qwen3-0.6b (with --gpu-from: the recorded one)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--profile", default=None, help="a profile to use (default: calibrate one now, on this device)")
     ap.add_argument("--load", type=float, default=0.8, help="steady scenario: share of the throughput bound offered")
@@ -91,8 +91,8 @@ def main() -> None:
                     help="steady scenario: multiply quickstart's rates by K instead of deriving K from --load and the "
                          "profile's bound (to replay the load of an earlier result, its steady_rate_scale)")
     ap.add_argument("--duration-scale", type=float, default=None, help="shorten the presets (default 0.5; smoke 0.05)")
-    ap.add_argument("--azure-requests", type=int, default=600, help="azure scenario: first N trace requests (before "
-                                                                    "--duration-scale)")
+    ap.add_argument("--azure-requests", type=int, default=None, help="azure scenario: first N trace requests (before "
+                                                                     "--duration-scale; default 600)")
     ap.add_argument("--sweep", default=None, help="max_num_seqs values of the ranking sweep (default 8,16,32,64; "
                                                   "smoke 1,2,4,8)")
     ap.add_argument("--calibrate-budget", type=float, default=None,
@@ -113,12 +113,23 @@ def main() -> None:
         if not args.profile:
             ap.error("--gpu-from needs --profile (the profile to score against the recorded GPU runs)")
         recorded = json.loads(Path(args.gpu_from).read_text())
-        for flag, key in (("duration_scale", "duration_scale"), ("steady_rate_scale", "steady_rate_scale")):
-            given = getattr(args, flag)
-            if given is not None and given != recorded[key]:
-                ap.error(f"--{flag.replace('_', '-')} {given}: {args.gpu_from} was run with {recorded[key]}")
+        sweep_values = ",".join(str(v) for v in recorded["sweep"]["max_num_seqs"])
+        for flag, key, given in (("duration-scale", "duration_scale", args.duration_scale),
+                                 ("steady-rate-scale", "steady_rate_scale", args.steady_rate_scale),
+                                 ("async-scheduling", "async_scheduling", args.async_scheduling),
+                                 ("sweep", "sweep", args.sweep and ",".join(str(int(v)) for v in args.sweep.split(","))),
+                                 ("model", "model", args.model), ("smoke", "smoke", args.smoke or None),
+                                 ("azure-requests", "azure_requests", args.azure_requests)):
+            was = sweep_values if key == "sweep" else recorded.get(key)
+            if given is not None and was is not None and given != was:
+                ap.error(f"--{flag} {given}: {args.gpu_from} was run with {was}")
         args.duration_scale, args.steady_rate_scale = recorded["duration_scale"], recorded["steady_rate_scale"]
-        args.async_scheduling = recorded["async_scheduling"]
+        args.async_scheduling, args.sweep = recorded["async_scheduling"], sweep_values
+        args.smoke = bool(recorded.get("smoke", False))
+        args.model = args.model or recorded["model"]
+        args.azure_requests = args.azure_requests or recorded.get("azure_requests")
+    args.model = args.model or "synthetic:qwen3-0.6b"
+    args.azure_requests = args.azure_requests or 600
     if args.steady_rate_scale is not None and not args.steady_rate_scale > 0:
         ap.error(f"--steady-rate-scale {args.steady_rate_scale}: must be a positive multiple of the preset's rates")
 
@@ -256,7 +267,8 @@ def main() -> None:
            **({"gpu_from": args.gpu_from, "simulated_on": "cpu" if device == "cpu" else device} if recorded else {}),
            "async_scheduling": overlap,
            "profile": profile.name, "profile_path": profile_path, "profile_fit": {k: v for k, v in profile.fit.items() if k != "shapes"},
-           "duration_scale": scale, "config": config, "steady_rate_scale": k, "steady_bound": bound,
+           "duration_scale": scale, "smoke": args.smoke, "azure_requests": args.azure_requests,
+           "config": config, "steady_rate_scale": k, "steady_bound": bound,
            "scenarios": scenarios, "sweep": {"max_num_seqs": values, **sweep}, "ranking": ranking,
            "torch": torch.__version__, "wall_time_s": round(time.perf_counter() - t_start, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ start locations, sequence lengths, block tables) into pinned host mirrors, copie
 device buffers, and runs the model on views of those buffers. An iteration's inputs are packed for
 its bucket (t tokens, r rows, k sample entries: its own when it runs eagerly) and go up in one copy
 of what it reads (a one-row decode step: 48 bytes, not a mirror sized for the largest budget); the
-block tables keep their own buffer, uploaded only when a row's table changed (see `StepBuffers`).
+block tables keep their own buffer, uploaded for the rows whose table changed (see `StepBuffers`).
 A captured graph reads its bucket's layout, so replaying it serves any iteration that fits the
 bucket once the unused tail is padded (padded tokens: slot -1, id 0, position 0; padded rows: no
 query tokens, seq_len 0; see engine/attention/triton_kernels.py).
@@ -75,7 +75,8 @@ class StepBuffers:
         int64: input_ids [t] | positions [t] | slot_mapping [t] | sample_rows [k]
         int32: query_start_loc [r + 1] | seq_lens [r] | context_lens [r]
     The block tables [R, MB] (int32) keep a buffer of their own, updated row by row (`HostTables`) and
-    uploaded only when a row's table changed: in steady decoding, once per block_size tokens.
+    uploaded for the rows whose table was written since the last upload (in steady decoding a row's once
+    per block_size tokens).
     """
 
     def __init__(self, max_tokens: int, max_rows: int, max_blocks: int, device: torch.device):
@@ -115,14 +116,15 @@ class StepBuffers:
         if self._copied is not None:
             self._copied.synchronize()
 
-    def upload(self, tables_changed: bool = True) -> None:
-        """Copy the current layout's inputs and, when a row's block table changed, the block tables of
-        its rows."""
+    def upload(self, table_rows: tuple[int, int] | None = (0, None)) -> None:
+        """Copy the current layout's inputs and the block tables of the rows [lo, hi) in `table_rows`
+        (those written since the last upload; None: none was; the default: every row of the layout)."""
         n = self._upload_bytes
         self.dev[:n].copy_(self.host[:n], non_blocking=True)
-        if tables_changed:
-            n = self.rows * self.max_blocks
-            self.dev_bt[:n].copy_(self.host_bt[:n], non_blocking=True)
+        if table_rows is not None:
+            lo, hi = table_rows
+            a, b = lo * self.max_blocks, (self.rows if hi is None else hi) * self.max_blocks
+            self.dev_bt[a:b].copy_(self.host_bt[a:b], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 

@@ -223,12 +223,13 @@ class HostTables:
         self.rid = [None] * len(self.rid)
         self.obj = [None] * len(self.obj)
 
-    def fill(self, bt: np.ndarray, rows: list[ScheduledChunk], blocks: BlockManager) -> tuple[list[str], bool]:
-        """(the rows' request ids, whether any row of `bt` was written)."""
+    def fill(self, bt: np.ndarray, rows: list[ScheduledChunk], blocks: BlockManager
+             ) -> tuple[list[str], tuple[int, int] | None]:
+        """(the rows' request ids, the rows [lo, hi) of `bt` written, None when none was)."""
         tables = blocks.tables
         rid_at, obj_at, n_at = self.rid, self.obj, self.n
         row_ids = []
-        changed = False
+        lo = hi = -1
         for i, c in enumerate(rows):
             rid = c.request.request_id
             row_ids.append(rid)
@@ -240,14 +241,18 @@ class HostTables:
             if rid_at[i] == rid and obj_at[i] is tab and m <= n and (m == 0 or bt[i, m - 1] == tab[m - 1]):
                 if n > m:
                     bt[i, m:n] = tab[m:n]
-                    changed = True
+                    if lo < 0:
+                        lo = i
+                    hi = i
             else:
                 bt[i, :n] = tab
                 rid_at[i] = rid
                 obj_at[i] = tab
-                changed = True
+                if lo < 0:
+                    lo = i
+                hi = i
             n_at[i] = n
-        return row_ids, changed
+        return row_ids, (None if lo < 0 else (lo, hi + 1))
 
 
 @dataclass
@@ -264,7 +269,7 @@ class PreparedStep:
     rows: list[ScheduledChunk] = field(default_factory=list)  # every chunk, in row order
     graph: GraphHit | None = None  # the captured bucket it fits, or None: eager
     sampling_rows: list[int] = field(default_factory=list)  # the rows of `sampling_chunks`
-    tables_changed: bool = True  # a row's block table was written (the block tables must be uploaded)
+    table_rows: tuple[int, int] | None = None  # the rows [lo, hi) whose block tables were written (to upload)
 
     @property
     def num_samples(self) -> int:
@@ -310,7 +315,7 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
         row_of_token = np.repeat(np.arange(r), lens_np)
         positions = np.arange(t) - (cu[:-1] - starts_np)[row_of_token]
     bt = buf.bt
-    row_ids, tables_changed = tables.fill(bt, rows, blocks)
+    row_ids, table_rows = tables.fill(bt, rows, blocks)
     bs = blocks.block_size
     buf.pos[:t] = positions
     buf.slots[:t] = bt[row_of_token, positions // bs].astype(np.int64) * bs + positions % bs
@@ -321,7 +326,7 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     buf.sample[:s] = sample_entries(cu[1:][sampling], counts)
     buf.sample[s:r] = 0
     return PreparedStep(t, r, decode_only, [rows[i] for i in sampling], lens, seq.tolist(),
-                        sum(1 for n in lens if n == 1), row_ids, counts, rows, hit, sampling, tables_changed)
+                        sum(1 for n in lens if n == 1), row_ids, counts, rows, hit, sampling, table_rows)
 
 
 class ModelRunner:
@@ -410,7 +415,7 @@ class ModelRunner:
             buf.pad(t, r, tb, rb, samples=s, kept=len(logits_all))
         if self.profile_gpu:
             timings.gpu_start = self._gpu_event()
-        buf.upload(step.tables_changed)
+        buf.upload(step.table_rows)
         if dst:
             feed(buf.dev64, prev.ids, dst, src)  # input_ids are the first tokens of dev64
         t1 = time.perf_counter()

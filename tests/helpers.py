@@ -57,6 +57,18 @@ def make_engine(path: str, *, num_blocks: int = 256, block_size: int = 16, sink=
                      LiveConfig(**live), loaded=loaded(path), check_invariants=True, **kwargs)
 
 
+def fail_steps(llm: LLMEngine, when, message: str = "injected step failure") -> None:
+    """Make `llm.step` raise RuntimeError(message) from the first step at which `when()` is true."""
+    real = llm.step
+
+    def step():
+        if when():
+            raise RuntimeError(message)
+        return real()
+
+    llm.step = step
+
+
 def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 

@@ -145,16 +145,12 @@ async def test_a_failed_step_ends_every_open_stream_naming_the_failure():
     from batchdeck.engine.llm_engine import LLMEngine
     from batchdeck.engine.service.served_model import EngineDeadError
 
+    from tests.helpers import fail_steps
+
     llm = LLMEngine(EngineConfig(model="synthetic:tiny", device="cpu", dtype="float32", block_size=16,
                                  num_blocks=256), LiveConfig())
-    real = llm.step
-
-    def step():
-        if llm.iteration >= 3:
-            raise RuntimeError("injected step failure")
-        return real()
-
-    llm.step = step
+    # fails once all three requests have a token (each add waits for the engine thread: not a fixed iteration)
+    fail_steps(llm, lambda: len(llm.requests) == 3 and all(r.num_output_tokens for r in llm.requests.values()))
     eng = AsyncEngine(llm)
     await eng.start()
     try:

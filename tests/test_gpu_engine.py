@@ -86,6 +86,30 @@ def test_decode_graphs_pick_the_sampling_rows(overlap):
     assert engine.runner.graphs.stats.row_picks > 0
 
 
+def test_greedy_rows_beside_sampled_ones_take_the_decode_graphs_argmax():
+    """A decode step whose batch mixes greedy and sampled rows: the greedy rows' tokens come from the
+    graph's own argmax and must match the CPU's (the schedule does not depend on the sampled tokens:
+    fixed lengths, ignore_eos)."""
+    prompts, _ = _prompts(11, 6, max_len=40)
+    greedy_rows = (0, 2, 4)
+
+    def run(device):
+        cfg = EngineConfig(model=MODEL, device=device, dtype="float32", num_blocks=256, max_num_seqs_limit=8,
+                           max_batched_tokens_limit=64, cuda_graphs=True, attention_backend="auto")
+        e = LLMEngine(cfg, LiveConfig(max_num_seqs=8, max_batched_tokens=64, chunk_size=64), loaded=_loaded(device))
+        for i, p in enumerate(prompts):
+            sampling = (SamplingParams(max_tokens=12, ignore_eos=True) if i in greedy_rows else
+                        SamplingParams(max_tokens=12, temperature=1.0, seed=i, ignore_eos=True))
+            e.add_request(str(i), p, sampling)
+        e.run_until_done()
+        return e, [e.requests[str(i)].output_token_ids for i in greedy_rows]
+
+    _, want = run("cpu")
+    engine, got = run("cuda")
+    assert got == want
+    assert engine.runner.graphs.stats.replays > 0
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_preemption_on_cuda_matches_cpu(overlap):
     prompts, max_tokens = _prompts(5, 10, max_len=60)

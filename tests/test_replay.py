@@ -12,6 +12,7 @@ from batchdeck.presets.preset_driver import preset_configs, scale_preset
 from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord
 from batchdeck.presets import parse_preset
 from batchdeck.presets.report import build_report, phase_boundaries, split_phases
+from tests.helpers import fail_steps
 
 PRESET = """
 name: replay-test
@@ -244,14 +245,7 @@ def test_speed_and_engine_failure(tmp_path):
 
     def fail_at_iteration_5(driver):
         llm = driver.engine.engine
-        real = llm.step
-
-        def step():
-            if llm.iteration >= 5:
-                raise RuntimeError("boom")
-            return real()
-
-        llm.step = step
+        fail_steps(llm, lambda: llm.iteration >= 5, "boom")
 
     broken = run_preset(preset, on_start=fail_at_iteration_5)
     assert broken.error == "RuntimeError: boom"
@@ -264,14 +258,7 @@ def test_speed_and_engine_failure(tmp_path):
 def _fail_while_requests_run(driver):
     """From iteration 5, the first step with requests running raises (the engine then stops stepping)."""
     llm = driver.engine.engine
-    real = llm.step
-
-    def step():
-        if llm.iteration >= 5 and llm.scheduler.running:
-            raise RuntimeError("boom")
-        return real()
-
-    llm.step = step
+    fail_steps(llm, lambda: llm.iteration >= 5 and bool(llm.scheduler.running), "boom")
 
 
 @pytest.mark.parametrize("clock", ["wall", "virtual"])

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.helpers import fail_steps
 from tests.http_helpers import ServerThread, wait_for
 
 MODEL = "synthetic:tiny"
@@ -27,14 +28,7 @@ def failing_server():
     """A server whose engine's next step raises once `fail` is set (the engine then stops stepping)."""
     s = ServerThread()
     fail = threading.Event()
-    real = s.llm.step
-
-    def step():
-        if fail.is_set():
-            raise RuntimeError("injected step failure")
-        return real()
-
-    s.llm.step = step
+    fail_steps(s.llm, fail.is_set)
     s.start()
     s.fail = fail
     yield s

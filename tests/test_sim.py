@@ -114,10 +114,14 @@ def test_plan_seconds_matches_predict():
     from batchdeck.engine.request import Request
     from batchdeck.engine.step_plan import ScheduledChunk
 
-    cm = CostModel(dict(COST))
     rows = [(100, 1), (2000, 1), (0, 512), (512, 64)]
     chunks = [ScheduledChunk(Request(str(i), [1] * (c + n)), c, n, True, n == 1) for i, (c, n) in enumerate(rows)]
-    assert cm.plan_seconds(chunks) == pytest.approx(cm.predict(IterationShape.of_rows(rows)))
+    shipped = load_profile("h200-qwen3-0.6b").cost  # every feature, the longest rows and walk included
+    assert shipped.coefficients["mixed"]["prefill_max_context"] > 0
+    for cm in (CostModel(dict(COST)), shipped):
+        assert cm.plan_seconds(chunks) == pytest.approx(cm.predict(IterationShape.of_rows(rows)))
+        assert cm.plan_seconds(chunks[:2]) == pytest.approx(cm.predict(IterationShape.of_rows(rows[:2])))
+    assert IterationShape.of_rows(rows).prefill_max_context == pytest.approx(0.576)  # 512 + 64 keys walked
 
 
 def test_bad_profiles_are_refused_with_the_reason(tmp_path, profile_path):

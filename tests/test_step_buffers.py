@@ -63,7 +63,7 @@ def _check_uploaded(buf: StepBuffers, prepared, reference) -> None:
     if hit is not None:
         buf.pad(t, r, tb, rb, samples=s, kept=kept)
     buf.dev.fill_(0xA5)
-    buf.upload(prepared.tables_changed)
+    buf.upload(prepared.table_rows)
     meta = reference.metadata
     ids, pos, dev = buf.views(tb, rb, kept, num_decodes=0, max_query_len=1, max_seq_len=1, block_size=BLOCK_SIZE,
                               query_lens_host=[], seq_lens_host=[])
@@ -238,3 +238,42 @@ def test_host_tables_rewrite_a_row_after_a_rollback_freed_several_blocks():
     chunk = ScheduledChunk(r, 4, 1 + k, True, True, num_draft=k, draft=(9,) * k)
     prepared = fill_step(buf, [chunk], blocks, tables)
     _check_same(buf, prepared, build_inputs([chunk], blocks, torch.device("cpu")))
+
+
+def test_the_block_tables_go_up_again_after_a_graph_capture_wrote_the_mirror():
+    """An unchanged row's table is not uploaded again; a capture's dummy iteration zeroes the tables
+    (on the host and the device) and the runner then resets the mirror's bookkeeping: the next
+    iteration must upload every row's table again."""
+    from batchdeck.engine.step_plan import ScheduledChunk
+
+    blocks = BlockManager(16, BLOCK_SIZE)
+    reqs = []
+    for i in range(3):
+        r = Request(str(i), [1] * (5 + 4 * i), SamplingParams(max_tokens=8))
+        r.append_token(7, 0.0)
+        r.num_computed_tokens = r.num_tokens - 1
+        blocks.grow(r.request_id, r.num_tokens)
+        reqs.append(r)
+    chunks = [ScheduledChunk(r, r.num_computed_tokens, 1, True, True) for r in reqs]
+    buf = StepBuffers(max_tokens=32, max_rows=4, max_blocks=8, device=torch.device("cpu"))
+    tables = HostTables(8, 4)
+    graphs = _stand_in_graphs(buf, 4, 32, 0)
+
+    def device_tables_match() -> bool:
+        dev = buf.dev_bt.view(4, 8)
+        return all(dev[i, :len(blocks.tables[r.request_id])].tolist() == blocks.tables[r.request_id]
+                   for i, r in enumerate(reqs))
+
+    first = fill_step(buf, chunks, blocks, tables, graphs)
+    assert first.table_rows == (0, 3)
+    buf.upload(first.table_rows)
+    assert device_tables_match()
+    again = fill_step(buf, chunks, blocks, tables, graphs)
+    assert again.table_rows is None  # nothing changed: the tables stay as uploaded
+    graphs._dummy(4, 4, 4)  # what a capture writes and uploads before each bucket
+    assert not buf.dev_bt.any()
+    tables.reset()
+    after = fill_step(buf, chunks, blocks, tables, graphs)
+    assert after.table_rows == (0, 3)
+    buf.upload(after.table_rows)
+    assert device_tables_match()
