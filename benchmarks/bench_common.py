@@ -84,6 +84,16 @@ def add_async_scheduling_flag(ap: argparse.ArgumentParser) -> None:
                     help="overlapped iterations (default: the device's, from the settings table: on for cuda)")
 
 
+def release_device_memory(device: str) -> None:
+    """Collect what a finished engine left (its KV pool, graphs) and hand the cached device memory back,
+    before the next engine allocates its own (call after dropping the references)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def default_dtype(device: str) -> str:
     """The engine's dtype default on `device` ("cpu", "cuda", "cuda:N"): the settings table's (bfloat16 on
     cuda, float32 on cpu), for scripts that build their EngineConfig or load a model directly."""

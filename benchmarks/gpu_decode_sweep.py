@@ -31,7 +31,6 @@ bandwidth measured in the same run (`measure_ceilings` of gpu_offline.py):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -47,7 +46,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_common import (add_async_scheduling_flag, async_scheduling_for, command_line,  # noqa: E402
-                                     default_dtype, log, replay_gpu_ms, versions, write_json)
+                                     default_dtype, log, release_device_memory, replay_gpu_ms, versions,
+                                     write_json)
 from benchmarks.gpu_offline import measure_ceilings  # noqa: E402
 from batchdeck.engine.attention.decode_splits import MAX_DECODE_SPLITS  # noqa: E402
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
@@ -325,9 +325,7 @@ def run_points(args, sizes: list[int], cfg, bw: float | None, weight_bytes: int,
         for k in p["breakdown"].get("kernels_per_replay", [])[:12]:
             log(f"    {k['us_per_replay']:9.1f} us  x{k['launches_per_replay']:6.1f}  {k['kernel']}")
     del engine, graphs
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()  # the pool goes back before another engine allocates its own
+    release_device_memory(args.device)  # the pool goes back before another engine allocates its own
     return engine_info, points
 
 

@@ -28,7 +28,6 @@ rate. roofline_tok_s = output tokens / (decode bytes / bandwidth + prefill FLOPs
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import random
@@ -41,7 +40,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import argv_without, command_line, default_dtype, log, run_script, versions, write_json  # noqa: E402
+from benchmarks.bench_common import (argv_without, command_line, default_dtype, log, release_device_memory,  # noqa: E402
+                                     run_script, versions, write_json)
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
 from batchdeck.engine.llm_engine import LLMEngine  # noqa: E402
 from batchdeck.engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
@@ -215,9 +215,7 @@ def run_batchdeck(args, prompts, telemetry: bool, profile: bool) -> dict:
         if records and per:
             res.update(steady_decode_idle(records, gpu_log))
     del engine
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    release_device_memory(args.device)
     return res
 
 
@@ -328,8 +326,7 @@ def run_hf(args, prompts) -> dict:
     except Exception as exc:  # noqa: BLE001 - record and carry on
         out["hf_generate"] = {"error": repr(exc), "traceback": traceback.format_exc()[-2000:]}
         log(f"hf generate failed: {exc!r}")
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_device_memory("cuda")
     try:
         n = args.hf_generate_batch_requests or len(prompts)
         hb = run_hf_generate_batch(model, prompts[:n], args.output_tokens)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import itertools
 import json
 import time
@@ -135,7 +134,7 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.bench_common import GCWatch, command_line, default_dtype
+    from benchmarks.bench_common import GCWatch, command_line, default_dtype, release_device_memory
     from batchdeck.engine.settings import defaults_for
     from batchdeck.engine.sim.calibrate import DEFAULT_BUDGET_S, IterationTap, calibrate, check_iterations, write_samples
     from batchdeck.engine.sim.profile import load_profile
@@ -211,9 +210,7 @@ def main() -> None:
             if samples_to:
                 write_samples(samples_to, taps[0].samples())
             taps[0].remove()
-        gc.collect()  # the finished engine's KV pool is returned before the next run allocates its own
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        release_device_memory(device)  # the finished engine's KV pool, before the next run allocates its own
         return rep["summary"]
 
     scenarios = {}
