@@ -486,8 +486,7 @@ class ModelRunner:
         t2 = time.perf_counter()
         step = LaunchedStep(chunks, timings)
         if len(logits) > len(chunks):
-            step.tokens = verify_chunks(self.sampler, logits, chunks, counts)
-            step.logprobs = self.sampler.logprobs
+            step.tokens, step.logprobs = verify_chunks(self.sampler, logits, chunks, counts)
             self._gpu_span(step)
         else:
             ids = self.sampler.sample_ids(logits, [c.request.request_id for c in chunks],

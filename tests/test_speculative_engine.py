@@ -209,3 +209,27 @@ def test_itl_counts_one_gap_per_delivery_when_drafts_are_accepted(model_dirs):
         r = engine.requests[rec.request_id]
         assert rec.itl_max == pytest.approx(float(np.diff(r.token_times).max()))
         assert rec.tpot == pytest.approx((rec.e2e_latency - rec.ttft) / 15)
+
+
+def test_a_speculated_step_reports_no_logprob_even_when_the_last_plain_step_did(model_dirs):
+    """A step whose request speculated (every draft rejected: one token) has no log-probability; the
+    sampler's dict from an earlier plain step must not be read as this step's."""
+    from batchdeck.engine.request import SamplingParams
+
+    engine = make_engine(model_dirs["qwen3"], spec_k=3)
+    use_drafter(engine, lambda token_ids, k: [(token_ids[-1] + 1) % 256] * k if len(token_ids) % 2 else [])
+    engine.add_request("r", [5, 6, 7, 8], SamplingParams(max_tokens=12, logprobs=True, ignore_eos=True))
+    speculated = plain = 0
+    while engine.has_unfinished:
+        res = engine.step()
+        if res is None:
+            continue
+        drafted = {c.request.request_id: bool(c.draft) for c in res.plan.chunks if c.samples}
+        for out in res.outputs:
+            if drafted.get(out.request_id):
+                speculated += 1
+                assert out.logprobs is None, f"a speculated step reported {out.logprobs}"
+            else:
+                plain += 1
+                assert out.logprobs is not None and len(out.logprobs) == len(out.new_token_ids) == 1
+    assert speculated and plain

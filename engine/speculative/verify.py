@@ -15,18 +15,22 @@ from batchdeck.engine.step_plan import ScheduledChunk
 
 
 def verify_chunks(sampler: Sampler, logits: torch.Tensor, chunks: list[ScheduledChunk],
-                  counts: list[int]) -> list[list[int]]:
-    """New tokens for each sampling chunk, in order; `counts[i]` logits rows belong to chunk i."""
+                  counts: list[int]) -> tuple[list[list[int]], dict[str, float]]:
+    """(new tokens for each sampling chunk, in order; the log-probabilities of this call's plainly
+    sampled tokens, request id -> value, for the rows that asked: a speculated row has none);
+    `counts[i]` logits rows belong to chunk i."""
     starts = [0]
     for k in counts:
         starts.append(starts[-1] + k)
     greedy_ids = logits.argmax(dim=-1).tolist()  # one host read for every greedy decision
     out: list[list[int] | None] = [None] * len(chunks)
     plain = [i for i, (c, k) in enumerate(zip(chunks, counts)) if k == 1 and not c.request.sampling.greedy]
+    logprobs: dict[str, float] = {}
     if plain:  # ordinary sampled rows go through the batched sampler in one call
         rows = logits[[starts[i] for i in plain]]
         ids = sampler.sample(rows, [chunks[i].request.request_id for i in plain],
                              [chunks[i].request.sampling for i in plain])
+        logprobs = sampler.logprobs
         for i, t in zip(plain, ids):
             out[i] = [t]
     for i, (c, k) in enumerate(zip(chunks, counts)):
@@ -39,4 +43,4 @@ def verify_chunks(sampler: Sampler, logits: torch.Tensor, chunks: list[Scheduled
         else:
             probs = Sampler._filtered_probs(logits[starts[i]:starts[i] + k].float(), [p] * k)
             out[i] = verify_sampled(probs, list(c.draft), c.draft_probs, sampler.generator_for(c.request.request_id, p.seed))
-    return out  # type: ignore[return-value]
+    return out, logprobs  # type: ignore[return-value]
