@@ -285,6 +285,31 @@ def test_an_arrival_on_virtual_time_is_seen_by_the_next_iteration_that_starts(ov
         assert r.first_scheduled_time - r.arrival_time <= 1.5 * step_s, (k, r.first_scheduled_time - r.arrival_time)
 
 
+def test_an_abort_on_virtual_time_ends_the_stream_with_its_reason_and_the_tokens_held_back():
+    """InlineAsyncEngine holds a stream's tokens until the request finishes; an abort hands them over
+    and ends the stream with the abort's reason, as AsyncEngine does."""
+    import asyncio
+
+    from batchdeck.engine.service.virtual_loop import InlineAsyncEngine, run_virtual
+
+    e = _sim("Test GPU", False)
+
+    async def main():
+        engine = InlineAsyncEngine(e)
+        await engine.start()
+        stream = await engine.add_request("r", [5] * 20, SamplingParams(max_tokens=400, ignore_eos=True))
+        while e.requests["r"].num_output_tokens < 3:
+            await asyncio.sleep(0.001)  # virtual time: the engine steps meanwhile
+        assert await engine.abort("r", "abort")
+        await stream.collect()
+        await engine.stop()
+        return stream
+
+    stream = run_virtual(main(), e.clock)
+    assert stream.finished and len(stream.token_ids) == e.requests["r"].num_output_tokens >= 3
+    assert stream.finish_reason == "abort"
+
+
 def test_check_iterations_reports_the_models_bias_per_regime():
     from batchdeck.engine.sim.calibrate import check_iterations
 

@@ -127,12 +127,12 @@ class InlineAsyncEngine(AsyncEngine):
             stream._put(out)
             del streams[out.request_id]
 
-    def deliver_abort(self, request_id: str) -> None:
+    def deliver_abort(self, request_id: str, reason: str = "abort") -> None:
         stream = self._streams.get(request_id)
         pending = self._held.pop(request_id, None)
         if stream is not None and pending:
             stream._put(RequestOutput(request_id, pending, False))
-        super().deliver_abort(request_id)
+        super().deliver_abort(request_id, reason)
 
     async def _run(self) -> None:
         engine = self.engine
