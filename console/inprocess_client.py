@@ -144,7 +144,7 @@ class InProcessClient(Client):
             except RequestError as exc:
                 results.append(CommandResult(False, "submit", error=str(exc)))
             except EngineDeadError as exc:
-                results.append(CommandResult(False, "submit", error=f"the engine failed: {exc}"))
+                results.append(CommandResult(False, "submit", error=exc.describe()))
             else:
                 results.append(CommandResult(True, "submit", data=spec.request_id))
         return merge_submit_results(results)

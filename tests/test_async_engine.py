@@ -163,5 +163,11 @@ async def test_a_failed_step_ends_every_open_stream_naming_the_failure():
         with pytest.raises(EngineDeadError, match="injected step failure"):  # never queued into a dead engine
             await eng.add_request("late", [1, 2], greedy(4))
         assert "late" not in llm.requests
+        steps = llm.iteration
+        with pytest.raises(EngineDeadError, match="^RuntimeError: injected step failure$") as err:
+            await eng.resume()  # a failed engine is not stepped again
+        assert err.value.describe() == "the engine failed: RuntimeError: injected step failure"
+        await eng.call(lambda e: None)  # a worker turn later: still not stepping
+        assert llm.iteration == steps and eng.paused
     finally:
         await eng.stop()

@@ -216,7 +216,10 @@ class AsyncEngine:
         return await self.call(do)
 
     async def resume(self, source: str = "api") -> int:
+        """Step again after a pause; refused (EngineDeadError) once a step failed."""
         def do(e: LLMEngine) -> int:
+            if self.error is not None:
+                raise EngineDeadError.of(self.error)
             if self.paused:
                 self.paused = False
                 e.emit_event("resume", source=source)
@@ -244,7 +247,7 @@ class AsyncEngine:
         open request's stream, after the outputs already delivered, with an EngineDeadError naming it
         (what an engine process's failure gives its streams: the server sends `engine_failed`)."""
         self.error = exc
-        self.engine.emit_event("error", message=f"{type(exc).__name__}: {exc}")
+        self.engine.emit_event("error", message=str(EngineDeadError.of(exc)))
         self.paused = True
         if self._loop is not None and not self._loop.is_closed():
             try:

@@ -81,6 +81,8 @@ class ControlHandler:
             reply = await getattr(self, "_op_" + cmd.op)(cmd)
         except (ConfigError, RequestError) as exc:
             reply = error_reply(cmd.id, str(exc))
+        except EngineDeadError as exc:
+            reply = error_reply(cmd.id, exc.describe())
         except Exception as exc:  # noqa: BLE001 - reported to the sender; the engine goes on
             reply = error_reply(cmd.id, f"op {cmd.op!r} failed: {type(exc).__name__}: {exc}")
         if not reply["ok"]:

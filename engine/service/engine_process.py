@@ -431,7 +431,7 @@ class EngineProcess:
         if self.error is None:
             self.error = error
             if not quiet:
-                log.error(f"the engine failed: {error}")
+                log.error(error.describe())
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._fail(self.error)

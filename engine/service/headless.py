@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
 from batchdeck.engine.service.flags import add_engine_flags
+from batchdeck.engine.service.served_model import EngineDeadError
 
 PROG = "batchdeck engine"
 log = logging.getLogger(__name__)
@@ -384,7 +385,7 @@ class HeadlessRunner:
         status_sub.close()
         await self.engine.stop()
         if self.engine.error is not None:
-            log.error(f"the engine failed: {type(self.engine.error).__name__}: {self.engine.error}")
+            log.error(EngineDeadError.of(self.engine.error).describe())
 
     # -- status line ----------------------------------------------------------------------------
     def _feed(self, sub: Any) -> int:

@@ -21,6 +21,10 @@ class EngineDeadError(RuntimeError):
         dead.__cause__ = error
         return dead
 
+    def describe(self) -> str:
+        """The one sentence every front end (HTTP, console, MQTT, logs) says the failure with."""
+        return f"the engine failed: {self}"
+
 
 @dataclass(frozen=True)
 class ServedModel:

@@ -53,5 +53,5 @@ def unavailable(message: str, retry_after_s: int = 1) -> OpenAIError:
 def engine_dead(error: BaseException) -> OpenAIError:
     """The engine can no longer serve (its process ended, or a step failed): 503, no Retry-After; the
     message names the failure as EngineDeadError.of does, wherever the engine runs."""
-    return OpenAIError(503, f"the engine failed: {EngineDeadError.of(error)}", None, type="server_error",
+    return OpenAIError(503, EngineDeadError.of(error).describe(), None, type="server_error",
                        code="engine_failed")
