@@ -346,12 +346,31 @@ SPLITS = {"kv_heads": 8, "num_sms": 132, "max_splits": 32}  # an H200's 132 SMs,
 def test_the_cost_model_prices_with_the_attention_backends_split_rule():
     """One rule, imported by both (engine/attention/decode_splits.py): the backend cuts a row's keys the
     way the cost model assumes."""
-    pytest.importorskip("triton")
-    from batchdeck.engine.attention import triton_backend
     from batchdeck.engine.attention.decode_splits import decode_splits
     from batchdeck.engine.sim import cost_model
 
-    assert triton_backend.decode_splits is decode_splits and cost_model.split_count is decode_splits
+    assert cost_model.split_count is decode_splits
+    pytest.importorskip("triton")
+    from batchdeck.engine.attention import triton_backend
+
+    assert triton_backend.decode_splits is decode_splits
+
+
+def test_the_profile_records_the_split_rule_of_a_triton_backend_on_a_gpu():
+    """calibrate's `decode_split_rule`: what the cost model's longest-row term needs from the backend the
+    calibration ran (its SM count and cap, the model's KV heads); nothing for another backend or device."""
+    from types import SimpleNamespace
+
+    from batchdeck.engine.sim.calibrate import decode_split_rule
+
+    def engine(name="triton", device="cuda", num_sms=132):
+        return SimpleNamespace(backend=SimpleNamespace(name=name, num_sms=num_sms, max_splits=32),
+                               device=SimpleNamespace(type=device), loaded=SimpleNamespace(num_kv_heads=8))
+
+    assert decode_split_rule(engine()) == SPLITS
+    assert decode_split_rule(engine(name="torch")) is None
+    assert decode_split_rule(engine(device="cpu")) is None
+    assert decode_split_rule(engine(num_sms=None)) is None  # the backend never ran a decode
 
 
 def test_a_batch_of_mixed_lengths_costs_what_its_longest_row_costs_while_the_kernel_does_not_fill_the_gpu():

@@ -11,6 +11,7 @@ import pytest
 from batchdeck.cli import main as batchdeck_main
 from batchdeck.engine.config import EngineConfig, LiveConfig
 from batchdeck.engine.request import SamplingParams
+from batchdeck.engine.settings import defaults_for
 from batchdeck.engine.sim.clock import VirtualClock
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape, fit, regime_errors, relative_errors
 from batchdeck.engine.sim.engine import SimulatedEngine, make_engine
@@ -262,6 +263,8 @@ def test_calibrate_on_cpu_writes_a_profile_the_simulator_runs(tmp_path):
     p = load_profile(out)
     assert p.num_blocks == 256 and p.fit["num_shapes"] >= 5 and p.fit["held_out_mean_rel_error"] is not None
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == p.fit["num_shapes"]  # what it fitted
+    assert p.fit["cut_short"] == []  # every workload played to its end within the budget
+    assert p.gpu_memory_fraction == defaults_for("cpu")["gpu_memory_fraction"]  # the setting the engine ran with
     assert p.device_name.startswith("CPU") and p.versions["torch"]
     split = p.fit["gap_split_by_regime"]  # where the busy gaps' time went: the wait for the device, the host
     assert split and all(v["host_mean_s"] + v["sync_wait_mean_s"] == pytest.approx(v["measured_mean_s"])

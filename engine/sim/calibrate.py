@@ -539,7 +539,7 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
              "cut_short": [workloads[i].name for i in cut], "run_time_s": round(run_s, 1),
              "wall_time_s": round(time.perf_counter() - t_start, 1)},
         versions=versions, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        gpu_memory_fraction=gpu_memory_fraction,
+        gpu_memory_fraction=cfg.gpu_memory_fraction,
     )
     held = profile.fit["held_out_by_regime"]
     log(f"calibrate: fit on {report['num_shapes']} iterations of {len(workloads)} workloads; held-out error "
