@@ -83,15 +83,15 @@ class StepBuffers:
         self.max_tokens, self.max_rows, self.max_blocks = max_tokens, max_rows, max_blocks
         self.device = device
         t, r, mb = max_tokens, max_rows, max_blocks
-        self.n64 = 3 * t + max(t, r)  # at most one sample entry per token (speculating rows have several)
-        nbytes = 8 * self.n64 + 8 * (-(-(3 * r + 1) // 2))
+        n64 = 3 * t + max(t, r)  # at most one sample entry per token (speculating rows have several)
+        nbytes = 8 * n64 + 8 * (-(-(3 * r + 1) // 2))
         pin = device.type == "cuda"
         self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
         self.host_bt = torch.zeros(r * mb, dtype=torch.int32, pin_memory=pin)
         self._hbytes = self.host.numpy()
         self.bt = self.host_bt.numpy().reshape(r, mb)
         self.dev = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        self.dev64 = self.dev[:8 * self.n64].view(torch.int64)  # input_ids are its first tokens
+        self.dev64 = self.dev[:8 * n64].view(torch.int64)  # input_ids are its first tokens
         self.dev_bt = torch.zeros(r * mb, dtype=torch.int32, device=device)
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self.layout(t, max(t, r), r)
@@ -107,7 +107,7 @@ class StepBuffers:
         iteration of t tokens, k sample entries and r rows (`views` gives the device the same)."""
         off, end = self._offsets(t, k, r)
         h64, h32 = self._hbytes[:off].view(np.int64), self._hbytes[off:end].view(np.int32)
-        self.tokens, self.samples, self.rows, self._upload_bytes = t, k, r, end
+        self.rows, self._upload_bytes = r, end
         self.ids, self.pos, self.slots, self.sample = h64[:t], h64[t:2 * t], h64[2 * t:3 * t], h64[3 * t:]
         self.qsl, self.seq, self.ctx = h32[:r + 1], h32[r + 1:2 * r + 1], h32[2 * r + 1:]
 
@@ -116,14 +116,13 @@ class StepBuffers:
         if self._copied is not None:
             self._copied.synchronize()
 
-    def upload(self, table_rows: tuple[int, int] | None = (0, None)) -> None:
+    def upload(self, table_rows: tuple[int, int] | None) -> None:
         """Copy the current layout's inputs and the block tables of the rows [lo, hi) in `table_rows`
-        (those written since the last upload; None: none was; the default: every row of the layout)."""
+        (those written since the last upload; None: none was)."""
         n = self._upload_bytes
         self.dev[:n].copy_(self.host[:n], non_blocking=True)
         if table_rows is not None:
-            lo, hi = table_rows
-            a, b = lo * self.max_blocks, (self.rows if hi is None else hi) * self.max_blocks
+            a, b = table_rows[0] * self.max_blocks, table_rows[1] * self.max_blocks
             self.dev_bt[a:b].copy_(self.host_bt[a:b], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
@@ -219,8 +218,7 @@ class CudaGraphRunner:
         self.token_sizes = token_buckets(max_tokens)
         self.verify_sizes = token_buckets(verify_tokens) if verify_tokens else []
         self.max_rows = max_rows
-        # (kind, tokens) -> (graph, logits [kept, V], rows, greedy ids [kept] or None)
-        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, int, torch.Tensor | None]] = {}
+        self.graphs: dict[tuple[str, int], GraphHit] = {}  # (kind, tokens) -> the captured bucket
         self.stats = GraphStats()
 
     def rows_for(self, tokens: int) -> int:
@@ -231,18 +229,16 @@ class CudaGraphRunner:
         samples = r if samples is None else samples
         if decode_only:
             b = pick(self.decode_sizes, r)
-            if b is not None and ("decode", b) in self.graphs:
-                g, logits, _, greedy = self.graphs[("decode", b)]
-                return GraphHit(g, logits, b, b, True, greedy)
+            hit = self.graphs.get(("decode", b)) if b is not None else None
+            if hit is not None:
+                return hit
         if samples <= r:
             for tb in self.token_sizes:
                 if tb >= t and self.rows_for(tb) >= r and ("mixed", tb) in self.graphs:
-                    g, logits, rb, greedy = self.graphs[("mixed", tb)]
-                    return GraphHit(g, logits, tb, rb, False, greedy)
+                    return self.graphs[("mixed", tb)]
         for tb in self.verify_sizes:
             if tb >= t and self.rows_for(tb) >= r and ("verify", tb) in self.graphs:
-                g, logits, rb, greedy = self.graphs[("verify", tb)]
-                return GraphHit(g, logits, tb, rb, False, greedy)
+                return self.graphs[("verify", tb)]
         return None
 
     def _dummy(self, tb: int, rb: int, kept: int) -> bool:
@@ -263,7 +259,7 @@ class CudaGraphRunner:
         buf.pos[:tb] = 0
         buf.slots[:tb] = -1
         buf.sample[:kept] = np.cumsum(qlens) - 1 if kept == rb else np.arange(kept)
-        buf.upload()
+        buf.upload((0, rb))
         return True
 
     @torch.inference_mode()
@@ -304,7 +300,7 @@ class CudaGraphRunner:
             graph = torch.cuda.CUDAGraph()
             out = _capture(graph, pool, stream, lambda: forward(tb, rb, mql, kept))
             logits, greedy = out if isinstance(out, tuple) else (out, None)
-            self.graphs[(kind, tb)] = (graph, logits, rb, greedy)
+            self.graphs[(kind, tb)] = GraphHit(graph, logits, tb, rb, decode, greedy)
             self.stats.captured.append((kind, tb, rb))
             self.stats.per_bucket.append((kind, tb, t_capture - t_warm, time.perf_counter() - t_capture))
         torch.cuda.synchronize()

@@ -218,11 +218,6 @@ class HostTables:
         self.obj: list[list[int] | None] = [None] * max_rows
         self.n = [0] * max_rows
 
-    def reset(self) -> None:
-        """Forget what the mirror holds (something else wrote it, e.g. graph capture)."""
-        self.rid = [None] * len(self.rid)
-        self.obj = [None] * len(self.obj)
-
     def fill(self, bt: np.ndarray, rows: list[ScheduledChunk], blocks: BlockManager
              ) -> tuple[list[str], tuple[int, int] | None]:
         """(the rows' request ids, the rows [lo, hi) of `bt` written, None when none was)."""
@@ -239,19 +234,17 @@ class HostTables:
                 continue
             n, m = len(tab), n_at[i]
             if rid_at[i] == rid and obj_at[i] is tab and m <= n and (m == 0 or bt[i, m - 1] == tab[m - 1]):
-                if n > m:
-                    bt[i, m:n] = tab[m:n]
-                    if lo < 0:
-                        lo = i
-                    hi = i
+                if n == m:
+                    continue
+                bt[i, m:n] = tab[m:n]
             else:
                 bt[i, :n] = tab
                 rid_at[i] = rid
                 obj_at[i] = tab
-                if lo < 0:
-                    lo = i
-                hi = i
             n_at[i] = n
+            if lo < 0:
+                lo = i
+            hi = i
         return row_ids, (None if lo < 0 else (lo, hi + 1))
 
 
@@ -279,8 +272,8 @@ class PreparedStep:
 def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManager, tables: HostTables,
               graphs: CudaGraphRunner | None = None) -> PreparedStep:
     """Write one iteration's inputs into the host mirror `buf` (rows [0, R), tokens [0, T)), laid out
-    for the captured bucket that fits it (`graphs`; `PreparedStep.graph` is its lookup), else for its
-    own token count.
+    for the captured bucket that fits it and padded to it (`graphs`; `PreparedStep.graph` is its
+    lookup), else for its own token count.
 
     Same values as `build_inputs`; sample entries past the last one (up to R) are 0. A speculating
     chunk's drafted tokens follow its last token and every position it verifies is a sample entry,
@@ -325,6 +318,8 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     buf.ctx[:r] = starts_np
     buf.sample[:s] = sample_entries(cu[1:][sampling], counts)
     buf.sample[s:r] = 0
+    if hit is not None:
+        buf.pad(t, r, hit.tokens, hit.rows, samples=s, kept=len(hit.logits))
     return PreparedStep(t, r, decode_only, [rows[i] for i in sampling], lens, seq.tolist(),
                         sum(1 for n in lens if n == 1), row_ids, counts, rows, hit, sampling, table_rows)
 
@@ -355,6 +350,7 @@ class ModelRunner:
         if device.type == "cuda" and max_rows and max_tokens and max_model_len:
             width = -(-max_model_len // kv_cache.block_size)
             self.buffers = StepBuffers(max_tokens, max_rows, width, device)
+            # written by no iteration yet: its first fill writes every row over what graph capture left
             self.tables = HostTables(width, max_rows)
             self.max_model_len = max_model_len
             if cuda_graphs and getattr(backend, "graph_safe", False):
@@ -363,7 +359,6 @@ class ModelRunner:
                                               max_model_len, max_rows, max_tokens, verify_tokens)
                 try:
                     self.graphs.capture()
-                    self.tables.reset()
                 except Exception as exc:  # noqa: BLE001 - a fused kernel that fails to build: stock modules
                     if not any(self.fused.values()):
                         raise
@@ -374,7 +369,6 @@ class ModelRunner:
                     self.graphs = CudaGraphRunner(self._graph_forward, self.buffers, kv_cache.block_size,
                                                   max_model_len, max_rows, max_tokens, verify_tokens)
                     self.graphs.capture()
-                    self.tables.reset()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -410,9 +404,6 @@ class ModelRunner:
         s = step.num_samples
         hit = step.graph
         greedy = None
-        if hit is not None:
-            graph, logits_all, tb, rb = hit.graph, hit.logits, hit.tokens, hit.rows
-            buf.pad(t, r, tb, rb, samples=s, kept=len(logits_all))
         if self.profile_gpu:
             timings.gpu_start = self._gpu_event()
         buf.upload(step.table_rows)
@@ -421,13 +412,14 @@ class ModelRunner:
         t1 = time.perf_counter()
         timings.prepare = t1 - t0
         if hit is not None:
-            graph.replay()
-            if not hit.every_row or s == r:
-                logits = logits_all[:s]
-                if hit.greedy_ids is not None:
-                    greedy = hit.greedy_ids[:s]
+            hit.graph.replay()
+            if not hit.every_row:
+                logits = hit.logits[:s]
+            elif s == r:
+                logits, greedy = hit.logits[:s], hit.greedy_ids[:s]
             else:  # a decode graph keeps every row; a one-token chunk of a prompt samples nothing
-                logits = logits_all.index_select(0, host_to_device(step.sampling_rows, torch.int64, self.device))
+                rows = host_to_device(step.sampling_rows, torch.int64, self.device)
+                logits, greedy = hit.logits.index_select(0, rows), hit.greedy_ids.index_select(0, rows)
                 self.graphs.stats.row_picks += 1
             timings.graph = True
             self.graphs.stats.replays += 1

@@ -40,16 +40,18 @@ def _check_same(buf: StepBuffers, prepared, reference) -> None:
 
 
 def _stand_in_graphs(buf: StepBuffers, max_rows: int, max_tokens: int, verify_tokens: int):
-    """A graph runner whose 'captured' buckets are stand-ins: lookups and layouts as on a GPU."""
-    from batchdeck.engine.cuda_graphs import CudaGraphRunner
+    """A graph runner whose 'captured' buckets are stand-ins (the graph a name, logits [kept, 2]):
+    lookups and layouts as on a GPU."""
+    from batchdeck.engine.cuda_graphs import CudaGraphRunner, GraphHit
 
     runner = CudaGraphRunner(lambda t, r, q, kept: None, buf, BLOCK_SIZE, 512, max_rows=max_rows,
                              max_tokens=max_tokens, verify_tokens=verify_tokens)
     for kind, sizes in (("decode", runner.decode_sizes), ("mixed", runner.token_sizes), ("verify", runner.verify_sizes)):
-        for n in sizes:  # (graph, logits [kept, V], rows)
+        for n in sizes:
             rows = n if kind == "decode" else runner.rows_for(n)
             kept = n if kind == "verify" else rows
-            runner.graphs[(kind, n)] = (f"{kind}{n}", torch.zeros(kept, 2), rows, None)
+            runner.graphs[(kind, n)] = GraphHit(f"{kind}{n}", torch.zeros(kept, 2), n, rows, kind == "decode",
+                                                torch.zeros(kept, dtype=torch.int64) if kind == "decode" else None)
     return runner
 
 
@@ -60,8 +62,6 @@ def _check_uploaded(buf: StepBuffers, prepared, reference) -> None:
     t, r, s = prepared.num_tokens, prepared.num_rows, prepared.num_samples
     hit = prepared.graph
     tb, rb, kept = (t, r, max(s, 1)) if hit is None else (hit.tokens, hit.rows, len(hit.logits))
-    if hit is not None:
-        buf.pad(t, r, tb, rb, samples=s, kept=kept)
     buf.dev.fill_(0xA5)
     buf.upload(prepared.table_rows)
     meta = reference.metadata
@@ -196,17 +196,9 @@ def test_decode_buckets_are_few_and_pad_little_where_rows_cost():
 
 
 def test_graph_lookup_sends_speculating_iterations_to_buckets_that_keep_every_position():
-    from batchdeck.engine.cuda_graphs import CudaGraphRunner
-
     buf = StepBuffers(max_tokens=256, max_rows=8, max_blocks=4, device=torch.device("cpu"))
-    runner = CudaGraphRunner(lambda t, r, q, kept: None, buf, BLOCK_SIZE, 512, max_rows=8, max_tokens=256,
-                             verify_tokens=40)
+    runner = _stand_in_graphs(buf, 8, 256, 40)
     assert runner.verify_sizes == [32, 40]
-    for kind, sizes in (("decode", runner.decode_sizes), ("mixed", runner.token_sizes), ("verify", runner.verify_sizes)):
-        for n in sizes:  # stand-ins for captured graphs: (graph, logits [kept, V], rows)
-            rows = n if kind == "decode" else runner.rows_for(n)
-            kept = n if kind == "verify" else rows
-            runner.graphs[(kind, n)] = (f"{kind}{n}", torch.zeros(kept, 2), rows, None)
     assert runner.lookup(5, 5, decode_only=True)[0] == "decode8"
     assert runner.lookup(20, 3, decode_only=False, samples=3)[0] == "mixed32"  # one sample per row
     assert runner.lookup(20, 5, decode_only=False, samples=20)[0] == "verify32"  # 5 rows verifying 3 drafts each
@@ -240,10 +232,10 @@ def test_host_tables_rewrite_a_row_after_a_rollback_freed_several_blocks():
     _check_same(buf, prepared, build_inputs([chunk], blocks, torch.device("cpu")))
 
 
-def test_the_block_tables_go_up_again_after_a_graph_capture_wrote_the_mirror():
-    """An unchanged row's table is not uploaded again; a capture's dummy iteration zeroes the tables
-    (on the host and the device) and the runner then resets the mirror's bookkeeping: the next
-    iteration must upload every row's table again."""
+def test_block_tables_go_up_for_the_rows_written_since_the_last_upload():
+    """Graph capture zeroes the tables (host and device) before any iteration; the runner's mirror,
+    filled by no iteration yet, then uploads every row's table; an unchanged table is not sent again,
+    and a table that grew sends its row alone."""
     from batchdeck.engine.step_plan import ScheduledChunk
 
     blocks = BlockManager(16, BLOCK_SIZE)
@@ -256,24 +248,21 @@ def test_the_block_tables_go_up_again_after_a_graph_capture_wrote_the_mirror():
         reqs.append(r)
     chunks = [ScheduledChunk(r, r.num_computed_tokens, 1, True, True) for r in reqs]
     buf = StepBuffers(max_tokens=32, max_rows=4, max_blocks=8, device=torch.device("cpu"))
-    tables = HostTables(8, 4)
     graphs = _stand_in_graphs(buf, 4, 32, 0)
-
-    def device_tables_match() -> bool:
-        dev = buf.dev_bt.view(4, 8)
-        return all(dev[i, :len(blocks.tables[r.request_id])].tolist() == blocks.tables[r.request_id]
-                   for i, r in enumerate(reqs))
-
-    first = fill_step(buf, chunks, blocks, tables, graphs)
-    assert first.table_rows == (0, 3)
-    buf.upload(first.table_rows)
-    assert device_tables_match()
-    again = fill_step(buf, chunks, blocks, tables, graphs)
-    assert again.table_rows is None  # nothing changed: the tables stay as uploaded
     graphs._dummy(4, 4, 4)  # what a capture writes and uploads before each bucket
     assert not buf.dev_bt.any()
-    tables.reset()
-    after = fill_step(buf, chunks, blocks, tables, graphs)
-    assert after.table_rows == (0, 3)
-    buf.upload(after.table_rows)
-    assert device_tables_match()
+    tables = HostTables(8, 4)  # the runner's: made before capture, filled by no iteration yet
+
+    def step(expected_rows):
+        prepared = fill_step(buf, chunks, blocks, tables, graphs)
+        assert prepared.table_rows == expected_rows
+        buf.upload(prepared.table_rows)
+        dev = buf.dev_bt.view(4, 8)
+        for i, r in enumerate(reqs):
+            table = blocks.tables[r.request_id]
+            assert dev[i, :len(table)].tolist() == table, f"row {i}"
+
+    step((0, 3))
+    step(None)  # nothing changed: the tables stay as uploaded
+    blocks.grow(reqs[1].request_id, reqs[1].num_tokens + BLOCK_SIZE)
+    step((1, 2))
