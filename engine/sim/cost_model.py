@@ -198,12 +198,12 @@ class CostModel:
             pad[r] = db[i] if i < len(db) else r
         object.__setattr__(self, "_pad_rows", pad)
         object.__setattr__(self, "_token_buckets", tb)
-        # 1 / the decode kernel's KV slices per row count (index r: the rows it runs, padded), for the hot path
+        # 1 / the decode kernel's KV slices for the rows it runs (index: rows), up to the first row count
+        # it no longer splits at (decode_splits falls with the rows), for the hot path
         sp = self.coefficients.get("decode_splits")
-        inv = [1.0] * (len(pad) if sp is None else max(len(pad), (2 * sp["num_sms"]) // sp["kv_heads"] + 2))
-        if sp is not None:
-            for r in range(len(inv)):
-                inv[r] = 1.0 / split_count(pad[r] if r < len(pad) else r, **sp)
+        inv = [1.0]
+        while sp is not None and split_count(len(inv), **sp) > 1:
+            inv.append(1.0 / split_count(len(inv), **sp))
         object.__setattr__(self, "_inv_splits", inv)
 
     def for_limits(self, max_rows: int, max_tokens: int) -> "CostModel":
@@ -230,8 +230,8 @@ class CostModel:
         return pad[rows] if rows < len(pad) else rows
 
     def split_share(self, rows: int) -> float:
-        """1 / the KV slices per row of the decode kernel over `rows` rows as the engine pads them
-        (1.0 without `decode_splits`)."""
+        """1 / the KV slices per row of the decode kernel running `rows` rows (the rows of its graph
+        bucket, padding included; 1.0 without `decode_splits`)."""
         inv = self._inv_splits
         return inv[rows] if rows < len(inv) else 1.0
 
@@ -251,18 +251,14 @@ class CostModel:
         """(regime, feature values in that regime's order)."""
         if s.decode_only:
             return "decode", (1.0, float(s.decode_rows), float(self.padded_rows(s.decode_rows)), s.decode_context,
-                              s.decode_max_context * self.split_share(s.decode_rows))
+                              s.decode_max_context * self.split_share(self.padded_rows(s.decode_rows)))
         t = s.tokens
         b = self.mixed_bucket(t, s.rows) if self._token_buckets else None
         eager = 1.0 if (self._token_buckets and b is None) else 0.0
-        kernel_rows = s.rows if b is None else min(self.coefficients["max_rows"] or b, b)  # the bucket's rows
+        kernel_rows = s.rows if b is None else min(self.coefficients["max_rows"], b)  # the bucket's rows
         return "mixed", (1.0, eager, float(t), float(b if b is not None else t), float(s.prefill_tokens),
                          s.prefill_attention, float(s.decode_rows), s.decode_context, float(s.rows),
-                         s.decode_max_context * self._split_share_unpadded(kernel_rows), s.prefill_max_context)
-
-    def _split_share_unpadded(self, rows: int) -> float:
-        sp = self.coefficients.get("decode_splits")
-        return 1.0 if sp is None else 1.0 / split_count(rows, **sp)
+                         s.decode_max_context * self.split_share(kernel_rows), s.prefill_max_context)
 
     # -- prediction -----------------------------------------------------------------------------
     def predict(self, shape: IterationShape) -> float:
@@ -295,9 +291,10 @@ class CostModel:
         if not pr:
             c0, c_rows, c_pad, c_ctx, c_max = self._decode
             pad = self._pad_rows
-            t = c0 + c_rows * dr + c_pad * (pad[dr] if dr < len(pad) else dr) + c_ctx * dc * 1e-3
+            padded = pad[dr] if dr < len(pad) else dr
+            t = c0 + c_rows * dr + c_pad * padded + c_ctx * dc * 1e-3
             if c_max:
-                t += c_max * (mx + 1) * 1e-3 * self.split_share(dr)
+                t += c_max * (mx + 1) * 1e-3 * self.split_share(padded)
             return t if t > 0.0 else 0.0
         return self.predict(IterationShape(pt, pa / 1e6, dr, dc / 1e3, pr, (mx + 1) / 1e3, walk / 1e3))
 
