@@ -30,11 +30,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
-from benchmarks.bench_common import default_dtype  # noqa: E402
+from benchmarks.bench_common import add_async_scheduling_flag, async_scheduling_for, default_dtype  # noqa: E402
 from batchdeck.engine.llm_engine import LLMEngine  # noqa: E402
 from batchdeck.engine.request import SamplingParams  # noqa: E402
+from batchdeck.engine.settings import defaults_for  # noqa: E402
 from batchdeck.engine.sim.cost_model import IterationShape  # noqa: E402
 from batchdeck.engine.sim.profile import load_profile  # noqa: E402
+
+
+MAX_TOKENS = 2048  # the engine's token budget and limit (its mixed graph buckets); decode rows are --rows
 
 
 def patterns(rows: int, mean: int, long: int) -> dict[str, list[int]]:
@@ -90,21 +94,22 @@ def main() -> None:
     ap.add_argument("--warmup-steps", type=int, default=4)
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--profile", default="h200-qwen3-0.6b", help="simulation profile whose prices are shown beside")
+    add_async_scheduling_flag(ap)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = default_dtype(device)
     rows = sorted({int(r) for r in args.rows.split(",")})
     max_rows = max(rows)
     t0 = time.perf_counter()
-    pool = max_rows * (args.long + args.steps + args.warmup_steps + 64) // 16 + 64
+    block_size = defaults_for(device)["block_size"]
+    pool = max_rows * (args.long + args.steps + args.warmup_steps + 64) // block_size + 64
     cfg = EngineConfig(model=args.model, device=device, dtype=dtype, num_blocks=pool, max_num_seqs_limit=max_rows,
-                       max_batched_tokens_limit=2048, spec_k_limit=0, seed=0,
-                       async_scheduling=device.startswith("cuda"))
-    engine = LLMEngine(cfg, LiveConfig(max_num_seqs=max_rows, max_batched_tokens=2048, chunk_size=512))
-    profile = load_profile(args.profile)
-    cost = profile.cost.for_limits(64, 2048)
+                       max_batched_tokens_limit=MAX_TOKENS, spec_k_limit=0, seed=0,
+                       async_scheduling=async_scheduling_for(args))
+    engine = LLMEngine(cfg, LiveConfig(max_num_seqs=max_rows, max_batched_tokens=MAX_TOKENS, chunk_size=512))
+    cost = load_profile(args.profile).cost.for_limits(max_rows, MAX_TOKENS)  # the buckets this engine captured
     vocab = engine.loaded.config.vocab_size
     rng = random.Random(0)
     cases = []

@@ -33,7 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import command_line, default_dtype, log, versions, write_json  # noqa: E402
+from bench_common import command_line, default_dtype, log, release_device_memory, versions, write_json  # noqa: E402
 
 MODEL_MODULE = {name: f"transformers.models.{name}.modeling_{name}" for name in ("qwen3", "llama", "qwen2", "mistral")}
 
@@ -167,8 +167,7 @@ def main() -> None:
             sync()
             phases["first_iteration"] = time.perf_counter() - t0
         del engine, runner
-        if cuda:
-            torch.cuda.empty_cache()
+        release_device_memory(args.device)
     if cuda:
         phases["graph_capture_cold"] = phases["engine_graphs_cold"] - phases["kv_pool"]
         phases["graph_capture_warm"] = phases["engine_graphs_warm"] - phases["kv_pool"]

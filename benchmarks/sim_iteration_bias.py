@@ -11,6 +11,7 @@ Runs on a CPU in seconds; no engine is built.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import os
@@ -22,8 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape  # noqa: E402
 from batchdeck.engine.sim.profile import load_profile  # noqa: E402
 
-SHAPE_FIELDS = ("prefill_tokens", "prefill_attention", "decode_rows", "decode_context", "prefill_rows",
-                "decode_max_context", "prefill_max_context")
+SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(IterationShape))
 DECODE_BANDS = ((1, 2), (3, 8), (9, 40), (41, None))
 
 

@@ -2,6 +2,7 @@
 iteration gaps, the idle wake, and the simulated engine applying them. No GPU needed."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -118,9 +119,7 @@ def test_the_samples_a_fit_saw_are_written_as_json_lines(tmp_path):
     assert write_samples(str(path), s, {0: "serving", 1: "decode"}) == 1  # the busy gaps only
     (row,) = [json.loads(line) for line in path.read_text().splitlines()]
     assert row["gap_s"] == pytest.approx(0.01) and row["sync_wait_s"] == 0.004 and row["kind"] == "serving"
-    assert IterationShape(**{k: row[k] for k in ("prefill_tokens", "prefill_attention", "decode_rows",
-                                                 "decode_context", "prefill_rows", "decode_max_context",
-                                                 "prefill_max_context")}) == s[1].shape
+    assert IterationShape(**{f.name: row[f.name] for f in dataclasses.fields(IterationShape)}) == s[1].shape
 
 
 def test_the_tap_records_each_iteration_of_a_real_engine_and_gives_it_back():
