@@ -163,7 +163,6 @@ class PresetDriver:
                                                                   self.max_model_len)
         self.applied: list[AppliedAction] = [self._action_for(i, e) for i, e in enumerate(self.preset.timeline)]
         self.player = WorkloadPlayer(engine, self.open_items, self.closed, speed=self.speed)
-        self.error: BaseException | None = None
         self.done = False
         self._resume_tasks: list[asyncio.Task] = []
 
@@ -253,9 +252,9 @@ class PresetDriver:
         return self
 
     async def _watch_engine(self) -> None:
+        """Returns once the engine failed (its streams then end; the run raises engine.error)."""
         while self.engine.error is None:
             await asyncio.sleep(0.05)
-        self.error = self.engine.error
 
     # -- timeline -------------------------------------------------------------------------------
     @staticmethod

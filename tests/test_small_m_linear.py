@@ -17,13 +17,12 @@ pytest.importorskip("triton")
 from batchdeck.engine.small_m_linear import counters, small_m_linear  # noqa: E402
 from batchdeck.engine.small_m_rule import (MAX_ROWS, SHARED_MEMORY_BYTES, SmallMConfig,  # noqa: E402
                                            candidate_configs, pick_config)
+from tests.test_small_m_rule import QWEN3_SHAPES  # noqa: E402
 from tests.triton_interpreter import interpreter_broken_reason  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# qwen3-0.6b's per-layer linears (N, K, SiLU-mul epilogue): qkv, o_proj, gate|up (N = I), down_proj
-QWEN3_SHAPES = [(4096, 1024, False), (1024, 2048, False), (3072, 1024, True), (1024, 3072, False)]
 
 
 def test_the_kernel_refuses_what_it_cannot_run():
@@ -32,7 +31,7 @@ def test_the_kernel_refuses_what_it_cannot_run():
         small_m_linear(x, w)
     with pytest.raises(ValueError, match="K contiguous"):
         small_m_linear(x[:2], torch.randn(64, 32).t())
-    with pytest.raises(ValueError, match="gate|up"):
+    with pytest.raises(ValueError, match=r"silu_mul needs a gate\|up weight"):
         small_m_linear(x[:2], torch.randn(33, 64), silu_mul=True)
 
 

@@ -11,6 +11,7 @@ from batchdeck.engine.small_m_rule import (MAX_ROWS, SHARED_MEMORY_BYTES, SmallM
                                            pick_config, shared_memory_estimate)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# qwen3-0.6b's per-layer linears (N, K, SiLU-mul epilogue): qkv, o_proj, gate|up (N = I), down_proj
 QWEN3_SHAPES = [(4096, 1024, False), (1024, 2048, False), (3072, 1024, True), (1024, 3072, False)]
 
 
