@@ -2,10 +2,17 @@
 the prefill (tiles) mode on benchmark-shaped inputs, for several tile configurations.
 
     PYTHONPATH=. python benchmarks/gpu_attention_bench.py --out benchmarks/results/gpu_attention.json
+    PYTHONPATH=. python benchmarks/gpu_attention_bench.py --shape llama-3.1-8b --rows 64 --splits 1,2,4 \
+        --prefill-offline --out benchmarks/results/gpu_attention_llama-3.1-8b.json
 
-Decode: one layer of Qwen3-0.6B (16 heads, 8 KV heads, head dim 128), 256 rows, context lengths
-uniform in [228, 1280] (prompts of 100..1024 plus up to 256 outputs), block size 16, bf16. Bytes =
-every row's K and V read once (+ q and out), over the median time (triton.testing.do_bench).
+Decode: one layer of `--shape` (qwen3-0.6b: 16 heads, 8 KV heads; llama-3.1-8b: 32 and 8; head dim
+128), `--rows` rows, context lengths uniform in [228, 1280] (prompts of 100..1024 plus 128..256
+outputs), block size 16, bf16. Bytes = every row's K and V read once (+ q and out), over the median
+time (triton.testing.do_bench). `--splits` also times each config with the keys cut into that many
+split-KV slices (the backend's split path, whatever its rule would pick for the row count).
+Prefill: 8 rows of 1024 new tokens, 4 of them after 512 tokens of context; with `--prefill-offline`
+instead the chunks of the offline benchmark's first iteration (prompts of 100..1024 tokens, no
+context, 8,192 tokens in all). FLOPs count the causal half only.
 Prints the best decode config as `BEST_DECODE=BLOCK_N,warps,stages` (and prefill likewise).
 """
 from __future__ import annotations
@@ -19,6 +26,8 @@ import triton
 from triton.testing import do_bench
 
 from batchdeck.engine.attention.triton_backend import TritonBackend
+
+SHAPES = {"qwen3-0.6b": (16, 8), "llama-3.1-8b": (32, 8)}  # (query heads, KV heads), head dim 128
 
 
 def make_pool(lens, kvh, d, bs, dtype, seed=0):
@@ -39,13 +48,20 @@ def make_pool(lens, kvh, d, bs, dtype, seed=0):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
     ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--splits", default="1", help="comma-separated split-KV slice counts to time (1: no split)")
+    ap.add_argument("--prefill-offline", action="store_true",
+                    help="prefill rows: the offline benchmark's first 8,192-token iteration (prompts 100..1024)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     rng = random.Random(0)
-    h, kvh, d, bs, dtype = 16, 8, 128, 16, torch.bfloat16
+    h, kvh = SHAPES[args.shape]
+    d, bs, dtype = 128, 16, torch.bfloat16
+    splits_list = [int(x) for x in args.splits.split(",")]
     results = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
+               "shape": {"name": args.shape, "heads": h, "kv_heads": kvh, "head_dim": d, "rows": args.rows},
                "decode": [], "prefill": []}
 
     # -- decode -------------------------------------------------------------------------------
@@ -58,21 +74,33 @@ def main() -> None:
     seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
     kv_bytes = sum(lens) * kvh * d * 2 * q.element_size() + 2 * q.numel() * q.element_size()
     be = TritonBackend()
-    for cfg in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 2, 3),
-                (32, 2, 4)]:
-        be.decode_cfg = cfg
-        try:
-            ms = do_bench(lambda: be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, True), warmup=25, rep=100,
-                          return_mode="median")
-        except Exception as exc:  # noqa: BLE001 - a config may not fit shared memory
-            results["decode"].append({"cfg": cfg, "error": repr(exc)[:300]})
-            continue
-        results["decode"].append({"cfg": cfg, "ms": ms, "GB_s": kv_bytes / ms / 1e6})
-        print(f"decode cfg {cfg}: {ms * 1e3:.1f} us, {kv_bytes / ms / 1e6:.0f} GB/s", flush=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for splits in splits_list:
+        # The split rule aims at about two programs per SM: price it at the SM count that yields `splits`.
+        be.num_sms = sms if splits == 1 else splits * r * kvh // 2
+        be.max_splits = max(1, splits)
+        for cfg in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 2), (128, 8, 3),
+                    (64, 2, 3), (32, 2, 4)]:
+            be.decode_cfg = cfg
+            try:
+                ms = do_bench(lambda: be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, True), warmup=25,
+                              rep=100, return_mode="median")
+            except Exception as exc:  # noqa: BLE001 - a config may not fit shared memory
+                results["decode"].append({"cfg": cfg, "splits": splits, "error": repr(exc)[:300]})
+                continue
+            results["decode"].append({"cfg": cfg, "splits": splits, "ms": ms, "GB_s": kv_bytes / ms / 1e6})
+            print(f"decode cfg {cfg} splits {splits}: {ms * 1e3:.1f} us, {kv_bytes / ms / 1e6:.0f} GB/s", flush=True)
+    be.num_sms, be.max_splits = sms, TritonBackend().max_splits
 
     # -- prefill tiles: 8 rows of 1024 new tokens (4 with 512 tokens of prior context) ---------
     plens = [1024] * 8
     ctxs = [0, 512] * 4
+    if args.prefill_offline:
+        prng = random.Random(0)
+        plens = []
+        while sum(plens) < 8192:
+            plens.append(min(prng.randint(100, 1024), 8192 - sum(plens)))
+        ctxs = [0] * len(plens)
     seqs = [c + n for c, n in zip(ctxs, plens)]
     k, v, bt = make_pool(seqs, kvh, d, bs, dtype, seed=1)
     t = sum(plens)
@@ -85,7 +113,7 @@ def main() -> None:
     seq = torch.tensor(seqs, dtype=torch.int32, device="cuda")
     flops = sum(4 * h * d * (n * c + n * (n + 1) / 2) for c, n in zip(ctxs, plens))
     for cfg in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2),
-                (128, 128, 8, 2)]:
+                (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3), (32, 64, 4, 3)]:
         be.prefill_cfg = cfg
         try:
             ms = do_bench(lambda: be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, False), warmup=25, rep=100,
@@ -96,12 +124,14 @@ def main() -> None:
         results["prefill"].append({"cfg": cfg, "ms": ms, "TFLOP_s": flops / ms / 1e9})
         print(f"prefill cfg {cfg}: {ms * 1e3:.1f} us, {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
 
+    results["prefill_rows"] = {"new_tokens": plens, "context": ctxs}
     ok_d = [x for x in results["decode"] if "ms" in x]
     ok_p = [x for x in results["prefill"] if "ms" in x]
     if ok_d:
         best = min(ok_d, key=lambda x: x["ms"])
         results["best_decode"] = best["cfg"]
-        print("BEST_DECODE=" + ",".join(map(str, best["cfg"])))
+        results["best_decode_splits"] = best["splits"]
+        print("BEST_DECODE=" + ",".join(map(str, best["cfg"])) + f" (splits {best['splits']})")
     if ok_p:
         best = min(ok_p, key=lambda x: x["ms"])
         results["best_prefill"] = best["cfg"]
