@@ -69,6 +69,9 @@ def iteration_table(checks):
                          f"err {e['mean_rel_error']:6.1%} rows {e['mean_rows']:6.1f} tokens {e['mean_tokens']:7.1f} "
                          f"ctx {e['mean_context_k'] * 1e3:6.0f} max {e['mean_max_context_k'] * 1e3:6.0f} "
                          f"wait {e['sync_wait_mean_s'] * 1e3:6.3f} host {e['host_mean_s'] * 1e3:6.3f} ms")
+        for w in c.get("wake_by_idle") or ():
+            lines.append(f"  {side:3} wake after {w['idle_median_s'] * 1e3:6.0f} ms idle (n={w['samples']:3d}): "
+                         f"{w['measured_wake_median_s'] * 1e3:6.3f} ms, model {w['model_wake_median_s'] * 1e3:6.3f} ms")
         if c.get("largest_gaps"):
             top = c["largest_gaps"][0]
             lines.append(f"  {side:3} longest gap {top['gap_s'] * 1e3:.1f} ms at {top['at_s']:.2f} s (model "
@@ -136,7 +139,8 @@ def main() -> None:
 
     from benchmarks.bench_common import GCWatch, command_line, default_dtype, release_device_memory
     from batchdeck.engine.settings import defaults_for
-    from batchdeck.engine.sim.calibrate import DEFAULT_BUDGET_S, IterationTap, calibrate, check_iterations, write_samples
+    from batchdeck.engine.sim.calibrate import (DEFAULT_BUDGET_S, IterationTap, calibrate, check_iterations, wake_report,
+                                                write_samples)
     from batchdeck.engine.sim.profile import load_profile
     from batchdeck.presets import load_preset, resolve_preset
     from batchdeck.presets.analytic import throughput_bound
@@ -206,9 +210,10 @@ def main() -> None:
         with GCWatch() as gc_watch:
             rep = run_preset(preset, overrides={**over, **(extra or {})}, duration_scale=scale, **kw).report()
         if taps:
-            check.update(check_iterations(cost, taps[0].samples()), **gc_watch.summary())
+            samples = taps[0].samples()
+            check.update(check_iterations(cost, samples), **gc_watch.summary(), wake_by_idle=wake_report(cost, samples))
             if samples_to:
-                write_samples(samples_to, taps[0].samples())
+                write_samples(samples_to, samples)
             taps[0].remove()
         release_device_memory(device)  # the finished engine's KV pool, before the next run allocates its own
         return rep["summary"]

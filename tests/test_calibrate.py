@@ -11,7 +11,7 @@ import pytest
 from batchdeck.engine.config import EngineConfig, LiveConfig
 from batchdeck.engine.request import SamplingParams
 from batchdeck.engine.sim.calibrate import (IterationTap, Sample, busy_gaps, design_workloads, drive_inline,
-                                            fit_samples, held_out_workloads)
+                                            fit_samples, held_out_workloads, wake_report)
 from batchdeck.engine.sim.clock import VirtualClock
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape
 from batchdeck.engine.sim.engine import SimulatedEngine
@@ -72,6 +72,46 @@ def test_the_fit_recovers_iteration_costs_and_the_idle_wake_from_iteration_time_
         assert r["mean_rel_error"] < 0.05 and abs(r["total_bias"]) < 0.02, (regime, r)
     assert model.idle_wake_s == pytest.approx(0.0015, abs=3e-4)
     assert report["idle_samples"] == 16
+
+
+def test_the_wake_follows_how_long_the_engine_was_idle():
+    bands = CostModel({**TRUTH, "idle_wake_s": 0.001, "idle_wake_by_idle": [[0.02, 0.001], [0.2, 0.003]]})
+    assert bands.wake_after(0.005) == pytest.approx(0.001) and bands.wake_after(5.0) == pytest.approx(0.003)
+    assert bands.wake_after(None) == pytest.approx(0.003)  # idle since the start: the longest measured idle
+    assert bands.wake_after(0.2 ** 0.5 * 0.02 ** 0.5) == pytest.approx(0.002)  # halfway in log(idle)
+    assert CostModel({**TRUTH, "idle_wake_s": 0.001}).wake_after(5.0) == 0.001  # no bands: one wake for all
+    assert CostModel(bands.to_dict()).wake_after(0.1) == pytest.approx(bands.wake_after(0.1))  # survives JSON
+    for bad in ([[0.2, 0.001], [0.02, 0.003]], [[0, 0.001]], [[0.1, -1.0]], [[0.1]], "fast"):
+        with pytest.raises(ValueError, match="idle_wake_by_idle"):
+            CostModel({**TRUTH, "idle_wake_by_idle": bad})
+
+
+def test_calibration_measures_the_wake_at_each_idle_gap_and_the_simulator_replays_it():
+    """A simulated device whose wake grows with the idle wait: calibration's spaced workloads (one per
+    gap) recover it per gap, and a simulated engine with the fitted profile wakes alike."""
+    from batchdeck.engine.sim.calibrate import IDLE_GAPS_S, wake_by_idle
+
+    truth = CostModel({**TRUTH, "idle_wake_s": 0.002, "idle_wake_by_idle": [[0.02, 0.001], [0.1, 0.004]]})
+    e = _sim("Test GPU", True)
+    e.runner.cost = truth.for_limits(64, 512)
+    tap = IterationTap(e)
+    rng = random.Random(0)
+    workloads = [w for w in design_workloads(8, 512, 4096, 4096 * 16, quick=True) if w.mode == "spaced"]
+    assert [w.gap_s for w in workloads] == list(IDLE_GAPS_S[:2])
+    for i, w in enumerate(workloads):
+        tap.workload = i
+        tap.idle()
+        drive_inline(e, w, rng, float("inf"), e.clock)
+    samples = tap.samples()
+    bands = wake_by_idle(truth, samples, spaced={0, 1})
+    assert [round(i, 2) for i, _ in bands] == [0.02, 0.1]
+    assert [w for _, w in bands] == [pytest.approx(0.001, abs=2e-4), pytest.approx(0.004, abs=2e-4)]
+    report = wake_report(truth, samples)
+    timed = [s for s in samples if s.after_idle and s.idle_s is not None]  # all but the first ever iteration
+    assert len(timed) == len([s for s in samples if s.after_idle]) - 1
+    assert sum(r["samples"] for r in report) == len(timed)
+    for r in report:
+        assert r["measured_wake_median_s"] == pytest.approx(r["model_wake_median_s"], abs=2e-4)
 
 
 def test_busy_gaps_skip_idle_starts_and_workload_boundaries():

@@ -20,7 +20,8 @@ one replaced: mixed prefill + decode iterations, at several chunk sizes), prefil
 token: prefill-only chunks), closed loops of a serving load's length mix (`serving_workloads`: the
 iterations a replayed load runs, admissions, finishes and rows of spread contexts together, and with
 one held out, the fit's error on such a load), and spaced single requests (the engine idle between them: what an
-iteration after an idle wait adds, `idle_wake_s`). Every third workload of each kind is held out of a
+iteration after an idle wait adds, `idle_wake_s`, and by how long the engine was idle, `idle_wake_by_idle`,
+from one spaced workload per gap of IDLE_GAPS_S). Every third workload of each kind is held out of a
 first fit to report the error per regime (and per kind) on workloads it did not see; the shipped model
 is fitted on all.
 """
@@ -48,6 +49,7 @@ from batchdeck.engine.sim.profile import SimProfile
 from batchdeck.engine.telemetry import ListSink
 
 DEFAULT_BUDGET_S = 120.0  # seconds of designed workloads a calibration plays (`batchdeck calibrate --budget`)
+IDLE_GAPS_S = (0.02, 0.1, 0.4)  # idle waits before the spaced single requests (a replay's lulls run to seconds)
 
 
 @dataclass(frozen=True)
@@ -136,9 +138,10 @@ def design_workloads(max_rows: int, max_tokens: int, max_context: int, pool_toke
             if fits(reqs) and p // n <= 2 * iterations:
                 prefill.append(Workload(f"prefill {k}x{p} chunk={n}", "prefill", "batch", reqs, k, max_tokens, n))
     lengths = [c for c in (16, 128, 512, 2048) if c < max_context][: 2 if quick else 4]
-    reqs = tuple((lengths[i % len(lengths)], 2) for i in range(8 if quick else 24))
-    idle.append(Workload("spaced single requests", "idle", "spaced", reqs, max_rows, max_tokens,
-                         min(max_tokens, 512), gap_s=0.02))
+    for gap in IDLE_GAPS_S[: 2 if quick else len(IDLE_GAPS_S)]:
+        reqs = tuple((lengths[i % len(lengths)], 2) for i in range(4 if quick else 12))
+        idle.append(Workload(f"spaced single requests gap={gap * 1e3:g}ms", "idle", "spaced", reqs, max_rows,
+                             max_tokens, min(max_tokens, 512), gap_s=gap))
     serving = serving_workloads(max_rows, max_tokens, max_context, fits, quick)
     design: list[Workload] = []
     longest = max(map(len, (decode, mixed, prefill, serving)))
@@ -192,6 +195,7 @@ class Sample:
     after_idle: bool  # the engine waited (nothing to run) before this iteration
     newest_arrival: float  # the latest arrival among its requests
     sync_wait: float = 0.0  # IterationRecord.sync_wait_time: how long the host waited for its tokens
+    idle_s: float | None = None  # after an idle wait: from the previous iteration's end to the arrival
 
 
 class IterationTap:
@@ -206,7 +210,8 @@ class IterationTap:
         self.engine = engine
         self._step = engine.step
         self._busy = False
-        self._raw: list[tuple[int, float, Any, bool, float]] = []
+        self._raw: list[tuple[int, float, Any, bool, float, float | None]] = []
+        self._last_time: float | None = None  # the previous iteration's time stamp
         self._samples: list[Sample] = []
         self.workload = 0
         self._launch_end: dict[int, float] | None = None
@@ -229,7 +234,8 @@ class IterationTap:
             return result
         plan = result.plan
         t = result.record.time if self._launch_end is None else self._launch_end.pop(id(plan), result.record.time)
-        self._raw.append((self.workload, t, plan, not self._busy, result.record.sync_wait_time))
+        self._raw.append((self.workload, t, plan, not self._busy, result.record.sync_wait_time, self._last_time))
+        self._last_time = t
         self._busy = self.engine.has_unfinished
         return result
 
@@ -240,10 +246,11 @@ class IterationTap:
         self._shape_up()
 
     def _shape_up(self) -> None:
-        for w, t, plan, after_idle, wait in self._raw:
+        for w, t, plan, after_idle, wait, prev in self._raw:
             chunks = plan.chunks
-            self._samples.append(Sample(w, t, IterationShape.of_chunks(chunks), after_idle,
-                                        max(c.request.arrival_time for c in chunks), wait))
+            newest = max(c.request.arrival_time for c in chunks)
+            idle = newest - prev if after_idle and prev is not None and newest > prev else None
+            self._samples.append(Sample(w, t, IterationShape.of_chunks(chunks), after_idle, newest, wait, idle))
         self._raw.clear()
 
     def samples(self) -> list[Sample]:
@@ -296,7 +303,7 @@ def drive_inline(engine: LLMEngine, workload: Workload, vocab_rng: random.Random
                 return True
             due = engine.clock() + workload.gap_s
             while engine.clock() < due:
-                time.sleep(min(0.001, max(0.0, due - engine.clock())))
+                engine.sleep(min(0.001, max(0.0, due - engine.clock())))  # a simulated engine's clock moves
             submit(due)
             while engine.has_unfinished:
                 engine.step()
@@ -362,15 +369,53 @@ def write_samples(path: str, samples: list[Sample], kinds: dict[int, str] | None
     return len(gaps)
 
 
+def wake_extra(model: CostModel, s: Sample) -> float:
+    """How much longer than the model's iteration cost an iteration after an idle wait took to end,
+    counted from its newest request's arrival (requests carry their due time, as replays stamp them)."""
+    return s.time - s.newest_arrival - model.predict(s.shape)
+
+
 def idle_wake(model: CostModel, samples: list[Sample], spaced: set[int]) -> tuple[float, int]:
-    """The median of (time from the arrival to the iteration's time stamp) - (the model's iteration
-    cost), over the iterations that followed an idle wait in the `spaced` workloads (whose requests
-    carry their due time, as replayed workloads do); and how many there were."""
-    extra = [s.time - s.newest_arrival - model.predict(s.shape) for s in samples if s.after_idle
-             and s.workload in spaced]
+    """The median `wake_extra` over the iterations that followed an idle wait in the `spaced`
+    workloads; and how many there were."""
+    extra = [wake_extra(model, s) for s in samples if s.after_idle and s.workload in spaced]
     if not extra:
         return 0.0, 0
     return max(0.0, float(statistics.median(extra))), len(extra)
+
+
+def wake_by_idle(model: CostModel, samples: list[Sample], spaced: set[int]) -> list[list[float]]:
+    """Per spaced workload (one gap each): [median idle seconds, median `wake_extra`], by idle; empty
+    when fewer than two workloads measured it (then one wake, `idle_wake`, stands for all)."""
+    by_workload: dict[int, list[Sample]] = {}
+    for s in samples:
+        if s.after_idle and s.workload in spaced and s.idle_s:
+            by_workload.setdefault(s.workload, []).append(s)
+    bands = sorted([float(statistics.median(s.idle_s for s in of)),
+                    max(0.0, float(statistics.median(wake_extra(model, s) for s in of)))]
+                   for of in by_workload.values())
+    merged: list[list[float]] = []
+    for idle, wake in bands:  # workloads of (nearly) the same gap: one band
+        if merged and idle <= merged[-1][0] * 1.05:
+            continue
+        merged.append([idle, wake])
+    return merged if len(merged) >= 2 else []
+
+
+def wake_report(model: CostModel, samples: list[Sample], edges_s: tuple[float, ...] = (0.05, 0.2)) -> list[dict]:
+    """The iterations after an idle wait of a run, by idle length (bands split at `edges_s`): how many,
+    their median idle, the median measured `wake_extra` and the median wake the model adds for that
+    idle (`CostModel.wake_after`). Says whether the simulator's wake matches the engine's on a replay."""
+    bounds = (0.0, *edges_s, float("inf"))
+    out = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        of = [s for s in samples if s.after_idle and s.idle_s is not None and lo <= s.idle_s < hi]
+        if of:
+            out.append({"idle_from_s": lo, "idle_to_s": None if hi == float("inf") else hi, "samples": len(of),
+                        "idle_median_s": float(statistics.median(s.idle_s for s in of)),
+                        "measured_wake_median_s": float(statistics.median(wake_extra(model, s) for s in of)),
+                        "model_wake_median_s": float(statistics.median(model.wake_after(s.idle_s) for s in of))})
+    return out
 
 
 def check_iterations(model: CostModel, samples: list[Sample]) -> dict[str, Any]:
@@ -438,7 +483,8 @@ def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[in
         report.update(held_out_mean_rel_error=None, held_out_max_rel_error=None, held_out_by_regime={})
     model = fit([s.shape for s, _ in gaps], [y for _, y in gaps], **buckets)
     wake, n_idle = idle_wake(model, samples, spaced)
-    model = CostModel({**model.to_dict(), "idle_wake_s": wake})
+    bands = wake_by_idle(model, samples, spaced)
+    model = CostModel({**model.to_dict(), "idle_wake_s": wake, "idle_wake_by_idle": bands or None})
     err = relative_errors(model, [s.shape for s, _ in gaps], [y for _, y in gaps])
     # where the iterations' time went: the host's wait for the device, and the rest (the host's own work)
     report["gap_split_by_regime"] = {
@@ -447,7 +493,7 @@ def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[in
         for regime, e in check_iterations(model, samples).get("by_regime", {}).items()}
     report.update(all_mean_rel_error=float(err.mean()), all_max_rel_error=float(err.max()),
                   all_by_regime=regime_errors(model, [s.shape for s, _ in gaps], [y for _, y in gaps]),
-                  idle_wake_s=wake, idle_samples=n_idle)
+                  idle_wake_s=wake, idle_samples=n_idle, idle_wake_by_idle=bands)
     return model, report
 
 
@@ -544,7 +590,9 @@ def calibrate(model: str, *, device: str | None = None, dtype: str | None = None
     held = profile.fit["held_out_by_regime"]
     log(f"calibrate: fit on {report['num_shapes']} iterations of {len(workloads)} workloads; held-out error "
         + ", ".join(f"{k} mean {v['mean_rel_error']:.1%} (total {v['total_bias']:+.1%})" for k, v in held.items())
-        + f"; idle wake {report['idle_wake_s'] * 1e3:.2f} ms; {profile.fit['wall_time_s']} s")
+        + f"; idle wake {report['idle_wake_s'] * 1e3:.2f} ms"
+        + "".join(f", {w * 1e3:.2f} ms after {i * 1e3:.0f} ms idle" for i, w in report["idle_wake_by_idle"])
+        + f"; {profile.fit['wall_time_s']} s")
     if cut:
         log(f"calibrate: the budget ({budget_s:g} s) cut {len(cut)} of {len(workloads)} workloads short "
             f"(unfinished requests aborted; the profile's fit.cut_short names them): a larger --budget covers them")

@@ -32,6 +32,10 @@ attention backend): how many KV slices the decode kernel gives each (row, KV hea
 graph bucket pads to); absent, one slice.
 
 `idle_wake_s`: what an iteration after an idle wait adds (the engine waking for an arrival).
+`idle_wake_by_idle`: optional [[idle seconds, wake seconds], ...] by how long the engine was idle
+(a calibration's spaced requests at several gaps: a GPU and a host idle for longer wake slower);
+between two measured idles the wake is interpolated in log(idle), outside them the nearest holds.
+Without it, every wake is `idle_wake_s`.
 
 The profile's `cost` is {"format": "regimes/1", "decode": {...}, "mixed": {...}, "decode_buckets":
 [...], "token_buckets": [...], "max_rows": N, "idle_wake_s": s, "cuda_graphs": bool, "decode_splits":
@@ -44,6 +48,7 @@ regimes, without buckets.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -166,7 +171,7 @@ class CostModel:
             if regime not in c:
                 raise ValueError(f"cost model: missing {regime!r} coefficients")
         known = {"format", "decode", "mixed", "decode_buckets", "token_buckets", "max_rows", "idle_wake_s", "legacy",
-                 "cuda_graphs", "decode_splits"}
+                 "cuda_graphs", "decode_splits", "idle_wake_by_idle"}
         unknown = sorted(set(c) - known)
         if unknown:
             raise ValueError(f"cost model: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -184,6 +189,12 @@ class CostModel:
             **{k: v for k, v in c.items() if k not in REGIMES}, "decode": dict(zip(DECODE_FEATURES, dec)),
             "mixed": dict(zip(MIXED_FEATURES, mix)), "decode_buckets": list(db), "token_buckets": list(tb),
             "max_rows": max_rows, "idle_wake_s": float(wake), "cuda_graphs": bool(c.get("cuda_graphs", bool(db or tb)))})
+        bands = _wake_bands(c.get("idle_wake_by_idle"))
+        if bands:
+            self.coefficients["idle_wake_by_idle"] = [list(b) for b in bands]
+        else:
+            self.coefficients.pop("idle_wake_by_idle", None)
+        object.__setattr__(self, "_wake_bands", bands)
         splits = _splits(c.get("decode_splits"))
         if splits is not None:
             self.coefficients["decode_splits"] = splits
@@ -219,6 +230,21 @@ class CostModel:
     @property
     def idle_wake_s(self) -> float:
         return self.coefficients["idle_wake_s"]
+
+    def wake_after(self, idle_s: float | None) -> float:
+        """What the first iteration after `idle_s` seconds idle adds (None: idle since the start, taken
+        as the longest measured idle)."""
+        bands = self._wake_bands
+        if not bands:
+            return self.coefficients["idle_wake_s"]
+        if idle_s is None or idle_s >= bands[-1][0]:
+            return bands[-1][1]
+        if idle_s <= bands[0][0]:
+            return bands[0][1]
+        i = bisect.bisect_right([b[0] for b in bands], idle_s)
+        (x0, y0), (x1, y1) = bands[i - 1], bands[i]
+        f = (math.log(idle_s) - math.log(x0)) / (math.log(x1) - math.log(x0))
+        return y0 + f * (y1 - y0)
 
     @property
     def legacy(self) -> bool:
@@ -345,6 +371,23 @@ def nonnegative_lstsq(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None)
             break
         active.remove(active[int(np.argmin(sol))])
     return coef
+
+
+def _wake_bands(raw: Any) -> tuple[tuple[float, float], ...]:
+    """`idle_wake_by_idle` checked: pairs [idle_s > 0, wake_s in [0, 10)], strictly increasing idle."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        raise ValueError(f"cost model: idle_wake_by_idle must be a list of [idle_s, wake_s] pairs, got {raw!r}")
+    out: list[tuple[float, float]] = []
+    for i, pair in enumerate(raw):
+        ok = (isinstance(pair, (list, tuple)) and len(pair) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair))
+        if not ok or not pair[0] > 0 or not 0.0 <= pair[1] < 10.0 or (out and pair[0] <= out[-1][0]):
+            raise ValueError(f"cost model: idle_wake_by_idle[{i}] = {pair!r}: need [idle_s > 0, wake_s in [0, 10)] "
+                             "with idle_s increasing")
+        out.append((float(pair[0]), float(pair[1])))
+    return tuple(out)
 
 
 def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_buckets: Sequence[int] = (),

@@ -64,6 +64,8 @@ class SimulatedEngine(LLMEngine):
         result = super().step()
         if result is None:
             self.runner.waking = True
+        elif not self.has_unfinished:
+            self.runner.idle_since = self.clock()  # out of work: an arrival now wakes an idle engine
         return result
 
     def sleep(self, seconds: float) -> None:
