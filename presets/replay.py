@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping
 
 from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.service.heap_freeze import RetainedFreezer
 from batchdeck.engine.service.recording import RecordingWriter
 from batchdeck.engine.service.virtual_loop import InlineAsyncEngine, run_virtual
 from batchdeck.engine.sim.clock import VirtualClock
@@ -145,8 +146,12 @@ async def run_preset_async(
     preset = as_preset(preset)
     telemetry = ListSink()
     recorder = RecordingWriter(record) if record is not None else None
-    tee = Tee(telemetry, recorder, sink)
     own_engine = engine is None
+    # What the run keeps for its report leaves the collector's reach as it grows, while an engine holds
+    # the freeze (heap_freeze.py): only with an engine of its own (a borrowed one, the console's, goes on
+    # serving after the run; a VirtualClock's inline engine holds none: no wall-clock pause to avoid).
+    freezer = RetainedFreezer() if own_engine else None
+    tee = Tee(telemetry, freezer, recorder, sink)
     if own_engine:
         kwargs = {"loaded": loaded} if loaded is not None else {}
         if clock is not None:
@@ -198,19 +203,21 @@ async def run_preset_async(
         error = f"{type(exc).__name__}: {exc}"
     finally:
         wall = time.perf_counter() - t0
-        if ticker is not None:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
-            progress(driver)
-        if monitor is not None:
-            monitor.stop()
-        if own_engine:
-            await engine.stop()
-        else:
-            await _set_sink(engine, previous_sink)
-        if recorder is not None:
-            recorder.close()
+        try:
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
+                progress(driver)
+            if monitor is not None:
+                monitor.stop()
+        finally:  # whatever failed above, the engine stops (and gives its heap freeze back)
+            if own_engine:
+                await engine.stop()
+            else:
+                await _set_sink(engine, previous_sink)
+            if recorder is not None:
+                recorder.close()
     return ReplayResult(preset=driver.preset, driver=driver, telemetry=telemetry, initial_config=initial_config,
                         engine_info=engine_info, speed=speed, duration_scale=duration_scale, wall_time_s=wall,
                         error=error)

@@ -114,10 +114,10 @@ def test_max_waiting_must_be_positive():
 async def test_serving_keeps_the_start_up_heap_out_of_the_collector_until_the_last_engine_stops(model_dirs):
     import gc
 
-    from batchdeck.engine.service import async_engine
+    from batchdeck.engine.service import heap_freeze
 
     llm = make_engine(model_dirs["llama"], max_num_seqs=2)
-    assert not async_engine._frozen_by, f"{async_engine._frozen_by} engine(s) an earlier test left running"
+    assert not heap_freeze.holders(), f"{heap_freeze.holders()} engine(s) an earlier test left running"
     assert gc.get_freeze_count() == 0
     first = AsyncEngine(llm)
     second = AsyncEngine(make_engine(model_dirs["llama"], max_num_seqs=2))  # its own engine: one worker each

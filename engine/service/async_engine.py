@@ -7,7 +7,6 @@ boundary, so nothing is mutated mid-step. Output deltas come back to the loop on
 from __future__ import annotations
 
 import asyncio
-import gc
 import queue
 import threading
 import time
@@ -17,6 +16,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
 from batchdeck.engine.llm_engine import LLMEngine, RequestOutput
 from batchdeck.engine.request import FinishReason, Request, RequestError, SamplingParams
+from batchdeck.engine.service import heap_freeze
 from batchdeck.engine.service.request_table import requests_message
 from batchdeck.engine.service.served_model import EngineDeadError, ServedModel
 
@@ -88,28 +88,6 @@ class ConfigReply:
     applied_iteration: int
 
 
-_frozen_by = 0  # AsyncEngines running in this process that hold the collector's freeze
-
-
-def _freeze_start_up_heap() -> None:
-    """Move everything alive now (modules, the model, the engine) out of the cyclic collector's reach,
-    as vLLM's engine core does after start-up: a full collection otherwise walks all of it and stalls
-    the engine's thread (~0.3 s measured on an H200 host mid-replay). Counted, so the last engine
-    to stop hands the objects back (`gc.unfreeze`) and what it leaves can be collected."""
-    global _frozen_by
-    if _frozen_by == 0:
-        gc.collect()
-        gc.freeze()
-    _frozen_by += 1
-
-
-def _unfreeze_start_up_heap() -> None:
-    global _frozen_by
-    _frozen_by -= 1
-    if _frozen_by == 0:
-        gc.unfreeze()
-
-
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, snapshot_interval: float = 0.25):
         self.engine = engine
@@ -121,7 +99,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._frozen = False  # this engine holds the start-up heap freeze (start() until stop())
+        self._frozen = False  # this engine holds the collector's freeze (engine/service/heap_freeze.py) until stop()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}
         self.error: BaseException | None = None
@@ -135,7 +113,7 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine.start: the engine is already running (stop it first)")
         self._loop = asyncio.get_running_loop()
         if not self._frozen:
-            _freeze_start_up_heap()
+            heap_freeze.hold()  # the start-up heap (modules, model, engine) out of the collector's reach
             self._frozen = True
         self._thread = threading.Thread(target=self._worker, name="batchdeck-engine", daemon=True)
         self._thread.start()
@@ -143,11 +121,13 @@ class AsyncEngine:
     async def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-        if self._frozen:
-            self._frozen = False
-            _unfreeze_start_up_heap()
+        try:
+            if self._thread is not None:
+                await asyncio.to_thread(self._thread.join)
+        finally:  # a cancelled stop still gives the hold back
+            if self._frozen:
+                self._frozen = False
+                heap_freeze.release()
 
     @property
     def running(self) -> bool:
