@@ -114,6 +114,44 @@ def test_calibration_measures_the_wake_at_each_idle_gap_and_the_simulator_replay
         assert r["measured_wake_median_s"] == pytest.approx(r["model_wake_median_s"], abs=2e-4)
 
 
+def test_the_fit_prices_the_longer_of_host_and_device_when_the_waits_say_which_bound():
+    """Overlapped iterations last max(host, device): few short rows are host-bound (their KV costs
+    nothing), long contexts device-bound. From gaps and the host's waits the split fit recovers both;
+    one linear model over the same iterations misprices the host-bound ones."""
+    from batchdeck.engine.sim.cost_model import fit
+
+    buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
+    device = CostModel(TRUTH)
+    host = CostModel({**TRUTH, "decode": {"constant": 2.5e-3, "rows": 4e-5},
+                      "mixed": {"constant": 3e-3, "rows": 5e-5, "tokens": 1e-6}})
+    rng = np.random.default_rng(0)
+    shapes, gaps, waits = [], [], []
+    for _ in range(1500):
+        rows = int(rng.integers(1, 64))
+        ctx = int(rng.choice([100, 300, 3000, 8000]))
+        chunks = [(int(rng.integers(ctx // 2, ctx)), 1) for _ in range(rows)]
+        if rng.random() < 0.4:
+            chunks.append((int(rng.integers(0, 2000)), int(rng.choice([32, 100, 400]))))
+        shape = IterationShape.of_rows(chunks)
+        h, d = host.predict(shape), device.predict(shape)
+        shapes.append(shape)
+        gaps.append(max(h, d) * (1 + rng.normal(0, 0.01)))
+        waits.append(max(0.0, d - h))
+    split = fit(shapes, gaps, **buckets, sync_waits=waits)
+    linear = fit(shapes, gaps, **buckets)
+    assert "host" in split.coefficients and "host" not in linear.coefficients
+    err_split = np.array([abs(split.predict(s) - g) / g for s, g in zip(shapes, gaps)])
+    err_linear = np.array([abs(linear.predict(s) - g) / g for s, g in zip(shapes, gaps)])
+    assert err_split.mean() < 0.02 and err_split.mean() < err_linear.mean() / 2, (err_split.mean(), err_linear.mean())
+    assert CostModel(split.to_dict()).predict(shapes[0]) == pytest.approx(split.predict(shapes[0]))  # survives JSON
+    plan_rows = [(c, 1) for c in (120, 250, 90)]  # the hot path prices decode plans as predict does
+    chunks = [dataclasses.make_dataclass("C", ["num_tokens", "start"])(n, c) for c, n in plan_rows]
+    assert split.plan_seconds(chunks) == pytest.approx(split.predict(IterationShape.of_rows(plan_rows)))
+    assert fit(shapes[:40], gaps[:40], **buckets, sync_waits=waits[:40]).coefficients.get("host") is None  # too few
+    with pytest.raises(ValueError, match="host"):
+        CostModel({**TRUTH, "host": {"decode": {}}})
+
+
 def test_busy_gaps_skip_idle_starts_and_workload_boundaries():
     s = [Sample(0, 1.0, IterationShape(decode_rows=1, decode_context=0.1), True, 0.9),
          Sample(0, 1.01, IterationShape(decode_rows=1, decode_context=0.1), False, 0.9),

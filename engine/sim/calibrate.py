@@ -470,7 +470,8 @@ def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[in
     held = [(s, y) for s, y in gaps if s.workload in held_out]
     report: dict[str, Any] = {"num_shapes": len(gaps), "num_held_out": len(held)}
     if train and held:
-        first = fit([s.shape for s, _ in train], [y for _, y in train], **buckets)
+        first = fit([s.shape for s, _ in train], [y for _, y in train], **buckets,
+                    sync_waits=[s.sync_wait for s, _ in train])
         err = relative_errors(first, [s.shape for s, _ in held], [y for _, y in held])
         report.update(held_out_mean_rel_error=float(err.mean()), held_out_max_rel_error=float(err.max()),
                       held_out_by_regime=regime_errors(first, [s.shape for s, _ in held], [y for _, y in held]))
@@ -481,7 +482,7 @@ def fit_samples(samples: list[Sample], buckets: dict[str, Any], held_out: set[in
                 if (of := [(s, y) for s, y in held if kinds[s.workload] == kind])}
     else:
         report.update(held_out_mean_rel_error=None, held_out_max_rel_error=None, held_out_by_regime={})
-    model = fit([s.shape for s, _ in gaps], [y for _, y in gaps], **buckets)
+    model = fit([s.shape for s, _ in gaps], [y for _, y in gaps], **buckets, sync_waits=[s.sync_wait for s, _ in gaps])
     wake, n_idle = idle_wake(model, samples, spaced)
     bands = wake_by_idle(model, samples, spaced)
     model = CostModel({**model.to_dict(), "idle_wake_s": wake, "idle_wake_by_idle": bands or None})

@@ -31,6 +31,13 @@ attention backend): how many KV slices the decode kernel gives each (row, KV hea
 (`decode_splits` of engine/attention/decode_splits.py, the Triton backend's rule, over the rows the
 graph bucket pads to); absent, one slice.
 
+`host` (optional, {"decode": {...}, "mixed": {...}} over the same features): the host's own work per
+iteration. With overlapped iterations on a GPU the host books one iteration and plans the next while
+the device runs, so an iteration lasts the longer of the two: the regime coefficients then price the
+device (fitted on the iterations the host waited for) and an iteration costs max(host, device). A
+linear sum cannot do this: at a few dozen short rows the host bounds the iteration and the KV the
+rows read costs nothing, at long contexts the device bounds it and the host's work hides.
+
 `idle_wake_s`: what an iteration after an idle wait adds (the engine waking for an arrival).
 `idle_wake_by_idle`: optional [[idle seconds, wake seconds], ...] by how long the engine was idle
 (a calibration's spaced requests at several gaps: a GPU and a host idle for longer wake slower);
@@ -171,7 +178,7 @@ class CostModel:
             if regime not in c:
                 raise ValueError(f"cost model: missing {regime!r} coefficients")
         known = {"format", "decode", "mixed", "decode_buckets", "token_buckets", "max_rows", "idle_wake_s", "legacy",
-                 "cuda_graphs", "decode_splits", "idle_wake_by_idle"}
+                 "cuda_graphs", "decode_splits", "idle_wake_by_idle", "host"}
         unknown = sorted(set(c) - known)
         if unknown:
             raise ValueError(f"cost model: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -202,6 +209,18 @@ class CostModel:
             self.coefficients.pop("decode_splits", None)
         object.__setattr__(self, "_decode", dec)
         object.__setattr__(self, "_mixed", mix)
+        host = c.get("host")
+        if host is not None:
+            if not isinstance(host, Mapping) or set(host) != set(REGIMES):
+                raise ValueError(f"cost model: host must be {{'decode': {{...}}, 'mixed': {{...}}}}, got {host!r}")
+            hd = _coefficients(host["decode"], DECODE_FEATURES, "host decode")
+            hm = _coefficients(host["mixed"], MIXED_FEATURES, "host mixed")
+            self.coefficients["host"] = {"decode": dict(zip(DECODE_FEATURES, hd)), "mixed": dict(zip(MIXED_FEATURES, hm))}
+        else:
+            hd = hm = None
+            self.coefficients.pop("host", None)
+        object.__setattr__(self, "_host_decode", hd)
+        object.__setattr__(self, "_host_mixed", hm)
         # padded rows per row count (index r), for the hot path
         pad = list(range((db[-1] if db else 0) + 1))
         for r in range(len(pad)):
@@ -291,6 +310,9 @@ class CostModel:
         regime, x = self.features(shape)
         c = self._decode if regime == "decode" else self._mixed
         t = sum(a * b for a, b in zip(c, x))
+        h = self._host_decode if regime == "decode" else self._host_mixed
+        if h is not None:
+            t = max(t, sum(a * b for a, b in zip(h, x)))
         return t if t > 0.0 else 0.0
 
     def plan_seconds(self, chunks) -> float:
@@ -321,6 +343,13 @@ class CostModel:
             t = c0 + c_rows * dr + c_pad * padded + c_ctx * dc * 1e-3
             if c_max:
                 t += c_max * (mx + 1) * 1e-3 * self.split_share(padded)
+            h = self._host_decode
+            if h is not None:
+                host = h[0] + h[1] * dr + h[2] * padded + h[3] * dc * 1e-3
+                if h[4]:
+                    host += h[4] * (mx + 1) * 1e-3 * self.split_share(padded)
+                if host > t:
+                    t = host
             return t if t > 0.0 else 0.0
         return self.predict(IterationShape(pt, pa / 1e6, dr, dc / 1e3, pr, (mx + 1) / 1e3, walk / 1e3))
 
@@ -337,7 +366,7 @@ class CostModel:
             return 0.0
         chunk = int(max(1, chunk or tokens))
         total, done = 0.0, 0
-        c0 = self._mixed[0]
+        c0 = max(self._mixed[0], self._host_mixed[0] if self._host_mixed is not None else 0.0)
         while done < tokens:
             n = int(min(chunk, tokens - done))
             if n < 2:
@@ -390,14 +419,31 @@ def _wake_bands(raw: Any) -> tuple[tuple[float, float], ...]:
     return tuple(out)
 
 
+# A host that waited at least this long for an iteration's tokens was bound by the device then.
+DEVICE_BOUND_WAIT_S = 2e-4
+MIN_SPLIT_SAMPLES = 50  # per regime, for a max(host, device) fit
+
+
+def _fit_relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    coef = nonnegative_lstsq(x, y, 1.0 / y)
+    for _ in range(3):  # weights 1 / predicted: relative error, without pulling toward the fast samples
+        pred = np.maximum(x @ coef, 0.05 * y.mean())
+        coef = nonnegative_lstsq(x, y, 1.0 / pred)
+    return coef
+
+
 def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_buckets: Sequence[int] = (),
         token_buckets: Sequence[int] = (), max_rows: int = 0, idle_wake_s: float = 0.0,
-        decode_splits: Mapping[str, int] | None = None) -> CostModel:
+        decode_splits: Mapping[str, int] | None = None, sync_waits: Sequence[float] | None = None) -> CostModel:
     """Fit each regime by least squares on the relative error, coefficients >= 0. The weights are
     1 / predicted seconds (iterated from 1 / measured): weighting by the measured time itself would
     pull the fit toward the iterations that happened to run fast, and a simulated latency is a sum of
     iteration times, which must come out right on average.
-    A regime without samples takes the other's coefficients where the features mean the same."""
+    A regime without samples takes the other's coefficients where the features mean the same.
+    `sync_waits` (how long the host waited for each iteration's tokens, overlapped iterations on a
+    GPU): the `host` model is fitted to gap - wait on every iteration and the regime's device model to
+    the gaps of the iterations the host waited for (>= DEVICE_BOUND_WAIT_S), and an iteration costs
+    the larger; when either regime has fewer than MIN_SPLIT_SAMPLES such iterations, one linear model."""
     if len(shapes) != len(seconds) or not shapes:
         raise ValueError(f"fit needs as many timings as shapes (got {len(shapes)} shapes, {len(seconds)} timings)")
     y_all = np.asarray(seconds, dtype=np.float64)
@@ -408,20 +454,30 @@ def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_bu
                           "token_buckets": list(token_buckets), "max_rows": int(max_rows), "decode_splits": splits})
     rows: dict[str, list[tuple[float, ...]]] = {"decode": [], "mixed": []}
     ys: dict[str, list[float]] = {"decode": [], "mixed": []}
-    for s, y in zip(shapes, y_all):
+    waits: dict[str, list[float]] = {"decode": [], "mixed": []}
+    if sync_waits is not None and len(sync_waits) != len(shapes):
+        raise ValueError(f"fit: {len(sync_waits)} waits for {len(shapes)} shapes")
+    for i, (s, y) in enumerate(zip(shapes, y_all)):
         regime, x = skeleton.features(s)
         rows[regime].append(x)
         ys[regime].append(float(y))
+        waits[regime].append(float(sync_waits[i]) if sync_waits is not None else 0.0)
+    split = sync_waits is not None and all(
+        sum(w >= DEVICE_BOUND_WAIT_S for w in waits[r]) >= MIN_SPLIT_SAMPLES for r in REGIMES)
     coefs: dict[str, dict[str, float]] = {}
+    host: dict[str, dict[str, float]] = {}
     for regime, names in REGIMES.items():
         if not rows[regime]:
             continue
         x, y = np.array(rows[regime]), np.array(ys[regime])
-        coef = nonnegative_lstsq(x, y, 1.0 / y)
-        for _ in range(3):  # weights 1 / predicted: relative error, without pulling toward the fast samples
-            pred = np.maximum(x @ coef, 0.05 * y.mean())
-            coef = nonnegative_lstsq(x, y, 1.0 / pred)
-        coefs[regime] = dict(zip(names, (float(v) for v in coef)))
+        if split:
+            w = np.array(waits[regime])
+            bound = w >= DEVICE_BOUND_WAIT_S
+            coefs[regime] = dict(zip(names, (float(v) for v in _fit_relative(x[bound], y[bound]))))
+            h = np.maximum(y - w, 1e-6)
+            host[regime] = dict(zip(names, (float(v) for v in _fit_relative(x, h))))
+        else:
+            coefs[regime] = dict(zip(names, (float(v) for v in _fit_relative(x, y))))
     if "decode" not in coefs:
         m = coefs["mixed"]
         coefs["decode"] = {"constant": m["constant"], "rows": m["rows"] + m["decode_rows"],
@@ -432,7 +488,7 @@ def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_bu
                           "decode_context": d["context"], "decode_max_context": d["max_context"]}
     return CostModel({"format": COST_FORMAT, **coefs, "decode_buckets": list(decode_buckets),
                       "token_buckets": list(token_buckets), "max_rows": int(max_rows), "idle_wake_s": float(idle_wake_s),
-                      "decode_splits": splits})
+                      "decode_splits": splits, **({"host": host} if split else {})})
 
 
 def relative_errors(model: CostModel, shapes: Sequence[IterationShape], seconds: Sequence[float]) -> np.ndarray:
