@@ -34,6 +34,8 @@ from pathlib import Path
 METRICS = {"output_throughput": (("generation_throughput",), 0.05),
            "ttft_p50": (("time_to_first_token", "p50"), 0.10), "ttft_p99": (("time_to_first_token", "p99"), 0.10),
            "e2e_p50": (("e2e_request_latency", "p50"), 0.10), "e2e_p99": (("e2e_request_latency", "p99"), 0.10)}
+# reported beside the metrics, no target: where a latency gap sits (arrival -> first scheduled, or after)
+DIAGNOSTICS = {"queue_p50": ("request_queue_time", "p50"), "queue_p99": ("request_queue_time", "p99")}
 
 
 def pick(summary, path):
@@ -224,10 +226,12 @@ def main() -> None:
         if recorded is None:
             real = run(preset, real_over, check=checks["gpu"], samples_to=samples_path(f"real-{name}"))
             real_metrics = {m: pick(real, path) for m, (path, _) in METRICS.items()}
+            real_diag = {m: pick(real, path) for m, path in DIAGNOSTICS.items()}
             num_requests = real.get("num_requests")
         else:
             was = recorded["scenarios"][name]
             real_metrics = {m: was["metrics"][m]["gpu"] for m in METRICS}
+            real_diag = {m: v["gpu"] for m, v in (was.get("diagnostics") or {}).items()}
             num_requests = was["num_requests"]
             checks["gpu"] = {"recorded_with_profile": recorded["profile_path"]}
         sim = run(preset, sim_over, check=checks["sim"])
@@ -239,10 +243,14 @@ def main() -> None:
             r, s = real_metrics[m], pick(sim, path)
             err = None if not r else abs(s - r) / r
             rows[m] = {"gpu": r, "sim": s, "rel_error": err, "target": tol, "within": err is not None and err <= tol}
-        scenarios[name] = {"num_requests": num_requests, "metrics": rows, "iterations": checks}
+        diag = {m: {"gpu": real_diag.get(m), "sim": pick(sim, path)} for m, path in DIAGNOSTICS.items()}
+        scenarios[name] = {"num_requests": num_requests, "metrics": rows, "diagnostics": diag, "iterations": checks}
         print(name, json.dumps({m: (round(v["gpu"] or 0, 4), round(v["sim"] or 0, 4),
                                     None if v["rel_error"] is None else round(v["rel_error"], 3))
                                 for m, v in rows.items()}), flush=True)
+        print(f"{name} queue time (arrival -> first scheduled), gpu / sim: " + ", ".join(
+            f"{m} {v['gpu'] * 1e3 if v['gpu'] is not None else float('nan'):.2f} / {v['sim'] * 1e3:.2f} ms"
+            for m, v in diag.items()), flush=True)
         print(f"{name} iterations:", iteration_table(checks), flush=True)
 
     values = sorted({min(int(v), limits["max_num_seqs"]) for v in (args.sweep or ("1,2,4,8" if args.smoke
