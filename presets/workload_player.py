@@ -23,7 +23,9 @@ import itertools
 from dataclasses import dataclass, field
 
 from batchdeck.engine.request import RequestError, SamplingParams
+from batchdeck.engine.service.arrival_timer import ArrivalTimer
 from batchdeck.engine.service.async_engine import AsyncEngine
+from batchdeck.engine.service.virtual_loop import VirtualTimeLoop
 from batchdeck.presets.prefix_workloads import MultiTurnStream
 from batchdeck.presets.workload_streams import ClosedLoopStream, WorkloadItem
 
@@ -65,6 +67,7 @@ class WorkloadPlayer:
         self.t0 = 0.0  # engine time of workload time 0 (set by run)
         self._counters: dict[int, int] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._timer: ArrivalTimer | None = None  # wall-time waits (created at the first one)
 
     def workload_time(self) -> float:
         """The workload clock now: (engine time - t0) * speed."""
@@ -83,6 +86,8 @@ class WorkloadPlayer:
             for t in [*workers, *self._tasks]:
                 t.cancel()
             await asyncio.gather(*workers, *self._tasks, return_exceptions=True)
+            if self._timer is not None:
+                self._timer.close()
 
     def _next_id(self, stream_index: int) -> str:
         n = self._counters.get(stream_index, 0)
@@ -90,10 +95,17 @@ class WorkloadPlayer:
         return f"{self.id_prefix}{stream_index}-{n}"
 
     async def sleep_until(self, workload_t: float) -> None:
-        """Wait until the workload clock reaches `workload_t`."""
+        """Wait until the workload clock reaches `workload_t` (in wall time through the precise
+        `ArrivalTimer`: requests are stamped with their due time, so lateness would count as latency)."""
         delay = self.t0 + workload_t / self.speed - self.engine.engine.clock()
         if delay > 0:  # engine-clock seconds; a paced simulation's clock runs `time_rate` times faster
-            await asyncio.sleep(delay / self.engine.engine.time_rate)
+            wall = delay / self.engine.engine.time_rate
+            if isinstance(asyncio.get_running_loop(), VirtualTimeLoop):
+                await asyncio.sleep(wall)
+            else:
+                if self._timer is None:
+                    self._timer = ArrivalTimer()
+                await self._timer.sleep(wall)
 
     async def _submit(self, item: WorkloadItem, arrival: float) -> SubmittedRequest:
         """Add one request (arriving at workload time `arrival`) and wait for it to finish (or be rejected)."""

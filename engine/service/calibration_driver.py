@@ -11,6 +11,7 @@ from typing import Callable
 
 from batchdeck.engine.llm_engine import LLMEngine
 from batchdeck.engine.request import SamplingParams
+from batchdeck.engine.service.arrival_timer import ArrivalTimer
 from batchdeck.engine.service.async_engine import AsyncEngine
 from batchdeck.engine.service.served_model import EngineDeadError
 from batchdeck.engine.sim.calibrate import IterationTap, Workload, deadlines
@@ -84,11 +85,15 @@ async def _play(engine: AsyncEngine, w: Workload, rng: random.Random, deadline: 
         if w.mode == "spaced":  # one request at a time, arriving gap_s after the previous one finished
             loop = asyncio.get_running_loop()
             offset = engine.engine.clock() - loop.time()  # engine clock and loop time are both monotonic
-            while pending:
-                due = loop.time() + w.gap_s
-                await asyncio.sleep(w.gap_s)
-                if pending:
-                    await send(due + offset)  # stamped with its due time, as the workload player stamps arrivals
+            timer = ArrivalTimer()  # on time to the OS timer's precision, as the workload player sends
+            try:
+                while pending:
+                    due = loop.time() + w.gap_s
+                    await timer.sleep(w.gap_s)
+                    if pending:
+                        await send(due + offset)  # stamped with its due time, as the workload player stamps arrivals
+            finally:
+                timer.close()
         elif w.mode == "batch":
             await asyncio.gather(*(send() for _ in range(len(pending))))
         else:

@@ -1,0 +1,58 @@
+"""Precise wall-clock waits for due arrivals: never early, in due order, one helper thread that stops
+when closed (and restarts on the next wait), and a replay's player closes its timer when it ends."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from batchdeck.engine.service.arrival_timer import ArrivalTimer
+from batchdeck.engine.sim.clock import PacedClock
+from batchdeck.presets.replay import run_preset
+from tests.test_heap_freeze import paced_preset  # noqa: F401 - the fixture
+
+
+def _arrival_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "batchdeck-arrivals"]
+
+
+def test_waits_end_in_due_order_and_never_early():
+    timer = ArrivalTimer()
+
+    async def main() -> list[tuple[float, float, float]]:
+        ended = []
+
+        async def wait(delay: float) -> None:
+            start = time.monotonic()
+            await timer.sleep(delay)
+            ended.append((delay, start, time.monotonic()))
+
+        await asyncio.gather(*(wait(d) for d in (0.03, 0.01, 0.02, 0.0, 0.015, -1.0)))
+        return ended
+
+    try:
+        ended = asyncio.run(main())
+    finally:
+        timer.close()
+    assert [d for d, _, _ in ended] == [0.0, -1.0, 0.01, 0.015, 0.02, 0.03]  # no wait for nothing due
+    assert all(end >= start + delay for delay, start, end in ended)
+    assert not timer.running and not _arrival_threads()
+
+
+def test_a_closed_timer_starts_again_on_the_next_wait():
+    timer = ArrivalTimer()
+    asyncio.run(timer.sleep(0.001))
+    assert timer.running
+    timer.close()
+    assert not timer.running and not _arrival_threads()
+    asyncio.run(timer.sleep(0.001))  # a new loop, a new helper thread
+    assert timer.running
+    timer.close()
+    assert not _arrival_threads()
+
+
+def test_a_replay_in_wall_time_sends_through_the_timer_and_stops_it(paced_preset):  # noqa: F811
+    result = run_preset(paced_preset, clock=PacedClock(4.0), duration_scale=0.2)
+    assert result.error is None and result.driver.submitted > 0
+    assert result.driver.player._timer is not None  # the arrivals went through it
+    assert not result.driver.player._timer.running and not _arrival_threads()
