@@ -1,0 +1,81 @@
+"""How late a replay's requests reach the engine after their due time, and what it does to queue time
+and TTFT: the burst and steady scenarios of benchmarks/gpu_sim_accuracy.py (fair-noisy-tenant, and
+quickstart at `--rate-scale` times its rates; max_num_seqs 64, max_batched_tokens 2048, chunk 512)
+on the simulator, three ways: on a virtual clock (exact arrivals, no serving-loop delays), on a wall
+clock (`PacedClock`: a real AsyncEngine thread and event loop, device time from the profile) with the
+workload player's waits on asyncio's timers (as before engine/service/arrival_timer.py), and on a
+wall clock with the ArrivalTimer. A request is stamped with its due time, so whatever delays its
+submission shows up as queue time (arrival -> first scheduled) and TTFT.
+
+    PYTHONPATH=. python benchmarks/arrival_lateness.py --out benchmarks/results/arrival_lateness_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_sim_accuracy import scaled_rates, scenario_presets  # noqa: E402
+
+CONFIG = {"policy": "fcfs", "max_num_seqs": 64, "max_batched_tokens": 2048, "chunk_size": 512}
+
+
+async def _asyncio_sleep_until(self, workload_t: float) -> None:
+    """The workload player's wait before the ArrivalTimer: asyncio's timer."""
+    delay = self.t0 + workload_t / self.speed - self.engine.engine.clock()
+    if delay > 0:
+        await asyncio.sleep(delay / self.engine.engine.time_rate)
+
+
+def run(preset, mode: str, profile: str, duration_scale: float) -> dict:
+    from batchdeck.engine.sim.clock import PacedClock
+    from batchdeck.presets.replay import run_preset
+    from batchdeck.presets.workload_player import WorkloadPlayer
+
+    original = WorkloadPlayer.sleep_until
+    if mode == "wall clock, asyncio timers":
+        WorkloadPlayer.sleep_until = _asyncio_sleep_until
+    try:
+        kw = {} if mode == "virtual clock" else {"clock": PacedClock(1.0)}
+        s = run_preset(preset, overrides={"sim": profile}, duration_scale=duration_scale, **kw).report()["summary"]
+    finally:
+        WorkloadPlayer.sleep_until = original
+    ms = lambda section, q: round(s[section][q] * 1e3, 3)  # noqa: E731
+    return {"mode": mode, "requests": s["num_requests_finished"], "ttft_p50_ms": ms("time_to_first_token", "p50"),
+            "ttft_p99_ms": ms("time_to_first_token", "p99"), "queue_p50_ms": ms("request_queue_time", "p50"),
+            "queue_p99_ms": ms("request_queue_time", "p99")}
+
+
+def main() -> None:
+    from batchdeck.presets import load_preset, resolve_preset
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sim", default="h200-qwen3-0.6b", help="profile (a shipped name or a JSON path)")
+    ap.add_argument("--duration-scale", type=float, default=0.2)
+    ap.add_argument("--rate-scale", type=float, default=36.84, help="steady: multiply quickstart's rates by this")
+    ap.add_argument("--scenarios", default="burst,steady")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    presets = scenario_presets(load_preset, resolve_preset, CONFIG, False, 200)
+    presets["steady"] = scaled_rates(presets["steady"], args.rate_scale)
+    rows = []
+    for name in args.scenarios.split(","):
+        for mode in ("virtual clock", "wall clock, asyncio timers", "wall clock, ArrivalTimer"):
+            row = {"scenario": name, **run(presets[name], mode, args.sim, args.duration_scale)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = {"benchmark": "arrival_lateness", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "command": "PYTHONPATH=. python benchmarks/arrival_lateness.py " + " ".join(sys.argv[1:]),
+           "device": f"CPU ({platform.processor() or platform.machine()}), simulated {args.sim}",
+           "python": platform.python_version(), "config": CONFIG, "duration_scale": args.duration_scale,
+           "rows": rows}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
