@@ -152,6 +152,45 @@ def test_the_fit_prices_the_longer_of_host_and_device_when_the_waits_say_which_b
         CostModel({**TRUTH, "host": {"decode": {}}})
 
 
+def test_the_fit_prices_prefill_attention_as_the_larger_of_its_work_and_its_longest_walk():
+    """A device whose attention costs max(work, longest walk): chunks of many prompts fill the GPU (the
+    work bounds them), one short chunk deep into a long prompt does not (its walk does). The split
+    fit recovers it; a sum of both terms prices the deep single chunks high."""
+    from batchdeck.engine.sim.cost_model import fit
+
+    buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
+    truth = {**TRUTH, "mixed": {"constant": 1e-3, "padded_tokens": 2e-6, "attention": 2e-3, "decode_rows": 2e-5,
+                                "prefill_max_context": 1e-3},
+             "attention_max": True, "host": {"decode": {"constant": 1e-4}, "mixed": {"constant": 1e-4}}}
+    device = CostModel(truth)
+    rng = np.random.default_rng(1)
+    shapes, gaps = [], []
+    for _ in range(1200):
+        if rng.random() < 0.5:  # many fresh prompts: the work bounds the kernel
+            rows = [(0, int(rng.integers(64, 512))) for _ in range(int(rng.integers(2, 8)))]
+        else:  # one chunk late in a long prompt: its walk does
+            rows = [(int(rng.integers(500, 6000)), int(rng.choice([64, 128, 256])))]
+        rows += [(int(rng.integers(10, 2000)), 1) for _ in range(int(rng.integers(0, 4)))]
+        shape = IterationShape.of_rows(rows)
+        shapes.append(shape)
+        gaps.append(device.predict(shape) * (1 + rng.normal(0, 0.01)))
+    decode_only = [IterationShape.of_rows([(int(rng.integers(10, 3000)), 1)] * int(rng.integers(1, 32)))
+                   for _ in range(200)]
+    shapes += decode_only
+    gaps += [device.predict(s) for s in decode_only]
+    waits = [g - 1e-4 for g in gaps]  # the host waited for the device on every iteration
+    model = fit(shapes, gaps, **buckets, sync_waits=waits)
+    assert model.coefficients.get("attention_max") is True
+    deep = [(s, g) for s, g in zip(shapes, gaps) if s.prefill_rows == 1 and s.prefill_max_context > 2]
+    err = np.mean([abs(model.predict(s) - g) / g for s, g in deep])
+    summed = CostModel({**model.to_dict(), "attention_max": False})  # the same coefficients, summed
+    err_summed = np.mean([abs(summed.predict(s) - g) / g for s, g in deep])
+    assert err < 0.03 and err_summed > 2 * err, (err, err_summed)
+    assert CostModel(model.to_dict()).predict(deep[0][0]) == pytest.approx(model.predict(deep[0][0]))
+    with pytest.raises(ValueError, match="attention_max"):
+        CostModel({**TRUTH, "attention_max": "yes"})
+
+
 def test_busy_gaps_skip_idle_starts_and_workload_boundaries():
     s = [Sample(0, 1.0, IterationShape(decode_rows=1, decode_context=0.1), True, 0.9),
          Sample(0, 1.01, IterationShape(decode_rows=1, decode_context=0.1), False, 0.9),

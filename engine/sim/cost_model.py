@@ -38,6 +38,11 @@ device (fitted on the iterations the host waited for) and an iteration costs max
 linear sum cannot do this: at a few dozen short rows the host bounds the iteration and the KV the
 rows read costs nothing, at long contexts the device bounds it and the host's work hides.
 
+`attention_max` (optional, with `host`): the device's mixed iterations price their prefill attention
+as max(`attention` term, `prefill_max_context` term) instead of the sum. The attention kernel's time is
+the larger of its work over the GPU (many programs) and its longest key walk (few programs, each
+walking every key before its chunk); a sum counts a short chunk deep into a long prompt twice.
+
 `idle_wake_s`: what an iteration after an idle wait adds (the engine waking for an arrival).
 `idle_wake_by_idle`: optional [[idle seconds, wake seconds], ...] by how long the engine was idle
 (a calibration's spaced requests at several gaps: a GPU and a host idle for longer wake slower);
@@ -69,6 +74,7 @@ MIXED_FEATURES = ("constant", "eager", "tokens", "padded_tokens", "prefill_token
                   "decode_context", "rows", "decode_max_context", "prefill_max_context")
 SPLIT_KEYS = ("kv_heads", "num_sms", "max_splits")
 REGIMES = {"decode": DECODE_FEATURES, "mixed": MIXED_FEATURES}
+_ATTN, _WALK = MIXED_FEATURES.index("attention"), MIXED_FEATURES.index("prefill_max_context")
 LEGACY_FEATURES = ("constant", "prefill_tokens", "prefill_attention", "decode_rows", "decode_context")
 
 
@@ -178,7 +184,7 @@ class CostModel:
             if regime not in c:
                 raise ValueError(f"cost model: missing {regime!r} coefficients")
         known = {"format", "decode", "mixed", "decode_buckets", "token_buckets", "max_rows", "idle_wake_s", "legacy",
-                 "cuda_graphs", "decode_splits", "idle_wake_by_idle", "host"}
+                 "cuda_graphs", "decode_splits", "idle_wake_by_idle", "host", "attention_max"}
         unknown = sorted(set(c) - known)
         if unknown:
             raise ValueError(f"cost model: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -221,6 +227,14 @@ class CostModel:
             self.coefficients.pop("host", None)
         object.__setattr__(self, "_host_decode", hd)
         object.__setattr__(self, "_host_mixed", hm)
+        amax = c.get("attention_max", False)
+        if not isinstance(amax, bool):
+            raise ValueError(f"cost model: attention_max must be true or false, got {amax!r}")
+        if amax:
+            self.coefficients["attention_max"] = True
+        else:
+            self.coefficients.pop("attention_max", None)
+        object.__setattr__(self, "_attention_max", amax)
         # padded rows per row count (index r), for the hot path
         pad = list(range((db[-1] if db else 0) + 1))
         for r in range(len(pad)):
@@ -310,6 +324,9 @@ class CostModel:
         regime, x = self.features(shape)
         c = self._decode if regime == "decode" else self._mixed
         t = sum(a * b for a, b in zip(c, x))
+        if self._attention_max and regime == "mixed":
+            work, walk = c[_ATTN] * x[_ATTN], c[_WALK] * x[_WALK]
+            t -= work + walk - max(work, walk)
         h = self._host_decode if regime == "decode" else self._host_mixed
         if h is not None:
             t = max(t, sum(a * b for a, b in zip(h, x)))
@@ -419,6 +436,8 @@ def _wake_bands(raw: Any) -> tuple[tuple[float, float], ...]:
     return tuple(out)
 
 
+
+
 # A host that waited at least this long for an iteration's tokens was bound by the device then.
 DEVICE_BOUND_WAIT_S = 2e-4
 MIN_SPLIT_SAMPLES = 50  # per regime, for a max(host, device) fit
@@ -432,6 +451,28 @@ def _fit_relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coef
 
 
+def _fit_max_pair(x: np.ndarray, y: np.ndarray, a: int, b: int, rounds: int = 8) -> np.ndarray:
+    """Coefficients of sum(c·x) with columns a and b entering as max(c_a·x_a, c_b·x_b): alternately
+    give each sample the term that dominates it (first by the larger of x_a, x_b relative to their
+    means) and refit; the coefficients of the round with the lowest mean relative error."""
+    best: tuple[float, np.ndarray] | None = None
+    coef = None
+    for _ in range(rounds):
+        if coef is None:
+            use_a = x[:, a] / max(float(x[:, a].mean()), 1e-12) >= x[:, b] / max(float(x[:, b].mean()), 1e-12)
+        else:
+            use_a = coef[a] * x[:, a] >= coef[b] * x[:, b]
+        xm = x.copy()
+        xm[~use_a, a] = 0.0
+        xm[use_a, b] = 0.0
+        coef = _fit_relative(xm, y)
+        pred = x @ coef - coef[a] * x[:, a] - coef[b] * x[:, b] + np.maximum(coef[a] * x[:, a], coef[b] * x[:, b])
+        err = float(np.mean(np.abs(pred - y) / y))
+        if best is None or err < best[0]:
+            best = (err, coef)
+    return best[1]
+
+
 def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_buckets: Sequence[int] = (),
         token_buckets: Sequence[int] = (), max_rows: int = 0, idle_wake_s: float = 0.0,
         decode_splits: Mapping[str, int] | None = None, sync_waits: Sequence[float] | None = None) -> CostModel:
@@ -443,7 +484,9 @@ def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_bu
     `sync_waits` (how long the host waited for each iteration's tokens, overlapped iterations on a
     GPU): the `host` model is fitted to gap - wait on every iteration and the regime's device model to
     the gaps of the iterations the host waited for (>= DEVICE_BOUND_WAIT_S), and an iteration costs
-    the larger; when either regime has fewer than MIN_SPLIT_SAMPLES such iterations, one linear model."""
+    the larger, and the device's mixed attention as the larger of its work and its longest walk
+    (`attention_max`); when either regime has fewer than MIN_SPLIT_SAMPLES such iterations, one
+    linear model."""
     if len(shapes) != len(seconds) or not shapes:
         raise ValueError(f"fit needs as many timings as shapes (got {len(shapes)} shapes, {len(seconds)} timings)")
     y_all = np.asarray(seconds, dtype=np.float64)
@@ -473,7 +516,9 @@ def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_bu
         if split:
             w = np.array(waits[regime])
             bound = w >= DEVICE_BOUND_WAIT_S
-            coefs[regime] = dict(zip(names, (float(v) for v in _fit_relative(x[bound], y[bound]))))
+            dev = (_fit_max_pair(x[bound], y[bound], _ATTN, _WALK) if regime == "mixed"
+                   else _fit_relative(x[bound], y[bound]))
+            coefs[regime] = dict(zip(names, (float(v) for v in dev)))
             h = np.maximum(y - w, 1e-6)
             host[regime] = dict(zip(names, (float(v) for v in _fit_relative(x, h))))
         else:
@@ -488,7 +533,7 @@ def fit(shapes: Sequence[IterationShape], seconds: Sequence[float], *, decode_bu
                           "decode_context": d["context"], "decode_max_context": d["max_context"]}
     return CostModel({"format": COST_FORMAT, **coefs, "decode_buckets": list(decode_buckets),
                       "token_buckets": list(token_buckets), "max_rows": int(max_rows), "idle_wake_s": float(idle_wake_s),
-                      "decode_splits": splits, **({"host": host} if split else {})})
+                      "decode_splits": splits, **({"host": host, "attention_max": True} if split else {})})
 
 
 def relative_errors(model: CostModel, shapes: Sequence[IterationShape], seconds: Sequence[float]) -> np.ndarray:

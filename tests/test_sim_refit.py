@@ -1,0 +1,61 @@
+"""benchmarks/sim_refit.py: a profile refitted from the samples its calibration wrote is the fit the
+calibration made (same busy gaps, same waits, same held-out workloads)."""
+import numpy as np
+import pytest
+
+from batchdeck.engine.sim.calibrate import Sample, fit_samples, write_samples
+from batchdeck.engine.sim.cost_model import CostModel, IterationShape
+from benchmarks.sim_refit import held_out, read_samples
+from tests.test_calibrate import TRUTH
+
+KINDS = ("decode", "mixed", "prefill", "serving")
+
+
+def _samples(seed: int = 0) -> tuple[list[Sample], dict[int, str]]:
+    truth, host = CostModel(TRUTH), CostModel({**TRUTH, "decode": {"constant": 2.5e-3}, "mixed": {"constant": 3e-3}})
+    rng = np.random.default_rng(seed)
+    out, kinds, t = [], {}, 0.0
+    for w in range(12):
+        kinds[w] = KINDS[w % 4]
+        for k in range(60):
+            rows = [(int(rng.integers(10, 4000)), 1) for _ in range(int(rng.integers(1, 48)))]
+            if w % 2:
+                rows.append((int(rng.integers(0, 2000)), int(rng.choice([32, 100, 400]))))
+            shape = IterationShape.of_rows(rows)
+            d, h = truth.predict(shape), host.predict(shape)
+            t += max(d, h) * (1 + rng.normal(0, 0.01))
+            out.append(Sample(w, t, shape, after_idle=k == 0, newest_arrival=t, sync_wait=max(0.0, d - h)))
+        t += 1.0
+    return out, kinds
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_the_refit_is_the_calibrations_fit(tmp_path, gz):
+    samples, kinds = _samples()
+    buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
+    calibrated, report = fit_samples(samples, buckets, held_out(kinds), set(), kinds)
+    path = tmp_path / ("s.jsonl.gz" if gz else "s.jsonl")
+    if gz:
+        import gzip
+        plain = tmp_path / "plain.jsonl"
+        write_samples(str(plain), samples, kinds)
+        with open(plain, "rb") as f, gzip.open(path, "wb") as g:
+            g.write(f.read())
+    else:
+        write_samples(str(path), samples, kinds)
+    read, read_kinds = read_samples(str(path))
+    assert read_kinds == kinds
+    refit, refit_report = fit_samples(read, buckets, held_out(read_kinds), set(), read_kinds)
+    assert "host" in calibrated.coefficients
+    for regime in ("decode", "mixed"):
+        for name, value in calibrated.coefficients[regime].items():
+            assert refit.coefficients[regime][name] == pytest.approx(value, rel=1e-6, abs=1e-12)
+    for regime, row in report["held_out_by_regime"].items():
+        assert refit_report["held_out_by_regime"][regime]["mean_rel_error"] == pytest.approx(row["mean_rel_error"])
+
+
+def test_a_line_that_is_not_a_sample_is_refused_by_number(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"workload": 0, "gap_s": 0.001, "sync_wait_s": 0.0, "decode_rows": 1}\n{"gap_s": "x"}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:2"):
+        read_samples(str(path))
