@@ -79,6 +79,13 @@ class ReplayResult:
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        """Short: asyncio formats the finished main task, result included, when `asyncio.run` restores
+        the SIGINT handler, and a field-by-field repr of every telemetry record took a minute after an
+        hour-long simulated replay (2.2M iterations)."""
+        return (f"ReplayResult(preset={self.preset.name!r}, iterations={len(self.telemetry.iterations)}, "
+                f"requests={len(self.telemetry.requests)}, wall_time_s={self.wall_time_s:.2f}, error={self.error!r})")
+
     def request_rows(self) -> list[dict[str, Any]]:
         rows = []
         for rid, sub in self.driver.requests.items():

@@ -13,6 +13,7 @@ from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord
 from batchdeck.presets import parse_preset
 from batchdeck.presets.report import build_report, phase_boundaries, split_phases
 from tests.helpers import fail_steps
+from tests.test_heap_freeze import paced_preset  # noqa: F401 - the fixture
 
 PRESET = """
 name: replay-test
@@ -299,3 +300,14 @@ def test_replay_without_headless_opens_the_console(monkeypatch, capsys):
     assert calls == [("chunked-prefill", {"device": "cpu"}, "r.jsonl", 2.0, 1.0, [{"chunk_size": 256}])]
     assert main(["replay", "quickstart", "--report", "x.json"]) == 2  # reports come from headless runs
     assert "--headless" in capsys.readouterr().err
+
+
+def test_a_replay_result_has_a_short_repr_however_much_it_holds(paced_preset):  # noqa: F811
+    """asyncio formats the finished main task with its result when `asyncio.run` restores SIGINT: a
+    field-by-field repr of every record cost a minute after an hour-long simulated replay."""
+    from batchdeck.presets.replay import run_preset
+
+    result = run_preset(paced_preset)  # a simulated engine on a virtual clock
+    assert len(result.telemetry.iterations) > 100
+    text = repr(result)
+    assert len(text) < 200 and paced_preset.name in text and f"iterations={len(result.telemetry.iterations)}" in text
