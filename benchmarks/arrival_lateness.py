@@ -45,7 +45,10 @@ def run(preset, mode: str, profile: str, duration_scale: float) -> dict:
         s = run_preset(preset, overrides={"sim": profile}, duration_scale=duration_scale, **kw).report()["summary"]
     finally:
         WorkloadPlayer.sleep_until = original
-    ms = lambda section, q: round(s[section][q] * 1e3, 3)  # noqa: E731
+    def ms(section: str, q: str) -> float | None:
+        v = (s.get(section) or {}).get(q)
+        return None if v is None else round(v * 1e3, 3)  # None: no request finished
+
     return {"mode": mode, "requests": s["num_requests_finished"], "ttft_p50_ms": ms("time_to_first_token", "p50"),
             "ttft_p99_ms": ms("time_to_first_token", "p99"), "queue_p50_ms": ms("request_queue_time", "p50"),
             "queue_p99_ms": ms("request_queue_time", "p99")}

@@ -248,9 +248,9 @@ def main() -> None:
         print(name, json.dumps({m: (round(v["gpu"] or 0, 4), round(v["sim"] or 0, 4),
                                     None if v["rel_error"] is None else round(v["rel_error"], 3))
                                 for m, v in rows.items()}), flush=True)
+        ms = lambda v: float("nan") if v is None else v * 1e3  # noqa: E731 - None: no request finished
         print(f"{name} queue time (arrival -> first scheduled), gpu / sim: " + ", ".join(
-            f"{m} {v['gpu'] * 1e3 if v['gpu'] is not None else float('nan'):.2f} / {v['sim'] * 1e3:.2f} ms"
-            for m, v in diag.items()), flush=True)
+            f"{m} {ms(v['gpu']):.2f} / {ms(v['sim']):.2f} ms" for m, v in diag.items()), flush=True)
         print(f"{name} iterations:", iteration_table(checks), flush=True)
 
     values = sorted({min(int(v), limits["max_num_seqs"]) for v in (args.sweep or ("1,2,4,8" if args.smoke

@@ -2,7 +2,10 @@
 --samples-out`): the same fit `calibrate` runs (engine/sim/calibrate.py `fit_samples`, held-out
 workloads as it picks them: every third of each kind), on the CPU, in seconds. The base profile
 gives everything else: device, model shape, pool, graph buckets, decode splits and the idle wakes
-(the samples hold busy iterations only).
+(the samples hold busy iterations only, so the wakes stay the base's: residuals against the base's
+iteration cost, which the profile's `fit.idle_wake_fitted_on` says). A workload with no busy
+iteration is not in the file, so the held-out report can differ from the calibration's then; the
+model, fitted on every sample, does not.
 
     PYTHONPATH=. python benchmarks/sim_refit.py --samples calibration.jsonl.gz \\
         --base engine/sim/profiles/h200-qwen3-0.6b.json --out engine/sim/profiles/h200-qwen3-0.6b.json
@@ -14,12 +17,11 @@ import dataclasses
 import gzip
 import json
 
-from batchdeck.engine.sim.calibrate import Sample, fit_samples
+from batchdeck.engine.sim.calibrate import Sample, fit_samples, held_out_of_kinds
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape
 from batchdeck.engine.sim.profile import load_profile
 
 SHAPE_FIELDS = {f.name for f in dataclasses.fields(IterationShape)}
-HELD_OUT_KINDS = ("decode", "mixed", "prefill", "serving")
 
 
 def read_samples(path: str) -> tuple[list[Sample], dict[int, str]]:
@@ -46,14 +48,6 @@ def read_samples(path: str) -> tuple[list[Sample], dict[int, str]]:
     return samples, kinds
 
 
-def held_out(kinds: dict[int, str]) -> set[int]:
-    out: set[int] = set()
-    for kind in HELD_OUT_KINDS:
-        idx = sorted(w for w, k in kinds.items() if k == kind)
-        out.update(idx[1::3] if len(idx) >= 2 else ())
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", required=True, help="calibrate --samples-out file (.jsonl or .jsonl.gz)")
@@ -65,14 +59,15 @@ def main() -> None:
     c = base.cost.to_dict()
     buckets = {"decode_buckets": c["decode_buckets"], "token_buckets": c["token_buckets"], "max_rows": c["max_rows"],
                "decode_splits": c.get("decode_splits")}
-    model, report = fit_samples(samples, buckets, held_out(kinds), set(), kinds)
+    model, report = fit_samples(samples, buckets, held_out_of_kinds(kinds), set(), kinds)
     cost = {**model.to_dict(), "cuda_graphs": c["cuda_graphs"], "idle_wake_s": c["idle_wake_s"],
             "idle_wake_by_idle": c.get("idle_wake_by_idle")}
     keep = {k: base.fit[k] for k in ("idle_wake_s", "idle_samples", "idle_wake_by_idle", "driver", "cuda_graphs",
                                      "async_scheduling", "num_workloads", "max_num_seqs_limit", "max_batched_tokens_limit",
                                      "budget_s", "run_time_s", "wall_time_s", "target") if k in base.fit}
     report.pop("idle_wake_s", None), report.pop("idle_samples", None), report.pop("idle_wake_by_idle", None)
-    fitted = {**keep, **report, "refit_from": args.samples.rsplit("/", 1)[-1]}
+    fitted = {**keep, **report, "refit_from": args.samples.rsplit("/", 1)[-1],
+              "idle_wake_fitted_on": "the base profile's cost model (the samples hold busy iterations only)"}
     profile = dataclasses.replace(base, cost=CostModel(cost), fit=fitted)
     profile.save(args.out)
     held = report.get("held_out_by_regime", {})

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 
+import pytest
 from batchdeck.engine.service.arrival_timer import ArrivalTimer
 from batchdeck.engine.sim.clock import PacedClock
 from batchdeck.presets.replay import run_preset
@@ -49,6 +50,38 @@ def test_a_closed_timer_starts_again_on_the_next_wait():
     assert timer.running
     timer.close()
     assert not _arrival_threads()
+
+
+def test_a_cancelled_wait_leaves_nothing_and_close_cancels_what_waits():
+    timer = ArrivalTimer()
+
+    async def main() -> None:
+        waiting = asyncio.create_task(timer.sleep(30.0))
+        await asyncio.sleep(0)
+        assert len(timer._heap) == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert timer._heap == []  # no entry left for the helper thread to sleep on
+        stuck = asyncio.create_task(timer.sleep(30.0))
+        await asyncio.sleep(0)
+        timer.close()  # a wait not yet due ends, cancelled, instead of hanging
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(stuck, 10.0)
+
+    asyncio.run(main())
+    assert not _arrival_threads()
+
+
+def test_an_idle_helper_thread_exits_by_itself():
+    timer = ArrivalTimer()
+    asyncio.run(timer.sleep(0.001))  # never closed
+    deadline = time.monotonic() + 30.0
+    while _arrival_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _arrival_threads() and not timer.running
+    asyncio.run(timer.sleep(0.001))  # the next wait starts another
+    timer.close()
 
 
 def test_a_replay_in_wall_time_sends_through_the_timer_and_stops_it(paced_preset):  # noqa: F811

@@ -3,9 +3,9 @@ calibration made (same busy gaps, same waits, same held-out workloads)."""
 import numpy as np
 import pytest
 
-from batchdeck.engine.sim.calibrate import Sample, fit_samples, write_samples
+from batchdeck.engine.sim.calibrate import Sample, fit_samples, held_out_of_kinds, held_out_workloads, write_samples
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape
-from benchmarks.sim_refit import held_out, read_samples
+from benchmarks.sim_refit import read_samples
 from tests.test_calibrate import TRUTH
 
 KINDS = ("decode", "mixed", "prefill", "serving")
@@ -33,7 +33,7 @@ def _samples(seed: int = 0) -> tuple[list[Sample], dict[int, str]]:
 def test_the_refit_is_the_calibrations_fit(tmp_path, gz):
     samples, kinds = _samples()
     buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows")}
-    calibrated, report = fit_samples(samples, buckets, held_out(kinds), set(), kinds)
+    calibrated, report = fit_samples(samples, buckets, held_out_of_kinds(kinds), set(), kinds)
     path = tmp_path / ("s.jsonl.gz" if gz else "s.jsonl")
     if gz:
         import gzip
@@ -45,13 +45,20 @@ def test_the_refit_is_the_calibrations_fit(tmp_path, gz):
         write_samples(str(path), samples, kinds)
     read, read_kinds = read_samples(str(path))
     assert read_kinds == kinds
-    refit, refit_report = fit_samples(read, buckets, held_out(read_kinds), set(), read_kinds)
+    refit, refit_report = fit_samples(read, buckets, held_out_of_kinds(read_kinds), set(), read_kinds)
     assert "host" in calibrated.coefficients
     for regime in ("decode", "mixed"):
         for name, value in calibrated.coefficients[regime].items():
             assert refit.coefficients[regime][name] == pytest.approx(value, rel=1e-6, abs=1e-12)
     for regime, row in report["held_out_by_regime"].items():
         assert refit_report["held_out_by_regime"][regime]["mean_rel_error"] == pytest.approx(row["mean_rel_error"])
+
+
+def test_the_held_out_rule_is_calibrations():
+    from batchdeck.engine.sim.calibrate import design_workloads
+
+    workloads = design_workloads(64, 2048, 4096, 200_000)
+    assert held_out_of_kinds({i: w.kind for i, w in enumerate(workloads)}) == held_out_workloads(workloads)
 
 
 def test_a_line_that_is_not_a_sample_is_refused_by_number(tmp_path):

@@ -19,6 +19,9 @@ import time
 from typing import Any
 
 
+LINGER_S = 1.0  # an idle helper thread waits this long for the next wait before it exits
+
+
 class ArrivalTimer:
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -28,29 +31,43 @@ class ArrivalTimer:
         self._stop: threading.Event | None = None
 
     async def sleep(self, seconds: float) -> None:
-        """Return `seconds` of wall time from now."""
+        """Return `seconds` of wall time from now. A cancelled wait leaves nothing behind."""
         if seconds <= 0:
             return
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        entry = (time.monotonic() + seconds, next(self._seq), loop, fut)
         with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._seq), loop, fut))
-            if self._thread is None:  # the first wait (or the first since `close`) starts the thread
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:  # none running (never, since `close`, or it exited idle): start one
                 self._stop = threading.Event()
                 self._thread = threading.Thread(target=self._run, args=(self._stop,), name="batchdeck-arrivals",
                                                 daemon=True)
                 self._thread.start()
             self._cond.notify()
-        await fut
+        try:
+            await fut
+        except asyncio.CancelledError:
+            with self._cond:
+                if entry in self._heap:
+                    self._heap.remove(entry)
+                    heapq.heapify(self._heap)
+                    self._cond.notify()
+            raise
 
     def close(self) -> None:
-        """Stop the helper thread (a later `sleep` starts another); waits not yet due never return."""
+        """Stop the helper thread now; waits not yet due are cancelled (a later `sleep` starts another)."""
         with self._cond:
             thread, self._thread = self._thread, None
             if self._stop is not None:
                 self._stop.set()
-            self._heap.clear()
+            pending, self._heap = self._heap, []
             self._cond.notify_all()
+        for _, _, loop, fut in pending:
+            try:
+                loop.call_soon_threadsafe(fut.cancel)
+            except RuntimeError:  # its loop closed: nobody waits any more
+                pass
         if thread is not None:
             thread.join()
 
@@ -62,7 +79,11 @@ class ArrivalTimer:
         with self._cond:
             while not stop.is_set():
                 if not self._heap:
-                    self._cond.wait()
+                    self._cond.wait(LINGER_S)
+                    if not self._heap and not stop.is_set():  # idle: exit (the next wait starts a thread)
+                        if self._stop is stop:
+                            self._thread = None
+                        return
                     continue
                 due = self._heap[0][0]
                 now = time.monotonic()

@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -179,9 +179,14 @@ def serving_workloads(max_rows: int, max_tokens: int, max_context: int, fits: Ca
 def held_out_workloads(workloads: list[Workload]) -> set[int]:
     """Every third workload of each kind that has two or more (the second, fifth, ...): left out of a
     first fit to measure the error on workloads it did not see."""
+    return held_out_of_kinds({i: w.kind for i, w in enumerate(workloads)})
+
+
+def held_out_of_kinds(kinds: Mapping[int, str]) -> set[int]:
+    """`held_out_workloads` from each workload's index and kind (as a samples file names them)."""
     out: set[int] = set()
     for kind in ("decode", "mixed", "prefill", "serving"):
-        idx = [i for i, w in enumerate(workloads) if w.kind == kind]
+        idx = sorted(i for i, k in kinds.items() if k == kind)
         out.update(idx[1::3] if len(idx) >= 2 else ())
     return out
 

@@ -38,7 +38,7 @@ device (fitted on the iterations the host waited for) and an iteration costs max
 linear sum cannot do this: at a few dozen short rows the host bounds the iteration and the KV the
 rows read costs nothing, at long contexts the device bounds it and the host's work hides.
 
-`attention_max` (optional, with `host`): the device's mixed iterations price their prefill attention
+`attention_max` (optional; GPU calibrations set it with `host`): the device's mixed iterations price their prefill attention
 as max(`attention` term, `prefill_max_context` term) instead of the sum. The attention kernel's time is
 the larger of its work over the GPU (many programs) and its longest key walk (few programs, each
 walking every key before its chunk); a sum counts a short chunk deep into a long prompt twice.
@@ -60,6 +60,7 @@ regimes, without buckets.
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -320,7 +321,8 @@ class CostModel:
                          s.decode_max_context * self.split_share(kernel_rows), s.prefill_max_context)
 
     # -- prediction -----------------------------------------------------------------------------
-    def predict(self, shape: IterationShape) -> float:
+    def device_and_host(self, shape: IterationShape) -> tuple[str, float, float | None]:
+        """(regime, the device's cost, the host's cost or None without a host model), unclipped."""
         regime, x = self.features(shape)
         c = self._decode if regime == "decode" else self._mixed
         t = sum(a * b for a, b in zip(c, x))
@@ -328,8 +330,12 @@ class CostModel:
             work, walk = c[_ATTN] * x[_ATTN], c[_WALK] * x[_WALK]
             t -= work + walk - max(work, walk)
         h = self._host_decode if regime == "decode" else self._host_mixed
-        if h is not None:
-            t = max(t, sum(a * b for a, b in zip(h, x)))
+        return regime, t, (None if h is None else sum(a * b for a, b in zip(h, x)))
+
+    def predict(self, shape: IterationShape) -> float:
+        _, t, host = self.device_and_host(shape)
+        if host is not None and host > t:
+            t = host
         return t if t > 0.0 else 0.0
 
     def plan_seconds(self, chunks) -> float:
@@ -378,24 +384,28 @@ class CostModel:
 
     def prefill_seconds(self, tokens: float, chunk: int | None = None) -> float:
         """What a prompt of `tokens` adds to the iterations that compute it, in chunks of `chunk`
-        (default one chunk): each chunk's mixed-iteration cost beyond its constant."""
+        (default one chunk): each chunk's mixed-iteration cost beyond the constant of the model that
+        prices it (the device's, or the host's where it is the larger)."""
         if tokens < 1:
             return 0.0
         chunk = int(max(1, chunk or tokens))
         total, done = 0.0, 0
-        c0 = max(self._mixed[0], self._host_mixed[0] if self._host_mixed is not None else 0.0)
         while done < tokens:
             n = int(min(chunk, tokens - done))
             if n < 2:
                 n = 2
-            total += self.predict(IterationShape(prefill_tokens=n, prefill_attention=n * (done + (n + 1) / 2) / 1e6,
-                                                 prefill_rows=1, prefill_max_context=(done + n) / 1e3)) - c0
+            _, device, host = self.device_and_host(IterationShape(
+                prefill_tokens=n, prefill_attention=n * (done + (n + 1) / 2) / 1e6, prefill_rows=1,
+                prefill_max_context=(done + n) / 1e3))
+            if host is not None and host > device:
+                total += host - self._host_mixed[0]
+            else:
+                total += device - self._mixed[0]
             done += n
         return max(0.0, total)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
-                for k, v in self.coefficients.items()}
+        return copy.deepcopy(self.coefficients)  # nested (host, bands): a caller's edit never reaches the model
 
 
 # -- fitting --------------------------------------------------------------------------------------------
@@ -429,8 +439,10 @@ def _wake_bands(raw: Any) -> tuple[tuple[float, float], ...]:
     for i, pair in enumerate(raw):
         ok = (isinstance(pair, (list, tuple)) and len(pair) == 2
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair))
-        if not ok or not pair[0] > 0 or not 0.0 <= pair[1] < 10.0 or (out and pair[0] <= out[-1][0]):
-            raise ValueError(f"cost model: idle_wake_by_idle[{i}] = {pair!r}: need [idle_s > 0, wake_s in [0, 10)] "
+        if (not ok or not 0 < pair[0] < math.inf or not 0.0 <= pair[1] < 10.0
+                or (out and pair[0] <= out[-1][0])):
+            raise ValueError(f"cost model: idle_wake_by_idle[{i}] = {pair!r}: need [idle_s > 0 and finite, "
+                             "wake_s in [0, 10)] "
                              "with idle_s increasing")
         out.append((float(pair[0]), float(pair[1])))
     return tuple(out)
@@ -454,7 +466,8 @@ def _fit_relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _fit_max_pair(x: np.ndarray, y: np.ndarray, a: int, b: int, rounds: int = 8) -> np.ndarray:
     """Coefficients of sum(c·x) with columns a and b entering as max(c_a·x_a, c_b·x_b): alternately
     give each sample the term that dominates it (first by the larger of x_a, x_b relative to their
-    means) and refit; the coefficients of the round with the lowest mean relative error."""
+    means) and refit; the coefficients of the round with the lowest mean relative error (a term no
+    sample takes gets 0, and the model then has the other alone)."""
     best: tuple[float, np.ndarray] | None = None
     coef = None
     for _ in range(rounds):
