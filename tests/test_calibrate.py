@@ -81,7 +81,7 @@ def test_the_wake_follows_how_long_the_engine_was_idle():
     assert bands.wake_after(0.2 ** 0.5 * 0.02 ** 0.5) == pytest.approx(0.002)  # halfway in log(idle)
     assert CostModel({**TRUTH, "idle_wake_s": 0.001}).wake_after(5.0) == 0.001  # no bands: one wake for all
     assert CostModel(bands.to_dict()).wake_after(0.1) == pytest.approx(bands.wake_after(0.1))  # survives JSON
-    for bad in ([[0.2, 0.001], [0.02, 0.003]], [[0, 0.001]], [[0.1, -1.0]], [[0.1]], "fast"):
+    for bad in ([[0.2, 0.001], [0.02, 0.003]], [[0, 0.001]], [[0.1, -1.0]], [[0.1]], "fast", [[float("inf"), 0.001]]):
         with pytest.raises(ValueError, match="idle_wake_by_idle"):
             CostModel({**TRUTH, "idle_wake_by_idle": bad})
 
@@ -150,6 +150,16 @@ def test_the_fit_prices_the_longer_of_host_and_device_when_the_waits_say_which_b
     assert fit(shapes[:40], gaps[:40], **buckets, sync_waits=waits[:40]).coefficients.get("host") is None  # too few
     with pytest.raises(ValueError, match="host"):
         CostModel({**TRUTH, "host": {"decode": {}}})
+    copied = split.to_dict()
+    copied["host"]["decode"]["constant"] = 99.0  # an edit of the copy never reaches the model
+    assert split.coefficients["host"]["decode"]["constant"] != 99.0
+    # the analytic model's prefill: each chunk beyond the constant of the model that prices it
+    host_bound = CostModel({**TRUTH, "host": {"decode": {"constant": 1.0}, "mixed": {"constant": 1.0, "tokens": 1e-6}}})
+    assert host_bound.prefill_seconds(1000, 250) == pytest.approx(4 * 250 * 1e-6)
+    device_bound = CostModel({**TRUTH, "host": {"decode": {"constant": 5e-3}, "mixed": {"constant": 5e-3}}})
+    # two 250-token chunks (bucket 256) at context 0 and 250, beyond the device's 4 ms constant
+    want = 2 * (2e-5 * 256 + 1e-5) + 1e-3 * (250 * 125.5 + 250 * 375.5) / 1e6
+    assert device_bound.prefill_seconds(500, 250) == pytest.approx(want)
 
 
 def test_the_fit_prices_prefill_attention_as_the_larger_of_its_work_and_its_longest_walk():
