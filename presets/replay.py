@@ -156,7 +156,8 @@ async def run_preset_async(
     own_engine = engine is None
     # What the run keeps for its report leaves the collector's reach as it grows, while an engine holds
     # the freeze (heap_freeze.py): only with an engine of its own (a borrowed one, the console's, goes on
-    # serving after the run; a VirtualClock's inline engine holds none: no wall-clock pause to avoid).
+    # serving after the run). On a virtual clock this saves CPU time: an hour of simulated Azure traffic
+    # keeps 2.2M iteration records, which full collections would otherwise walk again and again.
     freezer = RetainedFreezer() if own_engine else None
     tee = Tee(telemetry, freezer, recorder, sink)
     if own_engine:

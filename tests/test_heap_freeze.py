@@ -180,3 +180,13 @@ async def test_serving_and_a_replay_on_a_borrowed_engine_never_refreeze(paced_pr
         assert kept >= EVERY and unfrozen == kept  # a full collection walks every record it kept
     finally:
         await engine.stop()
+
+
+def test_a_replay_on_the_virtual_clock_holds_the_freeze_and_refreezes(paced_preset):
+    """No wall-clock pause to avoid there, but CPU time: full collections would walk everything kept."""
+    from batchdeck.presets.replay import run_preset
+
+    result = run_preset(paced_preset)
+    freezer = next(s for s in result.driver.engine.engine.sink.sinks if isinstance(s, RetainedFreezer))
+    # a refreeze counts only while a hold is active: the inline engine held it for the whole run
+    assert freezer.records >= EVERY and freezer.refreezes == freezer.records // EVERY
