@@ -41,6 +41,7 @@ def make_fake_pynvml(*, v2: bool = True, unsupported: frozenset[str] = frozenset
     @guarded("nvmlInit")
     def _init():
         m.calls["init"] += 1
+        m.calls["init_thread"] = threading.current_thread().name
 
     @guarded("nvmlShutdown")
     def _shutdown():
@@ -171,6 +172,7 @@ def test_thread_loop_publishes_gpu_samples(fake_nvml):
 
     mon = GpuMonitor(interval_s=0.01)
     mon.start(publish)
+    assert fake.calls["init_thread"] != "gpu-monitor"  # set up by start(), not in the sampling thread
     assert enough.wait(30.0)
     mon.stop()
     assert all(topic == "gpu" and s.available for topic, s in got[:3])

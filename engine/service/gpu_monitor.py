@@ -234,9 +234,12 @@ class GpuMonitor:
             self.close()
 
     def start(self, publish: PublishFn) -> None:
-        """Publish from a daemon thread every interval_s until `stop()`."""
+        """Publish from a daemon thread every interval_s until `stop()`. NVML is set up here, before
+        the thread starts: importing pynvml holds the interpreter lock and NVML's init takes tens of
+        milliseconds, which in the thread landed on a replay's first iterations."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("GpuMonitor is already running; call stop() first")
+        self._ensure_nvml()  # a failure is kept and reported by every sample, as before
         self._stop.clear()
         self._thread = threading.Thread(target=self._thread_main, args=(publish,), name="gpu-monitor", daemon=True)
         self._thread.start()
