@@ -38,14 +38,16 @@ device (fitted on the iterations the host waited for) and an iteration costs max
 linear sum cannot do this: at a few dozen short rows the host bounds the iteration and the KV the
 rows read costs nothing, at long contexts the device bounds it and the host's work hides.
 
-`attention_max` (optional; GPU calibrations set it with `host`): the device's mixed iterations price their prefill attention
-as max(`attention` term, `prefill_max_context` term) instead of the sum. The attention kernel's time is
-the larger of its work over the GPU (many programs) and its longest key walk (few programs, each
-walking every key before its chunk); a sum counts a short chunk deep into a long prompt twice.
+`attention_max` (optional; GPU calibrations set it with `host`): the device's mixed iterations price
+their prefill attention as max(`attention` term, `prefill_max_context` term) instead of the sum. The
+attention kernel's time is the larger of its work over the GPU (many programs) and its longest key
+walk (few programs, each walking every key before its chunk); a sum counts a short chunk deep into a
+long prompt twice.
 
 `idle_wake_s`: what an iteration after an idle wait adds (the engine waking for an arrival).
 `idle_wake_by_idle`: optional [[idle seconds, wake seconds], ...] by how long the engine was idle
-(a calibration's spaced requests at several gaps: a GPU and a host idle for longer wake slower);
+(a calibration's spaced requests at several gaps, in case a longer idle wakes slower: on the H200
+it did not);
 between two measured idles the wake is interpolated in log(idle), outside them the nearest holds.
 Without it, every wake is `idle_wake_s`.
 
@@ -442,12 +444,9 @@ def _wake_bands(raw: Any) -> tuple[tuple[float, float], ...]:
         if (not ok or not 0 < pair[0] < math.inf or not 0.0 <= pair[1] < 10.0
                 or (out and pair[0] <= out[-1][0])):
             raise ValueError(f"cost model: idle_wake_by_idle[{i}] = {pair!r}: need [idle_s > 0 and finite, "
-                             "wake_s in [0, 10)] "
-                             "with idle_s increasing")
+                             "wake_s in [0, 10)] with idle_s increasing")
         out.append((float(pair[0]), float(pair[1])))
     return tuple(out)
-
-
 
 
 # A host that waited at least this long for an iteration's tokens was bound by the device then.
