@@ -63,8 +63,9 @@ TELEMETRY_TOPICS: dict[str, str] = {"iteration": "telemetry/iteration", "request
 # MQTT topic suffix -> bus topic (what a client reads back)
 BUS_TOPICS: dict[str, str] = {suffix: topic for topic, suffix in TELEMETRY_TOPICS.items()}
 # the bus topics /metrics is fed from (the server's Prometheus collector, and what serve's engine process
-# forwards to it)
-METRICS_TOPICS = ("iteration", "request", "event", "gpu")
+# forwards to it); `requests` (the request-table snapshot, forwarded without its rows) keeps the running
+# and waiting gauges current when the queue changes without an iteration (an abort while idle)
+METRICS_TOPICS = ("iteration", "request", "event", "gpu", "requests")
 # bus topics published with QoS 1 (a result answers a submit, like its reply); the rest of the telemetry is QoS 0
 QOS1_TELEMETRY = frozenset({"result"})
 

@@ -224,6 +224,9 @@ class ServerMetrics:
             self._event(record)
         elif topic == "gpu":
             self._gpu(record)
+        elif topic == "requests":  # the queue changed without an iteration (an abort while idle, say)
+            self._children["running"].set(record["num_running"])
+            self._children["waiting"].set(record["num_waiting"])
 
     def _iteration(self, it: IterationRecord) -> None:
         c = self._children
