@@ -84,7 +84,7 @@ class StepBuffers:
         self.device = device
         t, r, mb = max_tokens, max_rows, max_blocks
         n64 = 3 * t + max(t, r)  # at most one sample entry per token (speculating rows have several)
-        nbytes = 8 * n64 + 8 * (-(-(3 * r + 1) // 2))
+        nbytes = self._offsets(t, max(t, r), r)[1]
         pin = device.type == "cuda"
         self.host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
         self.host_bt = torch.zeros(r * mb, dtype=torch.int32, pin_memory=pin)
@@ -107,7 +107,7 @@ class StepBuffers:
         iteration of t tokens, k sample entries and r rows (`views` gives the device the same)."""
         off, end = self._offsets(t, k, r)
         h64, h32 = self._hbytes[:off].view(np.int64), self._hbytes[off:end].view(np.int32)
-        self.rows, self._upload_bytes = r, end
+        self._upload_bytes = end
         self.ids, self.pos, self.slots, self.sample = h64[:t], h64[t:2 * t], h64[2 * t:3 * t], h64[3 * t:]
         self.qsl, self.seq, self.ctx = h32[:r + 1], h32[r + 1:2 * r + 1], h32[2 * r + 1:]
 

@@ -249,6 +249,8 @@ def test_block_tables_go_up_for_the_rows_written_since_the_last_upload():
     chunks = [ScheduledChunk(r, r.num_computed_tokens, 1, True, True) for r in reqs]
     buf = StepBuffers(max_tokens=32, max_rows=4, max_blocks=8, device=torch.device("cpu"))
     graphs = _stand_in_graphs(buf, 4, 32, 0)
+    buf.bt[:] = -1  # stale tables on both sides: capture must zero them
+    buf.dev_bt.fill_(-1)
     graphs._dummy(4, 4, 4)  # what a capture writes and uploads before each bucket
     assert not buf.dev_bt.any()
     tables = HostTables(8, 4)  # the runner's: made before capture, filled by no iteration yet
