@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_sim_accuracy import scaled_rates, scenario_presets  # noqa: E402
-
-CONFIG = {"policy": "fcfs", "max_num_seqs": 64, "max_batched_tokens": 2048, "chunk_size": 512}
+from bench_common import RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG, scaled_rates  # noqa: E402
+from gpu_sim_accuracy import scenario_presets  # noqa: E402
 
 
 async def _asyncio_sleep_until(self, workload_t: float) -> None:
@@ -60,11 +59,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sim", default="h200-qwen3-0.6b", help="profile (a shipped name or a JSON path)")
     ap.add_argument("--duration-scale", type=float, default=0.2)
-    ap.add_argument("--rate-scale", type=float, default=36.84, help="steady: multiply quickstart's rates by this")
+    ap.add_argument("--rate-scale", type=float, default=RECORDED_STEADY_RATE_SCALE,
+                    help="steady: multiply quickstart's rates by this")
     ap.add_argument("--scenarios", default="burst,steady")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    presets = scenario_presets(load_preset, resolve_preset, CONFIG, False, 200)
+    presets = scenario_presets(load_preset, resolve_preset, SCENARIO_CONFIG, False, 200)
     presets["steady"] = scaled_rates(presets["steady"], args.rate_scale)
     rows = []
     for name in args.scenarios.split(","):
@@ -75,7 +75,7 @@ def main() -> None:
     out = {"benchmark": "arrival_lateness", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "command": "PYTHONPATH=. python benchmarks/arrival_lateness.py " + " ".join(sys.argv[1:]),
            "device": f"CPU ({platform.processor() or platform.machine()}), simulated {args.sim}",
-           "python": platform.python_version(), "config": CONFIG, "duration_scale": args.duration_scale,
+           "python": platform.python_version(), "config": SCENARIO_CONFIG, "duration_scale": args.duration_scale,
            "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -12,6 +13,18 @@ import tempfile
 import time
 
 from batchdeck.engine.service.metrics import percentile, quantiles  # noqa: F401 - shared with the scripts
+
+# The accuracy scenarios' settings (gpu_sim_accuracy.py; also the start-time limits its engines capture
+# graphs up to), which the scripts that replay its steady load share: replay_gc_pauses.py,
+# sim_host_time.py, arrival_lateness.py.
+SCENARIO_CONFIG = {"policy": "fcfs", "max_num_seqs": 64, "max_batched_tokens": 2048, "chunk_size": 512}
+RECORDED_STEADY_RATE_SCALE = 36.84  # the steady load of the saved H200 accuracy results (their steady_rate_scale)
+
+
+def scaled_rates(preset, k: float):
+    """The preset with every rate-driven stream's rate multiplied by k."""
+    streams = [dataclasses.replace(s, rate=s.rate * k) if getattr(s, "rate", None) else s for s in preset.workload]
+    return dataclasses.replace(preset, workload=streams)
 
 
 def log(msg: str) -> None:

@@ -45,11 +45,6 @@ def pick(summary, path):
     return v
 
 
-def scaled_rates(preset, k):
-    streams = [dataclasses.replace(s, rate=s.rate * k) if getattr(s, "rate", None) else s for s in preset.workload]
-    return dataclasses.replace(preset, workload=streams)
-
-
 def scenario_presets(load_preset, resolve_preset, config, smoke, azure_requests):
     quick = load_preset(resolve_preset("quickstart"))
     burst = load_preset(resolve_preset("fair-noisy-tenant"))
@@ -139,7 +134,8 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.bench_common import GCWatch, command_line, default_dtype, release_device_memory
+    from benchmarks.bench_common import (SCENARIO_CONFIG, GCWatch, command_line, default_dtype,
+                                         release_device_memory, scaled_rates)
     from batchdeck.engine.settings import defaults_for
     from batchdeck.engine.sim.calibrate import (DEFAULT_BUDGET_S, IterationTap, calibrate, check_iterations, wake_report,
                                                 write_samples)
@@ -156,8 +152,8 @@ def main() -> None:
     overlap = defaults_for(device)["async_scheduling"] if args.async_scheduling is None else args.async_scheduling
     scale = args.duration_scale or (0.05 if args.smoke else 0.5)
     # the runs' start-time limits (CUDA graphs are captured up to them); the profile is calibrated up to the same
-    limits = {"max_num_seqs": 8, "max_batched_tokens": 128} if args.smoke else {"max_num_seqs": 64,
-                                                                               "max_batched_tokens": 2048}
+    limits = ({"max_num_seqs": 8, "max_batched_tokens": 128} if args.smoke else
+              {k: SCENARIO_CONFIG[k] for k in ("max_num_seqs", "max_batched_tokens")})
     def samples_path(name: str) -> str | None:
         if not args.samples_dir:
             return None
@@ -178,8 +174,7 @@ def main() -> None:
                             samples_out=samples_path("calibration"))
         profile_path = str(Path(args.out).with_suffix(".profile.json"))
         profile.save(profile_path)
-    config = {"policy": "fcfs", "max_num_seqs": 8 if args.smoke else 64,
-              "max_batched_tokens": limits["max_batched_tokens"], "chunk_size": min(512, limits["max_batched_tokens"])}
+    config = {**SCENARIO_CONFIG, **limits, "chunk_size": min(SCENARIO_CONFIG["chunk_size"], limits["max_batched_tokens"])}
     presets = scenario_presets(load_preset, resolve_preset, config, args.smoke, args.azure_requests)
     real_over = {"model": args.model, "device": device, "dtype": dtype, "num_blocks": profile.num_blocks,
                  "block_size": profile.block_size, "max_num_seqs_limit": limits["max_num_seqs"],

@@ -23,9 +23,7 @@ import platform
 import time
 from pathlib import Path
 
-from bench_common import GCWatch
-
-CONFIG = {"policy": "fcfs", "max_num_seqs": 64, "max_batched_tokens": 2048, "chunk_size": 512}
+from bench_common import RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG as CONFIG, GCWatch, scaled_rates
 
 
 def run_once(preset, overrides: dict, duration_scale: float, refreeze: bool) -> dict:
@@ -80,7 +78,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a real model instead of --sim (e.g. synthetic:qwen3-0.6b)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--duration-scale", type=float, default=0.5)
-    ap.add_argument("--rate-scale", type=float, default=36.84, help="multiply quickstart's rates by this")
+    ap.add_argument("--rate-scale", type=float, default=RECORDED_STEADY_RATE_SCALE,
+                    help="multiply quickstart's rates by this")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -88,9 +87,7 @@ def main() -> None:
     from batchdeck.presets import load_preset, resolve_preset
 
     quick = load_preset(resolve_preset("quickstart"))
-    streams = [dataclasses.replace(s, rate=s.rate * args.rate_scale) if getattr(s, "rate", None) else s
-               for s in quick.workload]
-    preset = dataclasses.replace(quick, workload=streams, timeline=[], config={**quick.config, **CONFIG})
+    preset = dataclasses.replace(scaled_rates(quick, args.rate_scale), timeline=[], config={**quick.config, **CONFIG})
     limits = {"max_num_seqs_limit": CONFIG["max_num_seqs"], "max_batched_tokens_limit": CONFIG["max_batched_tokens"]}
     if args.model:  # the profile's pool, the device's dtype and overlap (as gpu_sim_accuracy.py's real runs)
         from bench_common import default_dtype

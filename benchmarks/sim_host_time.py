@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-LIMITS = {"max_num_seqs_limit": 64, "max_batched_tokens_limit": 2048}
-CONFIG = {"policy": "fcfs", "max_num_seqs": 64, "max_batched_tokens": 2048, "chunk_size": 512}
+from benchmarks.bench_common import SCENARIO_CONFIG as CONFIG, scaled_rates  # the accuracy scenarios
+
+LIMITS = {"max_num_seqs_limit": CONFIG["max_num_seqs"], "max_batched_tokens_limit": CONFIG["max_batched_tokens"]}
 
 
 class PlanTap:
@@ -161,13 +162,12 @@ def main() -> None:
     quick = load_preset(resolve_preset("quickstart"))
     preset = dataclasses.replace(quick, timeline=[], config={**quick.config, **CONFIG})
     probe = run_preset(preset, overrides={"sim": args.sim, **LIMITS}, duration_scale=args.duration_scale).report()
-    bound = throughput_bound(profile.cost.to_dict(), max_num_seqs=64, pool_tokens=profile.num_blocks * profile.block_size,
+    bound = throughput_bound(profile.cost.to_dict(), max_num_seqs=CONFIG["max_num_seqs"], pool_tokens=profile.num_blocks * profile.block_size,
                              mean_prompt=probe["analytic"]["mean_prompt_tokens"],
                              mean_output=probe["analytic"]["mean_output_tokens"])
     offered = sum(s.rate for s in preset.workload if getattr(s, "rate", None))
     k = args.load * bound["requests_per_s"] / offered
-    preset = dataclasses.replace(preset, workload=[dataclasses.replace(s, rate=s.rate * k) if getattr(s, "rate", None)
-                                                   else s for s in preset.workload])
+    preset = scaled_rates(preset, k)
     taps = []
     kw = engine_kw()
     asyncio.run(run_preset_async(preset, overrides=over, duration_scale=args.duration_scale,

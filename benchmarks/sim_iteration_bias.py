@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import json
 import os
 import sys
@@ -20,22 +19,19 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from batchdeck.engine.sim.calibrate import read_samples as calibration_samples  # noqa: E402
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape  # noqa: E402
 from batchdeck.engine.sim.profile import load_profile  # noqa: E402
 
 SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(IterationShape))
 DECODE_BANDS = ((1, 2), (3, 8), (9, 40), (41, None))
+BAND_ORDER = [f"decode {lo}-{hi}" if hi is not None else f"decode {lo}+" for lo, hi in DECODE_BANDS] + \
+    ["mixed small", "mixed other"]
 
 
 def read_samples(path: str) -> list[tuple[IterationShape, float]]:
-    """(shape, measured gap in seconds) per line; fields a file lacks (older files) are 0."""
-    opener = gzip.open if path.endswith(".gz") else open
-    out = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            out.append((IterationShape(**{k: row.get(k, 0) for k in SHAPE_FIELDS}), float(row["gap_s"])))
-    return out
+    """(shape, measured gap in seconds) per line (`calibrate.read_samples`)."""
+    return [(shape, row["gap_s"]) for row, shape in calibration_samples(path)]
 
 
 def band(shape: IterationShape) -> str:
@@ -43,7 +39,7 @@ def band(shape: IterationShape) -> str:
         return "mixed small" if shape.tokens <= 400 and shape.rows <= 3 else "mixed other"
     for lo, hi in DECODE_BANDS:
         if shape.decode_rows >= lo and (hi is None or shape.decode_rows <= hi):
-            return f"decode {lo}-{hi}" if hi is not None else f"decode {lo}+"
+            return BAND_ORDER[DECODE_BANDS.index((lo, hi))]
     raise AssertionError("a decode-only shape has at least one row")
 
 
@@ -56,7 +52,7 @@ def bias_by_band(model: CostModel, samples: list[tuple[IterationShape, float]]) 
         s[1] += gap
         s[2] += model.predict(shape)
     return {b: {"samples": n, "measured_mean_ms": 1e3 * m / n, "bias": p / m - 1}
-            for b, (n, m, p) in sorted(sums.items())}
+            for b, (n, m, p) in sorted(sums.items(), key=lambda kv: BAND_ORDER.index(kv[0]))}
 
 
 def main() -> None:

@@ -14,37 +14,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
-import json
 
 from batchdeck.engine.sim.calibrate import Sample, fit_samples, held_out_of_kinds
-from batchdeck.engine.sim.cost_model import CostModel, IterationShape
+from batchdeck.engine.sim.calibrate import read_samples as calibration_samples
+from batchdeck.engine.sim.cost_model import CostModel
 from batchdeck.engine.sim.profile import load_profile
-
-SHAPE_FIELDS = {f.name for f in dataclasses.fields(IterationShape)}
 
 
 def read_samples(path: str) -> tuple[list[Sample], dict[int, str]]:
     """Samples whose consecutive time stamps reproduce each saved busy gap (a workload's first sample
     stands for its idle start), and each workload's kind."""
-    opener = gzip.open if path.endswith(".gz") else open
     samples: list[Sample] = []
     kinds: dict[int, str] = {}
     t = 0.0
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-                shape = IterationShape(**{k: v for k, v in row.items() if k in SHAPE_FIELDS})
-                w, gap, wait = int(row["workload"]), float(row["gap_s"]), float(row["sync_wait_s"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise SystemExit(f"{path}:{n}: not a calibration sample ({exc})") from None
-            if w not in kinds:
-                kinds[w] = row.get("kind") or "unknown"
-                t += 1.0
-                samples.append(Sample(w, t, shape, True, t))  # the idle start a busy gap is measured from
-            t += gap
-            samples.append(Sample(w, t, shape, False, t, wait))
+    try:
+        rows = calibration_samples(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(str(exc)) from None
+    for n, (row, shape) in enumerate(rows, 1):
+        try:
+            w, gap, wait = int(row["workload"]), row["gap_s"], float(row["sync_wait_s"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}:{n}: not a calibration sample ({exc})") from None
+        if w not in kinds:
+            kinds[w] = row.get("kind") or "unknown"
+            t += 1.0
+            samples.append(Sample(w, t, shape, True, t))  # the idle start a busy gap is measured from
+        t += gap
+        samples.append(Sample(w, t, shape, False, t, wait))
     return samples, kinds
 
 
@@ -71,7 +68,7 @@ def main() -> None:
     profile = dataclasses.replace(base, cost=CostModel(cost), fit=fitted)
     profile.save(args.out)
     held = report.get("held_out_by_regime", {})
-    print(f"refit {len(samples)} samples: host model {'yes' if 'host' in cost else 'no'}; held-out "
+    print(f"refit {report['num_shapes']} busy iterations: host model {'yes' if 'host' in cost else 'no'}; held-out "
           + ", ".join(f"{k} mean {v['mean_rel_error']:.1%} (total {v['total_bias']:+.1%})" for k, v in held.items())
           + "; serving " + ", ".join(f"{k} {v['mean_rel_error']:.1%} ({v['total_bias']:+.1%})"
                                      for k, v in report.get("held_out_by_kind", {}).get("serving", {}).items()))

@@ -36,7 +36,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -372,6 +372,28 @@ def write_samples(path: str, samples: list[Sample], kinds: dict[int, str] | None
                 row["kind"] = kinds.get(s.workload)
             f.write(json.dumps(row) + "\n")
     return len(gaps)
+
+
+def read_samples(path: str) -> list[tuple[dict[str, Any], IterationShape]]:
+    """The lines `write_samples` wrote (gzipped or not): each line's row (gap_s, and where written
+    workload, kind, sync_wait_s) and its shape; shape fields an older file lacks are 0. A line that is
+    not a sample is refused by its number."""
+    import gzip
+    import json
+
+    shape_fields = [f.name for f in fields(IterationShape)]
+    opener = gzip.open if path.endswith(".gz") else open
+    out = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+                shape = IterationShape(**{k: row.get(k, 0) for k in shape_fields})
+                row["gap_s"] = float(row["gap_s"])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{path}:{n}: not a calibration sample ({exc})") from None
+            out.append((row, shape))
+    return out
 
 
 def wake_extra(model: CostModel, s: Sample) -> float:
