@@ -323,6 +323,21 @@ def _sim(device_name: str, overlap: bool) -> SimulatedEngine:
 
 
 @pytest.mark.parametrize("overlap", [False, True])
+def test_a_restarted_clock_starts_the_simulated_device_afresh(overlap):
+    """What ran on the old clock is not in the new clock's future: the first iteration after a restart
+    ends its own cost (plus the wake after an idle since the start) after zero."""
+    e = _sim("Test GPU", overlap)
+    e.add_request("a", [5] * 100, SamplingParams(max_tokens=20, ignore_eos=True))
+    while e.has_unfinished:
+        e.step()
+    assert e.clock() > 0.01
+    e.restart_clock()
+    e.add_request("b", [6] * 100, SamplingParams(max_tokens=3, ignore_eos=True))
+    first = next(r for r in iter(e.step, None) if r.record is not None).record.time
+    assert first == pytest.approx(e.runner.cost.predict(IterationShape.of_rows([(0, 100)])))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
 def test_the_simulator_overlaps_iterations_as_the_gpu_engine_does(overlap):
     """On a GPU profile with async scheduling, the iteration launched while another runs starts when
     that one ends and was planned before it: a request arriving while iteration N runs is computed in

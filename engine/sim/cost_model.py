@@ -211,6 +211,7 @@ class CostModel:
         else:
             self.coefficients.pop("idle_wake_by_idle", None)
         object.__setattr__(self, "_wake_bands", bands)
+        object.__setattr__(self, "_wake_idles", [b[0] for b in bands])
         splits = _splits(c.get("decode_splits"))
         if splits is not None:
             self.coefficients["decode_splits"] = splits
@@ -277,7 +278,7 @@ class CostModel:
             return bands[-1][1]
         if idle_s <= bands[0][0]:
             return bands[0][1]
-        i = bisect.bisect_right([b[0] for b in bands], idle_s)
+        i = bisect.bisect_right(self._wake_idles, idle_s)
         (x0, y0), (x1, y1) = bands[i - 1], bands[i]
         f = (math.log(idle_s) - math.log(x0)) / (math.log(x1) - math.log(x0))
         return y0 + f * (y1 - y0)

@@ -64,9 +64,11 @@ class SimulatedEngine(LLMEngine):
         result = super().step()
         if result is None:
             self.runner.waking = True
-        elif not self.has_unfinished:
-            self.runner.idle_since = self.clock()  # out of work: an arrival now wakes an idle engine
         return result
+
+    def restart_clock(self) -> None:
+        super().restart_clock()
+        self.runner.restart()  # what ended on the old clock is not in the new one's future
 
     def sleep(self, seconds: float) -> None:
         self.clock.sleep(seconds)

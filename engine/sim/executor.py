@@ -53,12 +53,15 @@ class SimExecutor:
         self.iterations = 0
         self.simulated_seconds = 0.0
         # The engine waited for work before this iteration (it was idle): the iteration also lasts the
-        # profile's wake after that long idle (`CostModel.wake_after`), the time a real engine takes to
-        # wake up for an arrival. `idle_since`: when the engine last ran out of work (None: never ran).
+        # profile's wake after that long idle (`CostModel.wake_after`, idle since the device went free),
+        # the time a real engine takes to wake up for an arrival.
         self.waking = False
-        self.idle_since: float | None = None
         self.device_async = device_async
         self._device_free = float("-inf")  # when the simulated device finishes what was launched
+
+    def restart(self) -> None:
+        """The engine's clock restarted: nothing is in flight on the device."""
+        self._device_free = float("-inf")
 
     def _key(self, request_id: str) -> int:
         k = self._keys.get(request_id)
@@ -88,7 +91,7 @@ class SimExecutor:
         now = self.clock()
         dt = self.cost.plan_seconds(plan.chunks)
         if self.waking:
-            dt += self.cost.wake_after(None if self.idle_since is None else now - self.idle_since)
+            dt += self.cost.wake_after(now - self._device_free)  # inf before the first iteration
             self.waking = False
         sampled = self._sample(plan)
         end = (max(now, self._device_free) if self.device_async else now) + dt
