@@ -24,26 +24,29 @@ from bench_common import RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG, scaled_rat
 from gpu_sim_accuracy import scenario_presets  # noqa: E402
 
 
-async def _asyncio_sleep_until(self, workload_t: float) -> None:
+class AsyncioTimer:
     """The workload player's wait before the ArrivalTimer: asyncio's timer."""
-    delay = self.t0 + workload_t / self.speed - self.engine.engine.clock()
-    if delay > 0:
-        await asyncio.sleep(delay / self.engine.engine.time_rate)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def close(self) -> None:
+        pass
 
 
 def run(preset, mode: str, profile: str, duration_scale: float) -> dict:
     from batchdeck.engine.sim.clock import PacedClock
     from batchdeck.presets.replay import run_preset
-    from batchdeck.presets.workload_player import WorkloadPlayer
+    from batchdeck.presets import workload_player
 
-    original = WorkloadPlayer.sleep_until
+    original = workload_player.ArrivalTimer
     if mode == "wall clock, asyncio timers":
-        WorkloadPlayer.sleep_until = _asyncio_sleep_until
+        workload_player.ArrivalTimer = AsyncioTimer
     try:
         kw = {} if mode == "virtual clock" else {"clock": PacedClock(1.0)}
         s = run_preset(preset, overrides={"sim": profile}, duration_scale=duration_scale, **kw).report()["summary"]
     finally:
-        WorkloadPlayer.sleep_until = original
+        workload_player.ArrivalTimer = original
     def ms(section: str, q: str) -> float | None:
         v = (s.get(section) or {}).get(q)
         return None if v is None else round(v * 1e3, 3)  # None: no request finished

@@ -25,6 +25,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from batchdeck.engine.attention.decode_splits import MAX_DECODE_SPLITS
 from batchdeck.engine.attention.triton_backend import TritonBackend
 
 SHAPES = {"qwen3-0.6b": (16, 8), "llama-3.1-8b": (32, 8)}  # (query heads, KV heads), head dim 128
@@ -60,6 +61,9 @@ def main() -> None:
     h, kvh = SHAPES[args.shape]
     d, bs, dtype = 128, 16, torch.bfloat16
     splits_list = [int(x) for x in args.splits.split(",")]
+    if any(n < 1 or n & (n - 1) or n > MAX_DECODE_SPLITS for n in splits_list):
+        ap.error(f"--splits {args.splits}: each must be a power of two in 1..{MAX_DECODE_SPLITS} (what the "
+                 "backend's split rule can pick)")
     results = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
                "shape": {"name": args.shape, "heads": h, "kv_heads": kvh, "head_dim": d, "rows": args.rows},
                "decode": [], "prefill": []}

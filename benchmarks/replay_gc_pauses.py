@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--duration-scale", type=float, default=0.5)
     ap.add_argument("--rate-scale", type=float, default=RECORDED_STEADY_RATE_SCALE,
                     help="multiply quickstart's rates by this")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="pairs of runs (off, on); the first pair also warms up")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 

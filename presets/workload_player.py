@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from batchdeck.engine.request import RequestError, SamplingParams
 from batchdeck.engine.service.arrival_timer import ArrivalTimer
 from batchdeck.engine.service.async_engine import AsyncEngine
-from batchdeck.engine.service.virtual_loop import VirtualTimeLoop
 from batchdeck.presets.prefix_workloads import MultiTurnStream
 from batchdeck.presets.workload_streams import ClosedLoopStream, WorkloadItem
 
@@ -99,13 +98,9 @@ class WorkloadPlayer:
         `ArrivalTimer`: requests are stamped with their due time, so lateness would count as latency)."""
         delay = self.t0 + workload_t / self.speed - self.engine.engine.clock()
         if delay > 0:  # engine-clock seconds; a paced simulation's clock runs `time_rate` times faster
-            wall = delay / self.engine.engine.time_rate
-            if isinstance(asyncio.get_running_loop(), VirtualTimeLoop):
-                await asyncio.sleep(wall)
-            else:
-                if self._timer is None:
-                    self._timer = ArrivalTimer()
-                await self._timer.sleep(wall)
+            if self._timer is None:
+                self._timer = ArrivalTimer()
+            await self._timer.sleep(delay / self.engine.engine.time_rate)
 
     async def _submit(self, item: WorkloadItem, arrival: float) -> SubmittedRequest:
         """Add one request (arriving at workload time `arrival`) and wait for it to finish (or be rejected)."""

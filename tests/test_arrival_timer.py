@@ -40,6 +40,20 @@ def test_waits_end_in_due_order_and_never_early():
     assert not timer.running and not _arrival_threads()
 
 
+def test_on_a_virtual_time_loop_the_loops_own_timer_waits():
+    from batchdeck.engine.service.virtual_loop import run_virtual
+    from batchdeck.engine.sim.clock import VirtualClock
+
+    timer, clock = ArrivalTimer(), VirtualClock()
+
+    async def main() -> float:
+        await timer.sleep(5.0)
+        return clock()
+
+    assert run_virtual(main(), clock) == 5.0  # virtual seconds, at once
+    assert not timer.running and not _arrival_threads()
+
+
 def test_a_closed_timer_starts_again_on_the_next_wait():
     timer = ArrivalTimer()
     asyncio.run(timer.sleep(0.001))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from batchdeck.engine.service.engine_process import _without_rows
 from batchdeck.engine.service.protocol import METRICS_TOPICS
-from batchdeck.engine.service.request_table import requests_message
+from batchdeck.engine.service.request_table import requests_counts, requests_message
 from tests.helpers import greedy, make_engine
 
 
@@ -29,16 +28,16 @@ def test_an_abort_without_an_iteration_reaches_the_gauges(model_dirs):
     assert (_gauge(metrics, "num_requests_running"), _gauge(metrics, "num_requests_waiting")) == (1.0, 1.0)
     engine.abort("a")
     engine.abort("b")  # no iteration follows: the last iteration record still says 1 and 1
-    metrics.observe("requests", _without_rows(requests_message(engine)))  # what the serving loop publishes
+    metrics.observe("requests", requests_counts(requests_message(engine)))  # what the serving loop publishes
     assert (_gauge(metrics, "num_requests_running"), _gauge(metrics, "num_requests_waiting")) == (0.0, 0.0)
 
 
-def test_the_engine_process_forwards_a_snapshot_without_its_table(model_dirs):
+def test_the_counts_form_keeps_the_counts_without_the_table(model_dirs):
     engine = make_engine(model_dirs["llama"], block_size=4, num_blocks=64)
     engine.add_request("a", list(range(20)), greedy(5))
     message = requests_message(engine)
     assert message["requests"] and "policy" in message
-    slim = _without_rows(message)
+    slim = requests_counts(message)
     assert "requests" not in slim and "policy" not in slim
     assert {k: slim[k] for k in ("num_running", "num_waiting", "num_preempted")} == \
         {k: message[k] for k in ("num_running", "num_waiting", "num_preempted")}

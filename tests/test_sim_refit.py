@@ -3,7 +3,7 @@ calibration made (same busy gaps, same waits, same held-out workloads)."""
 import numpy as np
 import pytest
 
-from batchdeck.engine.sim.calibrate import Sample, fit_samples, held_out_of_kinds, held_out_workloads, write_samples
+from batchdeck.engine.sim.calibrate import Sample, fit_samples, held_out_of_kinds, write_samples
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape
 from benchmarks.sim_refit import read_samples
 from tests.test_calibrate import TRUTH
@@ -54,11 +54,10 @@ def test_the_refit_is_the_calibrations_fit(tmp_path, gz):
         assert refit_report["held_out_by_regime"][regime]["mean_rel_error"] == pytest.approx(row["mean_rel_error"])
 
 
-def test_the_held_out_rule_is_calibrations():
-    from batchdeck.engine.sim.calibrate import design_workloads
-
-    workloads = design_workloads(64, 2048, 4096, 200_000)
-    assert held_out_of_kinds({i: w.kind for i, w in enumerate(workloads)}) == held_out_workloads(workloads)
+def test_the_held_out_rule_takes_every_third_of_each_kind_with_two_or_more():
+    kinds = {0: "decode", 1: "mixed", 2: "decode", 3: "serving", 4: "decode", 5: "decode", 6: "prefill",
+             7: "mixed", 9: "idle", 10: "decode"}  # 8: a workload without busy iterations, not in the file
+    assert held_out_of_kinds(kinds) == {2, 10, 7}  # the second and fifth decode, the second mixed
 
 
 def test_a_line_that_is_not_a_sample_is_refused_by_number(tmp_path):

@@ -18,6 +18,8 @@ import threading
 import time
 from typing import Any
 
+from batchdeck.engine.service.virtual_loop import VirtualTimeLoop
+
 
 LINGER_S = 1.0  # an idle helper thread waits this long for the next wait before it exits
 
@@ -31,10 +33,14 @@ class ArrivalTimer:
         self._stop: threading.Event | None = None
 
     async def sleep(self, seconds: float) -> None:
-        """Return `seconds` of wall time from now. A cancelled wait leaves nothing behind."""
+        """Return `seconds` from now: of wall time, or on a virtual-time loop of its time (its own timers
+        are exact). A cancelled wait leaves nothing behind."""
         if seconds <= 0:
             return
         loop = asyncio.get_running_loop()
+        if isinstance(loop, VirtualTimeLoop):
+            await asyncio.sleep(seconds)
+            return
         fut = loop.create_future()
         entry = (time.monotonic() + seconds, next(self._seq), loop, fut)
         with self._cond:

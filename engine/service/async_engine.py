@@ -112,9 +112,7 @@ class AsyncEngine:
         if self.running:
             raise RuntimeError("AsyncEngine.start: the engine is already running (stop it first)")
         self._loop = asyncio.get_running_loop()
-        if not self._frozen:
-            heap_freeze.hold()  # the start-up heap (modules, model, engine) out of the collector's reach
-            self._frozen = True
+        self._hold_freeze()
         self._thread = threading.Thread(target=self._worker, name="batchdeck-engine", daemon=True)
         self._thread.start()
 
@@ -125,9 +123,18 @@ class AsyncEngine:
             if self._thread is not None:
                 await asyncio.to_thread(self._thread.join)
         finally:  # a cancelled stop still gives the hold back
-            if self._frozen:
-                self._frozen = False
-                heap_freeze.release()
+            self._release_freeze()
+
+    def _hold_freeze(self) -> None:
+        """Take the collector's freeze for this engine's run (the start-up heap: modules, model, engine)."""
+        if not self._frozen:
+            heap_freeze.hold()
+            self._frozen = True
+
+    def _release_freeze(self) -> None:
+        if self._frozen:
+            self._frozen = False
+            heap_freeze.release()
 
     @property
     def running(self) -> bool:

@@ -50,6 +50,7 @@ from batchdeck.engine.service.bus import Bus
 from batchdeck.engine.service.process_link import (ExceptionBlob, Sender, await_ready, read_to_loop, spawn_child,
                                                    stop_process)
 from batchdeck.engine.service.protocol import METRICS_TOPICS
+from batchdeck.engine.service.request_table import requests_counts
 from batchdeck.engine.service.served_model import EngineDeadError, ServedModel
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class _ChildBridge:
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task] = set()
         self._listener = self.runner.bus.add_listener(
-            lambda t, r: self._records.append((t, _without_rows(r) if t == "requests" else r)), METRICS_TOPICS,
+            lambda t, r: self._records.append((t, requests_counts(r) if t == "requests" else r)), METRICS_TOPICS,
             name="engine-process")
         self.engine.finished_observers.append(self._observe_finished)
         run = asyncio.create_task(self.runner.run())
@@ -450,10 +451,5 @@ class EngineProcess:
         waiters, self._waiters = self._waiters, {}
         for fut in waiters.values():
             if not fut.done():
-                fut.set_exception(EngineDeadError(str(self.error)))
+                fut.set_exception(EngineDeadError.of(self.error))
         self._ended.set()
-
-
-def _without_rows(message: dict) -> dict:
-    """A `requests` snapshot as /metrics reads it: its counts, not its table (up to 200 rows, 4 a second)."""
-    return {k: v for k, v in message.items() if k not in ("requests", "policy")}

@@ -32,6 +32,11 @@ def request_rows(engine: "LLMEngine", limit: int = 200) -> list[dict[str, Any]]:
     return rows
 
 
+def requests_counts(message: dict[str, Any]) -> dict[str, Any]:
+    """A `requests` record as /metrics reads it: its counts and time, without the table and policy state."""
+    return {k: v for k, v in message.items() if k not in ("requests", "policy")}
+
+
 def requests_message(engine: "LLMEngine", limit: int = 200) -> dict[str, Any]:
     """The `requests` record: counts of every running / waiting / preempted request, the table (at
     most `limit` rows) and the policy's own state (e.g. virtual times)."""

@@ -15,7 +15,6 @@ import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 from batchdeck.engine.llm_engine import LLMEngine, RequestOutput
-from batchdeck.engine.service import heap_freeze
 from batchdeck.engine.service.async_engine import AsyncEngine
 
 T = TypeVar("T")
@@ -86,9 +85,7 @@ class InlineAsyncEngine(AsyncEngine):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._kick = asyncio.Event()
-        if not self._frozen:  # as AsyncEngine: here it saves CPU time, the collector walking less
-            heap_freeze.hold()
-            self._frozen = True
+        self._hold_freeze()  # as AsyncEngine: here it saves CPU time, the collector walking less
         self._task = self._loop.create_task(self._run())
 
     async def stop(self) -> None:
@@ -99,9 +96,7 @@ class InlineAsyncEngine(AsyncEngine):
             if self._task is not None:
                 await self._task
         finally:
-            if self._frozen:
-                self._frozen = False
-                heap_freeze.release()
+            self._release_freeze()
 
     @property
     def running(self) -> bool:
