@@ -74,6 +74,22 @@ def test_greedy_float32_cuda_matches_cpu(knobs, graphs, overlap):
         assert stats is None
 
 
+def test_start_up_replays_every_graph_once_without_writing_the_kv_pool():
+    """Each captured graph's first launch (its upload to the device) happens at start-up, on inputs
+    that write no K/V: the zeroed pool stays zero, then and on a later round of replays."""
+    cfg = EngineConfig(model=MODEL, device="cuda", dtype="float32", num_blocks=64, max_num_seqs_limit=16,
+                       max_batched_tokens_limit=256, cuda_graphs=True)
+    engine = LLMEngine(cfg, LiveConfig(**KNOBS[0]), loaded=_loaded("cuda"))
+    stats = engine.runner.graphs.stats
+    assert [(kind, tokens) for kind, tokens, _ in stats.first_replays] == [(k, t) for k, t, _ in stats.captured]
+    assert len(stats.captured) > 3 and all(s > 0 for _, _, s in stats.first_replays)
+    pool = [*engine.kv_cache.keys, *engine.kv_cache.values]
+    assert all(int(t.count_nonzero()) == 0 for t in pool)
+    again = engine.runner.graphs.replay_each()
+    assert len(again) == len(stats.captured)
+    assert all(int(t.count_nonzero()) == 0 for t in pool)
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_decode_graphs_pick_the_sampling_rows(overlap):
     """A token budget equal to the row cap: a prompt's one-token chunk (it samples nothing) rides
