@@ -166,13 +166,16 @@ def test_thread_loop_publishes_gpu_samples(fake_nvml):
 
     def publish(topic: str, sample: GpuSample) -> None:
         got.append((topic, sample))
+        threads.append(threading.current_thread().name)
         if len(got) >= 3:
             enough.set()
         raise RuntimeError("a broken sink must not stop the sampler")
 
+    threads: list[str] = []
     mon = GpuMonitor(interval_s=0.01)
     mon.start(publish)
-    assert fake.calls["init_thread"] != "gpu-monitor"  # set up by start(), not in the sampling thread
+    # NVML's set-up and the first sample happen in start(), before the caller's engine runs
+    assert fake.calls["init_thread"] != "gpu-monitor" and threads[:1] == [threading.current_thread().name]
     assert enough.wait(30.0)
     mon.stop()
     assert all(topic == "gpu" and s.available for topic, s in got[:3])

@@ -234,22 +234,23 @@ class GpuMonitor:
             self.close()
 
     def start(self, publish: PublishFn) -> None:
-        """Publish from a daemon thread every interval_s until `stop()`. NVML is set up here, before
-        the thread starts: importing pynvml holds the interpreter lock and NVML's init takes tens of
-        milliseconds, which in the thread landed on a replay's first iterations."""
+        """Publish a first sample now, in the caller's thread, then one from a daemon thread every
+        interval_s until `stop()`. NVML's set-up and the first reading of each field are slow
+        (importing pynvml holds the interpreter lock; init and first queries take tens of
+        milliseconds): done here, before the caller starts its engine, they no longer land on a
+        replay's first iterations as they did in the sampling thread."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("GpuMonitor is already running; call stop() first")
-        self._ensure_nvml()  # a failure is kept and reported by every sample, as before
+        self._publish(publish, self.sample())  # an NVML failure is kept and reported by every sample
         self._stop.clear()
         self._thread = threading.Thread(target=self._thread_main, args=(publish,), name="gpu-monitor", daemon=True)
         self._thread.start()
 
     def _thread_main(self, publish: PublishFn) -> None:
-        next_at = time.monotonic()
-        while not self._stop.is_set():
+        next_at = time.monotonic() + self.interval_s  # start() published the first sample
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             self._publish(publish, self.sample())
             next_at = _next_tick(next_at, time.monotonic(), self.interval_s)
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
 
     def stop(self, timeout: float | None = 5.0) -> None:
         """Stop the thread started by `start()` and shut NVML down."""
