@@ -128,6 +128,17 @@ def feed(input_ids: torch.Tensor, prev_ids: torch.Tensor, dst: list[int], src: l
     input_ids[host_to_device(dst, torch.int64, dev)] = prev_ids[host_to_device(src, torch.int64, dev)]
 
 
+def warm_feed(device: torch.device) -> None:
+    """Run `feed`'s indexed path once, at start-up. Its first call on CUDA (index kernels loaded,
+    pinned host memory allocated) took 13-19 ms on an H200 host (`benchmarks/host_stalls.py
+    --stacks`), which stalled the first overlapped iteration whose rows did not line up with the
+    previous one's: in a replay, the requests that arrived meanwhile waited that long more."""
+    ids = torch.zeros(2, dtype=torch.int64, device=device)
+    feed(ids, torch.arange(2, dtype=torch.int64, device=device), [0, 1], [1, 0])
+    if ids.tolist() != [1, 0]:
+        raise RuntimeError(f"feed: the start-up check gathered {ids.tolist()}, expected [1, 0]")
+
+
 def order_rows(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
     """Decode rows (one query token) first, as the attention backends expect."""
     return [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens != 1]
@@ -369,6 +380,7 @@ class ModelRunner:
                     self.graphs = CudaGraphRunner(self._graph_forward, self.buffers, kv_cache.block_size,
                                                   max_model_len, max_rows, max_tokens, verify_tokens)
                     self.graphs.capture()
+        warm_feed(device)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

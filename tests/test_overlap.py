@@ -202,6 +202,18 @@ def test_feed_writes_the_previous_samples_into_the_placeholders():
     assert lined_up.tolist() == [11, 12, 3]
 
 
+def test_the_runner_runs_feeds_indexed_path_once_at_start_up(monkeypatch):
+    """Its first call on CUDA is slow (kernels loaded, pinned memory allocated): the runner pays it
+    while it is built, on rows that do not line up, not in the first iteration that needs it."""
+    import batchdeck.engine.model_runner as model_runner
+
+    calls = []
+    real = model_runner.feed
+    monkeypatch.setattr(model_runner, "feed", lambda ids, prev, dst, src: (calls.append((dst, src)), real(ids, prev, dst, src)))
+    make_engine("synthetic:tiny")
+    assert calls == [([0, 1], [1, 0])]
+
+
 def test_the_setting_is_on_for_cuda_off_for_cpu_and_followed_by_the_simulator():
     assert defaults_for("cuda")["async_scheduling"] is True and defaults_for("cpu")["async_scheduling"] is False
     cfg, _ = resolve_configs({"async_scheduling": False}, cuda_available=True)
