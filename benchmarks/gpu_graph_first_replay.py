@@ -1,7 +1,7 @@
 """What a CUDA graph's first replay costs against a later one, per captured bucket: the engine
 replays each graph once at start-up (`CudaGraphRunner.replay_each`, timings in its
 `stats.first_replays`) so that no iteration pays the first launch; this replays them all again and
-reports both, synced per replay.
+reports both, synced per replay. Needs a CUDA GPU (graphs exist only there; no CPU mode).
 
     PYTHONPATH=. python benchmarks/gpu_graph_first_replay.py --out benchmarks/results/gpu_graph_first_replay_qwen3-0.6b.json
 """

@@ -1,5 +1,6 @@
-"""Host stalls of the real engine under the steady scenario of the simulator's accuracy benchmark,
-with the replay's GPU monitor (NVML sampling, on by default on CUDA) on and off.
+"""Host stalls of the real engine under the steady scenario of the simulator's accuracy benchmark (its
+load, settings and, unless --free-memory-pool, its KV pool: the profile's), with the replay's GPU
+monitor (NVML sampling, on by default on CUDA) on and off.
 
 A host stall is a busy iteration whose host part (gap since the previous iteration less the host's
 wait for the device) exceeds --threshold-ms: the engine's thread was late, not the device. Reports,
@@ -18,9 +19,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import (RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG, command_line,  # noqa: E402
-                                     default_dtype, log, release_device_memory, scaled_rates, versions, write_json)
-from benchmarks.gpu_sim_accuracy import scenario_presets  # noqa: E402
+from benchmarks.bench_common import (RECORDED_STEADY_RATE_SCALE, SCENARIO_LIMITS, command_line,  # noqa: E402
+                                     default_dtype, log, release_device_memory, steady_preset, versions, write_json)
 
 
 def stalls(samples, threshold_s: float) -> dict:
@@ -51,7 +51,6 @@ class StackSampler:
 
     def _run(self) -> None:
         import threading
-        import time
         import traceback
 
         me = threading.get_ident()
@@ -96,7 +95,6 @@ def nvml_query_times(device_index: int = 0, later: int = 5) -> dict:
     """Milliseconds of each NVML query GpuMonitor makes: the first call in this process, and the
     median of `later` calls after it (nvmlInit included as the first entry)."""
     import statistics
-    import time
 
     import pynvml as nvml
 
@@ -140,15 +138,24 @@ def main() -> None:
     ap.add_argument("--stacks", type=float, default=0.0, metavar="SECONDS",
                     help="sample every thread's stack in each run's first SECONDS and report those sampled during "
                          "its two largest host stalls in the first 300 iterations")
+    ap.add_argument("--sim", default="h200-qwen3-0.6b",
+                    help="the profile whose KV pool (num_blocks, block_size) the engine takes, as the accuracy "
+                         "benchmark's real runs do (default h200-qwen3-0.6b)")
+    ap.add_argument("--free-memory-pool", action="store_true",
+                    help="size the KV pool from free memory instead (the engine's default; the saved "
+                         "host_stalls_*_qwen3-0.6b.json runs did so)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    variants = args.monitor.split(",")
+    if any(v not in ("on", "off") for v in variants):
+        ap.error(f"--monitor {args.monitor!r}: each variant is on or off")
 
     import torch
 
     from batchdeck.engine.models import load_model
     from batchdeck.engine.settings import defaults_for
     from batchdeck.engine.sim.calibrate import IterationTap
-    from batchdeck.presets import load_preset, resolve_preset
+    from batchdeck.engine.sim.profile import load_profile
     from batchdeck.presets.replay import run_preset
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,17 +163,16 @@ def main() -> None:
     if nvml:
         log(f"NVML queries (ms): {nvml}")
     dtype = default_dtype(device)
-    steady = scenario_presets(load_preset, resolve_preset, SCENARIO_CONFIG, False, 0)["steady"]
-    steady = scaled_rates(steady, args.steady_rate_scale)
+    steady = steady_preset(args.steady_rate_scale)
     loaded = load_model(args.model, device, dtype, 0)
-    over = {"model": args.model, "device": device, "dtype": dtype, "max_num_seqs_limit": SCENARIO_CONFIG["max_num_seqs"],
-            "max_batched_tokens_limit": SCENARIO_CONFIG["max_batched_tokens"],
+    over = {"model": args.model, "device": device, "dtype": dtype, **SCENARIO_LIMITS,
             "async_scheduling": defaults_for(device)["async_scheduling"]}
+    if not args.free_memory_pool:
+        profile = load_profile(args.sim)
+        over.update(num_blocks=profile.num_blocks, block_size=profile.block_size)
     runs = []
     for rep in range(args.repeats):
-        for monitor in args.monitor.split(","):
-            if monitor not in ("on", "off"):
-                ap.error(f"--monitor {args.monitor!r}: each variant is on or off")
+        for monitor in variants:
             taps = []
             sampler = StackSampler(window_s=args.stacks) if args.stacks else None
 
@@ -198,6 +204,7 @@ def main() -> None:
                           "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                           "versions": versions(), "model": args.model, "threshold_ms": args.threshold_ms,
                           "steady_rate_scale": args.steady_rate_scale, "duration_scale": args.duration_scale,
+                          "num_blocks": over.get("num_blocks", "from free memory"),
                           "nvml_query_ms": nvml, "runs": runs})
 
 

@@ -55,7 +55,10 @@ def make_fake_pynvml(*, v2: bool = True, unsupported: frozenset[str] = frozenset
             raise FakeNVMLError("Invalid Argument")
         return "handle-0"
 
-    guarded("nvmlDeviceGetName")(lambda h: b"NVIDIA H100 80GB HBM3")
+    @guarded("nvmlDeviceGetName")
+    def _name(h):
+        m.calls.setdefault("name_threads", []).append(threading.current_thread().name)
+        return b"NVIDIA H100 80GB HBM3"
 
     @guarded("nvmlDeviceGetMemoryInfo")
     def _mem(h, version=None):
@@ -174,11 +177,13 @@ def test_thread_loop_publishes_gpu_samples(fake_nvml):
     threads: list[str] = []
     mon = GpuMonitor(interval_s=0.01)
     mon.start(publish)
-    # NVML's set-up and the first sample happen in start(), before the caller's engine runs
-    assert fake.calls["init_thread"] != "gpu-monitor" and threads[:1] == [threading.current_thread().name]
+    # NVML's set-up and a first reading of each field happen in start(), in the caller's thread;
+    # every published sample comes from the sampling thread
+    here = threading.current_thread().name
+    assert fake.calls["init_thread"] == here and fake.calls["name_threads"][:1] == [here]
     assert enough.wait(30.0)
     mon.stop()
-    assert all(topic == "gpu" and s.available for topic, s in got[:3])
+    assert all(topic == "gpu" and s.available for topic, s in got[:3]) and set(threads) == {"gpu-monitor"}
     assert mon.publish_errors >= 3
     assert fake.calls["shutdown"] == 1
 

@@ -234,20 +234,22 @@ class GpuMonitor:
             self.close()
 
     def start(self, publish: PublishFn) -> None:
-        """Publish a first sample now, in the caller's thread, then one from a daemon thread every
-        interval_s until `stop()`. NVML's set-up and the first reading of each field are slow
-        (importing pynvml holds the interpreter lock; init and first queries take tens of
-        milliseconds): done here, before the caller starts its engine, they no longer land on a
-        replay's first iterations as they did in the sampling thread."""
+        """Publish a sample from a daemon thread every interval_s, the first one interval_s from
+        now, until `stop()`. NVML's set-up and a first reading of every field happen here, in the
+        caller's thread, unpublished: they are slow (importing pynvml holds the interpreter lock;
+        nvmlInit and the first queries took 16 ms on an H200 host), and in the sampling thread they
+        landed on the first iterations of a replay that had just started its engine. Nothing is
+        published before the thread's first tick, so a caller that restarts its engine's clock after
+        `start()` (a replay) gets no sample stamped on the old clock."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("GpuMonitor is already running; call stop() first")
-        self._publish(publish, self.sample())  # an NVML failure is kept and reported by every sample
+        self.sample()  # an NVML failure is kept and reported by every sample
         self._stop.clear()
         self._thread = threading.Thread(target=self._thread_main, args=(publish,), name="gpu-monitor", daemon=True)
         self._thread.start()
 
     def _thread_main(self, publish: PublishFn) -> None:
-        next_at = time.monotonic() + self.interval_s  # start() published the first sample
+        next_at = time.monotonic() + self.interval_s
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             self._publish(publish, self.sample())
             next_at = _next_tick(next_at, time.monotonic(), self.interval_s)
