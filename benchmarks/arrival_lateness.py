@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG, scaled_rates  # noqa: E402
-from gpu_sim_accuracy import scenario_presets  # noqa: E402
+from bench_common import RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG, scaled_rates, scenario_presets  # noqa: E402
 
 
 class AsyncioTimer:
@@ -57,8 +56,6 @@ def run(preset, mode: str, profile: str, duration_scale: float) -> dict:
 
 
 def main() -> None:
-    from batchdeck.presets import load_preset, resolve_preset
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sim", default="h200-qwen3-0.6b", help="profile (a shipped name or a JSON path)")
     ap.add_argument("--duration-scale", type=float, default=0.2)
@@ -67,7 +64,7 @@ def main() -> None:
     ap.add_argument("--scenarios", default="burst,steady")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    presets = scenario_presets(load_preset, resolve_preset, SCENARIO_CONFIG, False, 200)
+    presets = scenario_presets(azure_requests=200)
     presets["steady"] = scaled_rates(presets["steady"], args.rate_scale)
     rows = []
     for name in args.scenarios.split(","):

@@ -15,9 +15,11 @@ import time
 from batchdeck.engine.service.metrics import percentile, quantiles  # noqa: F401 - shared with the scripts
 
 # The accuracy scenarios' settings (gpu_sim_accuracy.py; also the start-time limits its engines capture
-# graphs up to), which the scripts that replay its steady load share: replay_gc_pauses.py,
-# sim_host_time.py, arrival_lateness.py.
+# graphs up to, SCENARIO_LIMITS), which the scripts that replay its scenarios share: replay_gc_pauses.py,
+# sim_host_time.py, arrival_lateness.py, host_stalls.py.
 SCENARIO_CONFIG = {"policy": "fcfs", "max_num_seqs": 64, "max_batched_tokens": 2048, "chunk_size": 512}
+SCENARIO_LIMITS = {"max_num_seqs_limit": SCENARIO_CONFIG["max_num_seqs"],
+                   "max_batched_tokens_limit": SCENARIO_CONFIG["max_batched_tokens"]}
 RECORDED_STEADY_RATE_SCALE = 36.84  # the steady load of the saved H200 accuracy results (their steady_rate_scale)
 
 
@@ -25,6 +27,32 @@ def scaled_rates(preset, k: float):
     """The preset with every rate-driven stream's rate multiplied by k."""
     streams = [dataclasses.replace(s, rate=s.rate * k) if getattr(s, "rate", None) else s for s in preset.workload]
     return dataclasses.replace(preset, workload=streams)
+
+
+def _as_scenario(preset, config: dict):
+    return dataclasses.replace(preset, timeline=[], config={**preset.config, **config})
+
+
+def steady_preset(rate_scale: float = 1.0, config: dict = SCENARIO_CONFIG):
+    """The accuracy benchmark's steady scenario: quickstart's Poisson/gamma mix without its timeline,
+    under `config`, its rates multiplied by `rate_scale`."""
+    from batchdeck.presets import load_preset, resolve_preset
+
+    return scaled_rates(_as_scenario(load_preset(resolve_preset("quickstart")), config), rate_scale)
+
+
+def scenario_presets(config: dict = SCENARIO_CONFIG, smoke: bool = False, azure_requests: int = 600) -> dict:
+    """The accuracy benchmark's scenarios at their presets' own rates, timelines dropped, `config`
+    throughout: steady (`steady_preset`), burst (fair-noisy-tenant) and azure (the conversation trace's
+    first `azure_requests`, at real lengths; smoke: 40 of them at a quarter of their lengths)."""
+    from batchdeck.presets import load_preset, resolve_preset
+
+    burst = load_preset(resolve_preset("fair-noisy-tenant"))
+    azure = load_preset(resolve_preset("azure-conversation"))
+    trace = dataclasses.replace(azure.workload[0], length_scale=0.25 if smoke else 1.0,
+                                limit=40 if smoke else azure_requests)
+    return {"steady": steady_preset(1.0, config), "burst": _as_scenario(burst, config),
+            "azure": _as_scenario(dataclasses.replace(azure, workload=[trace]), config)}
 
 
 def log(msg: str) -> None:

@@ -25,7 +25,6 @@ duration scale, steady rate and overlap.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import time
@@ -43,16 +42,6 @@ def pick(summary, path):
     for k in path:
         v = (v or {}).get(k)
     return v
-
-
-def scenario_presets(load_preset, resolve_preset, config, smoke, azure_requests):
-    quick = load_preset(resolve_preset("quickstart"))
-    burst = load_preset(resolve_preset("fair-noisy-tenant"))
-    azure = load_preset(resolve_preset("azure-conversation"))
-    trace = dataclasses.replace(azure.workload[0], length_scale=0.25 if smoke else 1.0,
-                                limit=40 if smoke else azure_requests)
-    out = {"steady": quick, "burst": burst, "azure": dataclasses.replace(azure, workload=[trace])}
-    return {k: dataclasses.replace(p, timeline=[], config={**p.config, **config}) for k, p in out.items()}
 
 
 def iteration_table(checks):
@@ -135,12 +124,11 @@ def main() -> None:
     import torch
 
     from benchmarks.bench_common import (SCENARIO_CONFIG, GCWatch, command_line, default_dtype,
-                                         release_device_memory, scaled_rates)
+                                         release_device_memory, scaled_rates, scenario_presets)
     from batchdeck.engine.settings import defaults_for
     from batchdeck.engine.sim.calibrate import (DEFAULT_BUDGET_S, IterationTap, calibrate, check_iterations, wake_report,
                                                 write_samples)
     from batchdeck.engine.sim.profile import load_profile
-    from batchdeck.presets import load_preset, resolve_preset
     from batchdeck.presets.analytic import throughput_bound
     from batchdeck.presets.replay import run_preset
 
@@ -175,7 +163,7 @@ def main() -> None:
         profile_path = str(Path(args.out).with_suffix(".profile.json"))
         profile.save(profile_path)
     config = {**SCENARIO_CONFIG, **limits, "chunk_size": min(SCENARIO_CONFIG["chunk_size"], limits["max_batched_tokens"])}
-    presets = scenario_presets(load_preset, resolve_preset, config, args.smoke, args.azure_requests)
+    presets = scenario_presets(config, args.smoke, args.azure_requests)
     real_over = {"model": args.model, "device": device, "dtype": dtype, "num_blocks": profile.num_blocks,
                  "block_size": profile.block_size, "max_num_seqs_limit": limits["max_num_seqs"],
                  "max_batched_tokens_limit": limits["max_batched_tokens"], "async_scheduling": overlap}

@@ -16,14 +16,13 @@ engine's start-up freeze only), as before the replay refroze its retained record
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import platform
 import time
 from pathlib import Path
 
-from bench_common import RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG as CONFIG, GCWatch, scaled_rates
+from bench_common import RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG as CONFIG, SCENARIO_LIMITS, GCWatch, steady_preset
 
 
 def run_once(preset, overrides: dict, duration_scale: float, refreeze: bool) -> dict:
@@ -84,11 +83,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from batchdeck.presets import load_preset, resolve_preset
-
-    quick = load_preset(resolve_preset("quickstart"))
-    preset = dataclasses.replace(scaled_rates(quick, args.rate_scale), timeline=[], config={**quick.config, **CONFIG})
-    limits = {"max_num_seqs_limit": CONFIG["max_num_seqs"], "max_batched_tokens_limit": CONFIG["max_batched_tokens"]}
+    preset = steady_preset(args.rate_scale)
     if args.model:  # the profile's pool, the device's dtype and overlap (as gpu_sim_accuracy.py's real runs)
         from bench_common import default_dtype
 
@@ -98,9 +93,9 @@ def main() -> None:
         profile = load_profile(args.sim)
         overrides = {"model": args.model, "device": args.device, "dtype": default_dtype(args.device),
                      "num_blocks": profile.num_blocks, "block_size": profile.block_size,
-                     "async_scheduling": defaults_for(args.device)["async_scheduling"], **limits}
+                     "async_scheduling": defaults_for(args.device)["async_scheduling"], **SCENARIO_LIMITS}
     else:
-        overrides = {"sim": args.sim, **limits}
+        overrides = {"sim": args.sim, **SCENARIO_LIMITS}
     runs = []
     for _ in range(args.repeats):
         for refreeze in (False, True):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import platform
 import time
@@ -33,9 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_common import SCENARIO_CONFIG as CONFIG, scaled_rates  # the accuracy scenarios
-
-LIMITS = {"max_num_seqs_limit": CONFIG["max_num_seqs"], "max_batched_tokens_limit": CONFIG["max_batched_tokens"]}
+from benchmarks.bench_common import SCENARIO_CONFIG as CONFIG, SCENARIO_LIMITS as LIMITS, scaled_rates, steady_preset
 
 
 class PlanTap:
@@ -125,7 +122,6 @@ def main() -> None:
     from batchdeck.engine.sim.clock import PacedClock
     from batchdeck.engine.sim.engine import make_engine
     from batchdeck.engine.sim.profile import load_profile
-    from batchdeck.presets import load_preset, resolve_preset
     from batchdeck.presets.analytic import throughput_bound
     from batchdeck.presets.replay import run_preset, run_preset_async
 
@@ -159,8 +155,7 @@ def main() -> None:
     del llm
 
     # steady replay at --load of the bound
-    quick = load_preset(resolve_preset("quickstart"))
-    preset = dataclasses.replace(quick, timeline=[], config={**quick.config, **CONFIG})
+    preset = steady_preset()
     probe = run_preset(preset, overrides={"sim": args.sim, **LIMITS}, duration_scale=args.duration_scale).report()
     bound = throughput_bound(profile.cost.to_dict(), max_num_seqs=CONFIG["max_num_seqs"], pool_tokens=profile.num_blocks * profile.block_size,
                              mean_prompt=probe["analytic"]["mean_prompt_tokens"],

@@ -17,6 +17,24 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             tie_word_embeddings=False, initializer_range=0.2, bos_token_id=256, eos_token_id=257)
 
 
+# the simulator's cost per iteration for the hand-made synthetic:tiny profile (seconds per feature)
+TINY_SIM_COST = {"constant": 2e-3, "prefill_tokens": 3e-5, "prefill_attention": 2e-3, "decode_rows": 4e-5,
+                 "decode_context": 1e-5}
+
+
+def save_tiny_profile(path) -> str:
+    """Save a hand-made simulator profile of `synthetic:tiny` (TINY_SIM_COST, 8,192 blocks) at `path`:
+    simulated engines in tests need no GPU and no calibration."""
+    from batchdeck.engine.sim.cost_model import CostModel
+    from batchdeck.engine.sim.profile import SimProfile
+
+    SimProfile(name="test-tiny", model="synthetic:tiny", device_name="Test GPU", dtype="bfloat16", block_size=16,
+               num_blocks=8192, kv_bytes_per_block=16384,
+               model_shape={"vocab_size": 1024, "max_model_len": 8192, "eos_token_ids": [257]},
+               cost=CostModel(dict(TINY_SIM_COST))).save(path)
+    return str(path)
+
+
 def save_tiny_model(model_type: str, path: str, seed: int = 0) -> str:
     """A random-weight model of `model_type` saved with save_pretrained (no tokenizer: byte-level)."""
     if not os.path.exists(os.path.join(path, "config.json")):

@@ -10,11 +10,8 @@ import pytest
 from batchdeck.engine.service import heap_freeze
 from batchdeck.engine.service.heap_freeze import RetainedFreezer
 from batchdeck.engine.sim.clock import PacedClock
-from batchdeck.engine.sim.cost_model import CostModel
-from batchdeck.engine.sim.profile import SimProfile
 from batchdeck.presets import load_preset
-from tests.helpers import fail_steps
-from tests.test_sim import COST
+from tests.helpers import fail_steps, save_tiny_profile
 
 EVERY = 1024  # RetainedFreezer's default step, which replays use
 
@@ -32,10 +29,7 @@ def no_hold_left():
 def paced_preset(tmp_path):
     """A saturating load on a simulated engine: thousands of iterations in a few seconds of wall time."""
     profile = tmp_path / "tiny-profile.json"
-    SimProfile(name="test-tiny", model="synthetic:tiny", device_name="Test GPU", dtype="bfloat16", block_size=16,
-               num_blocks=8192, kv_bytes_per_block=16384,
-               model_shape={"vocab_size": 1024, "max_model_len": 8192, "eos_token_ids": [257]},
-               cost=CostModel(dict(COST))).save(profile)
+    save_tiny_profile(profile)
     path = tmp_path / "kept.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: kept

@@ -266,19 +266,14 @@ def _fail_while_requests_run(driver):
 def test_replay_reports_the_engines_own_failure_while_requests_are_open(tmp_path, clock):
     """The requests open when the engine fails end with an EngineDeadError (their streams no longer
     hang); the run still ends reporting the engine's failure itself, not that error."""
-    from batchdeck.engine.sim.cost_model import CostModel
-    from batchdeck.engine.sim.profile import SimProfile
     from batchdeck.presets.replay import run_preset
-    from tests.test_sim import COST
+    from tests.helpers import save_tiny_profile
 
     preset = parse_preset(PRESET, str(tmp_path / "p.yaml"), tmp_path)
     overrides = None
     if clock == "virtual":  # a simulated engine: InlineAsyncEngine on a VirtualTimeLoop
         profile = tmp_path / "tiny-profile.json"
-        SimProfile(name="test-tiny", model="synthetic:tiny", device_name="Test GPU", dtype="bfloat16", block_size=16,
-                   num_blocks=8192, kv_bytes_per_block=16384,
-                   model_shape={"vocab_size": 1024, "max_model_len": 8192, "eos_token_ids": [257]},
-                   cost=CostModel(dict(COST))).save(profile)
+        save_tiny_profile(profile)
         overrides = {"sim": str(profile)}
     result = run_preset(preset, overrides=overrides, on_start=_fail_while_requests_run)
     assert result.error == "RuntimeError: boom"

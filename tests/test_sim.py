@@ -15,20 +15,15 @@ from batchdeck.engine.settings import defaults_for
 from batchdeck.engine.sim.clock import VirtualClock
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape, fit, regime_errors, relative_errors
 from batchdeck.engine.sim.engine import SimulatedEngine, make_engine
-from batchdeck.engine.sim.profile import SimProfile, load_profile
+from batchdeck.engine.sim.profile import load_profile
 from batchdeck.presets.analytic import mg1_estimate, throughput_bound
-
-COST = {"constant": 2e-3, "prefill_tokens": 3e-5, "prefill_attention": 2e-3, "decode_rows": 4e-5, "decode_context": 1e-5}
+from tests.helpers import TINY_SIM_COST as COST, save_tiny_profile
 
 
 @pytest.fixture
 def profile_path(tmp_path):
-    p = SimProfile(name="test-tiny", model="synthetic:tiny", device_name="Test GPU", dtype="bfloat16", block_size=16,
-                   num_blocks=8192, kv_bytes_per_block=16384,
-                   model_shape={"vocab_size": 1024, "max_model_len": 8192, "eos_token_ids": [257]},
-                   cost=CostModel(dict(COST)))
     path = tmp_path / "test-tiny.json"
-    p.save(path)
+    save_tiny_profile(path)
     return path
 
 

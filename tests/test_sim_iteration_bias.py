@@ -6,7 +6,7 @@ import pytest
 
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape
 from benchmarks.sim_iteration_bias import bias_by_band, read_samples
-from tests.test_sim import COST
+from tests.helpers import TINY_SIM_COST as COST
 
 
 def test_recorded_iterations_are_priced_per_band(tmp_path):

@@ -14,7 +14,7 @@ from batchdeck.engine.request import SamplingParams
 from batchdeck.engine.service.arrival_timer import ArrivalTimer
 from batchdeck.engine.service.async_engine import AsyncEngine
 from batchdeck.engine.service.served_model import EngineDeadError
-from batchdeck.engine.sim.calibrate import IterationTap, Workload, deadlines
+from batchdeck.engine.sim.calibrate import IterationTap, Workload, deadlines, workload_played
 
 
 def drive_through_service(llm: LLMEngine, workloads: list[Workload], tap: IterationTap,
@@ -47,8 +47,7 @@ async def _play_all(llm: LLMEngine, workloads: list[Workload], tap: IterationTap
             if engine.error is not None:
                 raise RuntimeError(f"calibrate: the engine failed in workload {w.name!r}") from engine.error
             cut += [i] if cut_short else []
-            log(f"calibrate: {i + 1}/{len(workloads)} {w.name} ({time.perf_counter() - t0:.1f} s"
-                f"{', cut short by the budget' if cut_short else ''})")
+            log(workload_played(i, len(workloads), w, time.perf_counter() - t0, cut_short))
     finally:
         await engine.stop()
     return cut

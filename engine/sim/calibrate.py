@@ -342,9 +342,13 @@ def drive_all_inline(engine: LLMEngine, workloads: list[Workload], tap: Iteratio
         t0 = time.perf_counter()
         cut_short = drive_inline(engine, w, rng, deadline, clock)
         cut += [i] if cut_short else []
-        log(f"calibrate: {i + 1}/{len(workloads)} {w.name} ({time.perf_counter() - t0:.1f} s"
-            f"{', cut short by the budget' if cut_short else ''})")
+        log(workload_played(i, len(workloads), w, time.perf_counter() - t0, cut_short))
     return cut
+
+
+def workload_played(i: int, count: int, w: Workload, seconds: float, cut_short: bool) -> str:
+    """The progress line of the i-th (from 0) of `count` workloads, played in `seconds`."""
+    return f"calibrate: {i + 1}/{count} {w.name} ({seconds:.1f} s{', cut short by the budget' if cut_short else ''})"
 
 
 # -- the fit --------------------------------------------------------------------------------------------
