@@ -32,3 +32,15 @@ def test_itl_is_every_token_gap_and_tpot_is_per_request(model_dirs):
     assert s["inter_token_latency"]["max"] == pytest.approx(max(gaps))
     tpots = [rec.tpot for rec in sink.requests if rec.tpot is not None]
     assert len(tpots) == 3 and s["time_per_output_token"]["p99"] == pytest.approx(float(np.percentile(tpots, 99)))
+
+
+def test_a_finish_imports_nothing_in_the_engine_thread():
+    """np.percentile (a finished request's inter-token latencies) imports numpy.ma on its first call
+    in a process, 8 ms: the engine's module imports it, so the first finish does not stall on it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, batchdeck.engine.llm_engine; before = set(sys.modules); "
+            "np.percentile(np.array([1.0, 2.0]), (50, 99)); print(sorted(set(sys.modules) - before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
