@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import numpy.ma  # noqa: F401 - np.percentile imports it on its first call (8 ms), which landed on the
-# engine thread at the first request's finish (request_record): imported with the engine instead
+# np.percentile imports numpy.ma on its first call (8 ms); imported here, with the engine, that is not
+# paid in the engine's thread at the first request's finish (request_record)
+import numpy.ma  # noqa: F401
 import torch
 
 from batchdeck.engine.attention.backend import make_backend
