@@ -493,9 +493,9 @@ class ModelRunner:
             step.tokens, step.logprobs = verify_chunks(self.sampler, logits, chunks, counts)
             self._gpu_span(step)
         else:
-            ids = self.sampler.sample_ids(logits, [c.request.request_id for c in chunks],
-                                          [c.request.sampling for c in chunks], greedy)
-            step.ids, step.logprobs = ids, self.sampler.logprobs
+            ids, step.logprobs = self.sampler.sample_ids(logits, [c.request.request_id for c in chunks],
+                                                         [c.request.sampling for c in chunks], greedy)
+            step.ids = ids
             self._gpu_span(step)
             if self.device.type == "cuda":
                 step.host_ids = ids.to("cpu", non_blocking=True)  # into pinned memory

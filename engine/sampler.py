@@ -27,8 +27,6 @@ class Sampler:
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
         self._request_generators: dict[str, torch.Generator] = {}
-        # request id -> log-probability of the token just sampled, for the requests that asked (logprobs)
-        self.logprobs: dict[str, float] = {}
 
     def forget(self, request_id: str) -> None:
         self._request_generators.pop(request_id, None)
@@ -46,31 +44,30 @@ class Sampler:
         return gen
 
     def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
-        """One token id per row of `logits` [S, V]; `self.logprobs` gets the sampled tokens' log-probabilities
-        (under the model's distribution, before temperature) for the rows whose params ask for them."""
-        return self.sample_ids(logits, request_ids, params).tolist()
+        """One token id per row of `logits` [S, V], read to the host (`sample_ids` also gives the
+        log-probabilities of the rows that ask for them)."""
+        return self.sample_ids(logits, request_ids, params)[0].tolist()
 
     def sample_ids(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
-                   greedy_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """`sample` without reading the ids: an int64 tensor [S] on the device (no host sync unless a
-        row asks for logprobs, whose values `self.logprobs` then holds: a new dict each time, never
-        changed in place, so a launched step may keep a reference to it). `greedy_ids`: the argmax of
-        every row of `logits`, when already computed (a decode CUDA graph's)."""
-        if self.logprobs:
-            self.logprobs = {}
+                   greedy_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """(the sampled ids, an int64 tensor [S] left on the device; request id -> the sampled token's
+        log-probability under the model's distribution, before temperature, for the rows whose params
+        ask for it). No host sync unless a row asks for log-probabilities. `greedy_ids`: the argmax
+        of every row of `logits`, when already computed (a decode CUDA graph's)."""
         if not params:
-            return torch.zeros(0, dtype=torch.int64, device=logits.device)
+            return torch.zeros(0, dtype=torch.int64, device=logits.device), {}
         ids = self._sample(logits, request_ids, params, greedy_ids)
-        if any(p.logprobs for p in params):
-            self._record_logprobs(logits, ids, request_ids, params)
-        return ids
+        if not any(p.logprobs for p in params):
+            return ids, {}
+        return ids, self._logprobs(logits, ids, request_ids, params)
 
-    def _record_logprobs(self, logits: torch.Tensor, ids: torch.Tensor, request_ids: list[str],
-                         params: list[SamplingParams]) -> None:
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, ids: torch.Tensor, request_ids: list[str],
+                  params: list[SamplingParams]) -> dict[str, float]:
         rows = [i for i, p in enumerate(params) if p.logprobs]
         picked = ids[rows].unsqueeze(1)
         values = torch.log_softmax(logits[rows].float(), dim=-1).gather(1, picked).squeeze(1).tolist()
-        self.logprobs = {request_ids[i]: v for i, v in zip(rows, values)}
+        return {request_ids[i]: v for i, v in zip(rows, values)}
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
                 greedy_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,6 +32,19 @@ def test_unseeded_sampling_varies_and_greedy_rows_stay_greedy():
     assert len({d[1] for d in draws}) > 3
 
 
+def test_sample_ids_returns_the_log_probabilities_of_the_rows_that_ask_each_call_its_own():
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0], [1.0, 0.0, 0.0, 4.0], [2.0, 2.0, 0.0, 0.0]])
+    params = [SamplingParams(logprobs=True), SamplingParams(), SamplingParams(temperature=1.0, logprobs=True)]
+    ids, logprobs = sampler.sample_ids(logits, ["a", "b", "c"], params)
+    want = torch.log_softmax(logits, dim=-1)  # the model's distribution, before temperature
+    assert set(logprobs) == {"a", "c"} and ids.tolist()[0] == 1
+    for row, rid in ((0, "a"), (2, "c")):
+        assert abs(logprobs[rid] - float(want[row, ids[row]])) < 1e-6
+    _, later = sampler.sample_ids(logits[1:2], ["b"], [SamplingParams()])
+    assert later == {} and set(logprobs) == {"a", "c"}  # a launched step's dict is never changed later
+
+
 def test_top_k_one_is_greedy_and_top_p_restricts():
     sampler = Sampler(torch.device("cpu"), seed=0)
     logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])

@@ -132,9 +132,6 @@ class SimExecutor:
 class SimSampler:
     """The engine's sampler hooks, with nothing to sample (no log-probabilities: token values are not modelled)."""
 
-    def __init__(self) -> None:
-        self.logprobs: dict[str, float] = {}
-
     def forget(self, request_id: str) -> None:
         return None
 

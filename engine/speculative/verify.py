@@ -28,10 +28,9 @@ def verify_chunks(sampler: Sampler, logits: torch.Tensor, chunks: list[Scheduled
     logprobs: dict[str, float] = {}
     if plain:  # ordinary sampled rows go through the batched sampler in one call
         rows = logits[[starts[i] for i in plain]]
-        ids = sampler.sample(rows, [chunks[i].request.request_id for i in plain],
-                             [chunks[i].request.sampling for i in plain])
-        logprobs = sampler.logprobs
-        for i, t in zip(plain, ids):
+        ids, logprobs = sampler.sample_ids(rows, [chunks[i].request.request_id for i in plain],
+                                           [chunks[i].request.sampling for i in plain])
+        for i, t in zip(plain, ids.tolist()):
             out[i] = [t]
     for i, (c, k) in enumerate(zip(chunks, counts)):
         if out[i] is not None:
