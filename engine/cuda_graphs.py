@@ -274,14 +274,13 @@ class CudaGraphRunner:
         first iteration: it overwrites the step inputs and the block tables of rows the host mirror
         (`HostTables`) counts as already on the device."""
         times = []
-        for kind, tb, rb in self.stats.captured:
-            hit = self.graphs[(kind, tb)]
-            self._dummy(tb, rb, tb if kind == "verify" else rb)
+        for (kind, tokens), hit in self.graphs.items():  # in capture order
+            self._dummy(hit.tokens, hit.rows, len(hit.logits))  # the layout it was captured in
             torch.cuda.synchronize()
             t = time.perf_counter()
             hit.graph.replay()
             torch.cuda.synchronize()
-            times.append((kind, tb, time.perf_counter() - t))
+            times.append((kind, tokens, time.perf_counter() - t))
         return times
 
     @torch.inference_mode()

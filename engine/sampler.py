@@ -43,11 +43,6 @@ class Sampler:
             self._request_generators[request_id] = gen
         return gen
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> list[int]:
-        """One token id per row of `logits` [S, V], read to the host (`sample_ids` also gives the
-        log-probabilities of the rows that ask for them)."""
-        return self.sample_ids(logits, request_ids, params)[0].tolist()
-
     def sample_ids(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
                    greedy_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """(the sampled ids, an int64 tensor [S] left on the device; request id -> the sampled token's

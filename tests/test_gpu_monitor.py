@@ -199,8 +199,12 @@ async def test_async_run_publishes_and_shuts_down_on_cancel(fake_nvml):
             enough.set()
 
     mon = GpuMonitor(interval_s=0.01)
+    mon.prepare()  # what headless and serve call before the workload starts
+    here = threading.current_thread().name
+    assert fake.calls["init_thread"] == here and fake.calls["name_threads"] == [here] and not got
     task = asyncio.create_task(mon.run(publish))
     await asyncio.wait_for(enough.wait(), 30.0)
+    assert fake.calls["init"] == 1 and fake.calls["name_threads"][1] != here  # run() did not prepare again
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

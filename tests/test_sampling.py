@@ -5,6 +5,10 @@ from batchdeck.engine.sampler import Sampler
 from tests.helpers import make_engine
 
 
+def sample(sampler: Sampler, logits, request_ids, params) -> list[int]:
+    return sampler.sample_ids(logits, request_ids, params)[0].tolist()
+
+
 def test_seeded_sampling_reproducible_across_batch_compositions(model_dirs):
     path = model_dirs["qwen3"]
     params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
@@ -27,7 +31,7 @@ def test_unseeded_sampling_varies_and_greedy_rows_stay_greedy():
     logits = torch.randn(2, 50)
     p_greedy = SamplingParams(temperature=0.0)
     p_hot = SamplingParams(temperature=5.0)
-    draws = {tuple(sampler.sample(logits, ["g", "h"], [p_greedy, p_hot])) for _ in range(30)}
+    draws = {tuple(sample(sampler, logits, ["g", "h"], [p_greedy, p_hot])) for _ in range(30)}
     assert {d[0] for d in draws} == {int(logits[0].argmax())}
     assert len({d[1] for d in draws}) > 3
 
@@ -41,17 +45,17 @@ def test_sample_ids_returns_the_log_probabilities_of_the_rows_that_ask_each_call
     assert set(logprobs) == {"a", "c"} and ids.tolist()[0] == 1
     for row, rid in ((0, "a"), (2, "c")):
         assert abs(logprobs[rid] - float(want[row, ids[row]])) < 1e-6
-    _, later = sampler.sample_ids(logits[1:2], ["b"], [SamplingParams()])
-    assert later == {} and set(logprobs) == {"a", "c"}  # a launched step's dict is never changed later
+    _, later = sampler.sample_ids(logits[1:2], ["b"], [SamplingParams(logprobs=True)])
+    assert set(later) == {"b"} and set(logprobs) == {"a", "c"}  # a launched step's dict is never changed later
 
 
 def test_top_k_one_is_greedy_and_top_p_restricts():
     sampler = Sampler(torch.device("cpu"), seed=0)
     logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])
     for _ in range(20):
-        assert sampler.sample(logits, ["a"], [SamplingParams(temperature=1.0, top_k=1)]) == [1]
-        assert sampler.sample(logits, ["a"], [SamplingParams(temperature=1.0, top_p=0.5)]) == [1]
-    seen = {sampler.sample(logits, ["a"], [SamplingParams(temperature=1.0, top_k=2)])[0] for _ in range(60)}
+        assert sample(sampler, logits, ["a"], [SamplingParams(temperature=1.0, top_k=1)]) == [1]
+        assert sample(sampler, logits, ["a"], [SamplingParams(temperature=1.0, top_p=0.5)]) == [1]
+    seen = {sample(sampler, logits, ["a"], [SamplingParams(temperature=1.0, top_k=2)])[0] for _ in range(60)}
     assert seen == {1, 2}
 
 

@@ -109,32 +109,34 @@ class AsyncEngine:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start stepping the engine; the collector's freeze is held from here until `stop()` ends."""
         if self.running:
             raise RuntimeError("AsyncEngine.start: the engine is already running (stop it first)")
         self._loop = asyncio.get_running_loop()
-        self._hold_freeze()
-        self._thread = threading.Thread(target=self._worker, name="batchdeck-engine", daemon=True)
-        self._thread.start()
-
-    async def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        try:
-            if self._thread is not None:
-                await asyncio.to_thread(self._thread.join)
-        finally:  # a cancelled stop still gives the hold back
-            self._release_freeze()
-
-    def _hold_freeze(self) -> None:
-        """Take the collector's freeze for this engine's run (the start-up heap: modules, model, engine)."""
         if not self._frozen:
             heap_freeze.hold()
             self._frozen = True
+        self._launch()
 
-    def _release_freeze(self) -> None:
-        if self._frozen:
-            self._frozen = False
-            heap_freeze.release()
+    async def stop(self) -> None:
+        self._stop.set()
+        try:
+            await self._join()
+        finally:  # a cancelled stop still gives the hold back
+            if self._frozen:
+                self._frozen = False
+                heap_freeze.release()
+
+    def _launch(self) -> None:
+        """Start the stepping (here: the worker thread)."""
+        self._thread = threading.Thread(target=self._worker, name="batchdeck-engine", daemon=True)
+        self._thread.start()
+
+    async def _join(self) -> None:
+        """Wake the stepping (`_stop` is set) and wait for it to end."""
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
 
     @property
     def running(self) -> bool:

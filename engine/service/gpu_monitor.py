@@ -3,7 +3,7 @@
 `GpuMonitor.sample()` never raises: without NVML or a GPU it returns `available=False` and says
 why. Each NVML query is guarded on its own, so a field the device does not support (utilization on
 a MIG slice, power on some boards) becomes None while the others are filled. NVML is initialized
-once per monitor (lazily, at the first sample) and shut down by `close()`/`stop()`.
+once per monitor (by `prepare()` or the first sample) and shut down by `close()`/`stop()`.
 
 Device numbering: `device_index` is NVML's index, which ignores CUDA_VISIBLE_DEVICES; torch's
 numbers are relative to it. `torch_device` picks the torch device for the torch_* fields (default:
@@ -99,6 +99,7 @@ class GpuMonitor:
         self._init_error: str | None = None
         self._initialized = False  # nvmlInit succeeded and needs a matching nvmlShutdown
         self._memory_v2: bool | None = None  # None: not tried yet
+        self._prepared = False  # prepare() has read NVML once since the last close()
         self._lock = threading.Lock()  # sample() from a thread and from the caller
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -141,6 +142,7 @@ class GpuMonitor:
             self._init_error = None
             self._initialized = False
             self._memory_v2 = None
+            self._prepared = False
 
     # -- sampling -------------------------------------------------------------------------------
     def sample(self) -> GpuSample:
@@ -220,30 +222,39 @@ class GpuMonitor:
         except Exception:
             self.publish_errors += 1
 
+    def prepare(self) -> None:
+        """Set NVML up and read every field once, unpublished, if not done since the last `close()`.
+        Both are slow (importing pynvml holds the interpreter lock; nvmlInit and the first queries
+        took 16 ms on an H200 host): a caller that starts a workload right after starting the monitor
+        calls this first, so that cost does not land on the workload's first iterations. `start()`
+        and `run()` call it too. An NVML failure is kept and reported by every sample."""
+        if not self._prepared:
+            self.sample()
+            self._prepared = True
+
     async def run(self, publish: PublishFn) -> None:
-        """Publish ("gpu", sample) every interval_s until cancelled; NVML is shut down on exit.
-        Samples are taken in a worker thread so a slow NVML call never stalls the loop."""
+        """Publish ("gpu", sample) every interval_s, the first one interval_s after `prepare()`, until
+        cancelled; NVML is shut down on exit. Samples are taken in a worker thread so a slow NVML
+        call never stalls the loop."""
+        self.prepare()
         loop = asyncio.get_running_loop()
-        next_at = loop.time()
+        next_at = loop.time() + self.interval_s
         try:
             while True:
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
                 self._publish(publish, await asyncio.to_thread(self.sample))
                 next_at = _next_tick(next_at, loop.time(), self.interval_s)
-                await asyncio.sleep(max(0.0, next_at - loop.time()))
         finally:
             self.close()
 
     def start(self, publish: PublishFn) -> None:
-        """Publish a sample from a daemon thread every interval_s, the first one interval_s from
-        now, until `stop()`. NVML's set-up and a first reading of every field happen here, in the
-        caller's thread, unpublished: they are slow (importing pynvml holds the interpreter lock;
-        nvmlInit and the first queries took 16 ms on an H200 host), and in the sampling thread they
-        landed on the first iterations of a replay that had just started its engine. Nothing is
-        published before the thread's first tick, so a caller that restarts its engine's clock after
-        `start()` (a replay) gets no sample stamped on the old clock."""
+        """Publish a sample from a daemon thread every interval_s, the first one interval_s after
+        `prepare()` (called here, in the caller's thread), until `stop()`. Nothing is published before
+        the thread's first tick, so a caller that restarts its engine's clock after `start()` (a
+        replay) gets no sample stamped on the old clock."""
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("GpuMonitor is already running; call stop() first")
-        self.sample()  # an NVML failure is kept and reported by every sample
+        self.prepare()
         self._stop.clear()
         self._thread = threading.Thread(target=self._thread_main, args=(publish,), name="gpu-monitor", daemon=True)
         self._thread.start()

@@ -311,6 +311,7 @@ class HeadlessRunner:
 
                 monitor = GpuMonitor(interval_s=self.gpu_interval, kv_pool_bytes=self.llm.kv_cache.num_bytes,
                                      clock=self.llm.clock)
+                monitor.prepare()  # before a preset's driver starts sending requests
                 background.append(asyncio.create_task(monitor.run(self.bus.publish)))
         driver_task = None
         if self.preset is not None:

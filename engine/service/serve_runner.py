@@ -40,4 +40,5 @@ def start_metrics_gpu_monitor(runner: HeadlessRunner) -> asyncio.Task | None:
     from batchdeck.engine.service.gpu_monitor import GpuMonitor
 
     monitor = GpuMonitor(llm.device.index or 0, runner.gpu_interval, llm.kv_cache.num_bytes, clock=llm.clock)
+    monitor.prepare()  # before requests arrive
     return asyncio.get_running_loop().create_task(monitor.run(runner.bus.publish))

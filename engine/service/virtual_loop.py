@@ -82,21 +82,16 @@ class InlineAsyncEngine(AsyncEngine):
         self._kick: asyncio.Event | None = None
         self._held: dict[str, list[int]] = {}  # tokens of unfinished requests, delivered when they finish
 
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    # start()/stop() are AsyncEngine's, freeze included (here it saves CPU time, the collector walking less)
+    def _launch(self) -> None:
         self._kick = asyncio.Event()
-        self._hold_freeze()  # as AsyncEngine: here it saves CPU time, the collector walking less
         self._task = self._loop.create_task(self._run())
 
-    async def stop(self) -> None:
-        self._stop.set()
+    async def _join(self) -> None:
         if self._kick is not None:
             self._kick.set()
-        try:
-            if self._task is not None:
-                await self._task
-        finally:
-            self._release_freeze()
+        if self._task is not None:
+            await self._task
 
     @property
     def running(self) -> bool:
