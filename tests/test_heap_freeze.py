@@ -13,7 +13,7 @@ from batchdeck.engine.sim.clock import PacedClock
 from batchdeck.presets import load_preset
 from tests.helpers import fail_steps, save_tiny_profile
 
-EVERY = 1024  # RetainedFreezer's default step, which replays use
+EVERY = RetainedFreezer().every  # the default step, which replays use
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,7 @@ async def _play_all(llm: LLMEngine, workloads: list[Workload], tap: IterationTap
     rng = random.Random(0)
     ends = deadlines(workloads, budget_s, time.perf_counter())
     cut = []
+    timer = ArrivalTimer()  # spaced requests on time to the OS timer's precision, as the workload player sends
     try:
         for i, w in enumerate(workloads):
             def begin(e: LLMEngine, i: int = i) -> None:
@@ -41,7 +42,7 @@ async def _play_all(llm: LLMEngine, workloads: list[Workload], tap: IterationTap
             t0 = time.perf_counter()
             cut_short = False
             try:
-                cut_short = await _play(engine, w, rng, ends[i])
+                cut_short = await _play(engine, w, rng, ends[i], timer)
             except EngineDeadError:  # the engine failed with requests open: named below (engine.error)
                 pass
             if engine.error is not None:
@@ -49,11 +50,12 @@ async def _play_all(llm: LLMEngine, workloads: list[Workload], tap: IterationTap
             cut += [i] if cut_short else []
             log(workload_played(i, len(workloads), w, time.perf_counter() - t0, cut_short))
     finally:
+        timer.close()
         await engine.stop()
     return cut
 
 
-async def _play(engine: AsyncEngine, w: Workload, rng: random.Random, deadline: float) -> bool:
+async def _play(engine: AsyncEngine, w: Workload, rng: random.Random, deadline: float, timer: ArrivalTimer) -> bool:
     """Play one workload; past the deadline (perf_counter seconds) no request is sent and those
     unfinished are aborted. True when it was cut short so."""
     vocab = engine.engine.loaded.config.vocab_size
@@ -84,15 +86,11 @@ async def _play(engine: AsyncEngine, w: Workload, rng: random.Random, deadline: 
         if w.mode == "spaced":  # one request at a time, arriving gap_s after the previous one finished
             loop = asyncio.get_running_loop()
             offset = engine.engine.clock() - loop.time()  # engine clock and loop time are both monotonic
-            timer = ArrivalTimer()  # on time to the OS timer's precision, as the workload player sends
-            try:
-                while pending:
-                    due = loop.time() + w.gap_s
-                    await timer.sleep(w.gap_s)
-                    if pending:
-                        await send(due + offset)  # stamped with its due time, as the workload player stamps arrivals
-            finally:
-                timer.close()
+            while pending:
+                due = loop.time() + w.gap_s
+                await timer.sleep(w.gap_s)
+                if pending:
+                    await send(due + offset)  # stamped with its due time, as the workload player stamps arrivals
         elif w.mode == "batch":
             await asyncio.gather(*(send() for _ in range(len(pending))))
         else:

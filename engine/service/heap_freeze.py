@@ -63,7 +63,7 @@ class RetainedFreezer:
     frozen stays frozen until the last hold's release (the engine's stop); reference cycles that
     become garbage in between are collected only then."""
 
-    __slots__ = ("every", "records", "refreezes", "_next")
+    __slots__ = ("every", "records", "refreezes")
 
     def __init__(self, every: int = 1024):
         if every < 1:
@@ -71,11 +71,9 @@ class RetainedFreezer:
         self.every = every
         self.records = 0
         self.refreezes = 0  # refreeze() calls made while a hold was active
-        self._next = every
 
     def __call__(self, topic: str, record: Any) -> None:
         self.records += 1
-        if self.records >= self._next:
-            self._next += self.every
+        if self.records % self.every == 0:
             if refreeze():
                 self.refreezes += 1

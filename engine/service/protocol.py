@@ -7,7 +7,8 @@ Topics (`PREFIX` = `batchdeck/<engine_id>`; the names are a contract):
     PREFIX/telemetry/iteration     QoS 0; one IterationRecord or a JSON list of them
     PREFIX/telemetry/request       one RequestRecord per finished request
     PREFIX/telemetry/gpu           GpuSample
-    PREFIX/telemetry/requests      the request-table snapshot {"time", "iteration", "requests", "policy"}
+    PREFIX/telemetry/requests      the request-table snapshot {"time", "iteration", "num_running", "num_waiting",
+                                   ..., "requests", "policy"} (request_table.requests_message)
     PREFIX/events                  Event records, flattened (config_change, preemption, request_rejected, ...)
     PREFIX/results                 QoS 1; a `batchdeck generate`-style output line per request submitted
                                    over MQTT, when it finishes (none with `engine --no-results`)
