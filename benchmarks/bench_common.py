@@ -13,6 +13,7 @@ import tempfile
 import time
 
 from batchdeck.engine.service.metrics import percentile, quantiles  # noqa: F401 - shared with the scripts
+from batchdeck.presets.preset_driver import scaled_rates  # noqa: F401 - shared with the scripts
 
 # The accuracy scenarios' settings (gpu_sim_accuracy.py; also the start-time limits its engines capture
 # graphs up to, SCENARIO_LIMITS), which the scripts that replay its scenarios share: replay_gc_pauses.py,
@@ -23,10 +24,6 @@ SCENARIO_LIMITS = {"max_num_seqs_limit": SCENARIO_CONFIG["max_num_seqs"],
 RECORDED_STEADY_RATE_SCALE = 36.84  # the steady load of the saved H200 accuracy results (their steady_rate_scale)
 
 
-def scaled_rates(preset, k: float):
-    """The preset with every rate-driven stream's rate multiplied by k."""
-    streams = [dataclasses.replace(s, rate=s.rate * k) if getattr(s, "rate", None) else s for s in preset.workload]
-    return dataclasses.replace(preset, workload=streams)
 
 
 def _as_scenario(preset, config: dict):

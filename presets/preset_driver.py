@@ -72,6 +72,12 @@ def _scaled_count(n: int | None, factor: float) -> int | None:
     return None if n is None else max(1, math.ceil(n * factor))
 
 
+def scaled_rates(preset: Preset, k: float) -> Preset:
+    """The preset with every rate-driven stream's rate multiplied by k (trace and closed-loop streams as they are)."""
+    streams = [dataclasses.replace(s, rate=s.rate * k) if getattr(s, "rate", None) else s for s in preset.workload]
+    return dataclasses.replace(preset, workload=streams)
+
+
 def scale_preset(preset: "Preset", factor: float) -> "Preset":
     """The preset shortened (factor < 1) or stretched in time, keeping its rates and lengths.
 

@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 
 from batchdeck.presets import load_preset, shipped_presets
+from batchdeck.presets.preset_driver import scaled_rates
 from batchdeck.presets.replay import run_preset
 
 SMOKE_SCALE = 0.05  # all seven presets in ~30-45 s on 2 cores
@@ -40,11 +41,10 @@ def ab_runs(name: str, scale: float = AB_SCALE, rate_scale: float = 1.0) -> tupl
     (`rate_scale`: its workload's rates multiplied by that)."""
     preset = load_preset(shipped_presets()[name])
     after = {**preset.config, **preset.timeline[0].set}
-    workload = [dataclasses.replace(s, rate=s.rate * rate_scale) if getattr(s, "rate", None) else s
-                for s in preset.workload]  # trace streams keep their own times
+    scaled = scaled_rates(preset, rate_scale)
     reports = []
     for config in (preset.config, after):
-        variant = dataclasses.replace(preset, config=config, timeline=[], workload=workload)
+        variant = dataclasses.replace(scaled, config=config, timeline=[])
         result = run_preset(variant, duration_scale=scale)
         assert result.error is None
         reports.append(result.report())
@@ -66,31 +66,27 @@ def holds_in_one_of_two(name: str, check, rate_scale: float = 1.0) -> None:
     pytest.fail(f"{name}: the expected direction did not hold in two A/B attempts: {attempts}")
 
 
-def _static_vs_continuous_numbers(static, continuous) -> str:
-    e2e, ttft = "e2e_request_latency", "time_to_first_token"
-    return (f"static {static['generation_throughput']:.0f} tok/s, {static['request_throughput']:.2f} req/s, "
-            f"e2e p99 {static[e2e]['p99']:.2f} s, TTFT p99 {static[ttft]['p99']:.2f} s; continuous "
-            f"{continuous['generation_throughput']:.0f} tok/s, {continuous['request_throughput']:.2f} req/s, "
-            f"e2e p99 {continuous[e2e]['p99']:.2f} s, TTFT p99 {continuous[ttft]['p99']:.2f} s")
+def _static_vs_continuous(checks):
+    """A check of the A/B pair (static, continuous): `checks` maps each claim's name to a test of the pair."""
+    def check(static, continuous, change) -> list[str]:
+        assert change == {"batching": "continuous"}
+        e2e, ttft = "e2e_request_latency", "time_to_first_token"
+        numbers = (f"static {static['generation_throughput']:.0f} tok/s, {static['request_throughput']:.2f} req/s, "
+                   f"e2e p99 {static[e2e]['p99']:.2f} s, TTFT p99 {static[ttft]['p99']:.2f} s; continuous "
+                   f"{continuous['generation_throughput']:.0f} tok/s, {continuous['request_throughput']:.2f} req/s, "
+                   f"e2e p99 {continuous[e2e]['p99']:.2f} s, TTFT p99 {continuous[ttft]['p99']:.2f} s")
+        return [f"{k} failed ({numbers})" for k, ok in checks.items() if not ok(static, continuous)]
+    return check
 
 
-def _static_vs_continuous_latency(static, continuous, change) -> list[str]:
-    assert change == {"batching": "continuous"}
-    e2e, ttft = "e2e_request_latency", "time_to_first_token"
-    checks = {
-        "e2e p99 x0.8": continuous[e2e]["p99"] <= 0.8 * static[e2e]["p99"],
-        "TTFT p99 x0.6": continuous[ttft]["p99"] <= 0.6 * static[ttft]["p99"],
-    }
-    return [f"{k} failed ({_static_vs_continuous_numbers(static, continuous)})" for k, ok in checks.items() if not ok]
-
-
-def _static_vs_continuous_throughput(static, continuous, change) -> list[str]:
-    assert change == {"batching": "continuous"}
-    checks = {
-        "generation throughput x1.15": continuous["generation_throughput"] >= 1.15 * static["generation_throughput"],
-        "request throughput x1.15": continuous["request_throughput"] >= 1.15 * static["request_throughput"],
-    }
-    return [f"{k} failed ({_static_vs_continuous_numbers(static, continuous)})" for k, ok in checks.items() if not ok]
+_LATENCY = {
+    "e2e p99 x0.8": lambda s, c: c["e2e_request_latency"]["p99"] <= 0.8 * s["e2e_request_latency"]["p99"],
+    "TTFT p99 x0.6": lambda s, c: c["time_to_first_token"]["p99"] <= 0.6 * s["time_to_first_token"]["p99"],
+}
+_THROUGHPUT = {
+    "generation throughput x1.15": lambda s, c: c["generation_throughput"] >= 1.15 * s["generation_throughput"],
+    "request throughput x1.15": lambda s, c: c["request_throughput"] >= 1.15 * s["request_throughput"],
+}
 
 
 def _chunked_prefill(whole, chunked, change) -> list[str]:
@@ -109,7 +105,7 @@ def _chunked_prefill(whole, chunked, change) -> list[str]:
 def test_continuous_beats_static_on_tail_latency():
     # measured (2 busy cores): e2e p99 6.5-12 vs 3.5-4.3 s, TTFT p99 5.5-8.1 vs 0.8-1.2 s; (2 quiet cores, one
     # torch thread) TTFT p99 1.1-1.6 vs 0.03 s
-    holds_in_one_of_two("static-vs-continuous", _static_vs_continuous_latency)
+    holds_in_one_of_two("static-vs-continuous", _static_vs_continuous(_LATENCY))
 
 
 @pytest.mark.slow
@@ -117,7 +113,7 @@ def test_continuous_beats_static_on_throughput_when_static_batching_saturates():
     # Throughput is capped by the offered load: at the preset's own rate a quiet machine's static batching
     # nearly keeps up (2 quiet cores, one torch thread: 386-435 vs 475-526 tok/s, x1.13-1.29). At twice the
     # rate it saturates on any machine the suite runs on, and the ratio is the two capacities': x1.45-1.74.
-    holds_in_one_of_two("static-vs-continuous", _static_vs_continuous_throughput, rate_scale=2.0)
+    holds_in_one_of_two("static-vs-continuous", _static_vs_continuous(_THROUGHPUT), rate_scale=2.0)
 
 
 @pytest.mark.slow

@@ -433,7 +433,11 @@ def wake_by_idle(model: CostModel, samples: list[Sample], spaced: set[int]) -> l
     return merged if len(merged) >= 2 else []
 
 
-def wake_report(model: CostModel, samples: list[Sample], edges_s: tuple[float, ...] = (0.05, 0.2)) -> list[dict]:
+# the report's idle bands split halfway (geometrically) between calibration's idle gaps
+WAKE_REPORT_EDGES_S = tuple(math.sqrt(a * b) for a, b in zip(IDLE_GAPS_S, IDLE_GAPS_S[1:]))
+
+
+def wake_report(model: CostModel, samples: list[Sample], edges_s: tuple[float, ...] = WAKE_REPORT_EDGES_S) -> list[dict]:
     """The iterations after an idle wait of a run, by idle length (bands split at `edges_s`): how many,
     their median idle, the median measured `wake_extra` and the median wake the model adds for that
     idle (`CostModel.wake_after`). Says whether the simulator's wake matches the engine's on a replay."""

@@ -72,6 +72,7 @@ import numpy as np
 from batchdeck.engine.attention.decode_splits import decode_splits as split_count
 
 COST_FORMAT = "regimes/1"
+MAX_WAKE_S = 10.0  # an idle wake this long (s) or longer is refused as a measurement error
 DECODE_FEATURES = ("constant", "rows", "padded_rows", "context", "max_context")
 MIXED_FEATURES = ("constant", "eager", "tokens", "padded_tokens", "prefill_tokens", "attention", "decode_rows",
                   "decode_context", "rows", "decode_max_context", "prefill_max_context")
@@ -199,8 +200,8 @@ class CostModel:
         if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0:
             raise ValueError(f"cost model: max_rows must be an integer >= 0, got {max_rows!r}")
         wake = c.get("idle_wake_s", 0.0)
-        if not isinstance(wake, (int, float)) or isinstance(wake, bool) or not 0.0 <= wake < 10.0:
-            raise ValueError(f"cost model: idle_wake_s must be in [0, 10) seconds, got {wake!r}")
+        if not isinstance(wake, (int, float)) or isinstance(wake, bool) or not 0.0 <= wake < MAX_WAKE_S:
+            raise ValueError(f"cost model: idle_wake_s must be in [0, {MAX_WAKE_S:g}) seconds, got {wake!r}")
         object.__setattr__(self, "coefficients", {
             **{k: v for k, v in c.items() if k not in REGIMES}, "decode": dict(zip(DECODE_FEATURES, dec)),
             "mixed": dict(zip(MIXED_FEATURES, mix)), "decode_buckets": list(db), "token_buckets": list(tb),
@@ -331,7 +332,7 @@ class CostModel:
         t = sum(a * b for a, b in zip(c, x))
         if self._attention_max and regime == "mixed":
             work, walk = c[_ATTN] * x[_ATTN], c[_WALK] * x[_WALK]
-            t -= work + walk - max(work, walk)
+            t -= min(work, walk)  # the larger of the two, not their sum
         h = self._host_decode if regime == "decode" else self._host_mixed
         return regime, t, (None if h is None else sum(a * b for a, b in zip(h, x)))
 
@@ -366,14 +367,13 @@ class CostModel:
             c0, c_rows, c_pad, c_ctx, c_max = self._decode
             pad = self._pad_rows
             padded = pad[dr] if dr < len(pad) else dr
-            t = c0 + c_rows * dr + c_pad * padded + c_ctx * dc * 1e-3
-            if c_max:
-                t += c_max * (mx + 1) * 1e-3 * self.split_share(padded)
             h = self._host_decode
+            ctx_k = dc * 1e-3
+            # the longest row's walk, as the kernel's programs share it out (one split_share per iteration)
+            longest = (mx + 1) * 1e-3 * self.split_share(padded) if c_max or (h is not None and h[4]) else 0.0
+            t = c0 + c_rows * dr + c_pad * padded + c_ctx * ctx_k + c_max * longest
             if h is not None:
-                host = h[0] + h[1] * dr + h[2] * padded + h[3] * dc * 1e-3
-                if h[4]:
-                    host += h[4] * (mx + 1) * 1e-3 * self.split_share(padded)
+                host = h[0] + h[1] * dr + h[2] * padded + h[3] * ctx_k + h[4] * longest
                 if host > t:
                     t = host
             return t if t > 0.0 else 0.0
@@ -433,7 +433,7 @@ def nonnegative_lstsq(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None)
 
 
 def _wake_bands(raw: Any) -> tuple[tuple[float, float], ...]:
-    """`idle_wake_by_idle` checked: pairs [idle_s > 0, wake_s in [0, 10)], strictly increasing idle."""
+    """`idle_wake_by_idle` checked: pairs [idle_s > 0, wake_s in [0, MAX_WAKE_S)], strictly increasing idle."""
     if raw is None:
         return ()
     if not isinstance(raw, (list, tuple)):
@@ -442,10 +442,10 @@ def _wake_bands(raw: Any) -> tuple[tuple[float, float], ...]:
     for i, pair in enumerate(raw):
         ok = (isinstance(pair, (list, tuple)) and len(pair) == 2
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair))
-        if (not ok or not 0 < pair[0] < math.inf or not 0.0 <= pair[1] < 10.0
+        if (not ok or not 0 < pair[0] < math.inf or not 0.0 <= pair[1] < MAX_WAKE_S
                 or (out and pair[0] <= out[-1][0])):
             raise ValueError(f"cost model: idle_wake_by_idle[{i}] = {pair!r}: need [idle_s > 0 and finite, "
-                             "wake_s in [0, 10)] with idle_s increasing")
+                             f"wake_s in [0, {MAX_WAKE_S:g})] with idle_s increasing")
         out.append((float(pair[0]), float(pair[1])))
     return tuple(out)
 
@@ -479,7 +479,7 @@ def _fit_max_pair(x: np.ndarray, y: np.ndarray, a: int, b: int, rounds: int = 8)
         xm[~use_a, a] = 0.0
         xm[use_a, b] = 0.0
         coef = _fit_relative(xm, y)
-        pred = x @ coef - coef[a] * x[:, a] - coef[b] * x[:, b] + np.maximum(coef[a] * x[:, a], coef[b] * x[:, b])
+        pred = x @ coef - np.minimum(coef[a] * x[:, a], coef[b] * x[:, b])  # the larger of the two, not their sum
         err = float(np.mean(np.abs(pred - y) / y))
         if best is None or err < best[0]:
             best = (err, coef)
