@@ -9,6 +9,8 @@ the first 100 iterations), TTFT p50/p99 and output throughput; and on CUDA how l
 the monitor makes takes, the first time in this process and after.
 
     PYTHONPATH=. python benchmarks/host_stalls.py --repeats 3 --out benchmarks/results/host_stalls_qwen3-0.6b.json
+    PYTHONPATH=. python benchmarks/host_stalls.py --model synthetic:tiny --device cpu --free-memory-pool --monitor off \
+        --repeats 1 --duration-scale 0.05 --steady-rate-scale 0.5 --threshold-ms 20 --stacks 1   # CPU smoke run
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_common import (RECORDED_STEADY_RATE_SCALE, SCENARIO_LIMITS, command_line,  # noqa: E402
                                      default_dtype, log, release_device_memory, steady_preset, versions, write_json)
+from batchdeck.engine.sim.calibrate import busy_gaps  # noqa: E402
 
 
 def stalls(samples, threshold_s: float) -> dict:
     """Busy iterations (not after an idle wait) whose host part exceeds threshold_s."""
-    hosts = [(b.time - a.time) - b.sync_wait for a, b in zip(samples, samples[1:])
-             if b.workload == a.workload and not b.after_idle]
+    hosts = [gap - s.sync_wait for s, gap in busy_gaps(samples)]
     late = [h for h in hosts if h > threshold_s]
     return {"busy_iterations": len(hosts), "host_stalls": len(late),
             "excess_ms": round(sum(h - threshold_s for h in late) * 1e3, 2),
@@ -82,8 +84,7 @@ class StackSampler:
 def stall_stacks(samples, sampler: StackSampler, offset: float, first: int = 300, top: int = 2) -> list[dict]:
     """The `top` largest host parts among the first `first` busy iterations, with the stacks sampled
     during each (`offset`: time.monotonic() minus the engine clock)."""
-    rows = [(b.time - a.time - b.sync_wait, a.time, b.time) for a, b in zip(samples[:first], samples[1:first])
-            if b.workload == a.workload and not b.after_idle]
+    rows = [(gap - s.sync_wait, s.time - gap, s.time) for s, gap in busy_gaps(samples[:first])]
     out = []
     for host, t0, t1 in sorted(rows, reverse=True)[:top]:
         out.append({"host_ms": round(host * 1e3, 2), "at_s": round(t1, 4),
@@ -185,8 +186,8 @@ def main() -> None:
                                  gpu_monitor=monitor == "on", on_start=on_start).report()["summary"]
             offset = time.monotonic() - taps[0].engine.clock()
             row = {"monitor": monitor, "repeat": rep, **stalls(taps[0].samples(), args.threshold_ms / 1e3),
-                   "ttft_p50_ms": summary["time_to_first_token"]["p50"] * 1e3,
-                   "ttft_p99_ms": summary["time_to_first_token"]["p99"] * 1e3,
+                   **{f"ttft_{q}_ms": None if v is None else v * 1e3  # None: no request finished
+                      for q, v in ((q, summary["time_to_first_token"][q]) for q in ("p50", "p99"))},
                    "output_throughput": summary["generation_throughput"]}
             if sampler is not None:
                 row["stall_stacks"] = stall_stacks(taps[0].samples(), sampler, offset)

@@ -145,7 +145,8 @@ def main() -> None:
     # calibration workloads through the serving-loop driver
     cfg = EngineConfig(**over, seed=0, spec_k_limit=0)
     llm = make_engine(cfg, LiveConfig(**CONFIG), **engine_kw())
-    workloads = [w for w in design_workloads(64, 2048, llm.max_model_len, llm.blocks.num_blocks * cfg.block_size)
+    workloads = [w for w in design_workloads(CONFIG["max_num_seqs"], CONFIG["max_batched_tokens"], llm.max_model_len,
+                                             llm.blocks.num_blocks * cfg.block_size)
                  if w.kind in ("decode", "mixed")]
     tap = PlanTap(llm)
     drive_through_service(llm, workloads, tap, lambda line: None, args.calibrate_budget)

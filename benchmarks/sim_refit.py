@@ -59,11 +59,9 @@ def main() -> None:
     model, report = fit_samples(samples, buckets, held_out_of_kinds(kinds), set(), kinds)
     cost = {**model.to_dict(), "cuda_graphs": c["cuda_graphs"], "idle_wake_s": c["idle_wake_s"],
             "idle_wake_by_idle": c.get("idle_wake_by_idle")}
-    keep = {k: base.fit[k] for k in ("idle_wake_s", "idle_samples", "idle_wake_by_idle", "driver", "cuda_graphs",
-                                     "async_scheduling", "num_workloads", "max_num_seqs_limit", "max_batched_tokens_limit",
-                                     "budget_s", "run_time_s", "wall_time_s", "target") if k in base.fit}
-    report.pop("idle_wake_s", None), report.pop("idle_samples", None), report.pop("idle_wake_by_idle", None)
-    fitted = {**keep, **report, "refit_from": args.samples.rsplit("/", 1)[-1],
+    for key in ("idle_wake_s", "idle_samples", "idle_wake_by_idle"):
+        report.pop(key, None)  # the samples hold busy iterations only: the base's idle fit stands
+    fitted = {**base.fit, **report, "refit_from": args.samples.rsplit("/", 1)[-1],
               "idle_wake_fitted_on": "the base profile's cost model (the samples hold busy iterations only)"}
     profile = dataclasses.replace(base, cost=CostModel(cost), fit=fitted)
     profile.save(args.out)

@@ -1,5 +1,7 @@
 """benchmarks/sim_refit.py: a profile refitted from the samples its calibration wrote is the fit the
 calibration made (same busy gaps, same waits, same held-out workloads)."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -47,9 +49,12 @@ def test_the_refit_is_the_calibrations_fit(tmp_path, gz):
     assert read_kinds == kinds
     refit, refit_report = fit_samples(read, buckets, held_out_of_kinds(read_kinds), set(), read_kinds)
     assert "host" in calibrated.coefficients
-    for regime in ("decode", "mixed"):
-        for name, value in calibrated.coefficients[regime].items():
-            assert refit.coefficients[regime][name] == pytest.approx(value, rel=1e-6, abs=1e-12)
+    for part in (calibrated.coefficients, calibrated.coefficients["host"]):  # the device's models and the host's
+        got = refit.coefficients if part is calibrated.coefficients else refit.coefficients["host"]
+        for regime in ("decode", "mixed"):
+            for name, value in part[regime].items():
+                assert got[regime][name] == pytest.approx(value, rel=1e-6, abs=1e-12)
+    assert refit.coefficients.get("attention_max") == calibrated.coefficients.get("attention_max")
     for regime, row in report["held_out_by_regime"].items():
         assert refit_report["held_out_by_regime"][regime]["mean_rel_error"] == pytest.approx(row["mean_rel_error"])
 
@@ -65,3 +70,31 @@ def test_a_line_that_is_not_a_sample_is_refused_by_number(tmp_path):
     path.write_text('{"workload": 0, "gap_s": 0.001, "sync_wait_s": 0.0, "decode_rows": 1}\n{"gap_s": "x"}\n')
     with pytest.raises(SystemExit, match="bad.jsonl:2"):
         read_samples(str(path))
+
+
+def test_the_refitted_profile_keeps_the_base_calibrations_record(tmp_path, monkeypatch):
+    """The profile sim_refit writes: the refit's cost model and errors, and every other fact the base
+    profile's calibration recorded (its driver, budget, cut-short workloads, ...) as it was."""
+    import sys
+
+    from batchdeck.engine.sim.profile import load_profile
+    from benchmarks import sim_refit
+    from tests.helpers import save_tiny_profile
+
+    samples, kinds = _samples()
+    write_samples(str(tmp_path / "s.jsonl"), samples, kinds)
+    base_path = save_tiny_profile(tmp_path / "base.json")
+    base = load_profile(base_path)
+    buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows", "cuda_graphs")}
+    base = dataclasses.replace(base, cost=CostModel({**base.cost.to_dict(), **buckets}),
+                               fit={"driver": "serving loop", "budget_s": 45.0, "cut_short": ["decode-x"],
+                                    "workloads_by_kind": {"decode": 3}, "idle_wake_s": 0.002})
+    base.save(base_path)
+    monkeypatch.setattr(sys, "argv", ["sim_refit.py", "--samples", str(tmp_path / "s.jsonl"), "--base", base_path,
+                                      "--out", str(tmp_path / "new.json")])
+    sim_refit.main()
+    new = load_profile(str(tmp_path / "new.json"))
+    for key, value in base.fit.items():
+        assert new.fit[key] == value, key
+    assert new.fit["refit_from"] == "s.jsonl" and new.fit["num_shapes"] > 0
+    assert "host" in new.cost.coefficients and new.cost.coefficients["idle_wake_s"] == base.cost.coefficients["idle_wake_s"]
