@@ -10,7 +10,6 @@ import pytest
 from batchdeck.engine.service.arrival_timer import ArrivalTimer
 from batchdeck.engine.sim.clock import PacedClock
 from batchdeck.presets.replay import run_preset
-from tests.test_heap_freeze import paced_preset  # noqa: F401 - the fixture
 
 
 def _arrival_threads() -> list[threading.Thread]:
@@ -98,7 +97,7 @@ def test_an_idle_helper_thread_exits_by_itself():
     timer.close()
 
 
-def test_a_replay_in_wall_time_sends_through_the_timer_and_stops_it(paced_preset):  # noqa: F811
+def test_a_replay_in_wall_time_sends_through_the_timer_and_stops_it(paced_preset):
     result = run_preset(paced_preset, clock=PacedClock(4.0), duration_scale=0.2)
     assert result.error is None and result.driver.submitted > 0
     assert result.driver.player._timer is not None  # the arrivals went through it

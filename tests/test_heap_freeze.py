@@ -3,15 +3,13 @@ records it keeps as they accumulate (serving, and a replay on a borrowed engine,
 from __future__ import annotations
 
 import gc
-import textwrap
 
 import pytest
 
 from batchdeck.engine.service import heap_freeze
 from batchdeck.engine.service.heap_freeze import RetainedFreezer
 from batchdeck.engine.sim.clock import PacedClock
-from batchdeck.presets import load_preset
-from tests.helpers import fail_steps, save_tiny_profile
+from tests.helpers import fail_steps
 
 EVERY = RetainedFreezer().every  # the default step, which replays use
 
@@ -23,30 +21,6 @@ def no_hold_left():
     yield
     assert heap_freeze.holders() == 0
     assert gc.get_freeze_count() == 0
-
-
-@pytest.fixture
-def paced_preset(tmp_path):
-    """A saturating load on a simulated engine: thousands of iterations in a few seconds of wall time."""
-    profile = tmp_path / "tiny-profile.json"
-    save_tiny_profile(profile)
-    path = tmp_path / "kept.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        name: kept
-        description: enough iterations for several refreezes
-        model: synthetic:tiny
-        engine: {{sim: {profile}}}
-        config: {{policy: fcfs, max_num_seqs: 8, max_batched_tokens: 1024, chunk_size: 256}}
-        workload:
-          - kind: poisson
-            rate: 200
-            duration: 1.5
-            input_tokens: {{dist: uniform, min: 16, max: 64}}
-            output_tokens: {{dist: uniform, min: 48, max: 96}}
-        timeline: []
-        seed: 5
-        """))
-    return load_preset(path)
 
 
 class HeapSamples:

@@ -41,3 +41,36 @@ def test_the_counts_form_keeps_the_counts_without_the_table(model_dirs):
     assert "requests" not in slim and "policy" not in slim
     assert {k: slim[k] for k in ("num_running", "num_waiting", "num_preempted")} == \
         {k: message[k] for k in ("num_running", "num_waiting", "num_preempted")}
+
+
+async def test_the_serving_loop_publishes_an_idle_abort_to_the_gauges(model_dirs):
+    """End to end through AsyncEngine: two requests run one at a time, the engine is paused (no more
+    iterations), both are aborted; the loop's own `requests` snapshot takes the gauges to 0."""
+    import asyncio
+    import time
+
+    pytest.importorskip("prometheus_client")
+    from batchdeck.engine.service.async_engine import AsyncEngine
+    from batchdeck.engine.service.http.prometheus import ServerMetrics
+
+    metrics = ServerMetrics("tiny")
+    engine = AsyncEngine(make_engine(model_dirs["llama"], block_size=4, num_blocks=256, max_num_seqs=1,
+                                     sink=metrics.observe))
+
+    async def until(values: tuple[float, float]) -> None:
+        deadline = time.monotonic() + 60
+        while (_gauge(metrics, "num_requests_running"), _gauge(metrics, "num_requests_waiting")) != values:
+            assert time.monotonic() < deadline, f"the gauges never reached {values}"
+            await asyncio.sleep(0.01)
+
+    await engine.start()
+    try:
+        for rid in ("a", "b"):
+            await engine.add_request(rid, list(range(20)), greedy(200))
+        await until((1.0, 1.0))  # from the iteration records
+        await engine.pause()
+        await engine.abort("a")
+        await engine.abort("b")
+        await until((0.0, 0.0))  # no iteration ran since: only the snapshot can say so
+    finally:
+        await engine.stop()

@@ -13,7 +13,6 @@ from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord
 from batchdeck.presets import parse_preset
 from batchdeck.presets.report import build_report, phase_boundaries, split_phases
 from tests.helpers import fail_steps
-from tests.test_heap_freeze import paced_preset  # noqa: F401 - the fixture
 
 PRESET = """
 name: replay-test
@@ -297,7 +296,7 @@ def test_replay_without_headless_opens_the_console(monkeypatch, capsys):
     assert "--headless" in capsys.readouterr().err
 
 
-def test_a_replay_result_has_a_short_repr_however_much_it_holds(paced_preset):  # noqa: F811
+def test_a_replay_result_has_a_short_repr_however_much_it_holds(paced_preset):
     """asyncio formats the finished main task with its result when `asyncio.run` restores SIGINT: a
     field-by-field repr of every record cost a minute after an hour-long simulated replay."""
     from batchdeck.presets.replay import run_preset
