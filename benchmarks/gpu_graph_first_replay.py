@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import command_line, log, versions, write_json  # noqa: E402
+from benchmarks.bench_common import command_line, default_dtype, log, versions, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    engine = LLMEngine(EngineConfig(model=args.model, device="cuda", dtype="bfloat16"))
+    engine = LLMEngine(EngineConfig(model=args.model, device="cuda", dtype=default_dtype("cuda")))
     runner = engine.runner.graphs
     first = runner.stats.first_replays
     later = [runner.replay_each() for _ in range(args.replays)]

@@ -11,7 +11,6 @@ Runs on a CPU in seconds; no engine is built.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -23,7 +22,6 @@ from batchdeck.engine.sim.calibrate import read_samples as calibration_samples  
 from batchdeck.engine.sim.cost_model import CostModel, IterationShape  # noqa: E402
 from batchdeck.engine.sim.profile import load_profile  # noqa: E402
 
-SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(IterationShape))
 DECODE_BANDS = ((1, 2), (3, 8), (9, 40), (41, None))
 BAND_ORDER = [f"decode {lo}-{hi}" if hi is not None else f"decode {lo}+" for lo, hi in DECODE_BANDS] + \
     ["mixed small", "mixed other"]

@@ -307,8 +307,8 @@ def drive_inline(engine: LLMEngine, workload: Workload, vocab_rng: random.Random
             if over():
                 return True
             due = engine.clock() + workload.gap_s
-            while engine.clock() < due:
-                engine.sleep(min(0.001, max(0.0, due - engine.clock())))  # a simulated engine's clock moves
+            while (left := due - engine.clock()) > 0:  # a simulated engine's sleep moves its own clock
+                engine.sleep(left)
             submit(due)
             while engine.has_unfinished:
                 engine.step()
