@@ -52,6 +52,16 @@ def scenario_presets(config: dict = SCENARIO_CONFIG, smoke: bool = False, azure_
             "azure": _as_scenario(dataclasses.replace(azure, workload=[trace]), config)}
 
 
+def real_overrides(model: str, device: str, profile=None, **extra) -> dict:
+    """Replay overrides for the real engine as the accuracy benchmark's real runs take them: the model,
+    the device and its default dtype, SCENARIO_LIMITS and, given a profile, its KV pool (None: the
+    engine sizes the pool from free memory); `extra` on top (other limits, async_scheduling)."""
+    over = {"model": model, "device": device, "dtype": default_dtype(device), **SCENARIO_LIMITS, **extra}
+    if profile is not None:
+        over.update(num_blocks=profile.num_blocks, block_size=profile.block_size)
+    return over
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 

@@ -123,7 +123,7 @@ def main() -> None:
 
     import torch
 
-    from benchmarks.bench_common import (SCENARIO_CONFIG, GCWatch, command_line, default_dtype,
+    from benchmarks.bench_common import (SCENARIO_CONFIG, GCWatch, command_line, default_dtype, real_overrides,
                                          release_device_memory, scaled_rates, scenario_presets)
     from batchdeck.engine.settings import defaults_for
     from batchdeck.engine.sim.calibrate import (DEFAULT_BUDGET_S, IterationTap, calibrate, check_iterations, wake_report,
@@ -164,9 +164,8 @@ def main() -> None:
         profile.save(profile_path)
     config = {**SCENARIO_CONFIG, **limits, "chunk_size": min(SCENARIO_CONFIG["chunk_size"], limits["max_batched_tokens"])}
     presets = scenario_presets(config, args.smoke, args.azure_requests)
-    real_over = {"model": args.model, "device": device, "dtype": dtype, "num_blocks": profile.num_blocks,
-                 "block_size": profile.block_size, "max_num_seqs_limit": limits["max_num_seqs"],
-                 "max_batched_tokens_limit": limits["max_batched_tokens"], "async_scheduling": overlap}
+    real_over = real_overrides(args.model, device, profile, max_num_seqs_limit=limits["max_num_seqs"],
+                               max_batched_tokens_limit=limits["max_batched_tokens"], async_scheduling=overlap)
     sim_over = {"sim": profile_path, "max_num_seqs_limit": limits["max_num_seqs"],
                 "max_batched_tokens_limit": limits["max_batched_tokens"], "async_scheduling": overlap}
     cost = profile.cost.for_limits(limits["max_num_seqs"], limits["max_batched_tokens"])  # as the simulator prices

@@ -21,8 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import (RECORDED_STEADY_RATE_SCALE, SCENARIO_LIMITS, command_line,  # noqa: E402
-                                     default_dtype, log, release_device_memory, steady_preset, versions, write_json)
+from benchmarks.bench_common import (RECORDED_STEADY_RATE_SCALE, command_line, default_dtype, log,  # noqa: E402
+                                     real_overrides, release_device_memory, steady_preset, versions, write_json)
 from batchdeck.engine.sim.calibrate import busy_gaps  # noqa: E402
 
 
@@ -154,7 +154,6 @@ def main() -> None:
     import torch
 
     from batchdeck.engine.models import load_model
-    from batchdeck.engine.settings import defaults_for
     from batchdeck.engine.sim.calibrate import IterationTap
     from batchdeck.engine.sim.profile import load_profile
     from batchdeck.presets.replay import run_preset
@@ -166,11 +165,7 @@ def main() -> None:
     dtype = default_dtype(device)
     steady = steady_preset(args.steady_rate_scale)
     loaded = load_model(args.model, device, dtype, 0)
-    over = {"model": args.model, "device": device, "dtype": dtype, **SCENARIO_LIMITS,
-            "async_scheduling": defaults_for(device)["async_scheduling"]}
-    if not args.free_memory_pool:
-        profile = load_profile(args.sim)
-        over.update(num_blocks=profile.num_blocks, block_size=profile.block_size)
+    over = real_overrides(args.model, device, None if args.free_memory_pool else load_profile(args.sim))
     runs = []
     for rep in range(args.repeats):
         for monitor in variants:

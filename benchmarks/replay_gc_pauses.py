@@ -84,16 +84,12 @@ def main() -> None:
     args = ap.parse_args()
 
     preset = steady_preset(args.rate_scale)
-    if args.model:  # the profile's pool, the device's dtype and overlap (as gpu_sim_accuracy.py's real runs)
-        from bench_common import default_dtype
+    if args.model:  # as gpu_sim_accuracy.py's real runs: the profile's pool, the device's dtype
+        from bench_common import real_overrides
 
-        from batchdeck.engine.settings import defaults_for
         from batchdeck.engine.sim.profile import load_profile
 
-        profile = load_profile(args.sim)
-        overrides = {"model": args.model, "device": args.device, "dtype": default_dtype(args.device),
-                     "num_blocks": profile.num_blocks, "block_size": profile.block_size,
-                     "async_scheduling": defaults_for(args.device)["async_scheduling"], **SCENARIO_LIMITS}
+        overrides = real_overrides(args.model, args.device, load_profile(args.sim))
     else:
         overrides = {"sim": args.sim, **SCENARIO_LIMITS}
     runs = []
