@@ -214,3 +214,19 @@ async def test_async_run_publishes_and_shuts_down_on_cancel(fake_nvml):
 def test_interval_must_be_positive():
     with pytest.raises(ValueError, match="interval_s"):
         GpuMonitor(interval_s=0)
+
+
+async def test_run_reads_nvml_first_on_the_loop_and_publishes_one_interval_later(fake_nvml):
+    fake = fake_nvml()
+    got: list[GpuSample] = []
+    mon = GpuMonitor(interval_s=30.0)
+    task = asyncio.create_task(mon.run(lambda topic, sample: got.append(sample)))
+    for _ in range(1000):  # the task's first step: prepare(), then the wait for the first tick
+        if fake.calls["init"]:
+            break
+        await asyncio.sleep(0)
+    assert fake.calls["init_thread"] == threading.current_thread().name and fake.calls["name_threads"]
+    assert got == []  # nothing published before the first tick
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
