@@ -84,8 +84,8 @@ def main() -> None:
         be.num_sms = sms if splits == 1 else splits * r * kvh // 2
         be.max_splits = max(1, splits)
         for cfg in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 2), (128, 8, 3),
-                    (64, 2, 3), (32, 2, 4)]:
-            be.decode_cfg = cfg
+                    (64, 2, 3), (32, 2, 4), (64, 2, 2), (64, 2, 4), (32, 2, 3), (128, 2, 3), (128, 4, 3)]:
+            be.decode_cfg = be.split_cfg = cfg
             try:
                 ms = do_bench(lambda: be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, True), warmup=25,
                               rep=100, return_mode="median")

@@ -244,7 +244,9 @@ def main() -> None:
                              "fused_kernels": levels[0] != "0", "fusion_level": int(levels[0]),
                              "attention_max_splits": os.environ.get("BATCHDECK_ATTN_MAX_SPLITS",
                                                                     f"default ({MAX_DECODE_SPLITS})"),
-                             "programmatic_dependent_launch": os.environ.get("BATCHDECK_PDL", "default (1: on Hopper)")},
+                             "programmatic_dependent_launch": os.environ.get("BATCHDECK_PDL", "default (1: on Hopper)"),
+                             "attention_tiles": {k: os.environ.get(k, "default") for k in (
+                                 "BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_SPLIT")}},
     }
     weight_bytes, kv_per_token = model_bytes(cfg, 2 if cuda else 4)
     result["model_bytes"] = {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token}

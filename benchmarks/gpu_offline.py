@@ -421,7 +421,7 @@ def main() -> None:
                              "mixing": "stall-free", "batching": "continuous", "cuda_graphs": not args.no_graphs,
                              "async_scheduling": args.async_scheduling,
                              "attention_backend": "triton", "fused_kernels": os.environ.get("BATCHDECK_FUSED", "1") != "0",
-                             "env": {k: os.environ[k] for k in ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_PREFILL",
+                             "env": {k: os.environ[k] for k in ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_SPLIT", "BATCHDECK_ATTN_PREFILL",
                                                                 "BATCHDECK_FUSED") if k in os.environ}},
         "isolation": "each of batchdeck / transformers runs in its own process (clean GPU memory)",
     }

@@ -11,7 +11,8 @@ When rows x KV heads are too few to fill the GPU (small batches), the one-token 
 instead: `decode_splits` programs per (row, KV head) each attend a slice of the keys, and a second
 launch merges the slices' partial softmaxes (the split count depends only on the row count, so a
 captured graph keeps it). Tile sizes can be overridden for tuning with
-BATCHDECK_ATTN_DECODE="BLOCK_N,warps,stages" and BATCHDECK_ATTN_PREFILL="BLOCK_M,BLOCK_N,warps,stages";
+BATCHDECK_ATTN_DECODE="BLOCK_N,warps,stages" (BATCHDECK_ATTN_DECODE_SPLIT for the split-KV launch) and
+BATCHDECK_ATTN_PREFILL="BLOCK_M,BLOCK_N,warps,stages";
 BATCHDECK_ATTN_MAX_SPLITS caps the split count (1: never split).
 """
 from __future__ import annotations
@@ -51,7 +52,12 @@ class TritonBackend:
     graph_safe = True  # launches depend on shapes only: CUDA graphs may capture them
 
     def __init__(self) -> None:
-        self.decode_cfg = _env_ints("BATCHDECK_ATTN_DECODE", (64, 4, 2))  # BLOCK_N, warps, stages
+        # BLOCK_N, warps, stages. Unsplit decode: two warps, three stages, on an H200 the fastest tile for
+        # llama-3.1-8b at 64 rows (8% over 64,4,2) and within 0.1% of the fastest for qwen3-0.6b at 256
+        # (benchmarks/results/gpu_attention_*_h200.json). Split-KV decode (a few rows) keeps 64,4,2: with
+        # 64,2,3 qwen3-0.6b's batch-1 step took 1.006 ms against 0.993 (gpu_decode_sweep_*_split_tile*.json).
+        self.decode_cfg = _env_ints("BATCHDECK_ATTN_DECODE", (64, 2, 3))
+        self.split_cfg = _env_ints("BATCHDECK_ATTN_DECODE_SPLIT", (64, 4, 2))
         self.prefill_cfg = _env_ints("BATCHDECK_ATTN_PREFILL", (64, 64, 4, 3))  # BLOCK_M, BLOCK_N, warps, stages
         self.shrink_fp32_tiles = True  # float32 tiles are twice the bytes: keep shared memory in bounds
         cap = _env_ints("BATCHDECK_ATTN_MAX_SPLITS", (MAX_DECODE_SPLITS,))[0]
@@ -107,13 +113,13 @@ class TritonBackend:
                 query.stride(0), query.stride(1), out.stride(0), out.stride(1),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
         # Decode rows (and one-token chunks): one program per (row, kv head), or per slice of its keys.
-        block_n, warps, stages = self.decode_cfg
-        if ieee and self.shrink_fp32_tiles:
-            block_n, stages = min(block_n, 32), min(stages, 2)
         if self.num_sms is None:
             self.num_sms = (torch.cuda.get_device_properties(query.device).multi_processor_count
                             if query.is_cuda else 128)
         splits = decode_splits(rows, kvh, self.num_sms, self.max_splits)
+        block_n, warps, stages = self.split_cfg if splits > 1 else self.decode_cfg
+        if ieee and self.shrink_fp32_tiles:
+            block_n, stages = min(block_n, 32), min(stages, 2)
         if splits > 1:
             self._decode_split(query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scaling,
                                sliding_window, splits, block_n, warps, stages, common)

@@ -1,0 +1,62 @@
+"""Which tile each decode launch of the Triton attention backend uses (no GPU: the kernels are stood in
+for by recorders; needs Triton installed, as on a CUDA machine). Unsplit decode and split-KV decode
+have their own defaults and overrides."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # the backend module imports its kernels; none of them runs here
+
+from batchdeck.engine.attention import triton_backend  # noqa: E402
+from batchdeck.engine.attention.triton_backend import TritonBackend  # noqa: E402
+
+
+class Recorder:
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((self.name, kw.get("BLOCK_N"), kw.get("num_warps"),
+                                                      kw.get("num_stages")))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    calls: list = []
+    for name in ("paged_attention_kernel", "paged_decode_split_kernel", "decode_split_combine_kernel"):
+        monkeypatch.setattr(triton_backend, name, Recorder(name, calls))
+    return calls
+
+
+def decode(backend: TritonBackend, rows: int) -> None:
+    heads, kvh, d, bs = 8, 2, 64, 16
+    q = torch.zeros(rows, heads, d, dtype=torch.bfloat16)
+    cache = torch.zeros(4 * rows, bs, kvh, d, dtype=torch.bfloat16)
+    tables = torch.arange(4 * rows, dtype=torch.int32).view(rows, 4)
+    backend.attend(q, cache, cache, torch.empty_like(q), tables, torch.arange(rows + 1, dtype=torch.int32),
+                   torch.full((rows,), 60, dtype=torch.int32), d ** -0.5, None, decode_only=True)
+
+
+def test_unsplit_and_split_decode_take_their_own_tiles(launches):
+    backend = TritonBackend()
+    assert backend.decode_cfg == (64, 2, 3) and backend.split_cfg == (64, 4, 2)
+    backend.num_sms = 132
+    decode(backend, 128)  # 128 rows x 2 KV heads fill 132 SMs: one unsplit launch
+    decode(backend, 1)  # one row: split-KV, then the combine
+    assert launches[0] == ("paged_attention_kernel", 64, 2, 3)
+    assert launches[1] == ("paged_decode_split_kernel", 64, 4, 2)
+    assert launches[2][0] == "decode_split_combine_kernel" and len(launches) == 3
+
+
+def test_tiles_are_overridden_separately(launches, monkeypatch):
+    monkeypatch.setenv("BATCHDECK_ATTN_DECODE", "32,4,2")
+    monkeypatch.setenv("BATCHDECK_ATTN_DECODE_SPLIT", "128,8,3")
+    backend = TritonBackend()
+    backend.num_sms = 132
+    decode(backend, 128)
+    decode(backend, 1)
+    assert [c[1:] for c in launches[:2]] == [(32, 4, 2), (128, 8, 3)]
+    monkeypatch.setenv("BATCHDECK_ATTN_DECODE_SPLIT", "128,8")
+    with pytest.raises(ValueError, match="BATCHDECK_ATTN_DECODE_SPLIT='128,8': expected 3"):
+        TritonBackend()
