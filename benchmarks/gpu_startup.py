@@ -9,7 +9,9 @@ first run pays it):
 - imports: torch, transformers (lazy top level), transformers.modeling_utils (what any HF model class
   needs), then batchdeck's engine plus the model's modeling module (cumulative), and the slowest
   modules of the last one from `python -X importtime`; again with a primed private bytecode cache
-  (PYTHONPYCACHEPREFIX), which shows whether the install recompiles its sources at every start;
+  (PYTHONPYCACHEPREFIX; the priming run may write it whatever PYTHONDONTWRITEBYTECODE says), and how
+  many imported source modules have no bytecode file (an install made with --no-compile, used under
+  PYTHONDONTWRITEBYTECODE, compiles those at every start: `benchmarks/clean_env.py` writes them);
 - CUDA context: the first allocation on the device;
 - model build: `load_model` (synthetic weights created on the device in the target dtype);
 - KV pool: an engine without CUDA graphs (pool allocation + runner set-up, model reused);
@@ -64,6 +66,17 @@ def import_phases(model_module: str, repeats: int,
     return baseline, out, top
 
 
+def bytecode_missing(model_module: str) -> dict[str, int]:
+    """After the import runs above: of the source modules the import chain loads, how many still have no
+    bytecode file (each of those is compiled again at every start)."""
+    probe = (f"import os, sys, torch, transformers.modeling_utils, batchdeck.engine.llm_engine, {model_module}\n"
+             "mods = [m.__spec__ for m in list(sys.modules.values()) if getattr(m, '__spec__', None)\n"
+             "        and (m.__spec__.origin or '').endswith('.py')]\n"
+             "print(len(mods), sum(not (s.cached and os.path.exists(s.cached)) for s in mods))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    return {"source_modules": int(out[0]), "without_bytecode_file": int(out[1])}
+
+
 def generate_run(model: str, device: str, num_blocks: int | None, triton_cache: str, extra: list[str]) -> dict:
     """One `batchdeck generate` process: seconds from exec to its first result line, and to exit."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,6 +125,7 @@ def main() -> None:
     # The same with a private, primed bytecode cache: tells whether this install recompiles sources
     # on every start (a read-only site-packages without .pyc files).
     pyc_env = dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(tmp_root, "pycache"))
+    pyc_env.pop("PYTHONDONTWRITEBYTECODE", None)  # the priming run must write the cache
     subprocess.run([sys.executable, "-c", f"import torch, transformers.modeling_utils, batchdeck.engine.llm_engine, "
                     f"{model_module}"], check=True, env=pyc_env)  # primes the private cache
     _, imports_pyc, _ = import_phases(model_module, 1, pyc_env)
@@ -191,6 +205,8 @@ def main() -> None:
         "sum_of_phases_to_first_iteration_s": to_first, "generate_one_request": end_to_end,
         "bytecode_cache_writable": {m.__name__: os.access(os.path.dirname(m.__file__), os.W_OK)
                                     for m in (torch, transformers)},
+        "python_dont_write_bytecode": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+        "modules_without_bytecode": bytecode_missing(model_module),
     })
 
 
