@@ -10,6 +10,7 @@ Speed depends on shapes, not weights, so synthetic shapes give honest speed numb
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from batchdeck.engine.attention.hf_hook import register
 from batchdeck.engine.hub_cache import cached_snapshot, hub_cache_dir, looks_like_hub_id
+from batchdeck.engine.import_bytecode import bytecode_hint
 from batchdeck.engine.tokenizer import BYTE_BOS, BYTE_EOS, ByteTokenizer, HFTokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -144,9 +146,23 @@ def resolve_model_dir(spec: str) -> str:
     return snapshot
 
 
+log = logging.getLogger(__name__)
+_bytecode_checked = False  # the heavy imports' bytecode is looked at once per process
+
+
+def _warn_once_if_compiled_from_source() -> None:
+    global _bytecode_checked
+    if not _bytecode_checked:
+        _bytecode_checked = True
+        hint = bytecode_hint()
+        if hint:
+            log.warning(hint)
+
+
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> LoadedModel:
     """Load `synthetic:<name>` or a local directory, with batchdeck's paged attention registered."""
     attn = register()
+    _warn_once_if_compiled_from_source()
     torch_dtype = DTYPES[dtype]
     dev = torch.device(device)
     if spec.startswith("synthetic:"):
