@@ -121,7 +121,9 @@ class Scheduler:
             )
             if long is not None and (not self._last_step_alone or not has_other):
                 self._run_alone(long, plan, budget, now)
-                return
+                if not plan.empty:
+                    return
+                # its turn ran nothing (no blocks: it was preempted, or not admitted): the others take it
             self._last_step_alone = False
             budget = self._run(decoding, plan, budget, now)
             budget = self._run([r for r in prefilling if not self._is_long(r)], plan, budget, now)

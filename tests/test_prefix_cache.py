@@ -251,6 +251,9 @@ def shared_prompts(rng: random.Random, path: str, count: int, block_size: int) -
 @example(arch="qwen3", seed=5, count=6, max_num_seqs=4, max_batched_tokens=24, chunk_size=6, block_size=2,
          pool_tokens=40, batching="continuous", mixing="stall-free", policy="cache-aware", spec_k=0, stagger=1,
          abort_every=3, overlap=True)  # overlapped: preemption, aborts with tokens in flight, shared prefixes
+@example(arch="llama", seed=103, count=2, max_num_seqs=2, max_batched_tokens=6, chunk_size=6, block_size=16,
+         pool_tokens=16, batching="continuous", mixing="selective", policy="fcfs", spec_k=0, stagger=0,
+         abort_every=0, overlap=False)  # found by a CI run: the engine scheduled nothing with requests unfinished
 def test_token_exact_with_shared_prefixes_over_knobs(model_dirs, arch, seed, count, max_num_seqs, max_batched_tokens,
                                                      chunk_size, block_size, pool_tokens, batching, mixing, policy,
                                                      spec_k, stagger, abort_every, overlap):

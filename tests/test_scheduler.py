@@ -124,6 +124,33 @@ def test_selective_runs_long_prefill_alone_then_interleaves():
     assert kinds[0] == ["long"] and kinds[1] == ["s"] and kinds[2] == ["long"]
 
 
+def test_selective_turn_of_a_long_prefill_that_preempts_itself_goes_to_the_others():
+    """The long prefill's alone turn needs a block none is free for; FCFS evicts the latest arrival, the
+    long prefill itself. The decoding request then runs in that iteration, which used to plan nothing
+    (and the engine stopped: unfinished requests, nothing scheduled)."""
+    s = sched(num_blocks=4, block_size=4, max_num_seqs=2, max_batched_tokens=8, chunk_size=8,
+              mixing="selective", selective_threshold=8)
+    short = req("s", 5, max_tokens=7)
+    s.add(short)
+    advance(s.schedule(0.0))  # s: 5 prompt tokens + its first output, 2 blocks
+    s.add(req("long", 12, max_tokens=1, arrival=1.0))
+    evicted = None
+    for _ in range(40):
+        if not s.has_work:
+            break
+        plan = s.schedule(0.0)
+        assert plan.chunks, "an iteration planned nothing with requests unfinished"
+        if evicted is None and [r.request_id for r in plan.preempted] == ["long"]:
+            evicted = [c.request.request_id for c in plan.chunks]
+        advance(plan)
+        for r in list(s.running):
+            if r.num_output_tokens >= r.sampling.max_tokens and not r.is_prefilling:
+                s.finish(r)
+        s.blocks.check()
+    assert evicted == ["s"]  # the iteration that evicted the long prefill decoded s
+    assert not s.has_work
+
+
 def test_static_batch_seats_max_num_seqs_even_when_prefill_takes_several_iterations():
     s = sched(num_blocks=256, max_num_seqs=4, max_batched_tokens=16, chunk_size=16, batching="static",
               static_timeout=0.0)
