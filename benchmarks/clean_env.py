@@ -9,10 +9,11 @@ accelerate), which a user's start-up never pays. Nothing is downloaded: the clos
 (batchdeck's own requirements, no extras, followed through their requirements and markers) are
 symlinked, top-level entry by entry, into the new environment's site-packages, so `.pth` files
 (an editable batchdeck's finder among them) keep working. A requirement that is not installed here
-is listed and skipped; a top-level folder several distributions share (`nvidia/`) is linked whole.
+(no RECORD) is listed and skipped; a top-level folder several distributions share (`nvidia/`) is
+linked whole, and one split between two site directories keeps the first (both are listed).
 The linked modules' missing bytecode is written, as pip's install does (`--no-compile` to skip):
 an environment installed without it, or run under PYTHONDONTWRITEBYTECODE, compiles every module
-it imports at every start.
+it imports at every start. It is written through the links, into the source environment's packages.
 """
 from __future__ import annotations
 
@@ -30,10 +31,9 @@ from packaging.utils import canonicalize_name
 
 
 def installed(name: str) -> metadata.Distribution | None:
-    """The installed distribution of that name: one with a RECORD, not a source tree's `*.egg-info`
-    that the current directory on sys.path may show first."""
-    found = list(metadata.distributions(name=name))
-    return next((d for d in found if d.read_text("RECORD") is not None), found[0] if found else None)
+    """The installed distribution of that name: the first with a RECORD (the list of files an install
+    wrote), never a source tree's `*.egg-info` that the current directory on sys.path may show first."""
+    return next((d for d in metadata.distributions(name=name) if d.read_text("RECORD") is not None), None)
 
 
 def closure(root: str) -> tuple[list[metadata.Distribution], list[str]]:
@@ -74,23 +74,31 @@ def top_level_entries(dist: metadata.Distribution) -> set[str]:
     return {e for e in entries if os.path.exists(e)}
 
 
-def compile_bytecode(paths: list[str]) -> float:
+def compile_bytecode(paths: list[str]) -> tuple[float, list[str]]:
     """Write the bytecode of every module under `paths`, as pip's install does (beside the sources;
-    up-to-date files are kept). Returns the seconds it took."""
+    up-to-date files are kept). Returns the seconds it took and the paths where some file failed
+    (a read-only folder, a source that does not compile)."""
     t0 = time.perf_counter()
     workers = os.cpu_count() or 1
+    failed = []
     for path in paths:
         if os.path.isdir(path):
-            compileall.compile_dir(path, quiet=2, workers=workers)
+            ok = compileall.compile_dir(path, quiet=2, workers=workers)
         elif path.endswith(".py"):
-            compileall.compile_file(path, quiet=2)
-    return time.perf_counter() - t0
+            ok = compileall.compile_file(path, quiet=2)
+        else:
+            continue
+        if not ok:
+            failed.append(path)
+    return time.perf_counter() - t0, failed
 
 
 def build(dest: str, root: str = "batchdeck", compile: bool = True) -> dict:
     """Create the environment at `dest` (which must not exist); return what it holds. With `compile`,
     the linked modules get their bytecode, which an environment installed with pip's --no-compile (or
-    used under PYTHONDONTWRITEBYTECODE) lacks, so every start would compile them again."""
+    used under PYTHONDONTWRITEBYTECODE) lacks, so every start would compile them again. The links lead
+    to the running interpreter's packages, so that bytecode lands in their own __pycache__ folders:
+    the source environment has it too from then on."""
     if os.path.exists(dest):
         raise SystemExit(f"{dest} exists: give a new path")
     dists, missing = closure(root)
@@ -99,15 +107,23 @@ def build(dest: str, root: str = "batchdeck", compile: bool = True) -> dict:
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                           check=True, capture_output=True, text=True).stdout.strip()
     linked: list[str] = []
+    no_files: list[str] = []  # installed, but their RECORD names no file
+    clashes: list[str] = []  # one name in two places (a namespace folder split between site directories)
     for dist in dists:
-        for entry in sorted(top_level_entries(dist)):
+        entries = top_level_entries(dist)
+        if not entries:
+            no_files.append(dist.metadata["Name"])
+        for entry in sorted(entries):
             link = os.path.join(site, os.path.basename(entry))
             if not os.path.lexists(link):
                 os.symlink(entry, link)
                 linked.append(os.path.basename(entry))
-    compile_s = compile_bytecode([os.path.join(site, name) for name in linked]) if compile else None
+            elif os.path.realpath(link) != entry:
+                clashes.append(f"{entry} (kept {os.path.realpath(link)})")
+    compile_s, failed = compile_bytecode([os.path.join(site, name) for name in linked]) if compile else (None, [])
     return {"python": python, "distributions": [d.metadata["Name"] for d in dists],
-            "not_installed": missing, "linked": len(linked), "compile_seconds": compile_s}
+            "not_installed": missing, "no_files": no_files, "clashes": clashes, "linked": len(linked),
+            "compile_seconds": compile_s, "compile_failed": failed}
 
 
 def main() -> None:
@@ -120,8 +136,10 @@ def main() -> None:
     print(f"{len(made['distributions'])} distributions, {made['linked']} entries linked"
           + (f", bytecode written in {made['compile_seconds']:.1f} s" if made["compile_seconds"] is not None else ""),
           file=sys.stderr)
-    if made["not_installed"]:
-        print("not installed here (skipped): " + ", ".join(made["not_installed"]), file=sys.stderr)
+    for key, what in (("not_installed", "not installed here (skipped)"), ("no_files", "installed with no files listed"),
+                      ("clashes", "not linked, the name was taken"), ("compile_failed", "bytecode not all written")):
+        if made[key]:
+            print(f"{what}: " + ", ".join(made[key]), file=sys.stderr)
     print(made["python"])
 
 

@@ -69,10 +69,11 @@ def import_phases(model_module: str, repeats: int,
 def bytecode_missing(model_module: str) -> dict[str, int]:
     """After the import runs above: of the source modules the import chain loads, how many still have no
     bytecode file (each of those is compiled again at every start)."""
-    probe = (f"import os, sys, torch, transformers.modeling_utils, batchdeck.engine.llm_engine, {model_module}\n"
-             "mods = [m.__spec__ for m in list(sys.modules.values()) if getattr(m, '__spec__', None)\n"
-             "        and (m.__spec__.origin or '').endswith('.py')]\n"
-             "print(len(mods), sum(not (s.cached and os.path.exists(s.cached)) for s in mods))")
+    probe = (f"import sys, torch, transformers.modeling_utils, batchdeck.engine.llm_engine, {model_module}\n"
+             "from batchdeck.engine.import_bytecode import without_bytecode\n"
+             "src = [n for n, m in list(sys.modules.items())\n"
+             "       if (getattr(getattr(m, '__spec__', None), 'origin', None) or '').endswith('.py')]\n"
+             "print(len(src), len(without_bytecode(tuple(src))))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     return {"source_modules": int(out[0]), "without_bytecode_file": int(out[1])}
 

@@ -30,8 +30,9 @@ def bytecode_hint(names: tuple[str, ...] | None = None) -> str | None:
     missing = without_bytecode(names)
     if not missing:
         return None
-    roots = sorted({os.path.dirname(sys.modules[n.split(".")[0]].__file__) for n in missing})
+    # the folders holding their top-level packages: their dependencies (sympy, numpy, ...) live there too
+    sites = sorted({os.path.dirname(os.path.dirname(sys.modules[n.split(".")[0]].__file__)) for n in missing})
     why = " (PYTHONDONTWRITEBYTECODE is set)" if os.environ.get("PYTHONDONTWRITEBYTECODE") else ""
     return (f"{', '.join(missing)} imported from source with no bytecode files{why}: every start compiles "
-            f"them again, seconds of start-up. Write the bytecode once: "
-            f"{sys.executable} -m compileall -q {' '.join(roots)}")
+            f"them and their dependencies again, seconds of start-up. Write the bytecode once: "
+            f"{sys.executable} -m compileall -q -j 0 {' '.join(sites)}")

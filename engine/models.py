@@ -24,6 +24,8 @@ from batchdeck.engine.hub_cache import cached_snapshot, hub_cache_dir, looks_lik
 from batchdeck.engine.import_bytecode import bytecode_hint
 from batchdeck.engine.tokenizer import BYTE_BOS, BYTE_EOS, ByteTokenizer, HFTokenizer, Tokenizer
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -146,7 +148,6 @@ def resolve_model_dir(spec: str) -> str:
     return snapshot
 
 
-log = logging.getLogger(__name__)
 _bytecode_checked = False  # the heavy imports' bytecode is looked at once per process
 
 

@@ -1,12 +1,14 @@
-"""Which tile each decode launch of the Triton attention backend uses (no GPU: the kernels are stood in
-for by recorders; needs Triton installed, as on a CUDA machine). Unsplit decode and split-KV decode
-have their own defaults and overrides."""
+"""Which tile each decode launch of the Triton attention backend uses. Unsplit decode and split-KV
+decode have their own defaults and overrides. The kernels are stood in for by recorders, so no GPU
+runs, but the backend's module imports Triton: marked `cuda` so the CUDA suite (where Triton is
+installed) selects it; it also runs on any machine with Triton."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 pytest.importorskip("triton")  # the backend module imports its kernels; none of them runs here
+pytestmark = pytest.mark.cuda
 
 from batchdeck.engine.attention import triton_backend  # noqa: E402
 from batchdeck.engine.attention.triton_backend import TritonBackend  # noqa: E402

@@ -2,6 +2,7 @@
 beside it (what start-up is measured in on a machine with more packages than a clean install)."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -24,9 +25,13 @@ def test_built_environment_imports_the_closure_only(tmp_path):
     probe = ("import importlib.util as u, batchdeck.engine.settings;"
              "print(u.find_spec('torch') is not None, u.find_spec('transformers') is not None,"
              " u.find_spec('pytest') is None, batchdeck.engine.settings.__file__)")
-    out = subprocess.run([made["python"], "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([made["python"], "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env=env).stdout.split()
     assert out[:3] == ["True", "True", "True"]
-    assert out[3].endswith("engine/settings.py")  # the editable install's finder works there too
+    # away from the repository and with no PYTHONPATH: only the editable install's finder maps this
+    assert out[3].endswith("engine/settings.py")
+    assert made["not_installed"] == [] and made["clashes"] == [] and made["no_files"] == []
 
 
 def test_refuses_an_existing_path(tmp_path):
@@ -40,7 +45,16 @@ def test_compile_bytecode_writes_what_an_import_reads(tmp_path):
     (pkg / "__init__.py").write_text("X = 1\n")
     (pkg / "sub" / "mod.py").write_text("Y = 2\n")
     (tmp_path / "single.py").write_text("Z = 3\n")
-    compile_bytecode([str(pkg), str(tmp_path / "single.py")])
+    _seconds, failed = compile_bytecode([str(pkg), str(tmp_path / "single.py")])
+    assert failed == []
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pyc"))
     assert [w.split(".")[0] for w in written] == ["__pycache__/single", "pkg/__pycache__/__init__",
                                                   "pkg/sub/__pycache__/mod"]
+
+
+def test_compile_bytecode_reports_what_it_could_not_compile(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.py").write_text("def (:\n")
+    _seconds, failed = compile_bytecode([str(bad)])
+    assert failed == [str(bad)]

@@ -13,7 +13,9 @@ from batchdeck.engine import import_bytecode, models
 
 
 def fake_module(tmp_path, name: str, *, with_bytecode: bool) -> types.ModuleType:
-    src = tmp_path / f"{name}.py"
+    """A package `name` in tmp_path/site (its __init__.py), with or without its bytecode file."""
+    (tmp_path / "site" / name).mkdir(parents=True)
+    src = tmp_path / "site" / name / "__init__.py"
     src.write_text("X = 1\n")
     spec = importlib.util.spec_from_file_location(name, src)
     module = importlib.util.module_from_spec(spec)
@@ -37,7 +39,7 @@ def test_names_only_the_module_without_a_bytecode_file(two_modules, monkeypatch)
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     hint = import_bytecode.bytecode_hint(("bd_compiled", "bd_source"))
     assert hint.startswith("bd_source imported from source with no bytecode files (PYTHONDONTWRITEBYTECODE is set)")
-    assert hint.endswith(f"{sys.executable} -m compileall -q {two_modules}")
+    assert hint.endswith(f"{sys.executable} -m compileall -q -j 0 {two_modules / 'site'}")
     assert import_bytecode.bytecode_hint(("bd_compiled",)) is None
 
 

@@ -54,8 +54,9 @@ class TritonBackend:
     def __init__(self) -> None:
         # BLOCK_N, warps, stages. Unsplit decode: two warps, three stages, on an H200 the fastest tile for
         # llama-3.1-8b at 64 rows (8% over 64,4,2) and within 0.1% of the fastest for qwen3-0.6b at 256
-        # (benchmarks/results/gpu_attention_*_h200.json). Split-KV decode (a few rows) keeps 64,4,2: with
-        # 64,2,3 qwen3-0.6b's batch-1 step took 1.006 ms against 0.993 (gpu_decode_sweep_*_split_tile*.json).
+        # (benchmarks/results/gpu_attention_*_h200.json). Split-KV decode (a few rows) keeps 64,4,2: 64,2,3
+        # showed no gain there (qwen3-0.6b's batch-1 step 1.006 ms against 0.993, batch 8 1.375 against
+        # 1.382, one run each: gpu_decode_sweep_*_split_tile*.json).
         self.decode_cfg = _env_ints("BATCHDECK_ATTN_DECODE", (64, 2, 3))
         self.split_cfg = _env_ints("BATCHDECK_ATTN_DECODE_SPLIT", (64, 4, 2))
         self.prefill_cfg = _env_ints("BATCHDECK_ATTN_PREFILL", (64, 64, 4, 3))  # BLOCK_M, BLOCK_N, warps, stages
