@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG, scaled_rates, scenario_presets  # noqa: E402
+from bench_common import (DEFAULT_SIM_PROFILE, RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG, command_line,  # noqa: E402
+                          scaled_rates, scenario_presets, write_json)
 
 
 class AsyncioTimer:
@@ -57,7 +58,7 @@ def run(preset, mode: str, profile: str, duration_scale: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sim", default="h200-qwen3-0.6b", help="profile (a shipped name or a JSON path)")
+    ap.add_argument("--sim", default=DEFAULT_SIM_PROFILE, help="profile (a shipped name or a JSON path)")
     ap.add_argument("--duration-scale", type=float, default=0.2)
     ap.add_argument("--rate-scale", type=float, default=RECORDED_STEADY_RATE_SCALE,
                     help="steady: multiply quickstart's rates by this")
@@ -73,11 +74,11 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = {"benchmark": "arrival_lateness", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "command": "PYTHONPATH=. python benchmarks/arrival_lateness.py " + " ".join(sys.argv[1:]),
+           "command": command_line("benchmarks/arrival_lateness.py"),
            "device": f"CPU ({platform.processor() or platform.machine()}), simulated {args.sim}",
            "python": platform.python_version(), "config": SCENARIO_CONFIG, "duration_scale": args.duration_scale,
            "rows": rows}
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -22,8 +23,11 @@ SCENARIO_CONFIG = {"policy": "fcfs", "max_num_seqs": 64, "max_batched_tokens": 2
 SCENARIO_LIMITS = {"max_num_seqs_limit": SCENARIO_CONFIG["max_num_seqs"],
                    "max_batched_tokens_limit": SCENARIO_CONFIG["max_batched_tokens"]}
 RECORDED_STEADY_RATE_SCALE = 36.84  # the steady load of the saved H200 accuracy results (their steady_rate_scale)
-
-
+DEFAULT_SIM_PROFILE = "h200-qwen3-0.6b"  # the shipped profile the scripts' simulated engines default to
+# The engine's kernel-tuning variables: a result records those set, its command repeats them (never
+# other BATCHDECK_* variables, which hold secrets such as BATCHDECK_API_KEY).
+TUNING_ENV = ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_SPLIT", "BATCHDECK_ATTN_PREFILL",
+              "BATCHDECK_ATTN_MAX_SPLITS", "BATCHDECK_FUSED", "BATCHDECK_PDL")
 
 
 def _as_scenario(preset, config: dict):
@@ -50,6 +54,21 @@ def scenario_presets(config: dict = SCENARIO_CONFIG, smoke: bool = False, azure_
                                 limit=40 if smoke else azure_requests)
     return {"steady": steady_preset(1.0, config), "burst": _as_scenario(burst, config),
             "azure": _as_scenario(dataclasses.replace(azure, workload=[trace]), config)}
+
+
+def steady_load_scale(preset, profile, sim_overrides: dict, duration_scale: float, load: float,
+                      max_num_seqs: int) -> tuple[float, dict]:
+    """The factor on `preset`'s rates that offers `load` of the profile's throughput bound, and that bound
+    (the mean prompt and output lengths from a simulated run of the preset at its own rates)."""
+    from batchdeck.presets.analytic import throughput_bound
+    from batchdeck.presets.replay import run_preset
+
+    probe = run_preset(preset, overrides=sim_overrides, duration_scale=duration_scale).report()["analytic"]
+    bound = throughput_bound(profile.cost.to_dict(), max_num_seqs=max_num_seqs,
+                             pool_tokens=profile.num_blocks * profile.block_size,
+                             mean_prompt=probe["mean_prompt_tokens"], mean_output=probe["mean_output_tokens"])
+    offered = sum(s.rate for s in preset.workload if getattr(s, "rate", None))
+    return load * bound["requests_per_s"] / offered, bound
 
 
 def real_overrides(model: str, device: str, profile=None, **extra) -> dict:
@@ -95,9 +114,15 @@ def argv_without(*flags: str) -> list[str]:
     return argv
 
 
+def tuning_env() -> dict[str, str]:
+    """The TUNING_ENV variables this run has set."""
+    return {k: os.environ[k] for k in TUNING_ENV if k in os.environ}
+
+
 def command_line(script: str) -> str:
-    """The command that reproduces this run (without --out)."""
-    return f"PYTHONPATH=. python {script} " + " ".join(argv_without("--out"))
+    """The command that reproduces this run (without --out), with the tuning variables it had set."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in tuning_env().items())
+    return (f"{env} " if env else "") + f"PYTHONPATH=. python {script} " + " ".join(argv_without("--out"))
 
 
 def write_json(path: str | None, result: dict) -> None:

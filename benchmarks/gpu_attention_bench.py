@@ -18,15 +18,20 @@ Prints the best decode config as `BEST_DECODE=BLOCK_N,warps,stages` (and prefill
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import random
+import sys
+import time
 
 import torch
-import triton
 from triton.testing import do_bench
 
-from batchdeck.engine.attention.decode_splits import MAX_DECODE_SPLITS
-from batchdeck.engine.attention.triton_backend import TritonBackend
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import command_line, versions, write_json  # noqa: E402
+
+from batchdeck.engine.attention.decode_splits import MAX_DECODE_SPLITS  # noqa: E402
+from batchdeck.engine.attention.triton_backend import TritonBackend  # noqa: E402
 
 SHAPES = {"qwen3-0.6b": (16, 8), "llama-3.1-8b": (32, 8)}  # (query heads, KV heads), head dim 128
 
@@ -64,8 +69,9 @@ def main() -> None:
     if any(n < 1 or n & (n - 1) or n > MAX_DECODE_SPLITS for n in splits_list):
         ap.error(f"--splits {args.splits}: each must be a power of two in 1..{MAX_DECODE_SPLITS} (what the "
                  "backend's split rule can pick)")
-    results = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
-               "shape": {"name": args.shape, "heads": h, "kv_heads": kvh, "head_dim": d, "rows": args.rows},
+    results = {"benchmark": "gpu_attention_bench", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+               "command": command_line("benchmarks/gpu_attention_bench.py"), "device": torch.cuda.get_device_name(),
+               "versions": versions(), "shape": {"name": args.shape, "heads": h, "kv_heads": kvh, "head_dim": d, "rows": args.rows},
                "decode": [], "prefill": []}
 
     # -- decode -------------------------------------------------------------------------------
@@ -140,9 +146,7 @@ def main() -> None:
         best = min(ok_p, key=lambda x: x["ms"])
         results["best_prefill"] = best["cfg"]
         print("BEST_PREFILL=" + ",".join(map(str, best["cfg"])))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
-from benchmarks.bench_common import add_async_scheduling_flag, async_scheduling_for, default_dtype  # noqa: E402
+from benchmarks.bench_common import (DEFAULT_SIM_PROFILE, add_async_scheduling_flag, async_scheduling_for,  # noqa: E402
+                                     default_dtype)
 from batchdeck.engine.llm_engine import LLMEngine  # noqa: E402
 from batchdeck.engine.request import SamplingParams  # noqa: E402
 from batchdeck.engine.settings import defaults_for  # noqa: E402
@@ -93,7 +94,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--warmup-steps", type=int, default=4)
     ap.add_argument("--replays", type=int, default=50)
-    ap.add_argument("--profile", default="h200-qwen3-0.6b", help="simulation profile whose prices are shown beside")
+    ap.add_argument("--profile", default=DEFAULT_SIM_PROFILE, help="simulation profile whose prices are shown beside")
     add_async_scheduling_flag(ap)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_common import (add_async_scheduling_flag, async_scheduling_for, command_line,  # noqa: E402
                                      default_dtype, log, release_device_memory, replay_gpu_ms, versions,
-                                     write_json)
+                                     tuning_env, write_json)
 from benchmarks.gpu_offline import measure_ceilings  # noqa: E402
 from batchdeck.engine.attention.decode_splits import MAX_DECODE_SPLITS  # noqa: E402
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
@@ -245,8 +245,7 @@ def main() -> None:
                              "attention_max_splits": os.environ.get("BATCHDECK_ATTN_MAX_SPLITS",
                                                                     f"default ({MAX_DECODE_SPLITS})"),
                              "programmatic_dependent_launch": os.environ.get("BATCHDECK_PDL", "default (1: on Hopper)"),
-                             "attention_tiles": {k: os.environ.get(k, "default") for k in (
-                                 "BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_SPLIT")}},
+                             "env": tuning_env()},
     }
     weight_bytes, kv_per_token = model_bytes(cfg, 2 if cuda else 4)
     result["model_bytes"] = {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token}

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_common import (argv_without, command_line, default_dtype, log, release_device_memory,  # noqa: E402
-                                     run_script, versions, write_json)
+                                     run_script, tuning_env, versions, write_json)
 from batchdeck.engine.config import EngineConfig, LiveConfig  # noqa: E402
 from batchdeck.engine.llm_engine import LLMEngine  # noqa: E402
 from batchdeck.engine.models import SYNTHETIC_SHAPES, synthetic_config  # noqa: E402
@@ -382,6 +382,8 @@ def main() -> None:
     ap.add_argument("--gpu-events", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=2, help="batchdeck timed runs (fresh process each)")
     args = ap.parse_args()
+    if not 1 <= args.min_prompt <= args.max_prompt:
+        ap.error(f"--min-prompt {args.min_prompt} --max-prompt {args.max_prompt}: need 1 <= min <= max")
     args.max_num_seqs = args.max_num_seqs or min(args.requests, 256)
     args.dtype = args.dtype or default_dtype(args.device)
     on_cuda = args.device.startswith("cuda")
@@ -421,8 +423,7 @@ def main() -> None:
                              "mixing": "stall-free", "batching": "continuous", "cuda_graphs": not args.no_graphs,
                              "async_scheduling": args.async_scheduling,
                              "attention_backend": "triton", "fused_kernels": os.environ.get("BATCHDECK_FUSED", "1") != "0",
-                             "env": {k: os.environ[k] for k in ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_SPLIT", "BATCHDECK_ATTN_PREFILL",
-                                                                "BATCHDECK_FUSED") if k in os.environ}},
+                             "env": tuning_env()},
         "isolation": "each of batchdeck / transformers runs in its own process (clean GPU memory)",
     }
     log(f"device {result['device']}, torch {torch.__version__}, transformers {result['versions']['transformers']}")

@@ -124,12 +124,11 @@ def main() -> None:
     import torch
 
     from benchmarks.bench_common import (SCENARIO_CONFIG, GCWatch, command_line, default_dtype, real_overrides,
-                                         release_device_memory, scaled_rates, scenario_presets)
+                                         release_device_memory, scaled_rates, scenario_presets, steady_load_scale)
     from batchdeck.engine.settings import defaults_for
     from batchdeck.engine.sim.calibrate import (DEFAULT_BUDGET_S, IterationTap, calibrate, check_iterations, wake_report,
                                                 write_samples)
     from batchdeck.engine.sim.profile import load_profile
-    from batchdeck.presets.analytic import throughput_bound
     from batchdeck.presets.replay import run_preset
 
     t_start = time.perf_counter()
@@ -171,12 +170,9 @@ def main() -> None:
     cost = profile.cost.for_limits(limits["max_num_seqs"], limits["max_batched_tokens"])  # as the simulator prices
 
     # steady: offer --load of the bound (mean lengths from a simulated run at the preset's own rates)
-    probe = run_preset(presets["steady"], overrides=sim_over, duration_scale=scale).report()["analytic"]
-    bound = throughput_bound(profile.cost.to_dict(), max_num_seqs=config["max_num_seqs"],
-                             pool_tokens=profile.num_blocks * profile.block_size,
-                             mean_prompt=probe["mean_prompt_tokens"], mean_output=probe["mean_output_tokens"])
-    offered = sum(s.rate for s in presets["steady"].workload if getattr(s, "rate", None))
-    k = args.steady_rate_scale if args.steady_rate_scale is not None else args.load * bound["requests_per_s"] / offered
+    k, bound = steady_load_scale(presets["steady"], profile, sim_over, scale, args.load, config["max_num_seqs"])
+    if args.steady_rate_scale is not None:
+        k = args.steady_rate_scale
     presets["steady"] = scaled_rates(presets["steady"], k)
 
     if recorded is None:

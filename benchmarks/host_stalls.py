@@ -21,8 +21,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import (RECORDED_STEADY_RATE_SCALE, command_line, default_dtype, log,  # noqa: E402
-                                     real_overrides, release_device_memory, steady_preset, versions, write_json)
+from benchmarks.bench_common import (DEFAULT_SIM_PROFILE, RECORDED_STEADY_RATE_SCALE, command_line,  # noqa: E402
+                                     default_dtype, log, real_overrides, release_device_memory, steady_preset,
+                                     versions, write_json)
 from batchdeck.engine.sim.calibrate import busy_gaps  # noqa: E402
 
 
@@ -139,9 +140,9 @@ def main() -> None:
     ap.add_argument("--stacks", type=float, default=0.0, metavar="SECONDS",
                     help="sample every thread's stack in each run's first SECONDS and report those sampled during "
                          "its two largest host stalls in the first 300 iterations")
-    ap.add_argument("--sim", default="h200-qwen3-0.6b",
+    ap.add_argument("--sim", default=DEFAULT_SIM_PROFILE,
                     help="the profile whose KV pool (num_blocks, block_size) the engine takes, as the accuracy "
-                         "benchmark's real runs do (default h200-qwen3-0.6b)")
+                         f"benchmark's real runs do (default {DEFAULT_SIM_PROFILE})")
     ap.add_argument("--free-memory-pool", action="store_true",
                     help="size the KV pool from free memory instead (the engine's default; the saved "
                          "host_stalls_*_qwen3-0.6b.json runs did so)")

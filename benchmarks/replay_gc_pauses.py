@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import time
-from pathlib import Path
 
-from bench_common import RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG as CONFIG, SCENARIO_LIMITS, GCWatch, steady_preset
+from bench_common import (DEFAULT_SIM_PROFILE, RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG as CONFIG, SCENARIO_LIMITS,
+                          GCWatch, command_line, steady_preset, write_json)
 
 
 def run_once(preset, overrides: dict, duration_scale: float, refreeze: bool) -> dict:
@@ -72,7 +71,7 @@ def run_once(preset, overrides: dict, duration_scale: float, refreeze: bool) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sim", default="h200-qwen3-0.6b",
+    ap.add_argument("--sim", default=DEFAULT_SIM_PROFILE,
                     help="profile for a simulated engine on a paced clock (with --model: its KV pool size only)")
     ap.add_argument("--model", default=None, help="a real model instead of --sim (e.g. synthetic:qwen3-0.6b)")
     ap.add_argument("--device", default="cpu")
@@ -107,12 +106,12 @@ def main() -> None:
         import torch
 
         device_name = torch.cuda.get_device_name()
-    out = {"benchmark": "replay_gc_pauses", "engine": args.model or f"sim:{args.sim} (paced clock)",
+    out = {"benchmark": "replay_gc_pauses", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "command": command_line("benchmarks/replay_gc_pauses.py"), "engine": args.model or f"sim:{args.sim} (paced clock)",
            "device": args.device, "device_name": device_name, "host": platform.node(),
            "python": platform.python_version(), "duration_scale": args.duration_scale,
            "rate_scale": args.rate_scale, "config": CONFIG, "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ iteration costs about max(host, device): the host is what bounds it when its wai
 time is fitted per driver as c0 + c_row * rows + c_arrival * admitted + c_finish * finished, and
 listed by row count for decode-only iterations.
 
-Engines: `--sim PROFILE` (default: the shipped h200-qwen3-0.6b) runs the simulated engine on a paced
+Engines: `--sim PROFILE` (default: bench_common.DEFAULT_SIM_PROFILE) runs the simulated engine on a paced
 clock (wall time), whose device time is the profile's and whose host work is the real scheduler, block
 manager, telemetry and serving loop (no model runner); `--model M --device D` runs the real engine
 (on a GPU: the real host work, the runner's included). Calibration workloads: the designed decode and
@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_common import SCENARIO_CONFIG as CONFIG, SCENARIO_LIMITS as LIMITS, scaled_rates, steady_preset
+from benchmarks.bench_common import (DEFAULT_SIM_PROFILE, SCENARIO_CONFIG as CONFIG, SCENARIO_LIMITS as LIMITS,
+                                     command_line, scaled_rates, steady_load_scale, steady_preset, write_json)
 
 
 class PlanTap:
@@ -105,7 +104,7 @@ def show(name: str, r: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sim", default="h200-qwen3-0.6b", help="profile of the simulated engine (and of the steady rate)")
+    ap.add_argument("--sim", default=DEFAULT_SIM_PROFILE, help="profile of the simulated engine (and of the steady rate)")
     ap.add_argument("--model", default=None, help="run the real engine on this model instead of the simulated one")
     ap.add_argument("--device", default=None)
     ap.add_argument("--load", type=float, default=0.8, help="steady replay: share of the profile's throughput bound")
@@ -122,8 +121,7 @@ def main() -> None:
     from batchdeck.engine.sim.clock import PacedClock
     from batchdeck.engine.sim.engine import make_engine
     from batchdeck.engine.sim.profile import load_profile
-    from batchdeck.presets.analytic import throughput_bound
-    from batchdeck.presets.replay import run_preset, run_preset_async
+    from batchdeck.presets.replay import run_preset_async
 
     t_start = time.perf_counter()
     profile = load_profile(args.sim)
@@ -157,12 +155,8 @@ def main() -> None:
 
     # steady replay at --load of the bound
     preset = steady_preset()
-    probe = run_preset(preset, overrides={"sim": args.sim, **LIMITS}, duration_scale=args.duration_scale).report()
-    bound = throughput_bound(profile.cost.to_dict(), max_num_seqs=CONFIG["max_num_seqs"], pool_tokens=profile.num_blocks * profile.block_size,
-                             mean_prompt=probe["analytic"]["mean_prompt_tokens"],
-                             mean_output=probe["analytic"]["mean_output_tokens"])
-    offered = sum(s.rate for s in preset.workload if getattr(s, "rate", None))
-    k = args.load * bound["requests_per_s"] / offered
+    k, _bound = steady_load_scale(preset, profile, {"sim": args.sim, **LIMITS}, args.duration_scale, args.load,
+                                  CONFIG["max_num_seqs"])
     preset = scaled_rates(preset, k)
     taps = []
     kw = engine_kw()
@@ -171,14 +165,14 @@ def main() -> None:
                                  **({"loaded": kw["loaded"]} if real else {"clock": kw["clock"]})))
     replay = analyse(taps[0].rows)
     show(f"replay steady (quickstart x{k:.1f})", replay)
-    out = {"benchmark": "sim_host_time", "engine": f"real {args.model}" if real else f"simulated (profile {args.sim}, paced)",
+    out = {"benchmark": "sim_host_time", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "command": command_line("benchmarks/sim_host_time.py"), "engine": f"real {args.model}" if real else f"simulated (profile {args.sim}, paced)",
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()})",
            "python": platform.python_version(), "config": CONFIG, "limits": LIMITS, "steady_rate_scale": k,
            "duration_scale": args.duration_scale, "calibrate_budget_s": args.calibrate_budget,
            "calibration_driver": calibration, "replay_steady": replay,
            "wall_time_s": round(time.perf_counter() - t_start, 1)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,22 @@
+"""benchmarks/bench_common.py: a saved result's command reproduces the run, with the kernel-tuning
+variables it had set and no other BATCHDECK_* variable (those hold secrets)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from benchmarks.bench_common import command_line, tuning_env
+
+
+def test_command_line_repeats_the_tuning_variables_only(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["x.py", "--rows", "64", "--out", "r.json", "--splits", "1"])
+    for k in [k for k in os.environ if k.startswith("BATCHDECK_")]:
+        monkeypatch.delenv(k)
+    assert command_line("benchmarks/x.py") == "PYTHONPATH=. python benchmarks/x.py --rows 64 --splits 1"
+    monkeypatch.setenv("BATCHDECK_FUSED", "2")
+    monkeypatch.setenv("BATCHDECK_ATTN_DECODE", "64,4,2")
+    monkeypatch.setenv("BATCHDECK_API_KEY", "s3cret key")
+    monkeypatch.setenv("BATCHDECK_MQTT_PASSWORD", "hunter2")
+    assert tuning_env() == {"BATCHDECK_ATTN_DECODE": "64,4,2", "BATCHDECK_FUSED": "2"}
+    assert command_line("benchmarks/x.py") == ("BATCHDECK_ATTN_DECODE=64,4,2 BATCHDECK_FUSED=2 "
+                                               "PYTHONPATH=. python benchmarks/x.py --rows 64 --splits 1")
