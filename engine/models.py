@@ -10,6 +10,7 @@ Speed depends on shapes, not weights, so synthetic shapes give honest speed numb
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -148,16 +149,12 @@ def resolve_model_dir(spec: str) -> str:
     return snapshot
 
 
-_bytecode_checked = False  # the heavy imports' bytecode is looked at once per process
-
-
+@functools.cache
 def _warn_once_if_compiled_from_source() -> None:
-    global _bytecode_checked
-    if not _bytecode_checked:
-        _bytecode_checked = True
-        hint = bytecode_hint()
-        if hint:
-            log.warning(hint)
+    """The heavy imports' bytecode is looked at once per process (the first model load)."""
+    hint = bytecode_hint()
+    if hint:
+        log.warning(hint)
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> LoadedModel:

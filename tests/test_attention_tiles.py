@@ -40,7 +40,9 @@ def decode(backend: TritonBackend, rows: int) -> None:
                    torch.full((rows,), 60, dtype=torch.int32), d ** -0.5, None, decode_only=True)
 
 
-def test_unsplit_and_split_decode_take_their_own_tiles(launches):
+def test_unsplit_and_split_decode_take_their_own_tiles(launches, monkeypatch):
+    for name in ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_SPLIT"):  # a tuning session may export them
+        monkeypatch.delenv(name, raising=False)
     backend = TritonBackend()
     assert backend.decode_cfg == (64, 2, 3) and backend.split_cfg == (64, 4, 2)
     backend.num_sms = 132

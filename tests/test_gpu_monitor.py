@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 import types
 
 import pytest
@@ -230,3 +231,33 @@ async def test_run_reads_nvml_first_on_the_loop_and_publishes_one_interval_later
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_run_publishes_its_first_sample_an_interval_after_it_starts(fake_nvml):
+    fake_nvml()
+    first = asyncio.get_running_loop().create_future()
+    mon = GpuMonitor(interval_s=0.2)
+    t0 = time.monotonic()
+    task = asyncio.create_task(mon.run(lambda topic, s: first.done() or first.set_result(time.monotonic())))
+    at = await asyncio.wait_for(first, 30.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert at - t0 >= 0.9 * mon.interval_s  # a slower machine only makes the gap longer
+
+
+def test_thread_publishes_its_first_sample_an_interval_after_start(fake_nvml):
+    fake_nvml()
+    stamps: list[float] = []
+    published = threading.Event()
+
+    def publish(topic: str, sample: GpuSample) -> None:
+        stamps.append(time.monotonic())
+        published.set()
+
+    mon = GpuMonitor(interval_s=0.2)
+    t0 = time.monotonic()
+    mon.start(publish)
+    assert published.wait(30.0)
+    mon.stop()
+    assert stamps[0] - t0 >= 0.9 * mon.interval_s  # nothing before the first tick (a replay restarts its clock)

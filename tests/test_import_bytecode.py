@@ -43,9 +43,16 @@ def test_names_only_the_module_without_a_bytecode_file(two_modules, monkeypatch)
     assert import_bytecode.bytecode_hint(("bd_compiled",)) is None
 
 
-def test_the_engine_start_logs_it_once(two_modules, monkeypatch, caplog):
+@pytest.fixture
+def fresh_check():
+    """The once-per-process check forgotten before and after the test (later loads look again)."""
+    models._warn_once_if_compiled_from_source.cache_clear()
+    yield
+    models._warn_once_if_compiled_from_source.cache_clear()
+
+
+def test_the_engine_start_logs_it_once(two_modules, fresh_check, monkeypatch, caplog):
     monkeypatch.setattr(import_bytecode, "HEAVY_IMPORTS", ("bd_source",))
-    monkeypatch.setattr(models, "_bytecode_checked", False)
     with caplog.at_level(logging.WARNING, logger="batchdeck"):
         models.load_model("synthetic:tiny")
         models.load_model("synthetic:tiny")

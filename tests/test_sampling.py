@@ -39,7 +39,7 @@ def test_unseeded_sampling_varies_and_greedy_rows_stay_greedy():
 def test_sample_ids_returns_the_log_probabilities_of_the_rows_that_ask_each_call_its_own():
     sampler = Sampler(torch.device("cpu"), seed=0)
     logits = torch.tensor([[0.0, 3.0, 2.9, -5.0], [1.0, 0.0, 0.0, 4.0], [2.0, 2.0, 0.0, 0.0]])
-    params = [SamplingParams(logprobs=True), SamplingParams(), SamplingParams(temperature=1.0, logprobs=True)]
+    params = [SamplingParams(logprobs=True), SamplingParams(), SamplingParams(temperature=0.5, logprobs=True)]
     ids, logprobs = sampler.sample_ids(logits, ["a", "b", "c"], params)
     want = torch.log_softmax(logits, dim=-1)  # the model's distribution, before temperature
     assert set(logprobs) == {"a", "c"} and ids.tolist()[0] == 1

@@ -86,7 +86,8 @@ def test_the_refitted_profile_keeps_the_base_calibrations_record(tmp_path, monke
     base_path = save_tiny_profile(tmp_path / "base.json")
     base = load_profile(base_path)
     buckets = {k: TRUTH[k] for k in ("decode_buckets", "token_buckets", "max_rows", "cuda_graphs")}
-    base = dataclasses.replace(base, cost=CostModel({**base.cost.to_dict(), **buckets}),
+    wake = {"idle_wake_s": 0.0021, "idle_wake_by_idle": [[0.02, 0.002], [0.4, 0.003]]}  # kept: not refitted
+    base = dataclasses.replace(base, cost=CostModel({**base.cost.to_dict(), **buckets, **wake}),
                                fit={"driver": "serving loop", "budget_s": 45.0, "cut_short": ["decode-x"],
                                     "workloads_by_kind": {"decode": 3}, "idle_wake_s": 0.002})
     base.save(base_path)
@@ -97,4 +98,6 @@ def test_the_refitted_profile_keeps_the_base_calibrations_record(tmp_path, monke
     for key, value in base.fit.items():
         assert new.fit[key] == value, key
     assert new.fit["refit_from"] == "s.jsonl" and new.fit["num_shapes"] > 0
-    assert "host" in new.cost.coefficients and new.cost.coefficients["idle_wake_s"] == base.cost.coefficients["idle_wake_s"]
+    assert "host" in new.cost.coefficients
+    assert new.cost.coefficients["idle_wake_s"] == 0.0021
+    assert [list(p) for p in new.cost.coefficients["idle_wake_by_idle"]] == wake["idle_wake_by_idle"]
