@@ -20,8 +20,15 @@ from batchdeck.presets.preset_driver import scaled_rates  # noqa: F401 - shared 
 # graphs up to, SCENARIO_LIMITS), which the scripts that replay its scenarios share: replay_gc_pauses.py,
 # sim_host_time.py, arrival_lateness.py, host_stalls.py.
 SCENARIO_CONFIG = {"policy": "fcfs", "max_num_seqs": 64, "max_batched_tokens": 2048, "chunk_size": 512}
-SCENARIO_LIMITS = {"max_num_seqs_limit": SCENARIO_CONFIG["max_num_seqs"],
-                   "max_batched_tokens_limit": SCENARIO_CONFIG["max_batched_tokens"]}
+
+
+def limit_overrides(limits: dict) -> dict:
+    """The start-time limits (what CUDA graphs are captured up to) at `limits`' max_num_seqs and
+    max_batched_tokens."""
+    return {"max_num_seqs_limit": limits["max_num_seqs"], "max_batched_tokens_limit": limits["max_batched_tokens"]}
+
+
+SCENARIO_LIMITS = limit_overrides(SCENARIO_CONFIG)
 RECORDED_STEADY_RATE_SCALE = 36.84  # the steady load of the saved H200 accuracy results (their steady_rate_scale)
 DEFAULT_SIM_PROFILE = "h200-qwen3-0.6b"  # the shipped profile the scripts' simulated engines default to
 # The engine's kernel-tuning variables: a result records those set, its command repeats them (never
@@ -31,42 +38,40 @@ TUNING_ENV = ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_SPLIT", "BATCHDECK
 
 
 def _as_scenario(preset, config: dict):
-    return dataclasses.replace(preset, timeline=[], config={**preset.config, **config})
+    """The preset without its timeline, under `config`, and without its KV pool size: the pool is the
+    caller's (a profile's, through the overrides) or else the engine's own sizing."""
+    engine = {k: v for k, v in preset.engine.items() if k != "num_blocks"}
+    return dataclasses.replace(preset, timeline=[], config={**preset.config, **config}, engine=engine)
 
 
 def steady_preset(rate_scale: float = 1.0, config: dict = SCENARIO_CONFIG):
     """The accuracy benchmark's steady scenario: quickstart's Poisson/gamma mix without its timeline,
     under `config`, its rates multiplied by `rate_scale`."""
-    from batchdeck.presets import load_preset, resolve_preset
+    from batchdeck.presets.replay import as_preset
 
-    return scaled_rates(_as_scenario(load_preset(resolve_preset("quickstart")), config), rate_scale)
+    return scaled_rates(_as_scenario(as_preset("quickstart"), config), rate_scale)
 
 
 def scenario_presets(config: dict = SCENARIO_CONFIG, smoke: bool = False, azure_requests: int = 600) -> dict:
     """The accuracy benchmark's scenarios at their presets' own rates, timelines dropped, `config`
     throughout: steady (`steady_preset`), burst (fair-noisy-tenant) and azure (the conversation trace's
     first `azure_requests`, at real lengths; smoke: 40 of them at a quarter of their lengths)."""
-    from batchdeck.presets import load_preset, resolve_preset
+    from batchdeck.presets.replay import as_preset
 
-    burst = load_preset(resolve_preset("fair-noisy-tenant"))
-    azure = load_preset(resolve_preset("azure-conversation"))
+    burst, azure = as_preset("fair-noisy-tenant"), as_preset("azure-conversation")
     trace = dataclasses.replace(azure.workload[0], length_scale=0.25 if smoke else 1.0,
                                 limit=40 if smoke else azure_requests)
     return {"steady": steady_preset(1.0, config), "burst": _as_scenario(burst, config),
             "azure": _as_scenario(dataclasses.replace(azure, workload=[trace]), config)}
 
 
-def steady_load_scale(preset, profile, sim_overrides: dict, duration_scale: float, load: float,
-                      max_num_seqs: int) -> tuple[float, dict]:
-    """The factor on `preset`'s rates that offers `load` of the profile's throughput bound, and that bound
-    (the mean prompt and output lengths from a simulated run of the preset at its own rates)."""
-    from batchdeck.presets.analytic import throughput_bound
+def steady_load_scale(preset, sim_overrides: dict, duration_scale: float, load: float) -> tuple[float, dict]:
+    """The factor on `preset`'s rates that offers `load` of the simulated engine's throughput bound, and
+    that bound: the analytic section of a simulated run of the preset at its own rates."""
     from batchdeck.presets.replay import run_preset
 
-    probe = run_preset(preset, overrides=sim_overrides, duration_scale=duration_scale).report()["analytic"]
-    bound = throughput_bound(profile.cost.to_dict(), max_num_seqs=max_num_seqs,
-                             pool_tokens=profile.num_blocks * profile.block_size,
-                             mean_prompt=probe["mean_prompt_tokens"], mean_output=probe["mean_output_tokens"])
+    bound = run_preset(preset, overrides=sim_overrides, duration_scale=duration_scale).report()["analytic"][
+        "throughput_bound"]
     offered = sum(s.rate for s in preset.workload if getattr(s, "rate", None))
     return load * bound["requests_per_s"] / offered, bound
 

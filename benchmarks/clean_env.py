@@ -1,7 +1,9 @@
 """A virtual environment holding only batchdeck's dependency closure, linked from this interpreter's.
 
-    python benchmarks/clean_env.py /tmp/clean            # prints the new interpreter's path
-    /tmp/clean/bin/python benchmarks/gpu_startup.py ...  # start-up as a clean install sees it
+    python3 benchmarks/clean_env.py /tmp/clean          # prints the new interpreter's path
+    cd /tmp && env -u PYTHONPATH /tmp/clean/bin/python <repo>/benchmarks/gpu_startup.py --repeats 1 --out ...
+
+(run from outside the repository, whose `batchdeck/` folder would shadow the installed package)
 
 A shared machine's Python often holds many more packages than `make install` puts in `.venv`, and
 transformers imports some of them when they are present (scikit-learn, scipy, pandas, pyarrow,
@@ -102,6 +104,8 @@ def build(dest: str, root: str = "batchdeck", compile: bool = True) -> dict:
     if os.path.exists(dest):
         raise SystemExit(f"{dest} exists: give a new path")
     dists, missing = closure(root)
+    if root in missing:
+        raise SystemExit(f"{root} is not installed in {sys.executable}: install it there first (pip install -e .)")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", dest], check=True)
     python = os.path.join(dest, "bin", "python")
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],

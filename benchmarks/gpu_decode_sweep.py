@@ -209,6 +209,7 @@ def main() -> None:
                     help="comma-separated BATCHDECK_FUSED levels (0-3); the first is this run's, each "
                          "further one is swept in a child process (default: the environment's, else the engine's)")
     args = ap.parse_args()
+    command, given_env = command_line("benchmarks/gpu_decode_sweep.py"), tuning_env()  # before the sweep sets any
     cuda = args.device.startswith("cuda")
     levels = (args.fusion_levels.split(",") if args.fusion_levels
               else [os.environ.get("BATCHDECK_FUSED") or default_fusion_level(cuda)])
@@ -228,7 +229,7 @@ def main() -> None:
 
     result = {
         "benchmark": "gpu_decode_sweep", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": command_line("benchmarks/gpu_decode_sweep.py"),
+        "command": command,
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
         "versions": versions(),
         "workload": {"model": args.model, "dtype": dtype, "batch_sizes": sizes, "context_tokens": args.context,
@@ -245,7 +246,7 @@ def main() -> None:
                              "attention_max_splits": os.environ.get("BATCHDECK_ATTN_MAX_SPLITS",
                                                                     f"default ({MAX_DECODE_SPLITS})"),
                              "programmatic_dependent_launch": os.environ.get("BATCHDECK_PDL", "default (1: on Hopper)"),
-                             "env": tuning_env()},
+                             "env": given_env},
     }
     weight_bytes, kv_per_token = model_bytes(cfg, 2 if cuda else 4)
     result["model_bytes"] = {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token}

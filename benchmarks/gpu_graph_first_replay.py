@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_common import command_line, default_dtype, log, versions, write_json  # noqa: E402
+from benchmarks.bench_common import command_line, log, versions, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -25,12 +25,12 @@ def main() -> None:
 
     import torch
 
-    from batchdeck.engine.config import EngineConfig
+    from batchdeck.engine.config import resolve_configs
     from batchdeck.engine.llm_engine import LLMEngine
 
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    engine = LLMEngine(EngineConfig(model=args.model, device="cuda", dtype=default_dtype("cuda")))
+    engine = LLMEngine(*resolve_configs({"model": args.model, "device": "cuda"}))  # the settings table's CUDA defaults
     runner = engine.runner.graphs
     first = runner.stats.first_replays
     later = [runner.replay_each() for _ in range(args.replays)]

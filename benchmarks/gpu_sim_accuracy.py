@@ -124,7 +124,8 @@ def main() -> None:
     import torch
 
     from benchmarks.bench_common import (SCENARIO_CONFIG, GCWatch, command_line, default_dtype, real_overrides,
-                                         release_device_memory, scaled_rates, scenario_presets, steady_load_scale)
+                                         limit_overrides, release_device_memory, scaled_rates, scenario_presets,
+                                         steady_load_scale)
     from batchdeck.engine.settings import defaults_for
     from batchdeck.engine.sim.calibrate import (DEFAULT_BUDGET_S, IterationTap, calibrate, check_iterations, wake_report,
                                                 write_samples)
@@ -163,14 +164,12 @@ def main() -> None:
         profile.save(profile_path)
     config = {**SCENARIO_CONFIG, **limits, "chunk_size": min(SCENARIO_CONFIG["chunk_size"], limits["max_batched_tokens"])}
     presets = scenario_presets(config, args.smoke, args.azure_requests)
-    real_over = real_overrides(args.model, device, profile, max_num_seqs_limit=limits["max_num_seqs"],
-                               max_batched_tokens_limit=limits["max_batched_tokens"], async_scheduling=overlap)
-    sim_over = {"sim": profile_path, "max_num_seqs_limit": limits["max_num_seqs"],
-                "max_batched_tokens_limit": limits["max_batched_tokens"], "async_scheduling": overlap}
+    real_over = real_overrides(args.model, device, profile, **limit_overrides(limits), async_scheduling=overlap)
+    sim_over = {"sim": profile_path, **limit_overrides(limits), "async_scheduling": overlap}
     cost = profile.cost.for_limits(limits["max_num_seqs"], limits["max_batched_tokens"])  # as the simulator prices
 
     # steady: offer --load of the bound (mean lengths from a simulated run at the preset's own rates)
-    k, bound = steady_load_scale(presets["steady"], profile, sim_over, scale, args.load, config["max_num_seqs"])
+    k, bound = steady_load_scale(presets["steady"], sim_over, scale, args.load)
     if args.steady_rate_scale is not None:
         k = args.steady_rate_scale
     presets["steady"] = scaled_rates(presets["steady"], k)

@@ -24,12 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_common import (DEFAULT_SIM_PROFILE, RECORDED_STEADY_RATE_SCALE, command_line,  # noqa: E402
                                      default_dtype, log, real_overrides, release_device_memory, steady_preset,
                                      versions, write_json)
-from batchdeck.engine.sim.calibrate import busy_gaps  # noqa: E402
+from batchdeck.engine.sim.calibrate import busy_gaps, host_part  # noqa: E402
 
 
 def stalls(samples, threshold_s: float) -> dict:
     """Busy iterations (not after an idle wait) whose host part exceeds threshold_s."""
-    hosts = [gap - s.sync_wait for s, gap in busy_gaps(samples)]
+    hosts = [host_part(s, gap) for s, gap in busy_gaps(samples)]
     late = [h for h in hosts if h > threshold_s]
     return {"busy_iterations": len(hosts), "host_stalls": len(late),
             "excess_ms": round(sum(h - threshold_s for h in late) * 1e3, 2),
@@ -85,7 +85,7 @@ class StackSampler:
 def stall_stacks(samples, sampler: StackSampler, offset: float, first: int = 300, top: int = 2) -> list[dict]:
     """The `top` largest host parts among the first `first` busy iterations, with the stacks sampled
     during each (`offset`: time.monotonic() minus the engine clock)."""
-    rows = [(gap - s.sync_wait, s.time - gap, s.time) for s, gap in busy_gaps(samples[:first])]
+    rows = [(host_part(s, gap), s.time - gap, s.time) for s, gap in busy_gaps(samples)[:first]]
     out = []
     for host, t0, t1 in sorted(rows, reverse=True)[:top]:
         out.append({"host_ms": round(host * 1e3, 2), "at_s": round(t1, 4),
@@ -181,7 +181,7 @@ def main() -> None:
             summary = run_preset(steady, overrides=over, duration_scale=args.duration_scale, loaded=loaded,
                                  gpu_monitor=monitor == "on", on_start=on_start).report()["summary"]
             offset = time.monotonic() - taps[0].engine.clock()
-            row = {"monitor": monitor, "repeat": rep, **stalls(taps[0].samples(), args.threshold_ms / 1e3),
+            row = {"monitor": monitor, "repeat": rep, "num_blocks": taps[0].engine.blocks.num_blocks, **stalls(taps[0].samples(), args.threshold_ms / 1e3),
                    **{f"ttft_{q}_ms": None if v is None else v * 1e3  # None: no request finished
                       for q, v in ((q, summary["time_to_first_token"][q]) for q in ("p50", "p99"))},
                    "output_throughput": summary["generation_throughput"]}
@@ -201,7 +201,7 @@ def main() -> None:
                           "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                           "versions": versions(), "model": args.model, "threshold_ms": args.threshold_ms,
                           "steady_rate_scale": args.steady_rate_scale, "duration_scale": args.duration_scale,
-                          "num_blocks": over.get("num_blocks", "from free memory"),
+                          "kv_pool": "engine's own sizing" if args.free_memory_pool else f"profile {args.sim}",
                           "nvml_query_ms": nvml, "runs": runs})
 
 

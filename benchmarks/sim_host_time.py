@@ -31,7 +31,8 @@ import time
 import numpy as np
 
 from benchmarks.bench_common import (DEFAULT_SIM_PROFILE, SCENARIO_CONFIG as CONFIG, SCENARIO_LIMITS as LIMITS,
-                                     command_line, scaled_rates, steady_load_scale, steady_preset, write_json)
+                                     command_line, real_overrides, scaled_rates, steady_load_scale, steady_preset,
+                                     write_json)
 
 
 class PlanTap:
@@ -129,12 +130,9 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if real:
         from batchdeck.engine.models import load_model
-        from benchmarks.bench_common import default_dtype
 
-        dtype = default_dtype(device)
-        loaded = load_model(args.model, device, dtype, 0)
-        over = {"model": args.model, "device": device, "dtype": dtype, "num_blocks": min(profile.num_blocks, 8192),
-                "async_scheduling": True, **LIMITS}
+        over = real_overrides(args.model, device, num_blocks=min(profile.num_blocks, 8192), async_scheduling=True)
+        loaded = load_model(args.model, device, over["dtype"], 0)
         engine_kw = lambda: {"loaded": loaded}  # noqa: E731
     else:
         over = {"sim": args.sim, "async_scheduling": True, **LIMITS}
@@ -155,8 +153,7 @@ def main() -> None:
 
     # steady replay at --load of the bound
     preset = steady_preset()
-    k, _bound = steady_load_scale(preset, profile, {"sim": args.sim, **LIMITS}, args.duration_scale, args.load,
-                                  CONFIG["max_num_seqs"])
+    k, _bound = steady_load_scale(preset, {"sim": args.sim, **LIMITS}, args.duration_scale, args.load)
     preset = scaled_rates(preset, k)
     taps = []
     kw = engine_kw()

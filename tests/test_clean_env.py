@@ -58,3 +58,9 @@ def test_compile_bytecode_reports_what_it_could_not_compile(tmp_path):
     (bad / "broken.py").write_text("def (:\n")
     _seconds, failed = compile_bytecode([str(bad)])
     assert failed == [str(bad)]
+
+
+def test_refuses_a_root_that_is_not_installed(tmp_path):
+    with pytest.raises(SystemExit, match="no-such-dist is not installed"):
+        build(str(tmp_path / "env"), root="no-such-dist", compile=False)
+    assert not (tmp_path / "env").exists()

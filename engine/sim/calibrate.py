@@ -362,6 +362,11 @@ def busy_gaps(samples: list[Sample]) -> list[tuple[Sample, float]]:
     return out
 
 
+def host_part(sample: Sample, gap: float) -> float:
+    """The host's share of a busy iteration's gap: the gap less the host's wait for the device."""
+    return gap - min(gap, sample.sync_wait)
+
+
 def write_samples(path: str, samples: list[Sample], kinds: dict[int, str] | None = None) -> int:
     """Write each busy iteration as a JSON line (its workload, and its kind when `kinds` names it; the gap
     the fit explains; the host's wait for the device within it; the shape's features): the data behind a
@@ -482,7 +487,7 @@ def check_iterations(model: CostModel, samples: list[Sample]) -> dict[str, Any]:
                                                for i in idx])),
                  mean_max_context_k=float(np.mean([shapes[i].decode_max_context for i in idx])),
                  sync_wait_mean_s=float(np.mean([gaps[i][0].sync_wait for i in idx])),
-                 host_mean_s=float(np.mean([seconds[i] - min(seconds[i], gaps[i][0].sync_wait) for i in idx])))
+                 host_mean_s=float(np.mean([host_part(gaps[i][0], seconds[i]) for i in idx])))
     out["by_regime"] = errors
     pred = np.array([model.predict(s) for s in shapes])
     out["total_bias"] = float(pred.sum() / np.sum(seconds) - 1)
