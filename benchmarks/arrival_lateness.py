@@ -1,6 +1,6 @@
 """How late a replay's requests reach the engine after their due time, and what it does to queue time
 and TTFT: the burst and steady scenarios of benchmarks/gpu_sim_accuracy.py (fair-noisy-tenant, and
-quickstart at `--rate-scale` times its rates; max_num_seqs 64, max_batched_tokens 2048, chunk 512)
+quickstart at `--steady-rate-scale` times its rates; max_num_seqs 64, max_batched_tokens 2048, chunk 512)
 on the simulator, three ways: on a virtual clock (exact arrivals, no serving-loop delays), on a wall
 clock (`PacedClock`: a real AsyncEngine thread and event loop, device time from the profile) with the
 workload player's waits on asyncio's timers (as before engine/service/arrival_timer.py), and on a
@@ -60,13 +60,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sim", default=DEFAULT_SIM_PROFILE, help="profile (a shipped name or a JSON path)")
     ap.add_argument("--duration-scale", type=float, default=0.2)
-    ap.add_argument("--rate-scale", type=float, default=RECORDED_STEADY_RATE_SCALE,
+    ap.add_argument("--steady-rate-scale", type=float, default=RECORDED_STEADY_RATE_SCALE,
                     help="steady: multiply quickstart's rates by this")
     ap.add_argument("--scenarios", default="burst,steady")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     presets = scenario_presets(azure_requests=200)
-    presets["steady"] = scaled_rates(presets["steady"], args.rate_scale)
+    presets["steady"] = scaled_rates(presets["steady"], args.steady_rate_scale)
     rows = []
     for name in args.scenarios.split(","):
         for mode in ("virtual clock", "wall clock, asyncio timers", "wall clock, ArrivalTimer"):

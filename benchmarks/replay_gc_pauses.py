@@ -1,6 +1,6 @@
 """Garbage-collection pauses during a replay: with and without refreezing what the replay keeps.
 
-The steady scenario of benchmarks/gpu_sim_accuracy.py (quickstart's mix at `--rate-scale` times its
+The steady scenario of benchmarks/gpu_sim_accuracy.py (quickstart's mix at `--steady-rate-scale` times its
 rates, max_num_seqs 64, max_batched_tokens 2048, chunk 512, no timeline) replayed on a simulated engine
 on a paced clock (`--sim PROFILE`: a real `AsyncEngine` in wall time, with the real scheduler, block
 manager, telemetry and serving loop, device time from the profile), or on a real model (`--model`).
@@ -11,7 +11,7 @@ engine's start-up freeze only), as before the replay refroze its retained record
 
     PYTHONPATH=. python benchmarks/replay_gc_pauses.py --out benchmarks/results/replay_gc_pauses_cpu.json
     PYTHONPATH=. python benchmarks/replay_gc_pauses.py --model synthetic:qwen3-0.6b --device cuda --out gpu_gc.json
-    PYTHONPATH=. python benchmarks/replay_gc_pauses.py --model synthetic:tiny --device cpu --duration-scale 0.02 --rate-scale 1 --out /tmp/g.json  # smoke
+    PYTHONPATH=. python benchmarks/replay_gc_pauses.py --model synthetic:tiny --device cpu --duration-scale 0.02 --steady-rate-scale 1 --out /tmp/g.json  # smoke
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ import platform
 import time
 
 from bench_common import (DEFAULT_SIM_PROFILE, RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG as CONFIG, SCENARIO_LIMITS,
-                          GCWatch, command_line, steady_preset, write_json)
+                          GCWatch, command_line, real_overrides, steady_preset, write_json)
+
+from batchdeck.engine.sim.profile import load_profile
 
 
 def run_once(preset, overrides: dict, duration_scale: float, refreeze: bool) -> dict:
@@ -76,18 +78,14 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a real model instead of --sim (e.g. synthetic:qwen3-0.6b)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--duration-scale", type=float, default=0.5)
-    ap.add_argument("--rate-scale", type=float, default=RECORDED_STEADY_RATE_SCALE,
+    ap.add_argument("--steady-rate-scale", type=float, default=RECORDED_STEADY_RATE_SCALE,
                     help="multiply quickstart's rates by this")
     ap.add_argument("--repeats", type=int, default=2, help="pairs of runs (off, on); the first pair also warms up")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    preset = steady_preset(args.rate_scale)
+    preset = steady_preset(args.steady_rate_scale)
     if args.model:  # as gpu_sim_accuracy.py's real runs: the profile's pool, the device's dtype
-        from bench_common import real_overrides
-
-        from batchdeck.engine.sim.profile import load_profile
-
         overrides = real_overrides(args.model, args.device, load_profile(args.sim))
     else:
         overrides = {"sim": args.sim, **SCENARIO_LIMITS}
@@ -110,7 +108,7 @@ def main() -> None:
            "command": command_line("benchmarks/replay_gc_pauses.py"), "engine": args.model or f"sim:{args.sim} (paced clock)",
            "device": args.device, "device_name": device_name, "host": platform.node(),
            "python": platform.python_version(), "duration_scale": args.duration_scale,
-           "rate_scale": args.rate_scale, "config": CONFIG, "runs": runs}
+           "steady_rate_scale": args.steady_rate_scale, "config": CONFIG, "runs": runs}
     write_json(args.out, out)
 
 
