@@ -27,7 +27,7 @@ from batchdeck.engine.model_runner import LaunchedStep, ModelRunner
 from batchdeck.engine.models import LoadedModel, load_model
 from batchdeck.engine.request import (FinishReason, QueueFullError, Request, RequestError, RequestStatus,
                                       SamplingParams, check_request_fields)
-from batchdeck.engine.sampler import Sampler
+from batchdeck.engine.sampler import Sampler, TopLogprobs
 from batchdeck.engine.scheduler import Scheduler
 from batchdeck.engine.step_plan import StepPlan
 from batchdeck.engine.settings import CPU_KV_POOL_BYTES, START_KEYS
@@ -50,6 +50,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     logprobs: list[float] | None = None  # per new token, when the request asked (None for speculated steps)
+    top_logprobs: list[TopLogprobs] | None = None  # per new token, when the request asked for top_logprobs
 
 
 @dataclass
@@ -254,8 +255,7 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         bound = self.config.max_waiting
         if bound is not None and len(self.scheduler.waiting) >= bound:
-            raise QueueFullError(f"the waiting queue is full: {len(self.scheduler.waiting)} requests wait and "
-                                 f"max_waiting is {bound}; try again later")
+            raise QueueFullError(len(self.scheduler.waiting), bound)
         if not prompt_token_ids:
             raise RequestError("prompt is empty: at least one token is needed")
         vocab = self.loaded.config.vocab_size
@@ -482,11 +482,13 @@ class LLMEngine:
                     self.scheduler.remove(r)
                 self._finish(r, reason, now, it)
                 result.finished.append(r)
-            logprobs = None
+            logprobs = tops = None
             if r.sampling.logprobs and len(emitted) == 1 and r.request_id in logprobs_of:
                 logprobs = [logprobs_of[r.request_id]]
+                if r.sampling.top_logprobs:
+                    tops = [flight.launched.top_logprobs[r.request_id]]
             result.outputs.append(RequestOutput(r.request_id, emitted, reason is not None,
-                                                reason.value if reason else None, logprobs))
+                                                reason.value if reason else None, logprobs, tops))
         if self.check_invariants:
             self.blocks.check()
             self.drafter.check()
@@ -576,7 +578,7 @@ class LLMEngine:
             slo_met=r.finish_reason is not FinishReason.ABORT and slo_met(self.slo_targets, r.slo_class, ttft, tpot),
             first_token_iteration=r.first_token_iteration, finish_iteration=r.finish_iteration,
             finish=r.finish_time or 0.0, spec_proposed=r.spec_proposed, spec_accepted=r.spec_accepted,
-            spec_steps=r.spec_steps, num_cached_tokens=r.num_cached_tokens,
+            spec_steps=r.spec_steps, num_cached_tokens=r.num_cached_tokens, max_tokens=r.sampling.max_tokens,
             spec_acceptance_rate=r.spec_accepted / r.spec_proposed if r.spec_proposed else None,
             spec_mean_accepted=r.spec_accepted / r.spec_steps if r.spec_steps else None,
         )

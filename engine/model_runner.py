@@ -30,7 +30,7 @@ from batchdeck.engine.attention.metadata import AttentionMetadata, StepContext
 from batchdeck.engine.cuda_graphs import CudaGraphRunner, GraphHit, StepBuffers
 from batchdeck.engine.block_manager import BlockManager
 from batchdeck.engine.kv_cache import KVCache
-from batchdeck.engine.sampler import Sampler, host_to_device
+from batchdeck.engine.sampler import Sampler, TopLogprobs, host_to_device
 from batchdeck.engine.speculative.verify import verify_chunks
 from batchdeck.engine.step_plan import ScheduledChunk, StepPlan
 
@@ -76,6 +76,7 @@ class LaunchedStep:
     ids: torch.Tensor | None = None  # None when the tokens were read at launch (speculation) or not sampled here
     tokens: list[list[int]] | None = None
     logprobs: dict[str, float] = field(default_factory=dict)  # request id -> the sampled token's log-probability
+    top_logprobs: dict[str, TopLogprobs] = field(default_factory=dict)  # request id -> its most likely tokens
     host_ids: torch.Tensor | None = None  # the ids' non-blocking copy to the host
     done: object | None = None  # a CUDA event recorded after that copy
     gpu_events: tuple | None = None  # (start, end, epoch) CUDA timing events (profile_gpu)
@@ -488,11 +489,11 @@ class ModelRunner:
         t2 = time.perf_counter()
         step = LaunchedStep(chunks, timings)
         if len(logits) > len(chunks):
-            step.tokens, step.logprobs = verify_chunks(self.sampler, logits, chunks, counts)
+            step.tokens, step.logprobs, step.top_logprobs = verify_chunks(self.sampler, logits, chunks, counts)
             self._gpu_span(step)
         else:
-            ids, step.logprobs = self.sampler.sample_ids(logits, [c.request.request_id for c in chunks],
-                                                         [c.request.sampling for c in chunks], greedy)
+            ids, step.logprobs, step.top_logprobs = self.sampler.sample_ids(
+                logits, [c.request.request_id for c in chunks], [c.request.sampling for c in chunks], greedy)
             step.ids = ids
             self._gpu_span(step)
             if self.device.type == "cuda":

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SLO_CLASSES = ("realtime", "interactive", "batch")
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's bound)
 INT32_MAX = 2**31 - 1  # token counts, token ids, top_k and priorities travel as int32 on the device
 MAX_TEMPERATURE = 100.0  # far past uniform sampling; a bound so that inf (and 1e400) are refused by name
 MAX_ID_CHARS = 256  # request ids and tenant names
@@ -29,7 +30,13 @@ class RequestError(ValueError):
 
 
 class QueueFullError(RequestError):
-    """The waiting queue holds `max_waiting` requests: try again later (HTTP answers 503)."""
+    """The waiting queue holds `max_waiting` requests: try again later (HTTP answers 503, or 400 when
+    one HTTP request alone needs more than `max_waiting` places)."""
+
+    def __init__(self, waiting: int, max_waiting: int):
+        super().__init__(f"the waiting queue is full: {waiting} requests wait and max_waiting is {max_waiting}; "
+                         "try again later")
+        self.max_waiting = max_waiting
 
 
 class RequestStatus(enum.Enum):
@@ -55,6 +62,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop tokens do not end the request before this many output tokens
     logprobs: bool = False  # report each sampled token's log-probability (RequestOutput.logprobs)
+    top_logprobs: int = 0  # and this many most likely tokens with theirs (RequestOutput.top_logprobs)
 
     @property
     def greedy(self) -> bool:
@@ -72,8 +80,11 @@ class SamplingParams:
             check_int("seed", self.seed, 0, 2**63 - 1)
         check_int("min_tokens", self.min_tokens, 0, self.max_tokens, note=f" (max_tokens is {self.max_tokens})")
         check_int("top_k", self.top_k, 0, INT32_MAX, note=" (0 = off)")
-        for token in self.stop_token_ids:
-            check_int("each of stop_token_ids", token, 0, INT32_MAX)
+        for i, token in enumerate(self.stop_token_ids):
+            check_int(f"stop_token_ids[{i}]", token, 0, INT32_MAX)
+        check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError(f"top_logprobs = {self.top_logprobs} needs logprobs on")
 
 
 def _is_number(value: Any) -> bool:

@@ -9,6 +9,8 @@ logits as they come (bf16 -> float32 is exact, so argmax is the same without the
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from batchdeck.engine.request import SamplingParams
@@ -19,6 +21,15 @@ def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> to
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+TopLogprobs = tuple[tuple[int, float], ...]  # (token id, log-probability), most likely first
+
+
+class Sampled(NamedTuple):
+    ids: torch.Tensor  # int64 [S], left on the device
+    logprobs: dict[str, float]  # request id -> the sampled token's log-probability (rows that ask)
+    top_logprobs: dict[str, TopLogprobs]  # request id -> its most likely tokens (rows with top_logprobs)
 
 
 class Sampler:
@@ -44,25 +55,33 @@ class Sampler:
         return gen
 
     def sample_ids(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
-                   greedy_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """(the sampled ids, an int64 tensor [S] left on the device; request id -> the sampled token's
-        log-probability under the model's distribution, before temperature, for the rows whose params
-        ask for it). No host sync unless a row asks for log-probabilities. `greedy_ids`: the argmax
-        of every row of `logits`, when already computed (a decode CUDA graph's)."""
+                   greedy_ids: torch.Tensor | None = None) -> Sampled:
+        """The sampled ids and, for the rows whose params ask, log-probabilities under the model's
+        distribution (before temperature): the sampled token's, and the `top_logprobs` most likely
+        tokens'. No host sync unless a row asks for log-probabilities. `greedy_ids`: the argmax of
+        every row of `logits`, when already computed (a decode CUDA graph's)."""
         if not params:
-            return torch.zeros(0, dtype=torch.int64, device=logits.device), {}
+            return Sampled(torch.zeros(0, dtype=torch.int64, device=logits.device), {}, {})
         ids = self._sample(logits, request_ids, params, greedy_ids)
         if not any(p.logprobs for p in params):
-            return ids, {}
-        return ids, self._logprobs(logits, ids, request_ids, params)
+            return Sampled(ids, {}, {})
+        return Sampled(ids, *self._logprobs(logits, ids, request_ids, params))
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, ids: torch.Tensor, request_ids: list[str],
-                  params: list[SamplingParams]) -> dict[str, float]:
+                  params: list[SamplingParams]) -> tuple[dict[str, float], dict[str, TopLogprobs]]:
         rows = [i for i, p in enumerate(params) if p.logprobs]
-        picked = ids[rows].unsqueeze(1)
-        values = torch.log_softmax(logits[rows].float(), dim=-1).gather(1, picked).squeeze(1).tolist()
-        return {request_ids[i]: v for i, v in zip(rows, values)}
+        log_probs = torch.log_softmax(logits[rows].float(), dim=-1)
+        values = log_probs.gather(1, ids[rows].unsqueeze(1)).squeeze(1).tolist()
+        tops: dict[str, TopLogprobs] = {}
+        k = max(params[i].top_logprobs for i in rows)
+        if k:
+            best, best_ids = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
+            for j, (i, lps, tids) in enumerate(zip(rows, best.tolist(), best_ids.tolist())):
+                if params[i].top_logprobs:
+                    n = params[i].top_logprobs
+                    tops[request_ids[i]] = tuple(zip(tids[:n], lps[:n]))
+        return {request_ids[i]: v for i, v in zip(rows, values)}, tops
 
     def _sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
                 greedy_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -88,6 +88,7 @@ class RequestRecord:
     spec_acceptance_rate: float | None = None  # spec_accepted / spec_proposed (None: nothing proposed)
     spec_mean_accepted: float | None = None  # accepted drafts per verification step (None: no step)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at its first admission
+    max_tokens: int = 0  # the request's max_tokens (0 in recordings made before it was recorded)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -118,6 +118,10 @@ def test_startup_errors_reach_the_operator_as_in_process(capsys):
     rebuilt = ExceptionBlob.of(ConfigError("max_num_seqs", 0, "an integer in [1, 256]")).rebuild()
     assert isinstance(rebuilt, ConfigError) and rebuilt.key == "max_num_seqs"
     assert str(rebuilt) == "max_num_seqs=0 is not allowed: an integer in [1, 256]"
+    from batchdeck.engine.request import QueueFullError
+
+    full = ExceptionBlob.of(QueueFullError(5, 5)).rebuild()  # serve's 400-or-503 choice reads max_waiting
+    assert isinstance(full, QueueFullError) and full.max_waiting == 5 and "max_waiting is 5" in str(full)
     assert batchdeck_main(["console", "--model", "synthetic:no-such-shape", "--num-blocks", "64"]) == 2
     err = capsys.readouterr().err
     assert "batchdeck: " in err and "no-such-shape" in err

@@ -137,7 +137,7 @@ def test_values_are_refused_by_field_name_at_every_entry_point():
              ({"top_k": 2**40}, "top_k must be an integer in [0, 2147483647] (0 = off)"),
              ({"priority": -10**30}, "priority must be an integer in [-2147483648, 2147483647]"),
              ({"arrival_time": math.inf}, "arrival_time must be a finite number >= 0, got inf"),
-             ({"stop_token_ids": [10**50]}, "each of stop_token_ids must be an integer in [0, 2147483647]"),
+             ({"stop_token_ids": [10**50]}, "stop_token_ids[0] must be an integer in [0, 2147483647]"),
              ({"prompt": "a\udfffb"}, "prompt contains a lone surrogate '\\udfff' at character 1"),
              ({"tenant": "\ud800"}, "tenant contains a lone surrogate"),
              ({"id": 10**300}, "id has 301 digits; at most 256 characters are allowed")]

@@ -1,5 +1,5 @@
-"""/metrics' running and waiting gauges follow the queue between iterations too: an abort while the
-engine is idle leaves no iteration record, so the request-table snapshot (`requests`) updates them."""
+"""/metrics' running, waiting and KV-usage gauges follow the queue between iterations too: an abort while
+the engine is idle leaves no iteration record, so the request-table snapshot (`requests`) updates them."""
 from __future__ import annotations
 
 import pytest
@@ -26,10 +26,12 @@ def test_an_abort_without_an_iteration_reaches_the_gauges(model_dirs):
     engine.step()
     engine.step()
     assert (_gauge(metrics, "num_requests_running"), _gauge(metrics, "num_requests_waiting")) == (1.0, 1.0)
+    assert _gauge(metrics, "kv_cache_usage_perc") > 0
     engine.abort("a")
     engine.abort("b")  # no iteration follows: the last iteration record still says 1 and 1
     metrics.observe("requests", requests_counts(requests_message(engine)))  # what the serving loop publishes
     assert (_gauge(metrics, "num_requests_running"), _gauge(metrics, "num_requests_waiting")) == (0.0, 0.0)
+    assert _gauge(metrics, "kv_cache_usage_perc") == 0.0  # the aborted requests' blocks went back
 
 
 def test_the_counts_form_keeps_the_counts_without_the_table(model_dirs):
@@ -39,8 +41,8 @@ def test_the_counts_form_keeps_the_counts_without_the_table(model_dirs):
     assert message["requests"] and "policy" in message
     slim = requests_counts(message)
     assert "requests" not in slim and "policy" not in slim
-    assert {k: slim[k] for k in ("num_running", "num_waiting", "num_preempted")} == \
-        {k: message[k] for k in ("num_running", "num_waiting", "num_preempted")}
+    kept = ("num_running", "num_waiting", "num_preempted", "kv_cache_usage")
+    assert {k: slim[k] for k in kept} == {k: message[k] for k in kept}
 
 
 async def test_the_serving_loop_publishes_an_idle_abort_to_the_gauges(model_dirs):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from batchdeck.engine.request import SamplingParams
@@ -40,13 +41,36 @@ def test_sample_ids_returns_the_log_probabilities_of_the_rows_that_ask_each_call
     sampler = Sampler(torch.device("cpu"), seed=0)
     logits = torch.tensor([[0.0, 3.0, 2.9, -5.0], [1.0, 0.0, 0.0, 4.0], [2.0, 2.0, 0.0, 0.0]])
     params = [SamplingParams(logprobs=True), SamplingParams(), SamplingParams(temperature=0.5, logprobs=True)]
-    ids, logprobs = sampler.sample_ids(logits, ["a", "b", "c"], params)
+    ids, logprobs, tops = sampler.sample_ids(logits, ["a", "b", "c"], params)
     want = torch.log_softmax(logits, dim=-1)  # the model's distribution, before temperature
-    assert set(logprobs) == {"a", "c"} and ids.tolist()[0] == 1
+    assert set(logprobs) == {"a", "c"} and ids.tolist()[0] == 1 and tops == {}
     for row, rid in ((0, "a"), (2, "c")):
         assert abs(logprobs[rid] - float(want[row, ids[row]])) < 1e-6
-    _, later = sampler.sample_ids(logits[1:2], ["b"], [SamplingParams(logprobs=True)])
+    _, later, _ = sampler.sample_ids(logits[1:2], ["b"], [SamplingParams(logprobs=True)])
     assert set(later) == {"b"} and set(logprobs) == {"a", "c"}  # a launched step's dict is never changed later
+
+
+def test_top_logprobs_are_the_most_likely_tokens_of_each_row_that_asks_how_many_it_asks():
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0], [1.0, 0.0, 0.5, 4.0], [2.0, 2.5, 0.1, 0.0]])
+    params = [SamplingParams(logprobs=True, top_logprobs=2), SamplingParams(logprobs=True),
+              SamplingParams(temperature=0.5, logprobs=True, top_logprobs=4)]
+    _, logprobs, tops = sampler.sample_ids(logits, ["a", "b", "c"], params)
+    want = torch.log_softmax(logits, dim=-1)
+    assert set(logprobs) == {"a", "b", "c"} and set(tops) == {"a", "c"}
+    assert [t for t, _ in tops["a"]] == [1, 2] and [t for t, _ in tops["c"]] == [1, 0, 2, 3]
+    for row, rid in ((0, "a"), (2, "c")):
+        for token, value in tops[rid]:
+            assert abs(value - float(want[row, token])) < 1e-6  # before temperature, as the sampled token's
+
+
+def test_top_logprobs_need_logprobs_and_stay_in_range():
+    from batchdeck.engine.request import RequestError
+
+    with pytest.raises(RequestError, match="top_logprobs = 2 needs logprobs on"):
+        SamplingParams(top_logprobs=2).validate()
+    with pytest.raises(RequestError, match=r"top_logprobs must be an integer in \[0, 20\], got 21"):
+        SamplingParams(logprobs=True, top_logprobs=21).validate()
 
 
 def test_top_k_one_is_greedy_and_top_p_restricts():

@@ -190,11 +190,31 @@ def _status_error(fn):
     (dict(echo=True), "echo"),
     (dict(logprobs=21), "logprobs"),
     (dict(logit_bias={"1": 2}), "logit_bias"),
+    (dict(stream_options={"include_usage": True}), "stream_options"),  # without stream, as vLLM refuses it
+    (dict(seed=2**63 - 2, n=3), "seed"),  # choice 2 would sample with seed 2**63
+    (dict(extra_body={"stop_token_ids": [5, -1]}), "stop_token_ids"),
 ])
 def test_invalid_fields_are_400_naming_the_field(client, kwargs, param):
     err, body = _status_error(lambda: client.completions.create(model=MODEL, prompt="x", **kwargs))
     assert err.status_code == 400 and isinstance(err, openai.BadRequestError)
     assert body["param"] == param and param in body["message"]
+    if param == "seed":  # the message names what the client sent, and why it is out of range
+        assert f"seed {2**63 - 2} with n = 3" in body["message"]
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    (dict(tool_choice="required"), "tool_choice"),
+    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(top_logprobs=2), "top_logprobs"),  # without logprobs: true
+])
+def test_chat_fields_that_would_change_the_output_are_refused_not_dropped(client, kwargs, param):
+    err, body = _status_error(lambda: client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2, **kwargs))
+    assert err.status_code == 400 and body["param"] == param
+    ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                        tool_choice="none", response_format={"type": "text"})
+    assert ok.choices[0].finish_reason in ("length", "stop")  # served: the accepted values change nothing
 
 
 def test_prompt_errors(client):
@@ -204,6 +224,8 @@ def test_prompt_errors(client):
     assert err.status_code == 400 and body["param"] == "prompt" and "vocabulary" in body["message"]
     err, body = _status_error(lambda: client.completions.create(model=MODEL, prompt=[], max_tokens=1))
     assert err.status_code == 400 and body["param"] == "prompt"
+    err, body = _status_error(lambda: client.completions.create(model=MODEL, prompt="", max_tokens=1))
+    assert err.status_code == 400 and body["param"] == "prompt" and "empty" in body["message"]
     err, body = _status_error(lambda: client.chat.completions.create(
         model=MODEL, messages=[{"role": "wizard", "content": "x"}]))
     assert err.status_code == 400 and "role" in body["message"]
@@ -215,7 +237,9 @@ def test_unknown_model_is_404(client):
 
 
 def test_bad_json_and_wrong_types(server):
-    for raw in (b"{", b"[1, 2]", b'"text"', b'{"prompt": "x", "max_tokens": NaN}', b'{"prompt": "x", "n": "many"}'):
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # past the JSON parser's recursion limit
+    for raw in (b"{", b"[1, 2]", b'"text"', b'{"prompt": "x", "max_tokens": NaN}', b'{"prompt": "x", "n": "many"}',
+                deep):
         r = httpx.post(server.base_url + "/completions", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 400, raw
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
@@ -260,6 +284,11 @@ async def test_queue_full_is_503_with_retry_after():
         assert info.value.status_code == 503
         assert info.value.response.headers["retry-after"] == "1"
         assert "max_waiting" in info.value.response.json()["error"]["message"]
+        # more choices than the queue can ever hold: a 400 (retrying cannot help), not a 503
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.completions.create(model=MODEL, prompt="w", max_tokens=2, n=3)
+        body = info.value.response.json()["error"]
+        assert body["param"] == "n" and "needs 3 places" in body["message"] and "max_waiting is 2" in body["message"]
         s.call(s.engine.resume())
         done = await asyncio.gather(*waiting)
         assert all(r.choices[0].finish_reason == "length" for r in done)
@@ -311,3 +340,24 @@ def test_logprobs_of_the_sampled_tokens(client):
     assert len(content) == 3 and all(c.logprob <= 0 for c in content)
     plain = client.completions.create(model=MODEL, prompt="lp", max_tokens=5, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].text == r.choices[0].text
+
+
+def test_top_logprobs_are_the_most_likely_tokens_with_the_sampled_one(client):
+    r = client.completions.create(model=MODEL, prompt="lp", max_tokens=5, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.top_logprobs) == 5
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 3 <= len(top) <= 4 and top[token] == pytest.approx(value, abs=1e-6)
+        assert max(top.values()) == pytest.approx(value, abs=1e-6)  # greedy: the sampled token is the likeliest
+    zero = client.completions.create(model=MODEL, prompt="lp", max_tokens=5, temperature=0, logprobs=0)
+    assert [list(t) for t in zero.choices[0].logprobs.top_logprobs] == [[t] for t in lp.tokens]  # the sampled one
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    for c in chat.choices[0].logprobs.content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+        assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6)
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                            temperature=0, logprobs=True, top_logprobs=2, stream=True)
+    streamed = [[t.token for t in c.top_logprobs] for k in stream if k.choices and k.choices[0].logprobs
+                for c in k.choices[0].logprobs.content]
+    assert streamed == [[t.token for t in c.top_logprobs] for c in chat.choices[0].logprobs.content]

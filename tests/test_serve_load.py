@@ -196,7 +196,9 @@ VLLM_NAMES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_pe
               "generation_tokens_total", "num_preemptions_total", "request_success_total",
               "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
               "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket",
-              "request_prompt_tokens_bucket", "request_generation_tokens_bucket"]
+              "request_prompt_tokens_bucket", "request_generation_tokens_bucket",
+              "request_inference_time_seconds_bucket", "request_prefill_time_seconds_bucket",
+              "request_decode_time_seconds_bucket", "request_params_max_tokens_bucket"]
 OWN_NAMES = ["iteration_tokens_by_kind_bucket", "policy_info", "config_version", "slo_requests_total",
              "slo_met_total", "slo_attainment_ratio", "tenant_service_tokens_total", "prefix_cache_queries_total",
              "prefix_cache_hits_total"]
@@ -225,6 +227,13 @@ def test_metrics_parse_and_counters_match_requests_served():
         assert total(m, "batchdeck:request_prompt_tokens_sum") == prompt
         assert total(m, "batchdeck:request_generation_tokens_sum") == output
         assert total(m, "batchdeck:inter_token_latency_seconds_count") == output - 6
+        assert total(m, "batchdeck:request_params_max_tokens_sum") == sum(2 + i for i in range(6))
+        records = s.records
+        for phase, part in (("prefill", lambda r: r.ttft - r.queue_time), ("decode", lambda r: r.e2e_latency - r.ttft),
+                            ("inference", lambda r: r.e2e_latency - r.queue_time)):
+            assert total(m, f"batchdeck:request_{phase}_time_seconds_count") == 6
+            assert total(m, f"batchdeck:request_{phase}_time_seconds_sum") == pytest.approx(
+                sum(part(r) for r in records), abs=1e-9)
         assert m["batchdeck:slo_requests_total"][(("slo_class", "batch"),)] == 6
         assert set(k[0][1] for k in m["batchdeck:tenant_service_tokens_total"]) == {"user0", "user1"}
         assert total(m, "batchdeck:tenant_service_tokens_total") == prompt + output - 6  # the last token is not computed

@@ -41,6 +41,8 @@ def test_the_engine_runs_in_another_process(server):
     seeded = [client.completions.create(model=MODEL, prompt="seed", max_tokens=8, temperature=1.0, seed=7).choices[0].text
               for _ in range(2)]
     assert seeded[0] == seeded[1]
+    lp = client.completions.create(model=MODEL, prompt="lp", max_tokens=3, temperature=0, logprobs=2).choices[0].logprobs
+    assert len(lp.top_logprobs) == 3 and all(t in top and len(top) >= 2 for t, top in zip(lp.tokens, lp.top_logprobs))
 
 
 def test_bad_input_and_live_changes_cross_the_pipe(server):

@@ -141,7 +141,8 @@ class _ChildBridge:
     # -- what goes to the parent ------------------------------------------------------------------
     def output(self, out: RequestOutput) -> None:
         # RequestOutput's fields in order: the parent rebuilds it with RequestOutput(*fields)
-        self._outputs.append((out.request_id, out.new_token_ids, out.finished, out.finish_reason, out.logprobs))
+        self._outputs.append((out.request_id, out.new_token_ids, out.finished, out.finish_reason, out.logprobs,
+                              out.top_logprobs))
         self._schedule()
 
     def _observe_finished(self, r: Any) -> None:

@@ -13,7 +13,12 @@ Every series carries `model_name` (as vLLM's do). vLLM's names, one for one:
               request_success_total{finished_reason}, prefix_cache_queries_total, prefix_cache_hits_total
   histograms  time_to_first_token_seconds, inter_token_latency_seconds, e2e_request_latency_seconds,
               request_queue_time_seconds, request_time_per_output_token_seconds,
-              request_prompt_tokens, request_generation_tokens, iteration_tokens_total
+              request_inference_time_seconds, request_prefill_time_seconds, request_decode_time_seconds
+              (first scheduled -> last token, -> first token, first -> last token; requests that got a
+              first token), request_prompt_tokens, request_generation_tokens,
+              request_params_max_tokens, iteration_tokens_total
+Not exported: vLLM's request_params_n and request_max_num_generation_tokens (per parent request of n
+choices: an engine request here is one choice).
 batchdeck's own:
   iteration_tokens_by_kind{kind=prefill|decode|padding} (histogram: tokens per iteration by kind),
   policy_info{policy} (1 for the live policy), config_version, iterations_total,
@@ -136,6 +141,13 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token", REQUEST_LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled",
                                     REQUEST_LATENCY_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds", "First scheduled to last token",
+                                        REQUEST_LATENCY_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds", "First scheduled to first token",
+                                      REQUEST_LATENCY_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds", "First token to last token",
+                                     REQUEST_LATENCY_BUCKETS)
+        self.max_tokens_param = histogram("request_params_max_tokens", "The max_tokens of each request", TOKEN_BUCKETS)
         self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS)
         self.request_generation_tokens = histogram("request_generation_tokens", "Output tokens per request",
                                                    TOKEN_BUCKETS)
@@ -161,6 +173,7 @@ class ServerMetrics:
         for collector in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
                           self.prompt_tokens, self.generation_tokens, self.num_preemptions, self.prefix_cache_queries,
                           self.prefix_cache_hits, self.ttft, self.tpot, self.e2e, self.queue_time,
+                          self.inference_time, self.prefill_time, self.decode_time, self.max_tokens_param,
                           self.request_prompt_tokens, self.request_generation_tokens, self.iteration_tokens,
                           self.iterations, self.config_version):
             collector.labels(model_name)
@@ -227,6 +240,7 @@ class ServerMetrics:
         elif topic == "requests":  # the queue changed without an iteration (an abort while idle, say)
             self._children["running"].set(record["num_running"])
             self._children["waiting"].set(record["num_waiting"])
+            self._children["kv"].set(record["kv_cache_usage"])
 
     def _iteration(self, it: IterationRecord) -> None:
         c = self._children
@@ -263,6 +277,12 @@ class ServerMetrics:
         self.request_success.labels(m, r.finish_reason).inc()
         self.e2e.labels(m).observe(r.e2e_latency)
         self.queue_time.labels(m).observe(r.queue_time)
+        if r.ttft is not None:  # vLLM's phases: queued | prefill (scheduled -> first token) | decode
+            self.prefill_time.labels(m).observe(max(0.0, r.ttft - r.queue_time))
+            self.decode_time.labels(m).observe(max(0.0, r.e2e_latency - r.ttft))
+            self.inference_time.labels(m).observe(max(0.0, r.e2e_latency - r.queue_time))
+        if r.max_tokens:
+            self.max_tokens_param.labels(m).observe(r.max_tokens)
         self.request_prompt_tokens.labels(m).observe(r.prompt_tokens)
         self.request_generation_tokens.labels(m).observe(r.output_tokens)
         if r.tpot is not None:

@@ -3,8 +3,10 @@
 Beyond OpenAI's fields: vLLM's `top_k`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `priority`,
 and batchdeck's `tenant` and `slo_class`. Unknown fields are ignored (as vLLM does); a field of the
 wrong type or out of range is a 400 naming it. Fields OpenAI defines but the engine cannot honour
-(`echo`, `best_of` > n, `suffix`, `logit_bias`, penalties) are refused with a 400 rather than
-silently dropped. `logprobs` gives the sampled token's log-probability only.
+(`echo`, `best_of` > n, `suffix`, `logit_bias`, penalties, tools, a `response_format` other than
+text, `stream_options` without `stream`) are refused with a 400 rather than silently dropped.
+Log-probabilities are the model's (before temperature), of the sampled token and, when asked
+(completions' `logprobs: N`, chat's `top_logprobs`), of the N most likely tokens.
 """
 from __future__ import annotations
 
@@ -84,3 +86,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: Any = None

@@ -41,11 +41,22 @@ _UNSUPPORTED = (("echo", lambda r: getattr(r, "echo", False), "echo is not suppo
                 ("logit_bias", lambda r: r.logit_bias, "logit_bias is not supported"),
                 ("presence_penalty", lambda r: r.presence_penalty, "presence_penalty is not supported (use 0)"),
                 ("frequency_penalty", lambda r: r.frequency_penalty, "frequency_penalty is not supported (use 0)"),
-                ("top_logprobs", lambda r: getattr(r, "top_logprobs", None),
-                 "top_logprobs are not supported: logprobs reports the sampled token's only"))
+                ("top_logprobs", lambda r: getattr(r, "top_logprobs", None) and not r.logprobs,
+                 "top_logprobs needs logprobs: true"),
+                ("tools", lambda r: getattr(r, "tools", None) or getattr(r, "functions", None),
+                 "tool calling is not supported: tools are neither shown to the model nor parsed from its reply"),
+                ("tool_choice", lambda r: getattr(r, "tool_choice", None) not in (None, "none", "auto")
+                 or getattr(r, "function_call", None) not in (None, "none", "auto"),
+                 "tool_choice other than none or auto is not supported (no tool calling)"),
+                ("response_format", lambda r: getattr(r, "response_format", None) not in (None, {"type": "text"}),
+                 "response_format other than {\"type\": \"text\"} is not supported: the output is not "
+                 "constrained"),
+                ("stream_options", lambda r: r.stream_options is not None and not r.stream,
+                 "stream_options is only allowed with stream: true"))
 
 # Words that start an engine RequestError's message and name the field it is about.
-_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "priority", "slo_class")
+_FIELDS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "priority", "slo_class",
+           "stop_token_ids", "prompt")
 
 
 @dataclass
@@ -58,6 +69,7 @@ class _Choice:
     finish_reason: str | None = None
     lp_ids: list[int] = field(default_factory=list)  # tokens and their logprobs, when the request asked
     lp_values: list[float | None] = field(default_factory=list)
+    lp_tops: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # when the request asked
     lp_sent: int = 0  # how many of them a stream has sent
     logprobs: bool = False
 
@@ -71,6 +83,7 @@ class _Job:
     prompt_tokens: int
     choices: list[_Choice] = field(default_factory=list)
     logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token, with logprobs
 
     @property
     def completion_tokens(self) -> int:
@@ -147,11 +160,11 @@ class OpenAIServing:
         if self.engine.error is not None:
             raise engine_dead(self.engine.error)
 
-    def _sampling(self, req: _Sampling, max_tokens: int, choice: int, logprobs: bool) -> SamplingParams:
+    def _sampling(self, req: _Sampling, max_tokens: int, choice: int, job: _Job) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=max(0, req.top_k), seed=None if req.seed is None else req.seed + choice,
                               stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-                              min_tokens=req.min_tokens, logprobs=logprobs)
+                              min_tokens=req.min_tokens, logprobs=job.logprobs, top_logprobs=job.top_logprobs)
 
     def _max_tokens(self, requested: int | None, prompt_len: int, param: str, prompt_param: str) -> int:
         room = self.max_model_len - prompt_len
@@ -171,7 +184,7 @@ class OpenAIServing:
                      arrival: float) -> None:
         """Add every (prompt, choice) request; if one is refused, abort the others and raise."""
         stops = req.stop_strings()
-        wanted = [(p * req.n + c, ids, self._sampling(req, max_tokens[p], c, job.logprobs))
+        wanted = [(p * req.n + c, ids, self._sampling(req, max_tokens[p], c, job))
                   for p, ids in enumerate(prompts) for c in range(req.n)]
         # all at once: the adds run together at the next iteration boundary
         added = await asyncio.gather(*(
@@ -190,10 +203,17 @@ class OpenAIServing:
         if isinstance(error, EngineDeadError):
             raise engine_dead(error) from None
         if isinstance(error, QueueFullError):
+            if len(wanted) > error.max_waiting:  # would never fit: retrying cannot help
+                raise bad_request(f"this request needs {len(wanted)} places in the waiting queue ({len(prompts)} "
+                                  f"prompt(s) x n = {req.n}) but max_waiting is {error.max_waiting}: lower n or "
+                                  "send fewer prompts per request", "n") from None
             raise unavailable(str(error)) from None
         if isinstance(error, RequestError):
             message = str(error)
             param = next((f for f in _FIELDS if message.startswith(f)), None)
+            if param == "seed":  # choice i samples with seed + i: say so, the client sent `seed`
+                message = (f"seed + choice index must stay below 2**63 (choice i samples with seed + i): seed "
+                           f"{req.seed} with n = {req.n} gives {req.seed + req.n - 1}")
             raise bad_request(message, param) from None
         raise error
 
@@ -215,6 +235,7 @@ class OpenAIServing:
         if choice.logprobs and choice.detok.stopped is None and out.new_token_ids:
             choice.lp_ids.extend(out.new_token_ids)
             choice.lp_values.extend(out.logprobs or [None] * len(out.new_token_ids))
+            choice.lp_tops.extend(out.top_logprobs or [()] * len(out.new_token_ids))
         text = choice.detok.add(out.new_token_ids) if out.new_token_ids else ""
         if choice.detok.stopped is not None:
             choice.finish_reason = "stop"
@@ -296,22 +317,33 @@ class OpenAIServing:
             if is_set(req):
                 raise bad_request(why, param)
 
-    # -- logprobs: the sampled token's only (top alternatives are not reported) -----------------
+    # -- logprobs: the sampled token's, and the most likely tokens' when asked -----------------
     def _token_texts(self, choice: _Choice, start: int) -> list[str]:
         return [self.tokenizer.decode([t]) for t in choice.lp_ids[start:]]
 
     def _completion_logprobs(self, choice: _Choice, text_offset: int, start: int = 0) -> dict[str, Any]:
+        """OpenAI's legacy form: `top_logprobs` per token maps text to log-probability for the `logprobs`
+        most likely tokens and the sampled one (so up to logprobs + 1 entries, as OpenAI and vLLM give)."""
         tokens = self._token_texts(choice, start)
         offsets = []
         for t in tokens:
             offsets.append(text_offset)
             text_offset += len(t)
-        return {"tokens": tokens, "token_logprobs": choice.lp_values[start:], "top_logprobs": None,
+        tops = []
+        for text, value, alternatives in zip(tokens, choice.lp_values[start:], choice.lp_tops[start:]):
+            top = {self.tokenizer.decode([t]): lp for t, lp in alternatives}
+            top.setdefault(text, value)
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": choice.lp_values[start:], "top_logprobs": tops,
                 "text_offset": offsets}
 
     def _chat_logprobs(self, choice: _Choice, start: int) -> dict[str, Any]:
-        return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
-                            for t, v in zip(self._token_texts(choice, start), choice.lp_values[start:])]}
+        def entry(text: str, value: float | None) -> dict[str, Any]:
+            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t, v), "top_logprobs": [entry(self.tokenizer.decode([a]), lp) for a, lp in tops]}
+                            for t, v, tops in zip(self._token_texts(choice, start), choice.lp_values[start:],
+                                                  choice.lp_tops[start:])]}
 
     # -- /v1/completions -----------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, disconnected: Callable[[], Awaitable[None]],
@@ -322,7 +354,7 @@ class OpenAIServing:
         prompts = completion_prompts(req.prompt, self.tokenizer, self.vocab_size)
         limits = [self._max_tokens(req.max_tokens, len(p), "max_tokens", "prompt") for p in prompts]
         job = _Job(f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), sum(len(p) for p in prompts),
-                   logprobs=req.logprobs is not None)
+                   logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0)
         await self._start(job, req, prompts, limits, arrival)
         if req.stream:
             return self._stream_completion(job, req.include_usage)
@@ -374,7 +406,8 @@ class OpenAIServing:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         limit = self._max_tokens(req.max_completion_tokens if req.max_completion_tokens is not None
                                  else req.max_tokens, len(ids), param, "messages")
-        job = _Job(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), len(ids), logprobs=req.logprobs)
+        job = _Job(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), len(ids), logprobs=req.logprobs,
+                   top_logprobs=req.top_logprobs or 0)
         await self._start(job, req, [ids], [limit], arrival)
         if req.stream:
             return self._stream_chat(job, req.include_usage)
