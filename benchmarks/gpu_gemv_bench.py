@@ -22,6 +22,9 @@ The JSON names the GPU; per (model, linear, M): cuBLAS, every config, the best o
 per (model, M): the four linears summed (one layer) for cuBLAS (+ SiLU-mul), the rule and the best.
 `--smoke` runs the same code on the CPU through Triton's interpreter (synthetic:tiny's shapes, float32,
 every `--smoke-stride`-th config and the rule's pick, each checked against F.linear; host timings).
+It needs Triton installed (`pip install triton`: the CPU torch wheel has none), and Triton 3.6's
+interpreter needs NumPy before 2.4 (it ran with 2.2.6 and failed with 2.4.6: "only 0-dimensional
+arrays can be converted to Python scalars").
 """
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ import time
 
 if "--smoke" in sys.argv:  # before the kernel is defined: the interpreter runs it on the CPU
     os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        sys.exit("gpu_gemv_bench.py --smoke runs the kernels in Triton's interpreter: install Triton first "
+                 "(pip install triton; the CPU torch wheel does not include it)")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -79,10 +79,24 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--refresh-hz must be in (0, 10], got {args.refresh_hz}")
     if not args.speed > 0:
         raise ValueError(f"--speed must be > 0, got {args.speed}")
+    _check_files(args)
     if getattr(args, "port", None) is not None:
         if modes:
             raise ValueError(f"--port serves the in-process engine; it cannot be combined with --{modes[0]}")
         check_serve_args(args)
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    """--replay and --record, before anything loads: each error names its flag."""
+    replay, record = getattr(args, "replay", None), getattr(args, "record", None)
+    if replay is not None and not Path(replay).is_file():
+        why = "is a directory" if Path(replay).is_dir() else "does not exist"
+        raise ValueError(f"--replay {replay!r} {why}: give a recording made with --record")
+    if record is not None:
+        if Path(record).is_dir():
+            raise ValueError(f"--record {record!r} is a directory: give a file path for the recording")
+        if not Path(record).resolve().parent.is_dir():
+            raise ValueError(f"--record {record!r}: its directory {str(Path(record).resolve().parent)!r} does not exist")
 
 
 def _cmd_console(args: argparse.Namespace) -> int:

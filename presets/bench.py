@@ -16,8 +16,9 @@ once) keeping their order and lengths; `--max-concurrency` caps requests in flig
 Measured per request on the client (time.perf_counter): TTFT (send -> first streamed chunk with a
 choice, as vLLM's bench counts it), ITL (every gap between consecutive such chunks), TPOT
 ((e2e - TTFT) / (output tokens - 1)) and e2e (send -> last byte). The report has the replay report's shape (`format`, `preset`, `run`,
-`summary`, `requests`), so `batchdeck compare` reads it beside replay reports; `summary` adds
-`inter_token_latency_gaps` (every gap, vLLM's ITL) to the shared keys. `--sweep-rates` runs the
+`summary`, `requests`), so `batchdeck compare` reads it beside replay reports: its
+`inter_token_latency` holds the client's gaps (every gap, vLLM's ITL; also under
+`inter_token_latency_gaps`, the key of earlier bench reports) where a replay's holds the engine's. `--sweep-rates` runs the
 workload once per rate, writes one report per rate (`out-rate<R>.json`) and a sweep document with
 TTFT and ITL p50/p99 against rate (`out.json`).
 """
@@ -328,14 +329,15 @@ def build_bench_report(preset: Any, results: Sequence[BenchResult], run: dict[st
     ends = [r.arrival + r.e2e for r in results if r.e2e is not None]
     span = max(ends) - min(starts) if ends and starts else 0.0
     summary = summarize([], records, duration_s=span)
+    gaps = quantiles((g for r in results if r.error is None and r.e2e is not None for g in r.itl), mean=True,
+                     maximum=True)
     prompt = sum(r.prompt_tokens for r in records)
     output = sum(r.output_tokens for r in records)
     summary.update({
         "prompt_throughput": prompt / span if span else 0.0,
         "generation_throughput": output / span if span else 0.0,
         "num_prompt_tokens": prompt, "num_generation_tokens": output,
-        "inter_token_latency_gaps": quantiles(g for r in results if r.error is None and r.e2e is not None
-                                              for g in r.itl),
+        "inter_token_latency": gaps, "inter_token_latency_gaps": gaps,
         "num_requests": len(results), "num_rejected": sum(1 for r in results if r.error is not None),
         "num_clamped": sum(1 for r in results if r.clamped),
         "num_unfinished": 0, "mean_batch_tokens": None, "mean_running": None,
@@ -366,8 +368,8 @@ def sweep_row(rate: float, report: dict[str, Any]) -> dict[str, Any]:
     return {"request_rate": _rate_json(rate), "request_throughput": s["request_throughput"],
             "generation_throughput": s["generation_throughput"],
             "ttft_p50": s["time_to_first_token"]["p50"], "ttft_p99": s["time_to_first_token"]["p99"],
-            "itl_p50": s["inter_token_latency_gaps"]["p50"], "itl_p99": s["inter_token_latency_gaps"]["p99"],
-            "tpot_p50": s["inter_token_latency"]["p50"], "e2e_p50": s["e2e_request_latency"]["p50"],
+            "itl_p50": s["inter_token_latency"]["p50"], "itl_p99": s["inter_token_latency"]["p99"],
+            "tpot_p50": s["time_per_output_token"]["p50"], "e2e_p50": s["e2e_request_latency"]["p50"],
             "num_requests": s["num_requests"], "num_rejected": s["num_rejected"]}
 
 
@@ -391,7 +393,7 @@ def summary_text(report: dict[str, Any]) -> str:
     def ms(q: dict, k: str) -> str:
         return "-" if q.get(k) is None else f"{q[k] * 1e3:.1f}"
 
-    ttft, itl, tpot, e2e = (s["time_to_first_token"], s["inter_token_latency_gaps"], s["inter_token_latency"],
+    ttft, itl, tpot, e2e = (s["time_to_first_token"], s["inter_token_latency"], s["time_per_output_token"],
                             s["e2e_request_latency"])
     return (f"requests: {s['num_requests_finished']} finished, {s['num_rejected']} failed, in {s['span_s']:.2f} s\n"
             f"request throughput: {s['request_throughput']:.2f} req/s; output {s['generation_throughput']:.1f} tok/s; "

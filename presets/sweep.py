@@ -24,7 +24,7 @@ METRICS = {  # name -> (summary path, higher is better, label)
     "ttft_p99": (("time_to_first_token", "p99"), False, "TTFT p99 (s)"),
     "e2e_p50": (("e2e_request_latency", "p50"), False, "e2e p50 (s)"),
     "e2e_p99": (("e2e_request_latency", "p99"), False, "e2e p99 (s)"),
-    "tpot_p99": (("inter_token_latency", "p99"), False, "TPOT p99 (s)"),
+    "tpot_p99": (("time_per_output_token", "p99"), False, "TPOT p99 (s)"),
 }
 
 

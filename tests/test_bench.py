@@ -61,7 +61,10 @@ def check_report(preset, report, server) -> dict[str, list[float]]:
     s = report["summary"]
     assert s["num_requests"] == 16 and s["num_rejected"] == 0 and s["num_requests_finished"] == 16
     assert report["preset"]["timeline"] == [] and server.llm.live.policy == "fcfs"  # the timeline is not played
-    assert s["time_to_first_token"]["p50"] > 0 and s["inter_token_latency_gaps"]["p99"] > 0
+    assert s["time_to_first_token"]["p50"] > 0 and s["inter_token_latency"]["p99"] > 0
+    assert s["inter_token_latency_gaps"] == s["inter_token_latency"]  # the older key keeps its values
+    assert s["inter_token_latency"]["mean"] > 0 and s["inter_token_latency"]["max"] >= s["inter_token_latency"]["p99"]
+    assert s["time_per_output_token"]["p50"] > 0
     items, _ = workload(preset, 4096, None)
     assert sum(r["max_tokens"] for r in report["requests"]) == s["num_generation_tokens"]
     assert {r["tenant"] for r in report["requests"]} == {"alice", "bob"}
@@ -105,6 +108,8 @@ def test_bench_report_compare_reads_and_times_agree(server, preset_file, tmp_pat
     else:
         raise AssertionError(f"client and server times disagree: { {k: sorted(v) for k, v in diffs.items()} }")
     assert "TTFT p50/p90/p99" in done.stdout
+    tpot = next(line for line in done.stdout.splitlines() if line.startswith("TPOT"))
+    assert "-" not in tpot.split(":", 1)[1], tpot  # the client's TPOT, measured (not the engine-only ITL key)
 
     other = asyncio.run(run_bench(preset, server.base_url, request_rate=float("inf"), max_concurrency=4))
     assert other["run"]["request_rate"] == "inf" and other["summary"]["num_requests_finished"] == 16
@@ -116,6 +121,8 @@ def test_bench_report_compare_reads_and_times_agree(server, preset_file, tmp_pat
     assert load_report(path)["summary"]
     table = compare_text([path, path2])
     assert "TTFT p50" in table and "bench-inf" in table and "change" in table
+    itl = next(line for line in table.splitlines() if line.lstrip().startswith("ITL p50"))
+    assert itl.split(")", 1)[1].split()[:2] != ["-", "-"], itl  # compare shows the client's ITL
 
 
 def test_bench_cli_sweep(server, preset_file, tmp_path, capsys):
@@ -128,7 +135,7 @@ def test_bench_cli_sweep(server, preset_file, tmp_path, capsys):
     sweep = json.loads(out.read_text())
     assert [r["request_rate"] for r in sweep["sweep"]] == [20, "inf"]
     for row in sweep["sweep"]:
-        assert row["ttft_p50"] is not None and row["itl_p99"] is not None
+        assert row["ttft_p50"] is not None and row["itl_p99"] is not None and row["tpot_p50"] is not None
         assert load_report(row["report"])["summary"]["num_requests_finished"] == 16
     printed = capsys.readouterr().out
     assert "TTFT p99 ms" in printed

@@ -159,6 +159,11 @@ def test_cli_refuses_conflicting_modes(capsys):
     assert batchdeck_main(["console", "--attach", "mqtt://h:1"]) == 2
     assert "engine id" in capsys.readouterr().err
     assert batchdeck_main(["console", "--replay", "/nonexistent/x.jsonl"]) == 2
+    assert "--replay '/nonexistent/x.jsonl' does not exist" in capsys.readouterr().err
+    assert batchdeck_main(["console", "--record", "/nonexistent-dir/run.jsonl", "--num-blocks", "64"]) == 2
+    err = capsys.readouterr().err  # refused before the model loads
+    assert "--record '/nonexistent-dir/run.jsonl': its directory '/nonexistent-dir' does not exist" in err
+    assert "loading" not in err
 
 
 @pytest.mark.parametrize("preset", ["quickstart"])

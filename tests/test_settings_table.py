@@ -245,12 +245,27 @@ def test_vllm_aliases_mean_the_same():
     (["console", "--chunk-sz", "4"], "usage: batchdeck console", "did you mean --chunk-size?"),
     (["replay", "quickstart", "--headles"], "usage: batchdeck replay", "did you mean --headless?"),
     (["engine", "--max-num-batched=4"], "usage: batchdeck engine", "did you mean --max-num-batched-tokens?"),
+    # a typo beside missing required flags: the typo is named first
+    (["generate", "--max-num-seq", "4"], "usage: batchdeck generate", "--max-num-seq: did you mean --max-num-seqs?"),
+    (["generate", "--inptu", "a", "--output", "b"], "usage: batchdeck generate", "--inptu: did you mean --input?"),
 ])
 def test_no_prefix_matching_and_a_near_miss_names_the_closest_flag(argv, usage, hint, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and usage in err and hint in err, err
+
+
+def test_missing_required_flags_are_still_named(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["generate", "--max-num-seqs", "4"])
+    assert info.value.code == 2 and "the following arguments are required: --input, --output" in capsys.readouterr().err
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--input", "a", "--output", "b"])
+    assert (args.input, args.output) == ("a", "b")
+    with pytest.raises(SystemExit):  # the relaxed first pass left them required for the next parse
+        parser.parse_args(["generate", "--output", "b"])
+    assert "the following arguments are required: --input" in capsys.readouterr().err
 
 
 def write_input(tmp_path) -> tuple[str, str]:

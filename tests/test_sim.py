@@ -211,6 +211,16 @@ def test_sweep_prints_the_grid_and_writes_the_html(tmp_path, profile_path, capsy
     assert "data:image/png;base64," in page and "SIMULATED" in page
 
 
+def test_sweep_metrics_read_the_summary_values_their_names_say():
+    from batchdeck.presets.sweep import metric_value
+
+    summary = {"time_per_output_token": {"p99": 0.002}, "inter_token_latency": {"p99": 0.009},
+               "time_to_first_token": {"p50": 0.1, "p99": 0.3}, "e2e_request_latency": {"p50": 1.0, "p99": 2.0}}
+    assert metric_value(summary, "tpot_p99") == 0.002  # TPOT (per request), not ITL (every gap)
+    assert (metric_value(summary, "ttft_p50"), metric_value(summary, "ttft_p99")) == (0.1, 0.3)
+    assert (metric_value(summary, "e2e_p50"), metric_value(summary, "e2e_p99")) == (1.0, 2.0)
+
+
 def test_sweep_refuses_a_bad_value_before_running(tmp_path, profile_path):
     preset = saturated_preset(tmp_path)
     assert batchdeck_main(["sweep", str(preset), "--sim", str(profile_path), "--set", "max_num_seqs=4,0"]) == 2

@@ -9,6 +9,7 @@ and changes nothing (chunked prefill is always on).
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import json
 from typing import Any
@@ -137,11 +138,29 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
-        ns, extras = self.parse_known_args(args, namespace)
+        # An unknown flag is named first, even when a required one is missing too (a typo of a required
+        # flag would otherwise only say it is missing): one pass with nothing required, then the real one.
+        required = [a for p in self._parsers() for a in p._actions if a.required and a.option_strings]
+        for action in required:
+            action.required = False
+        try:
+            ns, extras = self.parse_known_args(args, copy.copy(namespace))
+        finally:
+            for action in required:
+                action.required = True
         if extras:
             target = self._chosen_subparser(ns) or self
             target.error(target.unknown_message(extras))
-        return ns
+        return super().parse_args(args, namespace)
+
+    def _parsers(self) -> list[argparse.ArgumentParser]:
+        """This parser and every subcommand's, recursively."""
+        out: list[argparse.ArgumentParser] = [self]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    out.extend(sub._parsers() if isinstance(sub, Parser) else [sub])
+        return out
 
     def _chosen_subparser(self, ns: argparse.Namespace) -> "Parser | None":
         for action in self._actions:
