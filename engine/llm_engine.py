@@ -260,7 +260,9 @@ class LLMEngine:
             raise RequestError("prompt is empty: at least one token is needed")
         vocab = self.loaded.config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise RequestError(f"prompt_token_ids must lie in [0, {vocab - 1}] (the model's vocabulary)")
+            i = next(i for i, t in enumerate(prompt_token_ids) if not 0 <= t < vocab)
+            raise RequestError(f"prompt_token_ids[{i}] = {prompt_token_ids[i]} is outside the model's vocabulary: "
+                               f"token ids must lie in [0, {vocab - 1}]")
         if len(prompt_token_ids) >= self.max_model_len:
             raise RequestError(
                 f"prompt has {len(prompt_token_ids)} tokens; the model's context is {self.max_model_len}, "

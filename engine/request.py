@@ -20,6 +20,8 @@ from typing import Any
 SLO_CLASSES = ("realtime", "interactive", "batch")
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's bound)
 INT32_MAX = 2**31 - 1  # token counts, token ids, top_k and priorities travel as int32 on the device
+GREEDY_BELOW = 1e-5  # a temperature below this samples greedily (as vLLM's _SAMPLING_EPS): dividing the
+# logits by it in float32 would overflow, and 1e-39 rounds to 0 (a NaN distribution)
 MAX_TEMPERATURE = 100.0  # far past uniform sampling; a bound so that inf (and 1e400) are refused by name
 MAX_ID_CHARS = 256  # request ids and tenant names
 PLACEHOLDER = -1  # a token sampled on the device and not read yet (never fed to the model: see model_runner)
@@ -66,7 +68,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> None:
         """Raise RequestError naming the first field out of range (NaN and infinities never pass)."""

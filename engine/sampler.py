@@ -103,7 +103,7 @@ class Sampler:
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         dev = logits.device
         vocab = logits.shape[-1]
-        temps = host_to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, dev)
+        temps = host_to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, dev)
         logits = logits / temps.unsqueeze(1)
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]

@@ -150,6 +150,19 @@ def test_values_are_refused_by_field_name_at_every_entry_point():
             SamplingParams(temperature=bad).validate()
 
 
+def test_an_out_of_vocabulary_token_id_is_named_with_its_position(model_dirs):
+    import pytest
+
+    from batchdeck.engine.request import RequestError
+    from tests.helpers import greedy, make_engine
+
+    engine = make_engine(model_dirs["llama"], num_blocks=64)
+    vocab = engine.loaded.config.vocab_size
+    with pytest.raises(RequestError, match=rf"prompt_token_ids\[2\] = {vocab} is outside the model's vocabulary: "
+                                           rf"token ids must lie in \[0, {vocab - 1}\]"):
+        engine.add_request("r", [1, 2, vocab, -1], greedy(2))
+
+
 def test_files_are_checked_before_the_model_loads(tmp_path, capsys):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"prompt": "x", "max_tokens": 1}])

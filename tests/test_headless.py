@@ -93,6 +93,42 @@ async def test_headless_runs_a_preset_to_the_end(model_dirs, tmp_path, caplog):
     assert not runner.engine.running
 
 
+async def test_an_engine_that_fails_ends_the_run_with_exit_1_and_says_why(model_dirs, tmp_path, caplog):
+    """A step that raises stops the engine for good: the runner must not keep serving as if healthy (it
+    used to wait for the preset or a signal, then exit 0)."""
+    from tests.helpers import fail_steps
+
+    caplog.set_level(logging.INFO, logger="batchdeck")
+    preset = parse_preset(PRESET.replace("count: 4,", "count: 400,"), str(tmp_path / "p.yaml"))  # runs long
+    bus = Bus()
+    engine = make_engine(model_dirs["llama"], sink=bus, num_blocks=128, max_num_seqs=4, max_batched_tokens=256,
+                         chunk_size=64)
+    fail_steps(engine, lambda: engine.iteration >= 5, "boom")
+    runner = HeadlessRunner(engine, bus, preset=preset, make_driver=headless_driver, status_interval=0,
+                            out=(tmp_path / "stderr.txt").open("w"), install_signals=False)
+    assert await asyncio.wait_for(runner.run(), 60) == 1
+    assert "the engine failed: RuntimeError: boom; shutting down (exit 1)" in caplog.text, caplog.text
+    assert caplog.text.count("the engine failed") == 1
+    assert not runner.engine.running
+
+
+async def test_an_engine_serving_no_preset_that_fails_ends_the_run(model_dirs, tmp_path, caplog):
+    """The MQTT case: nothing but a signal would end the run, so the failure must."""
+    from tests.helpers import fail_steps, greedy
+
+    caplog.set_level(logging.INFO, logger="batchdeck")
+    bus = Bus()
+    engine = make_engine(model_dirs["llama"], sink=bus, num_blocks=128)
+    fail_steps(engine, lambda: engine.iteration >= 2, "boom")
+    runner = HeadlessRunner(engine, bus, status_interval=0, out=(tmp_path / "stderr.txt").open("w"),
+                            install_signals=False)
+    run = asyncio.create_task(runner.run())
+    await runner.wait_started()
+    await runner.engine.add_request("r", [1, 2, 3], greedy(50))
+    assert await asyncio.wait_for(run, 60) == 1
+    assert "the engine failed: RuntimeError: boom; shutting down (exit 1)" in caplog.text, caplog.text
+
+
 @pytest.mark.mqtt
 def test_sigterm_aborts_in_flight_publishes_offline_and_exits_0(model_dirs, broker):
     args = ["engine", "--model", model_dirs["llama"], "--device", "cpu", "--mqtt", broker.address, "--engine-id", "hl",

@@ -46,8 +46,9 @@ async def test_username_password(model_dirs, tmp_path):
 
 async def _check_username_password(model_dirs, broker):
     bus, eng = await _engine(model_dirs)
+    warned: list[str] = []
     wrong = MqttBridge(eng, bus, "auth-bad", MqttSettings(broker.host, broker.port, username="deck", password="nope"),
-                       log=None, reconnect_min=0.05, reconnect_max=0.2)
+                       log=None, warn=warned.append, reconnect_min=0.05, reconnect_max=0.2)
     good = MqttBridge(eng, bus, "auth", MqttSettings(broker.host, broker.port, username="deck", password="s3cret"),
                       log=None)
     try:
@@ -60,6 +61,8 @@ async def _check_username_password(model_dirs, broker):
         await eventually(lambda: wrong.last_error, what="the refused connection's error")
         assert not wrong.connected and wrong.connects == 0
         assert "authori" in (wrong.last_error or "").lower(), wrong.last_error
+        await eventually(lambda: warned, what="the refused login's warning")
+        assert "the broker refused the login" in warned[0] and "--mqtt-username" in warned[0], warned
     finally:
         await wrong.close()
         await good.close()

@@ -100,3 +100,16 @@ def test_out_of_range_seed_is_refused_up_front():
 
     with pytest.raises(RequestError, match="seed must be an integer"):
         SamplingParams(temperature=1.0, seed=2**64).validate()
+
+
+def test_a_temperature_too_small_for_float32_samples_greedily():
+    """1e-300 rounds to 0 in float32 and logits / 0 is NaN: such temperatures (below 1e-5) are greedy."""
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0], [1.0, 0.0, 0.5, 4.0]])
+    for t in (1e-300, 1e-39, 9e-6):
+        params = [SamplingParams(temperature=t, seed=1), SamplingParams(temperature=1.0)]
+        assert params[0].greedy and not params[1].greedy
+        assert sample(sampler, logits, ["a", "b"], params)[0] == 1
+        probs = Sampler._filtered_probs(logits, params)
+        assert torch.isfinite(probs).all()
+    assert not SamplingParams(temperature=1e-5).greedy

@@ -103,6 +103,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}
         self.error: BaseException | None = None
+        self.failed = asyncio.Event()  # set on the loop once a step raised (`error` says what)
         # Called on the loop with each request that finished in an iteration (no longer mutated by the
         # engine): what the telemetry records summarize, e.g. every inter-token gap for /metrics.
         self.finished_observers: list[Callable[[Request], None]] = []
@@ -250,6 +251,7 @@ class AsyncEngine:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._fail(EngineDeadError.of(self.error))
+        self.failed.set()
 
     def _idle_wait_s(self) -> float:
         """How long to wait when nothing could be scheduled: until a static batch is due, at most 50 ms."""

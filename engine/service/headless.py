@@ -329,9 +329,12 @@ class HeadlessRunner:
     async def _wait(self, driver_task: asyncio.Task | None) -> int:
         assert self.stop_event is not None
         stopper = asyncio.create_task(self.stop_event.wait())
+        failed = asyncio.create_task(self.engine.failed.wait())
         try:
             if driver_task is not None:
-                await asyncio.wait([driver_task, stopper], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([driver_task, stopper, failed], return_when=asyncio.FIRST_COMPLETED)
+                if failed.done() or self.engine.error is not None:  # the preset may have failed of it first
+                    return self._failed()
                 if driver_task.done():
                     exc = driver_task.exception()
                     if exc is not None:
@@ -343,10 +346,18 @@ class HeadlessRunner:
                              + ("; serving MQTT until SIGINT/SIGTERM" if self.bridge is not None else ""))
                     if self.bridge is None:
                         return 0
-            await stopper
-            return 0
+            await asyncio.wait([stopper, failed], return_when=asyncio.FIRST_COMPLETED)
+            return self._failed() if failed.done() else 0
         finally:
             stopper.cancel()
+            failed.cancel()
+
+    def _failed(self) -> int:
+        """The engine stopped stepping on an error: say so now and end the run (exit 1, `offline` published);
+        a process that kept its status `online` would look healthy while refusing every request."""
+        log.error(f"{EngineDeadError.of(self.engine.error).describe()}; shutting down (exit 1)")
+        self.signal_name = self.signal_name or "engine failed"
+        return 1
 
     async def _shutdown(self, driver_task: asyncio.Task | None, background: list[asyncio.Task],
                         status_sub: Any) -> None:
@@ -385,7 +396,7 @@ class HeadlessRunner:
                      f"{unanswered}")
         status_sub.close()
         await self.engine.stop()
-        if self.engine.error is not None:
+        if self.engine.error is not None and self.signal_name != "engine failed":  # else _failed said it
             log.error(EngineDeadError.of(self.engine.error).describe())
 
     # -- status line ----------------------------------------------------------------------------

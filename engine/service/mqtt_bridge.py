@@ -143,7 +143,19 @@ class _Forwarder(asyncio.Queue):
         self._intake.put_nowait(item)
 
 
-_log_info = logging.getLogger(__name__).info  # the default `log`: the connection's ups and downs
+_log_info = logging.getLogger(__name__).info  # the default `log`: the connection's ups
+_log_warning = logging.getLogger(__name__).warning  # the default `warn`: its downs, refused logins, retained commands
+REFUSED_LOGIN = {4, 5, 134, 135}  # CONNACK codes: bad user name or password / not authorized (MQTT 3.1.1, 5)
+
+
+def refused_login(exc: BaseException) -> bool:
+    """Whether the broker turned the connection down for its credentials (retrying cannot help until
+    they or its ACL change)."""
+    rc = getattr(exc, "rc", None)
+    try:
+        return int(getattr(rc, "value", rc)) in REFUSED_LOGIN
+    except (TypeError, ValueError):
+        return False
 
 
 class MqttBridge:
@@ -152,7 +164,7 @@ class MqttBridge:
                  flush_interval: float = 0.1, max_batch: int = 256, max_running_commands: int = 256,
                  iteration_buffer: int = 1024, record_buffer: int = 4096,
                  reconnect_min: float = 0.1, reconnect_max: float = 5.0,
-                 log: Callable[[str], None] | None = _log_info):
+                 log: Callable[[str], None] | None = _log_info, warn: Callable[[str], None] | None = _log_warning):
         self.engine = engine
         self.bus = bus
         self.engine_id = check_engine_id(engine_id)
@@ -171,6 +183,7 @@ class MqttBridge:
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.log = log or (lambda line: None)
+        self.warn = warn or (lambda line: None)
         self.connected = False
         self.connects = 0
         self.published = 0
@@ -294,9 +307,14 @@ class MqttBridge:
                 if not isinstance(exc, aiomqtt.MqttError):
                     self.last_error = f"{type(exc).__name__}: {exc}"
                 self._failures += 1
-                if session or self._failures == 1 or self._failures % 20 == 0:
-                    self.log(f"mqtt: {'connection lost' if session else 'cannot connect'} "
-                             f"({self.last_error}); retrying with backoff up to {self.reconnect_max:g} s")
+                if refused_login(exc):
+                    if self._failures == 1 or self._failures % 20 == 0:
+                        self.warn(f"mqtt: the broker refused the login ({self.last_error}): check --mqtt-username "
+                                  f"and the password file (or the broker's ACL); retrying with backoff up to "
+                                  f"{self.reconnect_max:g} s")
+                elif session or self._failures == 1 or self._failures % 20 == 0:
+                    self.warn(f"mqtt: {'connection lost' if session else 'cannot connect'} "
+                              f"({self.last_error}); retrying with backoff up to {self.reconnect_max:g} s")
             finally:
                 self.connected = False
                 self._client = None
@@ -474,7 +492,7 @@ class MqttBridge:
                 continue
             if message.retain:
                 self.retained_ignored += 1
-                self.log(f"mqtt: ignored a retained message on {control_topic} (control is never retained; "
+                self.warn(f"mqtt: ignored a retained message on {control_topic} (control is never retained; "
                          f"clear it with: mosquitto_pub -r -n -t {control_topic})")
                 continue
             self.commands_received += 1
