@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -136,6 +137,22 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return {**given_engine_flags(args), **_set_changes(args)[1]}
 
 
+def check_output_path(flag: str, path: str | None) -> None:
+    """That `path` can be written (its directory is made, as `write_outputs` would); else a ValueError
+    naming the flag."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path!r} is a directory: give a file path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path!r}: cannot make its directory: {exc.strerror or exc}") from None
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {path!r} cannot be written (permission denied)")
+
+
 def write_outputs(result, report_path: str | None, html_path: str | None, out=None) -> dict[str, Any]:
     out = out if out is not None else sys.stderr
     report = result.report()
@@ -183,10 +200,13 @@ def cmd_replay(args: argparse.Namespace, open_console: Callable[..., int] | None
 
     from batchdeck.presets.replay import progress_printer, run_preset
 
+    report_path = args.report or f"{preset.name}-report.json"
+    for flag, path in (("--report", report_path), ("--html", args.html), ("--record", args.record)):
+        check_output_path(flag, path)  # before the run: a run must never end in a file that cannot be written
     progress = None if args.quiet else progress_printer()
     result = run_preset(preset, overrides=overrides, speed=args.speed, duration_scale=args.duration_scale,
                         record=args.record, progress=progress)
-    report = write_outputs(result, args.report or f"{preset.name}-report.json", args.html)
+    report = write_outputs(result, report_path, args.html)
     if args.record:
         sys.stderr.write(f"recording: {args.record}\n")
     if not args.quiet:
@@ -201,10 +221,13 @@ def cmd_replay(args: argparse.Namespace, open_console: Callable[..., int] | None
 
         for line in analytic_lines(report.get("analytic") or {}):
             print(line)
+    failed = [t for t in report.get("timeline") or [] if t.get("status") == "error"]
+    for t in failed:  # in the report too; said here so a script sees it (and the exit status)
+        sys.stderr.write(f"batchdeck: timeline[{t.get('index')}] {t.get('action')} failed: {t.get('error')}\n")
     if result.error:
         sys.stderr.write(f"batchdeck: the engine failed during the replay: {result.error}\n")
         return 1
-    return 0
+    return 1 if failed else 0
 
 
 def _replay_in_console(args: argparse.Namespace, preset, overrides: dict[str, Any],

@@ -163,15 +163,16 @@ def hash_id_prompt(ids: Sequence[int], n: int, block_tokens_n: int, seed: int, f
     return prompt
 
 
-def _parse_hash_ids(path: Path, lineno: int, column: str, value: Any) -> list[int]:
-    if isinstance(value, str):  # CSV: "[1, 2, 3]" or "1 2 3"
-        text = value.strip().strip("[]").replace(",", " ")
+def _parse_hash_ids(path: Path, lineno: int, column: str, cell: Any) -> list[int]:
+    value = cell
+    if isinstance(cell, str):  # CSV: "[1, 2, 3]" or "1 2 3"
+        text = cell.strip().strip("[]").replace(",", " ")
         try:
             value = [int(v) for v in text.split()]
         except ValueError:
             value = None
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise TraceError(f"{path}: line {lineno}, column {column!r}: cannot parse {value!r} as a list of "
+        raise TraceError(f"{path}: line {lineno}, column {column!r}: cannot parse {cell!r} as a list of "
                          "integer block hash ids")
     return value
 

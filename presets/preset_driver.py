@@ -171,6 +171,7 @@ class PresetDriver:
         self.player = WorkloadPlayer(engine, self.open_items, self.closed, speed=self.speed)
         self.done = False
         self._resume_tasks: list[asyncio.Task] = []
+        self._timed_pauses = 0  # `pause: SECONDS` entries not yet over: the engine resumes when the last ends
 
     # -- progress ---------------------------------------------------------------------------------
     @property
@@ -290,6 +291,7 @@ class PresetDriver:
                 action.applied_iteration, action.config = reply.applied_iteration, reply.config
             elif entry.pause is not None:
                 action.applied_iteration = await self.engine.pause(source=self.source)
+                self._timed_pauses += 1
                 self._resume_tasks.append(asyncio.create_task(self._resume_after(entry.pause / self.speed)))
             else:
                 action.applied_iteration = await self.engine.resume(source=self.source)
@@ -302,8 +304,11 @@ class PresetDriver:
         self._notify(action)
 
     async def _resume_after(self, seconds: float) -> None:
+        """End one timed pause; overlapping pauses keep the engine paused until the last of them ends."""
         await asyncio.sleep(seconds / self.engine.engine.time_rate)
-        await self.engine.resume(source=self.source)
+        self._timed_pauses -= 1
+        if self._timed_pauses == 0:
+            await self.engine.resume(source=self.source)
 
 
 async def run_preset(engine: AsyncEngine, preset: "Preset", **kwargs: Any) -> PresetDriver:

@@ -59,7 +59,7 @@ def _rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
     """Yield (line number, record) for every data row of a CSV or JSONL file."""
     fmt = trace_format(path)
     try:
-        fh = open(path, newline="" if fmt == "csv" else None, encoding="utf-8")
+        fh = open(path, newline="" if fmt == "csv" else None, encoding="utf-8-sig")
     except OSError as e:
         raise TraceError(f"{path}: cannot open trace file: {e.strerror or e}") from None
     with fh:
@@ -88,7 +88,7 @@ def trace_columns(path: str | Path) -> list[str]:
     for _, record in _rows(path):
         return list(record.keys())
     if trace_format(path) == "csv":
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             header = next(csv.reader(fh), None)
         return list(header or [])
     return []

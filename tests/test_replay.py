@@ -230,6 +230,46 @@ def test_replay_cli_errors(tmp_path, capsys):
     assert "max_num_seqs" in capsys.readouterr().err
     assert main(["replay", "--list"]) == 0
     assert "static-vs-continuous" in capsys.readouterr().out
+    # output paths are checked before the run, not after it (the run's results would be lost)
+    assert main(["replay", "quickstart", "--headless", "--report", "/proc/no-such/r.json"]) == 2
+    assert "--report '/proc/no-such/r.json': cannot make its directory" in capsys.readouterr().err
+    assert main(["replay", "quickstart", "--headless", "--html", str(tmp_path)]) == 2
+    assert f"--html {str(tmp_path)!r} is a directory" in capsys.readouterr().err
+
+
+def test_the_timeline_is_checked_against_the_engine_that_will_play_it(tmp_path, capsys):
+    """The file is checked against the CPU defaults; --set, flags and --sim (CUDA defaults) change where the
+    timeline starts from, so it is checked again before the run, naming the entry (it failed mid-run, exit 0)."""
+    assert main(["replay", "chunked-prefill", "--headless", "--sim", "h200-qwen3-0.6b", "--set", "max_batched_tokens=128",
+                 "--set", "chunk_size=128", "--report", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "chunked-prefill.yaml: timeline[0] (at 15 s) set {'chunk_size': 256} would be refused" in err, err
+    assert "chunk_size=256 is not allowed: an integer in [1, 128]" in err and not (tmp_path / "r.json").exists()
+    preset = tmp_path / "t.yaml"
+    preset.write_text("name: t\nmodel: synthetic:tiny\nworkload:\n  - {kind: burst, count: 2, at: 0, input_tokens: 8, "
+                      "output_tokens: 2}\ntimeline:\n  - {at: 0, set: {max_batched_tokens: 1024}}\n"
+                      "  - {at: 0.1, set: {policy: fair, policy_params: {nonsense_param: -1}}}\n")
+    assert main(["replay", str(preset), "--headless", "--sim", "h200-qwen3-0.6b"]) == 2  # CUDA's chunk_size 2048
+    assert "timeline[0] (at 0 s) set {'max_batched_tokens': 1024} would be refused" in capsys.readouterr().err
+    assert main(["replay", str(preset), "--headless", "--report", str(tmp_path / "cpu.json")]) == 2
+    err = capsys.readouterr().err  # on the CPU the first entry fits; the second's parameters never did
+    assert "timeline[1] (at 0.1 s)" in err and "nonsense_param" in err, err
+
+
+def test_a_timeline_entry_that_fails_mid_run_is_said_and_exits_1(tmp_path, capsys, monkeypatch):
+    from batchdeck.engine.service.async_engine import AsyncEngine
+
+    async def refuse(self, changes, source="api"):
+        raise RuntimeError("refused for the test")
+
+    monkeypatch.setattr(AsyncEngine, "update_config", refuse)
+    preset = tmp_path / "t.yaml"
+    preset.write_text("name: t\nmodel: synthetic:tiny\nworkload:\n  - {kind: burst, count: 2, at: 0, input_tokens: 8, "
+                      "output_tokens: 2}\ntimeline:\n  - {at: 0, set: {max_num_seqs: 2}}\n")
+    assert main(["replay", str(preset), "--headless", "--quiet", "--report", str(tmp_path / "r.json")]) == 1
+    err = capsys.readouterr().err
+    assert "timeline[0] set failed: RuntimeError: refused for the test" in err, err
+    assert json.loads((tmp_path / "r.json").read_text())["timeline"][0]["status"] == "error"  # the report is kept
 
 
 def test_speed_and_engine_failure(tmp_path):
@@ -305,3 +345,17 @@ def test_a_replay_result_has_a_short_repr_however_much_it_holds(paced_preset):
     assert len(result.telemetry.iterations) > 100
     text = repr(result)
     assert len(text) < 200 and paced_preset.name in text and f"iterations={len(result.telemetry.iterations)}" in text
+
+
+def test_overlapping_timed_pauses_keep_the_engine_paused_until_the_last_ends(tmp_path):
+    from batchdeck.presets.replay import run_preset
+
+    text = ("name: pauses\nmodel: synthetic:tiny\nengine: {device: cpu, num_blocks: 128}\nworkload:\n"
+            "  - {kind: poisson, rate: 20, duration: 1.0, input_tokens: 8, output_tokens: 4}\n"
+            "timeline:\n  - {at: 0.2, pause: 0.5}\n  - {at: 0.3, pause: 0.2}\nseed: 3\n")
+    result = run_preset(parse_preset(text, str(tmp_path / "p.yaml"), tmp_path))
+    assert result.error is None
+    events = [e for e in result.report()["events"] if e["kind"] in ("pause", "resume")]
+    assert [e["kind"] for e in events] == ["pause", "resume"], events  # pausing a paused engine says nothing
+    first_pause = events[0]["time"]
+    assert events[-1]["time"] - first_pause >= 0.5 - 1e-6  # not at the inner pause's end (0.3 s after the first)

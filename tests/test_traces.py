@@ -112,3 +112,22 @@ def test_unknown_extension(tmp_path: Path):
     path.write_text("a,b,c\n")
     with pytest.raises(TraceError, match="csv or .jsonl"):
         load_trace(path, {"time": "a", "input": "b", "output": "c"})
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    """Spreadsheets save CSV with a UTF-8 BOM; editors sometimes JSONL too."""
+    csv_path, jsonl_path = tmp_path / "bom.csv", tmp_path / "bom.jsonl"
+    csv_path.write_bytes(b"\xef\xbb\xbftimestamp,in,out\n0,5,6\n1,7,8\n")
+    jsonl_path.write_bytes(b'\xef\xbb\xbf{"t": 0, "i": 5, "o": 6}\n')
+    assert trace_columns(csv_path) == ["timestamp", "in", "out"]
+    assert load_trace(csv_path, {"time": "timestamp", "input": "in", "output": "out"}) == [(0.0, 5, 6), (1.0, 7, 8)]
+    assert load_trace(jsonl_path, {"time": "t", "input": "i", "output": "o"}) == [(0.0, 5, 6)]
+
+
+def test_a_bad_hash_ids_cell_is_shown_as_written(tmp_path):
+    from batchdeck.presets.prefix_workloads import load_trace_hash_ids
+
+    path = tmp_path / "h.jsonl"
+    path.write_text('{"t": 0, "h": [1, 2]}\n{"t": 1, "h": "x"}\n')
+    with pytest.raises(TraceError, match=r"h\.jsonl: line 2, column 'h': cannot parse 'x' as a list"):
+        load_trace_hash_ids(path, "t", "h")

@@ -104,8 +104,33 @@ def preset_settings(preset: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 def preset_engine_configs(preset: Any, overrides: dict[str, Any] | None = None, *,
                           cuda_available: bool | None = None) -> tuple[EngineConfig, LiveConfig]:
+    """The configs of the engine that plays `preset` under `overrides`, after checking its timeline
+    against that engine (`check_timeline`)."""
     flat, sets = preset_settings(preset)
-    return resolve_configs(overrides, flat, sets, cuda_available=cuda_available)
+    cfg, live = resolve_configs(overrides, flat, sets, cuda_available=cuda_available)
+    check_timeline(preset, cfg, live)
+    return cfg, live
+
+
+def check_timeline(preset: Any, cfg: EngineConfig, live: LiveConfig) -> None:
+    """Each timeline `set`, in file order on top of the last, as the engine that plays it will check
+    it: from the live settings it really starts with (its device's defaults, the flags, --set), not the
+    CPU defaults the file was checked against. A change it would refuse mid-run is refused now."""
+    from batchdeck.engine.config import ConfigBounds, validate_changes
+    from batchdeck.policies import validate_policy_params
+
+    bounds = ConfigBounds.for_engine(cfg, cfg.num_blocks, BY_NAME["policy"].choice_list())
+    for i, entry in enumerate(preset.timeline):
+        if not entry.set:
+            continue
+        try:
+            live = validate_changes(live, entry.set, bounds, validate_policy_params)
+        except ConfigError as exc:
+            where = str(preset.path) if getattr(preset, "path", None) else f"preset {preset.name!r}"
+            when = f"at {entry.at:g} s" if entry.at is not None else f"at iteration {entry.at_iteration}"
+            before = ", ".join(f"{k}={getattr(live, k)}" for k in ("max_num_seqs", "max_batched_tokens", "chunk_size"))
+            raise ValueError(f"{where}: timeline[{i}] ({when}) set {dict(entry.set)} would be refused by this "
+                             f"engine: {exc} (its settings before that entry: {before})") from None
 
 
 def build_engine(args: argparse.Namespace, **kwargs):
