@@ -273,3 +273,27 @@ async def test_handler_ops_against_a_real_engine(model_dirs):
     finally:
         await handler.close()
         await engine.stop()
+
+
+async def test_a_scheduled_submit_can_be_aborted_keeps_its_id_and_is_listed_until_due(model_dirs):
+    """Accepted with a future arrival_time: its id is taken (a second submit is refused, not silently
+    dropped at arrival), an abort before it is due cancels it, and shutdown can list what never ran."""
+    engine = AsyncEngine(make_engine(model_dirs["llama"], max_num_seqs=4))
+    await engine.start()
+    handler = ControlHandler(engine)
+    try:
+        later = engine.clock() + 30
+        for rid in ("s1", "s2"):
+            r = await handler.handle(json.dumps({"id": rid, "op": "submit", "request": {
+                "id": rid, "prompt_token_ids": [1, 2], "max_tokens": 2, "arrival_time": later}}).encode())
+            assert r["ok"] and r["scheduled"], r
+        r = await handler.handle(json.dumps({"id": "dup", "op": "submit", "request": {
+            "id": "s1", "prompt_token_ids": [3], "max_tokens": 2, "arrival_time": later}}).encode())
+        assert not r["ok"] and "'s1' is already in use (scheduled, not yet due)" in r["error"], r
+        assert sorted(handler.scheduled_ids()) == ["s1", "s2"]
+        r = await handler.handle(b'{"id": "x", "op": "abort", "request_id": "s1"}')
+        assert r["ok"] and r["aborted"] and r["scheduled"], r
+        assert handler.scheduled_ids() == ["s2"] and "s1" not in engine.engine.requests
+    finally:
+        await handler.close()
+        await engine.stop()

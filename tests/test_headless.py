@@ -136,6 +136,7 @@ def test_sigterm_aborts_in_flight_publishes_offline_and_exits_0(model_dirs, brok
     status, text = run_batchdeck(args, lambda proc: _drive_and_terminate(broker, proc), sigterm=False)
     assert status == 0, text
     assert "SIGTERM: aborted 1 in-flight request(s): r1" in text, text
+    assert "SIGTERM: dropped 1 scheduled submission(s) not yet due: later" in text, text
     assert "WARNING" in text and "no broker credentials given" in text and "batchdeck/hl/control" in text, text
     assert "Avg prompt throughput" in text
     assert asyncio.run(retained(broker, "batchdeck/hl/status")) == b"offline"
@@ -149,6 +150,9 @@ async def _drive_and_terminate(broker, proc):
         reply = await probe.command({"op": "submit", "request": {"id": "r1", "prompt_token_ids": [5, 6, 7],
                                                                  "max_tokens": 400, "ignore_eos": True}})
         assert reply["ok"], reply
+        reply = await probe.command({"op": "submit", "request": {"id": "later", "prompt_token_ids": [5],
+                                                                 "max_tokens": 2, "arrival_time": 3000}})
+        assert reply["ok"] and reply["scheduled"], reply  # never due before the SIGTERM below
         await probe.wait_for(lambda: probe.iteration_records(), what="iteration telemetry")
         reply = await probe.command({"op": "pause"})  # keep r1 in flight, whatever the machine's speed
         assert reply["ok"], reply

@@ -51,6 +51,11 @@ class ControlHandler:
         self.refused = 0
         self._tasks: set[asyncio.Task] = set()
         self._delayed: set[asyncio.Task] = set()
+        self._scheduled: dict[str, asyncio.Task] = {}  # request id -> its delayed submission, until it is due
+
+    def scheduled_ids(self) -> list[str]:
+        """Request ids accepted with a future arrival_time and not yet submitted to the engine."""
+        return [rid for rid, t in self._scheduled.items() if not t.done()]
 
     def stop_admitting(self) -> None:
         self.accepting = False
@@ -120,6 +125,10 @@ class ControlHandler:
 
     async def _op_abort(self, cmd: Command) -> dict[str, Any]:
         assert cmd.request_id is not None
+        scheduled = self._scheduled.pop(cmd.request_id, None)
+        if scheduled is not None and not scheduled.done():  # not due yet: it never reaches the engine
+            scheduled.cancel()
+            return self._ok(cmd, request_id=cmd.request_id, aborted=True, scheduled=True)
         if not await self.engine.abort(cmd.request_id):
             return error_reply(cmd.id, f"request {cmd.request_id!r} is not in flight (unknown or already finished)")
         return self._ok(cmd, request_id=cmd.request_id, aborted=True)
@@ -140,7 +149,13 @@ class ControlHandler:
             if ahead > MAX_ARRIVAL_AHEAD_S:
                 return error_reply(cmd.id, f"arrival_time {spec.arrival_time!r} is {ahead:.0f} s ahead of the engine "
                                            f"clock ({now:.1f} s); at most {MAX_ARRIVAL_AHEAD_S:.0f} s ahead is accepted")
-            self._delayed.add(self._spawn(self._delayed_submit(spec, ahead)))
+            waiting = self._scheduled.get(spec.request_id)
+            if (waiting is not None and not waiting.done()) or spec.request_id in self.engine.engine.requests:
+                return error_reply(cmd.id, f"request id {spec.request_id!r} is already in use"
+                                           + (" (scheduled, not yet due)" if waiting is not None else ""))
+            task = self._spawn(self._delayed_submit(spec, ahead))
+            self._delayed.add(task)
+            self._scheduled[spec.request_id] = task
             return self._ok(cmd, request_id=spec.request_id, arrival_time=spec.arrival_time, scheduled=True)
         await self._add(spec, now)
         return self._ok(cmd, request_id=spec.request_id)
@@ -162,6 +177,7 @@ class ControlHandler:
 
     async def _delayed_submit(self, spec: Any, delay: float) -> None:
         await asyncio.sleep(delay)
+        self._scheduled.pop(spec.request_id, None)
         if not self.accepting:
             return
         try:

@@ -364,6 +364,11 @@ class HeadlessRunner:
         why = self.signal_name or "done"
         if self.bridge is not None:
             self.bridge.control.stop_admitting()
+            dropped = self.bridge.control.scheduled_ids()
+            if dropped:  # accepted with a future arrival_time: they will never run
+                more = len(dropped) - 20
+                log.warning(f"{why}: dropped {len(dropped)} scheduled submission(s) not yet due: "
+                            + ", ".join(dropped[:20]) + (f", ... ({more} more)" if more > 0 else ""))
         if driver_task is not None and not driver_task.done():
             driver_task.cancel()
             await asyncio.gather(driver_task, return_exceptions=True)
