@@ -205,7 +205,7 @@ def cmd_replay(args: argparse.Namespace, open_console: Callable[..., int] | None
         check_output_path(flag, path)  # before the run: a run must never end in a file that cannot be written
     progress = None if args.quiet else progress_printer()
     result = run_preset(preset, overrides=overrides, speed=args.speed, duration_scale=args.duration_scale,
-                        record=args.record, progress=progress)
+                        record=args.record, progress=progress, interruptible=True)
     report = write_outputs(result, report_path, args.html)
     if args.record:
         sys.stderr.write(f"recording: {args.record}\n")
@@ -227,6 +227,10 @@ def cmd_replay(args: argparse.Namespace, open_console: Callable[..., int] | None
     if result.error:
         sys.stderr.write(f"batchdeck: the engine failed during the replay: {result.error}\n")
         return 1
+    if result.interrupted:
+        sys.stderr.write("batchdeck: interrupted: the report covers the replay up to then (requests in flight "
+                         "were aborted)\n")
+        return 130
     return 1 if failed else 0
 
 

@@ -77,6 +77,7 @@ class ReplayResult:
     duration_scale: float
     wall_time_s: float
     error: str | None = None
+    interrupted: bool = False  # stopped early by SIGINT (Ctrl-C): the telemetry covers the run up to then
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -108,7 +109,7 @@ class ReplayResult:
             initial_config=self.initial_config, request_rows=self.request_rows(),
             timeline=[a.to_dict() for a in self.driver.applied], num_clamped=self.driver.clamped,
             run={"speed": self.speed, "duration_scale": self.duration_scale, "wall_time_s": self.wall_time_s,
-                 "error": self.error, "engine": self.engine_info, **self.extra},
+                 "error": self.error, "interrupted": self.interrupted, "engine": self.engine_info, **self.extra},
         )
         sim = self.engine_info.get("simulation")
         report["analytic"] = analytic_summary(report, sim["cost_model"] if sim else None)
@@ -131,6 +132,7 @@ async def run_preset_async(
     gpu_monitor: bool | None = None,
     loaded: Any = None,
     clock: Any = None,
+    interruptible: bool = False,
 ) -> ReplayResult:
     """Play `preset` to the end and return its telemetry.
 
@@ -148,7 +150,9 @@ async def run_preset_async(
       then be a `VirtualTimeLoop` on the same clock (`run_preset` arranges it).
 
     The engine's failure (an exception in a step) ends the run: the result carries `error` and the
-    telemetry up to then. Other exceptions propagate.
+    telemetry up to then. Other exceptions propagate. interruptible: a cancellation of this task (what
+    `asyncio.run` does at the first Ctrl-C) also ends the run with its telemetry so far, `interrupted`
+    set, instead of propagating (the CLI then still writes the report).
     """
     preset = as_preset(preset)
     telemetry = ListSink()
@@ -202,9 +206,16 @@ async def run_preset_async(
 
     ticker = asyncio.create_task(report_progress()) if progress is not None else None
     error = None
+    interrupted = False
     t0 = time.perf_counter()
     try:
         await driver.run()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not interruptible or task is None:
+            raise
+        task.uncancel()  # handled here: the clean-up below may await again
+        interrupted = True
     except Exception as exc:  # noqa: BLE001 - the engine's own failure ends the run with a report
         if engine.error is None or exc is not engine.error:
             raise
@@ -228,7 +239,7 @@ async def run_preset_async(
                 recorder.close()
     return ReplayResult(preset=driver.preset, driver=driver, telemetry=telemetry, initial_config=initial_config,
                         engine_info=engine_info, speed=speed, duration_scale=duration_scale, wall_time_s=wall,
-                        error=error)
+                        error=error, interrupted=interrupted)
 
 
 async def _set_sink(engine: AsyncEngine, sink: Callable[[str, Any], None]) -> None:

@@ -359,3 +359,34 @@ def test_overlapping_timed_pauses_keep_the_engine_paused_until_the_last_ends(tmp
     assert [e["kind"] for e in events] == ["pause", "resume"], events  # pausing a paused engine says nothing
     first_pause = events[0]["time"]
     assert events[-1]["time"] - first_pause >= 0.5 - 1e-6  # not at the inner pause's end (0.3 s after the first)
+
+
+def test_ctrl_c_ends_a_headless_replay_with_its_report_so_far(tmp_path):
+    """The first SIGINT stops the replay; the report of what ran is still written (no traceback), exit 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    report, record = tmp_path / "r.json", tmp_path / "run.jsonl"
+    # SIGINT's default action in the child: a shell that ran this suite in the background ignores SIGINT, and
+    # the child would inherit that (Python then never turns SIGINT into Ctrl-C handling)
+    proc = subprocess.Popen([sys.executable, "-m", "batchdeck.cli", "replay", "quickstart", "--headless", "--quiet",
+                             "--report", str(report), "--record", str(record)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while '{"type":"request"' not in (record.read_text() if record.exists() else ""):  # a request finished
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the replay never finished a request"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted: the report covers the replay up to then" in err, err
+    doc = json.loads(report.read_text())
+    assert doc["run"]["interrupted"] is True and doc["summary"]["num_requests_finished"] >= 1
