@@ -252,6 +252,10 @@ class LLMEngine:
         sampling.validate()
         check_request_fields(request_id, tenant, priority, slo_class)
         if request_id in self.requests:
+            if self.requests[request_id].is_finished:
+                raise RequestError(f"request id {request_id!r} belongs to a finished request: finished ids stay "
+                                   f"taken while the engine keeps the last {self.retain_finished:,} finished "
+                                   "requests for look-up; use a new id")
             raise RequestError(f"request id {request_id!r} is already in use")
         bound = self.config.max_waiting
         if bound is not None and len(self.scheduler.waiting) >= bound:

@@ -152,26 +152,29 @@ def load_report(path: str | Path) -> dict[str, Any]:
             report = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not a JSON report ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(report, dict) or "summary" not in report:
+    if not isinstance(report, dict) or not isinstance(report.get("summary"), dict):
         raise ValueError(f"{path}: not a batchdeck replay report (no 'summary'; make one with "
                          "`batchdeck replay PRESET --headless --report FILE`)")
     return report
 
 
-def _label(path: str | Path, report: Mapping[str, Any], names: Sequence[str]) -> str:
-    name = Path(path).stem
-    preset = (report.get("preset") or {}).get("name")
-    if preset and names.count(name) > 1:
-        return f"{name} ({preset})"
-    return name
+def _labels(paths: Sequence[str | Path]) -> list[str]:
+    """Each report's column name: its file stem, or as much of its path as tells it from the others
+    (a/r.json and b/r.json are `a/r` and `b/r`)."""
+    parts = [Path(p).with_suffix("").parts for p in paths]
+    labels = []
+    for i, mine in enumerate(parts):
+        depth = 1
+        while depth < len(mine) and any(j != i and other[-depth:] == mine[-depth:] for j, other in enumerate(parts)):
+            depth += 1
+        labels.append("/".join(mine[-depth:]))
+    return labels
 
 
 def columns_for(paths: Sequence[str | Path], reports: Sequence[Mapping[str, Any]], phases: bool
                 ) -> list[tuple[str, Mapping[str, Any]]]:
-    stems = [Path(p).stem for p in paths]
     cols: list[tuple[str, Mapping[str, Any]]] = []
-    for path, report in zip(paths, reports):
-        label = _label(path, report, stems)
+    for path, report, label in zip(paths, reports, _labels(paths)):
         if phases and report.get("phases"):
             for ph in report["phases"]:
                 change = ", ".join(f"{k}={v}" for k, v in (ph.get("changes") or {}).items())

@@ -67,6 +67,19 @@ def test_compare_three_and_errors(reports, tmp_path, capsys):
     assert "not a batchdeck replay report" in capsys.readouterr().err
     assert main(["compare", str(a), str(tmp_path / "missing.json")]) == 2
     assert change_cell("TTFT p99", 2.0, 1.0) == "x0.50 (better)"
+    bad.write_text('{"summary": null}')
+    assert main(["compare", str(a), str(bad)]) == 2
+    assert "not a batchdeck replay report" in capsys.readouterr().err
+
+
+def test_reports_of_the_same_name_are_told_apart_by_their_folders(reports, tmp_path, capsys):
+    a, _ = reports
+    for folder in ("run1", "run2"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "r.json").write_text(a.read_text())
+    assert main(["compare", str(tmp_path / "run1" / "r.json"), str(tmp_path / "run2" / "r.json")]) == 0
+    header = capsys.readouterr().out.splitlines()[3]
+    assert "run1/r" in header and "run2/r" in header, header
     assert change_cell("SLO met: realtime", 0.5, 0.75) == "+25.0 pt (better)"
 
 

@@ -310,3 +310,16 @@ def test_the_command_line_defers_transformers_modeling_until_a_model_loads():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_finished_request_id_is_refused_saying_why(model_dirs):
+    import pytest
+
+    from batchdeck.engine.request import RequestError
+    from tests.helpers import greedy, make_engine
+
+    engine = make_engine(model_dirs["llama"], num_blocks=64)
+    engine.add_request("r", [1, 2], greedy(1))
+    engine.run_until_done()
+    with pytest.raises(RequestError, match=r"request id 'r' belongs to a finished request: .* last 10,000 finished"):
+        engine.add_request("r", [1, 2], greedy(1))
