@@ -45,6 +45,8 @@ def test_parse_valid_commands():
     (b'{"id": "x", "op": "set", "params": {"max_seqs": 3}}', "x", 'unknown key "max_seqs" in params'),
     (b'{"id": "x", "op": "abort"}', "x", "needs 'request_id'"),
     (b'{"id": "x", "op": "abort", "request_id": ""}', "x", "non-empty string"),
+    (b'{"id": "x", "op": "abort", "request_id": "%s"}' % (b"r" * 100_000), "x",
+     '"request_id" has 100000 characters; request ids have at most 256'),
     (b'{"id": "x", "op": "submit", "request": "hello"}', "x", '"request" must be an object'),
     (b'{"id": "x", "op": "set", "params": {"chunk_size": NaN}}', None, "not valid JSON"),
     (b'{"id": "x", "op": "set", "params": {"chunk_size": 1e999}}', "x", "finite"),

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from batchdeck.engine.config import LIVE_KEYS
+from batchdeck.engine.request import MAX_ID_CHARS as MAX_REQUEST_ID_CHARS
 from batchdeck.engine.service.gpu_monitor import GpuSample
 from batchdeck.engine.telemetry import Event, IterationRecord, RequestRecord
 
@@ -295,6 +296,9 @@ def _parse(payload: Any, read_only: bool) -> Command | Invalid:
         rid = obj["request_id"]
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
             return Invalid(cid, f'"request_id" must be a non-empty string, got {_short(rid)}')
+        if len(str(rid)) > MAX_REQUEST_ID_CHARS:  # no request has such an id: refuse it without echoing it
+            return Invalid(cid, f'"request_id" has {len(str(rid))} characters; request ids have at most '
+                                f'{MAX_REQUEST_ID_CHARS}')
         return Command(cid, op, request_id=str(rid))
     if op == "submit":
         req = obj["request"]
