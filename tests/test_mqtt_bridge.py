@@ -223,3 +223,30 @@ def test_parse_broker():
     for bad in ("", ":1883", "host:0", "host:x"):
         with pytest.raises(ValueError):
             parse_broker(bad)
+
+
+async def test_two_engines_on_one_engine_id_say_so_and_the_survivor_stays_online(model_dirs, broker):
+    """Both run every command on the shared control topic: each warns, naming the other. When one leaves,
+    its retained "offline" would say the id is gone while the other serves: the other answers "online"."""
+    warned = {"a": [], "b": []}
+    bus, eng, a = await start_stack(model_dirs, broker, "twin", warn=warned["a"].append)
+    b = None
+    try:
+        _, _, b = await start_stack(model_dirs, broker, "twin", bus=bus, engine=eng, warn=warned["b"].append)
+        await eventually(lambda: warned["a"] and warned["b"], what="both engines' warnings")
+        assert f"pid {b.instance['pid']}" in warned["a"][0] and "give each engine its own --engine-id" in warned["a"][0]
+        assert "another engine uses engine id 'twin'" in warned["b"][0]
+        assert len(warned["a"]) == len(warned["b"]) == 1  # one announcement back, no ping-pong
+        await b.close()
+        b = None
+        for _ in range(500):  # b's "offline", then a's answer
+            if await retained(broker, "batchdeck/twin/status") == b"online":
+                break
+            await asyncio.sleep(0.02)
+        assert await retained(broker, "batchdeck/twin/status") == b"online"
+    finally:
+        if b is not None:
+            await b.close()
+        await a.close()
+        await eng.stop()
+    assert await retained(broker, "batchdeck/twin/status") == b"offline"  # the last one out says so

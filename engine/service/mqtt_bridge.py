@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import json
 import logging
 import os
 import random
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -44,7 +47,8 @@ import paho.mqtt.client as paho
 from batchdeck.engine.service.backoff import Backoff
 from batchdeck.engine.service.bus import Bus, Message, Subscription
 from batchdeck.engine.service.control import ControlHandler
-from batchdeck.engine.service.protocol import (CONFIG, CONTROL, CONTROL_REPLY, OFFLINE, ONLINE, QOS1_TELEMETRY,
+from batchdeck.engine.service.protocol import (CONFIG, CONTROL, CONTROL_REPLY, INSTANCE, OFFLINE, ONLINE,
+                                                QOS1_TELEMETRY,
                                                 STATUS, TELEMETRY_TOPICS, dumps, encode, error_reply, reply_json,
                                                 topic_prefix)
 
@@ -198,6 +202,11 @@ class MqttBridge:
         self._config_key: tuple | None = None
         self._last_iter_flush = 0.0
         self._ever_connected = False
+        # Who this engine is to others on the same engine id (several engines on one id all run every command,
+        # and each one's exit would publish "offline" for the others): announced at each connect.
+        self.instance = {"instance": f"{random.randrange(1 << 64):016x}", "host": socket.gethostname(),
+                         "pid": os.getpid()}
+        self.others: dict[str, dict[str, Any]] = {}  # other instances seen on this engine id
         self._failures = 0
         # Control: the intake outlives every connection (each client forwards into it, see _Forwarder);
         # the outbox holds each command's handler task in arrival order until its reply is published.
@@ -324,8 +333,35 @@ class MqttBridge:
 
     async def _on_connected(self, client: aiomqtt.Client) -> None:
         await client.subscribe(self.topic(CONTROL), qos=1)
+        await client.subscribe(self.topic(INSTANCE), qos=1)
+        await client.subscribe(self.topic(STATUS), qos=1)
         await client.publish(self.topic(STATUS), ONLINE, qos=1, retain=True)
         await self._publish_config(client)
+        await client.publish(self.topic(INSTANCE), dumps(self.instance), qos=1)
+
+    async def _on_peer_message(self, message: Any) -> None:
+        """PREFIX/instance and PREFIX/status from others on this engine id: say when another engine shares
+        it (and announce this one back once, so it learns too); while running, answer an "offline" (another
+        engine on this id left, or this one's stale Last Will) with "online" again."""
+        client = self._client
+        if message.topic.matches(self.topic(INSTANCE)):
+            try:
+                other = json.loads(message.payload)
+            except (ValueError, TypeError):
+                return
+            key = other.get("instance") if isinstance(other, dict) else None
+            if not isinstance(key, str) or key == self.instance["instance"] or key in self.others:
+                return
+            self.others[key] = other
+            self.warn(f"mqtt: another engine uses engine id {self.engine_id!r} (host {other.get('host')!r}, pid "
+                      f"{other.get('pid')!r}): every command on {self.topic(CONTROL)} runs on both; give each engine "
+                      "its own --engine-id")
+            if client is not None:
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await client.publish(self.topic(INSTANCE), dumps(self.instance), qos=1)
+        elif message.payload == OFFLINE and not message.retain and not self._closing and client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(self.topic(STATUS), ONLINE, qos=1, retain=True)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         """Run one connected session until the connection fails (raises) or close is requested."""
@@ -489,6 +525,7 @@ class MqttBridge:
         while True:
             message = await self._intake.get()
             if not message.topic.matches(control_topic):
+                await self._on_peer_message(message)
                 continue
             if message.retain:
                 self.retained_ignored += 1

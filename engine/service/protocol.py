@@ -57,6 +57,7 @@ STATUS = "status"
 CONFIG = "config"
 CONTROL = "control"
 CONTROL_REPLY = "control/reply"
+INSTANCE = "instance"  # not retained: {"instance", "host", "pid"} of each engine as it connects (see mqtt_bridge)
 ONLINE, OFFLINE = b"online", b"offline"
 # bus topic -> MQTT topic suffix (telemetry the engine publishes)
 TELEMETRY_TOPICS: dict[str, str] = {"iteration": "telemetry/iteration", "request": "telemetry/request",
