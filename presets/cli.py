@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -137,6 +138,13 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return {**given_engine_flags(args), **_set_changes(args)[1]}
 
 
+def default_report_path(name: str) -> str:
+    """`NAME-report.json` in the working directory, the name reduced to a safe file name (a preset's name
+    is free text: `../x` must not write elsewhere)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "preset"
+    return f"{stem}-report.json"
+
+
 def check_output_path(flag: str, path: str | None) -> None:
     """That `path` can be written (its directory is made, as `write_outputs` would); else a ValueError
     naming the flag."""
@@ -200,7 +208,7 @@ def cmd_replay(args: argparse.Namespace, open_console: Callable[..., int] | None
 
     from batchdeck.presets.replay import progress_printer, run_preset
 
-    report_path = args.report or f"{preset.name}-report.json"
+    report_path = args.report or default_report_path(preset.name)
     for flag, path in (("--report", report_path), ("--html", args.html), ("--record", args.record)):
         check_output_path(flag, path)  # before the run: a run must never end in a file that cannot be written
     progress = None if args.quiet else progress_printer()
@@ -226,6 +234,10 @@ def cmd_replay(args: argparse.Namespace, open_console: Callable[..., int] | None
         sys.stderr.write(f"batchdeck: timeline[{t.get('index')}] {t.get('action')} failed: {t.get('error')}\n")
     if result.error:
         sys.stderr.write(f"batchdeck: the engine failed during the replay: {result.error}\n")
+        return 1
+    if not result.interrupted and not report["summary"].get("num_requests"):
+        sys.stderr.write("batchdeck: no request arrived: the workload produced none (a trace whose `start` is past "
+                         "its last row, or an empty trace file?)\n")
         return 1
     if result.interrupted:
         sys.stderr.write("batchdeck: interrupted: the report covers the replay up to then (requests in flight "

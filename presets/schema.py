@@ -657,7 +657,7 @@ def parse_preset(text: str, source_name: str = "<preset>", base_dir: str | Path 
         raise c.error(("workload",), f"must be a non-empty list of streams, got {_describe(raw_workload)}")
     workload = [_stream(c, s, ("workload", i), base) for i, s in enumerate(raw_workload)]
 
-    raw_timeline = top.get("timeline") or []
+    raw_timeline = top.get("timeline") if top.get("timeline") is not None else []  # {} or false is refused below
     if not isinstance(raw_timeline, list):
         raise c.error(("timeline",), f"must be a list of actions, got {_describe(raw_timeline)}")
     timeline = []

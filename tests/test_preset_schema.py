@@ -121,6 +121,13 @@ def test_mistake_names_file_key_and_line(tmp_path, desc, edit, key, marker, word
     assert words in message
 
 
+@pytest.mark.parametrize("value", ["{}", "false", "0", "'none'"])
+def test_a_timeline_that_is_not_a_list_is_refused_not_read_as_empty(tmp_path, value):
+    text = GOOD.replace("timeline:\n  - at: 5\n    set: {chunk_size: 64}\n", f"timeline: {value}\n")
+    assert text != GOOD
+    assert "timeline: must be a list of actions" in error_for(tmp_path, text)
+
+
 def test_config_error_message_is_embedded(tmp_path):
     text = GOOD.replace("set: {chunk_size: 64}", "set: {max_num_seqs: 0}")
     message = error_for(tmp_path, text)

@@ -237,6 +237,26 @@ def test_replay_cli_errors(tmp_path, capsys):
     assert f"--html {str(tmp_path)!r} is a directory" in capsys.readouterr().err
 
 
+def test_a_replay_where_no_request_arrives_says_so_and_exits_1(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    trace.write_text("t,i,o\n0,5,6\n1,5,6\n")
+    preset = tmp_path / "p.yaml"
+    preset.write_text("name: empty\nmodel: synthetic:tiny\nworkload:\n  - {kind: trace, path: t.csv, start: 3600, "
+                      "columns: {time: t, input: i, output: o}}\n")
+    assert main(["replay", str(preset), "--headless", "--quiet", "--report", str(tmp_path / "r.json")]) == 1
+    assert "no request arrived" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["summary"]["num_requests"] == 0
+
+
+def test_the_default_report_name_stays_in_the_working_directory():
+    from batchdeck.presets.cli import default_report_path
+
+    assert default_report_path("static-vs-continuous") == "static-vs-continuous-report.json"
+    assert default_report_path("../elsewhere/x") == "elsewhere-x-report.json"  # a free-text name, not a path
+    assert default_report_path("my preset v1.2") == "my-preset-v1.2-report.json"
+    assert default_report_path("/") == "preset-report.json"
+
+
 def test_the_timeline_is_checked_against_the_engine_that_will_play_it(tmp_path, capsys):
     """The file is checked against the CPU defaults; --set, flags and --sim (CUDA defaults) change where the
     timeline starts from, so it is checked again before the run, naming the entry (it failed mid-run, exit 0)."""
