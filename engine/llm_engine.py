@@ -260,6 +260,18 @@ class LLMEngine:
         bound = self.config.max_waiting
         if bound is not None and len(self.scheduler.waiting) >= bound:
             raise QueueFullError(len(self.scheduler.waiting), bound)
+        self.check_prompt(prompt_token_ids, sampling)
+        req = Request(request_id, list(prompt_token_ids), sampling,
+                      arrival_time=self.clock() if arrival_time is None else arrival_time,
+                      tenant=tenant or "default", priority=priority, slo_class=slo_class)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        self.num_requests_added += 1
+        return req
+
+    def check_prompt(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+        """RequestError unless this engine can serve the prompt with `sampling`'s max_tokens (its tokens,
+        the context, the pool); what `add_request` checks beyond the request's own fields and the queue."""
         if not prompt_token_ids:
             raise RequestError("prompt is empty: at least one token is needed")
         vocab = self.loaded.config.vocab_size
@@ -279,13 +291,6 @@ class LLMEngine:
                 f"request needs up to {need} KV blocks ({longest} tokens) but the pool has "
                 f"{self.blocks.num_blocks}: lower max_tokens or start with more --num-blocks"
             )
-        req = Request(request_id, list(prompt_token_ids), sampling,
-                      arrival_time=self.clock() if arrival_time is None else arrival_time,
-                      tenant=tenant or "default", priority=priority, slo_class=slo_class)
-        self.requests[request_id] = req
-        self.scheduler.add(req)
-        self.num_requests_added += 1
-        return req
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> Request | None:
         """Finish a request now, freeing its blocks; None if unknown or done. `reason` is `abort`

@@ -293,6 +293,11 @@ async def test_a_scheduled_submit_can_be_aborted_keeps_its_id_and_is_listed_unti
             "id": "s1", "prompt_token_ids": [3], "max_tokens": 2, "arrival_time": later}}).encode())
         assert not r["ok"] and "'s1' is already in use (scheduled, not yet due)" in r["error"], r
         assert sorted(handler.scheduled_ids()) == ["s1", "s2"]
+        vocab = engine.engine.loaded.config.vocab_size
+        r = await handler.handle(json.dumps({"id": "bad", "op": "submit", "request": {
+            "id": "s3", "prompt_token_ids": [1, vocab], "max_tokens": 2, "arrival_time": later}}).encode())
+        assert not r["ok"] and f"prompt_token_ids[1] = {vocab} is outside" in r["error"], r  # refused now, as
+        assert "s3" not in handler.scheduled_ids()  # an immediate submit is, not when it falls due
         r = await handler.handle(b'{"id": "x", "op": "abort", "request_id": "s1"}')
         assert r["ok"] and r["aborted"] and r["scheduled"], r
         assert handler.scheduled_ids() == ["s2"] and "s1" not in engine.engine.requests

@@ -20,7 +20,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
 from batchdeck.engine.config import ConfigError
-from batchdeck.engine.request import RequestError
+from batchdeck.engine.request import RequestError, check_request_fields
 from batchdeck.engine.request_spec import MAX_ARRIVAL_AHEAD_S  # one bound for generate and MQTT
 from batchdeck.engine.service.protocol import CHANGING_OPS, MAX_SEED, Command, Invalid, error_reply, parse_control
 from batchdeck.engine.service.served_model import EngineDeadError
@@ -149,6 +149,9 @@ class ControlHandler:
             if ahead > MAX_ARRIVAL_AHEAD_S:
                 return error_reply(cmd.id, f"arrival_time {spec.arrival_time!r} is {ahead:.0f} s ahead of the engine "
                                            f"clock ({now:.1f} s); at most {MAX_ARRIVAL_AHEAD_S:.0f} s ahead is accepted")
+            spec.sampling.validate()  # as an immediate submit would be: refused in the reply, not at arrival
+            check_request_fields(spec.request_id, spec.tenant, spec.priority, spec.slo_class)
+            self.engine.engine.check_prompt(spec.prompt_token_ids, spec.sampling)
             waiting = self._scheduled.get(spec.request_id)
             if (waiting is not None and not waiting.done()) or spec.request_id in self.engine.engine.requests:
                 return error_reply(cmd.id, f"request id {spec.request_id!r} is already in use"
