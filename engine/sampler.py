@@ -77,7 +77,7 @@ class Sampler:
         k = max(params[i].top_logprobs for i in rows)
         if k:
             best, best_ids = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
-            for j, (i, lps, tids) in enumerate(zip(rows, best.tolist(), best_ids.tolist())):
+            for i, lps, tids in zip(rows, best.tolist(), best_ids.tolist()):
                 if params[i].top_logprobs:
                     n = params[i].top_logprobs
                     tops[request_ids[i]] = tuple(zip(tids[:n], lps[:n]))
