@@ -322,13 +322,14 @@ ENGINE_ONLY_METRICS = ("num_iterations", "iterations_per_s", "num_requests_runni
 
 def build_bench_report(preset: Any, results: Sequence[BenchResult], run: dict[str, Any]) -> dict[str, Any]:
     from batchdeck.engine.service.metrics import quantiles, summarize
-    from batchdeck.presets.report import preset_info
+    from batchdeck.presets.report import count_refused_as_missed, preset_info
 
     records = _records(results)
     starts = [r.arrival for r in results]
     ends = [r.arrival + r.e2e for r in results if r.e2e is not None]
     span = max(ends) - min(starts) if ends and starts else 0.0
     summary = summarize([], records, duration_s=span)
+    count_refused_as_missed(summary["slo_attainment"], [r.slo_class for r in results if r.error is not None])
     gaps = quantiles((g for r in results if r.error is None and r.e2e is not None for g in r.itl), mean=True,
                      maximum=True)
     prompt = sum(r.prompt_tokens for r in records)

@@ -112,7 +112,8 @@ def metric_rows(columns: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[An
     for cls in classes:
         values = [_get("slo_attainment", cls, "fraction")(c) for c in columns]
         counts = [_get("slo_attainment", cls)(c) for c in columns]
-        cells = [f"{fmt_pct(v)} ({n['met']}/{n['count']})" if n else "-" for v, n in zip(values, counts)]
+        cells = [f"{fmt_pct(v)} ({n['met']}/{n['count']}" + (f", {n['rejected']} rejected" if n.get("rejected") else "")
+                 + ")" if n else "-" for v, n in zip(values, counts)]
         rows.append((f"SLO met: {cls}", values, cells))
     tenants = sorted({k for c in columns for k in (c.get("service_per_tenant") or {})})
     for tenant in tenants:

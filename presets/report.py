@@ -159,6 +159,19 @@ def run_end_time(iterations: Sequence[IterationRecord], requests: Sequence[Reque
     return max(ends, default=0.0)
 
 
+def count_refused_as_missed(slo_attainment: dict[str, dict[str, Any]], refused_classes: Sequence[str | None]) -> None:
+    """Count requests the engine refused (rejected at admission, failed on the client) as SLO misses of
+    their class, in place: attainment over finished requests alone would rise as a setting rejects
+    more of the load. Each class gains `rejected` (how many of its `count` were refused)."""
+    for cls in refused_classes:
+        if cls is None:
+            continue
+        entry = slo_attainment.setdefault(cls, {"met": 0, "count": 0, "fraction": 0.0})
+        entry["count"] += 1
+        entry["rejected"] = entry.get("rejected", 0) + 1
+        entry["fraction"] = entry["met"] / entry["count"]
+
+
 def build_report(
     *,
     preset: Mapping[str, Any],
@@ -193,6 +206,7 @@ def build_report(
     summary = summarize(iterations, requests)
     summary.update(_extras(iterations))
     summary.update(_prefix_metrics(iterations, requests))
+    count_refused_as_missed(summary["slo_attainment"], [row.get("slo_class") for row in rows if row.get("error")])
     summary.update({"num_requests": len(rows), "num_rejected": rejected, "num_clamped": num_clamped,
                     "num_unfinished": sum(1 for row in rows if "e2e_latency" not in row and not row.get("error"))})
 

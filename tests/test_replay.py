@@ -410,3 +410,22 @@ def test_ctrl_c_ends_a_headless_replay_with_its_report_so_far(tmp_path):
     assert "Traceback" not in err and "interrupted: the report covers the replay up to then" in err, err
     doc = json.loads(report.read_text())
     assert doc["run"]["interrupted"] is True and doc["summary"]["num_requests_finished"] >= 1
+
+
+def test_refused_requests_count_as_slo_misses_of_their_class():
+    """Attainment over finished requests alone rises as a setting rejects more of the load (a sweep would
+    pick the setting that refuses most): the report counts refused requests as misses."""
+    from batchdeck.presets.compare import metric_rows
+    from batchdeck.presets.report import build_report
+
+    requests = [_req("a", 0.0), _req("b", 0.1)]
+    rows = [{"request_id": "a", "slo_class": "interactive"}, {"request_id": "b", "slo_class": "interactive"},
+            {"request_id": "c", "slo_class": "interactive", "error": "queue full"},
+            {"request_id": "d", "slo_class": "batch", "error": "queue full"}]
+    report = build_report(preset={"name": "x"}, iterations=[_it(i, 0.1 * (i + 1)) for i in range(5)],
+                          requests=requests, events=[], initial_config=LiveConfig().to_dict(), request_rows=rows)
+    slo = report["summary"]["slo_attainment"]
+    assert slo["interactive"] == {"met": 2, "count": 3, "fraction": 2 / 3, "rejected": 1}
+    assert slo["batch"] == {"met": 0, "count": 1, "fraction": 0.0, "rejected": 1}
+    cells = {label: cells for label, _, cells in metric_rows([report["summary"]])}
+    assert cells["SLO met: interactive"] == ["66.7% (2/3, 1 rejected)"]
