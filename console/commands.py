@@ -16,6 +16,7 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from batchdeck.engine.config import ConfigBounds, ConfigError, LiveConfig, validate_changes
 from batchdeck.engine.settings import BY_NAME, LIMITS, LIVE_SETTINGS, PANEL_KINDS
+from batchdeck.policies.base import ParamSpec, check_params
 
 from batchdeck.console.request_view import SORT_KEYS
 
@@ -46,8 +47,13 @@ ACTIONS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# vLLM's names for live settings (the flags' aliases in the settings table): max_num_batched_tokens, ...
+_ALIASES = {flag.lstrip("-").replace("-", "_"): s.name for s in LIVE_SETTINGS for flag in s.flags[1:]}
+
+
 def normalize_key(word: str) -> str:
-    return word.strip().lower().replace("-", "_")
+    key = word.strip().lower().replace("-", "_")
+    return _ALIASES.get(key, key)
 
 
 def choices(key: str, bounds: Mapping[str, Any] | None) -> tuple[str, ...] | None:
@@ -70,7 +76,10 @@ def describe_bounds(key: str, config: Mapping[str, Any] | None, bounds: Mapping[
     hi = ConfigBounds.from_dict(bounds or {}).upper(key, config or {})
     fmt = (lambda v: f"{v:g}") if s.kind == "float" else str
     unit = " s" if s.unit == "seconds" else ""
-    return f"{fmt(s.low)}..{hi if isinstance(hi, str) else fmt(hi)}{unit}"
+    # a setting that bounds another (max_batched_tokens, over chunk_size) cannot go below that one's value
+    under = [(o.name, (config or {}).get(o.name)) for o in LIVE_SETTINGS if o.bound_ref == key]
+    low = max([s.low] + [v for _, v in under if isinstance(v, (int, float))])
+    return f"{fmt(low)}..{hi if isinstance(hi, str) else fmt(hi)}{unit}"
 
 
 def live_config(config: Mapping[str, Any] | None) -> LiveConfig:
@@ -84,13 +93,29 @@ def parse_value(key: str, text: str) -> Any:
 
 def validate(changes: Mapping[str, Any], config: Mapping[str, Any] | None, bounds: Mapping[str, Any] | None) -> str | None:
     """None if the engine would accept `changes` on top of `config`, else why not (as the engine says it)."""
+    parsed = ConfigBounds.from_dict(bounds or {})
     try:
-        validate_changes(live_config(config), changes, ConfigBounds.from_dict(bounds or {}))
+        validate_changes(live_config(config), changes, parsed, _published_params_check(parsed.policy_params))
     except ConfigError as exc:
         return str(exc)
     except (ValueError, TypeError) as exc:
         return str(exc)
     return None
+
+
+def _published_params_check(published: Mapping[str, Any]):
+    """Policy parameters checked against the specs the engine published with its bounds, as it checks them;
+    None (the engine alone checks) when it published none."""
+    if not published:
+        return None
+
+    def check(policy: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        if policy not in published:
+            raise ConfigError("policy", policy, "one of " + ", ".join(published))
+        specs = {k: ParamSpec.from_dict(v) for k, v in (published[policy] or {}).items()}
+        return check_params(policy, specs, params)
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -139,8 +164,13 @@ def candidates(query: str, config: Mapping[str, Any] | None, bounds: Mapping[str
                                  f"type `{key} N` to set it (now {now}){meaning}; "
                                  f"allowed {describe_bounds(key, config, bounds)}"))
     out.extend(Candidate(name, help, action=action) for name, action, help in ACTIONS)
-    out.append(Candidate("clear prefix cache", "drop every cached KV block (prefix_caching off, then on again)",
-                         sequence=CLEAR_PREFIX_CACHE))
+    if (config or {}).get("prefix_caching", True):
+        out.append(Candidate("clear prefix cache", "drop every cached KV block (prefix_caching off, then on again)",
+                             sequence=CLEAR_PREFIX_CACHE))
+    else:  # off, nothing is cached; the off-then-on pair would have turned caching on
+        out.append(Candidate("clear prefix cache", "refused: prefix caching is off, so nothing is cached",
+                             error="prefix caching is off, so nothing is cached (turn it on with "
+                                   "`prefix_caching true`)"))
     return out
 
 

@@ -236,8 +236,10 @@ class DashboardState:
             d = event.data
             it = int(d.get("applied_iteration", event.iteration))
             self.marks.append(Mark(it, event.time, format_changes(d.get("changes") or {})))
-            if self.config is not None and isinstance(d.get("changes"), Mapping):
-                self.config.update(d["changes"])
+            if self.config is not None and isinstance(d.get("config"), Mapping):
+                self.config.update(d["config"])  # what the engine runs with (a new policy's default params...)
+            elif self.config is not None and isinstance(d.get("changes"), Mapping):
+                self.config.update(d["changes"])  # recordings made before events carried the config
             if d.get("version") is not None:
                 self.version = d["version"]
                 if self.config is not None:

@@ -333,7 +333,7 @@ class LLMEngine:
                 self.scheduler.set_policy(make_policy(new.policy, new.policy_params))
             self.scheduler.set_config(new)
             self.emit_event("config_change", now, changes=changes, applied_iteration=self.iteration,
-                            source=source, version=new.version)
+                            source=source, version=new.version, config=new.to_dict())
         self._pending.clear()
 
     def clear_prefix_cache(self, source: str = "api") -> int:

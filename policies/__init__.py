@@ -5,7 +5,7 @@ import sys
 from typing import Any, Mapping
 
 from batchdeck.engine.config import ConfigError
-from batchdeck.policies.base import ParamSpec, Policy
+from batchdeck.policies.base import ParamSpec, Policy, check_params
 from batchdeck.policies.cache_aware import CacheAwarePolicy
 from batchdeck.policies.fair import FairPolicy
 from batchdeck.policies.fcfs import FCFSPolicy
@@ -29,14 +29,7 @@ def validate_policy_params(name: str, params: Mapping[str, Any]) -> dict[str, An
     """
     if name not in POLICIES:
         raise ConfigError("policy", name, "one of " + ", ".join(POLICIES))
-    specs = POLICIES[name].PARAMS
-    out = {k: spec.default for k, spec in specs.items()}
-    for key, value in dict(params).items():
-        if key not in specs:
-            allowed = ", ".join(specs) or "none"
-            raise ConfigError(f"policy_params.{key}", value, f"a parameter of policy {name}: {allowed}")
-        out[key] = specs[key].check(name, key, value)
-    return out
+    return check_params(name, POLICIES[name].PARAMS, params)
 
 
 def describe_policies() -> dict[str, dict[str, Any]]:

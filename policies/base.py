@@ -61,6 +61,13 @@ class ParamSpec:
     help: str = ""
     choices: Collection[str] | None = None
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ParamSpec":
+        """A spec as `describe_policies` publishes it (an engine's config bounds carry them)."""
+        kinds = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
+        return cls(default=d.get("default"), kind=kinds.get(str(d.get("kind")), float), low=d.get("low"),
+                   high=d.get("high"), help=str(d.get("help") or ""), choices=d.get("choices"))
+
     def range_text(self) -> str:
         return f"[{_fmt(self.low, '-inf')}, {_fmt(self.high, 'inf')}]"
 
@@ -100,6 +107,18 @@ class ParamSpec:
             return kind(value)
         except OverflowError:  # an integer beyond the float range
             raise ConfigError(key, value, f"{what} in {self.range_text()} for policy {policy}") from None
+
+
+def check_params(policy: str, specs: Mapping[str, ParamSpec], params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` checked against `specs`, with the defaults of those not given (ConfigError naming the key,
+    the value and what is allowed): what the engine checks, and a console checks against published specs."""
+    out = {k: spec.default for k, spec in specs.items()}
+    for key, value in dict(params).items():
+        if key not in specs:
+            allowed = ", ".join(specs) or "none"
+            raise ConfigError(f"policy_params.{key}", value, f"a parameter of policy {policy}: {allowed}")
+        out[key] = specs[key].check(policy, key, value)
+    return out
 
 
 class Policy:

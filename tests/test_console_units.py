@@ -303,3 +303,50 @@ def test_a_finished_request_leaves_the_table_without_waiting_for_a_snapshot():
     finished.request_id = "a"
     st.ingest([("request", finished)])
     assert list(st.requests) == ["b"] and st.requests_seq == seq + 1
+
+
+def test_the_console_shows_the_config_the_engine_runs_not_the_change_it_was_asked(model_dirs):
+    """A policy switch brings that policy's default parameters; switching back drops them. The console took
+    the requested change as the new config, so it showed {} for sjf's defaults and kept stale ones after."""
+    from batchdeck.engine.telemetry import ListSink
+    from tests.helpers import make_engine
+
+    sink = ListSink()
+    engine = make_engine(model_dirs["llama"], sink=sink, num_blocks=64)
+    st = DashboardState(window_s=5.0, history=100)
+    st.apply_snapshot(engine.config_snapshot())
+    for changes in ({"policy": "sjf"}, {"policy_params": {"aging_s": 5}}, {"policy": "fcfs"}):
+        engine.update_config(changes, source="preset")
+        engine.apply_pending_config()
+        st.ingest([("event", e) for e in sink.events[-1:]])
+        assert st.config["policy_params"] == dict(engine.live.policy_params), changes
+        assert st.config["policy"] == engine.live.policy and st.version == engine.live.version
+    # a recording made before events carried the config still applies the change itself
+    old = Event("config_change", 1.0, 3, {"changes": {"max_num_seqs": 3}, "applied_iteration": 3, "version": 9})
+    st.ingest([("event", old)])
+    assert st.config["max_num_seqs"] == 3 and st.version == 9
+
+
+def test_palette_speaks_vllm_names_checks_policy_params_and_shows_the_bound_in_force(model_dirs):
+    from tests.helpers import make_engine
+
+    snap = make_engine(model_dirs["llama"], num_blocks=64, chunk_size=64, max_batched_tokens=512).config_snapshot()
+    config, bounds = snap["config"], snap["bounds"]
+    (c,) = candidates("max_num_batched_tokens 300", config, bounds)  # vLLM's names, as the flags take them
+    assert c.changes == {"max_batched_tokens": 300} and c.error is None
+    (c,) = candidates("scheduling_policy sjf", config, bounds)
+    assert c.changes == {"policy": "sjf"}
+    # the floor another setting puts on it, not the table's 1
+    assert describe_bounds("max_batched_tokens", config, bounds).startswith("64..")
+    # policy parameters checked against the specs the engine published, before anything is sent
+    assert "a parameter of policy fcfs: none" in validate({"policy_params": {"bogus": 5}}, config, bounds)
+    sjf = {**config, "policy": "sjf"}
+    assert "policy_params.aging_s" in validate({"policy_params": {"aging_s": -5}}, sjf, bounds)
+    assert validate({"policy_params": {"aging_s": 5}}, sjf, bounds) is None
+
+
+def test_clearing_the_prefix_cache_never_turns_caching_on():
+    on = [c for c in candidates("", {"prefix_caching": True}, None) if c.text == "clear prefix cache"]
+    assert on[0].sequence and on[0].sequence[-1] == {"prefix_caching": True}
+    (off,) = [c for c in candidates("", {"prefix_caching": False}, None) if c.text == "clear prefix cache"]
+    assert not off.sequence and "prefix caching is off" in off.error

@@ -298,7 +298,8 @@ def test_changes_apply_at_the_next_iteration_boundary_versioned_and_recorded(mod
     assert engine.live is new and engine.scheduler.config is new
     (event,) = config_events(sink)
     assert event.to_dict() == {"kind": "config_change", "changes": {"max_num_seqs": 2}, "applied_iteration": 2,
-                               "time": 1.5, "source": "console", "version": 1, "iteration": 2}
+                               "time": 1.5, "source": "console", "version": 1, "iteration": 2,
+                               "config": new.to_dict()}  # the whole config it runs with from then on
     assert sink.iterations[-1].config_version == 1 and sink.iterations[-2].config_version == 0
     # Two changes before one step: both apply at that step, in order, each its own version.
     engine.update_config({"policy": "sjf", "policy_params": {"aging_s": 2.0}}, source="mqtt")
