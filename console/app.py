@@ -40,7 +40,8 @@ from batchdeck.console.widgets.throughput_plot import ThroughputPlot
 Driver = Callable[[], Awaitable[Any]]
 LINK_STYLE = {ConnectionState.CONNECTED: "bold green", ConnectionState.IN_PROCESS: "bold green",
               ConnectionState.RECONNECTING: "bold yellow", ConnectionState.CONNECTING: "bold yellow",
-              ConnectionState.OFFLINE: "bold red", ConnectionState.REPLAY: "bold cyan",
+              ConnectionState.OFFLINE: "bold red", ConnectionState.FAILED: "bold reverse red",
+              ConnectionState.REPLAY: "bold cyan",
               ConnectionState.STOPPED: "dim"}
 
 
@@ -97,6 +98,7 @@ class ConsoleApp(App):
         self.state = DashboardState(window_s=window_s, history=history)
         self.state.apply_snapshot(client.config_snapshot)
         self.frozen = False
+        self._failure_shown = False  # the "engine failed" notification was shown
         self.per_iteration = False  # batch chart: one column per iteration, or the last chart_span_s averaged
         self.autoscale = False  # batch chart: y axis to the token budget, or to the tallest column shown
         self.request_view = RequestView()  # the request table's sort and filter
@@ -377,6 +379,10 @@ class ConsoleApp(App):
         parts: list[tuple[str, str]] = [(self.title or "batchdeck", "bold"), (client.description, "dim")]
         link = client.state
         parts.append((f"● {link}", LINK_STYLE.get(link, "bold")))
+        if link == ConnectionState.FAILED and not self._failure_shown:  # once: the log keeps the error line
+            self._failure_shown = True
+            self.notify(getattr(client, "failure", None) or "the engine failed", title="Engine failed",
+                        severity="error", timeout=30)
         status_text = getattr(client, "status_text", None)
         if status_text is not None:
             parts.append((status_text(), "bold cyan"))

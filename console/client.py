@@ -37,6 +37,7 @@ class ConnectionState:
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
     OFFLINE = "engine offline"
+    FAILED = "engine failed"  # an in-process engine's step raised: it no longer iterates
     REPLAY = "replay"
     STOPPED = "stopped"
 

@@ -88,7 +88,20 @@ class InProcessClient(Client):
             await self.engine.stop()
         self.state = ConnectionState.STOPPED
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped iterating (its step raised), or None."""
+        return None if self.engine.error is None else EngineDeadError.of(self.engine.error).describe()
+
+    def _refuse_if_failed(self, op: str) -> CommandResult | None:
+        """A failed engine runs no further iteration: a change would be "applied" to nothing, a resume
+        would raise; both are refused with the reason instead."""
+        failure = self.failure
+        return None if failure is None else CommandResult(False, op, error=failure)
+
     def drain(self, max_items: int | None = None) -> list[TelemetryMessage]:
+        if self.engine.error is not None and self.state == ConnectionState.IN_PROCESS:
+            self.state = ConnectionState.FAILED
         out = super().drain(max_items)
         if self._sub is not None:
             room = None if max_items is None else max_items - len(out)
@@ -109,6 +122,8 @@ class InProcessClient(Client):
         return CommandResult(True, "get", config=snap)
 
     async def set(self, changes: Mapping[str, Any]) -> CommandResult:
+        if (refused := self._refuse_if_failed("set")) is not None:
+            return refused
         try:
             reply = await self.engine.update_config(dict(changes), source=self.source)
         except ConfigError as exc:
@@ -120,10 +135,14 @@ class InProcessClient(Client):
         return CommandResult(True, "set", applied_iteration=reply.applied_iteration, config=reply.config)
 
     async def pause(self) -> CommandResult:
+        if (refused := self._refuse_if_failed("pause")) is not None:
+            return refused
         it = await self.engine.pause(source=self.source)
         return CommandResult(True, "pause", data=it)
 
     async def resume(self) -> CommandResult:
+        if (refused := self._refuse_if_failed("resume")) is not None:
+            return refused
         it = await self.engine.resume(source=self.source)
         return CommandResult(True, "resume", data=it)
 

@@ -176,3 +176,21 @@ async def test_preset_mode_drives_the_engine_with_the_timeline(preset):
                        what="the preset's requests")
         assert app.title == f"batchdeck · {preset}"
         await app.shutdown()
+
+
+async def test_an_in_process_engine_that_fails_is_shown_failed_and_refuses_steering():
+    """It used to stay green 'in-process', report a set as applied, and lose the resume's error."""
+    from tests.helpers import fail_steps
+
+    app = build_app(None, overrides={**ENGINE, "model": "synthetic:tiny"}, log=lambda line: None)
+    engine = app.client.engine.engine
+    fail_steps(engine, lambda: engine.iteration >= 5, "boom")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.client.state == "engine failed", timeout=60, what="the failed state")
+        await wait_for(pilot, lambda: any("RuntimeError: boom" in n for n in notes(app)), what="the notification")
+        result = await app.client.set({"max_num_seqs": 2})
+        assert not result.ok and "the engine failed: RuntimeError: boom" in result.error
+        result = await app.run_command("resume")
+        assert not result.ok and "the engine failed" in result.error
+        assert engine.target_config.max_num_seqs != 2
+        await app.shutdown()
