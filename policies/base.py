@@ -64,7 +64,7 @@ class ParamSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ParamSpec":
         """A spec as `describe_policies` publishes it (an engine's config bounds carry them)."""
-        kinds = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
+        kinds = {k.__name__: k for k in (int, float, bool, str, dict)}  # describe_policies writes kind.__name__
         return cls(default=d.get("default"), kind=kinds.get(str(d.get("kind")), float), low=d.get("low"),
                    high=d.get("high"), help=str(d.get("help") or ""), choices=d.get("choices"))
 

@@ -50,7 +50,6 @@ class ControlHandler:
         self.handled = 0
         self.refused = 0
         self._tasks: set[asyncio.Task] = set()
-        self._delayed: set[asyncio.Task] = set()
         self._scheduled: dict[str, asyncio.Task] = {}  # request id -> its delayed submission, until it is due
 
     def scheduled_ids(self) -> list[str]:
@@ -63,9 +62,10 @@ class ControlHandler:
     async def close(self, grace: float = 0.5) -> None:
         """Cancel delayed submissions; give result watchers `grace` seconds (an aborted request's
         result is then still reported), then cancel them too."""
-        for t in list(self._delayed):
+        delayed = set(self._scheduled.values())
+        for t in delayed:
             t.cancel()
-        watchers = [t for t in self._tasks if t not in self._delayed]
+        watchers = [t for t in self._tasks if t not in delayed]
         if watchers and grace > 0:
             await asyncio.wait(watchers, timeout=grace)
         tasks = list(self._tasks)
@@ -156,9 +156,7 @@ class ControlHandler:
             if (waiting is not None and not waiting.done()) or spec.request_id in self.engine.engine.requests:
                 return error_reply(cmd.id, f"request id {spec.request_id!r} is already in use"
                                            + (" (scheduled, not yet due)" if waiting is not None else ""))
-            task = self._spawn(self._delayed_submit(spec, ahead))
-            self._delayed.add(task)
-            self._scheduled[spec.request_id] = task
+            self._scheduled[spec.request_id] = self._spawn(self._delayed_submit(spec, ahead))
             return self._ok(cmd, request_id=spec.request_id, arrival_time=spec.arrival_time, scheduled=True)
         await self._add(spec, now)
         return self._ok(cmd, request_id=spec.request_id)
@@ -168,7 +166,6 @@ class ControlHandler:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(self._delayed.discard)
         return task
 
     async def _add(self, spec: Any, arrival: float) -> "RequestStream":

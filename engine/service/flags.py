@@ -14,7 +14,8 @@ import difflib
 import json
 from typing import Any
 
-from batchdeck.engine.config import ConfigError, EngineConfig, LiveConfig, resolve_configs
+from batchdeck.engine.config import (ConfigBounds, ConfigError, EngineConfig, LiveConfig, resolve_configs,
+                                     validate_changes)
 from batchdeck.engine.settings import BY_NAME, SETTINGS, Setting
 
 
@@ -116,8 +117,7 @@ def check_timeline(preset: Any, cfg: EngineConfig, live: LiveConfig) -> None:
     """Each timeline `set`, in file order on top of the last, as the engine that plays it will check
     it: from the live settings it really starts with (its device's defaults, the flags, --set), not the
     CPU defaults the file was checked against. A change it would refuse mid-run is refused now."""
-    from batchdeck.engine.config import ConfigBounds, validate_changes
-    from batchdeck.policies import validate_policy_params
+    from batchdeck.policies import validate_policy_params  # the registry loads the policies: only when a preset plays
 
     bounds = ConfigBounds.for_engine(cfg, cfg.num_blocks, BY_NAME["policy"].choice_list())
     for i, entry in enumerate(preset.timeline):

@@ -265,6 +265,7 @@ class HeadlessRunner:
         self.driver: Any = None
         self.bridge: Any = None
         self.aborted: list[str] = []
+        self._failure_logged = False  # _failed() logged the engine's error already
         self._started = asyncio.Event()  # set once the engine runs and its clock restarted
 
     async def wait_started(self) -> None:
@@ -357,6 +358,7 @@ class HeadlessRunner:
         a process that kept its status `online` would look healthy while refusing every request."""
         log.error(f"{EngineDeadError.of(self.engine.error).describe()}; shutting down (exit 1)")
         self.signal_name = self.signal_name or "engine failed"
+        self._failure_logged = True
         return 1
 
     async def _shutdown(self, driver_task: asyncio.Task | None, background: list[asyncio.Task],
@@ -401,7 +403,7 @@ class HeadlessRunner:
                      f"{unanswered}")
         status_sub.close()
         await self.engine.stop()
-        if self.engine.error is not None and self.signal_name != "engine failed":  # else _failed said it
+        if self.engine.error is not None and not self._failure_logged:
             log.error(EngineDeadError.of(self.engine.error).describe())
 
     # -- status line ----------------------------------------------------------------------------
