@@ -117,12 +117,18 @@ def main() -> None:
     for r in rows:
         for name, prompts in patterns(r, args.mean_context, args.long).items():
             c = run_case(engine, name, prompts, args, vocab, rng)
-            c["profile_ms"] = 1e3 * cost.predict(c.pop("shape"))
+            shape = c.pop("shape")
+            _, device_s, host_s = cost.device_and_host(shape)
+            # the price, max(host, device), and its two terms: the graph's GPU time compares with the device's
+            c["profile_ms"] = 1e3 * cost.predict(shape)
+            c["profile_device_ms"] = 1e3 * device_s
+            c["profile_host_ms"] = None if host_s is None else 1e3 * host_s
             cases.append(c)
             print(f"rows {r:3d} {name:12} ctx mean {c['mean_context']:6.0f} max {c['max_context']:6.0f}: step "
                   f"{c['step_ms_median']:.3f} ms" + (f", graph GPU {c['graph_replay_gpu_ms']:.3f} ms"
                                                      if "graph_replay_gpu_ms" in c else "")
-                  + f"; profile {args.profile} {c['profile_ms']:.3f} ms", flush=True)
+                  + f"; profile {args.profile} {c['profile_ms']:.3f} ms (device {c['profile_device_ms']:.3f})",
+                  flush=True)
     out = {"benchmark": "gpu_decode_spread", "device": torch.cuda.get_device_name() if device.startswith("cuda")
            else f"CPU ({platform.processor() or platform.machine()})", "model": args.model, "dtype": dtype,
            "async_scheduling": engine.async_scheduling, "profile": args.profile, "mean_context": args.mean_context,
