@@ -3,6 +3,8 @@ a request-rate sweep with `batchdeck bench`, and the HTTP path's CPU cost per st
 
     PYTHONPATH=. python benchmarks/gpu_serve.py --out benchmarks/results/gpu_serve_qwen3-0.6b.json
     PYTHONPATH=. python benchmarks/gpu_serve.py --smoke --out /tmp/gpu_serve_smoke.json   # CPU, synthetic:tiny
+    PYTHONPATH=. python benchmarks/gpu_serve.py --sim h200-qwen3-0.6b --clients 64 --requests 256 \
+        --output-tokens 64 --client-procs 2 --sweep-rates inf --out /tmp/serve_sim.json  # CPU, a simulated H200
 
 One command does everything, each engine in a fresh process:
 
@@ -17,7 +19,9 @@ One command does everything, each engine in a fresh process:
    (client i sends requests i, i + clients, ...); output tok/s = streamed tokens (usage) / the span
    from the common start to the last finish. The server's CPU seconds over the run come from
    /proc/PID/stat: the HTTP process's and (by default `serve` runs its engine in a child process)
-   the engine process's; the clients' from time.process_time in each client process.
+   the engine process's; the clients' from time.process_time in each client process. Per request the
+   clients also record the end-to-end time, the wait from the last token chunk to the stream's end
+   and the number of token chunks (a chunk can carry several tokens).
    HTTP path CPU per streamed token = the HTTP process's CPU / output tokens (parsing,
    detokenizing, SSE, the event loop, metrics, reading the engine's outputs off the pipe); with
    --engine-in-process it is estimated as (server CPU - generate CPU) / output tokens, which is
@@ -65,6 +69,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine-in-process", action="store_true",
                    help="serve with --engine-in-process (the engine's thread shares the HTTP process's GIL)")
+    p.add_argument("--sim", default=None, metavar="PROFILE",
+                   help="both engines simulate the device of this calibration profile (e.g. h200-qwen3-0.6b): the "
+                        "HTTP path at that device's speed, on a machine without it")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke test: synthetic:tiny and small sizes (sizes given explicitly are kept)")
     p.add_argument("--out", default=None)
@@ -90,7 +97,7 @@ def smoke_env(args: argparse.Namespace) -> dict | None:
 def engine_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--model", args.model, "--max-num-seqs", str(args.clients),
              "--max-batched-tokens", str(args.max_batched_tokens), "--seed", str(args.seed)]
-    for name in ("device", "dtype", "num_blocks"):
+    for name in ("device", "dtype", "num_blocks", "sim"):
         value = getattr(args, name)
         if value is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
@@ -207,14 +214,14 @@ async def http_clients(base: str, reqs: list[dict], clients: int, mine: list[int
     import httpx
 
     limits = httpx.Limits(max_connections=len(mine) + 8, max_keepalive_connections=len(mine) + 8)
-    out = {"tokens": 0, "ttfts": [], "itls": [], "failures": []}
+    out = {"tokens": 0, "ttfts": [], "itls": [], "e2es": [], "chunks": [], "tails": [], "failures": []}
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800, connect=60), limits=limits) as client:
         async def one(r: dict, record: bool = True) -> None:
             body = {"prompt": r["prompt_token_ids"], "max_tokens": r["max_tokens"], "ignore_eos": True,
                     "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
             start = last = time.perf_counter()
-            first = True
+            first, chunks = True, 0
             async with client.stream("POST", base + "/completions", json=body) as resp:
                 if resp.status_code != 200:
                     out["failures"].append(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
@@ -226,9 +233,14 @@ async def http_clients(base: str, reqs: list[dict], clients: int, mine: list[int
                     obj = json.loads(line[6:])
                     if obj.get("choices"):
                         out["ttfts" if first else "itls"].append(now - (start if first else last))
-                        first, last = False, now
+                        first, last, chunks = False, now, chunks + 1
                     if obj.get("usage"):
                         out["tokens"] += obj["usage"]["completion_tokens"]
+            if record:
+                end = time.perf_counter()
+                out["e2es"].append(end - start)
+                out["tails"].append(end - last)
+                out["chunks"].append(chunks)
 
         async def client_loop(i: int) -> None:
             for r in reqs[i::clients]:
@@ -264,7 +276,10 @@ def run_clients(base: str, reqs: list[dict], clients: int, procs: int) -> dict:
     return {"output_tokens": tokens, "span_s": span, "output_tok_s": tokens / span, "failures": failures[:5],
             "num_failures": len(failures), "client_processes": procs,
             "client_cpu_s": sum(p["cpu_s"] for p in parts),
-            "ttft": dist([t for p in parts for t in p["ttfts"]]), "itl": dist([t for p in parts for t in p["itls"]])}
+            "ttft": dist([t for p in parts for t in p["ttfts"]]), "itl": dist([t for p in parts for t in p["itls"]]),
+            "e2e": dist([t for p in parts for t in p["e2es"]]),
+            "last_chunk_to_end": dist([t for p in parts for t in p["tails"]]),
+            "chunks_per_request": dist([c for p in parts for c in p["chunks"]])}
 
 
 def sweep(args: argparse.Namespace, base: str) -> list[dict]:
