@@ -105,6 +105,12 @@ class BlockManager:
         return self.num_blocks - len(self._free) - len(self._evictable)
 
     @property
+    def usage(self) -> float:
+        """The share of the pool held by requests (vLLM's kv_cache_usage_perc, 0..1): cached blocks
+        nobody holds count as free."""
+        return self.num_used / self.num_blocks
+
+    @property
     def num_evictable(self) -> int:
         """Cached blocks nobody holds (reused on a hit, reclaimed when the pool needs room)."""
         return len(self._evictable)

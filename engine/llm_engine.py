@@ -515,7 +515,7 @@ class LLMEngine:
             num_prefill_chunks=plan.num_prefill_chunks,
             num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting),
             num_preemptions=len(plan.preempted), kv_blocks_used=blocks.num_used,
-            kv_blocks_total=blocks.num_blocks, kv_cache_usage=blocks.num_used / blocks.num_blocks,
+            kv_blocks_total=blocks.num_blocks, kv_cache_usage=blocks.usage,
             config_version=flight.config_version, num_padding_tokens=num_padding,
             num_finished=len(result.finished), num_generated_tokens=num_generated, ttfts=ttfts,
             spec_proposed=spec_proposed, spec_accepted=spec_accepted,

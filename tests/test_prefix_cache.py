@@ -384,3 +384,15 @@ def test_prometheus_counts_prefix_cache_queries_and_hits(model_dirs):
     lines = {ln.split("{")[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
              if ln.startswith(("batchdeck:prefix_cache_queries_total", "batchdeck:prefix_cache_hits_total"))}
     assert lines == {"batchdeck:prefix_cache_queries_total": 40.0, "batchdeck:prefix_cache_hits_total": 16.0}
+
+
+def test_usage_counts_blocks_requests_hold_and_not_cached_ones_nobody_holds():
+    bm = BlockManager(16, 4, prefix_caching=True)
+    a, b = req("a", list(range(13))), req("b", list(range(12)) + [50, 51, 52])
+    run_to(bm, a)
+    run_to(bm, b)  # shares a's three full blocks
+    assert bm.usage == 5 / 16
+    bm.free("a")
+    assert bm.usage == 4 / 16
+    bm.free("b")
+    assert bm.num_cached == 3 and bm.usage == 0.0  # kv_cache_usage_perc: cached but unheld is free

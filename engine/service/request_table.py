@@ -44,6 +44,6 @@ def requests_message(engine: "LLMEngine", limit: int = 200) -> dict[str, Any]:
     return {"time": engine.clock(), "iteration": engine.iteration,
             "num_running": len(sched.running), "num_waiting": len(sched.waiting),
             "num_preempted": sum(1 for r in sched.waiting if r.num_preemptions),
-            "kv_cache_usage": engine.blocks.num_used / engine.blocks.num_blocks,
+            "kv_cache_usage": engine.blocks.usage,
             "requests": request_rows(engine, limit),
             "policy": {"name": engine.live.policy, "state": sched.policy.snapshot()}}
