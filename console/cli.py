@@ -95,8 +95,9 @@ def _check_files(args: argparse.Namespace) -> None:
     if record is not None:
         if Path(record).is_dir():
             raise ValueError(f"--record {record!r} is a directory: give a file path for the recording")
-        if not Path(record).resolve().parent.is_dir():
-            raise ValueError(f"--record {record!r}: its directory {str(Path(record).resolve().parent)!r} does not exist")
+        from batchdeck.presets.cli import check_output_path
+
+        check_output_path("--record", record)  # makes its directory, as replay's --record, --report and --html do
 
 
 def _cmd_console(args: argparse.Namespace) -> int:

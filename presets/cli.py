@@ -153,6 +153,9 @@ def check_output_path(flag: str, path: str | None) -> None:
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"{flag} {path!r} is a directory: give a file path")
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"{flag} {path!r}: {str(blocker)!r} is a file, not a directory")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -254,6 +257,7 @@ def _replay_in_console(args: argparse.Namespace, preset, overrides: dict[str, An
     if wanted:
         raise ValueError(f"replay: {' and '.join(wanted)} are written by headless replays: add --headless "
                          "(in the console, --record keeps the whole session)")
+    check_output_path("--record", args.record)  # before the console opens, as a headless replay checks it
     return int(open_console(preset, overrides=overrides, record=args.record, speed=args.speed,
                             duration_scale=args.duration_scale) or 0)
 

@@ -2,6 +2,7 @@
 engine and in the --record file, and every steering path against the real AsyncEngine."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -149,7 +150,7 @@ def test_console_flags_start_the_engine_speculating():
     assert app.client.engine.engine.live.spec_k == 3 and app.state.config["spec_k"] == 3
 
 
-def test_cli_refuses_conflicting_modes(capsys):
+def test_cli_refuses_conflicting_modes(capsys, tmp_path):
     assert batchdeck_main(["console", "--attach", "mqtt://h:1/e", "--replay", "x.jsonl"]) == 2
     assert "--attach and --replay exclude each other" in capsys.readouterr().err
     assert batchdeck_main(["console", "--preset", "quickstart", "--attach", "mqtt://h:1/e"]) == 2
@@ -160,10 +161,21 @@ def test_cli_refuses_conflicting_modes(capsys):
     assert "engine id" in capsys.readouterr().err
     assert batchdeck_main(["console", "--replay", "/nonexistent/x.jsonl"]) == 2
     assert "--replay '/nonexistent/x.jsonl' does not exist" in capsys.readouterr().err
-    assert batchdeck_main(["console", "--record", "/nonexistent-dir/run.jsonl", "--num-blocks", "64"]) == 2
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    record = str(not_a_dir / "run.jsonl")
+    assert batchdeck_main(["console", "--record", record, "--num-blocks", "64"]) == 2
     err = capsys.readouterr().err  # refused before the model loads
-    assert "--record '/nonexistent-dir/run.jsonl': its directory '/nonexistent-dir' does not exist" in err
+    assert f"--record {record!r}: {str(not_a_dir)!r} is a file, not a directory" in err
     assert "loading" not in err
+
+
+def test_record_makes_its_directory_as_replay_does(tmp_path):
+    from batchdeck.console.cli import _check_files
+
+    record = tmp_path / "runs" / "today" / "run.jsonl"
+    _check_files(argparse.Namespace(replay=None, record=str(record)))
+    assert record.parent.is_dir() and not record.exists()
 
 
 @pytest.mark.parametrize("preset", ["quickstart"])

@@ -235,6 +235,11 @@ def test_replay_cli_errors(tmp_path, capsys):
     assert "--report '/proc/no-such/r.json': cannot make its directory" in capsys.readouterr().err
     assert main(["replay", "quickstart", "--headless", "--html", str(tmp_path)]) == 2
     assert f"--html {str(tmp_path)!r} is a directory" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for headless in (["--headless"], []):  # in the console too: checked before it opens
+        assert main(["replay", "quickstart", *headless, "--record", str(a_file / "sub" / "run.jsonl")]) == 2
+        assert f"{str(a_file)!r} is a file, not a directory" in capsys.readouterr().err
 
 
 def test_a_replay_where_no_request_arrives_says_so_and_exits_1(tmp_path, capsys):
