@@ -31,6 +31,7 @@ from batchdeck.presets.preset_driver import AppliedAction, PresetDriver, build_e
 from batchdeck.engine.telemetry import ListSink
 from batchdeck.presets import Preset, load_preset, resolve_preset
 from batchdeck.presets.report import build_report, preset_info, prompt_hash
+from batchdeck.presets.workload_streams import read_trace_files
 
 
 def as_preset(preset: Preset | str | Path) -> Preset:
@@ -155,6 +156,9 @@ async def run_preset_async(
     set, instead of propagating (the CLI then still writes the report).
     """
     preset = as_preset(preset)
+    # Trace files first: a bad row must fail before a model loads or a recording overwrites a file.
+    read_trace_files(scale_preset(preset, duration_scale).workload,
+                     preset.path.resolve().parent if preset.path is not None else None)
     telemetry = ListSink()
     recorder = RecordingWriter(record) if record is not None else None
     own_engine = engine is None

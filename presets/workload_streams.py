@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from batchdeck.presets.prefix_workloads import MultiTurnStream, apply_shared_prefix, with_trace_hash_ids
+from batchdeck.presets.prefix_workloads import (MultiTurnStream, apply_shared_prefix, load_trace_hash_ids,
+                                                with_trace_hash_ids)
 from batchdeck.presets.trace_loader import load_trace
 
 if TYPE_CHECKING:  # the spec dataclasses live in presets.schema; only their attributes are used here
@@ -148,6 +149,18 @@ def _trace_rows(spec: Any, base_dir: Path | None) -> list[tuple[float, int, int]
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
     return load_trace(path, spec.columns, spec.time_unit, spec.time_scale, spec.length_scale, spec.start, spec.limit)
+
+
+def read_trace_files(streams: Sequence["StreamSpec"], base_dir: str | Path | None = None) -> None:
+    """Read every trace file of `streams` (rows and, where named, block hash ids) and discard them: a bad
+    file or row fails here, naming its line, before a run builds its engine or opens its recording."""
+    base = Path(base_dir) if base_dir is not None else None
+    for spec in streams:
+        if spec.kind != "trace":
+            continue
+        _trace_rows(spec, base)
+        if spec.hash_ids:  # the path as with_trace_hash_ids opens it
+            load_trace_hash_ids(Path(spec.path), spec.columns["time"], spec.hash_ids, spec.time_unit, spec.start, spec.limit)
 
 
 def _stream_items(

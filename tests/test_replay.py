@@ -434,3 +434,38 @@ def test_refused_requests_count_as_slo_misses_of_their_class():
     assert slo["batch"] == {"met": 0, "count": 1, "fraction": 0.0, "rejected": 1}
     cells = {label: cells for label, _, cells in metric_rows([report["summary"]])}
     assert cells["SLO met: interactive"] == ["66.7% (2/3, 1 rejected)"]
+
+
+def test_a_bad_trace_row_fails_before_the_engine_is_built_or_the_recording_opened(tmp_path, capsys, monkeypatch):
+    import batchdeck.presets.replay as replay
+
+    rows = ["time,input,output"] + [f"{i * 0.05:.2f},{50 + i},8" for i in range(40)]
+    rows[31] = "1.50,abc,8"  # line 32 of the file
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "p.yaml").write_text("""name: bad-trace
+description: a trace with a bad row after good ones
+model: synthetic:tiny
+engine: {device: cpu, dtype: float32, block_size: 16, num_blocks: 256}
+config: {max_num_seqs: 4, max_batched_tokens: 256, chunk_size: 128}
+workload:
+  - kind: trace
+    path: t.csv
+    columns: {time: time, input: input, output: output}
+""")
+    record = tmp_path / "run.jsonl"
+    record.write_text("an earlier recording\n")
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine was built before the trace was read")
+
+    def no_console(*args, **kwargs):
+        raise AssertionError("the console opened before the trace was read")
+
+    import batchdeck.console.cli as console_cli
+
+    monkeypatch.setattr(replay, "build_engine_for_preset", no_engine)
+    monkeypatch.setattr(console_cli, "run_console", no_console)
+    for headless in (["--headless"], []):
+        assert main(["replay", str(tmp_path / "p.yaml"), *headless, "--record", str(record)]) == 2
+        assert "t.csv: line 32, column 'input': cannot parse 'abc'" in capsys.readouterr().err
+        assert record.read_text() == "an earlier recording\n"
