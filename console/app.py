@@ -99,6 +99,7 @@ class ConsoleApp(App):
         self.state.apply_snapshot(client.config_snapshot)
         self.frozen = False
         self._failure_shown = False  # the "engine failed" notification was shown
+        self._exit_shown = False  # the "engine process ended" notification was shown
         self.per_iteration = False  # batch chart: one column per iteration, or the last chart_span_s averaged
         self.autoscale = False  # batch chart: y axis to the token budget, or to the tallest column shown
         self.request_view = RequestView()  # the request table's sort and filter
@@ -383,6 +384,10 @@ class ConsoleApp(App):
             self._failure_shown = True
             self.notify(getattr(client, "failure", None) or "the engine failed", title="Engine failed",
                         severity="error", timeout=30)
+        exit_note = getattr(client, "exit_note", None)
+        if link == ConnectionState.OFFLINE and exit_note and not self._exit_shown:  # once, when the child ended
+            self._exit_shown = True
+            self.notify(exit_note, title="Engine offline", severity="error", timeout=30)
         status_text = getattr(client, "status_text", None)
         if status_text is not None:
             parts.append((status_text(), "bold cyan"))

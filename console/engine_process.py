@@ -254,7 +254,7 @@ class EngineProcessClient(Client):
                     loop.call_soon_threadsafe(_resolve, fut, (result, snapshot))
         if self.state != ConnectionState.STOPPED:
             self.process.join(1)
-            self.exit_note = f"the engine process ended (exit code {self.process.exitcode})"
+            self.exit_note = exit_note(self.process.exitcode)
             self.state = ConnectionState.OFFLINE
         self._fail_pending(self.exit_note or "the engine process has stopped")
 
@@ -340,6 +340,20 @@ class EngineProcessClient(Client):
     async def submit(self, requests: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> CommandResult:
         items = [dict(requests)] if isinstance(requests, Mapping) else [dict(r) for r in requests]
         return await self._call("submit", items)
+
+
+def exit_note(exitcode: int | None) -> str:
+    """What the operator is told when the engine process ends on its own (a negative exit code is the
+    signal that ended it, as multiprocessing reports it)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"the engine process was killed by {name}"
+    if exitcode is None:
+        return "the engine process closed its pipe and is still running"
+    return f"the engine process ended (exit code {exitcode})"
 
 
 def _resolve(fut: asyncio.Future, value: Any) -> None:

@@ -158,6 +158,30 @@ async def test_what_the_child_prints_is_kept_for_after_the_ui():
     assert not client.process.is_alive()
 
 
+async def test_a_killed_engine_process_is_named_with_its_signal_once_and_refuses_commands():
+    app = build_app(None, overrides=dict(ENGINE), log=lambda line: None, engine_process=True)
+    client = app.client
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.state.latest is not None, timeout=SLOW, what="iterations from the child")
+        os.kill(client.process.pid, signal.SIGKILL)
+        await wait_for(pilot, lambda: "the engine process was killed by SIGKILL" in notes(app), timeout=SLOW,
+                       what="the notification naming the signal")
+        assert str(client.state) == "engine offline"
+        result = await client.pause()
+        assert not result.ok and result.error == "the engine process was killed by SIGKILL"
+        await pilot.pause()
+        assert notes(app).count("the engine process was killed by SIGKILL") == 1
+        await app.shutdown()
+
+
+def test_exit_notes():
+    from batchdeck.console.engine_process import exit_note
+
+    assert exit_note(-signal.SIGKILL) == "the engine process was killed by SIGKILL"
+    assert exit_note(3) == "the engine process ended (exit code 3)"
+    assert exit_note(-200) == "the engine process was killed by signal 200"
+
+
 PARENT = textwrap.dedent("""
     import sys
     from batchdeck.console.engine_process import EngineProcessClient, EngineSpec
