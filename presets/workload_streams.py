@@ -160,7 +160,8 @@ def read_trace_files(streams: Sequence["StreamSpec"], base_dir: str | Path | Non
             continue
         _trace_rows(spec, base)
         if spec.hash_ids:  # the path as with_trace_hash_ids opens it
-            load_trace_hash_ids(Path(spec.path), spec.columns["time"], spec.hash_ids, spec.time_unit, spec.start, spec.limit)
+            load_trace_hash_ids(Path(spec.path), spec.columns["time"], spec.hash_ids, spec.time_unit, spec.start,
+                                spec.limit)
 
 
 def _stream_items(
