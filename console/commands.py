@@ -192,7 +192,7 @@ class SettingsProvider(Provider):
     def _callback(self, c: Candidate):
         app = self.app
         if c.error is not None:
-            return lambda: app.refuse(c.error, origin="palette")
+            return lambda: app.refuse(c.error, origin="palette", typed=c.text)  # the recording keeps what was typed
         if c.changes is not None:
             return lambda: app.request_changes(c.changes, origin="palette")
         if c.action is not None:

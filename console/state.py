@@ -68,7 +68,9 @@ def format_action(action: Mapping[str, Any]) -> LogLine:
         str(action.get("source"))
     if op == "replay":
         return LogLine(action.get("time"), "notice", f"preset {action.get('preset', '?')} starts")
-    if op == "set":
+    if op == "set" and not action.get("changes") and action.get("typed"):
+        what = action["typed"]  # refused before it parsed into changes: what the operator typed
+    elif op == "set":
         what = f"set {format_changes(action.get('changes') or {})}"
     elif op == "abort":
         what = f"abort {action.get('request_id', '?')}"

@@ -5,6 +5,7 @@ invalid, through the palette, the config panel and the keys; freeze; replay read
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any, Callable
 
@@ -120,8 +121,12 @@ async def test_palette_applies_a_valid_setting_and_logs_its_iteration():
         assert app.state.config["max_num_seqs"] == 16 and app.state.config["batching"] == "static"
 
 
-async def test_palette_refuses_invalid_values_and_applies_nothing():
-    app, client = fake_app()
+async def test_palette_refuses_invalid_values_and_applies_nothing(tmp_path):
+    from batchdeck.console.state import format_action
+    from batchdeck.engine.service.recording import RecordingWriter
+
+    recorder = RecordingWriter(tmp_path / "session.jsonl")
+    app, client = fake_app(recorder=recorder)
     async with app.run_test(size=SIZE) as pilot:
         app.tick()
         for text, why in [("max_num_seqs 9999", "an integer in [1, 256]"), ("policy lifo", "one of fcfs, sjf"),
@@ -132,6 +137,12 @@ async def test_palette_refuses_invalid_values_and_applies_nothing():
         assert not [c for c in client.calls if c[0] == "set"]
         assert sum("refused:" in t for t in log_texts(app)) == 3
         assert app.state.config["max_num_seqs"] == 8
+    recorder.close()
+    # a replay of the recording shows what was typed beside why it was refused
+    refused = [json.loads(line) for line in (tmp_path / "session.jsonl").read_text().splitlines()]
+    refused = [format_action(r).text for r in refused if r["type"] == "action" and r.get("ok") is False]
+    assert [t.split(" → ")[0] for t in refused] == ["operator: max_num_seqs 9999", "operator: policy lifo",
+                                                      "operator: chunk_size 4096"], refused
 
 
 async def test_palette_actions_pause_resume_burst_freeze():
