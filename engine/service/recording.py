@@ -8,7 +8,8 @@ One format, one writer, one reader. `batchdeck replay --record`, the console's `
                "applied_iteration": N, "time": t, "iteration": i, "source": "console", ...}
     "action"   an input: {"type": "action", "op": "set"|"pause"|"resume"|"abort"|"submit"|"replay"|...,
                "time": engine time, "wall_time": unix time, "ok": ..., "error"?, "applied_iteration"?,
-               op-specific fields ("origin" from the console, "timeline_index" from a preset)}
+               op-specific fields ("origin" from the console, with "typed" for a palette input refused
+               before it parsed into "changes"; "timeline_index" from a preset)}
     "config"   a config snapshot ({"config", "bounds", "version", "engine"}), first in a recording
 
 Readers skip types they do not know. NaN/inf are written as null.
