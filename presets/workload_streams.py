@@ -144,11 +144,14 @@ def _renewal_arrivals(spec: Any, rng: random.Random) -> Iterator[float]:
         yield t
 
 
-def _trace_rows(spec: Any, base_dir: Path | None) -> list[tuple[float, int, int]]:
+def _trace_path(spec: Any, base_dir: Path | None) -> Path:
+    """A trace stream's file: a relative path is taken from `base_dir` (the preset's folder)."""
     path = Path(spec.path)
-    if base_dir is not None and not path.is_absolute():
-        path = base_dir / path
-    return load_trace(path, spec.columns, spec.time_unit, spec.time_scale, spec.length_scale, spec.start, spec.limit)
+    return base_dir / path if base_dir is not None and not path.is_absolute() else path
+
+
+def _trace_rows(spec: Any, base_dir: Path | None) -> list[tuple[float, int, int]]:
+    return load_trace(_trace_path(spec, base_dir), spec.columns, spec.time_unit, spec.time_scale, spec.length_scale, spec.start, spec.limit)
 
 
 def read_trace_files(streams: Sequence["StreamSpec"], base_dir: str | Path | None = None) -> None:
@@ -159,19 +162,20 @@ def read_trace_files(streams: Sequence["StreamSpec"], base_dir: str | Path | Non
         if spec.kind != "trace":
             continue
         _trace_rows(spec, base)
-        if spec.hash_ids:  # the path as with_trace_hash_ids opens it
-            load_trace_hash_ids(Path(spec.path), spec.columns["time"], spec.hash_ids, spec.time_unit, spec.start,
+        if spec.hash_ids:
+            load_trace_hash_ids(_trace_path(spec, base), spec.columns["time"], spec.hash_ids, spec.time_unit, spec.start,
                                 spec.limit)
 
 
 def _stream_items(
-    spec: Any, stream_index: int, seed: int, max_model_len: int, rows: list[tuple[float, int, int]] | None
+    spec: Any, stream_index: int, seed: int, max_model_len: int, rows: list[tuple[float, int, int]] | None,
+    base_dir: Path | None = None,
 ) -> Iterator[WorkloadItem]:
     """One open-loop stream's requests in arrival order, drawn as they are asked for (`rows`: a trace's),
     with the stream's prefix structure (a trace's block hash ids, a shared system prompt) applied."""
     items = _plain_stream_items(spec, stream_index, seed, max_model_len, rows)
     if spec.kind == "trace" and spec.hash_ids:
-        items = with_trace_hash_ids(items, spec, Path(spec.path), seed, stream_index)
+        items = with_trace_hash_ids(items, spec, _trace_path(spec, base_dir), seed, stream_index)
     return apply_shared_prefix(items, spec.prefix, seed, stream_index, max_model_len)
 
 
@@ -218,12 +222,14 @@ class OpenLoopWorkload(Sequence[WorkloadItem]):
     def __init__(self, streams: Sequence["StreamSpec"], seed: int, max_model_len: int, base_dir: Path | None):
         self.streams = [(i, s) for i, s in enumerate(streams) if s.kind in OPEN_LOOP_KINDS]
         self.seed, self.max_model_len = seed, max_model_len
+        self.base_dir = base_dir
         self._rows = {i: _trace_rows(s, base_dir) for i, s in self.streams if s.kind == "trace"}
         self._len: int | None = None
         self._cursor: tuple[int, WorkloadItem, Iterator[WorkloadItem]] | None = None
 
     def __iter__(self) -> Iterator[WorkloadItem]:
-        per_stream = [_stream_items(s, i, self.seed, self.max_model_len, self._rows.get(i)) for i, s in self.streams]
+        per_stream = [_stream_items(s, i, self.seed, self.max_model_len, self._rows.get(i), self.base_dir)
+                      for i, s in self.streams]
         return heapq.merge(*per_stream, key=lambda item: (item.arrival, item.stream_index))
 
     def __len__(self) -> int:

@@ -2,6 +2,7 @@
 trace replay from block hash ids, their preset schema (with clear errors), and the shipped lesson."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -84,6 +85,10 @@ def test_trace_hash_ids_become_shared_token_blocks(tmp_path):
     assert a[:8] == b[:8] == block_tokens(0, 1, 4) + block_tokens(0, 2, 4) and a[8:] != b[8:9]
     assert c[:4] == block_tokens(0, 5, 4) and c[:4] != a[:4]
     assert hash_id_prompts([[1]], [2], 4, 0, __import__("random").Random(0)) == [block_tokens(0, 1, 4)[:2]]
+    # a hand-built spec with a relative path: rows and hash ids both come from base_dir, whatever the cwd
+    relative = [dataclasses.replace(p.workload[0], path="mooncake.jsonl")]
+    again = generate_open_loop(relative, seed=0, max_model_len=4096, base_dir=tmp_path)
+    assert [i.prompt_token_ids for i in again] == [a, b, c]
 
 
 @pytest.mark.parametrize("stream,message", [
