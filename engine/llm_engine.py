@@ -249,18 +249,11 @@ class LLMEngine:
     def _add_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams | None,
                      *, arrival_time: float | None, tenant: str, priority: int, slo_class: str) -> Request:
         sampling = sampling or SamplingParams()
-        sampling.validate()
-        check_request_fields(request_id, tenant, priority, slo_class)
-        if request_id in self.requests:
-            if self.requests[request_id].is_finished:
-                raise RequestError(f"request id {request_id!r} belongs to a finished request: finished ids stay "
-                                   f"taken while the engine keeps the last {self.retain_finished:,} finished "
-                                   "requests for look-up; use a new id")
-            raise RequestError(f"request id {request_id!r} is already in use")
+        self.check_request(request_id, prompt_token_ids, sampling, tenant=tenant, priority=priority,
+                           slo_class=slo_class)
         bound = self.config.max_waiting
         if bound is not None and len(self.scheduler.waiting) >= bound:
             raise QueueFullError(len(self.scheduler.waiting), bound)
-        self.check_prompt(prompt_token_ids, sampling)
         req = Request(request_id, list(prompt_token_ids), sampling,
                       arrival_time=self.clock() if arrival_time is None else arrival_time,
                       tenant=tenant or "default", priority=priority, slo_class=slo_class)
@@ -269,9 +262,20 @@ class LLMEngine:
         self.num_requests_added += 1
         return req
 
-    def check_prompt(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
-        """RequestError unless this engine can serve the prompt with `sampling`'s max_tokens (its tokens,
-        the context, the pool); what `add_request` checks beyond the request's own fields and the queue."""
+    def check_request(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, *,
+                      tenant: str = "default", priority: int = 0, slo_class: str = "interactive") -> None:
+        """RequestError (naming the field) unless this engine would admit the request now, the waiting
+        queue's room aside: its sampling and fields, a free id, and a prompt it can serve with
+        `sampling`'s max_tokens (its tokens, the context, the pool). What `add_request` checks; MQTT checks a
+        submission scheduled for later with it too, so that a bad one is refused in its reply."""
+        sampling.validate()
+        check_request_fields(request_id, tenant, priority, slo_class)
+        if request_id in self.requests:
+            if self.requests[request_id].is_finished:
+                raise RequestError(f"request id {request_id!r} belongs to a finished request: finished ids stay "
+                                   f"taken while the engine keeps the last {self.retain_finished:,} finished "
+                                   "requests for look-up; use a new id")
+            raise RequestError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise RequestError("prompt is empty: at least one token is needed")
         vocab = self.loaded.config.vocab_size

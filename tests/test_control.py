@@ -298,6 +298,16 @@ async def test_a_scheduled_submit_can_be_aborted_keeps_its_id_and_is_listed_unti
             "id": "s3", "prompt_token_ids": [1, vocab], "max_tokens": 2, "arrival_time": later}}).encode())
         assert not r["ok"] and f"prompt_token_ids[1] = {vocab} is outside" in r["error"], r  # refused now, as
         assert "s3" not in handler.scheduled_ids()  # an immediate submit is, not when it falls due
+        r = await handler.handle(json.dumps({"id": "t", "op": "submit", "request": {
+            "id": "s4", "prompt_token_ids": [1] * engine.engine.max_model_len, "max_tokens": 2,
+            "arrival_time": later}}).encode())
+        assert not r["ok"] and "the model's context is" in r["error"] and "s4" not in handler.scheduled_ids(), r
+        r = await handler.handle(json.dumps({"id": "now", "op": "submit", "request": {
+            "id": "live", "prompt_token_ids": [1], "max_tokens": 2000}}).encode())
+        assert r["ok"] and not r.get("scheduled"), r
+        r = await handler.handle(json.dumps({"id": "dup2", "op": "submit", "request": {
+            "id": "live", "prompt_token_ids": [1], "max_tokens": 2, "arrival_time": later}}).encode())
+        assert not r["ok"] and "'live' is" in r["error"] and "live" not in handler.scheduled_ids(), r
         r = await handler.handle(b'{"id": "x", "op": "abort", "request_id": "s1"}')
         assert r["ok"] and r["aborted"] and r["scheduled"], r
         assert handler.scheduled_ids() == ["s2"] and "s1" not in engine.engine.requests

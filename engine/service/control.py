@@ -20,7 +20,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable
 
 from batchdeck.engine.config import ConfigError
-from batchdeck.engine.request import RequestError, check_request_fields
+from batchdeck.engine.request import RequestError
 from batchdeck.engine.request_spec import MAX_ARRIVAL_AHEAD_S  # one bound for generate and MQTT
 from batchdeck.engine.service.protocol import CHANGING_OPS, MAX_SEED, Command, Invalid, error_reply, parse_control
 from batchdeck.engine.service.served_model import EngineDeadError
@@ -149,13 +149,12 @@ class ControlHandler:
             if ahead > MAX_ARRIVAL_AHEAD_S:
                 return error_reply(cmd.id, f"arrival_time {spec.arrival_time!r} is {ahead:.0f} s ahead of the engine "
                                            f"clock ({now:.1f} s); at most {MAX_ARRIVAL_AHEAD_S:.0f} s ahead is accepted")
-            spec.sampling.validate()  # as an immediate submit would be: refused in the reply, not at arrival
-            check_request_fields(spec.request_id, spec.tenant, spec.priority, spec.slo_class)
-            self.engine.engine.check_prompt(spec.prompt_token_ids, spec.sampling)
             waiting = self._scheduled.get(spec.request_id)
-            if (waiting is not None and not waiting.done()) or spec.request_id in self.engine.engine.requests:
-                return error_reply(cmd.id, f"request id {spec.request_id!r} is already in use"
-                                           + (" (scheduled, not yet due)" if waiting is not None else ""))
+            if waiting is not None and not waiting.done():
+                return error_reply(cmd.id, f"request id {spec.request_id!r} is already in use (scheduled, not yet due)")
+            # as an immediate submit would be checked: refused in the reply, not at arrival
+            self.engine.engine.check_request(spec.request_id, spec.prompt_token_ids, spec.sampling,
+                                             tenant=spec.tenant, priority=spec.priority, slo_class=spec.slo_class)
             self._scheduled[spec.request_id] = self._spawn(self._delayed_submit(spec, ahead))
             return self._ok(cmd, request_id=spec.request_id, arrival_time=spec.arrival_time, scheduled=True)
         await self._add(spec, now)
