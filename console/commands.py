@@ -16,7 +16,7 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from batchdeck.engine.config import ConfigBounds, ConfigError, LiveConfig, validate_changes
 from batchdeck.engine.settings import BY_NAME, LIMITS, LIVE_SETTINGS, PANEL_KINDS
-from batchdeck.policies.base import ParamSpec, check_params
+from batchdeck.policies.base import ParamSpec, check_policy_params
 
 from batchdeck.console.request_view import SORT_KEYS
 
@@ -108,14 +108,9 @@ def _published_params_check(published: Mapping[str, Any]):
     None (the engine alone checks) when it published none."""
     if not published:
         return None
-
-    def check(policy: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        if policy not in published:
-            raise ConfigError("policy", policy, "one of " + ", ".join(published))
-        specs = {k: ParamSpec.from_dict(v) for k, v in (published[policy] or {}).items()}
-        return check_params(policy, specs, params)
-
-    return check
+    specs = {policy: {k: ParamSpec.from_dict(v) for k, v in (params or {}).items()}
+             for policy, params in published.items()}
+    return lambda policy, params: check_policy_params(policy, specs, params)
 
 
 @dataclass(frozen=True)

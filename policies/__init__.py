@@ -4,8 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Mapping
 
-from batchdeck.engine.config import ConfigError
-from batchdeck.policies.base import ParamSpec, Policy, check_params
+from batchdeck.policies.base import ParamSpec, Policy, check_policy_params
 from batchdeck.policies.cache_aware import CacheAwarePolicy
 from batchdeck.policies.fair import FairPolicy
 from batchdeck.policies.fcfs import FCFSPolicy
@@ -16,6 +15,7 @@ from batchdeck.policies.slo import SLOPolicy
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (FCFSPolicy, SJFPolicy, SLOPolicy, FairPolicy, PriorityPolicy, CacheAwarePolicy)
 }
+PARAM_SPECS: dict[str, Mapping[str, ParamSpec]] = {name: cls.PARAMS for name, cls in POLICIES.items()}
 
 
 def policy_names() -> tuple[str, ...]:
@@ -25,11 +25,9 @@ def policy_names() -> tuple[str, ...]:
 def validate_policy_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """Check `params` against the policy's ParamSpecs; return them with defaults filled in.
 
-    Raises ConfigError naming the key (`policy_params.NAME`), the value and what is allowed.
+    Raises ConfigError naming the policy or the key (`policy_params.NAME`), the value and what is allowed.
     """
-    if name not in POLICIES:
-        raise ConfigError("policy", name, "one of " + ", ".join(POLICIES))
-    return check_params(name, POLICIES[name].PARAMS, params)
+    return check_policy_params(name, PARAM_SPECS, params)
 
 
 def describe_policies() -> dict[str, dict[str, Any]]:

@@ -109,9 +109,15 @@ class ParamSpec:
             raise ConfigError(key, value, f"{what} in {self.range_text()} for policy {policy}") from None
 
 
-def check_params(policy: str, specs: Mapping[str, ParamSpec], params: Mapping[str, Any]) -> dict[str, Any]:
-    """`params` checked against `specs`, with the defaults of those not given (ConfigError naming the key,
-    the value and what is allowed): what the engine checks, and a console checks against published specs."""
+def check_policy_params(policy: str, specs_by_policy: Mapping[str, Mapping[str, ParamSpec]],
+                        params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` of `policy` checked against its specs in `specs_by_policy` (policy name -> parameter ->
+    ParamSpec), with the defaults of those not given; ConfigError naming the policy or the key, the value
+    and what is allowed. What the engine checks against its registry, and a console against the specs
+    an engine published."""
+    if policy not in specs_by_policy:
+        raise ConfigError("policy", policy, "one of " + ", ".join(specs_by_policy))
+    specs = specs_by_policy[policy]
     out = {k: spec.default for k, spec in specs.items()}
     for key, value in dict(params).items():
         if key not in specs:
