@@ -270,6 +270,7 @@ def test_the_timeline_is_checked_against_the_engine_that_will_play_it(tmp_path, 
     err = capsys.readouterr().err
     assert "chunked-prefill.yaml: timeline[0] (at 15 s) set {'chunk_size': 256} would be refused" in err, err
     assert "chunk_size=256 is not allowed: an integer in [1, 128]" in err and not (tmp_path / "r.json").exists()
+    assert "(its settings before that entry: max_batched_tokens=128, chunk_size=128)" in err, err
     preset = tmp_path / "t.yaml"
     preset.write_text("name: t\nmodel: synthetic:tiny\nworkload:\n  - {kind: burst, count: 2, at: 0, input_tokens: 8, "
                       "output_tokens: 2}\ntimeline:\n  - {at: 0, set: {max_batched_tokens: 1024}}\n"

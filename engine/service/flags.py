@@ -128,7 +128,10 @@ def check_timeline(preset: Any, cfg: EngineConfig, live: LiveConfig) -> None:
         except ConfigError as exc:
             where = str(preset.path) if getattr(preset, "path", None) else f"preset {preset.name!r}"
             when = f"at {entry.at:g} s" if entry.at is not None else f"at iteration {entry.at_iteration}"
-            before = ", ".join(f"{k}={getattr(live, k)}" for k in ("max_num_seqs", "max_batched_tokens", "chunk_size"))
+            # the entry's settings and those bounding them or bounded by them (the settings table's bound_ref)
+            shown = [s.name for s in SETTINGS if s.name in entry.set or s.bound_ref in entry.set
+                     or any(BY_NAME[k].bound_ref == s.name for k in entry.set if k in BY_NAME)]
+            before = ", ".join(f"{k}={getattr(live, k)}" for k in shown if hasattr(live, k))
             raise ValueError(f"{where}: timeline[{i}] ({when}) set {dict(entry.set)} would be refused by this "
                              f"engine: {exc} (its settings before that entry: {before})") from None
 
