@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from batchdeck.presets.trace_loader import TraceError, _get, _parse_time, _rows
+from batchdeck.presets.trace_loader import TraceError, _get, _parse_time, _rows, per_file_version
 
 if TYPE_CHECKING:
     from batchdeck.presets.schema import MultiTurnSpec, SharedPrefixSpec
@@ -181,17 +181,23 @@ def load_trace_hash_ids(path: str | Path, time_column: str, hash_column: str, ti
                         start: float = 0.0, limit: int | None = None) -> list[list[int]]:
     """Each kept row's block hash ids, in the order `load_trace` keeps rows (by arrival, ties in
     file order, from `start` seconds after the first row, at most `limit`)."""
-    path = Path(path)
+    parsed = _sorted_hash_ids(Path(path), time_column, hash_column, time_unit)
+    if not parsed:
+        return []
+    t_first = parsed[0][0]
+    kept = [list(ids) for t, ids in parsed if t - t_first >= start]
+    return kept[:limit] if limit is not None else kept
+
+
+@per_file_version
+def _sorted_hash_ids(path: Path, time_column: str, hash_column: str, time_unit: str
+                     ) -> tuple[tuple[float, tuple[int, ...]], ...]:
     parsed = []
     for lineno, record in _rows(path):
         t = _parse_time(path, lineno, time_column, _get(path, lineno, record, time_column), time_unit)
-        parsed.append((t, _parse_hash_ids(path, lineno, hash_column, _get(path, lineno, record, hash_column))))
-    if not parsed:
-        return []
+        parsed.append((t, tuple(_parse_hash_ids(path, lineno, hash_column, _get(path, lineno, record, hash_column)))))
     parsed.sort(key=lambda row: row[0])
-    t_first = parsed[0][0]
-    kept = [ids for t, ids in parsed if t - t_first >= start]
-    return kept[:limit] if limit is not None else kept
+    return tuple(parsed)
 
 
 def with_trace_hash_ids(items: Iterable["WorkloadItem"], spec: Any, path: Path, seed: int, stream_index: int

@@ -6,12 +6,13 @@ relative to the first kept row. Errors are `TraceError`s naming the file, the li
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 TIME_UNITS = ("s", "ms", "datetime")
 COLUMN_ROLES = ("time", "input", "output")
@@ -53,6 +54,26 @@ def parse_datetime(text: str) -> float:
         hh, mm = int(tz[1:3]), int(tz[-2:])
         base = base.replace(tzinfo=timezone(sign * timedelta(hours=hh, minutes=mm)))
     return base.timestamp() + (float("0." + frac) if frac else 0.0)
+
+
+T = TypeVar("T")
+
+
+def per_file_version(parse: Callable[..., T]) -> Callable[..., T]:
+    """`parse(path, *args)` memoized by the path, the file's modification time and size and the args
+    (the last 8 calls): one replay's early check, its scaling and its workload parse a trace once, and an
+    edited file is parsed again. `parse` returns something immutable (it is shared); a file that cannot
+    be stat'ed is parsed each time (so that its error is raised)."""
+    cached = functools.lru_cache(maxsize=8)(lambda path, version, *args: parse(Path(path), *args))
+
+    def call(path: Path, *args: Any) -> T:
+        try:
+            st = Path(path).stat()
+        except OSError:
+            return parse(Path(path), *args)
+        return cached(str(path), (st.st_mtime_ns, st.st_size), *args)
+
+    return call
 
 
 def _rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any]]]:
@@ -135,6 +156,20 @@ def _parse_tokens(path: Path, lineno: int, column: str, value: Any) -> int:
         ) from None
 
 
+@per_file_version
+def _sorted_rows(path: Path, t_col: str, in_col: str, out_col: str, time_unit: str
+                 ) -> tuple[tuple[float, int, int], ...]:
+    """Every row's (time in the file's clock, input tokens, output tokens), by time (ties in file order)."""
+    parsed: list[tuple[float, int, int]] = []
+    for lineno, record in _rows(path):
+        t = _parse_time(path, lineno, t_col, _get(path, lineno, record, t_col), time_unit)
+        n_in = _parse_tokens(path, lineno, in_col, _get(path, lineno, record, in_col))
+        n_out = _parse_tokens(path, lineno, out_col, _get(path, lineno, record, out_col))
+        parsed.append((t, n_in, n_out))
+    parsed.sort(key=lambda row: row[0])  # stable: ties keep file order
+    return tuple(parsed)
+
+
 def load_trace(
     path: str | Path,
     columns: Mapping[str, str],
@@ -161,17 +196,9 @@ def load_trace(
         raise TraceError(f"{path}: time_scale and length_scale must be > 0")
     if start < 0 or (limit is not None and limit < 1):
         raise TraceError(f"{path}: start must be >= 0 and limit >= 1")
-    t_col, in_col, out_col = columns["time"], columns["input"], columns["output"]
-
-    parsed: list[tuple[float, int, int]] = []
-    for lineno, record in _rows(path):
-        t = _parse_time(path, lineno, t_col, _get(path, lineno, record, t_col), time_unit)
-        n_in = _parse_tokens(path, lineno, in_col, _get(path, lineno, record, in_col))
-        n_out = _parse_tokens(path, lineno, out_col, _get(path, lineno, record, out_col))
-        parsed.append((t, n_in, n_out))
+    parsed = _sorted_rows(path, columns["time"], columns["input"], columns["output"], time_unit)
     if not parsed:
         return []
-    parsed.sort(key=lambda row: row[0])  # stable: ties keep file order
     t_first = parsed[0][0]
     kept = [row for row in parsed if row[0] - t_first >= start]
     if limit is not None:

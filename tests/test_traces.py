@@ -131,3 +131,28 @@ def test_a_bad_hash_ids_cell_is_shown_as_written(tmp_path):
     path.write_text('{"t": 0, "h": [1, 2]}\n{"t": 1, "h": "x"}\n')
     with pytest.raises(TraceError, match=r"h\.jsonl: line 2, column 'h': cannot parse 'x' as a list"):
         load_trace_hash_ids(path, "t", "h")
+
+
+def test_a_trace_file_is_parsed_once_per_version(tmp_path, monkeypatch):
+    """A replay reads its traces for the early check, for scaling and for its workload: one parse, until
+    the file changes."""
+    import batchdeck.presets.trace_loader as trace_loader
+
+    path = tmp_path / "t.csv"
+    path.write_text("t,i,o\n0,5,2\n1,6,2\n")
+    parses, real_rows = [], trace_loader._rows
+
+    def counting_rows(p):
+        parses.append(p)
+        return real_rows(p)
+
+    monkeypatch.setattr(trace_loader, "_rows", counting_rows)
+    cols = {"time": "t", "input": "i", "output": "o"}
+    assert trace_loader.load_trace(path, cols) == [(0.0, 5, 2), (1.0, 6, 2)]
+    assert trace_loader.load_trace(path, cols, start=0.5, limit=1, length_scale=2.0) == [(0.0, 12, 4)]
+    assert len(parses) == 1
+    path.write_text("t,i,o\n0,5,2\n1,6,2\n2,7,2\n")  # edited: parsed again
+    assert len(trace_loader.load_trace(path, cols)) == 3 and len(parses) == 2
+    path.unlink()
+    with pytest.raises(trace_loader.TraceError, match="cannot open trace file"):
+        trace_loader.load_trace(path, cols)
