@@ -48,9 +48,8 @@ from batchdeck.engine.service.backoff import Backoff
 from batchdeck.engine.service.bus import Bus, Message, Subscription
 from batchdeck.engine.service.control import ControlHandler
 from batchdeck.engine.service.protocol import (CONFIG, CONTROL, CONTROL_REPLY, INSTANCE, OFFLINE, ONLINE,
-                                                QOS1_TELEMETRY,
-                                                STATUS, TELEMETRY_TOPICS, dumps, encode, error_reply, reply_json,
-                                                topic_prefix)
+                                                QOS1_TELEMETRY, STATUS, TELEMETRY_TOPICS, dumps, encode, error_reply,
+                                                reply_json, topic_prefix)
 
 if TYPE_CHECKING:
     from batchdeck.engine.service.async_engine import AsyncEngine
@@ -530,7 +529,7 @@ class MqttBridge:
             if message.retain:
                 self.retained_ignored += 1
                 self.warn(f"mqtt: ignored a retained message on {control_topic} (control is never retained; "
-                         f"clear it with: mosquitto_pub -r -n -t {control_topic})")
+                          f"clear it with: mosquitto_pub -r -n -t {control_topic})")
                 continue
             self.commands_received += 1
             await self._running_commands.acquire()
