@@ -12,6 +12,7 @@ persisted, as after a real broker crash without persistence).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import pwd
@@ -134,10 +135,13 @@ async def wait_online(probe: "MqttProbe", proc: subprocess.Popen, timeout: float
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float = DEADLINE_S, what: str = "condition") -> Any:
-    """Wait until `predicate()` is truthy (polled on the loop) and return its value."""
+    """Wait until `predicate()` is truthy (polled on the loop; awaited when it returns an awaitable) and
+    return its value."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:

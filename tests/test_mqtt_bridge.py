@@ -239,11 +239,10 @@ async def test_two_engines_on_one_engine_id_say_so_and_the_survivor_stays_online
         assert len(warned["a"]) == len(warned["b"]) == 1  # one announcement back, no ping-pong
         await b.close()
         b = None
-        for _ in range(500):  # b's "offline", then a's answer
-            if await retained(broker, "batchdeck/twin/status") == b"online":
-                break
-            await asyncio.sleep(0.02)
-        assert await retained(broker, "batchdeck/twin/status") == b"online"
+        async def online() -> bool:  # b's "offline", then a's answer
+            return await retained(broker, "batchdeck/twin/status") == b"online"
+
+        await eventually(online, what="the survivor's online status")
     finally:
         if b is not None:
             await b.close()
