@@ -48,6 +48,9 @@ LINK_STYLE = {ConnectionState.CONNECTED: "bold green", ConnectionState.IN_PROCES
 class ConsoleApp(App):
     CSS_PATH = "console.tcss"
     TITLE = "batchdeck"
+    # console.tcss packs the panels tighter on a small terminal (an 80x24 one shows every panel)
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (34, "-tall")]
     COMMANDS = App.COMMANDS | {SettingsProvider}
     ENABLE_COMMAND_PALETTE = True
     # the help screen is generated from these (description: the footer's word; tooltip: the help's line)

@@ -383,3 +383,26 @@ async def test_acceptance_and_tokens_per_iteration_are_shown_next_to_throughput(
         quiet.tick()
         shown = spec_shown(quiet)
         assert shown.startswith("spec off · ") and shown.endswith(" tok/it") and "- tok/it" not in shown
+
+
+DASHBOARD_PANELS = ("tiles", "batch-box", "tput-box", "gpu", "requests-box", "settings", "events-box")
+
+
+@pytest.mark.parametrize("size", [(80, 24), (60, 20), (100, 30), (120, 40)])
+async def test_every_panel_keeps_rows_on_screen_on_a_small_terminal(size):
+    """A default 80x24 terminal (and smaller) shows every dashboard panel with at least two rows inside
+    its border, above the footer; the SLO panel gives its rows up below 34 rows and returns above."""
+    from textual.widgets import Footer
+
+    app, _ = fake_app()
+    async with app.run_test(size=size) as pilot:
+        app.tick()
+        await pilot.pause()
+        footer_y = app.query_one(Footer).region.y
+        assert footer_y == size[1] - 1
+        for panel in DASHBOARD_PANELS:
+            region = app.query_one(f"#{panel}").region
+            assert region.height >= 4 and region.bottom <= footer_y, f"{panel} at {size}: {region}"
+            assert region.right <= size[0], f"{panel} at {size}: {region}"
+        service = app.query_one("#service")
+        assert (service.region.height >= 4) == (size[1] >= 34), service.region
