@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (DEFAULT_SIM_PROFILE, RECORDED_STEADY_RATE_SCALE, SCENARIO_CONFIG, command_line,  # noqa: E402
-                          scaled_rates, scenario_presets, write_json)
+                          scenario_presets, write_json)
+from batchdeck.presets.preset_driver import scaled_rates  # noqa: E402
 
 
 class AsyncioTimer:

@@ -1,4 +1,7 @@
-"""Helpers the GPU benchmark scripts share: logging, percentiles, versions, writing results."""
+"""Helpers the GPU benchmark scripts share: logging, percentiles, versions, writing results.
+
+Importing it stays light (no torch, transformers or engine at module level): a benchmark's spawned
+helper processes (gpu_serve.py's HTTP clients) re-import their script and this module."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +17,6 @@ import tempfile
 import time
 
 from batchdeck.engine.service.metrics import percentile, quantiles  # noqa: F401 - shared with the scripts
-from batchdeck.presets.preset_driver import scaled_rates  # noqa: F401 - shared with the scripts
 
 # The accuracy scenarios' settings (gpu_sim_accuracy.py; also the start-time limits its engines capture
 # graphs up to, SCENARIO_LIMITS), which the scripts that replay its scenarios share: replay_gc_pauses.py,
@@ -47,6 +49,7 @@ def _as_scenario(preset, config: dict):
 def steady_preset(rate_scale: float = 1.0, config: dict = SCENARIO_CONFIG):
     """The accuracy benchmark's steady scenario: quickstart's Poisson/gamma mix without its timeline,
     under `config`, its rates multiplied by `rate_scale`."""
+    from batchdeck.presets.preset_driver import scaled_rates
     from batchdeck.presets.replay import as_preset
 
     return scaled_rates(_as_scenario(as_preset("quickstart"), config), rate_scale)

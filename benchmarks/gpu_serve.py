@@ -51,6 +51,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_common import command_line, dist, log, run_script, write_json  # noqa: E402
 
 
+READY_TIMEOUT_S = 300.0  # for every client process to import, connect and finish its warm-up request
+CLIENTS_TIMEOUT_S = 3600.0  # for a client process's whole share of the requests
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="synthetic:qwen3-0.6b")
@@ -209,8 +213,10 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
         time.sleep(0.5)
 
 
-async def http_clients(base: str, reqs: list[dict], clients: int, mine: list[int], start_at: float) -> dict:
-    """Clients `mine` (of `clients`) run closed loops over their share of `reqs`, from `start_at` on."""
+async def http_clients(base: str, reqs: list[dict], clients: int, mine: list[int], ready, go, start_at) -> dict:
+    """Clients `mine` (of `clients`) run closed loops over their share of `reqs`: after a warm-up request,
+    this process waits at `ready` (a barrier of every client process and the parent), then for `go`,
+    and starts at the parent's `start_at` (a shared double, perf_counter seconds)."""
     import httpx
 
     limits = httpx.Limits(max_connections=len(mine) + 8, max_keepalive_connections=len(mine) + 8)
@@ -247,34 +253,62 @@ async def http_clients(base: str, reqs: list[dict], clients: int, mine: list[int
                 await one(r)
 
         await one(reqs[0] | {"max_tokens": 4}, record=False)  # warm-up: a connection and the code paths
+        ready.wait(timeout=READY_TIMEOUT_S)  # blocking on purpose: nothing else runs in this loop yet
+        go.wait(timeout=READY_TIMEOUT_S)
+        t0 = start_at.value
         cpu0 = time.process_time()
-        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+        await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
+        out["start_late_s"] = time.perf_counter() - t0
         await asyncio.gather(*(client_loop(i) for i in mine))
         out["end"] = time.perf_counter()
         out["cpu_s"] = time.process_time() - cpu0
     return out
 
 
-def client_process(job: tuple) -> dict:
+def client_process(job: tuple, ready, go, start_at, results) -> None:
     """One client process (clients are spread over several: one Python process parses ~10^4 chunks/s)."""
-    return asyncio.run(http_clients(*job))
+    results.put(asyncio.run(http_clients(*job, ready, go, start_at)))
 
 
 def run_clients(base: str, reqs: list[dict], clients: int, procs: int) -> dict:
-    """`clients` closed-loop streaming clients over `procs` processes, started together (CLOCK_MONOTONIC,
-    which time.perf_counter reads on Linux, is the same clock in every process)."""
+    """`clients` closed-loop streaming clients over `procs` processes, started together: every process
+    imports, connects and sends a warm-up request, then all start at one time the parent sets once the
+    last is ready (CLOCK_MONOTONIC, which time.perf_counter reads on Linux, is the same clock in every
+    process). The span runs from that time; `client_start_late_s` is the latest process's lag behind it."""
     import multiprocessing
+    import queue
+    import threading
 
     procs = max(1, min(procs, clients))
-    start_at = time.perf_counter() + 5.0  # time for the processes to start and warm up
-    jobs = [(base, reqs, clients, list(range(k, clients, procs)), start_at) for k in range(procs)]
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
-        parts = pool.map(client_process, jobs)
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, start_at, results = ctx.Barrier(procs + 1), ctx.Event(), ctx.Value("d", 0.0), ctx.Queue()
+    workers = [ctx.Process(target=client_process, args=((base, reqs, clients, list(range(k, clients, procs))),
+                                                        ready, go, start_at, results), daemon=True)
+               for k in range(procs)]
+    for w in workers:
+        w.start()
+    try:
+        ready.wait(timeout=READY_TIMEOUT_S)
+    except threading.BrokenBarrierError as exc:  # a client process died or hung before its warm-up finished
+        raise SystemExit(f"gpu_serve: the {procs} client processes were not all ready within {READY_TIMEOUT_S:.0f} s "
+                         f"(exit codes {[w.exitcode for w in workers]}): {type(exc).__name__}") from None
+    start_at.value = time.perf_counter() + 0.2
+    go.set()
+    parts = []
+    for _ in workers:
+        try:
+            parts.append(results.get(timeout=CLIENTS_TIMEOUT_S))
+        except queue.Empty:
+            raise SystemExit(f"gpu_serve: a client process sent no result within {CLIENTS_TIMEOUT_S:.0f} s "
+                             f"(exit codes {[w.exitcode for w in workers]})") from None
+    for w in workers:
+        w.join()
     tokens = sum(p["tokens"] for p in parts)
-    span = max(p["end"] for p in parts) - start_at
+    span = max(p["end"] for p in parts) - start_at.value
     failures = [f for p in parts for f in p["failures"]]
     return {"output_tokens": tokens, "span_s": span, "output_tok_s": tokens / span, "failures": failures[:5],
             "num_failures": len(failures), "client_processes": procs,
+            "client_start_late_s": max(p["start_late_s"] for p in parts),
             "client_cpu_s": sum(p["cpu_s"] for p in parts),
             "ttft": dist([t for p in parts for t in p["ttfts"]]), "itl": dist([t for p in parts for t in p["itls"]]),
             "e2e": dist([t for p in parts for t in p["e2es"]]),

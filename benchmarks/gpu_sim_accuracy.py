@@ -124,8 +124,9 @@ def main() -> None:
     import torch
 
     from benchmarks.bench_common import (SCENARIO_CONFIG, GCWatch, command_line, default_dtype, real_overrides,
-                                         limit_overrides, release_device_memory, scaled_rates, scenario_presets,
+                                         limit_overrides, release_device_memory, scenario_presets,
                                          steady_load_scale)
+    from batchdeck.presets.preset_driver import scaled_rates
     from batchdeck.engine.settings import defaults_for
     from batchdeck.engine.sim.calibrate import (DEFAULT_BUDGET_S, IterationTap, calibrate, check_iterations, wake_report,
                                                 write_samples)

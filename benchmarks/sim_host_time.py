@@ -31,8 +31,9 @@ import time
 import numpy as np
 
 from benchmarks.bench_common import (DEFAULT_SIM_PROFILE, SCENARIO_CONFIG as CONFIG, SCENARIO_LIMITS as LIMITS,
-                                     command_line, real_overrides, scaled_rates, steady_load_scale, steady_preset,
+                                     command_line, real_overrides, steady_load_scale, steady_preset,
                                      write_json)
+from batchdeck.presets.preset_driver import scaled_rates
 
 
 class PlanTap:

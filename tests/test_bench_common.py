@@ -20,3 +20,19 @@ def test_command_line_repeats_the_tuning_variables_only(monkeypatch):
     assert tuning_env() == {"BATCHDECK_ATTN_DECODE": "64,4,2", "BATCHDECK_FUSED": "2"}
     assert command_line("benchmarks/x.py") == ("BATCHDECK_ATTN_DECODE=64,4,2 BATCHDECK_FUSED=2 "
                                                "PYTHONPATH=. python benchmarks/x.py --rows 64 --splits 1")
+
+
+def test_importing_the_serve_benchmark_stays_light():
+    """gpu_serve.py's client processes are spawned: each re-imports the script and bench_common. With
+    torch and the engine behind those imports each client took seconds to start, and the span it was
+    timed over (from a start the parent had fixed 5 s ahead) counted them: on the H200 it halved the
+    measured HTTP throughput. Neither module may import torch, transformers or the engine."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    probe = ("import sys; import benchmarks.gpu_serve; "
+             "print(sorted(m for m in ('torch', 'transformers', 'batchdeck.engine.llm_engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
