@@ -7,8 +7,11 @@ the prefill (tiles) mode on benchmark-shaped inputs, for several tile configurat
 
 Decode: one layer of `--shape` (qwen3-0.6b: 16 heads, 8 KV heads; llama-3.1-8b: 32 and 8; head dim
 128), `--rows` rows, context lengths uniform in [228, 1280] (prompts of 100..1024 plus 128..256
-outputs), block size 16, bf16. Bytes = every row's K and V read once (+ q and out), over the median
-time (triton.testing.do_bench). `--splits` also times each config with the keys cut into that many
+outputs; `--equal-context`: all at their mean), block size 16, bf16. Bytes = every row's K and V read
+once (+ q and out), over the median time (triton.testing.do_bench, whose time includes the launches'
+host work when it exceeds the kernel's: on an H200, llama-3.1-8b's 64-row decode took 71 us launched
+and 61 us replayed; `--graph`: do_bench_cudagraph, the kernels replayed from a CUDA graph as the
+engine runs them). `--splits` also times each config with the keys cut into that many
 split-KV slices (the backend's split path, whatever its rule would pick for the row count).
 Prefill: 8 rows of 1024 new tokens, 4 of them after 512 tokens of context; with `--prefill-offline`
 instead the chunks of the offline benchmark's first iteration (prompts of 100..1024 tokens, no
@@ -24,7 +27,7 @@ import sys
 import time
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,6 +60,13 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--splits", default="1", help="comma-separated split-KV slice counts to time (1: no split)")
+    ap.add_argument("--equal-context", action="store_true",
+                    help="every decode row at the mean context of the default spread (the kernel without imbalance)")
+    ap.add_argument("--graph", action="store_true",
+                    help="time decode launches replayed from a CUDA graph (as the engine runs them), not launched")
+    ap.add_argument("--decode-tiles", default=None,
+                    help="semicolon-separated BLOCK_N,warps,stages decode tiles to time (default: a sweep of 14)")
+    ap.add_argument("--skip-prefill", action="store_true", help="time the decode launches only")
     ap.add_argument("--prefill-offline", action="store_true",
                     help="prefill rows: the offline benchmark's first 8,192-token iteration (prompts 100..1024)")
     ap.add_argument("--out", default=None)
@@ -72,10 +82,20 @@ def main() -> None:
     results = {"benchmark": "gpu_attention_bench", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "command": command_line("benchmarks/gpu_attention_bench.py"), "device": torch.cuda.get_device_name(),
                "versions": versions(), "shape": {"name": args.shape, "heads": h, "kv_heads": kvh, "head_dim": d, "rows": args.rows},
+               "decode_contexts": "equal (the spread's mean)" if args.equal_context else "uniform in [228, 1280]",
+               "decode_timing": "CUDA graph replays (do_bench_cudagraph)" if args.graph else "launches (do_bench)",
                "decode": [], "prefill": []}
 
     # -- decode -------------------------------------------------------------------------------
     lens = [rng.randint(100, 1024) + rng.randint(128, 256) for _ in range(args.rows)]
+    if args.equal_context:
+        lens = [round(sum(lens) / len(lens))] * len(lens)
+    decode_tiles = ([tuple(int(v) for v in x.split(",")) for x in args.decode_tiles.split(";") if x]
+                    if args.decode_tiles else
+                    [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 2), (128, 8, 3),
+                     (64, 2, 3), (32, 2, 4), (64, 2, 2), (64, 2, 4), (32, 2, 3), (128, 2, 3), (128, 4, 3)])
+    bench = do_bench_cudagraph if args.graph else (
+        lambda fn, return_mode: do_bench(fn, warmup=25, rep=100, return_mode=return_mode))
     k, v, bt = make_pool(lens, kvh, d, bs, dtype)
     r = len(lens)
     q = torch.randn(r, h, d, device="cuda", dtype=dtype)
@@ -89,12 +109,12 @@ def main() -> None:
         # The split rule aims at about two programs per SM: price it at the SM count that yields `splits`.
         be.num_sms = sms if splits == 1 else splits * r * kvh // 2
         be.max_splits = max(1, splits)
-        for cfg in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 2), (128, 8, 3),
-                    (64, 2, 3), (32, 2, 4), (64, 2, 2), (64, 2, 4), (32, 2, 3), (128, 2, 3), (128, 4, 3)]:
+        for cfg in decode_tiles:
             be.decode_cfg = be.split_cfg = cfg
             try:
-                ms = do_bench(lambda: be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, True), warmup=25,
-                              rep=100, return_mode="median")
+                be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, True)  # compile outside any capture
+                torch.cuda.synchronize()
+                ms = bench(lambda: be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, True), return_mode="median")
             except Exception as exc:  # noqa: BLE001 - a config may not fit shared memory
                 results["decode"].append({"cfg": cfg, "splits": splits, "error": repr(exc)[:300]})
                 continue
@@ -103,6 +123,11 @@ def main() -> None:
     be.num_sms, be.max_splits = sms, TritonBackend().max_splits
 
     # -- prefill tiles: 8 rows of 1024 new tokens (4 with 512 tokens of prior context) ---------
+    prefill_cfgs = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2),
+                    (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3),
+                    (32, 64, 4, 3)]
+    if args.skip_prefill:
+        prefill_cfgs = []
     plens = [1024] * 8
     ctxs = [0, 512] * 4
     if args.prefill_offline:
@@ -122,8 +147,7 @@ def main() -> None:
     qsl = torch.tensor(cu, dtype=torch.int32, device="cuda")
     seq = torch.tensor(seqs, dtype=torch.int32, device="cuda")
     flops = sum(4 * h * d * (n * c + n * (n + 1) / 2) for c, n in zip(ctxs, plens))
-    for cfg in [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2),
-                (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3), (32, 64, 4, 3)]:
+    for cfg in prefill_cfgs:
         be.prefill_cfg = cfg
         try:
             ms = do_bench(lambda: be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, False), warmup=25, rep=100,
