@@ -391,7 +391,8 @@ DASHBOARD_PANELS = ("tiles", "batch-box", "tput-box", "gpu", "requests-box", "se
 @pytest.mark.parametrize("size", [(80, 24), (60, 20), (100, 30), (120, 40)])
 async def test_every_panel_keeps_rows_on_screen_on_a_small_terminal(size):
     """A default 80x24 terminal (and smaller) shows every dashboard panel with at least two rows inside
-    its border, above the footer; the SLO panel gives its rows up below 34 rows and returns above."""
+    its border, above the footer; the SLO panel gives its rows up below 34 rows and returns above; the
+    config panel (with its Apply and Cancel buttons) and the filter prompt fit the screen."""
     from textual.widgets import Footer
 
     app, _ = fake_app()
@@ -406,3 +407,16 @@ async def test_every_panel_keeps_rows_on_screen_on_a_small_terminal(size):
             assert region.right <= size[0], f"{panel} at {size}: {region}"
         service = app.query_one("#service")
         assert (service.region.height >= 4) == (size[1] >= 34), service.region
+        # the config panel and the filter prompt fit the width too, their buttons included
+        await pilot.press("c")
+        screen = await wait_for(pilot, lambda: isinstance(app.screen, ConfigScreen) and app.screen, what="config")
+        await pilot.pause()
+        for part in ("#config-dialog", "#config-apply", "#config-cancel"):
+            region = screen.query_one(part).region
+            assert region.width > 0 and region.right <= size[0] and region.bottom <= size[1], f"{part}: {region}"
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ConfigScreen), what="config closed")
+        await pilot.press("slash")
+        dialog = await wait_for(pilot, lambda: app.screen.query("#filter-dialog"), what="filter prompt")
+        await pilot.pause()
+        assert dialog.first().region.right <= size[0], dialog.first().region
