@@ -229,6 +229,12 @@ def test_prompt_errors(client):
     err, body = _status_error(lambda: client.chat.completions.create(
         model=MODEL, messages=[{"role": "wizard", "content": "x"}]))
     assert err.status_code == 400 and "role" in body["message"]
+    err, body = _status_error(lambda: client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "be brief"}, {"role": "user"}], max_tokens=1))
+    assert err.status_code == 400 and body["param"] == "messages[1].content" and "'user'" in body["message"]
+    ok = client.chat.completions.create(model=MODEL, max_tokens=1, messages=[
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None}, {"role": "user", "content": "y"}])
+    assert ok.choices[0].finish_reason == "length"  # an assistant turn may leave its content out
 
 
 def test_unknown_model_is_404(client):

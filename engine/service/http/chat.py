@@ -39,11 +39,15 @@ def plain_template(messages: Sequence[dict[str, str]]) -> str:
 
 
 def chat_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
-    """Checked {role, content} dicts (400 naming the message for an unknown role or a non-text part)."""
+    """Checked {role, content} dicts (400 naming the message for an unknown role, a non-text part, or a
+    missing content: as in OpenAI's API, only an assistant message may leave it out)."""
     out = []
     for i, m in enumerate(messages):
         if m.role not in ROLES:
             raise bad_request(f"messages[{i}].role {m.role!r} is not one of {', '.join(ROLES)}", f"messages[{i}].role")
+        if m.content is None and m.role != "assistant":
+            raise bad_request(f"messages[{i}].content is required for a {m.role!r} message (only an assistant "
+                              "message may leave it out)", f"messages[{i}].content")
         out.append({"role": m.role, "content": message_text(m.content, i)})
     return out
 
