@@ -48,6 +48,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from batchdeck.engine.settings import flag_of  # noqa: E402 - the settings table only: no torch
 from benchmarks.bench_common import command_line, dist, log, run_script, write_json  # noqa: E402
 
 
@@ -99,13 +100,11 @@ def smoke_env(args: argparse.Namespace) -> dict | None:
 
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--model", args.model, "--max-num-seqs", str(args.clients),
-             "--max-batched-tokens", str(args.max_batched_tokens), "--seed", str(args.seed)]
-    for name in ("device", "dtype", "num_blocks", "sim"):
-        value = getattr(args, name)
-        if value is not None:
-            flags += [f"--{name.replace('_', '-')}", str(value)]
-    return flags
+    """The engine settings both engines start with, as the settings table spells their flags."""
+    settings = {"model": args.model, "max_num_seqs": args.clients, "max_batched_tokens": args.max_batched_tokens,
+                "seed": args.seed, "device": args.device, "dtype": args.dtype, "num_blocks": args.num_blocks,
+                "sim": args.sim}
+    return [part for name, value in settings.items() if value is not None for part in (flag_of(name), str(value))]
 
 
 def make_workload(args: argparse.Namespace, path: str) -> list[dict]:

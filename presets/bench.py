@@ -184,8 +184,7 @@ def workload(preset: Any, max_model_len: int, request_rate: float | None) -> tup
     """(open-loop items with their arrivals, closed-loop streams) as replay builds them."""
     from batchdeck.presets.workload_streams import closed_loop_streams, generate_open_loop
 
-    base = preset.path.resolve().parent if preset.path is not None else None
-    items = generate_open_loop(preset.workload, preset.seed, max_model_len, base)
+    items = generate_open_loop(preset.workload, preset.seed, max_model_len, preset.base_dir)
     if request_rate is not None:
         rng = random.Random(f"batchdeck:bench:{preset.seed}:{request_rate}")
         t = 0.0

@@ -258,12 +258,9 @@ def _replay_in_console(args: argparse.Namespace, preset, overrides: dict[str, An
         raise ValueError(f"replay: {' and '.join(wanted)} are written by headless replays: add --headless "
                          "(in the console, --record keeps the whole session)")
     check_output_path("--record", args.record)  # before the console opens, as a headless replay checks it
-    from batchdeck.presets.preset_driver import scale_preset
-    from batchdeck.presets.workload_streams import read_trace_files
+    from batchdeck.presets.replay import read_preset_traces
 
-    # and its trace files: a bad row is named here, not inside the console after its model loaded
-    read_trace_files(scale_preset(preset, args.duration_scale).workload,
-                     preset.path.resolve().parent if preset.path is not None else None)
+    read_preset_traces(preset, args.duration_scale)  # a bad row is named here, not inside the console
     return int(open_console(preset, overrides=overrides, record=args.record, speed=args.speed,
                             duration_scale=args.duration_scale) or 0)
 

@@ -162,9 +162,8 @@ class PresetDriver:
         self.restart_clock = restart_clock
         self.on_action = on_action
         self.max_model_len = max_model_len if max_model_len is not None else engine.engine.max_model_len
-        base = preset.path.resolve().parent if preset.path is not None else None
         self.open_items: list[WorkloadItem] = generate_open_loop(self.preset.workload, self.preset.seed,
-                                                                 self.max_model_len, base)
+                                                                 self.max_model_len, preset.base_dir)
         self.closed: list[ClosedLoopStream] = closed_loop_streams(self.preset.workload, self.preset.seed,
                                                                   self.max_model_len)
         self.applied: list[AppliedAction] = [self._action_for(i, e) for i, e in enumerate(self.preset.timeline)]

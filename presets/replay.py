@@ -34,6 +34,12 @@ from batchdeck.presets.report import build_report, preset_info, prompt_hash
 from batchdeck.presets.workload_streams import read_trace_files
 
 
+def read_preset_traces(preset: Preset, duration_scale: float = 1.0) -> None:
+    """Read the trace files of `preset` at `duration_scale` (and discard them): a bad row fails here,
+    naming its line, before a model loads, a console opens or a recording overwrites a file."""
+    read_trace_files(scale_preset(preset, duration_scale).workload, preset.base_dir)
+
+
 def as_preset(preset: Preset | str | Path) -> Preset:
     """A Preset from a Preset, a shipped preset's name, or a path."""
     if isinstance(preset, Preset):
@@ -156,9 +162,7 @@ async def run_preset_async(
     set, instead of propagating (the CLI then still writes the report).
     """
     preset = as_preset(preset)
-    # Trace files first: a bad row must fail before a model loads or a recording overwrites a file.
-    read_trace_files(scale_preset(preset, duration_scale).workload,
-                     preset.path.resolve().parent if preset.path is not None else None)
+    read_preset_traces(preset, duration_scale)
     telemetry = ListSink()
     recorder = RecordingWriter(record) if record is not None else None
     own_engine = engine is None

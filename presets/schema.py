@@ -219,6 +219,11 @@ class Preset:
     seed: int
     path: Path | None = None
 
+    @property
+    def base_dir(self) -> Path | None:
+        """The preset file's folder, which its relative trace paths are taken from (None: not from a file)."""
+        return self.path.resolve().parent if self.path is not None else None
+
 
 # ---------------------------------------------------------------------------------------------
 # YAML -> (data, path -> line index)

@@ -151,7 +151,8 @@ def _trace_path(spec: Any, base_dir: Path | None) -> Path:
 
 
 def _trace_rows(spec: Any, base_dir: Path | None) -> list[tuple[float, int, int]]:
-    return load_trace(_trace_path(spec, base_dir), spec.columns, spec.time_unit, spec.time_scale, spec.length_scale, spec.start, spec.limit)
+    return load_trace(_trace_path(spec, base_dir), spec.columns, spec.time_unit, spec.time_scale, spec.length_scale,
+                      spec.start, spec.limit)
 
 
 def read_trace_files(streams: Sequence["StreamSpec"], base_dir: str | Path | None = None) -> None:
@@ -163,8 +164,8 @@ def read_trace_files(streams: Sequence["StreamSpec"], base_dir: str | Path | Non
             continue
         _trace_rows(spec, base)
         if spec.hash_ids:
-            load_trace_hash_ids(_trace_path(spec, base), spec.columns["time"], spec.hash_ids, spec.time_unit, spec.start,
-                                spec.limit)
+            load_trace_hash_ids(_trace_path(spec, base), spec.columns["time"], spec.hash_ids, spec.time_unit,
+                                spec.start, spec.limit)
 
 
 def _stream_items(
