@@ -112,8 +112,10 @@ def test_continuous_beats_static_on_tail_latency():
 def test_continuous_beats_static_on_throughput_when_static_batching_saturates():
     # Throughput is capped by the offered load: at the preset's own rate a quiet machine's static batching
     # nearly keeps up (2 quiet cores, one torch thread: 386-435 vs 475-526 tok/s, x1.13-1.29). At twice the
-    # rate it saturates on any machine the suite runs on, and the ratio is the two capacities': x1.45-1.74.
-    holds_in_one_of_two("static-vs-continuous", _static_vs_continuous(_THROUGHPUT), rate_scale=2.0)
+    # rate a faster machine's static batching kept up too (in the suite, 2026-12-02: 1,043-1,112 vs
+    # 1,137-1,223 tok/s, x1.03-1.15, failing in most runs); at four times it saturates, and the ratio is the
+    # two capacities': x1.46-1.56 (run alone, the same machine).
+    holds_in_one_of_two("static-vs-continuous", _static_vs_continuous(_THROUGHPUT), rate_scale=4.0)
 
 
 @pytest.mark.slow
