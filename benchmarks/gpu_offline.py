@@ -214,6 +214,12 @@ def run_batchdeck(args, prompts, telemetry: bool, profile: bool) -> dict:
             res["gpu_ms_per_iteration_median"] = statistics.median(per)
         if records and per:
             res.update(steady_decode_idle(records, gpu_log))
+            gpu_ms = {it: t.gpu_ms for it, t in gpu_log}
+            res["per_iteration"] = {
+                "columns": ["iteration", "prefill_tokens", "decode_tokens", "step_ms", "gpu_ms"],
+                "rows": [[r.iteration, r.num_prefill_tokens, r.num_decode_tokens, round(1e3 * r.step_time, 4),
+                          None if gpu_ms.get(r.iteration) is None else round(gpu_ms[r.iteration], 4)]
+                         for r in records]}
     del engine
     release_device_memory(args.device)
     return res
