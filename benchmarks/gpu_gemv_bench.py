@@ -53,14 +53,16 @@ from batchdeck.engine.small_m_linear import counters, num_sms, small_m_linear  #
 from batchdeck.engine.small_m_rule import MAX_ROWS, SmallMConfig, candidate_configs, pick_config  # noqa: E402
 
 
-def layer_linears(model: str) -> list[tuple[str, int, int, bool]]:
-    """(name, N, K, SiLU-mul) of one decoder layer of a synthetic model; N of gate|up is I (the weight has 2 I rows)."""
+def layer_linears(model: str, lm_head: bool = False) -> list[tuple[str, int, int, bool]]:
+    """(name, N, K, SiLU-mul) of one decoder layer of a synthetic model; N of gate|up is I (the weight has 2 I rows).
+    lm_head: also the model's lm_head [vocab, hidden] (once per step, so left out of a layer's sums)."""
     cfg = synthetic_config(model)
     h, kvh = cfg.num_attention_heads, cfg.num_key_value_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
     hid, inter = cfg.hidden_size, cfg.intermediate_size
-    return [("qkv", (h + 2 * kvh) * d, hid, False), ("o_proj", hid, h * d, False),
-            ("gate_up", inter, hid, True), ("down_proj", hid, inter, False)]
+    out = [("qkv", (h + 2 * kvh) * d, hid, False), ("o_proj", hid, h * d, False),
+           ("gate_up", inter, hid, True), ("down_proj", hid, inter, False)]
+    return out + [("lm_head", cfg.vocab_size, hid, False)] if lm_head else out
 
 
 def cublas(x, w, silu: bool, with_silu: bool):
@@ -222,6 +224,8 @@ def bench(args, shapes_by_model, device: str) -> dict:
                     + (f" +silu {point['cublas_plus_silu_mul_us']:.2f}" if silu else "")
                     + (f" | best {best['us']:7.2f} us ({best['GB_s']:5.0f} GB/s) {best['config']}" if best else " | none ran")
                     + (f" | rule {point['rule_us']:7.2f} us {point['rule_pick']}" if point["rule_us"] else ""))
+                if name == "lm_head":
+                    continue
                 sums = per_m.setdefault(m, {"cublas_us": 0.0, "rule_us": 0.0, "best_us": 0.0})
                 sums["cublas_us"] += base
                 sums["rule_us"] += point["rule_us"] or float("nan")
@@ -239,6 +243,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="qwen3-0.6b,llama-3.1-8b", help="comma-separated synthetic model names")
     ap.add_argument("--rows", default="1,2,4,8,16", help=f"comma-separated M (1..{MAX_ROWS})")
+    ap.add_argument("--lm-head", action="store_true", help="also time each model's lm_head (not in the layer sums)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--calls", type=int, default=50, help="calls per CUDA graph")
     ap.add_argument("--replays", type=int, default=5, help="timed replays of each graph")
@@ -254,7 +259,7 @@ def main() -> None:
     shapes_by_model = {}
     for name in models:
         try:
-            shapes_by_model[name] = layer_linears(name)
+            shapes_by_model[name] = layer_linears(name, args.lm_head)
         except Exception as exc:  # noqa: BLE001 - an unknown name: the models module names the allowed ones
             ap.error(f"--models {name!r}: {exc}")
     if args.smoke:  # the same code path on shapes a CPU interpreter runs in seconds

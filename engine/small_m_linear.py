@@ -9,7 +9,7 @@ model dtype, as F.linear does (results differ from it only by reduction order).
 
 Two ways to do the arithmetic (both read W [N, K] K-contiguous, once):
 - `dot`: the tensor cores, with the roles swapped (acc[BLOCK_N, 16] = W tile @ x tile.T), so the
-  weight is the large operand and the at most 16 rows of x pad the small one;
+  weight is the large operand and the rows of x, padded to 16, 32 or 64, the small one;
 - `fma`: for M <= 4, elementwise products accumulated per lane in float32 and summed over K once at
   the end (no padding of the rows).
 
@@ -195,7 +195,8 @@ def small_m_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None =
     if config is None:
         config = pick_config(m, n, k, num_sms(x.device), x.element_size(), silu_mul)
         if config is None:
-            raise ValueError(f"small_m_linear: {m} rows, at most {MAX_ROWS}")
+            raise ValueError(f"small_m_linear: no launch rule for {m} rows of a [{n}, {k}] weight (at most "
+                             f"{MAX_ROWS} rows, and above 16 only large weights: the rest is cuBLAS's)")
     if not fits(config, m, n, k, silu_mul):
         raise ValueError(f"small_m_linear: config {config.label()} does not fit M={m}, N={n}, K={k}")
     block_m = block_m_for(config.mode, m)

@@ -29,11 +29,12 @@ o_proj, add+RMSNorm, gate|up GEMM, SiLU-mul, down GEMM; per step: embedding, fin
 logits row select, lm_head). The kernels reproduce the HF modules' rounding steps (each HF op
 that returns the model dtype is rounded the same way here), so float32 results differ only by
 reduction order, and levels 1 and 2 give identical results. Level 3 (the default) also runs the qkv,
-o_proj, gate|up and down_proj linears through the weight-streaming small-M kernel of
-engine/small_m_linear.py when a step has at most its MAX_ROWS (16) rows, the SiLU-mul in the gate|up
-kernel's epilogue (9 kernels per layer; its own reduction order, the same rounding steps): on an H200
-a qwen3-0.6b layer's linears at one row take 20.1 us there against 31.6 us through cuBLAS
-(benchmarks/results/gpu_gemv_h200.json). BATCHDECK_FUSED=0 keeps the stock modules.
+o_proj, gate|up and down_proj linears and the lm_head through the weight-streaming small-M kernel of
+engine/small_m_linear.py where its rule takes the shape (up to 16 rows every layer linear, up to 64 the
+large weights), the SiLU-mul in the gate|up kernel's epilogue (9 kernels per layer; its own reduction
+order, the same rounding steps): on an H200 a qwen3-0.6b layer's linears at one row take 20.1 us there
+against 31.6 us through cuBLAS (benchmarks/results/gpu_gemv_h200.json), llama-3.1-8b's at 64 rows
+122.5 us against 126.6 (…_wide.json). BATCHDECK_FUSED=0 keeps the stock modules.
 """
 from __future__ import annotations
 
@@ -242,6 +243,10 @@ def _linear(small_m: bool, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
     return silu_mul(y) if silu else y
 
 
+def _lm_head_forward(self, x):
+    return _linear(True, x, self.weight, self.bias)
+
+
 def _mlp_forward(self, x):
     small_m = self._bd_small_m
     h = _linear(small_m, x, self._bd_gate_up, silu=True)
@@ -390,13 +395,13 @@ def fusion_level() -> int:
     raw = os.environ.get("BATCHDECK_FUSED", str(DEFAULT_FUSION_LEVEL))
     if raw not in ("0", "1", "2", "3"):
         raise ValueError(f"BATCHDECK_FUSED={raw!r}: allowed 0 (stock), 1 (per module), 2 (across modules), "
-                         "3 (also the small-M Triton linears for at most 16 rows, the default)")
+                         "3 (also the small-M Triton linears for decode-sized batches, the default)")
     return int(raw)
 
 
 def fuse_model(model: torch.nn.Module) -> dict[str, int]:
     """Swap module forwards for the fused versions; returns how many of each were swapped."""
-    counts = {"rmsnorm": 0, "attention": 0, "mlp": 0, "layer": 0, "model": 0}
+    counts = {"rmsnorm": 0, "attention": 0, "mlp": 0, "layer": 0, "model": 0, "lm_head": 0}
     level = fusion_level()
     if level == 0:
         return counts
@@ -441,6 +446,10 @@ def fuse_model(model: torch.nn.Module) -> dict[str, int]:
             module._bd_small_m = level >= 3
             module.forward = types.MethodType(_mlp_forward, module)
             counts["mlp"] += 1
+    head = model.get_output_embeddings() if level >= 3 and hasattr(model, "get_output_embeddings") else None
+    if type(head) is torch.nn.Linear and head.weight.dim() == 2 and head.weight.stride(1) == 1:
+        head.forward = types.MethodType(_lm_head_forward, head)
+        counts["lm_head"] += 1
     if level >= 2:
         for module in model.modules():
             if type(module).__name__ in ("Qwen3Model", "LlamaModel") and _fuse_base_model(module):

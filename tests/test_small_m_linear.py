@@ -27,7 +27,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def test_the_kernel_refuses_what_it_cannot_run():
     x, w = torch.randn(MAX_ROWS + 1, 64), torch.randn(32, 64)
-    with pytest.raises(ValueError, match="at most 16"):
+    with pytest.raises(ValueError, match="at most 64 rows"):
         small_m_linear(x, w)
     with pytest.raises(ValueError, match="K contiguous"):
         small_m_linear(x[:2], torch.randn(64, 32).t())
@@ -76,6 +76,34 @@ def test_every_candidate_matches_f_linear_on_cuda(dtype, n, k, silu):
             err = ((got - want).norm() / want.norm()).item()
             assert err < (1e-5 if dtype == torch.float32 else 1e-2), (m, config.label(), err)
     assert int(counters("cuda").abs().sum()) == 0
+
+
+LLAMA_LARGE = [(14336, 4096, True), (4096, 14336, False), (32768, 1024, False)]  # gate|up, down_proj, an lm_head
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, k, silu", LLAMA_LARGE)
+def test_more_than_16_rows_match_f_linear_on_cuda(dtype, n, k, silu):
+    """17-64 rows (row tiles of 32 and 64, ragged counts masked): the rule's pick and every fourth wide
+    candidate against F.linear; a weight the rule leaves to cuBLAS above 32 rows is refused by name."""
+    torch.manual_seed(0)
+    w = torch.randn(2 * n if silu else n, k, device="cuda", dtype=dtype) / k ** 0.5
+    elem = torch.tensor([], dtype=dtype).element_size()
+    for m in (17, 40, 64):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        want = _reference(x, w, None, silu).double()
+        picked = pick_config(m, n, k, 132, elem, silu)
+        assert picked is not None and picked.mode == "dot"
+        for config in [picked] + candidate_configs(m, n, k, elem, silu)[::4]:
+            got = small_m_linear(x, w, silu_mul=silu, config=config).double()
+            err = ((got - want).norm() / want.norm()).item()
+            assert err < (1e-5 if dtype == torch.float32 else 1e-2), (m, config.label(), err)
+        assert torch.equal(small_m_linear(x, w, silu_mul=silu), small_m_linear(x, w, silu_mul=silu, config=picked))
+    assert int(counters("cuda").abs().sum()) == 0
+    with pytest.raises(ValueError, match="no launch rule for 40 rows"):
+        small_m_linear(torch.randn(40, 1024, device="cuda", dtype=dtype), torch.randn(1024, 1024, device="cuda", dtype=dtype))
 
 
 @pytest.mark.cuda
