@@ -31,7 +31,7 @@ that returns the model dtype is rounded the same way here), so float32 results d
 reduction order, and levels 1 and 2 give identical results. Level 3 (the default) also runs the qkv,
 o_proj, gate|up and down_proj linears and the lm_head through the weight-streaming small-M kernel of
 engine/small_m_linear.py where its rule takes the shape (up to 16 rows every layer linear, up to 64 the
-large weights), the SiLU-mul in the gate|up kernel's epilogue (9 kernels per layer; its own reduction
+large weights; the lm_head from 16 rows), the SiLU-mul in the gate|up kernel's epilogue (9 kernels per layer; its own reduction
 order, the same rounding steps): on an H200 a qwen3-0.6b layer's linears at one row take 20.1 us there
 against 31.6 us through cuBLAS (benchmarks/results/gpu_gemv_h200.json), llama-3.1-8b's at 64 rows
 122.5 us against 126.6 (…_wide.json). BATCHDECK_FUSED=0 keeps the stock modules.
@@ -243,8 +243,14 @@ def _linear(small_m: bool, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
     return silu_mul(y) if silu else y
 
 
+# The lm_head takes the small-M rule from this many rows: measured there (16-64 rows,
+# benchmarks/results/gpu_gemv_h200_wide.json); fewer rows stay with cuBLAS until measured.
+LM_HEAD_MIN_ROWS = 16
+
+
 def _lm_head_forward(self, x):
-    return _linear(True, x, self.weight, self.bias)
+    k = x.shape[-1]
+    return _linear(k > 0 and x.numel() // k >= LM_HEAD_MIN_ROWS, x, self.weight, self.bias)
 
 
 def _mlp_forward(self, x):
