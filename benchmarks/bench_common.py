@@ -238,3 +238,27 @@ def replay_gpu_ms(graph, replays: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / replays
+
+
+def graph_us_per_call(fn, calls: int, replays: int, stream=None) -> float:
+    """us per call of `calls` back-to-back fn(i) captured in one CUDA graph (on `stream`, a side stream,
+    made if None: no per-capture sync, collection and cache flush as `torch.cuda.graph` does), replayed
+    `replays` times between CUDA events after one warm replay; fn(0) runs once before the capture."""
+    import torch
+
+    stream = stream if stream is not None else torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        fn(0)  # built and warm, on the capture stream, before the capture
+        graph.capture_begin()
+        try:
+            for i in range(calls):
+                fn(i)
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    us_per_call = replay_gpu_ms(graph, replays) * 1e3 / calls
+    del graph
+    return us_per_call

@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_common import command_line, log, replay_gpu_ms, versions, write_json  # noqa: E402
+from benchmarks.bench_common import command_line, graph_us_per_call, log, versions, write_json  # noqa: E402
 
 SLICES = 16
 
@@ -33,22 +33,6 @@ def two_stage_argmax(x: torch.Tensor) -> torch.Tensor:
     slice_max, slice_idx = x.reshape(rows, SLICES, width).max(dim=-1)
     best = slice_max.argmax(dim=-1, keepdim=True)
     return (slice_idx.gather(-1, best) + best * width).squeeze(-1)
-
-
-def time_calls(fn, xs, replays: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        for x in xs:
-            fn(x)  # warm, outside the capture
-        graph.capture_begin()
-        for x in xs:
-            fn(x)
-        graph.capture_end()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    return replay_gpu_ms(graph, replays) * 1e3 / len(xs)
 
 
 def main() -> None:
@@ -70,8 +54,8 @@ def main() -> None:
             xs = [torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16) for _ in range(args.calls)]
             if not all(torch.equal(two_stage_argmax(x), x.argmax(dim=-1)) for x in xs):
                 raise SystemExit(f"the two-stage argmax differs from torch's at rows={rows}, vocab={vocab}")
-            torch_us = time_calls(lambda x: x.argmax(dim=-1), xs, args.replays)
-            ours_us = time_calls(two_stage_argmax, xs, args.replays)
+            torch_us = graph_us_per_call(lambda i: xs[i].argmax(dim=-1), len(xs), args.replays)
+            ours_us = graph_us_per_call(lambda i: two_stage_argmax(xs[i]), len(xs), args.replays)
             points.append({"vocab": vocab, "rows": rows, "torch_argmax_us": torch_us, "two_stage_argmax_us": ours_us})
             log(f"vocab {vocab} rows {rows:3d}: torch argmax {torch_us:6.2f} us, two stages {ours_us:6.2f} us")
             del xs

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_common import command_line, log, replay_gpu_ms, versions, write_json  # noqa: E402
+from benchmarks.bench_common import command_line, graph_us_per_call, log, versions, write_json  # noqa: E402
 from batchdeck.engine.models import synthetic_config  # noqa: E402
 from batchdeck.engine.small_m_linear import counters, num_sms, small_m_linear  # noqa: E402
 from batchdeck.engine.small_m_rule import MAX_ROWS, SmallMConfig, candidate_configs, pick_config  # noqa: E402
@@ -126,33 +126,13 @@ def precompile(configs, shapes, rows, dtype_name: str, jobs: int) -> float:
 
 
 def time_host(fn, calls: int, replays: int, stream) -> float:
-    """The smoke run's stand-in for time_graph on the CPU: host us per call (no meaning but the code path)."""
+    """The smoke run's stand-in for graph_us_per_call on the CPU: host us per call (no meaning but the code path)."""
     fn(0)
     t0 = time.perf_counter()
     for _ in range(replays):
         for i in range(calls):
             fn(i)
     return (time.perf_counter() - t0) * 1e6 / (replays * calls)
-
-
-def time_graph(fn, calls: int, replays: int, stream) -> float:
-    """us per call of `calls` back-to-back fn(i) captured in one CUDA graph (on `stream`, a side stream:
-    no per-capture sync, collection and cache flush as `torch.cuda.graph` does)."""
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        fn(0)  # built and warm, on the capture stream, before the capture
-        graph.capture_begin()
-        try:
-            for i in range(calls):
-                fn(i)
-        finally:
-            graph.capture_end()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    us_per_call = replay_gpu_ms(graph, replays) * 1e3 / calls
-    del graph
-    return us_per_call
 
 
 def rel_err(got, want) -> float:
@@ -167,7 +147,7 @@ def bench(args, shapes_by_model, device: str) -> dict:
     sms = num_sms(torch.device(device))
     counters(device)
     stream = torch.cuda.Stream() if cuda else None
-    timer = time_graph if cuda else time_host
+    timer = graph_us_per_call if cuda else time_host
     results, layer_sums = [], []
     for model, shapes in shapes_by_model.items():
         per_m: dict[int, dict[str, float]] = {}

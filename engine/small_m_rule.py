@@ -85,8 +85,13 @@ def candidate_configs(m: int, n: int, k: int, elem_bytes: int = 2, silu: bool = 
 
 
 # Above 16 rows the x tile every program reads grows with the rows, and cuBLAS's tiles fit better: the
-# kernel takes a weight only from this many elements (the gate|up weight counts both halves).
-WIDE_MIN_WEIGHT = {32: 1 << 22, MAX_ROWS: 1 << 25}  # rows up to the key: the least weight elements
+# kernel takes a weight only from this many elements (the gate|up weight counts both halves), up to 32
+# rows and above.
+WIDE_MIN_WEIGHT_TO_32_ROWS = 1 << 22
+WIDE_MIN_WEIGHT = 1 << 25
+# Output features of a vocabulary-sized weight (an lm_head): measured from 16 rows only, so fewer rows
+# stay with cuBLAS; above 32 rows its tiles are wider.
+VOCAB_FEATURES = 32768
 
 
 def pick_config(m: int, n: int, k: int, sms: int, elem_bytes: int = 2, silu: bool = False) -> SmallMConfig | None:
@@ -98,18 +103,17 @@ def pick_config(m: int, n: int, k: int, sms: int, elem_bytes: int = 2, silu: boo
     4 K steps in flight for 16-bit weights, 2 for float32 (shared memory).
 
     17-64 rows (benchmarks/results/gpu_gemv_h200_wide.json, 16-64 rows, the lm_heads too): only weights
-    of at least WIDE_MIN_WEIGHT elements (4 Mi up to 32 rows, 32 Mi above: llama-3.1-8b's gate|up and
-    down_proj, both lm_heads); `dot` tiles of 64 features, 128-wide K steps, K split in two past 8192,
-    or above 32 rows for at least 32768 features (an lm_head) tiles of 128 features and 64-wide K steps.
-    None: cuBLAS."""
-    if m < 1 or m > MAX_ROWS:
+    of at least 4 Mi elements up to 32 rows, 32 Mi above (llama-3.1-8b's gate|up and down_proj, both
+    lm_heads); `dot` tiles of 64 features, 128-wide K steps, K split in two past 8192, or above 32 rows
+    for a vocabulary-sized weight (VOCAB_FEATURES) tiles of 128 features and 64-wide K steps. A
+    vocabulary-sized weight below 16 rows: cuBLAS (not measured there). None: cuBLAS."""
+    if m < 1 or m > MAX_ROWS or (n >= VOCAB_FEATURES and m < DOT_ROWS):
         return None
     stages = 4 if elem_bytes <= 2 else 2
     if m > DOT_ROWS:
-        least = next(w for rows, w in sorted(WIDE_MIN_WEIGHT.items()) if m <= rows)
-        if (2 * n if silu else n) * k < least:
+        if (2 * n if silu else n) * k < (WIDE_MIN_WEIGHT_TO_32_ROWS if m <= 32 else WIDE_MIN_WEIGHT):
             return None
-        if m > 32 and n >= 32768:
+        if m > 32 and n >= VOCAB_FEATURES:
             return SmallMConfig("dot", 128, 64, 1, 4, stages)
         return SmallMConfig("dot", 64, 128, 2 if k > 8192 else 1, 4, stages)
     if m == 1 and n <= 8192:

@@ -243,14 +243,8 @@ def _linear(small_m: bool, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
     return silu_mul(y) if silu else y
 
 
-# The lm_head takes the small-M rule from this many rows: measured there (16-64 rows,
-# benchmarks/results/gpu_gemv_h200_wide.json); fewer rows stay with cuBLAS until measured.
-LM_HEAD_MIN_ROWS = 16
-
-
 def _lm_head_forward(self, x):
-    k = x.shape[-1]
-    return _linear(k > 0 and x.numel() // k >= LM_HEAD_MIN_ROWS, x, self.weight, self.bias)
+    return _linear(True, x, self.weight, self.bias)
 
 
 def _mlp_forward(self, x):

@@ -53,10 +53,12 @@ def test_rule_above_16_rows_and_for_lm_heads_against_the_h200():
     longer than through cuBLAS at every row count above 16, and less for llama-3.1-8b at 64 rows."""
     with open(os.path.join(HERE, "..", "benchmarks", "results", "gpu_gemv_h200_wide.json")) as f:
         saved = json.load(f)
+    with open(os.path.join(HERE, "..", "benchmarks", "results", "gpu_gemv_h200.json")) as f:
+        small_file_rows = max(json.load(f)["rows"])  # the rows the test above covers
     layer: dict[tuple[str, int], list[float]] = {}
     taken = set()
     for p in saved["points"]:
-        if p["M"] <= MAX_SMALL_FILE_ROWS and p["linear"] != "lm_head":
+        if p["M"] <= small_file_rows and p["linear"] != "lm_head":
             continue  # the test above, on gpu_gemv_h200.json
         times = {c["config"]: c["us"] for c in p["configs"] if c.get("us")}
         cublas = p["cublas_plus_silu_mul_us"] if p["silu_mul"] else p["cublas_us"]
@@ -77,14 +79,14 @@ def test_rule_above_16_rows_and_for_lm_heads_against_the_h200():
             ("qwen3-0.6b", "lm_head", 64)} <= taken
 
 
-MAX_SMALL_FILE_ROWS = 16  # the rows gpu_gemv_h200.json measured
-
-
 def test_rule_leaves_larger_batches_to_cublas():
     assert pick_config(MAX_ROWS + 1, 4096, 1024, 132) is None
     assert pick_config(0, 4096, 1024, 132) is None
     assert pick_config(40, 4096, 4096, 132) is None  # a 16 Mi-element weight above 32 rows: cuBLAS's
     assert pick_config(24, 4096, 4096, 132) is not None
+    for m in (1, 8, 15):  # a vocabulary-sized weight, measured from 16 rows only
+        assert pick_config(m, 128256, 4096, 132) is None and pick_config(m, 151936, 1024, 132) is None
+    assert pick_config(16, 128256, 4096, 132) is not None
 
 
 @pytest.mark.parametrize("m", [17, 32, 33, 64])
