@@ -13,6 +13,8 @@ host work when it exceeds the kernel's: on an H200, llama-3.1-8b's 64-row decode
 and 61 us replayed; `--graph`: do_bench_cudagraph, the kernels replayed from a CUDA graph as the
 engine runs them). `--splits` also times each config with the keys cut into that many
 split-KV slices (the backend's split path, whatever its rule would pick for the row count).
+Unsplit decode launches start the rows longest first, as the engine's do (`--no-row-order`: in row
+order); each swept tile stands in for every decode tile of the backend.
 Prefill: 8 rows of 1024 new tokens, 4 of them after 512 tokens of context; with `--prefill-offline`
 instead the chunks of the offline benchmark's first iteration (prompts of 100..1024 tokens, no
 context, 8,192 tokens in all). FLOPs count the causal half only.
@@ -35,6 +37,7 @@ from bench_common import command_line, versions, write_json  # noqa: E402
 
 from batchdeck.engine.attention.decode_splits import MAX_DECODE_SPLITS  # noqa: E402
 from batchdeck.engine.attention.triton_backend import TritonBackend  # noqa: E402
+from batchdeck.engine.model_runner import longest_first  # noqa: E402
 
 SHAPES = {"qwen3-0.6b": (16, 8), "llama-3.1-8b": (32, 8)}  # (query heads, KV heads), head dim 128
 
@@ -67,6 +70,8 @@ def main() -> None:
     ap.add_argument("--decode-tiles", default=None,
                     help="semicolon-separated BLOCK_N,warps,stages decode tiles to time (default: a sweep of 14)")
     ap.add_argument("--skip-prefill", action="store_true", help="time the decode launches only")
+    ap.add_argument("--no-row-order", action="store_true",
+                    help="start the unsplit decode programs in row order instead of longest row first (the engine's)")
     ap.add_argument("--prefill-offline", action="store_true",
                     help="prefill rows: the offline benchmark's first 8,192-token iteration (prompts 100..1024)")
     ap.add_argument("--out", default=None)
@@ -84,6 +89,7 @@ def main() -> None:
                "versions": versions(), "shape": {"name": args.shape, "heads": h, "kv_heads": kvh, "head_dim": d, "rows": args.rows},
                "decode_contexts": "equal (the spread's mean)" if args.equal_context else "uniform in [228, 1280]",
                "decode_timing": "CUDA graph replays (do_bench_cudagraph)" if args.graph else "launches (do_bench)",
+               "decode_row_order": "row order" if args.no_row_order else "longest first",
                "decode": [], "prefill": []}
 
     # -- decode -------------------------------------------------------------------------------
@@ -102,6 +108,7 @@ def main() -> None:
     out = torch.empty_like(q)
     qsl = torch.arange(r + 1, dtype=torch.int32, device="cuda")
     seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    order = None if args.no_row_order else torch.tensor(longest_first(lens), dtype=torch.int32, device="cuda")
     kv_bytes = sum(lens) * kvh * d * 2 * q.element_size() + 2 * q.numel() * q.element_size()
     be = TritonBackend()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -110,11 +117,12 @@ def main() -> None:
         be.num_sms = sms if splits == 1 else splits * r * kvh // 2
         be.max_splits = max(1, splits)
         for cfg in decode_tiles:
-            be.decode_cfg = be.split_cfg = cfg
+            be.decode_cfg = be.split_cfg = be.few_waves_cfg = cfg
             try:
-                be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, True)  # compile outside any capture
+                be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, True, order)  # compile outside any capture
                 torch.cuda.synchronize()
-                ms = bench(lambda: be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, True), return_mode="median")
+                ms = bench(lambda: be.attend(q, k, v, out, bt, qsl, seq, d ** -0.5, None, True, order),
+                           return_mode="median")
             except Exception as exc:  # noqa: BLE001 - a config may not fit shared memory
                 results["decode"].append({"cfg": cfg, "splits": splits, "error": repr(exc)[:300]})
                 continue
@@ -125,7 +133,7 @@ def main() -> None:
     # -- prefill tiles: 8 rows of 1024 new tokens (4 with 512 tokens of prior context) ---------
     prefill_cfgs = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2),
                     (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 128, 4, 3),
-                    (32, 64, 4, 3)]
+                    (32, 64, 4, 3), (128, 32, 4, 3), (128, 32, 4, 4), (256, 32, 8, 3), (256, 64, 8, 4)]
     if args.skip_prefill:
         prefill_cfgs = []
     plens = [1024] * 8

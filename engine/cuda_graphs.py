@@ -73,7 +73,7 @@ class StepBuffers:
     The iteration's own inputs, laid out for its bucket (`layout`: t tokens, r rows, k sample entries)
     and uploaded in one copy:
         int64: input_ids [t] | positions [t] | slot_mapping [t] | sample_rows [k]
-        int32: query_start_loc [r + 1] | seq_lens [r] | context_lens [r]
+        int32: query_start_loc [r + 1] | seq_lens [r] | context_lens [r] | row_order [r]
     The block tables [R, MB] (int32) keep a buffer of their own, updated row by row (`HostTables`) and
     uploaded for the rows whose table was written since the last upload (in steady decoding a row's once
     per block_size tokens).
@@ -100,16 +100,17 @@ class StepBuffers:
     def _offsets(t: int, k: int, r: int) -> tuple[int, int]:
         """(byte offset of the int32 part, bytes to upload) of the layout for t tokens, k samples, r rows."""
         off = 8 * (3 * t + k)
-        return off, off + 4 * (3 * r + 1)
+        return off, off + 4 * (4 * r + 1)
 
     def layout(self, t: int, k: int, r: int) -> None:
-        """Point the host views (`ids`, `pos`, `slots`, `sample`, `qsl`, `seq`, `ctx`) at the layout of an
-        iteration of t tokens, k sample entries and r rows (`views` gives the device the same)."""
+        """Point the host views (`ids`, `pos`, `slots`, `sample`, `qsl`, `seq`, `ctx`, `order`) at the layout
+        of an iteration of t tokens, k sample entries and r rows (`views` gives the device the same)."""
         off, end = self._offsets(t, k, r)
         h64, h32 = self._hbytes[:off].view(np.int64), self._hbytes[off:end].view(np.int32)
         self._upload_bytes = end
         self.ids, self.pos, self.slots, self.sample = h64[:t], h64[t:2 * t], h64[2 * t:3 * t], h64[3 * t:]
-        self.qsl, self.seq, self.ctx = h32[:r + 1], h32[r + 1:2 * r + 1], h32[2 * r + 1:]
+        self.qsl, self.seq, self.ctx = h32[:r + 1], h32[r + 1:2 * r + 1], h32[2 * r + 1:3 * r + 1]
+        self.order = h32[3 * r + 1:]
 
     def wait_host_free(self) -> None:
         """The previous upload read the pinned mirror asynchronously: wait until it is done."""
@@ -138,6 +139,7 @@ class StepBuffers:
             self.qsl[r + 1:rb + 1] = self.qsl[r]
             self.seq[r:rb] = 0
             self.ctx[r:rb] = 0
+            self.order[r:rb] = np.arange(r, rb)  # after the real rows: their programs exit at once
         kept = rb if kept is None else kept
         if kept > max(r, samples):
             self.sample[max(r, samples):kept] = 0
@@ -159,6 +161,7 @@ class StepBuffers:
             query_start_loc=d32[:r + 1],
             seq_lens=d32[r + 1:2 * r + 1],
             context_lens=d32[2 * r + 1:3 * r + 1],
+            row_order=d32[3 * r + 1:4 * r + 1],
             num_decodes=num_decodes, max_query_len=max_query_len, max_seq_len=max_seq_len,
             block_size=block_size, query_lens_host=query_lens_host, seq_lens_host=seq_lens_host,
         )
@@ -257,6 +260,7 @@ class CudaGraphRunner:
         buf.qsl[1:rb + 1] = np.cumsum(qlens)
         buf.seq[:rb] = qlens
         buf.ctx[:rb] = 0
+        buf.order[:rb] = np.arange(rb)  # not stale bytes of another layout: the decode launch reads rows by it
         buf.bt[:rb] = 0
         buf.ids[:tb] = 0
         buf.pos[:tb] = 0

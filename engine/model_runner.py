@@ -29,6 +29,7 @@ import torch
 from batchdeck.engine.attention.metadata import AttentionMetadata, StepContext
 from batchdeck.engine.cuda_graphs import CudaGraphRunner, GraphHit, StepBuffers
 from batchdeck.engine.block_manager import BlockManager
+from batchdeck.engine.greedy_argmax import greedy_argmax
 from batchdeck.engine.kv_cache import KVCache
 from batchdeck.engine.sampler import Sampler, TopLogprobs, host_to_device
 from batchdeck.engine.speculative.verify import verify_chunks
@@ -150,6 +151,12 @@ def chunk_tokens(c: ScheduledChunk) -> list[int]:
     return c.request.token_ids[c.start:c.start + c.num_tokens]
 
 
+def longest_first(seq_lens: np.ndarray) -> np.ndarray:
+    """The rows by sequence length, longest first, ties in row order (the attention metadata's
+    `row_order`: started first, the long rows' programs no longer finish last)."""
+    return np.argsort(-np.asarray(seq_lens, dtype=np.int64), kind="stable")
+
+
 def sample_entries(ends: np.ndarray, counts: list[int]) -> np.ndarray:
     """Flattened token indices whose logits are kept: the last `counts[i]` positions before `ends[i]`
     (one for a chunk that samples, k + 1 for a speculating chunk)."""
@@ -190,6 +197,7 @@ def paged_inputs(request_ids: list[str], starts: list[int], row_tokens: list[lis
         block_size=bs,
         query_lens_host=lens,
         seq_lens_host=seq_lens.tolist(),
+        row_order=torch.from_numpy(longest_first(seq_lens.numpy())).to(torch.int32).to(device, non_blocking=True),
     )
     input_ids = torch.tensor(list(chain.from_iterable(row_tokens)), dtype=torch.int64).view(1, -1)
     return input_ids.to(device, non_blocking=True), positions.view(1, -1).to(device, non_blocking=True), meta, cu
@@ -326,6 +334,7 @@ def fill_step(buf: StepBuffers, chunks: list[ScheduledChunk], blocks: BlockManag
     buf.qsl[:r + 1] = cu
     buf.seq[:r] = seq
     buf.ctx[:r] = starts_np
+    buf.order[:r] = longest_first(seq)
     buf.sample[:s] = sample_entries(cu[1:][sampling], counts)
     buf.sample[s:r] = 0
     if hit is not None:
@@ -402,7 +411,7 @@ class ModelRunner:
         if max_query_len != 1:
             return self._model_logits(ids, pos, meta, self.buffers.sample_rows(t, kept))
         logits = self._model_logits(ids, pos, meta, 0)  # 0: every row
-        return logits, logits.argmax(dim=-1)
+        return logits, greedy_argmax(logits)
 
     def _logits_buffers(self, chunks: list[ScheduledChunk], blocks: BlockManager, timings: StepTimings,
                         prev: LaunchedStep | None):

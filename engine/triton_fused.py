@@ -290,7 +290,7 @@ def _attn_forward(self, hidden_states, position_embeddings=None, attention_mask=
     if write_cache:
         out = torch.empty_like(q)
         step.backend.attend(q, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                            self.scaling, window, decode_only=meta.max_query_len == 1)
+                            self.scaling, window, decode_only=meta.max_query_len == 1, row_order=meta.row_order)
     else:
         v = qkv[:, (h + kvh) * d:].view(t, kvh, d)
         out = step.backend.forward(q, k, v, k_cache, v_cache, meta, self.scaling, window)

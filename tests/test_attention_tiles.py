@@ -20,7 +20,7 @@ class Recorder:
 
     def __getitem__(self, grid):
         return lambda *args, **kw: self.calls.append((self.name, kw.get("BLOCK_N"), kw.get("num_warps"),
-                                                      kw.get("num_stages")))
+                                                      kw.get("num_stages"), kw.get("USE_ORDER")))
 
 
 @pytest.fixture
@@ -31,26 +31,44 @@ def launches(monkeypatch):
     return calls
 
 
-def decode(backend: TritonBackend, rows: int) -> None:
-    heads, kvh, d, bs = 8, 2, 64, 16
+def decode(backend: TritonBackend, rows: int, ordered: bool = False, kvh: int = 2) -> None:
+    heads, d, bs = 8, 64, 16
     q = torch.zeros(rows, heads, d, dtype=torch.bfloat16)
     cache = torch.zeros(4 * rows, bs, kvh, d, dtype=torch.bfloat16)
     tables = torch.arange(4 * rows, dtype=torch.int32).view(rows, 4)
     backend.attend(q, cache, cache, torch.empty_like(q), tables, torch.arange(rows + 1, dtype=torch.int32),
-                   torch.full((rows,), 60, dtype=torch.int32), d ** -0.5, None, decode_only=True)
+                   torch.full((rows,), 60, dtype=torch.int32), d ** -0.5, None, decode_only=True,
+                   row_order=torch.arange(rows, dtype=torch.int32) if ordered else None)
 
 
 def test_unsplit_and_split_decode_take_their_own_tiles(launches, monkeypatch):
-    for name in ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_SPLIT"):  # a tuning session may export them
+    for name in ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_SPLIT", "BATCHDECK_ATTN_DECODE_FEW"):
+        monkeypatch.delenv(name, raising=False)  # a tuning session may export them
+    backend = TritonBackend()
+    assert backend.decode_cfg == (64, 2, 3) and backend.split_cfg == (64, 4, 2) and backend.few_waves_cfg == (128, 4, 3)
+    backend.num_sms = 132
+    decode(backend, 600)  # 600 rows x 2 KV heads: one unsplit launch of many programs
+    decode(backend, 1)  # one row: split-KV, then the combine
+    assert launches[0] == ("paged_attention_kernel", 64, 2, 3, False)
+    assert launches[1] == ("paged_decode_split_kernel", 64, 4, 2, None)
+    assert launches[2][0] == "decode_split_combine_kernel" and len(launches) == 3
+
+
+def test_launches_of_few_programs_take_their_own_tile_and_every_one_its_row_order(launches, monkeypatch):
+    for name in ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_FEW"):
         monkeypatch.delenv(name, raising=False)
     backend = TritonBackend()
-    assert backend.decode_cfg == (64, 2, 3) and backend.split_cfg == (64, 4, 2)
     backend.num_sms = 132
-    decode(backend, 128)  # 128 rows x 2 KV heads fill 132 SMs: one unsplit launch
-    decode(backend, 1)  # one row: split-KV, then the combine
-    assert launches[0] == ("paged_attention_kernel", 64, 2, 3)
-    assert launches[1] == ("paged_decode_split_kernel", 64, 4, 2)
-    assert launches[2][0] == "decode_split_combine_kernel" and len(launches) == 3
+    decode(backend, 128, ordered=True)  # 256 programs
+    decode(backend, 512, ordered=True)  # 1,024
+    decode(backend, 513, ordered=True)  # 1,026: the two-per-SM tile
+    decode(backend, 128)  # no order given
+    assert [c[1:4] for c in launches] == [(128, 4, 3), (128, 4, 3), (64, 2, 3), (128, 4, 3)]
+    assert [c[4] for c in launches] == [True, True, True, False]  # USE_ORDER
+    monkeypatch.setenv("BATCHDECK_ATTN_DECODE_FEW", "64,4,4")
+    launches.clear()
+    decode(TritonBackend(), 132, ordered=True)
+    assert launches[0][1:4] == (64, 4, 4)
 
 
 def test_tiles_are_overridden_separately(launches, monkeypatch):
@@ -58,9 +76,9 @@ def test_tiles_are_overridden_separately(launches, monkeypatch):
     monkeypatch.setenv("BATCHDECK_ATTN_DECODE_SPLIT", "128,8,3")
     backend = TritonBackend()
     backend.num_sms = 132
-    decode(backend, 128)
+    decode(backend, 600)
     decode(backend, 1)
-    assert [c[1:] for c in launches[:2]] == [(32, 4, 2), (128, 8, 3)]
+    assert [c[1:4] for c in launches[:2]] == [(32, 4, 2), (128, 8, 3)]
     monkeypatch.setenv("BATCHDECK_ATTN_DECODE_SPLIT", "128,8")
     with pytest.raises(ValueError, match="BATCHDECK_ATTN_DECODE_SPLIT='128,8': expected 3"):
         TritonBackend()

@@ -29,6 +29,7 @@ def _check_same(buf: StepBuffers, prepared, reference) -> None:
     assert buf.qsl[:r + 1].tolist() == meta.query_start_loc.tolist()
     assert buf.seq[:r].tolist() == meta.seq_lens.tolist()
     assert buf.ctx[:r].tolist() == meta.context_lens.tolist()
+    assert buf.order[:r].tolist() == meta.row_order.tolist()
     for row in range(r):  # entries past a row's own blocks are padding and may hold anything
         n = -(-int(meta.seq_lens[row]) // BLOCK_SIZE)
         assert np.array_equal(buf.bt[row, :n], meta.block_tables[row, :n].numpy()), f"row {row} table"
@@ -75,6 +76,8 @@ def _check_uploaded(buf: StepBuffers, prepared, reference) -> None:
     assert dev.query_start_loc[r + 1:].tolist() == [int(meta.query_start_loc[-1])] * (rb - r)  # no queries
     assert dev.seq_lens[:r].tolist() == meta.seq_lens.tolist() and not dev.seq_lens[r:].any()
     assert dev.context_lens[:r].tolist() == meta.context_lens.tolist()
+    assert dev.row_order[:r].tolist() == meta.row_order.tolist()
+    assert dev.row_order[r:].tolist() == list(range(r, rb))  # padded rows last
     for row in range(r):
         n = -(-int(meta.seq_lens[row]) // BLOCK_SIZE)
         assert dev.block_tables[row, :n].tolist() == meta.block_tables[row, :n].tolist(), f"row {row}'s table"
@@ -83,7 +86,7 @@ def _check_uploaded(buf: StepBuffers, prepared, reference) -> None:
         assert samples[:s].tolist() == reference.sample_rows.tolist()
     else:  # a decode bucket keeps every row; the sampling rows pick theirs
         assert prepared.sampling_rows == reference.sample_rows.tolist()  # decode rows: token i is row i
-    end = 8 * (3 * tb + kept) + 4 * (3 * rb + 1)
+    end = 8 * (3 * tb + kept) + 4 * (4 * rb + 1)
     assert (buf.dev[end:] == 0xA5).all(), "the upload copied past the iteration's layout"
 
 
@@ -268,3 +271,29 @@ def test_block_tables_go_up_for_the_rows_written_since_the_last_upload():
     step(None)  # nothing changed: the tables stay as uploaded
     blocks.grow(reqs[1].request_id, reqs[1].num_tokens + BLOCK_SIZE)
     step((1, 2))
+
+
+def test_row_order_is_longest_first_with_ties_in_row_order():
+    from batchdeck.engine.model_runner import longest_first
+
+    assert longest_first(np.array([5, 9, 5, 1, 9])).tolist() == [1, 4, 0, 2, 3]
+    assert longest_first(np.array([], dtype=np.int64)).tolist() == []
+
+
+def test_start_up_dummy_iterations_leave_no_stale_row_order():
+    """The capture warm-ups and first replays run on `_dummy` inputs: after a larger layout's upload left
+    other bytes where a smaller layout's row order lies, the order is a valid permutation again."""
+    from types import SimpleNamespace
+
+    from batchdeck.engine.cuda_graphs import CudaGraphRunner
+
+    buf = StepBuffers(64, 16, 8, torch.device("cpu"))
+    runner = SimpleNamespace(buffers=buf, max_model_len=256)
+    assert CudaGraphRunner._dummy(runner, 64, 16, 16)
+    buf.ids[:64] = 10 ** 9  # what another iteration may leave in the mirror
+    buf.upload(None)
+    for tb, rb in ((32, 8), (8, 8), (4, 2)):
+        assert CudaGraphRunner._dummy(runner, tb, rb, rb)
+        _, _, meta = buf.views(tb, rb, rb, num_decodes=0, max_query_len=1, max_seq_len=1, block_size=4,
+                               query_lens_host=[], seq_lens_host=[])
+        assert meta.row_order.tolist() == list(range(rb))

@@ -25,6 +25,9 @@ class AttentionMetadata:
     # Host copies (plain lists) for backends that loop over prefill rows.
     query_lens_host: list[int]
     seq_lens_host: list[int]
+    # [R] int32: the rows by sequence length, longest first (ties in row order); the decode launch
+    # starts their programs in this order. None: row order.
+    row_order: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:

@@ -10,9 +10,13 @@ mixed iteration is two launches: DECODE for its one-token rows and TILES for its
 When rows x KV heads are too few to fill the GPU (small batches), the one-token rows run split-KV
 instead: `decode_splits` programs per (row, KV head) each attend a slice of the keys, and a second
 launch merges the slices' partial softmaxes (the split count depends only on the row count, so a
-captured graph keeps it). Tile sizes can be overridden for tuning with
-BATCHDECK_ATTN_DECODE="BLOCK_N,warps,stages" (BATCHDECK_ATTN_DECODE_SPLIT for the split-KV launch) and
-BATCHDECK_ATTN_PREFILL="BLOCK_M,BLOCK_N,warps,stages";
+captured graph keeps it). The unsplit decode launch starts its rows longest first (the metadata's
+`row_order`): the GPU then schedules the programs longest-processing-time first, and no long row's
+programs are left running alone at the end. A launch of at most FEW_WAVES_DECODE_PROGRAMS programs
+(rows x KV heads) takes a tile that fits one program per SM, larger ones a two-per-SM tile. Tile
+sizes can be overridden for tuning with BATCHDECK_ATTN_DECODE="BLOCK_N,warps,stages"
+(BATCHDECK_ATTN_DECODE_FEW for the launches of few programs, BATCHDECK_ATTN_DECODE_SPLIT for the
+split-KV launch) and BATCHDECK_ATTN_PREFILL="BLOCK_M,BLOCK_N,warps,stages";
 BATCHDECK_ATTN_MAX_SPLITS caps the split count (1: never split).
 """
 from __future__ import annotations
@@ -31,6 +35,11 @@ LOG2E = 1.4426950408889634
 # The TILES launch finds each tile's row among ROWS_P2 >= rows entries: one value up to 256 rows keeps
 # every mixed bucket on one compiled variant (each new variant is a Triton compile at start-up).
 MIN_ROWS_P2 = 256
+# Unsplit decode launches of at most this many programs take the one-per-SM tile. On an H200, longest
+# first, contexts 228-1280 (benchmarks/results/gpu_attention_decode_order_h200.json): 64 rows x 8 KV
+# heads 55.2 us a layer with it against 67.9 with 64,2,3 (61.0 in row order); 128 x 8 a tie (100.2 and
+# 99.9); 256 x 8 193.7 against 189.5 (198.2 in row order).
+FEW_WAVES_DECODE_PROGRAMS = 1024
 
 
 def _pow2(n: int) -> int:
@@ -58,8 +67,14 @@ class TritonBackend:
         # showed no gain there (qwen3-0.6b's batch-1 step 1.006 ms against 0.993, batch 8 1.375 against
         # 1.382, one run each: gpu_decode_sweep_*_split_tile*.json).
         self.decode_cfg = _env_ints("BATCHDECK_ATTN_DECODE", (64, 2, 3))
+        # Few programs: 128 keys, four warps, three stages (192 KiB of shared memory in bf16: one program
+        # per SM), fastest at 64 rows of both shapes.
+        self.few_waves_cfg = _env_ints("BATCHDECK_ATTN_DECODE_FEW", (128, 4, 3))
+        self.few_waves_programs = FEW_WAVES_DECODE_PROGRAMS
         self.split_cfg = _env_ints("BATCHDECK_ATTN_DECODE_SPLIT", (64, 4, 2))
-        self.prefill_cfg = _env_ints("BATCHDECK_ATTN_PREFILL", (64, 64, 4, 3))  # BLOCK_M, BLOCK_N, warps, stages
+        # BLOCK_M, BLOCK_N, warps, stages: 64,32,4,2 the fastest of 16 tiles for both shapes' offline prefill
+        # iteration on an H200 (llama-3.1-8b 220 us a layer, against 246 for the previous 64,64,4,3).
+        self.prefill_cfg = _env_ints("BATCHDECK_ATTN_PREFILL", (64, 32, 4, 2))
         self.shrink_fp32_tiles = True  # float32 tiles are twice the bytes: keep shared memory in bounds
         cap = _env_ints("BATCHDECK_ATTN_MAX_SPLITS", (MAX_DECODE_SPLITS,))[0]
         self.max_splits = min(MAX_DECODE_SPLITS, max(1, cap))
@@ -89,11 +104,13 @@ class TritonBackend:
         self.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         self.attend(query, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                    scaling, sliding_window, decode_only=meta.max_query_len == 1)
+                    scaling, sliding_window, decode_only=meta.max_query_len == 1, row_order=meta.row_order)
         return out
 
     def attend(self, query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scaling: float,
-               sliding_window: int | None, decode_only: bool) -> None:
+               sliding_window: int | None, decode_only: bool, row_order: torch.Tensor | None = None) -> None:
+        """Attention of `query` over the paged cache into `out`. `row_order` (int32 [rows], optional): the
+        rows longest first, the order the unsplit decode launch starts them in (None: row order)."""
         t, num_heads, d = query.shape
         rows = block_tables.shape[0]
         if t == 0 or rows == 0:
@@ -110,7 +127,8 @@ class TritonBackend:
             **pdl,
         )
         args = (query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
-                float(scaling) * LOG2E, int(sliding_window or 0), rows,
+                row_order if row_order is not None else seq_lens,  # (a pointer only read when ordered)
+                float(scaling) * LOG2E, int(sliding_window or 0), rows, kvh,
                 query.stride(0), query.stride(1), out.stride(0), out.stride(1),
                 k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
         # Decode rows (and one-token chunks): one program per (row, kv head), or per slice of its keys.
@@ -118,15 +136,21 @@ class TritonBackend:
             self.num_sms = (torch.cuda.get_device_properties(query.device).multi_processor_count
                             if query.is_cuda else 128)
         splits = decode_splits(rows, kvh, self.num_sms, self.max_splits)
-        block_n, warps, stages = self.split_cfg if splits > 1 else self.decode_cfg
+        if splits > 1:
+            block_n, warps, stages = self.split_cfg
+        elif rows * kvh <= self.few_waves_programs:
+            block_n, warps, stages = self.few_waves_cfg
+        else:
+            block_n, warps, stages = self.decode_cfg
         if ieee and self.shrink_fp32_tiles:
             block_n, stages = min(block_n, 32), min(stages, 2)
         if splits > 1:
             self._decode_split(query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scaling,
                                sliding_window, splits, block_n, warps, stages, common)
         else:
-            paged_attention_kernel[(rows, kvh)](
+            paged_attention_kernel[(rows * kvh,)](
                 *args, BLOCK_Q=1, BLOCK_M=max(16, gp), BLOCK_N=block_n, ROWS_P2=1, DECODE=True,
+                USE_ORDER=row_order is not None,
                 num_warps=warps, num_stages=stages, **common,
             )
         if decode_only:
@@ -139,7 +163,7 @@ class TritonBackend:
         grid = (t // block_q + rows, kvh)
         paged_attention_kernel[grid](
             *args, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, ROWS_P2=max(_pow2(rows), MIN_ROWS_P2),
-            DECODE=False,
+            DECODE=False, USE_ORDER=False,
             num_warps=warps, num_stages=stages, **common,
         )
 

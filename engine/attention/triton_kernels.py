@@ -9,8 +9,10 @@ iteration that fits its buffers. Padding conventions (what `engine/cuda_graphs.p
 
 Attention is one kernel with two modes:
 
-- DECODE (one program per (row, kv head)): rows whose query length is 1 (decodes, and one-token
-  prefill chunks, which are the same computation); other rows exit at once.
+- DECODE (one program per (row, kv head), in a flat grid with the KV heads fastest): rows whose query
+  length is 1 (decodes, and one-token prefill chunks, which are the same computation); other rows exit
+  at once. With a row order (the rows by sequence length, longest first) the GPU starts the longest
+  rows' programs first, so the short ones fill in behind them instead of a long one finishing last.
 - TILES (one program per (query tile of a row, kv head)): rows with more than one query token.
   Tile t of the flattened iteration belongs to the largest row i with
   `query_start_loc[i] // BLOCK_Q + i <= t` (that map is strictly increasing, so tiles of
@@ -57,56 +59,89 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _attend_keys(q, q_pos, m_i, l_i, acc, lo, hi, bt_row, k_head, v_head, scale_log2, sliding_window,
+def _attend_tile(q, q_pos, m_i, l_i, acc, offs_n, n_valid, bt_row, k_head, v_head, scale_log2, sliding_window,
                  stride_cb, stride_cs, offs_d, d_valid,
-                 BS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr):
-    """Walk keys [lo, hi) of one row through its block table in BLOCK_N tiles, with an online softmax
-    (log2 domain) over the M query rows of q whose positions are q_pos ([BLOCK_M]); returns the
-    updated running max, sum and unnormalized output. The inner loop of both attention kernels."""
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < hi
-        blk = tl.load(bt_row + offs_n // BS, mask=n_valid, other=0).to(tl.int64)
-        slot_off = blk * stride_cb + (offs_n % BS) * stride_cs
+                 BS: tl.constexpr, MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+                 KROW: tl.constexpr):
+    """One BLOCK_N tile of keys (positions offs_n) into the online softmax. MASKED: mask keys past
+    n_valid, past each query's causal position and outside the window; unmasked tiles are keys every
+    query sees. KROW: K is loaded [BLOCK_N, D] (each key's D values contiguous) and transposed for the
+    dot, which the prefill tiles run faster on; else it is loaded [D, BLOCK_N]."""
+    blk = tl.load(bt_row + offs_n // BS, mask=n_valid, other=0).to(tl.int64)
+    slot_off = blk * stride_cb + (offs_n % BS) * stride_cs
+    if KROW:
+        k = tl.load(k_head + slot_off[:, None] + offs_d[None, :],
+                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = _dot(q, tl.trans(k), IEEE) * scale_log2
+    else:
         k = tl.load(k_head + slot_off[None, :] + offs_d[:, None],
                     mask=n_valid[None, :] & d_valid[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
         s = _dot(q, k, IEEE) * scale_log2
+    if MASKED:
         allowed = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             allowed = allowed & (offs_n[None, :] > q_pos[:, None] - sliding_window)
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_head + slot_off[:, None] + offs_d[None, :],
-                    mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_head + slot_off[:, None] + offs_d[None, :],
+                mask=n_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_keys(q, q_pos, m_i, l_i, acc, lo, full, hi, bt_row, k_head, v_head, scale_log2, sliding_window,
+                 stride_cb, stride_cs, offs_d, d_valid,
+                 BS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+                 KROW: tl.constexpr):
+    """Walk keys [lo, hi) of one row through its block table in BLOCK_N tiles, with an online softmax
+    (log2 domain) over the M query rows of q whose positions are q_pos ([BLOCK_M]); returns the
+    updated running max, sum and unnormalized output. Keys [lo, full) (whole tiles that every query
+    sees) skip the masking; `full` = lo masks every tile. The inner loop of every attention kernel."""
+    ones = tl.full([BLOCK_N], 1, tl.int1)
+    for start_n in range(lo, full, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, offs_n, ones, bt_row, k_head, v_head, scale_log2,
+                                     sliding_window, stride_cb, stride_cs, offs_d, d_valid, BS=BS, MASKED=False,
+                                     USE_WINDOW=USE_WINDOW, IEEE=IEEE, KROW=KROW)
+    for start_n in range(full, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, offs_n, offs_n < hi, bt_row, k_head, v_head,
+                                     scale_log2, sliding_window, stride_cb, stride_cs, offs_d, d_valid, BS=BS,
+                                     MASKED=True, USE_WINDOW=USE_WINDOW, IEEE=IEEE, KROW=KROW)
     return m_i, l_i, acc
 
 
 @triton.jit(do_not_specialize=["num_rows"])
 def paged_attention_kernel(
     Q, K, V, O, block_tables, query_start_loc, seq_lens,
+    row_order,  # DECODE with USE_ORDER: the rows, longest first (the order the programs take them in)
     scale_log2,  # softmax scale * log2(e)
     sliding_window,  # keys with position <= q_pos - sliding_window are masked (only if USE_WINDOW)
-    num_rows,
+    num_rows, num_kv_heads,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch,  # cache strides: block, slot within block, kv head (K and V alike)
     stride_bt,  # block table row stride
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_P2: tl.constexpr,
-    DECODE: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    DECODE: tl.constexpr, USE_ORDER: tl.constexpr, USE_WINDOW: tl.constexpr, IEEE: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
-    kvh = tl.program_id(1)
-    if DECODE:
-        row = pid
+    if DECODE:  # one flat grid, KV heads fastest: rows are started in row_order (longest first)
+        kvh = pid % num_kv_heads
+        rank = pid // num_kv_heads
+        if USE_ORDER:
+            row = tl.load(row_order + rank)
+        else:
+            row = rank
         local = 0
     else:
+        kvh = tl.program_id(1)
         offs_r = tl.arange(0, ROWS_P2)
         starts = tl.load(query_start_loc + offs_r, mask=offs_r < num_rows, other=0)
         first_tile = starts // BLOCK_Q + offs_r
@@ -153,9 +188,19 @@ def paged_attention_kernel(
     bt_row = block_tables + row.to(tl.int64) * stride_bt
     k_head = K + kvh * stride_ch
     v_head = V + kvh * stride_ch
-    m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_start, kv_end, bt_row, k_head, v_head, scale_log2,
-                                 sliding_window, stride_cb, stride_cs, offs_d, d_valid,
-                                 BS=BS, BLOCK_N=BLOCK_N, USE_WINDOW=USE_WINDOW, IEEE=IEEE)
+    if DECODE:  # every tile masked: on an H200 that was as fast as unmasked whole tiles for decode rows
+        m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_start, kv_start, kv_end, bt_row, k_head, v_head,
+                                     scale_log2, sliding_window, stride_cb, stride_cs, offs_d, d_valid,
+                                     BS=BS, BLOCK_N=BLOCK_N, USE_WINDOW=USE_WINDOW, IEEE=IEEE, KROW=False)
+    else:
+        # Keys before the tile's first query position are seen by every query of the tile: whole tiles
+        # of them skip the causal mask (a window masks its own start: then every tile is masked).
+        full = kv_start
+        if not USE_WINDOW:
+            full = ((ctx + local * BLOCK_Q) // BLOCK_N) * BLOCK_N
+        m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_start, full, kv_end, bt_row, k_head, v_head,
+                                     scale_log2, sliding_window, stride_cb, stride_cs, offs_d, d_valid,
+                                     BS=BS, BLOCK_N=BLOCK_N, USE_WINDOW=USE_WINDOW, IEEE=IEEE, KROW=True)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -216,9 +261,9 @@ def paged_decode_split_kernel(
     k_head = K + kvh * stride_ch
     v_head = V + kvh * stride_ch
     q_pos_m = tl.full([BLOCK_M], 0, tl.int32) + q_pos
-    m_i, l_i, acc = _attend_keys(q, q_pos_m, m_i, l_i, acc, lo, hi, bt_row, k_head, v_head, scale_log2,
+    m_i, l_i, acc = _attend_keys(q, q_pos_m, m_i, l_i, acc, lo, lo, hi, bt_row, k_head, v_head, scale_log2,
                                  sliding_window, stride_cb, stride_cs, offs_d, d_valid,
-                                 BS=BS, BLOCK_N=BLOCK_N, USE_WINDOW=USE_WINDOW, IEEE=IEEE)
+                                 BS=BS, BLOCK_N=BLOCK_N, USE_WINDOW=USE_WINDOW, IEEE=IEEE, KROW=False)
     part = row.to(tl.int64) * stride_pr + head * stride_ph + split
     tl.store(M_part + part, m_i, mask=m_valid)
     tl.store(L_part + part, l_i, mask=m_valid)
