@@ -35,8 +35,8 @@ RECORDED_STEADY_RATE_SCALE = 36.84  # the steady load of the saved H200 accuracy
 DEFAULT_SIM_PROFILE = "h200-qwen3-0.6b"  # the shipped profile the scripts' simulated engines default to
 # The engine's kernel-tuning variables: a result records those set, its command repeats them (never
 # other BATCHDECK_* variables, which hold secrets such as BATCHDECK_API_KEY).
-TUNING_ENV = ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_SPLIT", "BATCHDECK_ATTN_PREFILL",
-              "BATCHDECK_ATTN_MAX_SPLITS", "BATCHDECK_FUSED", "BATCHDECK_PDL")
+TUNING_ENV = ("BATCHDECK_ATTN_DECODE", "BATCHDECK_ATTN_DECODE_FEW", "BATCHDECK_ATTN_DECODE_SPLIT",
+              "BATCHDECK_ATTN_PREFILL", "BATCHDECK_ATTN_MAX_SPLITS", "BATCHDECK_FUSED", "BATCHDECK_PDL")
 
 
 def _as_scenario(preset, config: dict):

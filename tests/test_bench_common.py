@@ -36,3 +36,18 @@ def test_importing_the_serve_benchmark_stays_light():
                          env={**os.environ, "PYTHONPATH": root})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_kernel_tuning_variable_the_engine_reads_is_recorded():
+    """A result's command repeats every BATCHDECK_* tuning variable the engine's kernels read (a new
+    tile override forgotten in TUNING_ENV would run unrecorded)."""
+    import re
+    from pathlib import Path
+
+    from benchmarks.bench_common import TUNING_ENV
+
+    root = Path(__file__).resolve().parent.parent / "engine"
+    read = set()
+    for name in ("attention/triton_backend.py", "pdl.py", "triton_fused.py"):
+        read |= set(re.findall(r'"(BATCHDECK_[A-Z_]+)"', (root / name).read_text()))
+    assert read and read <= set(TUNING_ENV), sorted(read - set(TUNING_ENV))
