@@ -1,6 +1,7 @@
 """Greedy token choice on the GPU: torch's argmax over each row of the logits against the engine's
-Triton argmax (engine/greedy_argmax.py: each row cut into slices maxed in parallel, then the first
-slice holding the row's maximum), at the decode row counts, inside CUDA graphs (as a decode graph
+Triton argmax (engine/greedy_argmax.py `triton_argmax`: each row cut into slices maxed in parallel,
+then the first slice holding the row's maximum; timed at every row count, though the engine keeps
+torch's above 64 rows), at the decode row counts, inside CUDA graphs (as a decode graph
 runs it).
 
     PYTHONPATH=. python benchmarks/gpu_argmax_bench.py --rows 1,8,16,64,256 --out benchmarks/results/gpu_argmax_h200.json
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_common import command_line, graph_us_per_call, log, versions, write_json  # noqa: E402
-from batchdeck.engine.greedy_argmax import argmax_splits, greedy_argmax  # noqa: E402
+from batchdeck.engine.greedy_argmax import argmax_splits, triton_argmax  # noqa: E402
 
 
 def main() -> None:
@@ -40,10 +41,10 @@ def main() -> None:
     for vocab in vocabs:
         for rows in (int(r) for r in args.rows.split(",")):
             xs = [torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16) for _ in range(args.calls)]
-            if not all(torch.equal(greedy_argmax(x), x.argmax(dim=-1)) for x in xs):
+            if not all(torch.equal(triton_argmax(x), x.argmax(dim=-1)) for x in xs):
                 raise SystemExit(f"the Triton argmax differs from torch's at rows={rows}, vocab={vocab}")
             torch_us = graph_us_per_call(lambda i: xs[i].argmax(dim=-1), len(xs), args.replays)
-            ours_us = graph_us_per_call(lambda i: greedy_argmax(xs[i]), len(xs), args.replays)
+            ours_us = graph_us_per_call(lambda i: triton_argmax(xs[i]), len(xs), args.replays)
             points.append({"vocab": vocab, "rows": rows, "slices": argmax_splits(rows), "torch_argmax_us": torch_us,
                            "triton_argmax_us": ours_us})
             log(f"vocab {vocab} rows {rows:3d}: torch argmax {torch_us:6.2f} us, Triton {ours_us:6.2f} us")

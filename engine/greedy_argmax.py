@@ -79,9 +79,14 @@ if triton is not None:
 def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1) of a CUDA [rows, vocab] tensor, int64 [rows]: the Triton kernels up to
     TRITON_ARGMAX_MAX_ROWS rows, torch's argmax above (where it was as fast or faster)."""
-    rows, vocab = logits.shape
-    if rows > TRITON_ARGMAX_MAX_ROWS:
+    if logits.shape[0] > TRITON_ARGMAX_MAX_ROWS:
         return logits.argmax(dim=-1)
+    return triton_argmax(logits)
+
+
+def triton_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The two Triton launches at any row count (what `greedy_argmax` runs up to its bound)."""
+    rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out

@@ -458,8 +458,9 @@ def fuse_model(model: torch.nn.Module) -> dict[str, int]:
 
 
 def unfuse_model(model: torch.nn.Module) -> None:
-    """Back to the stock forwards (the concatenated weights stay: the modules hold views of them)."""
+    """Back to the stock forwards (the concatenated weights stay: the modules hold views of them): every
+    forward `fuse_model` bound from this module goes, whichever module it was bound to."""
     for module in model.modules():
-        if "forward" in module.__dict__ and getattr(module.forward, "__func__", None) in (
-                _norm_forward, _attn_forward, _mlp_forward, _layer_forward, _model_forward):
+        func = getattr(module.__dict__.get("forward"), "__func__", None)
+        if func is not None and func.__module__ == __name__:
             del module.forward

@@ -162,7 +162,7 @@ def test_fused_modules_match_stock_bf16(arch):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from batchdeck.engine.triton_fused import fuse_model
+    from batchdeck.engine.triton_fused import fuse_model, unfuse_model
 
     cfg = AutoConfig.for_model(arch, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
                                num_attention_heads=8, num_key_value_heads=2, head_dim=128, vocab_size=1000)
@@ -180,6 +180,8 @@ def test_fused_modules_match_stock_bf16(arch):
             for rows in (x, x[:16], x[:1]):  # above 32 rows (a small weight: cuBLAS), 16 (the kernel), 1
                 got, want = a(rows).double(), b(rows).double()
                 assert ((got - want).norm() / want.norm()).item() < 1e-2
+    unfuse_model(fused)  # the runner's fallback when a fused kernel fails to build: every stock forward back
+    assert not [name for name, m in fused.named_modules() if "forward" in m.__dict__]
 
 
 @pytest.mark.parametrize("model", ["synthetic:tiny", "synthetic:tiny-llama"])

@@ -188,7 +188,7 @@ def paged_attention_kernel(
     bt_row = block_tables + row.to(tl.int64) * stride_bt
     k_head = K + kvh * stride_ch
     v_head = V + kvh * stride_ch
-    if DECODE:  # every tile masked: on an H200 that was as fast as unmasked whole tiles for decode rows
+    if DECODE:  # one query per row: every tile takes the masked path (the unmasked one is for prefill tiles)
         m_i, l_i, acc = _attend_keys(q, q_pos, m_i, l_i, acc, kv_start, kv_start, kv_end, bt_row, k_head, v_head,
                                      scale_log2, sliding_window, stride_cb, stride_cs, offs_d, d_valid,
                                      BS=BS, BLOCK_N=BLOCK_N, USE_WINDOW=USE_WINDOW, IEEE=IEEE, KROW=False)
